@@ -1,0 +1,21 @@
+"""The data plane: an aiohttp server that moves OpenAI API traffic to upstreams.
+
+It asks ``routing`` where each request goes, forwards it (streaming included),
+and reports what happened back to ``routing``, to ``/metrics`` and to the log.
+"""
+
+from ._app import build_app
+from ._errors import ClientRequestError, ProxyError, UpstreamError
+from ._server import Server, serve_forever
+from ._standin import Behaviour, StandinUpstream
+
+__all__ = [
+    "Behaviour",
+    "ClientRequestError",
+    "ProxyError",
+    "Server",
+    "StandinUpstream",
+    "UpstreamError",
+    "build_app",
+    "serve_forever",
+]

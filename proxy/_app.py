@@ -1,0 +1,161 @@
+"""The aiohttp application: typed app keys, the one error middleware, lifecycles.
+
+``build_app(config)`` returns an application serving the OpenAI API under ``/v1``
+plus ``/metrics``, ``/health``, ``/livez`` and ``/readyz``. Long-lived resources
+(the shared upstream ``ClientSession``, the config watcher) live in
+``cleanup_ctx`` generators. Exceptions become OpenAI-shaped responses in exactly
+one place, ``error_middleware``, which also writes the one access-log line per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from routing import Config, Router
+
+from ._errors import NotFound, ProxyError
+from ._failover import RequestSummary
+from ._handlers import add_api_routes
+from ._metrics import Metrics
+from ._reload import config_watcher
+from ._state import METRICS, SERVING, SESSION, Runtime, Serving
+
+log = structlog.get_logger("skyroute.proxy")
+
+#: Connections kept open to each upstream host (aiohttp pools per host:port).
+POOL_LIMIT_PER_HOST = 256
+#: Idle keep-alive connections are reused for this long.
+KEEPALIVE_S = 30.0
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def request_id_of(request: web.Request) -> str:
+    """The request's id: the client's ``X-Request-ID`` if sane, else a new one."""
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 128 and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every exception into an OpenAI-shaped response and log one line."""
+    request_id = request_id_of(request)
+    request["request_id"] = request_id
+    summary = request["summary"] = RequestSummary()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    is_api = request.path.startswith("/v1/")
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    if is_api:
+        metrics.in_flight.inc()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+    except ProxyError as exc:
+        status = exc.status
+        resp = exc.to_response(request_id)
+        if exc.status < 500:
+            metrics.client_errors.labels(exc.code or "invalid_request").inc()
+    except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)
+        status = exc.status
+        error = NotFound(f"{request.method} {request.path} is not served by skyroute; "
+                         "the OpenAI API is under /v1") if exc.status == 404 else ProxyError(
+            exc.reason)
+        error.status = exc.status
+        resp = error.to_response(request_id)
+    except asyncio.CancelledError:
+        status = 499  # the client went away; nginx's code for it
+        raise
+    finally:
+        if is_api:
+            metrics.in_flight.dec()
+            metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
+            log.info("request", method=request.method, path=request.path, status=status,
+                     route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
+                     latency_ms=round((time.perf_counter() - started) * 1000, 2),
+                     **({"cut": summary.cut} if summary.cut else {}))
+    if not resp.prepared:
+        resp.headers["X-Request-ID"] = request_id
+    return resp
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return request.app[METRICS].render()
+
+
+async def _livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    if serving.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def _health(request: web.Request) -> web.Response:
+    runtime = request.app[SERVING].runtime
+    config = runtime.config
+    upstreams = {
+        u.name: {"state": "healthy", "region": u.region, "endpoints": len(u.endpoints)}
+        for u in config.upstreams
+    }
+    return web.json_response({
+        "level": "normal",
+        "instance": config.instance_id,
+        "config": {"source": config.source, "loaded_at": runtime.loaded_at},
+        "upstreams": upstreams,
+    })
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
+                                     keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
+    # auto_decompress off: bodies are relayed byte for byte (we ask for identity anyway).
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     skip_auto_headers=("User-Agent",)) as session:
+        app[SESSION] = session
+        yield
+
+
+def build_app(config: Config, *, config_path: str | Path | None = None,
+              watch_interval_s: float = 0.5) -> web.Application:
+    """The skyroute application for ``config``.
+
+    Args:
+        config_path: the routing file to watch and reload (and reload on SIGHUP,
+            when run by ``proxy.serve``); None serves ``config`` unchanged.
+        watch_interval_s: how often the file is checked for changes.
+    """
+    app = web.Application(middlewares=[error_middleware])
+    app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
+                           config_path=Path(config_path) if config_path else None)
+    app[METRICS] = Metrics(instance=config.instance_id)
+    app.cleanup_ctx.append(_client_session)
+    if config_path is not None:
+        app.cleanup_ctx.append(config_watcher(watch_interval_s))
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/api/health", _health)
+    app.router.add_get("/livez", _livez)
+    app.router.add_get("/readyz", _readyz)
+    add_api_routes(app)
+    if config.api_keys is None:
+        log.warning("no auth section: skyroute accepts requests without a client key; "
+                    "add auth.api_keys to the routing file to require one")
+    return app

@@ -1,0 +1,88 @@
+"""Errors the data plane turns into OpenAI-shaped HTTP responses.
+
+One root, ``ProxyError``; split on who is at fault, as h11 does:
+``ClientRequestError`` (4xx, the request was wrong) and ``UpstreamError``
+(502/503/504, the upstreams could not answer). Every error knows its status, the
+OpenAI ``type`` and ``code``, and a message that says what was wrong and what to
+do. Exactly one middleware (``proxy._app``) turns them into responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Root of every error the data plane answers a client with."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def to_response(self, request_id: str | None = None) -> web.Response:
+        """An OpenAI-shaped JSON error response for this error."""
+        body = {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        return web.Response(status=self.status, text=json.dumps(body),
+                            content_type="application/json", headers=headers)
+
+
+class ClientRequestError(ProxyError):
+    """The client's request is wrong; ours to reject (4xx)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidJSON(ClientRequestError):
+    code = "invalid_json"
+
+
+class InvalidApiKey(ClientRequestError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFound(ClientRequestError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class BodyTooLarge(ClientRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class UpstreamError(ProxyError):
+    """No upstream produced an answer; ``status`` is the hint (502/503/504)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+    def __init__(self, message: str, *, status: int = 502,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.status = status
+        self.code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(status, self.code)

@@ -1,0 +1,304 @@
+"""Moving one request to one upstream and its answer back: the only streaming code.
+
+Theory of operation:
+
+* ``open_attempt`` sends the request and reads until the first *content* byte,
+  under the upstream's first-token deadline. DeepSeek's busy mode (200 followed
+  only by blank lines or ``: keep-alive`` SSE comments) is not progress, so those
+  bytes are dropped and do not stop the clock. Until this returns ``Opened``
+  nothing has reached the client, so any failure can still fail over.
+* ``send_buffered`` finishes a non-streaming (JSON) answer: it reads the whole
+  body first, so a connection cut half-way is an attempt failure and never a
+  shorter answer passed on as a whole one.
+* ``relay_stream`` commits: it sends the headers and relays bytes as they arrive
+  (no buffering; the StreamReader's high-water mark gives backpressure). If the
+  upstream breaks off after that, the client gets an SSE error event and the
+  stream ends without ``[DONE]``.
+* Either way the upstream response is closed on every exit path, so a client that
+  goes away cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from routing import AttemptOutcome, Result, Target, classify_status
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
+#: ones skyroute sets itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+})
+_DROP_REQUEST = HOP_BY_HOP | {"authorization", "api-key", "x-api-key", "accept-encoding",
+                              "x-request-id"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-encoding", "date", "server", "set-cookie"}
+#: An error body from an upstream is read up to this size to pass on or log.
+MAX_ERROR_BODY = 1 << 20
+_SSE_TAIL = 64
+
+
+@dataclass(slots=True, kw_only=True)
+class UpstreamCall:
+    """What to send upstream, prepared once per client request."""
+
+    method: str
+    path_qs: str  # below the base URL, e.g. "/chat/completions?x=1"
+    headers: CIMultiDict[str]
+    body: bytes | None
+    payload: dict[str, Any] | None  # the parsed JSON body, when there is one
+    alias: str | None  # the model name the client asked for
+    stream: bool
+
+    def body_for(self, target: Target) -> bytes | None:
+        """The body with the client's model alias replaced by the upstream's name."""
+        if self.payload is None or self.alias is None or target.model == self.alias:
+            return self.body
+        return json.dumps({**self.payload, "model": target.model}).encode()
+
+
+@dataclass(slots=True, kw_only=True)
+class Opened:
+    """An attempt whose answer has begun; nothing has been sent to the client yet."""
+
+    target: Target
+    response: aiohttp.ClientResponse
+    prefix: bytes
+    is_sse: bool
+    started: float
+    ttfb_s: float
+
+
+@dataclass(slots=True, kw_only=True)
+class Failed:
+    """An attempt that produced no usable answer; ``answer`` is kept for 4xx pass-on."""
+
+    outcome: AttemptOutcome
+    status: int | None = None
+    headers: CIMultiDictProxy[str] | None = None
+    body: bytes = b""
+
+
+def client_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones and the client's credentials."""
+    return CIMultiDict((k, v) for k, v in request.headers.items()
+                       if k.lower() not in _DROP_REQUEST)
+
+
+def response_headers(upstream: Mapping[str, str], request_id: str, target: Target,
+                     ) -> CIMultiDict[str]:
+    headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
+    headers["X-Request-ID"] = request_id
+    headers["X-Skyroute-Upstream"] = target.name
+    return headers
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
+    """Where real content starts in ``buf``, skipping keep-alives; None if not yet.
+
+    Blank lines are skipped in both formats; in SSE, comment lines (``:`` ...) too.
+    """
+    i, n = 0, len(buf)
+    while i < n:
+        byte = buf[i]
+        if byte in b"\r\n \t":
+            i += 1
+        elif sse and byte == 0x3A:  # ':' starts an SSE comment such as ": keep-alive"
+            end = buf.find(b"\n", i)
+            if end < 0:
+                return None
+            i = end + 1
+        else:
+            return i
+    return None
+
+
+async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+                       *, request_id: str, deadline: float) -> Opened | Failed:
+    """Send ``call`` to ``target`` and wait for the first content byte.
+
+    Args:
+        deadline: loop time by which the first content byte must have arrived
+            (the upstream's first-token timeout, capped by the request deadline).
+
+    Returns:
+        ``Opened`` once content has begun, or ``Failed`` with the classified outcome.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    headers = CIMultiDict(call.headers)
+    headers["X-Request-ID"] = request_id
+    if target.upstream.api_key:
+        headers["Authorization"] = f"Bearer {target.upstream.api_key}"
+    upstream = target.upstream
+    timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
+                                    sock_read=upstream.idle_timeout_s)
+    response: aiohttp.ClientResponse | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            response = await session.request(
+                call.method, target.endpoint + call.path_qs, data=call.body_for(target),
+                headers=headers, timeout=timeout, allow_redirects=False)
+            if response.status >= 400:
+                return await _failed_status(target, response)
+            is_sse = response.content_type == "text/event-stream"
+            prefix = await _read_first_content(response, sse=is_sse)
+    except TimeoutError:
+        _close(response)
+        waited = loop.time() - started
+        if response is None:
+            return _failure(target, Result.TIMEOUT, f"no response headers after {waited:.1f}s")
+        return _failure(target, Result.BUSY,
+                        f"no first token after {waited:.1f}s (only keep-alives: busy)")
+    except aiohttp.ClientConnectorError as exc:
+        return _failure(target, Result.CONNECT_ERROR, f"cannot connect: {exc.os_error}")
+    except (aiohttp.ClientError, OSError) as exc:
+        _close(response)
+        return _failure(target, Result.CONNECT_ERROR,
+                        f"connection failed before the answer: {type(exc).__name__}: {exc}")
+    except BaseException:
+        _close(response)
+        raise
+    if prefix is None:
+        _close(response)
+        return _failure(target, Result.STREAM_CUT, "the upstream closed with an empty answer")
+    now = loop.time()
+    return Opened(target=target, response=response, prefix=prefix, is_sse=is_sse,
+                  started=started, ttfb_s=now - started)
+
+
+async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool) -> bytes | None:
+    buf = b""
+    while True:
+        chunk = await response.content.readany()
+        if not chunk:
+            return None
+        buf += chunk
+        offset = first_content_offset(buf, sse=sse)
+        if offset is not None:
+            return buf[offset:]
+        if not sse:  # all whitespace so far: nothing worth keeping
+            buf = b""
+
+
+async def _failed_status(target: Target, response: aiohttp.ClientResponse) -> Failed:
+    try:
+        body = await response.content.read(MAX_ERROR_BODY)
+    except (aiohttp.ClientError, OSError):
+        body = b""
+    finally:
+        response.release()
+    status = response.status
+    result = classify_status(status)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    outcome = AttemptOutcome(target=target, result=result, status=status,
+                             detail=f"HTTP {status}{_error_message(body)}",
+                             retry_after_s=retry_after)
+    return Failed(outcome=outcome, status=status, headers=response.headers, body=body)
+
+
+def _error_message(body: bytes) -> str:
+    """A short quote of the upstream's own error message, for logs and 502s."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return f" ({str(message)[:120]})"
+
+
+def _failure(target: Target, result: Result, detail: str) -> Failed:
+    return Failed(outcome=AttemptOutcome(target=target, result=result, detail=detail))
+
+
+def _close(response: aiohttp.ClientResponse | None) -> None:
+    if response is not None:
+        response.close()
+
+
+async def read_rest(opened: Opened) -> bytes | Failed:
+    """The whole non-streaming answer, or ``Failed`` if it broke off part-way."""
+    try:
+        rest = await opened.response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        opened.response.close()
+        return _failure(opened.target, Result.STREAM_CUT,
+                        f"answer cut part-way: {type(exc).__name__}: {exc}")
+    except BaseException:
+        opened.response.close()
+        raise
+    return opened.prefix + rest
+
+
+async def send_buffered(request: web.Request, opened: Opened, body: bytes,
+                        request_id: str) -> web.Response:
+    headers = response_headers(opened.response.headers, request_id, opened.target)
+    return web.Response(status=opened.response.status, body=body, headers=headers)
+
+
+async def relay_stream(request: web.Request, opened: Opened, request_id: str,
+                       ) -> tuple[web.StreamResponse, str | None]:
+    """Commit to ``opened`` and relay its stream; returns the response and the cut reason.
+
+    After this starts, failover is no longer possible: a cut becomes an in-band
+    SSE error event, and the stream ends without ``[DONE]``.
+    """
+    upstream = opened.response
+    resp = web.StreamResponse(status=upstream.status,
+                              headers=response_headers(upstream.headers, request_id,
+                                                       opened.target))
+    cut: str | None = None
+    try:
+        await resp.prepare(request)
+        await resp.write(opened.prefix)
+        tail = opened.prefix[-_SSE_TAIL:]
+        try:
+            async for chunk in upstream.content.iter_any():
+                if opened.is_sse and chunk[:1] == b":":
+                    chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
+                if chunk:
+                    await resp.write(chunk)
+                    tail = (tail + chunk)[-_SSE_TAIL:]
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
+                TimeoutError) as exc:
+            cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if cut is None and opened.is_sse and b"[DONE]" not in tail:
+            cut = "the upstream ended the stream without [DONE]"
+        if cut is not None and opened.is_sse:
+            await resp.write(sse_error_event(opened.target.name, cut))
+        await resp.write_eof()
+    finally:
+        upstream.close()
+    return resp, cut
+
+
+def sse_error_event(upstream: str, reason: str) -> bytes:
+    """An OpenAI-shaped error as one SSE event, for a stream that broke off."""
+    error = {"error": {
+        "message": (f"the upstream '{upstream}' broke off the stream part-way ({reason}); "
+                    "the answer above is incomplete, retry the request"),
+        "type": "upstream_error", "param": None, "code": "stream_interrupted"}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"

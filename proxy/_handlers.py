@@ -1,0 +1,149 @@
+"""Handlers for the OpenAI API under ``/v1``.
+
+A handler parses and validates the request, asks the router for the route, and
+hands the rest to the attempt loop (``proxy._failover``). Only the ``model`` and
+``stream`` fields of the body are interpreted; the body goes upstream as the
+client sent it unless the model alias has to be renamed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+from aiohttp import web
+
+from routing import ApiKey, Config, Route, Router
+
+from ._errors import BodyTooLarge, InvalidApiKey, InvalidJSON, ModelNotFound, NotFound
+from ._failover import serve_route
+from ._forward import UpstreamCall, client_headers
+from ._state import METRICS, SERVING, SESSION
+
+
+def authenticate(request: web.Request, config: Config) -> str | None:
+    """The name of the client key the request carries (None when auth is off).
+
+    Raises:
+        InvalidApiKey: the key is missing or unknown.
+    """
+    if config.api_keys is None:
+        return None
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer <key>' "
+                            "(the OpenAI SDK's api_key)")
+    name = _key_digests(config.api_keys).get(hashlib.sha256(given.strip().encode()).digest())
+    if name is not None:
+        return name
+    raise InvalidApiKey("incorrect API key provided; check the key configured for this "
+                        "client in skyroute's auth.api_keys")
+
+
+@functools.lru_cache(maxsize=4)
+def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, str]:
+    # Comparing digests, not keys, keeps the lookup's timing independent of the key.
+    return {hashlib.sha256(k.key.encode()).digest(): k.name for k in keys}
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing anything over ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before reading; a
+    chunked body is refused as soon as it passes the limit.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
+                           f"limit of {limit} bytes (limits.max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes "
+                               "(limits.max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> dict[str, Any] | None:
+    """The JSON object in ``body``; None for an empty body.
+
+    Raises:
+        InvalidJSON: the body is not a JSON object.
+    """
+    if not body.strip():
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidJSON("the request body must be a JSON object")
+    return payload
+
+
+def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route, str | None]:
+    """The route for the request's ``model``, or the default route if it names none."""
+    model = payload.get("model") if payload else None
+    if model is None:
+        route = router.default_route()
+        if route is None:
+            raise NotFound("no route is configured; add one under 'routes' in the routing file")
+        return route, None
+    if not isinstance(model, str):
+        raise InvalidJSON("'model' must be a string", param="model")
+    route = router.route_for(model)
+    if route is None:
+        known = ", ".join(router.models) or "none"
+        raise ModelNotFound(f"The model '{model}' does not exist on this skyroute "
+                            f"(models: {known})", param="model")
+    return route, model
+
+
+async def handle_api(request: web.Request) -> web.StreamResponse:
+    """Any ``/v1/...`` request that goes to an upstream."""
+    runtime = request.app[SERVING].runtime  # this request keeps this config to the end
+    authenticate(request, runtime.config)
+    body = await read_body(request, runtime.config.limits.max_body_bytes)
+    payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
+    route, alias = choose_route(runtime.router, payload)
+    tail = request.raw_path[len("/v1"):]
+    call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
+                        body=body or None, payload=payload, alias=alias,
+                        stream=bool(payload and payload.get("stream")))
+    return await serve_route(request, router=runtime.router, route=route, call=call,
+                             session=request.app[SESSION], metrics=request.app[METRICS],
+                             request_id=request["request_id"], summary=request["summary"])
+
+
+def _model_entry(alias: str, created: int) -> dict[str, Any]:
+    return {"id": alias, "object": "model", "created": created, "owned_by": "skyroute"}
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: every alias this skyroute routes, in OpenAI's list shape."""
+    runtime = request.app[SERVING].runtime
+    authenticate(request, runtime.config)
+    created = int(runtime.loaded_at)
+    data = [_model_entry(alias, created) for alias in runtime.router.models]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one alias, or 404 naming it."""
+    runtime = request.app[SERVING].runtime
+    authenticate(request, runtime.config)
+    alias = request.match_info["model"]
+    if runtime.router.route_for(alias) is None:
+        raise ModelNotFound(f"The model '{alias}' does not exist on this skyroute", param="model")
+    return web.json_response(_model_entry(alias, int(runtime.loaded_at)))
+
+
+def add_api_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model}", handle_model)
+    app.router.add_route("*", "/v1/{tail:.*}", handle_api)
+

@@ -1,0 +1,48 @@
+"""What one running instance holds: the config being served and typed app keys."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from routing import Config, Router
+
+from ._metrics import Metrics
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The configuration being served and the router built from it.
+
+    A request takes the current ``Runtime`` once, at its start, and uses it to the
+    end: a reload swaps in a new one without touching requests in flight.
+    """
+
+    config: Config
+    router: Router
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Serving:
+    """Mutable holder of the current ``Runtime``, plus instance-wide state."""
+
+    runtime: Runtime
+    config_path: Path | None = None
+    draining: bool = False
+
+    def swap(self, config: Config) -> None:
+        self.runtime = Runtime(config=config, router=Router(config))
+
+
+SERVING = web.AppKey("serving", Serving)
+METRICS = web.AppKey("metrics", Metrics)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+SERVING = web.AppKey("serving", Serving)
+METRICS = web.AppKey("metrics", Metrics)
+SESSION = web.AppKey("session", aiohttp.ClientSession)

@@ -1,0 +1,365 @@
+"""The routing configuration: frozen, validated, typed.
+
+``load_config(path)`` reads a routing YAML file and returns a ``Config`` or raises
+``ConfigError`` listing every problem with its YAML path and line. Decision code
+never sees a raw dict: every section becomes a frozen dataclass whose
+``__post_init__`` rejects what cannot work. Per-route overrides are made with
+``dataclasses.replace``.
+
+Vocabulary follows Envoy: an *upstream* is a cluster (one provider account in one
+region, or a pool of self-hosted servers = its *endpoints*); a *route* maps a model
+alias the client asks for to an ordered list of upstream *targets*.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ._errors import ConfigError, ConfigProblem
+from ._yaml import Fields, parse_duration, parse_size, parse_yaml
+
+#: Request bodies above this are refused with 413; chat payloads with long contexts
+#: and a few images stay well under it.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: A busy DeepSeek keeps a connection open for ~10 minutes with keep-alives only;
+#: 30 s is long enough for a cold large model and far shorter than that.
+DEFAULT_FIRST_TOKEN_TIMEOUT_S = 30.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: Longest silence between two bytes once an answer has started.
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+#: Overall deadline for one client request, all attempts together.
+DEFAULT_ROUTE_TIMEOUT_S = 600.0
+DEFAULT_MAX_ATTEMPTS = 3
+
+STRATEGIES = ("lowest-latency", "priority", "weighted", "least-outstanding")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is outside 0..65535")
+
+    @classmethod
+    def parse(cls, value: object) -> Listen:
+        """``host:port``, ``:port`` or a bare port number."""
+        text = str(value)
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = "127.0.0.1", text
+        if not port.isdigit():
+            raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:8080)")
+        return cls(host=host.strip("[]") or "0.0.0.0", port=int(port))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiKey:
+    """A client key: who may call skyroute, and (with state sync) their limits."""
+
+    name: str
+    key: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def __repr__(self) -> str:  # never print the key itself
+        return f"ApiKey(name={self.name!r}, rpm={self.rpm}, tpm={self.tpm})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    """One upstream cluster: a provider region, or a pool of self-hosted servers."""
+
+    name: str
+    endpoints: tuple[str, ...]
+    api_key: str | None = field(default=None, repr=False)
+    region: str = "default"
+    models: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ValueError("needs 'url' or 'endpoints'")
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        object.__setattr__(self, "endpoints", tuple(u.rstrip("/") for u in self.endpoints))
+        object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+
+    @property
+    def is_pool(self) -> bool:
+        return len(self.endpoints) > 1
+
+    def model_for(self, alias: str) -> str:
+        """The upstream's own name for ``alias`` (the alias itself if not mapped)."""
+        return self.models.get(alias, alias)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Which upstreams serve a model alias, in preference order."""
+
+    model: str
+    targets: tuple[str, ...]
+    strategy: str = "lowest-latency"
+    latency_threshold_s: float = 0.2
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
+    implicit: bool = False  # made from upstreams' model maps, not written in YAML
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """A whole, validated routing file."""
+
+    listen: Listen = field(default_factory=Listen)
+    instance_id: str = "skyroute"
+    api_keys: tuple[ApiKey, ...] | None = None  # None: no auth section, skyroute runs open
+    admin_key: str | None = field(default=None, repr=False)
+    limits: Limits = field(default_factory=Limits)
+    upstreams: tuple[Upstream, ...] = ()
+    routes: tuple[Route, ...] = ()
+    source: str = "<memory>"
+
+    def upstream(self, name: str) -> Upstream:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+    def route_for(self, model: str) -> Route | None:
+        for route in self.routes:
+            if route.model == model:
+                return route
+        return None
+
+
+_TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "upstreams", "routes"}
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a routing file.
+
+    Raises:
+        ConfigError: listing every problem found (file unreadable, YAML syntax,
+            unknown keys, bad values, dangling route targets, unset ``${VAR}``).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [ConfigProblem("(file)", None, f"cannot read: {exc}")]) from exc
+    return parse_config(text, source=source, env=env)
+
+
+def parse_config(text: str, *, source: str = "<memory>",
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Validate routing YAML given as text; see ``load_config``."""
+    data, problems = parse_yaml(text, source)
+    if data is None:
+        raise ConfigError(source, problems)
+    top = Fields(data, "", problems, os.environ if env is None else env)
+    config = _build(top, source)
+    top.finish(allowed=_TOP_KEYS)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _build(top: Fields, source: str) -> Config:
+    listen = top.get("listen", Listen.parse, Listen(), what="host:port")
+    instance = top.mapping("instance")
+    instance_id = "skyroute"
+    if instance is not None:
+        instance_id = instance.text("id", "skyroute") or "skyroute"
+        instance.finish()
+    api_keys = _auth(top)
+    admin_key = None
+    admin = top.mapping("admin")
+    if admin is not None:
+        admin_key = admin.text("key") or None
+        admin.finish()
+    limits = Limits()
+    limits_fields = top.mapping("limits")
+    if limits_fields is not None:
+        limits = Limits(max_body_bytes=limits_fields.get(
+            "max_body_bytes", parse_size, DEFAULT_MAX_BODY_BYTES, what="a size like 16MiB"))
+        limits_fields.finish()
+    upstreams = _upstreams(top)
+    routes = _routes(top, upstreams)
+    return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
+                  admin_key=admin_key, limits=limits, upstreams=upstreams, routes=routes,
+                  source=source)
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 1 or isinstance(value, bool | float):
+        raise ValueError(f"{value!r} is not a positive whole number")
+    return number
+
+
+def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
+    auth = top.mapping("auth")
+    if auth is None:
+        return None
+    keys = []
+    for path, line, item in auth.items("api_keys"):
+        entry = auth.child(path, line, item)
+        if entry is None:
+            continue
+        name = entry.text("name", required=True)
+        key = entry.text("key", required=True)
+        rpm = entry.get("rpm", _positive_int, None, what="requests per minute, e.g. 60")
+        tpm = entry.get("tpm", _positive_int, None, what="tokens per minute, e.g. 100000")
+        entry.finish()
+        if name and key:
+            keys.append(ApiKey(name=name, key=key, rpm=rpm, tpm=tpm))
+        elif key == "" and "${" not in str(entry.data.get("key")):
+            entry.problem("key", "is empty; a client key must not be blank")
+    auth.finish()
+    return tuple(keys)
+
+
+def _upstreams(top: Fields) -> tuple[Upstream, ...]:
+    result: list[Upstream] = []
+    items = top.items("upstreams")
+    if not items and "upstreams" not in top.data:
+        top.problem(None, "missing required key 'upstreams' (at least one upstream to send to)")
+    for path, line, item in items:
+        entry = top.child(path, line, item)
+        if entry is None:
+            continue
+        upstream = _upstream(entry)
+        if upstream is None:
+            continue
+        if any(u.name == upstream.name for u in result):
+            entry.problem("name", f"upstream name '{upstream.name}' is used twice")
+        result.append(upstream)
+    return tuple(result)
+
+
+def _upstream(entry: Fields) -> Upstream | None:
+    name = entry.text("name", required=True)
+    url = entry.text("url")
+    endpoints = [e for _, _, e in entry.items("endpoints") if isinstance(e, str)]
+    if url and endpoints:
+        entry.problem("endpoints", "give either 'url' or 'endpoints', not both")
+    if url:
+        endpoints = [url]
+    api_key = entry.text("api_key")
+    region = entry.text("region", "default") or "default"
+    models: dict[str, str] = {}
+    models_fields = entry.mapping("models")
+    if models_fields is not None:
+        for alias in list(models_fields.data):
+            target = models_fields.text(str(alias))
+            if target:
+                models[str(alias)] = target
+    kwargs: dict[str, Any] = {}
+    for key, attr in (("first_token_timeout", "first_token_timeout_s"),
+                      ("connect_timeout", "connect_timeout_s"),
+                      ("idle_timeout", "idle_timeout_s")):
+        value = entry.get(key, parse_duration, None, what="a duration like 250ms, 2s or 10m")
+        if value is not None:
+            kwargs[attr] = value
+    max_conn = entry.get("max_connections", _positive_int, None, what="a positive number")
+    if max_conn is not None:
+        kwargs["max_connections"] = max_conn
+    entry.finish()
+    if not name:
+        return None
+    try:
+        return Upstream(name=name, endpoints=tuple(endpoints), api_key=api_key or None,
+                        region=region, models=models, **kwargs)
+    except ValueError as exc:
+        entry.problem("url" if url else "endpoints", str(exc))
+        return None
+
+
+def _routes(top: Fields, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
+    names = {u.name for u in upstreams}
+    routes: list[Route] = []
+    for path, line, item in top.items("routes"):
+        entry = top.child(path, line, item)
+        if entry is None:
+            continue
+        route = _route(entry, upstreams, names)
+        if route is None:
+            continue
+        if any(r.model == route.model for r in routes):
+            entry.problem("model", f"model '{route.model}' has two routes; merge their targets")
+        routes.append(route)
+    # An alias offered by upstreams but named by no route goes to every upstream
+    # that offers it, in file order.
+    routed = {r.model for r in routes}
+    for upstream in upstreams:
+        for alias in upstream.models:
+            if alias not in routed:
+                routed.add(alias)
+                offering = tuple(u.name for u in upstreams if alias in u.models)
+                routes.append(Route(model=alias, targets=offering, implicit=True))
+    return tuple(routes)
+
+
+def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> Route | None:
+    model = entry.text("model", required=True)
+    targets: list[str] = []
+    for path, line, target in entry.items("targets"):
+        if not isinstance(target, str) or target not in names:
+            known = ", ".join(sorted(names)) or "none defined"
+            entry.problems.append(ConfigProblem(
+                path, line, f"target {target!r} names no upstream (upstreams: {known})"))
+            continue
+        upstream = next(u for u in upstreams if u.name == target)
+        if model and upstream.models and model not in upstream.models:
+            entry.problems.append(ConfigProblem(
+                path, line,
+                f"upstream '{target}' has no model for alias '{model}'; add "
+                f"'{model}: <its model name>' to its models"))
+        targets.append(target)
+    if "targets" not in entry.data:
+        entry.problem(None, "missing required key 'targets' (upstream names, in preference order)")
+    kwargs: dict[str, Any] = {}
+    strategy = entry.text("strategy")
+    if strategy is not None:
+        if strategy not in STRATEGIES:
+            close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            entry.problem("strategy",
+                          f"'{strategy}' is not one of {', '.join(STRATEGIES)}{hint}")
+        else:
+            kwargs["strategy"] = strategy
+    for key, attr in (("latency_threshold", "latency_threshold_s"), ("timeout", "timeout_s")):
+        value = entry.get(key, parse_duration, None, what="a duration like 250ms, 2s or 10m")
+        if value is not None:
+            kwargs[attr] = value
+    attempts = entry.get("max_attempts", _positive_int, None, what="a positive number")
+    if attempts is not None:
+        kwargs["max_attempts"] = attempts
+    entry.finish()
+    if not model or not targets:
+        return None
+    return Route(model=model, targets=tuple(targets), **kwargs)
