@@ -23,11 +23,19 @@ from aiohttp import web
 from routing import Config, Router
 
 from ._errors import NotFound, ProxyError
-from ._failover import RequestSummary
 from ._handlers import add_api_routes
 from ._metrics import Metrics
 from ._reload import config_watcher
-from ._state import METRICS, SERVING, SESSION, Runtime, Serving
+from ._state import (
+    METRICS,
+    REQUEST_ID,
+    SERVING,
+    SESSION,
+    SUMMARY,
+    RequestSummary,
+    Runtime,
+    Serving,
+)
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -52,8 +60,8 @@ def request_id_of(request: web.Request) -> str:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every exception into an OpenAI-shaped response and log one line."""
     request_id = request_id_of(request)
-    request["request_id"] = request_id
-    summary = request["summary"] = RequestSummary()
+    request[REQUEST_ID] = request_id
+    summary = request[SUMMARY] = RequestSummary()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     is_api = request.path.startswith("/v1/")

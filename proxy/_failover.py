@@ -9,7 +9,6 @@ request. It owns no policy: whether to try another upstream, and which, is
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import aiohttp
 import structlog
@@ -29,18 +28,9 @@ from ._forward import (
     send_buffered,
 )
 from ._metrics import Metrics
+from ._state import RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
-
-
-@dataclass(slots=True)
-class RequestSummary:
-    """What the access log line says about a request's upstream side."""
-
-    route: str = "-"
-    upstream: str = "-"
-    attempts: int = 0
-    cut: str | None = None
 
 
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,

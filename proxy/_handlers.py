@@ -20,7 +20,7 @@ from routing import ApiKey, Config, Route, Router
 from ._errors import BodyTooLarge, InvalidApiKey, InvalidJSON, ModelNotFound, NotFound
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
-from ._state import METRICS, SERVING, SESSION
+from ._state import METRICS, REQUEST_ID, SERVING, SESSION, SUMMARY
 
 
 def authenticate(request: web.Request, config: Config) -> str | None:
@@ -116,7 +116,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                         stream=bool(payload and payload.get("stream")))
     return await serve_route(request, router=runtime.router, route=route, call=call,
                              session=request.app[SESSION], metrics=request.app[METRICS],
-                             request_id=request["request_id"], summary=request["summary"])
+                             request_id=request[REQUEST_ID], summary=request[SUMMARY])
 
 
 def _model_entry(alias: str, created: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Server:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  host: str | None = None, port: int | None = None,
                  grace_s: float = DEFAULT_GRACE_S, app: web.Application | None = None) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
         self.app = app if app is not None else build_app(config, config_path=config_path)
         self.host = host if host is not None else config.listen.host
         self.port = port if port is not None else config.listen.port

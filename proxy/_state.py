@@ -39,10 +39,18 @@ class Serving:
         self.runtime = Runtime(config=config, router=Router(config))
 
 
-SERVING = web.AppKey("serving", Serving)
-METRICS = web.AppKey("metrics", Metrics)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+@dataclass(slots=True)
+class RequestSummary:
+    """What the access log line says about a request's upstream side."""
+
+    route: str = "-"
+    upstream: str = "-"
+    attempts: int = 0
+    cut: str | None = None
+
 
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+REQUEST_ID = web.RequestKey("request_id", str)
+SUMMARY = web.RequestKey("summary", RequestSummary)

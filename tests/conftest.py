@@ -1,0 +1,110 @@
+"""Shared fixtures: stand-in upstreams, a skyroute on port 0, routing files on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import structlog
+
+from proxy import Server, StandinUpstream
+from routing import load_config
+
+CLIENT_KEY = "sk-client-test"
+UPSTREAM_KEY = "sk-upstream-test"
+#: Every network call a test makes is bounded by this.
+CALL_TIMEOUT_S = 10.0
+
+
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], *,
+                     timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Wait until ``predicate()`` holds, failing after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[Callable[..., Awaitable[StandinUpstream]]]:
+    """Factory: ``await standin("name", ...)`` starts a stand-in upstream on port 0."""
+    started: list[StandinUpstream] = []
+
+    async def make(name: str, **kwargs: Any) -> StandinUpstream:
+        kwargs.setdefault("api_key", UPSTREAM_KEY)
+        up = StandinUpstream(name, **kwargs)
+        await up.start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        await up.aclose()
+
+
+def upstream_yaml(up: StandinUpstream, *, region: str = "test", extra: str = "",
+                  models: str = "{chat: deepseek-chat, embed: text-embedding-3-small}") -> str:
+    """One ``upstreams`` entry pointing at a stand-in; ``extra`` adds keys to it."""
+    lines = [f"  - name: {up.name}", f"    url: {up.base_url}", f"    api_key: {UPSTREAM_KEY}",
+             f"    region: {region}", f"    models: {models}"]
+    lines += ["    " + line for line in textwrap.dedent(extra).splitlines() if line.strip()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event logged during the test, with context variables merged in."""
+    capture = structlog.testing.LogCapture()
+    previous = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**previous)
+
+
+def routing_yaml(upstreams: list[str], routes: str = "", *, auth: bool = True,
+                 extra: str = "") -> str:
+    """A whole routing file from ``upstream_yaml`` entries and a routes block."""
+    auth_block = f"auth:\n  api_keys:\n    - name: tests\n      key: {CLIENT_KEY}\n" if auth else ""
+    routes_block = "routes:\n" + textwrap.indent(textwrap.dedent(routes), "  ") if routes else ""
+    return (f"listen: 127.0.0.1:0\n{auth_block}{textwrap.dedent(extra)}upstreams:\n"
+            + "".join(upstreams) + routes_block)
+
+
+@pytest.fixture
+async def skyroute(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """Factory: ``await skyroute(yaml_text)`` serves that routing file on port 0."""
+    servers: list[Server] = []
+
+    async def make(text: str, *, watch: bool = True, grace_s: float = 5.0) -> Server:
+        path = tmp_path / f"routing-{len(servers)}.yaml"
+        path.write_text(text)
+        server = Server(load_config(path), config_path=path if watch else None, port=0,
+                        grace_s=grace_s)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.aclose()
+
+
+def client_for(server: Server, key: str = CLIENT_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
+    """The official SDK pointed at ``server``, with retries off so tests see every answer."""
+    kwargs.setdefault("max_retries", 0)
+    kwargs.setdefault("timeout", CALL_TIMEOUT_S)
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, **kwargs)

@@ -1,0 +1,89 @@
+"""Live reload of the routing file while skyroute serves."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
+from .conftest import upstream_yaml as entry
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def _metric(server, name: str) -> float:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        text = await (await http.get(f"{server.url}/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_valid_edit_applies_within_about_a_second(standin, skyroute):
+    """Adding a route to the file makes it servable without a restart, and is counted."""
+    a, b = await standin("us-east"), await standin("eu-west")
+    text = routing_yaml([entry(a, models="{chat: deepseek-chat}")])
+    server = await skyroute(text)
+    async with client_for(server) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="fast", messages=MESSAGES)
+        server.config_path.write_text(routing_yaml(
+            [entry(a, models="{chat: deepseek-chat}"), entry(b, models="{fast: deepseek-chat}")]))
+
+        async def fast_is_served() -> bool:
+            try:
+                await client.chat.completions.create(model="fast", messages=MESSAGES)
+            except openai.NotFoundError:
+                return False
+            return True
+
+        await eventually(fast_is_served, timeout=5)
+    assert b.requests_total == 1
+    assert await _metric(server, 'skyroute_config_reloads_total{result="success"}') == 1
+
+
+async def test_invalid_edit_is_refused_and_old_config_keeps_serving(standin, skyroute,
+                                                                    captured_logs):
+    """A broken edit is logged with field and line, counted, and the old config still serves."""
+    up = await standin("us-east")
+    server = await skyroute(routing_yaml([entry(up)]))
+    broken = routing_yaml([entry(up)], "- model: chat\n  targets: [nowhere]\n")
+    server.config_path.write_text(broken)
+    broken_line = broken.splitlines().index("    targets: [nowhere]") + 1
+
+    def refused() -> bool:
+        return any(e["event"].startswith("config reload refused") for e in captured_logs)
+
+    await eventually(refused, timeout=5)
+    line = next(e for e in captured_logs if e["event"].startswith("config reload refused"))
+    assert line["field"] == "routes[0].targets[0]"
+    assert line["line"] == broken_line
+    assert "nowhere" in line["problem"]
+    assert await _metric(server, 'skyroute_config_reloads_total{result="error"}') == 1
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert "us-east" in reply.choices[0].message.content
+
+
+async def test_in_flight_request_finishes_on_the_old_config(standin, skyroute):
+    """A stream that started before a reload is finished by the upstream it started on."""
+    a, b = await standin("us-east"), await standin("eu-west")
+    a.behaviour.token_delay_s = 0.2
+    a.behaviour.tokens = 6
+    server = await skyroute(routing_yaml([entry(a), entry(b)],
+                                         "- model: chat\n  targets: [us-east]\n"))
+    async with client_for(server) as client:
+        stream = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                      stream=True)
+        server.config_path.write_text(routing_yaml([entry(a), entry(b)],
+                                                   "- model: chat\n  targets: [eu-west]\n"))
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert "us-east" in text and len(text.split()) == 6
+
+        async def moved() -> bool:
+            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+            return "eu-west" in reply.choices[0].message.content
+
+        await eventually(moved, timeout=5)

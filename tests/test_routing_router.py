@@ -1,0 +1,122 @@
+"""AttemptPlan decisions, driven by scripted outcomes and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from routing import (
+    AttemptOutcome,
+    GiveUp,
+    Respond,
+    Result,
+    Retry,
+    Router,
+    RoutingStateError,
+    classify_status,
+    parse_config,
+)
+
+CONFIG = parse_config("""\
+upstreams:
+  - {name: a, url: "http://a/v1", models: {chat: m-a}}
+  - {name: b, url: "http://b/v1", models: {chat: m-b}}
+  - {name: pool, endpoints: ["http://p1/v1", "http://p2/v1"], models: {chat: m-p}}
+routes:
+  - {model: chat, targets: [a, b, pool], max_attempts: 3, timeout: 10s}
+""", env={})
+
+
+def _run(script: list[Result], *, start: float = 100.0, step: float = 0.0):
+    """Feed outcomes one per attempt; return the targets tried and the last decision."""
+    router = Router(CONFIG)
+    now = start
+    plan = router.plan(CONFIG.route_for("chat"), now=now)
+    tried, decision = [], None
+    for result in script:
+        target = plan.next_attempt(now=now)
+        if isinstance(target, GiveUp):
+            return tried, target
+        tried.append((target.name, target.model))
+        now += step
+        decision = plan.record(AttemptOutcome(target=target, result=result), now=now)
+        if not isinstance(decision, Retry):
+            break
+    return tried, decision
+
+
+CASES = [
+    # (outcomes, upstreams tried, decision type)
+    ([Result.SUCCESS], ["a"], Respond),
+    ([Result.SERVER_ERROR, Result.SUCCESS], ["a", "b"], Respond),
+    ([Result.CONNECT_ERROR, Result.BUSY, Result.SUCCESS], ["a", "b", "pool"], Respond),
+    ([Result.CLIENT_ERROR], ["a"], Respond),
+    ([Result.BAD_KEY, Result.SUCCESS], ["a", "b"], Respond),
+    ([Result.RATE_LIMITED, Result.SERVER_ERROR, Result.BUSY], ["a", "b", "pool"], GiveUp),
+]
+
+
+@pytest.mark.parametrize(("script", "upstreams", "kind"), CASES)
+def test_AttemptPlan_fails_over_in_preference_order(script, upstreams, kind):
+    """Transient failures move to the next target; client errors and successes stop."""
+    tried, decision = _run(script)
+    assert [name for name, _ in tried] == upstreams
+    assert isinstance(decision, kind)
+
+
+def test_AttemptPlan_uses_each_upstreams_model_name():
+    """Each attempt carries the upstream's own name for the alias."""
+    tried, _ = _run([Result.SERVER_ERROR, Result.SERVER_ERROR, Result.SUCCESS])
+    assert [model for _, model in tried] == ["m-a", "m-b", "m-p"]
+
+
+def test_AttemptPlan_give_up_is_503_when_every_upstream_was_busy_or_overloaded():
+    """All-busy or overloaded upstreams give a 503 with Retry-After and name each attempt."""
+    _, decision = _run([Result.RATE_LIMITED, Result.SERVER_ERROR, Result.BUSY])
+    assert isinstance(decision, GiveUp)
+    assert decision.status == 503 and decision.retry_after_s is not None
+    assert "a: rate_limited" in decision.message and "pool: busy" in decision.message
+
+
+def test_AttemptPlan_give_up_is_502_for_connect_errors():
+    """Connection failures everywhere give a 502."""
+    _, decision = _run([Result.CONNECT_ERROR] * 3)
+    assert isinstance(decision, GiveUp) and decision.status == 502
+
+
+def test_AttemptPlan_stops_at_the_request_deadline():
+    """After the route's timeout no new attempt starts and the answer is a 504."""
+    _, decision = _run([Result.TIMEOUT, Result.TIMEOUT], step=11.0)
+    assert isinstance(decision, GiveUp) and decision.status == 504
+    assert "deadline" in decision.message
+
+
+def test_AttemptPlan_record_without_attempt_is_an_error():
+    """Recording an outcome with no attempt outstanding raises and changes nothing."""
+    router = Router(CONFIG)
+    plan = router.plan(CONFIG.route_for("chat"), now=0.0)
+    target = plan.next_attempt(now=0.0)
+    plan.record(AttemptOutcome(target=target, result=Result.SUCCESS), now=0.0)
+    with pytest.raises(RoutingStateError):
+        plan.record(AttemptOutcome(target=target, result=Result.SUCCESS), now=0.0)
+
+
+def test_Router_rotates_pool_endpoints():
+    """Successive requests to a pool use its endpoints in turn."""
+    router = Router(CONFIG)
+    route = CONFIG.route_for("chat")
+    endpoints = []
+    for _ in range(4):
+        plan = router.plan(route, now=0.0)
+        for _ in range(3):
+            target = plan.next_attempt(now=0.0)
+        endpoints.append(target.endpoint)
+    assert endpoints == ["http://p1/v1", "http://p2/v1"] * 2
+
+
+@pytest.mark.parametrize(("status", "result"), [
+    (200, Result.SUCCESS), (400, Result.CLIENT_ERROR), (422, Result.CLIENT_ERROR),
+    (401, Result.BAD_KEY), (402, Result.BAD_KEY), (429, Result.RATE_LIMITED),
+    (500, Result.SERVER_ERROR), (503, Result.SERVER_ERROR), (504, Result.SERVER_ERROR)])
+def test_classify_status_follows_who_is_at_fault(status, result):
+    """400/422 are the client's, 401/402 the key's, 429 and 5xx transient."""
+    assert classify_status(status) is result
