@@ -24,6 +24,7 @@ from routing import Config, Router
 
 from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
+from ._health import handle_health, health_ticker
 from ._metrics import Metrics
 from ._reload import config_watcher
 from ._state import (
@@ -116,21 +117,6 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-async def _health(request: web.Request) -> web.Response:
-    runtime = request.app[SERVING].runtime
-    config = runtime.config
-    upstreams = {
-        u.name: {"state": "healthy", "region": u.region, "endpoints": len(u.endpoints)}
-        for u in config.upstreams
-    }
-    return web.json_response({
-        "level": "normal",
-        "instance": config.instance_id,
-        "config": {"source": config.source, "loaded_at": runtime.loaded_at},
-        "upstreams": upstreams,
-    })
-
-
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
                                      keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
@@ -155,11 +141,12 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(health_ticker)
     if config_path is not None:
         app.cleanup_ctx.append(config_watcher(watch_interval_s))
     app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/api/health", _health)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/api/health", handle_health)
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
     add_api_routes(app)

@@ -14,12 +14,22 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from routing import AttemptOutcome, AttemptPlan, GiveUp, Respond, Result, Route, Router
+from routing import (
+    AttemptOutcome,
+    AttemptPlan,
+    Decision,
+    GiveUp,
+    Respond,
+    Result,
+    Retry,
+    Route,
+    Router,
+    Target,
+)
 
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
-    Opened,
     UpstreamCall,
     open_attempt,
     read_rest,
@@ -27,6 +37,7 @@ from ._forward import (
     response_headers,
     send_buffered,
 )
+from ._health import report_changes
 from ._metrics import Metrics
 from ._state import RequestSummary
 
@@ -47,50 +58,70 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     while True:
         target = plan.next_attempt(now=loop.time())
         if isinstance(target, GiveUp):
-            raise UpstreamError(target.message, status=target.status,
-                                retry_after_s=target.retry_after_s)
+            raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
-        deadline = min(loop.time() + target.upstream.first_token_timeout_s, plan.deadline)
-        attempt = await open_attempt(session, target, call, request_id=request_id,
-                                     deadline=deadline)
-        if isinstance(attempt, Opened):
-            metrics.ttfb.labels(target.name, target.upstream.region).observe(attempt.ttfb_s)
-            if attempt.is_sse:
-                resp, cut = await relay_stream(request, attempt, request_id)
-                summary.cut = cut
-                _finish(router, plan, metrics, attempt, cut, loop.time())
-                return resp
-            body = await read_rest(attempt)
-            if not isinstance(body, Failed):
-                _finish(router, plan, metrics, attempt, None, loop.time())
-                return await send_buffered(request, attempt, body, request_id)
-            attempt = body
-        outcome = attempt.outcome
-        metrics.attempts.labels(target.name, outcome.result.value).inc()
-        router.record(outcome, now=loop.time())
-        decision = plan.record(outcome, now=loop.time())
+        try:
+            answer = await _attempt(request, target, call, session, metrics, plan, request_id)
+        except BaseException:
+            router.cancel(target, now=loop.time())  # the client went away mid-attempt
+            raise
+        if isinstance(answer, tuple):
+            resp, outcome = answer
+            summary.cut = outcome.detail or None
+            _book(router, plan, metrics, outcome, loop.time())
+            return resp
+        outcome = answer.outcome
+        decision = _book(router, plan, metrics, outcome, loop.time())
         if isinstance(decision, Respond):  # the client's own mistake: pass it on untouched
-            return web.Response(status=attempt.status or 502, body=attempt.body,
-                                headers=response_headers(attempt.headers or {}, request_id,
+            return web.Response(status=answer.status or 502, body=answer.body,
+                                headers=response_headers(answer.headers or {}, request_id,
                                                          target))
         log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
-                    will_retry=not isinstance(decision, GiveUp))
+                    will_retry=isinstance(decision, Retry))
         if isinstance(decision, GiveUp):
-            raise UpstreamError(decision.message, status=decision.status,
-                                retry_after_s=decision.retry_after_s)
+            raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
+        if decision.delay_s > 0:
+            await asyncio.sleep(decision.delay_s)
 
 
-def _finish(router: Router, plan: AttemptPlan, metrics: Metrics, opened: Opened,
-            cut: str | None, now: float) -> None:
-    """Book an attempt that produced an answer (whole, or cut after the commit)."""
-    target = opened.target
-    result = Result.STREAM_CUT if cut else Result.SUCCESS
-    outcome = AttemptOutcome(target=target, result=result, status=opened.response.status,
-                             detail=cut or "")
-    metrics.attempts.labels(target.name, result.value).inc()
+async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
+                   session: aiohttp.ClientSession, metrics: Metrics, plan: AttemptPlan,
+                   request_id: str) -> tuple[web.StreamResponse, AttemptOutcome] | Failed:
+    """One attempt: an answer sent to the client (with its outcome), or ``Failed``."""
+    loop = asyncio.get_running_loop()
+    deadline = min(loop.time() + target.upstream.first_token_timeout_s, plan.deadline)
+    opened = await open_attempt(session, target, call, request_id=request_id, deadline=deadline)
+    if isinstance(opened, Failed):
+        return opened
+    metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
+    if opened.is_sse:
+        resp, cut = await relay_stream(request, opened, request_id)
+    else:
+        body = await read_rest(opened)
+        if isinstance(body, Failed):
+            return body
+        resp, cut = await send_buffered(request, opened, body, request_id), None
     if cut is None:
-        metrics.latency.labels(target.name, target.upstream.region).observe(now - opened.started)
-    router.record(outcome, now=now)
-    plan.record(outcome, now=now)
+        metrics.latency.labels(target.name, target.upstream.region).observe(
+            loop.time() - opened.started)
+    outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT if cut else Result.SUCCESS,
+                             status=opened.response.status, detail=cut or "",
+                             ttfb_s=opened.ttfb_s)
+    return resp, outcome
+
+
+def _book(router: Router, plan: AttemptPlan, metrics: Metrics, outcome: AttemptOutcome,
+          now: float) -> Decision:
+    """Tell routing how an attempt went; report any health change it caused."""
+    metrics.attempts.labels(outcome.target.name, outcome.result.value).inc()
+    report_changes([router.record(outcome, now=now)], router, metrics)
+    return plan.record(outcome, now=now)
+
+
+def _give_up(decision: GiveUp, route: Route, metrics: Metrics) -> UpstreamError:
+    if decision.budget_exhausted:
+        metrics.retry_budget_exhausted.labels(route.model).inc()
+    return UpstreamError(decision.message, status=decision.status,
+                         retry_after_s=decision.retry_after_s)

@@ -173,7 +173,8 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
         if response is None:
             return _failure(target, Result.TIMEOUT, f"no response headers after {waited:.1f}s")
         return _failure(target, Result.BUSY,
-                        f"no first token after {waited:.1f}s (only keep-alives: busy)")
+                        f"no first token after {waited:.1f}s (only keep-alives: busy)",
+                        ttfb_s=waited)
     except aiohttp.ClientConnectorError as exc:
         return _failure(target, Result.CONNECT_ERROR, f"cannot connect: {exc.os_error}")
     except (aiohttp.ClientError, OSError) as exc:
@@ -230,8 +231,10 @@ def _error_message(body: bytes) -> str:
     return f" ({str(message)[:120]})"
 
 
-def _failure(target: Target, result: Result, detail: str) -> Failed:
-    return Failed(outcome=AttemptOutcome(target=target, result=result, detail=detail))
+def _failure(target: Target, result: Result, detail: str, *,
+             ttfb_s: float | None = None) -> Failed:
+    return Failed(outcome=AttemptOutcome(target=target, result=result, detail=detail,
+                                         ttfb_s=ttfb_s))
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:

@@ -53,6 +53,25 @@ class Metrics:
         self.config_reloads = Counter(
             "skyroute_config_reloads", "Routing file reloads by result (success or error).",
             ["result"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "skyroute_retry_budget_exhausted",
+            "Requests given up because the route's retry budget was spent.", ["route"],
+            registry=r)
+        self.upstream_state = Gauge(
+            "skyroute_upstream_state",
+            "1 for each upstream's current state (healthy, slow, open, bad_key, down).",
+            ["upstream", "state"], registry=r)
+        self.health_changes = Counter(
+            "skyroute_upstream_state_changes", "Upstream state changes, by new state.",
+            ["upstream", "state"], registry=r)
+        self.degradation_level = Gauge(
+            "skyroute_degradation_level",
+            "Per route: 0 normal, 1 reduced, 2 fallback, 3 minimal, 4 unavailable.",
+            ["route"], registry=r)
+        self.latency_estimate = Gauge(
+            "skyroute_upstream_latency_estimate_seconds",
+            "The latency estimate routing uses, by upstream and source.",
+            ["upstream", "source"], registry=r)
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)

@@ -36,7 +36,12 @@ class Serving:
     draining: bool = False
 
     def swap(self, config: Config) -> None:
-        self.runtime = Runtime(config=config, router=Router(config))
+        """Serve ``config``; requests in flight keep the ``Runtime`` they started with.
+
+        The router is shared, so upstream health survives the reload.
+        """
+        self.runtime.router.update(config)
+        self.runtime = Runtime(config=config, router=self.runtime.router)
 
 
 @dataclass(slots=True)

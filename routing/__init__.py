@@ -5,43 +5,65 @@ with ``now`` and carries out the decisions it returns.
 """
 
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
-from ._router import (
+from ._health import STATES, Estimate, HealthChange, UpstreamHealth
+from ._router import LEVELS, AttemptPlan, Router
+from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
-    AttemptPlan,
     Decision,
     GiveUp,
     Respond,
     Result,
     Retry,
-    Router,
     Target,
     classify_status,
 )
 from ._yaml import parse_duration, parse_size
-from .config import ApiKey, Config, Limits, Listen, Route, Upstream, load_config, parse_config
+from .config import (
+    ApiKey,
+    BreakerPolicy,
+    Config,
+    LatencyPolicy,
+    Limits,
+    Listen,
+    PrometheusSource,
+    RetryPolicy,
+    Route,
+    Upstream,
+    load_config,
+    parse_config,
+)
 
 __all__ = [
+    "LEVELS",
     "RETRYABLE",
+    "STATES",
     "ApiKey",
     "AttemptOutcome",
     "AttemptPlan",
+    "BreakerPolicy",
     "Config",
     "ConfigError",
     "ConfigProblem",
     "Decision",
+    "Estimate",
     "GiveUp",
+    "HealthChange",
+    "LatencyPolicy",
     "Limits",
     "Listen",
+    "PrometheusSource",
     "Respond",
     "Result",
     "Retry",
+    "RetryPolicy",
     "Route",
     "Router",
     "RoutingError",
     "RoutingStateError",
     "Target",
     "Upstream",
+    "UpstreamHealth",
     "classify_status",
     "load_config",
     "parse_config",

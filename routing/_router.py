@@ -1,121 +1,78 @@
 """Choosing upstreams for a request, and deciding what to do after each attempt.
 
-Rules / theory of operation:
-
-* ``Router`` is built from one ``Config`` and answers, for a model alias, which
-  route serves it and in what order its targets are tried. It keeps per-upstream
-  state that outlives a single request (the next endpoint of a pool).
-* Each client request gets an ``AttemptPlan``: the shell (``proxy/``) asks
-  ``next_attempt()`` for a ``Target``, performs the I/O, and feeds the
-  ``AttemptOutcome`` back through ``record()``, which returns a decision value:
-  ``Respond`` (hand this answer to the client), ``Retry`` (try ``next_attempt``)
-  or ``GiveUp`` (answer the client with an error built from what was tried).
-* Who is at fault decides retries, as in DeepSeek's documented errors: 400/422
-  are the client's and go back untouched; 401/402 are the upstream key's or
-  balance's, so another upstream is tried; 429, 5xx, connect errors, timeouts and
-  the keep-alive busy mode are transient and another upstream is tried.
-* Nothing here does I/O or reads a clock: ``now`` is always an argument.
+Rules / theory of operation
+---------------------------
+* ``Router`` lives as long as the process. ``update(config)`` swaps in a new
+  configuration and keeps what it learnt about upstreams whose names stay, so a
+  reload forgets no open circuit or latency history.
+* ``plan(route, now)`` orders the route's targets for one request:
+  available and not slow first, ordered by the route's ``strategy``; then the
+  slow ones, least slow first; then the unavailable ones, soonest back first.
+  With probability ``latency.probe_share`` the least slow upstream goes first so
+  recovery is seen, and an upstream just back from slow yields its place with
+  probability ``1 - share`` while its recovery ramp runs.
+* ``AttemptPlan`` hands out targets in that order. Each is *admitted* by its
+  upstream (a half-open breaker admits only its probes). The panic rule: when no
+  upstream of the route is available, the least bad one is tried anyway, once,
+  rather than failing fast with nothing tried.
+* Who is at fault decides retries (DeepSeek's documented errors): 400/422 are
+  the client's and go back untouched; 401/402 are the key's or balance's, so the
+  upstream leaves rotation and another is tried; 429, 5xx, connect errors,
+  timeouts, busy keep-alives and cut answers are transient and another is tried.
+  Every retry is paid from the route's retry budget and waits a full-jitter
+  backoff; an empty budget gives up with 503 instead of storming.
+* Nothing here does I/O or reads a clock: ``now`` is always an argument, and
+  randomness comes from an injected ``random.Random``.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from typing import final
+import random
+from collections.abc import Iterator
+from typing import Any, final
 
+from ._backoff import full_jitter_delays
+from ._budget import RetryBudget
 from ._errors import RoutingStateError
+from ._health import Estimate, HealthChange, UpstreamHealth
+from ._router_types import (
+    RETRYABLE,
+    AttemptOutcome,
+    Decision,
+    GiveUp,
+    Respond,
+    Result,
+    Retry,
+    Target,
+)
 from .config import Config, Route, Upstream
 
-
-class Result(enum.Enum):
-    """How one attempt at one upstream ended."""
-
-    SUCCESS = "success"            # an answer the client gets (2xx, or another status we pass on)
-    CLIENT_ERROR = "client_error"  # 400/404/422...: the request itself is wrong; pass it on
-    BAD_KEY = "bad_key"            # 401/402/403: that upstream's key or balance is bad
-    RATE_LIMITED = "rate_limited"  # 429
-    SERVER_ERROR = "server_error"  # 500/502/503/504
-    CONNECT_ERROR = "connect_error"
-    TIMEOUT = "timeout"            # no bytes for too long once the answer had started
-    BUSY = "busy"                  # no first token before the deadline (keep-alives only)
-    STREAM_CUT = "stream_cut"      # the answer broke off part-way
-
-
-#: Results after which the next target is tried.
-RETRYABLE = frozenset({Result.BAD_KEY, Result.RATE_LIMITED, Result.SERVER_ERROR,
-                       Result.CONNECT_ERROR, Result.TIMEOUT, Result.BUSY, Result.STREAM_CUT})
-
-
-def classify_status(status: int) -> Result:
-    """Map an upstream HTTP status to the ``Result`` it stands for."""
-    if status < 400:
-        return Result.SUCCESS
-    if status in (401, 402, 403):
-        return Result.BAD_KEY
-    if status == 429:
-        return Result.RATE_LIMITED
-    if status >= 500:
-        return Result.SERVER_ERROR
-    return Result.CLIENT_ERROR
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Target:
-    """One concrete place to send one attempt."""
-
-    upstream: Upstream
-    endpoint: str  # base URL, e.g. http://10.0.0.5:8000/v1
-    model: str  # the upstream's own model name for the requested alias
-
-    @property
-    def name(self) -> str:
-        return self.upstream.name
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AttemptOutcome:
-    target: Target
-    result: Result
-    detail: str = ""  # e.g. "HTTP 503", "connection refused"
-    status: int | None = None
-    retry_after_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Respond:
-    """Give the client the answer of the last attempt."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Retry:
-    """Try ``next_attempt()`` again."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GiveUp:
-    """No attempt left: answer the client with ``status`` and this message."""
-
-    status: int
-    message: str
-    retry_after_s: float | None = None
-
-
-Decision = Respond | Retry | GiveUp
+#: Degradation levels, best first. ``fallback`` and ``minimal`` need route
+#: settings that are not built yet; a route is ``reduced`` when its first choice
+#: is unavailable or slow and ``unavailable`` when no target is available.
+LEVELS = ("normal", "reduced", "fallback", "minimal", "unavailable")
+#: A Prometheus reading older than this many intervals is stale: passive wins.
+STALE_INTERVALS = 3
 
 
 @final
 class AttemptPlan:
     """The attempts for one client request over one route."""
 
-    __slots__ = ("_candidates", "_deadline", "_index", "attempts", "outcomes", "route")
+    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health", "_index",
+                 "_panicked", "attempts", "outcomes", "route")
 
-    def __init__(self, route: Route, candidates: list[Target], *, now: float) -> None:
+    def __init__(self, route: Route, candidates: list[Target], *,
+                 health: dict[str, UpstreamHealth], budget: RetryBudget,
+                 backoff: Iterator[float], now: float) -> None:
         self.route = route
         self._candidates = candidates
+        self._health = health
+        self._budget = budget
+        self._backoff = backoff
         self._deadline = now + route.timeout_s
         self._index = 0
+        self._panicked = False
         self.attempts = 0
         self.outcomes: list[AttemptOutcome] = []
 
@@ -128,72 +85,121 @@ class AttemptPlan:
         return self._deadline
 
     def next_attempt(self, *, now: float) -> Target | GiveUp:
-        """The target for the next attempt, or ``GiveUp`` when none is left."""
-        if self.attempts >= self.route.max_attempts or self._index >= len(self._candidates):
-            return self._give_up()
+        """The target for the next attempt, or ``GiveUp`` when none is left.
+
+        The returned target has been admitted: feed its outcome to ``Router.record``
+        and ``record`` (or ``Router.cancel`` if the client went away).
+        """
+        if self.attempts >= self.route.max_attempts:
+            return self._give_up(now)
         if now >= self._deadline:
-            return self._give_up(timed_out=True)
-        target = self._candidates[self._index]
-        self._index += 1
-        self.attempts += 1
-        return target
+            return self._give_up(now, timed_out=True)
+        while self._index < len(self._candidates):
+            target = self._candidates[self._index]
+            self._index += 1
+            health = self._health[target.name]
+            if health.admit(now=now):
+                self.attempts += 1
+                return target
+        if self.attempts == 0 and not self._panicked and self._candidates:
+            # Panic rule: every target is out; try the one expected back soonest.
+            self._panicked = True
+            target = min(self._candidates,
+                         key=lambda t: self._health[t.name].available_at(now=now))
+            self._health[target.name].force_admit()
+            self.attempts += 1
+            return target
+        return self._give_up(now)
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> Decision:
         """Take the outcome of the attempt just made and say what to do next.
 
         Raises:
-            RoutingStateError: if no attempt is outstanding.
+            RoutingStateError: if no attempt is outstanding; nothing changes.
         """
         if len(self.outcomes) >= self.attempts:
             raise RoutingStateError("record() called with no attempt outstanding") from None
         self.outcomes.append(outcome)
         if outcome.result not in RETRYABLE:
             return Respond()
-        if self.attempts >= self.route.max_attempts or self._index >= len(self._candidates):
-            return self._give_up()
+        if self.attempts >= self.route.max_attempts or (
+                self._index >= len(self._candidates) and self._panicked):
+            return self._give_up(now)
         if now >= self._deadline:
-            return self._give_up(timed_out=True)
-        return Retry(reason=f"{outcome.target.name}: {outcome.detail or outcome.result.value}")
+            return self._give_up(now, timed_out=True)
+        if not self._budget.try_acquire(now):
+            return self._give_up(now, budget_exhausted=True)
+        return Retry(reason=f"{outcome.target.name}: {outcome.detail or outcome.result.value}",
+                     delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
 
-    def _give_up(self, *, timed_out: bool = False) -> GiveUp:
-        tried = "; ".join(f"{o.target.name}: {o.detail or o.result.value}" for o in self.outcomes)
+    def _give_up(self, now: float, *, timed_out: bool = False,
+                 budget_exhausted: bool = False) -> GiveUp:
         model = self.route.model
+        back = min(self._health[t.name].available_at(now=now) for t in self._candidates) \
+            if self._candidates else now + 1.0
+        retry_after = max(1.0, back - now)
         if not self.outcomes:
-            return GiveUp(status=503, message=f"no upstream is available for model '{model}'",
-                          retry_after_s=1.0)
+            return GiveUp(status=503, retry_after_s=retry_after,
+                          message=f"no upstream is available for model '{model}'; "
+                                  f"retry after {retry_after:.0f}s")
+        tried = "; ".join(f"{o.target.name}: {o.detail or o.result.value}" for o in self.outcomes)
         results = {o.result for o in self.outcomes}
         status = 504 if timed_out or results <= {Result.TIMEOUT, Result.BUSY} else 502
-        if results <= {Result.RATE_LIMITED, Result.SERVER_ERROR, Result.BUSY}:
+        if budget_exhausted or results <= {Result.RATE_LIMITED, Result.SERVER_ERROR,
+                                           Result.BUSY, Result.BAD_KEY}:
             status = 503
         hints = [o.retry_after_s for o in self.outcomes if o.retry_after_s is not None]
-        retry_after = min(hints) if hints else (1.0 if status == 503 else None)
-        why = "the request deadline passed" if timed_out else "every upstream attempt failed"
+        if hints:
+            retry_after = max(retry_after, min(hints))
+        why = ("the retry budget is spent (too many retries across requests)" if budget_exhausted
+               else "the request deadline passed" if timed_out
+               else "every upstream attempt failed")
         return GiveUp(
-            status=status,
+            status=status, retry_after_s=retry_after if status in (503, 504) else None,
+            budget_exhausted=budget_exhausted,
             message=(f"model '{model}': {why} ({self.attempts} attempt(s): {tried}). "
-                     "Retry later; skyroute's /health shows each upstream's state."),
-            retry_after_s=retry_after,
+                     f"Retry after {retry_after:.0f}s; skyroute's /health shows each "
+                     "upstream's state."),
         )
-
-
-@dataclass(slots=True)
-class _UpstreamState:
-    next_endpoint: int = 0
-    outcomes: dict[Result, int] = field(default_factory=dict)
 
 
 @final
 class Router:
-    """Routing decisions for one configuration."""
+    """Routing decisions for the configuration being served."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self._rng = rng if rng is not None else random.Random()
+        self._health: dict[str, UpstreamHealth] = {}
+        self._budgets: dict[str, RetryBudget] = {}
+        self._next_endpoint: dict[str, int] = {}
         self.config = config
-        self._routes = {route.model: route for route in config.routes}
-        self._upstreams = {u.name: u for u in config.upstreams}
-        self._state = {u.name: _UpstreamState() for u in config.upstreams}
+        self.update(config)
 
     def __repr__(self) -> str:
-        return f"<Router routes={sorted(self._routes)} upstreams={sorted(self._upstreams)}>"
+        return f"<Router routes={sorted(self._routes)} upstreams={sorted(self._health)}>"
+
+    def update(self, config: Config) -> None:
+        """Serve ``config`` from now on, keeping what is known of unchanged upstreams."""
+        thresholds: dict[str, float] = {}
+        for route in config.routes:
+            for name in route.targets:  # the strictest threshold of any route using it
+                thresholds[name] = min(thresholds.get(name, 1e9), route.latency_threshold_s)
+        health = {}
+        for upstream in config.upstreams:
+            old = self._health.get(upstream.name)
+            keep = old is not None and self.config.breaker == config.breaker and \
+                self.config.latency == config.latency
+            health[upstream.name] = old if keep and old is not None else UpstreamHealth(
+                upstream.name, breaker=config.breaker, latency=config.latency,
+                retry=config.retry, threshold_s=thresholds.get(upstream.name, 0.2))
+        self._health = health
+        self._budgets = {
+            route.model: self._budgets.get(route.model) or RetryBudget(
+                ratio=config.retry.budget, window_s=config.retry.budget_window_s)
+            for route in config.routes}
+        self._routes = {route.model: route for route in config.routes}
+        self._upstreams = {u.name: u for u in config.upstreams}
+        self.config = config
 
     @property
     def models(self) -> list[str]:
@@ -207,18 +213,136 @@ class Router:
         """The route for requests that name no model (the first one in the file)."""
         return self.config.routes[0] if self.config.routes else None
 
-    def plan(self, route: Route, *, now: float) -> AttemptPlan:
-        """An ``AttemptPlan`` over the route's targets in preference order."""
-        candidates = [self._target(self._upstreams[name], route.model) for name in route.targets]
-        return AttemptPlan(route, candidates, now=now)
+    def health(self, name: str) -> UpstreamHealth:
+        return self._health[name]
 
-    def record(self, outcome: AttemptOutcome, *, now: float) -> None:
-        """Remember how an attempt went (feeds per-upstream health)."""
-        state = self._state[outcome.target.name]
-        state.outcomes[outcome.result] = state.outcomes.get(outcome.result, 0) + 1
+    def plan(self, route: Route, *, now: float) -> AttemptPlan:
+        """An ``AttemptPlan`` for one request over ``route``."""
+        self._budgets[route.model].record_request(now)
+        order = self._order(route, now)
+        candidates = [self._target(self._upstreams[name], route.model) for name in order]
+        backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
+                                     cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
+        return AttemptPlan(route, candidates, health=self._health,
+                           budget=self._budgets[route.model], backoff=backoff, now=now)
+
+    def _order(self, route: Route, now: float) -> list[str]:
+        fast, slow, out = [], [], []
+        for name in route.targets:
+            state = self._health[name].state(now=now)
+            (fast if state == "healthy" else slow if state == "slow" else out).append(name)
+        fast = self._by_strategy(route, fast, now)
+        slow.sort(key=lambda n: self._estimate(n))
+        if slow and fast and self._rng.random() < self.config.latency.probe_share:
+            fast.insert(0, slow.pop(0))  # a probe keeps measuring the slow one
+        out.sort(key=lambda n: self._health[n].available_at(now=now))
+        return fast + slow + out
+
+    def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
+        if route.strategy == "lowest-latency":
+            names = sorted(names, key=self._estimate)
+        elif route.strategy == "least-outstanding":
+            names = sorted(names, key=lambda n: self._health[n].outstanding)
+        elif route.strategy == "weighted":
+            names = self._weighted_order(names, now)
+        # An upstream back from slow yields its place while its ramp runs.
+        ramping = [n for n in names if self._rng.random() >= self._health[n].share(now=now)]
+        return [n for n in names if n not in ramping] + ramping
+
+    def _weighted_order(self, names: list[str], now: float) -> list[str]:
+        pool = {n: float(self._upstreams[n].weight) for n in names}
+        order = []
+        while pool:
+            pick = self._rng.choices(list(pool), weights=list(pool.values()))[0]
+            order.append(pick)
+            del pool[pick]
+        return order
+
+    def _estimate(self, name: str) -> float:
+        health = self._health[name]
+        if health.estimate is not None:
+            return health.estimate.seconds
+        return health.latency.ewma or 0.0
 
     def _target(self, upstream: Upstream, alias: str) -> Target:
-        state = self._state[upstream.name]
-        endpoint = upstream.endpoints[state.next_endpoint % len(upstream.endpoints)]
-        state.next_endpoint += 1
+        index = self._next_endpoint.get(upstream.name, 0)
+        self._next_endpoint[upstream.name] = index + 1
+        endpoint = upstream.endpoints[index % len(upstream.endpoints)]
         return Target(upstream=upstream, endpoint=endpoint, model=upstream.model_for(alias))
+
+    def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
+        """Feed the outcome of an admitted attempt into its upstream's health."""
+        health = self._health.get(outcome.target.name)
+        return health.record(outcome, now=now) if health is not None else None
+
+    def cancel(self, target: Target, *, now: float) -> None:
+        """An admitted attempt ended with no outcome (the client went away)."""
+        health = self._health.get(target.name)
+        if health is not None:
+            health.cancel(now=now)
+
+    def feed_external(self, upstream: str, seconds: float, *, source: str, now: float) -> None:
+        """A latency reading from outside (Prometheus); used by ``tick`` while fresh."""
+        health = self._health.get(upstream)
+        if health is not None:
+            health.external = Estimate(seconds=seconds, source=source, at=now)
+
+    def mark(self, upstream: str, state: str, *, until: float, reason: str,
+             now: float) -> HealthChange | None:
+        """An outside report about an upstream (a peer found it down or its key bad)."""
+        health = self._health.get(upstream)
+        return health.mark(state, until=until, reason=reason, now=now) if health else None
+
+    def tick(self, *, now: float) -> list[HealthChange]:
+        """Re-evaluate every upstream's latency estimate; call once per interval."""
+        changes = []
+        stale_after = STALE_INTERVALS * (self.config.latency.prometheus.interval_s
+                                         if self.config.latency.prometheus else 0.0)
+        for health in self._health.values():
+            external = health.external
+            change = None
+            if external is not None and now - external.at <= stale_after:
+                change = health.feed_estimate(external, now=now)
+            else:
+                p95 = health.latency.p95(now=now)
+                if p95 is not None:
+                    change = health.feed_estimate(
+                        Estimate(seconds=p95, source="passive", at=now), now=now)
+            change = change or health.refresh(now=now)
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def route_level(self, route: Route, *, now: float) -> str:
+        """``normal``, ``reduced`` or ``unavailable`` for one route (see ``LEVELS``)."""
+        states = [self._health[name].state(now=now) for name in route.targets]
+        if states and states[0] == "healthy":
+            return "normal"
+        if any(state in ("healthy", "slow") for state in states):
+            return "reduced"
+        return "unavailable"
+
+    def level(self, *, now: float) -> str:
+        """The worst level over every route."""
+        levels = [self.route_level(route, now=now) for route in self.config.routes]
+        return max(levels, key=LEVELS.index, default="normal")
+
+    def snapshot(self, *, now: float) -> dict[str, dict[str, Any]]:
+        """Every upstream's state and latency estimate, for /health and /admin."""
+        result = {}
+        for name, health in self._health.items():
+            upstream = self._upstreams[name]
+            entry: dict[str, Any] = {
+                "state": health.state(now=now), "region": upstream.region,
+                "outstanding": health.outstanding, "breaker": health.breaker.state(now=now).name,
+            }
+            if health.estimate is not None:
+                entry["latency_ms"] = round(health.estimate.seconds * 1000, 1)
+                entry["latency_source"] = health.estimate.source
+            until = health.available_at(now=now)
+            if until > now:
+                entry["until_s"] = round(until - now, 1)
+            if health.last_change is not None:
+                entry["last_change"] = health.last_change.reason
+            result[name] = entry
+        return result

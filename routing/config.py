@@ -87,6 +87,7 @@ class Upstream:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_connections: int = 256
+    weight: int = 1  # share of traffic under the 'weighted' strategy
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -131,6 +132,88 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Backoff between attempts and the retry budget that stops retry storms."""
+
+    backoff_base_s: float = 0.025
+    backoff_cap_s: float = 1.0
+    #: Retries allowed as a share of requests over ``budget_window_s`` (Envoy's retry budget).
+    budget: float = 0.2
+    budget_window_s: float = 10.0
+    #: How long an upstream answering 401/402 (bad key, no balance) stays out of rotation.
+    bad_key_cooldown_s: float = 600.0
+    #: How long a 429/503 without Retry-After keeps an upstream out.
+    default_retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.backoff_base_s <= self.backoff_cap_s:
+            raise ValueError("backoff_base must be > 0 and not above backoff_cap")
+        if not 0 <= self.budget <= 1:
+            raise ValueError("budget must be a share between 0% and 100%")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """Circuit breaking per upstream (Envoy's outlier detection)."""
+
+    consecutive_failures: int = 5
+    failure_rate: float = 0.5
+    min_requests: int = 10
+    window_s: float = 30.0
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.failure_rate <= 1:
+            raise ValueError("failure_rate must be a share above 0% and at most 100%")
+        if self.cooldown_s > self.max_cooldown_s:
+            raise ValueError("cooldown must not be above max_cooldown")
+
+
+#: skyroute's own TTFB histogram, aggregated across every instance Prometheus scrapes.
+DEFAULT_PROMETHEUS_QUERY = (
+    "histogram_quantile(0.95, sum by (le, upstream) "
+    "(rate(skyroute_upstream_ttfb_seconds_bucket[1m])))"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrometheusSource:
+    """Where to read upstream latency (seconds, one series per upstream) from Prometheus."""
+
+    url: str
+    query: str = DEFAULT_PROMETHEUS_QUERY
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    label: str = "upstream"  # the series label that holds the upstream name
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyPolicy:
+    """Latency sources and how a slow upstream is left and taken back."""
+
+    prometheus: PrometheusSource | None = None
+    passive_window_s: float = 60.0
+    #: How often estimates are re-evaluated (the passive source's "interval").
+    interval_s: float = 1.0
+    #: Share of requests sent to slow upstreams anyway, so recovery is seen.
+    probe_share: float = 0.02
+    recover_ratio: float = 0.8
+    recover_intervals: int = 3
+    #: After recovery, traffic returns linearly over this long (Envoy's slow start).
+    ramp_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probe_share <= 1:
+            raise ValueError("probe_share must be a share between 0% and 100%")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """A whole, validated routing file."""
 
@@ -139,6 +222,9 @@ class Config:
     api_keys: tuple[ApiKey, ...] | None = None  # None: no auth section, skyroute runs open
     admin_key: str | None = field(default=None, repr=False)
     limits: Limits = field(default_factory=Limits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    latency: LatencyPolicy = field(default_factory=LatencyPolicy)
     upstreams: tuple[Upstream, ...] = ()
     routes: tuple[Route, ...] = ()
     source: str = "<memory>"
@@ -156,7 +242,45 @@ class Config:
         return None
 
 
-_TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "upstreams", "routes"}
+_TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
+             "upstreams", "routes"}
+_DURATION = "a duration like 250ms, 2s or 10m"
+_SHARE = "a share like 20% or 0.2"
+_COUNT = "a positive whole number"
+
+
+def parse_share(value: object) -> float:
+    """``20%`` or ``0.2`` as 0.2."""
+    text = str(value).strip()
+    share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= share <= 1:
+        raise ValueError(f"{value!r} is not between 0% and 100%")
+    return share
+
+
+def _keywords(fields: Fields, spec: dict[str, tuple[str, Any, str]]) -> dict[str, Any]:
+    """Read ``spec`` (yaml key -> (attribute, converter, what)) into constructor kwargs."""
+    kwargs: dict[str, Any] = {}
+    for key, (attr, convert, what) in spec.items():
+        value = fields.get(key, convert, None, what=what)
+        if value is not None:
+            kwargs[attr] = value
+    return kwargs
+
+
+def _section(top: Fields, key: str, cls: Any, spec: dict[str, tuple[str, Any, str]],
+             more_keys: tuple[str, ...] = (), **extra: Any) -> Any:
+    """A whole optional section as ``cls``; problems are recorded, defaults kept."""
+    fields = top.mapping(key)
+    if fields is None:
+        return cls(**extra)
+    kwargs = _keywords(fields, spec)
+    fields.finish(allowed=set(spec) | set(more_keys))
+    try:
+        return cls(**kwargs, **extra)
+    except ValueError as exc:
+        fields.problem(None, str(exc))
+        return cls(**extra)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -201,17 +325,56 @@ def _build(top: Fields, source: str) -> Config:
     if admin is not None:
         admin_key = admin.text("key") or None
         admin.finish()
-    limits = Limits()
-    limits_fields = top.mapping("limits")
-    if limits_fields is not None:
-        limits = Limits(max_body_bytes=limits_fields.get(
-            "max_body_bytes", parse_size, DEFAULT_MAX_BODY_BYTES, what="a size like 16MiB"))
-        limits_fields.finish()
+    limits = _section(top, "limits", Limits, {
+        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB")})
+    retry = _section(top, "retry", RetryPolicy, {
+        "backoff_base": ("backoff_base_s", parse_duration, _DURATION),
+        "backoff_cap": ("backoff_cap_s", parse_duration, _DURATION),
+        "budget": ("budget", parse_share, _SHARE),
+        "budget_window": ("budget_window_s", parse_duration, _DURATION),
+        "bad_key_cooldown": ("bad_key_cooldown_s", parse_duration, _DURATION),
+        "default_retry_after": ("default_retry_after_s", parse_duration, _DURATION)})
+    breaker = _section(top, "breaker", BreakerPolicy, {
+        "consecutive_failures": ("consecutive_failures", _positive_int, _COUNT),
+        "failure_rate": ("failure_rate", parse_share, _SHARE),
+        "min_requests": ("min_requests", _positive_int, _COUNT),
+        "window": ("window_s", parse_duration, _DURATION),
+        "cooldown": ("cooldown_s", parse_duration, _DURATION),
+        "max_cooldown": ("max_cooldown_s", parse_duration, _DURATION)})
+    latency = _latency(top)
     upstreams = _upstreams(top)
     routes = _routes(top, upstreams)
     return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
-                  admin_key=admin_key, limits=limits, upstreams=upstreams, routes=routes,
-                  source=source)
+                  admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
+                  latency=latency, upstreams=upstreams, routes=routes, source=source)
+
+
+def _latency(top: Fields) -> LatencyPolicy:
+    fields = top.mapping("latency")
+    prometheus = None
+    if fields is not None:
+        prom = fields.mapping("prometheus")
+        if prom is not None:
+            url = prom.text("url", required=True)
+            kwargs = _keywords(prom, {
+                "query": ("query", str, "a PromQL query"),
+                "interval": ("interval_s", parse_duration, _DURATION),
+                "timeout": ("timeout_s", parse_duration, _DURATION),
+                "label": ("label", str, "a label name")})
+            prom.finish()
+            if url:
+                try:
+                    prometheus = PrometheusSource(url=url, **kwargs)
+                except ValueError as exc:
+                    prom.problem("url", str(exc))
+    return _section(top, "latency", LatencyPolicy, {
+        "passive_window": ("passive_window_s", parse_duration, _DURATION),
+        "interval": ("interval_s", parse_duration, _DURATION),
+        "probe_share": ("probe_share", parse_share, _SHARE),
+        "recover_ratio": ("recover_ratio", parse_share, _SHARE),
+        "recover_intervals": ("recover_intervals", _positive_int, _COUNT),
+        "ramp": ("ramp_s", parse_duration, _DURATION)},
+        more_keys=("prometheus",), prometheus=prometheus)
 
 
 def _positive_int(value: Any) -> int:
@@ -278,16 +441,12 @@ def _upstream(entry: Fields) -> Upstream | None:
             target = models_fields.text(str(alias))
             if target:
                 models[str(alias)] = target
-    kwargs: dict[str, Any] = {}
-    for key, attr in (("first_token_timeout", "first_token_timeout_s"),
-                      ("connect_timeout", "connect_timeout_s"),
-                      ("idle_timeout", "idle_timeout_s")):
-        value = entry.get(key, parse_duration, None, what="a duration like 250ms, 2s or 10m")
-        if value is not None:
-            kwargs[attr] = value
-    max_conn = entry.get("max_connections", _positive_int, None, what="a positive number")
-    if max_conn is not None:
-        kwargs["max_connections"] = max_conn
+    kwargs = _keywords(entry, {
+        "first_token_timeout": ("first_token_timeout_s", parse_duration, _DURATION),
+        "connect_timeout": ("connect_timeout_s", parse_duration, _DURATION),
+        "idle_timeout": ("idle_timeout_s", parse_duration, _DURATION),
+        "max_connections": ("max_connections", _positive_int, _COUNT),
+        "weight": ("weight", _positive_int, _COUNT)})
     entry.finish()
     if not name:
         return None
@@ -342,7 +501,10 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
         targets.append(target)
     if "targets" not in entry.data:
         entry.problem(None, "missing required key 'targets' (upstream names, in preference order)")
-    kwargs: dict[str, Any] = {}
+    kwargs = _keywords(entry, {
+        "latency_threshold": ("latency_threshold_s", parse_duration, _DURATION),
+        "timeout": ("timeout_s", parse_duration, _DURATION),
+        "max_attempts": ("max_attempts", _positive_int, _COUNT)})
     strategy = entry.text("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:
@@ -352,13 +514,6 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
                           f"'{strategy}' is not one of {', '.join(STRATEGIES)}{hint}")
         else:
             kwargs["strategy"] = strategy
-    for key, attr in (("latency_threshold", "latency_threshold_s"), ("timeout", "timeout_s")):
-        value = entry.get(key, parse_duration, None, what="a duration like 250ms, 2s or 10m")
-        if value is not None:
-            kwargs[attr] = value
-    attempts = entry.get("max_attempts", _positive_int, None, what="a positive number")
-    if attempts is not None:
-        kwargs["max_attempts"] = attempts
     entry.finish()
     if not model or not targets:
         return None

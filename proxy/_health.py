@@ -1,0 +1,94 @@
+"""Reporting upstream health: state-change log lines, gauges, ``/health``, the ticker.
+
+``routing`` decides states; this module only tells the outside world about them.
+Every state change is one log line (``bad_key`` at error level, since only a
+human can fix a key or a balance), and the gauges in ``/metrics`` follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+
+import structlog
+from aiohttp import web
+
+from routing import LEVELS, STATES, HealthChange, Router
+
+from ._metrics import Metrics
+from ._state import METRICS, SERVING
+
+log = structlog.get_logger("skyroute.health")
+
+
+def report_changes(changes: Iterable[HealthChange | None], router: Router, metrics: Metrics,
+                   ) -> None:
+    """Log each change once and bring the state gauges up to date."""
+    for change in changes:
+        if change is None:
+            continue
+        region = router.config.upstream(change.upstream).region \
+            if change.upstream in {u.name for u in router.config.upstreams} else "-"
+        level = "error" if change.new == "bad_key" else "warning" if change.new != "healthy" \
+            else "info"
+        message = (f"upstream {change.upstream} (region {region}) {change.new}: {change.reason}"
+                   if change.new != "bad_key" else
+                   f"upstream {change.upstream} has a bad API key or no balance "
+                   f"({change.reason}); it is out of rotation until the key is fixed")
+        getattr(log, level)(message, upstream=change.upstream, region=region, old=change.old,
+                            new=change.new)
+        metrics.health_changes.labels(change.upstream, change.new).inc()
+        for state in STATES:
+            metrics.upstream_state.labels(change.upstream, state).set(
+                1 if state == change.new else 0)
+
+
+def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
+    """Set every upstream's state/estimate gauges and every route's level gauge."""
+    for name, entry in router.snapshot(now=now).items():
+        for state in STATES:
+            metrics.upstream_state.labels(name, state).set(1 if state == entry["state"] else 0)
+        if "latency_ms" in entry:
+            metrics.latency_estimate.labels(name, entry["latency_source"]).set(
+                entry["latency_ms"] / 1000)
+    for route in router.config.routes:
+        metrics.degradation_level.labels(route.model).set(
+            LEVELS.index(router.route_level(route, now=now)))
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """``GET /health``: the degradation level and every upstream's state, as JSON."""
+    runtime = request.app[SERVING].runtime
+    router = runtime.router
+    now = asyncio.get_running_loop().time()
+    return web.json_response({
+        "level": router.level(now=now),
+        "routes": {r.model: router.route_level(r, now=now) for r in runtime.config.routes},
+        "instance": runtime.config.instance_id,
+        "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
+        "upstreams": router.snapshot(now=now),
+    })
+
+
+async def health_ticker(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: re-evaluate latency estimates once per ``latency.interval``."""
+
+    async def loop() -> None:
+        clock = asyncio.get_running_loop().time
+        while True:
+            router = app[SERVING].runtime.router
+            await asyncio.sleep(router.config.latency.interval_s)
+            now = clock()
+            report_changes(router.tick(now=now), router, app[METRICS])
+            refresh_gauges(router, app[METRICS], now=now)
+
+    refresh_gauges(app[SERVING].runtime.router, app[METRICS],
+                   now=asyncio.get_running_loop().time())
+    task = asyncio.create_task(loop(), name="skyroute-health-ticker")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+

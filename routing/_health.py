@@ -1,0 +1,190 @@
+"""What skyroute knows about one upstream's health, fed by attempt outcomes and estimates.
+
+Rules / Theory of operation
+---------------------------
+``UpstreamHealth`` joins the per-upstream machines into one answer, ``state``:
+
+=========  ==============================================================
+state      meaning (first that applies wins)
+=========  ==============================================================
+bad_key    a 401/402 said its key or balance is bad; out for a long time
+down       its circuit is open after failures with no answer at all
+           (connect errors), or another instance reported it down
+open       its circuit is open (errors, timeouts, busy, 429 Retry-After)
+slow       its latency estimate is above the route's threshold
+healthy    none of the above
+=========  ==============================================================
+
+``is_available`` is "may get a normal request now": not bad_key, not down, and
+the breaker's cool-down has passed (a half-open breaker admits a probe). Slow
+upstreams are available but ordered last by the router.
+
+Outcomes map to the breaker as: SUCCESS and CLIENT_ERROR (the upstream
+answered) are successes; BAD_KEY sets ``bad_key_until``; RATE_LIMITED and a
+Retry-After on a 5xx trip the breaker until that time; every other failure is a
+breaker failure. A BUSY attempt also records its wait as a latency sample, so a
+busy upstream looks slow as well as failing.
+
+Every change of ``state`` is returned as a ``HealthChange`` so the shell can log
+it and update metrics. Time is the ``now`` argument; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import final
+
+from ._breaker import BreakerState, CircuitBreaker, Outcome
+from ._errors import RoutingStateError
+from ._latency import LatencyTracker, SlowDetector, SlowState
+from ._router_types import AttemptOutcome, Result
+from .config import BreakerPolicy, LatencyPolicy, RetryPolicy
+
+STATES = ("healthy", "slow", "open", "bad_key", "down")
+
+_BREAKER_SUCCESS = frozenset({Result.SUCCESS, Result.CLIENT_ERROR})
+_NO_ANSWER = frozenset({Result.CONNECT_ERROR})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthChange:
+    """An upstream's state changed; ``reason`` is one log-ready sentence."""
+
+    upstream: str
+    old: str
+    new: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Estimate:
+    """A latency estimate and where it came from (``passive`` or ``prometheus``)."""
+
+    seconds: float
+    source: str
+    at: float
+
+
+@final
+class UpstreamHealth:
+    """Health of one upstream: breaker, latency, bad key, Retry-After, in-flight count."""
+
+    def __init__(self, name: str, *, breaker: BreakerPolicy, latency: LatencyPolicy,
+                 retry: RetryPolicy, threshold_s: float) -> None:
+        self.name = name
+        self._retry = retry
+        self.breaker = CircuitBreaker(
+            name, consecutive_failures=breaker.consecutive_failures,
+            failure_rate=breaker.failure_rate, min_requests=breaker.min_requests,
+            window_s=breaker.window_s, base_cooldown_s=breaker.cooldown_s,
+            max_cooldown_s=breaker.max_cooldown_s)
+        self.latency = LatencyTracker(window_s=latency.passive_window_s)
+        self.slow = SlowDetector(threshold_s=threshold_s, recover_ratio=latency.recover_ratio,
+                                 recover_intervals=latency.recover_intervals,
+                                 ramp_s=latency.ramp_s)
+        self.bad_key_until: float | None = None
+        self.down_until: float | None = None  # no answer at all, or a peer's report
+        self.estimate: Estimate | None = None
+        self.external: Estimate | None = None  # the latest Prometheus reading
+        self.outstanding = 0
+        self.last_change: HealthChange | None = None
+        self._last_state = "healthy"
+
+    def __repr__(self) -> str:
+        return f"<UpstreamHealth {self.name} {self._last_state} outstanding={self.outstanding}>"
+
+    def state(self, *, now: float) -> str:
+        """One of ``STATES``; see the module docstring for the order."""
+        if self.bad_key_until is not None and now < self.bad_key_until:
+            return "bad_key"
+        if self.down_until is not None and now < self.down_until:
+            return "down"
+        if self.breaker.state(now=now) is BreakerState.OPEN:
+            return "open"
+        if self.slow.state is SlowState.SLOW:
+            return "slow"
+        return "healthy"
+
+    def is_available(self, *, now: float) -> bool:
+        """True if a normal request may go here now (slow upstreams included)."""
+        return self.state(now=now) in ("healthy", "slow")
+
+    def available_at(self, *, now: float) -> float:
+        """When this upstream is next expected to take requests (``now`` if already)."""
+        times = [t for t in (self.bad_key_until, self.down_until, self.breaker.open_until)
+                 if t is not None and t > now]
+        return max(times) if times else now
+
+    def share(self, *, now: float) -> float:
+        """Traffic share from slowness: 0 while slow, ramping back after recovery."""
+        return self.slow.share(now=now)
+
+    def admit(self, *, now: float) -> bool:
+        """Take one request (reserving a half-open probe slot if the breaker needs one)."""
+        admitted = bool(self.breaker.allows(now=now))
+        if admitted:
+            self.outstanding += 1
+        return admitted
+
+    def force_admit(self) -> None:
+        """Take a request regardless of state (the panic rule: never refuse a route)."""
+        self.outstanding += 1
+
+    def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
+        """Feed the outcome of an attempt admitted earlier."""
+        self.outstanding = max(0, self.outstanding - 1)
+        result = outcome.result
+        if result is Result.SUCCESS and outcome.ttfb_s is not None:
+            self.latency.record(outcome.ttfb_s, now=now)
+        if result in _BREAKER_SUCCESS:
+            self.breaker.record(Outcome.SUCCESS, now=now)
+            self.down_until = None
+        elif result is Result.BAD_KEY:
+            self.bad_key_until = now + self._retry.bad_key_cooldown_s
+        elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
+            wait = outcome.retry_after_s or self._retry.default_retry_after_s
+            self.breaker.trip(now=now, until=now + wait, reason=f"Retry-After {wait:g}s")
+        else:
+            if result is Result.BUSY and outcome.ttfb_s is not None:
+                self.latency.record(outcome.ttfb_s, now=now)
+            self.breaker.record(Outcome.FAILURE, now=now)
+            if result in _NO_ANSWER and self.breaker.state(now=now) is BreakerState.OPEN:
+                self.down_until = self.breaker.open_until
+        return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
+
+    def cancel(self, *, now: float) -> None:
+        """An admitted request ended without an outcome (the client went away)."""
+        self.outstanding = max(0, self.outstanding - 1)
+        if self.breaker.state(now=now) is BreakerState.HALF_OPEN:
+            with contextlib.suppress(RoutingStateError):  # no probe out: nothing to return
+                self.breaker.abandon_probe(now=now)
+
+    def feed_estimate(self, estimate: Estimate, *, now: float) -> HealthChange | None:
+        """Feed a latency estimate (one per evaluation interval)."""
+        self.estimate = estimate
+        transition = self.slow.feed(estimate.seconds, source=estimate.source, now=now)
+        return self._changed(now, transition.reason) if transition else None
+
+    def mark(self, state: str, *, until: float, reason: str, now: float) -> HealthChange | None:
+        """Take an outside report (a peer found it down or its key bad)."""
+        if state == "bad_key":
+            self.bad_key_until = max(until, self.bad_key_until or 0.0)
+        elif state == "down":
+            self.down_until = max(until, self.down_until or 0.0)
+        return self._changed(now, reason)
+
+    def _changed(self, now: float, reason: str) -> HealthChange | None:
+        new = self.state(now=now)
+        if new == self._last_state:
+            return None
+        change = HealthChange(upstream=self.name, old=self._last_state, new=new,
+                              reason=reason, at=now)
+        self._last_state = new
+        self.last_change = change
+        return change
+
+    def refresh(self, *, now: float) -> HealthChange | None:
+        """Notice time-driven changes (a cool-down ending) and report them."""
+        return self._changed(now, "cool-down over")

@@ -1,0 +1,93 @@
+"""Plain values that cross the routing boundary: targets, outcomes, decisions.
+
+``proxy/`` builds ``AttemptOutcome`` values from what happened on the wire and
+gets ``Respond`` / ``Retry`` / ``GiveUp`` back; none of them carries behaviour.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .config import Upstream
+
+
+class Result(enum.Enum):
+    """How one attempt at one upstream ended."""
+
+    SUCCESS = "success"            # an answer the client gets (2xx, or another status we pass on)
+    CLIENT_ERROR = "client_error"  # 400/404/422...: the request itself is wrong; pass it on
+    BAD_KEY = "bad_key"            # 401/402/403: that upstream's key or balance is bad
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 500/502/503/504
+    CONNECT_ERROR = "connect_error"
+    TIMEOUT = "timeout"            # no bytes for too long once the answer had started
+    BUSY = "busy"                  # no first token before the deadline (keep-alives only)
+    STREAM_CUT = "stream_cut"      # the answer broke off part-way
+
+
+#: Results after which the next target is tried.
+RETRYABLE = frozenset({Result.BAD_KEY, Result.RATE_LIMITED, Result.SERVER_ERROR,
+                       Result.CONNECT_ERROR, Result.TIMEOUT, Result.BUSY, Result.STREAM_CUT})
+
+
+def classify_status(status: int) -> Result:
+    """Map an upstream HTTP status to the ``Result`` it stands for."""
+    if status < 400:
+        return Result.SUCCESS
+    if status in (401, 402, 403):
+        return Result.BAD_KEY
+    if status == 429:
+        return Result.RATE_LIMITED
+    if status >= 500:
+        return Result.SERVER_ERROR
+    return Result.CLIENT_ERROR
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """One concrete place to send one attempt."""
+
+    upstream: Upstream
+    endpoint: str  # base URL, e.g. http://10.0.0.5:8000/v1
+    model: str  # the upstream's own model name for the requested alias
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptOutcome:
+    target: Target
+    result: Result
+    detail: str = ""  # e.g. "HTTP 503", "connection refused"
+    status: int | None = None
+    retry_after_s: float | None = None
+    ttfb_s: float | None = None  # time to first content byte (or the wait, for BUSY)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Respond:
+    """Give the client the answer of the last attempt."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retry:
+    """Wait ``delay_s`` (backoff), then try ``next_attempt()`` again."""
+
+    reason: str
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GiveUp:
+    """No attempt left: answer the client with ``status`` and this message."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = None
+    budget_exhausted: bool = False
+
+
+Decision = Respond | Retry | GiveUp
