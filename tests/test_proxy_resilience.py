@@ -1,0 +1,176 @@
+"""Failover, busy detection, breakers and clear errors, through the real OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, routing_yaml
+from .conftest import upstream_yaml as entry
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+ROUTE = "- model: chat\n  targets: [a, b, c]\n  strategy: priority\n"
+FAST = "first_token_timeout: 500ms\n"
+
+
+async def _three(standin, skyroute, *, extra: str = ""):
+    ups = [await standin(name) for name in ("a", "b", "c")]
+    server = await skyroute(routing_yaml([entry(u, extra=FAST) for u in ups], ROUTE,
+                                         extra=extra))
+    return ups, server
+
+
+async def _health(server) -> dict:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        return await (await h.get(f"{server.url}/health")).json()
+
+
+async def _load(client, n: int) -> list[str]:
+    """n requests, half streaming, 8 at a time; returns who answered each."""
+    sem = asyncio.Semaphore(8)
+
+    async def one(i: int) -> str:
+        async with sem:
+            if i % 2:
+                stream = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                              stream=True)
+                text = "".join([c.choices[0].delta.content or "" async for c in stream
+                                if c.choices])
+            else:
+                reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+                text = reply.choices[0].message.content
+            assert text.startswith("Hello from"), text
+            return text.split()[2]
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_one_upstream_failing_gives_no_client_errors(standin, skyroute):
+    """With one of three upstreams in each failure mode, a mixed load sees zero errors."""
+    ups, server = await _three(standin, skyroute)
+    async with client_for(server) as client:
+        for mode in ("error", "reset_before", "busy", "rate_limited", "reset_midstream"):
+            ups[0].behaviour.mode = mode
+            served = await _load(client, 40)
+            assert len(served) == 40, mode
+            assert set(served) <= {"a", "b", "c"}
+            ups[0].behaviour.mode = "ok"
+
+
+async def test_busy_upstream_is_abandoned_after_first_token_deadline(standin, skyroute):
+    """A request to a busy (keep-alive only) upstream moves on and is answered by the next."""
+    ups, server = await _three(standin, skyroute)
+    ups[0].behaviour.mode = "busy"
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert "from b" in reply.choices[0].message.content
+    await ups[0].wait_for(lambda u: u.cancelled == 1 and u.in_flight == 0)
+
+
+async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin, skyroute):
+    """With all upstreams failing, the client gets an OpenAI-shaped 503 with Retry-After."""
+    ups, server = await _three(standin, skyroute)
+    for up in ups:
+        up.behaviour.mode = "error"
+    loop = asyncio.get_running_loop()
+    async with client_for(server) as client:
+        for _ in range(8):  # enough to open every breaker
+            started = loop.time()
+            try:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+            except openai.APIStatusError as exc:
+                error = exc
+            assert loop.time() - started < 5
+    assert error.status_code == 503
+    assert int(error.response.headers["Retry-After"]) >= 1
+    assert error.code == "upstream_unavailable"
+    health = await _health(server)
+    assert health["level"] == "unavailable"
+    assert {u["state"] for u in health["upstreams"].values()} == {"open"}
+
+
+async def test_bad_key_takes_the_upstream_out_of_rotation(standin, skyroute, captured_logs):
+    """A 401 from an upstream: the request is served by the next, and the upstream stays out."""
+    ups, server = await _three(standin, skyroute)
+    ups[0].behaviour.mode = "bad_key"
+    async with client_for(server) as client:
+        for _ in range(3):
+            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+            assert "from b" in reply.choices[0].message.content
+    assert ups[0].requests_total == 1
+    health = await _health(server)
+    assert health["upstreams"]["a"]["state"] == "bad_key"
+    assert health["level"] == "reduced"
+    errors = [e for e in captured_logs if e["log_level"] == "error"]
+    assert any("bad API key" in e["event"] and e["upstream"] == "a" for e in errors)
+
+
+async def test_retry_after_keeps_the_upstream_out_until_then(standin, skyroute):
+    """A 429 with Retry-After keeps that upstream out of rotation while it lasts."""
+    ups, server = await _three(standin, skyroute)
+    ups[0].behaviour.mode = "rate_limited"
+    ups[0].behaviour.retry_after_s = 60
+    async with client_for(server) as client:
+        for _ in range(4):
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert ups[0].requests_total == 1
+    state = (await _health(server))["upstreams"]["a"]
+    assert state["state"] == "open" and state["until_s"] > 50
+
+
+async def test_stream_cut_after_first_token_ends_with_an_error_event(standin, skyroute):
+    """A stream cut mid-way gives the client an SSE error event and never [DONE]."""
+    up = await standin("a")
+    up.behaviour.mode = "reset_midstream"
+    server = await skyroute(routing_yaml([entry(up)]))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        resp = await h.post(f"{server.url}/v1/chat/completions",
+                            json={"model": "chat", "messages": MESSAGES, "stream": True},
+                            headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+        raw = await resp.read()
+    assert b"Hello" in raw
+    assert b"[DONE]" not in raw
+    assert b'"code": "stream_interrupted"' in raw
+
+
+async def test_stream_cut_surfaces_as_an_error_in_the_sdk(standin, skyroute):
+    """The openai SDK raises on the in-band error instead of returning a short answer."""
+    up = await standin("a")
+    up.behaviour.mode = "reset_midstream"
+    server = await skyroute(routing_yaml([entry(up)]))
+    async with client_for(server) as client:
+        stream = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                      stream=True)
+        try:
+            async for _ in stream:
+                pass
+        except openai.APIError as exc:
+            assert "broke off" in str(exc)
+        else:
+            raise AssertionError("a cut stream ended as if complete")
+
+
+async def test_non_streaming_cut_fails_over_instead_of_passing_half_an_answer(standin, skyroute):
+    """A JSON answer cut part-way is retried on the next upstream, not passed on."""
+    ups, server = await _three(standin, skyroute)
+    ups[0].behaviour.mode = "reset_midstream"
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert "from b" in reply.choices[0].message.content
+
+
+async def test_breaker_opens_after_consecutive_failures_and_shows_in_metrics(standin, skyroute):
+    """After repeated 503s the upstream's circuit opens; /metrics shows the state."""
+    ups, server = await _three(standin, skyroute,
+                               extra="breaker:\n  consecutive_failures: 2\n  cooldown: 30s\n")
+    ups[0].behaviour.mode = "error"
+    async with client_for(server) as client:
+        for _ in range(4):
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert ups[0].requests_total == 2
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        text = await (await h.get(f"{server.url}/metrics")).text()
+    assert 'skyroute_upstream_state{state="open",upstream="a"} 1.0' in text
+    assert 'skyroute_failovers_total{route="chat"} 2.0' in text
