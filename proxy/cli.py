@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="the routing YAML file")
     run.add_argument("--port", type=int, help="override listen port (0 picks a free one)")
     run.add_argument("--host", help="override listen host")
+    run.add_argument("--grace", type=float,
+                     default=float(os.environ.get("SKYROUTE_SHUTDOWN_GRACE_SECONDS", "30")),
+                     help="seconds requests in flight get to finish on SIGTERM "
+                          "(env SKYROUTE_SHUTDOWN_GRACE_SECONDS; default 30)")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
     demo = commands.add_parser(
@@ -76,7 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
     async def main() -> None:
-        server = Server(config, config_path=args.config, host=args.host, port=args.port)
+        server = Server(config, config_path=args.config, host=args.host, port=args.port,
+                        grace_s=args.grace)
         await serve_forever(server)
 
     run_event_loop(main())

@@ -1,0 +1,245 @@
+"""deploy/: the container file (parsed with Docker's own parser, from the PyPI
+``dockerfile`` package, since Docker does not run here), the Prometheus config and
+alerting rules (checked and unit-tested with ``promtool``), and the Grafana dashboard.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import dockerfile
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+#: Every metric skyroute exports (histograms as their series).
+SKYROUTE_METRICS = {
+    "skyroute_requests_total",
+    "skyroute_upstream_ttfb_seconds_bucket",
+    "skyroute_upstream_latency_seconds_bucket",
+    "skyroute_in_flight_requests",
+    "skyroute_config_reloads_total",
+    "skyroute_upstream_state",
+    "skyroute_degradation_level",
+    "skyroute_attempts_total",
+    "skyroute_failovers_total",
+    "skyroute_retry_budget_exhausted_total",
+    "skyroute_hedges_total",
+    "skyroute_routing_share",
+    "skyroute_upstream_latency_estimate_seconds",
+    "skyroute_cache_requests_total",
+    "skyroute_sync_peers_connected",
+    "skyroute_sync_lag_seconds",
+    "skyroute_sync_messages_total",
+    "skyroute_prometheus_source_up",
+}
+for _hist in ("skyroute_upstream_ttfb_seconds", "skyroute_upstream_latency_seconds"):
+    SKYROUTE_METRICS |= {f"{_hist}_sum", f"{_hist}_count"}
+
+PROMQL_WORDS = {
+    # aggregations, functions, keywords
+    "sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk",
+    "quantile", "count_values", "by", "without", "on", "ignoring", "group_left",
+    "group_right", "and", "or", "unless", "bool", "offset", "inf", "nan",
+    "rate", "irate", "increase", "delta", "idelta", "histogram_quantile", "abs", "clamp_min",
+    "clamp_max", "time", "vector", "scalar", "label_values", "label_replace", "absent",
+    "max_over_time", "min_over_time", "avg_over_time", "sum_over_time", "round", "sort_desc",
+}
+
+
+# --------------------------------------------------------------------- container file
+
+
+def _stages() -> list[list[Any]]:
+    stages: list[list[Any]] = []
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd == "FROM":
+            stages.append([])
+        assert stages, f"{command.original!r} comes before the first FROM"
+        stages[-1].append(command)
+    return stages
+
+
+def test_dockerfile_is_multi_stage_on_slim_python() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "build and runtime stages"
+    for stage in stages:
+        assert stage[0].value[0] == "python:3.11-slim", stage[0].original
+
+
+def test_dockerfile_copies_only_paths_that_exist() -> None:
+    copies = [c for stage in _stages() for c in stage if c.cmd in ("COPY", "ADD")]
+    assert copies
+    for command in copies:
+        if any(flag.startswith("--from") for flag in command.flags):
+            continue
+        *sources, _dest = command.value
+        for source in sources:
+            assert not re.match(r"^[a-z]+://", source), f"remote source in {command.original}"
+            matches = glob.glob(str(REPO / source))
+            assert matches, (f"{DOCKERFILE.name}:{command.start_line}: {source!r} does not "
+                             f"exist in the repository (build context = repo root)")
+
+
+def test_dockerfile_final_stage_runs_skyroute_as_non_root() -> None:
+    final = _stages()[-1]
+    users = [c for c in final if c.cmd == "USER"]
+    assert users, "the final stage must set USER"
+    user = users[-1].value[0].split(":")[0]
+    assert user.isdigit() and int(user) > 0, f"USER {user} must be a numeric non-root uid"
+    (entrypoint,) = [c for c in final if c.cmd == "ENTRYPOINT"]
+    assert entrypoint.json and list(entrypoint.value) == ["skyroute"]
+    (cmd,) = [c for c in final if c.cmd == "CMD"]
+    assert cmd.json and list(cmd.value) == ["run", "--config", "/etc/skyroute/routing.yaml"]
+    assert not [c for c in final if c.cmd in ("RUN",) and "pip" in c.value[0]], \
+        "no installing in the runtime stage: it only copies the built venv"
+
+
+def test_dockerfile_installs_with_the_readme_command() -> None:
+    runs = [c.value[0] for stage in _stages() for c in stage if c.cmd == "RUN"]
+    installs = [r for r in runs if "pip install" in r]
+    assert installs == ["pip install ."], installs
+    readme = REPO / "README.md"
+    assert readme.is_file(), "README.md is missing (the image copies it and pyproject needs it)"
+    assert "pip install ." in readme.read_text(encoding="utf-8"), \
+        "the README must give the same install command as the image: pip install ."
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"uvloop' in pyproject, "uvloop must be a package dependency (the image relies on it)"
+
+
+# --------------------------------------------------------------------- Prometheus
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's prometheus package "
+                    "(tests/run.sh does)", pytrace=False)
+    return path
+
+
+def _promtool(promtool: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([promtool, *args], cwd=DEPLOY, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"promtool {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_prometheus_config_is_valid(promtool: str) -> None:
+    _promtool(promtool, "check", "config", "prometheus.yml")
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert {"skyroute", "upstream"} <= jobs
+    assert "alerts.yml" in config["rule_files"]
+
+
+def test_alert_rules_are_valid_and_cover_the_runbook(promtool: str) -> None:
+    _promtool(promtool, "check", "rules", "alerts.yml")
+    rules = {r["alert"]: r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    assert rules["SkyrouteRegionSlow"]["for"] == "5m"
+    for name in ("SkyrouteRouteAllUpstreamsDown", "SkyrouteSyncPeersDisconnected",
+                 "SkyrouteRetryBudgetExhausted", "SkyrouteDegraded"):
+        assert name in rules
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"], name
+        unknown = _metric_names(rule["expr"]) - SKYROUTE_METRICS - {"up"}
+        assert not unknown, f"{name} uses metrics skyroute does not export: {unknown}"
+
+
+def test_alert_rules_unit_tests_pass(promtool: str) -> None:
+    proc = _promtool(promtool, "test", "rules", "alerts.test.yml")
+    assert "SUCCESS" in proc.stdout
+    tested = set(re.findall(r"alertname: (\w+)",
+                            (DEPLOY / "alerts.test.yml").read_text()))
+    assert len(tested) >= 2, tested
+
+
+# --------------------------------------------------------------------- Grafana
+
+
+def _metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (Grafana variables allowed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\$\{?\w+\}?", "", text)  # $route, ${var}, $__rate_interval
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word = match.group(0)
+        rest = text[match.end():].lstrip()
+        if word.lower() in PROMQL_WORDS or rest.startswith("("):
+            continue
+        if re.fullmatch(r"\d+[smhdwy]", word) or word in ("e",):
+            continue
+        names.add(word)
+    return names
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana-dashboard.json").read_text(encoding="utf-8"))
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return [p for p in panels if p["type"] != "row"]
+
+
+def test_dashboard_panels_use_only_skyroute_metrics() -> None:
+    dashboard = _dashboard()
+    panels = _panels(dashboard)
+    assert len(panels) >= 7
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = _metric_names(target["expr"])
+            assert names, f"{panel['title']}: no metric in {target['expr']!r}"
+            unknown = names - SKYROUTE_METRICS
+            assert not unknown, f"{panel['title']}: unknown metrics {unknown}"
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", variable["definition"])
+            assert match, f"variable {variable['name']}: {variable['definition']!r}"
+            assert match.group(1) in SKYROUTE_METRICS, variable["definition"]
+
+
+def test_dashboard_covers_what_operators_watch() -> None:
+    exprs = " ".join(t["expr"] for p in _panels(_dashboard()) for t in p["targets"])
+    for metric in ("skyroute_requests_total", "skyroute_upstream_ttfb_seconds_bucket",
+                   "skyroute_routing_share", "skyroute_failovers_total",
+                   "skyroute_cache_requests_total", "skyroute_sync_lag_seconds",
+                   "skyroute_degradation_level"):
+        assert metric in exprs, metric
+    assert "by (region, le)" in exprs, "latency per region"
+
+
+def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    """Each panel query, with Grafana's variables filled in, parses as PromQL."""
+    rules = []
+    for i, panel in enumerate(_panels(_dashboard())):
+        for target in panel["targets"]:
+            expr = (target["expr"].replace("$__rate_interval", "1m")
+                    .replace("$__interval", "1m").replace("$route", ".*")
+                    .replace("$region", ".*"))
+            rules.append({"record": f"dashboard:panel{i}:{target['refId']}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
