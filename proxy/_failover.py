@@ -30,6 +30,7 @@ from routing import (
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
+    Opened,
     UpstreamCall,
     open_attempt,
     read_rest,
@@ -61,7 +62,8 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
         try:
-            answer = await _attempt(request, target, call, session, metrics, plan, request_id)
+            answer = await _attempt(request, target, call, session, metrics, router, plan,
+                                    request_id)
         except BaseException:
             router.cancel(target, now=loop.time())  # the client went away mid-attempt
             raise
@@ -87,12 +89,13 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
-                   session: aiohttp.ClientSession, metrics: Metrics, plan: AttemptPlan,
-                   request_id: str) -> tuple[web.StreamResponse, AttemptOutcome] | Failed:
+                   session: aiohttp.ClientSession, metrics: Metrics, router: Router,
+                   plan: AttemptPlan, request_id: str,
+                   ) -> tuple[web.StreamResponse, AttemptOutcome] | Failed:
     """One attempt: an answer sent to the client (with its outcome), or ``Failed``."""
     loop = asyncio.get_running_loop()
-    deadline = min(loop.time() + target.upstream.first_token_timeout_s, plan.deadline)
-    opened = await open_attempt(session, target, call, request_id=request_id, deadline=deadline)
+    target, opened = await _open_hedged(target, call, session, metrics, router, plan,
+                                        request_id)
     if isinstance(opened, Failed):
         return opened
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
@@ -110,6 +113,57 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
                              status=opened.response.status, detail=cut or "",
                              ttfb_s=opened.ttfb_s)
     return resp, outcome
+
+
+async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
+                       metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
+                       ) -> tuple[Target, Opened | Failed]:
+    """Open ``target``; if the route hedges and no first token came in time, race another.
+
+    The first attempt to produce content wins and the other is cancelled (it has
+    no outcome). A failure while the other attempt still runs is booked at once.
+    """
+    loop = asyncio.get_running_loop()
+
+    def start(t: Target) -> asyncio.Task[Opened | Failed]:
+        deadline = min(loop.time() + t.upstream.first_token_timeout_s, plan.deadline)
+        return asyncio.create_task(open_attempt(session, t, call, request_id=request_id,
+                                                deadline=deadline))
+
+    delay = plan.hedge_delay(target, now=loop.time())
+    if delay is None:
+        return target, await start(target)
+    tasks = {start(target): target}
+    hedge: Target | None = None
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=delay)
+        if not done:
+            hedge = plan.hedge(now=loop.time())
+            if hedge is not None:
+                tasks[start(hedge)] = hedge
+        while True:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                winner, result = tasks.pop(task), task.result()
+                if isinstance(result, Opened) or not tasks:
+                    if hedge is not None:
+                        route = plan.route.model
+                        metrics.hedges.labels(route, "won" if winner is hedge else "lost").inc()
+                    return winner, result
+                _book(router, plan, metrics, result.outcome, loop.time())
+    finally:
+        await _cancel_losers(tasks, router, plan, loop.time())
+
+
+async def _cancel_losers(tasks: dict[asyncio.Task[Opened | Failed], Target], router: Router,
+                         plan: AttemptPlan, now: float) -> None:
+    for task, target in tasks.items():
+        task.cancel()
+        router.cancel(target, now=now)
+        plan.cancel(target)
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Opened):  # finished in the same instant as the winner
+            result.response.close()
 
 
 def _book(router: Router, plan: AttemptPlan, metrics: Metrics, outcome: AttemptOutcome,

@@ -41,6 +41,9 @@ class Metrics:
         self.failovers = Counter(
             "skyroute_failovers", "Requests that moved on to another upstream after a failure.",
             ["route"], registry=r)
+        self.hedges = Counter(
+            "skyroute_hedges", "Hedged requests by result: won (the hedge answered first) "
+            "or lost (the first attempt did).", ["route", "result"], registry=r)
         self.ttfb = Histogram(
             "skyroute_upstream_ttfb_seconds",
             "Upstream time to first content byte (keep-alives excluded).",

@@ -59,17 +59,20 @@ STALE_INTERVALS = 3
 class AttemptPlan:
     """The attempts for one client request over one route."""
 
-    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health", "_index",
-                 "_panicked", "attempts", "outcomes", "route")
+    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health",
+                 "_hedge_budget", "_index", "_panicked", "attempts", "hedged", "outcomes",
+                 "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
                  health: dict[str, UpstreamHealth], budget: RetryBudget,
-                 backoff: Iterator[float], now: float) -> None:
+                 hedge_budget: RetryBudget, backoff: Iterator[float], now: float) -> None:
         self.route = route
         self._candidates = candidates
         self._health = health
         self._budget = budget
+        self._hedge_budget = hedge_budget
         self._backoff = backoff
+        self.hedged = 0
         self._deadline = now + route.timeout_s
         self._index = 0
         self._panicked = False
@@ -110,6 +113,38 @@ class AttemptPlan:
             self.attempts += 1
             return target
         return self._give_up(now)
+
+    def hedge_delay(self, target: Target, *, now: float) -> float | None:
+        """How long to wait for ``target``'s first token before hedging; None: never."""
+        hedge_after = self.route.hedge_after
+        if hedge_after is None or self.hedged or self._index >= len(self._candidates):
+            return None
+        if hedge_after == "p95":
+            return self._health[target.name].latency.p95(now=now) \
+                or target.upstream.first_token_timeout_s / 2
+        return float(hedge_after)
+
+    def hedge(self, *, now: float) -> Target | None:
+        """A second target for the same request, if the hedge budget allows one.
+
+        Returns:
+            an admitted target (feed its outcome, or ``Router.cancel`` it if it
+            loses), or None when the budget is spent or no other upstream admits.
+        """
+        if self.attempts >= self.route.max_attempts or not self._hedge_budget.try_acquire(now):
+            return None
+        while self._index < len(self._candidates):
+            target = self._candidates[self._index]
+            self._index += 1
+            if self._health[target.name].admit(now=now):
+                self.attempts += 1
+                self.hedged += 1
+                return target
+        return None
+
+    def cancel(self, target: Target) -> None:
+        """An admitted attempt lost a hedge race and was cancelled; it has no outcome."""
+        self.attempts -= 1
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> Decision:
         """Take the outcome of the attempt just made and say what to do next.
@@ -171,6 +206,7 @@ class Router:
         self._rng = rng if rng is not None else random.Random()
         self._health: dict[str, UpstreamHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
+        self._hedge_budgets: dict[str, RetryBudget] = {}
         self._next_endpoint: dict[str, int] = {}
         self.config = config
         self.update(config)
@@ -197,6 +233,12 @@ class Router:
             route.model: self._budgets.get(route.model) or RetryBudget(
                 ratio=config.retry.budget, window_s=config.retry.budget_window_s)
             for route in config.routes}
+        # Hedges have a lower floor than retries: a quiet route may hedge once in 10 s.
+        self._hedge_budgets = {
+            route.model: self._hedge_budgets.get(route.model) or RetryBudget(
+                ratio=config.retry.hedge_budget, window_s=config.retry.budget_window_s,
+                min_per_s=0.1)
+            for route in config.routes}
         self._routes = {route.model: route for route in config.routes}
         self._upstreams = {u.name: u for u in config.upstreams}
         self.config = config
@@ -219,12 +261,15 @@ class Router:
     def plan(self, route: Route, *, now: float) -> AttemptPlan:
         """An ``AttemptPlan`` for one request over ``route``."""
         self._budgets[route.model].record_request(now)
+        self._hedge_budgets[route.model].record_request(now)
         order = self._order(route, now)
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
         backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
                                      cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
         return AttemptPlan(route, candidates, health=self._health,
-                           budget=self._budgets[route.model], backoff=backoff, now=now)
+                           budget=self._budgets[route.model],
+                           hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
+                           now=now)
 
     def _order(self, route: Route, now: float) -> list[str]:
         fast, slow, out = [], [], []

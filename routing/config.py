@@ -117,6 +117,9 @@ class Route:
     latency_threshold_s: float = 0.2
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
+    #: Start the same request on the next upstream if no first token came by then:
+    #: a fixed delay, or ``"p95"`` for the first upstream's current p95 TTFB.
+    hedge_after: float | str | None = None
     implicit: bool = False  # made from upstreams' model maps, not written in YAML
 
     def __post_init__(self) -> None:
@@ -124,6 +127,8 @@ class Route:
             raise ValueError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if isinstance(self.hedge_after, str) and self.hedge_after != "p95":
+            raise ValueError("hedge_after must be a duration such as 2s, or p95")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +145,8 @@ class RetryPolicy:
     #: Retries allowed as a share of requests over ``budget_window_s`` (Envoy's retry budget).
     budget: float = 0.2
     budget_window_s: float = 10.0
+    #: Hedged requests allowed as a share of requests (extra upstream calls).
+    hedge_budget: float = 0.05
     #: How long an upstream answering 401/402 (bad key, no balance) stays out of rotation.
     bad_key_cooldown_s: float = 600.0
     #: How long a 429/503 without Retry-After keeps an upstream out.
@@ -332,6 +339,7 @@ def _build(top: Fields, source: str) -> Config:
         "backoff_cap": ("backoff_cap_s", parse_duration, _DURATION),
         "budget": ("budget", parse_share, _SHARE),
         "budget_window": ("budget_window_s", parse_duration, _DURATION),
+        "hedge_budget": ("hedge_budget", parse_share, _SHARE),
         "bad_key_cooldown": ("bad_key_cooldown_s", parse_duration, _DURATION),
         "default_retry_after": ("default_retry_after_s", parse_duration, _DURATION)})
     breaker = _section(top, "breaker", BreakerPolicy, {
@@ -375,6 +383,10 @@ def _latency(top: Fields) -> LatencyPolicy:
         "recover_intervals": ("recover_intervals", _positive_int, _COUNT),
         "ramp": ("ramp_s", parse_duration, _DURATION)},
         more_keys=("prometheus",), prometheus=prometheus)
+
+
+def _hedge_after(value: Any) -> float | str:
+    return "p95" if str(value).strip() == "p95" else parse_duration(value)
 
 
 def _positive_int(value: Any) -> int:
@@ -504,7 +516,8 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
     kwargs = _keywords(entry, {
         "latency_threshold": ("latency_threshold_s", parse_duration, _DURATION),
         "timeout": ("timeout_s", parse_duration, _DURATION),
-        "max_attempts": ("max_attempts", _positive_int, _COUNT)})
+        "max_attempts": ("max_attempts", _positive_int, _COUNT),
+        "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95")})
     strategy = entry.text("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:

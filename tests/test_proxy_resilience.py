@@ -174,3 +174,34 @@ async def test_breaker_opens_after_consecutive_failures_and_shows_in_metrics(sta
         text = await (await h.get(f"{server.url}/metrics")).text()
     assert 'skyroute_upstream_state{state="open",upstream="a"} 1.0' in text
     assert 'skyroute_failovers_total{route="chat"} 2.0' in text
+
+
+async def test_hedged_request_wins_on_the_next_upstream_and_cancels_the_slow_one(standin,
+                                                                                  skyroute):
+    """With hedge_after, a slow first upstream is raced by the next; the loser is cancelled."""
+    a, b = await standin("a"), await standin("b")
+    a.behaviour.ttft_s = 3.0
+    route = "- model: chat\n  targets: [a, b]\n  strategy: priority\n  hedge_after: 100ms\n"
+    server = await skyroute(routing_yaml([entry(a), entry(b)], route,
+                                         extra="retry:\n  hedge_budget: 100%\n"))
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+        stream = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                      stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert "from b" in reply.choices[0].message.content and "from b" in text
+    await a.wait_for(lambda u: u.cancelled == 2 and u.in_flight == 0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        metrics = await (await h.get(f"{server.url}/metrics")).text()
+    assert 'skyroute_hedges_total{result="won",route="chat"} 2.0' in metrics
+
+
+async def test_hedge_is_not_started_when_the_first_answers_in_time(standin, skyroute):
+    """A fast first upstream answers alone: no second upstream call is made."""
+    a, b = await standin("a"), await standin("b")
+    route = "- model: chat\n  targets: [a, b]\n  strategy: priority\n  hedge_after: 2s\n"
+    server = await skyroute(routing_yaml([entry(a), entry(b)], route))
+    async with client_for(server) as client:
+        for _ in range(3):
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert (a.requests_total, b.requests_total) == (3, 0)
