@@ -1,0 +1,293 @@
+"""Epoch documents and the hub that joins one document to its connections.
+
+Rules / theory of operation
+---------------------------
+* An ``EpochDoc`` is one pycrdt document for one epoch. It knows which
+  transaction is being applied on behalf of which connection (the *origin*), so a
+  change is relayed to every connection except the one it came from. Local writes
+  have no origin and go to every connection.
+* A ``DocHub`` serves one document name (``sessions``, ``usage``) and owns the
+  current ``EpochDoc``, the connections attached to it and the awareness states of
+  external Yjs clients. ``install`` swaps in the next epoch's document: every
+  connection of the old one is closed first, so a rebuilt document is never merged
+  into an old one (nor an old one into it).
+* ``rebuild`` copies the live entries of a document into a fresh one (new client
+  id, no tombstones, no history): this is what bounds the size. Which entries are
+  live is the caller's decision (``keep``).
+* Client ids of retired documents are remembered for two epochs: a Yjs client that
+  reconnects still holding an old document announces them in its SYNC_STEP1 and
+  is refused (close code 4409) instead of pouring the old history back in.
+* The snapshot format is JSON: ``{"epoch": n, "docs": {name: base64(update)}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final, final
+
+from pycrdt import (
+    Awareness,
+    Doc,
+    Map,
+    MapEvent,
+    TransactionEvent,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    write_message,
+)
+from pycrdt import create_sync_message as _create_step1
+
+from ._metrics import SyncMetrics
+from ._protocol import YConnection, decode_state_vector, update_message
+from ._types import SnapshotError, SyncProtocolError
+
+DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
+    "sessions": ("sessions", "upstreams", "meta"),
+    "usage": ("usage", "meta"),
+}
+"""Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
+
+RETIRED_EPOCHS_KEPT: Final = 2
+_STEP2_HEADER: Final = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
+
+UpdateListener = Callable[[bytes, object | None], None]
+MapListener = Callable[[str, dict[str, Any], bool], None]
+"""Called with (map name, ``MapEvent.keys``, is_remote) after each change."""
+
+
+@final
+class EpochDoc:
+    """One document of one epoch; ``maps`` are its root Y.Maps by name."""
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.doc: Doc[Any] = Doc()
+        self.maps: dict[str, Map[Any]] = {m: self.doc.get(m, type=Map) for m in DOC_MAPS[name]}
+        self._origin: object | None = None
+        self._update_listeners: list[UpdateListener] = []
+        self._map_listeners: list[MapListener] = []
+        # Subscriptions are held: pycrdt drops an observer whose subscription is collected.
+        self._subscriptions = [self.doc.observe(self._on_transaction)]
+        for map_name, ymap in self.maps.items():
+            self._subscriptions.append(ymap.observe(self._map_observer(map_name)))
+
+    def __repr__(self) -> str:
+        return f"<EpochDoc {self.name} epoch={self.epoch} client={self.doc.client_id}>"
+
+    @property
+    def is_applying_remote(self) -> bool:
+        """True while an update received from a connection is being applied."""
+        return self._origin is not None
+
+    def on_update(self, listener: UpdateListener) -> None:
+        """Call ``listener(update, origin)`` for every committed change (origin None = local)."""
+        self._update_listeners.append(listener)
+
+    def on_map_change(self, listener: MapListener) -> None:
+        """Call ``listener(map_name, keys, is_remote)`` for every root-map change."""
+        self._map_listeners.append(listener)
+
+    def apply_remote(self, update: bytes, origin: object) -> None:
+        """Apply an update received from ``origin``.
+
+        Raises:
+            SyncProtocolError: pycrdt rejected the update; the document is unchanged.
+        """
+        self._origin = origin
+        try:
+            self.doc.apply_update(update)
+        except Exception as exc:  # pycrdt raises plain Exceptions from Rust
+            raise SyncProtocolError(f"cannot apply update to {self.name}: {exc!r}") from exc
+        finally:
+            self._origin = None
+
+    def state_vector(self) -> bytes:
+        """The encoded state vector (what SYNC_STEP1 carries)."""
+        return self.doc.get_state()
+
+    def diff(self, state_vector: bytes) -> bytes:
+        """Everything this document has that ``state_vector`` lacks."""
+        try:
+            return self.doc.get_update(state_vector)
+        except Exception as exc:
+            raise SyncProtocolError(f"bad state vector for {self.name}: {exc!r}") from exc
+
+    def full_update(self) -> bytes:
+        """The whole document as one update (snapshots, size measurement)."""
+        return self.doc.get_update()
+
+    def client_ids(self) -> set[int]:
+        """Client ids that wrote to this document."""
+        return set(decode_state_vector(self.doc.get_state()))
+
+    def _on_transaction(self, event: TransactionEvent) -> None:
+        update = event.update
+        for listener in self._update_listeners:
+            listener(update, self._origin)
+
+    def _map_observer(self, map_name: str) -> Callable[[MapEvent], None]:
+        # One positional parameter only: pycrdt passes the transaction as a second
+        # argument to callbacks that accept two.
+        def observer(event: MapEvent) -> None:
+            self._on_map_event(map_name, event.keys)
+
+        return observer
+
+    def _on_map_event(self, map_name: str, keys: dict[str, Any]) -> None:
+        remote = self._origin is not None
+        for listener in self._map_listeners:
+            listener(map_name, keys, remote)
+
+
+def rebuild(old: EpochDoc, epoch: int, keep: Callable[[str, str, Any], bool]) -> EpochDoc:
+    """Return a fresh document for ``epoch`` holding the entries of ``old`` that ``keep``."""
+    new = EpochDoc(old.name, epoch)
+    with new.doc.transaction():
+        for map_name, ymap in old.maps.items():
+            target = new.maps[map_name]
+            for key, value in list(ymap.items()):
+                if keep(map_name, key, value):
+                    target[key] = value
+    return new
+
+
+def load_update(name: str, epoch: int, update: bytes) -> EpochDoc:
+    """Build a document of ``epoch`` from a full update (a snapshot).
+
+    Raises:
+        SnapshotError: the update does not decode.
+    """
+    doc = EpochDoc(name, epoch)
+    try:
+        doc.doc.apply_update(update)
+    except Exception as exc:
+        raise SnapshotError(f"snapshot of {name} does not decode: {exc!r}") from exc
+    return doc
+
+
+def encode_snapshot(epoch: int, updates: dict[str, bytes]) -> bytes:
+    """Serialise documents of one epoch for the disk snapshot."""
+    docs = {name: base64.b64encode(update).decode("ascii") for name, update in updates.items()}
+    return json.dumps({"epoch": epoch, "docs": docs}).encode()
+
+
+def decode_snapshot(data: bytes) -> tuple[int, dict[str, bytes]]:
+    """Inverse of ``encode_snapshot``.
+
+    Raises:
+        SnapshotError: the data is not a snapshot.
+    """
+    try:
+        raw = json.loads(data)
+        epoch = int(raw["epoch"])
+        docs = {str(k): base64.b64decode(v, validate=True) for k, v in raw["docs"].items()}
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise SnapshotError(f"snapshot is malformed: {exc!r}") from exc
+    return epoch, docs
+
+
+@final
+class DocHub:
+    """Serves one document name: current epoch doc, its connections, awareness."""
+
+    def __init__(self, doc: EpochDoc, *, metrics: SyncMetrics) -> None:
+        self.name = doc.name
+        self._metrics = metrics
+        self.connections: set[YConnection] = set()
+        self._retired: list[set[int]] = []
+        self._doc_listeners: list[Callable[[EpochDoc], None]] = []
+        self.doc = doc
+        self._awareness = self._new_awareness(doc)
+        doc.on_update(self._relay)
+
+    def __repr__(self) -> str:
+        return f"<DocHub {self.name} epoch={self.doc.epoch} connections={len(self.connections)}>"
+
+    def on_new_doc(self, listener: Callable[[EpochDoc], None]) -> None:
+        """Call ``listener(doc)`` after each ``install`` (stores re-attach observers)."""
+        self._doc_listeners.append(listener)
+
+    def install(self, doc: EpochDoc) -> None:
+        """Make ``doc`` current: close every connection of the old one, then swap."""
+        for conn in list(self.connections):
+            conn.close("epoch rotated")
+        self.connections.clear()
+        self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
+        self.doc = doc
+        self._awareness = self._new_awareness(doc)
+        doc.on_update(self._relay)
+        for listener in self._doc_listeners:
+            listener(doc)
+
+    def attach(self, conn: YConnection) -> None:
+        """Start relaying document changes to ``conn``."""
+        self.connections.add(conn)
+
+    def detach(self, conn: YConnection) -> None:
+        """Stop relaying to ``conn`` (idempotent)."""
+        self.connections.discard(conn)
+
+    # -- DocEndpoint -------------------------------------------------------------
+
+    def sync_step1(self) -> bytes:
+        return _create_step1(self.doc.doc)
+
+    def answer_step1(self, state_vector: bytes, origin: YConnection) -> bytes:
+        known = decode_state_vector(state_vector)
+        if any(client in retired for retired in self._retired for client in known):
+            raise SyncProtocolError(f"{origin.name} holds a document from an older epoch")
+        return _STEP2_HEADER + write_message(self.doc.diff(state_vector))
+
+    def apply_remote(self, update: bytes, origin: YConnection) -> None:
+        started = time.perf_counter()
+        self.doc.apply_remote(update, origin)
+        self._metrics.apply_seconds.observe(time.perf_counter() - started)
+
+    def on_awareness(self, payload: bytes, origin: YConnection) -> None:
+        try:
+            self._awareness.apply_awareness_update(payload, origin)
+        except (ValueError, IndexError, RuntimeError) as exc:
+            raise SyncProtocolError(f"bad awareness update: {exc!r}") from exc
+        message = create_awareness_message(payload)
+        for conn in self.connections:
+            if conn.external:
+                conn.push(message)
+
+    def awareness_snapshot(self) -> bytes | None:
+        states = list(self._awareness.states)
+        return self._awareness.encode_awareness_update(states) if states else None
+
+    # -- internals ---------------------------------------------------------------
+
+    def _relay(self, update: bytes, origin: object | None) -> None:
+        # Two instances that both list each other hold two links (one dialled by
+        # each). An update goes out on one connection per peer instance, and never
+        # back to the instance it came from.
+        message = update_message(update)
+        origin_peer = origin.peer if isinstance(origin, YConnection) else None
+        sent: set[str] = set()
+        for conn in self.connections:
+            if conn is origin:
+                continue
+            if conn.peer is not None:
+                if conn.peer == origin_peer or conn.peer in sent:
+                    continue
+                sent.add(conn.peer)
+            conn.push(message)
+
+    @staticmethod
+    def _new_awareness(doc: EpochDoc) -> Awareness:
+        awareness = Awareness(doc.doc)
+        awareness.set_local_state(None)  # the server itself is not a participant
+        return awareness
+
+
+def live_connections(hubs: Iterable[DocHub]) -> int:
+    """Total connections attached to ``hubs`` (for tests and /health)."""
+    return sum(len(hub.connections) for hub in hubs)

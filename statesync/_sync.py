@@ -1,0 +1,372 @@
+"""``StateSync``: the object ``proxy/`` builds, mounts and starts.
+
+Rules / theory of operation
+---------------------------
+* One ``DocHub`` per document name; ``store`` (a ``SessionStore``) reads and writes
+  them. Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
+  one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
+  discovery.
+* Auth happens before the upgrade: ``Authorization: Bearer <token>`` or
+  ``?token=<token>`` (what y-websocket's ``params`` sends), compared in constant
+  time. Anything else is 401, counted and logged with the peer address, never the
+  token. With ``token=None`` every inbound connection is refused.
+* Epochs: ``epoch = floor(wall_clock / rotate_every_s)``, and it only moves forward.
+  A peer link states its epoch in the handshake (``?epoch=N``). The side with the
+  older epoch rotates to the newer one (the server at once, the client after a 409
+  carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
+  even with skewed clocks. Rotating rebuilds each document from its live entries
+  and closes every connection of the old one; links then reconnect at once and
+  SYNC_STEP1/2 merges the peers' rebuilt documents of the *same* epoch. Updates
+  are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
+  app) get the current epoch; one that comes back holding an older document is
+  refused with close code 4409 and must start a fresh ``Y.Doc``.
+* Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
+  are written atomically to ``snapshot_path``; ``start`` loads it (same epoch: as
+  is; older epoch: rebuilt into the current one) before any link is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Final, final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
+from ._links import (
+    EPOCH_HEADER,
+    HEARTBEAT_S,
+    SELF_HEADER,
+    LinkSupervisor,
+    hello_frame,
+    pump,
+)
+from ._metrics import SyncMetrics, get_logger
+from ._store import SessionStore, run_flush_loop
+from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
+
+SNAPSHOT_EVERY_S: Final = 10.0
+DISCOVERY_EVERY_S: Final = 10.0
+HEARTBEAT_EVERY_S: Final = 1.0
+"""Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
+SIZE_METRIC_EVERY_S: Final = 5.0
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+
+
+@final
+class StateSync:
+    """Shared session state for one instance: documents, peer links and the store."""
+
+    def __init__(
+        self, settings: SyncSettings, *, registry: CollectorRegistry, clock: Clock = time.time
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._metrics = SyncMetrics(registry)
+        self._log = get_logger().bind(instance=settings.instance_id)
+        self.writer_id = f"{settings.instance_id}.{secrets.token_hex(3)}"
+        self.epoch = self._epoch_at(clock())
+        self._metrics.epoch.set(self.epoch)
+        self._hubs = {
+            name: DocHub(EpochDoc(name, self.epoch), metrics=self._metrics) for name in DOC_NAMES
+        }
+        self.store = SessionStore(
+            settings=settings,
+            writer_id=self.writer_id,
+            sessions=self._hubs["sessions"],
+            usage=self._hubs["usage"],
+            clock=clock,
+            metrics=self._metrics,
+        )
+        self._links: dict[str, list[LinkSupervisor]] = {}
+        self._inbound: set[web.WebSocketResponse] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._started = self._closed = self._paused = False
+
+    def __repr__(self) -> str:
+        return f"<StateSync {self.writer_id} epoch={self.epoch} peers={len(self._links)}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount ``GET /sync/{doc}`` (the y-websocket endpoint) on ``app``."""
+        app.router.add_get("/sync/{doc}", self._handle)
+
+    async def start(self) -> None:
+        """Load the snapshot, then start peer links, flushing, rotation and discovery.
+
+        Raises:
+            RuntimeError: called twice or after ``aclose``.
+        """
+        if self._started or self._closed:
+            raise RuntimeError("start() called twice or after aclose()")
+        self._started = True
+        await self._load_snapshot()
+        self._session = aiohttp.ClientSession()
+        for peer in self.settings.peers:
+            self._add_peer(peer)
+        self._spawn(run_flush_loop(self.store, self.settings.flush_interval_s, HEARTBEAT_EVERY_S))
+        self._spawn(self._rotation_loop())
+        self._spawn(self._size_loop())
+        if self.settings.snapshot_path:
+            self._spawn(self._snapshot_loop())
+        if self.settings.discovery_target() is not None:
+            self._spawn(self._discovery_loop())
+
+    async def aclose(self) -> None:
+        """Flush, snapshot, and close every link and inbound connection (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(s.aclose() for sups in self._links.values() for s in sups))
+        self.store.flush()
+        for hub in self._hubs.values():
+            for conn in list(hub.connections):
+                conn.close("server shutting down")
+        for ws in list(self._inbound):
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self.settings.snapshot_path and self._started:
+            await self._write_snapshot()
+        if self._session is not None:
+            await self._session.close()
+
+    def peer_states(self) -> dict[str, str]:
+        """Link state per peer document URL, e.g. ``{"ws://h:8080/sync/sessions": "connected"}``."""
+        return {s.url: s.state.value for sups in self._links.values() for s in sups}
+
+    def document_sizes(self) -> dict[str, int]:
+        """Encoded size in bytes of each current document (benchmark, metrics)."""
+        return {name: len(hub.doc.full_update()) for name, hub in self._hubs.items()}
+
+    def inbound_connections(self) -> int:
+        """Number of inbound sync connections open now."""
+        return len(self._inbound)
+
+    async def rotate(self, epoch: int | None = None) -> None:
+        """Rotate every document into ``epoch`` (default: the next one) now."""
+        self._rotate_to(epoch if epoch is not None else self.epoch + 1)
+
+    async def disconnect_peers(self) -> None:
+        """Cut this instance off: close all links and refuse inbound sync until ``connect_peers``.
+
+        Local reads and writes keep working; peers catch up after the heal.
+        """
+        self._paused = True
+        sups = [s for group in self._links.values() for s in group]
+        self._links.clear()
+        await asyncio.gather(*(s.aclose() for s in sups))
+        for ws in list(self._inbound):
+            await ws.close()
+
+    def connect_peers(self) -> None:
+        """Accept inbound sync again and re-open links to the configured peers."""
+        self._paused = False
+        for peer in self.settings.peers:
+            self._add_peer(peer)
+
+    # -- inbound ---------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        doc = request.match_info["doc"]
+        hub = self._hubs.get(doc)
+        if hub is None:
+            raise web.HTTPNotFound(text=f"no sync document {doc!r}; have {list(self._hubs)}")
+        log = self._log.bind(peer=request.remote, doc=doc)
+        if not self._token_ok(request):
+            self._metrics.auth_failures.inc()
+            log.warning("sync_auth_refused", has_token=self._presented_token(request) is not None)
+            raise web.HTTPUnauthorized(text="sync token missing or wrong")
+        if self._closed or self._paused:
+            raise web.HTTPServiceUnavailable(text="sync is paused or shutting down")
+        instance = request.query.get("instance")
+        if instance == self.settings.instance_id:
+            raise web.HTTPConflict(text="that is me", headers={SELF_HEADER: "1"})
+        theirs = request.query.get("epoch", "")
+        if theirs.isdigit() and int(theirs) > self.epoch:
+            self._rotate_to(int(theirs))
+        elif theirs.isdigit() and int(theirs) < self.epoch:
+            raise web.HTTPConflict(text="epoch is older", headers={EPOCH_HEADER: str(self.epoch)})
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        self._inbound.add(ws)
+        try:
+            if instance is not None:
+                await ws.send_str(hello_frame(self.settings.instance_id))
+            conn = await pump(
+                ws,
+                hub,
+                name=f"{instance or 'client'}@{request.remote}",
+                external=instance is None,
+                metrics=self._metrics,
+                peer=instance,
+            )
+            log.info("sync_connection_closed", reason=conn.close_reason)
+        finally:
+            self._inbound.discard(ws)
+        return ws
+
+    @staticmethod
+    def _presented_token(request: web.Request) -> str | None:
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return request.query.get("token")
+
+    def _token_ok(self, request: web.Request) -> bool:
+        expected, given = self.settings.token, self._presented_token(request)
+        if expected is None or given is None:
+            return False
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    # -- epochs ----------------------------------------------------------------------
+
+    def _epoch_at(self, now: float) -> int:
+        return math.floor(now / self.settings.rotate_every_s)
+
+    def _rotate_to(self, epoch: int) -> None:
+        if epoch <= self.epoch:
+            return
+        started = time.perf_counter()
+        self.store.flush()
+        self.epoch = epoch
+        for hub in self._hubs.values():
+            hub.install(rebuild(hub.doc, epoch, self.store.keep))
+        self.store.heartbeat()
+        self._metrics.epoch.set(epoch)
+        self._metrics.rotations.inc()
+        self._log.info("sync_rotated", epoch=epoch, seconds=round(time.perf_counter() - started, 4))
+
+    async def _on_peer_epoch(self, epoch: int) -> None:
+        self._rotate_to(epoch)
+
+    async def _rotation_loop(self) -> None:
+        while True:
+            due = (self.epoch + 1) * self.settings.rotate_every_s - self._clock()
+            await asyncio.sleep(min(max(due, 0.0), 1.0))
+            if self._epoch_at(self._clock()) > self.epoch:
+                self._rotate_to(self._epoch_at(self._clock()))
+
+    # -- peers -----------------------------------------------------------------------
+
+    def _add_peer(self, base_url: str) -> None:
+        if base_url in self._links or self._session is None:
+            return
+        sups = [
+            LinkSupervisor(
+                base_url=base_url,
+                hub=hub,
+                settings=self.settings,
+                session=self._session,
+                metrics=self._metrics,
+                epoch=lambda: self.epoch,
+                on_peer_epoch=self._on_peer_epoch,
+            )
+            for hub in self._hubs.values()
+        ]
+        self._links[base_url] = sups
+        for sup in sups:
+            sup.start()
+
+    async def _discovery_loop(self) -> None:
+        target = self.settings.discovery_target()
+        assert target is not None
+        host, port = target
+        loop = asyncio.get_running_loop()
+        own = await loop.run_in_executor(None, _local_addresses)
+        while True:
+            try:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=5.0
+                )
+                found = {info[4][0] for info in infos} - own
+                for address in found:
+                    self._add_peer(_ws_url(address, port))
+            except (OSError, TimeoutError) as exc:
+                self._log.warning("sync_discovery_failed", target=host, error=repr(exc))
+            await asyncio.sleep(DISCOVERY_EVERY_S)
+
+    # -- snapshot and metrics ----------------------------------------------------------
+
+    async def _load_snapshot(self) -> None:
+        path = self.settings.snapshot_path
+        if not path or not os.path.exists(path):
+            return
+        try:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            epoch, updates = decode_snapshot(data)
+            self.epoch = max(self.epoch, epoch)
+            for name, hub in self._hubs.items():
+                if name in updates:
+                    loaded = load_update(name, epoch, updates[name])
+                    hub.install(
+                        loaded
+                        if epoch == self.epoch
+                        else rebuild(loaded, self.epoch, self.store.keep)
+                    )
+            self._metrics.epoch.set(self.epoch)
+            self._log.info("sync_snapshot_loaded", path=path, epoch=epoch)
+        except (OSError, SnapshotError) as exc:
+            self._log.error("sync_snapshot_unreadable", path=path, error=str(exc))
+
+    async def _write_snapshot(self) -> None:
+        path = self.settings.snapshot_path
+        assert path is not None
+        data = encode_snapshot(self.epoch, {n: h.doc.full_update() for n, h in self._hubs.items()})
+        try:
+            await asyncio.to_thread(_write_atomic, path, data)
+        except OSError as exc:
+            self._log.error("sync_snapshot_write_failed", path=path, error=str(exc))
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_EVERY_S)
+            await self._write_snapshot()
+
+    async def _size_loop(self) -> None:
+        while True:
+            for name, size in self.document_sizes().items():
+                self._metrics.document_bytes.labels(name).set(size)
+            await asyncio.sleep(SIZE_METRIC_EVERY_S)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(coro))
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _local_addresses() -> set[str]:
+    try:
+        return set(socket.gethostbyname_ex(socket.gethostname())[2]) | {"127.0.0.1", "::1"}
+    except OSError:
+        return {"127.0.0.1", "::1"}
+
+
+def _ws_url(address: str, port: int) -> str:
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    return f"ws://{host}:{port}/sync"

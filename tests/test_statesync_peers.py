@@ -1,0 +1,260 @@
+"""Three StateSync instances on real aiohttp servers (port 0), peered in a full mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from statesync import StateSync, SyncSettings, Usage
+
+TOKEN = "s3cret-token"
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def bound_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+@dataclass
+class Instance:
+    name: str
+    port: int
+    sync: StateSync
+    runner: web.AppRunner
+    registry: CollectorRegistry
+    sock: socket.socket
+
+    async def stop(self) -> None:
+        await self.sync.aclose()
+        await self.runner.cleanup()
+        self.sock.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels or None) or 0.0
+
+
+async def start_instance(
+    name: str,
+    sock: socket.socket,
+    peer_ports: list[int],
+    *,
+    token: str | None = TOKEN,
+    clock: Callable[[], float] = time.time,
+    **settings: Any,
+) -> Instance:
+    port = sock.getsockname()[1]
+    registry = CollectorRegistry()
+    sync = StateSync(
+        SyncSettings(
+            instance_id=name,
+            token=token,
+            peers=tuple(f"ws://127.0.0.1:{p}/sync" for p in peer_ports),
+            **settings,
+        ),
+        registry=registry,
+        clock=clock,
+    )
+    app = web.Application()
+    sync.add_routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    await sync.start()
+    return Instance(name, port, sync, runner, registry, sock)
+
+
+def all_connected(*instances: Instance) -> bool:
+    return all(
+        i.sync.peer_states() and set(i.sync.peer_states().values()) == {"connected"}
+        for i in instances
+    )
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[list[Instance]]:
+    socks = [bound_socket() for _ in range(3)]
+    ports = [s.getsockname()[1] for s in socks]
+    instances: list[Instance] = []
+    try:
+        for i in range(3):
+            peers = [p for p in ports if p != ports[i]]
+            instances.append(await start_instance(f"s{i + 1}", socks[i], peers))
+        await eventually(lambda: all_connected(*instances))
+        yield instances
+    finally:
+        for inst in instances:
+            await inst.stop()
+        for sock in socks:
+            sock.close()
+
+
+def upstream_of(inst: Instance, session_id: str) -> str | None:
+    got = inst.sync.store.get(session_id, now=time.time())
+    return got.upstream if got is not None else None
+
+
+async def test_StateSync_sessions_and_counters_converge(cluster: list[Instance]) -> None:
+    """A pin on one instance and counts on all three are seen everywhere."""
+    s1, s2, s3 = cluster
+    s1.sync.store.pin("conv-1", "deepseek-eu", now=time.time())
+    for inst in cluster:
+        inst.sync.store.add_usage("team", requests=1, tokens=10, now=time.time())
+    await eventually(lambda: all(upstream_of(i, "conv-1") == "deepseek-eu" for i in cluster))
+    await eventually(
+        lambda: all(i.sync.store.usage("team", now=time.time()) == Usage(3, 30) for i in cluster)
+    )
+    assert s2.metric("skyroute_sync_peers_connected") == 4  # 2 peers x 2 documents
+    assert s3.metric("skyroute_sync_messages_total", direction="in", type="sync_update") > 0
+
+
+async def test_StateSync_rpm_counts_add_up_across_instances(cluster: list[Instance]) -> None:
+    """Two requests on each of three instances read as six everywhere (the rpm: 6 case)."""
+    now = time.time()
+    for inst in cluster:
+        for _ in range(2):
+            inst.sync.store.add_usage("limited", requests=1, now=now)
+    await eventually(
+        lambda: all(i.sync.store.usage("limited", now=time.time()).requests == 6 for i in cluster)
+    )
+
+
+async def test_StateSync_link_cut_and_heal_loses_nothing(cluster: list[Instance]) -> None:
+    """Writes on both sides of a cut are all present everywhere after the heal."""
+    s1, s2, s3 = cluster
+    await s3.sync.disconnect_peers()
+    await eventually(lambda: s3.sync.inbound_connections() == 0 and not s3.sync.peer_states())
+    now = time.time()
+    s3.sync.store.pin("cut-a", "up-a", now=now)
+    s3.sync.store.add_usage("k", requests=4, now=now)
+    s1.sync.store.pin("cut-b", "up-b", now=now)
+    s1.sync.store.add_usage("k", requests=3, now=now)
+    await eventually(lambda: s2.sync.store.usage("k", now=time.time()).requests == 3)
+    assert upstream_of(s2, "cut-a") is None and upstream_of(s3, "cut-b") is None
+    s3.sync.connect_peers()
+    await eventually(
+        lambda: all(
+            upstream_of(i, "cut-a") == "up-a"
+            and upstream_of(i, "cut-b") == "up-b"
+            and i.sync.store.usage("k", now=time.time()).requests == 7
+            for i in cluster
+        )
+    )
+
+
+async def test_StateSync_restarted_instance_catches_up(cluster: list[Instance]) -> None:
+    """An instance killed and restarted on its port gets what was written while it was down."""
+    s1, s2, s3 = cluster
+    s3.sync.store.add_usage("k", requests=2, now=time.time())
+    await eventually(lambda: s1.sync.store.usage("k", now=time.time()).requests == 2)
+    await s3.stop()
+    s1.sync.store.pin("while-down", "u9", now=time.time())
+    new_s3 = await start_instance("s3", bound_socket(s3.port), [s1.port, s2.port])
+    cluster[2] = new_s3  # the fixture stops it
+    await eventually(lambda: upstream_of(new_s3, "while-down") == "u9")
+    await eventually(lambda: new_s3.sync.store.usage("k", now=time.time()).requests == 2)
+    new_s3.sync.store.add_usage("k", requests=1, now=time.time())
+    await eventually(lambda: s1.sync.store.usage("k", now=time.time()).requests == 3)
+
+
+async def test_StateSync_refuses_unauthenticated_peers(cluster: list[Instance]) -> None:
+    """No token or a wrong one gets 401 before the upgrade, and is counted."""
+    s1 = cluster[0]
+    url = f"http://127.0.0.1:{s1.port}/sync/sessions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for kwargs in (
+            {},
+            {"headers": {"Authorization": "Bearer wrong"}},
+            {"params": {"token": "wrong"}},
+        ):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await http.ws_connect(url, **kwargs)
+            assert info.value.status == 401
+        ws = await http.ws_connect(url, params={"token": TOKEN})
+        await ws.close()
+    assert s1.metric("skyroute_sync_auth_failures_total") == 3
+    intruder = await start_instance("evil", bound_socket(), [s1.port], token="nope")
+    try:
+        await eventually(lambda: set(intruder.sync.peer_states().values()) == {"unauthorized"})
+        intruder.sync.store.pin("x", "hijack", now=time.time())
+        assert upstream_of(s1, "x") is None
+    finally:
+        await intruder.stop()
+
+
+async def test_StateSync_rotation_keeps_live_entries_and_sync(cluster: list[Instance]) -> None:
+    """Rotating one instance moves the cluster to the next epoch; live kept, dead dropped."""
+    s1, s2, s3 = cluster
+    now = time.time()
+    for i in range(200):  # idle for longer than the TTL: dropped by the rotation
+        s1.sync.store.pin(f"old-{i}", "u", now=now - 86400.0 - 10)
+    for i in range(50):
+        s1.sync.store.pin("churn", f"u{i}", now=now)
+    s2.sync.store.add_usage("k", requests=5, now=now)
+    await eventually(lambda: all(upstream_of(i, "churn") == "u49" for i in cluster))
+    await eventually(lambda: s3.sync.store.usage("k", now=time.time()).requests == 5)
+    before = s1.sync.document_sizes()["sessions"]
+    epoch = s1.sync.epoch
+    await s1.sync.rotate()
+    await eventually(lambda: all(i.sync.epoch == epoch + 1 for i in cluster))
+    await eventually(lambda: all_connected(*cluster))
+    assert s1.sync.document_sizes()["sessions"] < before / 4
+    s3.sync.store.pin("after", "u-new", now=time.time())
+    await eventually(
+        lambda: all(
+            upstream_of(i, "churn") == "u49"
+            and upstream_of(i, "after") == "u-new"
+            and i.sync.store.usage("k", now=time.time()).requests == 5
+            for i in cluster
+        )
+    )
+
+
+async def test_StateSync_snapshot_survives_whole_cluster_restart(tmp_path: Path) -> None:
+    """With a snapshot path, a lone instance restarted after everything stopped keeps sessions."""
+    path = str(tmp_path / "s1.snapshot")
+    sock = bound_socket()
+    s1 = await start_instance("s1", sock, [], snapshot_path=path)
+    s1.sync.store.pin("persist", "u1", now=time.time())
+    await s1.stop()
+    again = await start_instance("s1", bound_socket(), [], snapshot_path=path)
+    try:
+        assert upstream_of(again, "persist") == "u1"
+    finally:
+        await again.stop()
+
+
+async def test_StateSync_peer_with_newer_epoch_pulls_cluster_forward() -> None:
+    """An instance whose clock is an epoch ahead makes its peers rotate to its epoch."""
+    socks = [bound_socket(), bound_socket()]
+    ports = [s.getsockname()[1] for s in socks]
+    a = await start_instance("a", socks[0], [ports[1]])
+    b = await start_instance("b", socks[1], [ports[0]], clock=lambda: time.time() + 3600.0)
+    try:
+        assert b.sync.epoch == a.sync.epoch + 1
+        await eventually(lambda: a.sync.epoch == b.sync.epoch and all_connected(a, b))
+        a.sync.store.pin("s", "u", now=time.time())
+        await eventually(lambda: upstream_of(b, "s") == "u")
+    finally:
+        await a.stop()
+        await b.stop()
