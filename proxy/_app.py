@@ -22,16 +22,20 @@ from aiohttp import web
 
 from routing import Config, Router
 
+from ._admin import add_admin_routes
 from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
+from ._prometheus import prometheus_source
 from ._reload import config_watcher
+from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
 from ._state import (
     METRICS,
     REQUEST_ID,
     SERVING,
     SESSION,
+    STATE_SYNC,
     SUMMARY,
     RequestSummary,
     Runtime,
@@ -140,8 +144,14 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry)
+    if config.sync is not None:
+        app[STATE_SYNC].add_routes(app)
+    app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
+    app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(health_ticker)
+    app.cleanup_ctx.append(prometheus_source)
     if config_path is not None:
         app.cleanup_ctx.append(config_watcher(watch_interval_s))
     app.router.add_get("/metrics", _metrics)
@@ -150,6 +160,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
     add_api_routes(app)
+    add_admin_routes(app)
     if config.api_keys is None:
         log.warning("no auth section: skyroute accepts requests without a client key; "
                     "add auth.api_keys to the routing file to require one")

@@ -74,6 +74,12 @@ class BodyTooLarge(ClientRequestError):
     code = "request_too_large"
 
 
+class RateLimited(ClientRequestError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
 class UpstreamError(ProxyError):
     """No upstream produced an answer; ``status`` is the hint (502/503/504)."""
 

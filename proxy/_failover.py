@@ -27,6 +27,7 @@ from routing import (
     Target,
 )
 
+from ._admin import TRAFFIC
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
@@ -47,14 +48,15 @@ log = structlog.get_logger("skyroute.proxy")
 
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
                       session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
-                      summary: RequestSummary) -> web.StreamResponse:
+                      summary: RequestSummary, prefer: str | None = None,
+                      ) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
 
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
     loop = asyncio.get_running_loop()
-    plan = router.plan(route, now=loop.time())
+    plan = router.plan(route, now=loop.time(), prefer=prefer)
     summary.route = route.model
     while True:
         target = plan.next_attempt(now=loop.time())
@@ -71,6 +73,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             resp, outcome = answer
             summary.cut = outcome.detail or None
             _book(router, plan, metrics, outcome, loop.time())
+            request.app[TRAFFIC].record_served(route.model, outcome.target.name, loop.time())
             return resp
         outcome = answer.outcome
         decision = _book(router, plan, metrics, outcome, loop.time())

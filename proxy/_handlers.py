@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -20,11 +21,12 @@ from routing import ApiKey, Config, Route, Router
 from ._errors import BodyTooLarge, InvalidApiKey, InvalidJSON, ModelNotFound, NotFound
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
-from ._state import METRICS, REQUEST_ID, SERVING, SESSION, SUMMARY
+from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
+from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
 
 
-def authenticate(request: web.Request, config: Config) -> str | None:
-    """The name of the client key the request carries (None when auth is off).
+def authenticate(request: web.Request, config: Config) -> ApiKey | None:
+    """The client key the request carries (None when auth is off).
 
     Raises:
         InvalidApiKey: the key is missing or unknown.
@@ -36,17 +38,17 @@ def authenticate(request: web.Request, config: Config) -> str | None:
     if scheme.lower() != "bearer" or not given:
         raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer <key>' "
                             "(the OpenAI SDK's api_key)")
-    name = _key_digests(config.api_keys).get(hashlib.sha256(given.strip().encode()).digest())
-    if name is not None:
-        return name
+    key = _key_digests(config.api_keys).get(hashlib.sha256(given.strip().encode()).digest())
+    if key is not None:
+        return key
     raise InvalidApiKey("incorrect API key provided; check the key configured for this "
                         "client in skyroute's auth.api_keys")
 
 
 @functools.lru_cache(maxsize=4)
-def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, str]:
+def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, ApiKey]:
     # Comparing digests, not keys, keeps the lookup's timing independent of the key.
-    return {hashlib.sha256(k.key.encode()).digest(): k.name for k in keys}
+    return {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -106,17 +108,29 @@ def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route,
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Any ``/v1/...`` request that goes to an upstream."""
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
-    authenticate(request, runtime.config)
+    store = request.app[STATE_SYNC].store
+    client = authenticate(request, runtime.config)
+    if client is not None:
+        enforce_limits(store, client, now=time.time())
     body = await read_body(request, runtime.config.limits.max_body_bytes)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
     route, alias = choose_route(runtime.router, payload)
+    session_id = session_id_of(request, payload, runtime.config.sessions)
+    session = store.get(session_id, now=time.time()) if session_id else None
+    pinned = session.upstream if session else None
     tail = request.raw_path[len("/v1"):]
     call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
                         body=body or None, payload=payload, alias=alias,
                         stream=bool(payload and payload.get("stream")))
-    return await serve_route(request, router=runtime.router, route=route, call=call,
+    summary = request[SUMMARY]
+    resp = await serve_route(request, router=runtime.router, route=route, call=call,
                              session=request.app[SESSION], metrics=request.app[METRICS],
-                             request_id=request[REQUEST_ID], summary=request[SUMMARY])
+                             request_id=request[REQUEST_ID], summary=summary, prefer=pinned)
+    if session_id and resp.status < 400:
+        remember_session(store, session_id, summary.upstream, pinned)
+    if isinstance(resp, web.Response) and resp.body:
+        count_tokens(store, client, resp.body)  # type: ignore[arg-type]
+    return resp
 
 
 def _model_entry(alias: str, created: int) -> dict[str, Any]:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import structlog
 from aiohttp import web
 
 from routing import LEVELS, STATES, HealthChange, Router
+from statesync import SessionStore
 
 from ._metrics import Metrics
-from ._state import METRICS, SERVING
+from ._state import METRICS, SERVING, STATE_SYNC
 
 log = structlog.get_logger("skyroute.health")
 
@@ -57,6 +59,34 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
             LEVELS.index(router.route_level(route, now=now)))
 
 
+#: States worth telling other instances about: they cost every instance a failed call.
+GOSSIPED = ("bad_key", "down")
+
+
+def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
+    """Share this instance's bad_key/down findings and take the other instances'.
+
+    The store speaks wall-clock time and the router loop time; ``until`` is
+    carried across as "seconds from now".
+    """
+    wall = time.time()
+    snapshot = router.snapshot(now=now)
+    reports = store.upstream_reports(now=wall)
+    for name, entry in snapshot.items():
+        if entry["state"] in GOSSIPED and name not in reports:
+            store.report_upstream(name, entry["state"], until=wall + entry.get("until_s", 60.0),
+                                  now=wall)
+    changes = []
+    for name, report in reports.items():
+        if name not in snapshot or report.state not in GOSSIPED:
+            continue
+        left = (report.until - wall) if report.until is not None else 60.0
+        if left > 0 and snapshot[name]["state"] != report.state:
+            changes.append(router.mark(name, report.state, until=now + left, now=now,
+                                       reason=f"reported by instance {report.reporter}"))
+    return changes
+
+
 async def handle_health(request: web.Request) -> web.Response:
     """``GET /health``: the degradation level and every upstream's state, as JSON."""
     runtime = request.app[SERVING].runtime
@@ -68,6 +98,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "instance": runtime.config.instance_id,
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
+        "peers": request.app[STATE_SYNC].peer_states(),
     })
 
 
@@ -81,6 +112,7 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(router.config.latency.interval_s)
             now = clock()
             report_changes(router.tick(now=now), router, app[METRICS])
+            report_changes(gossip(router, app[STATE_SYNC].store, now=now), router, app[METRICS])
             refresh_gauges(router, app[METRICS], now=now)
 
     refresh_gauges(app[SERVING].runtime.router, app[METRICS],

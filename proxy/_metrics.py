@@ -78,6 +78,35 @@ class Metrics:
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)
+        self.routing_share = Gauge(
+            "skyroute_routing_share",
+            "Share (0..1) of each route's recent requests served by each upstream.",
+            ["route", "upstream"], registry=r)
+        # Registered only while a latency Prometheus is configured (see set_prometheus_up):
+        # a constant 0 on instances that use none would fire SkyrouteLatencySourceDown.
+        self.prometheus_up = Gauge(
+            "skyroute_prometheus_source_up",
+            "1 while the latency Prometheus answers queries, 0 while it does not "
+            "(routing then uses passive latency); absent when none is configured.",
+            registry=None)
+        self._prometheus_up_registered = False
+        self.prometheus_queries = Counter(
+            "skyroute_prometheus_queries",
+            "Latency queries to Prometheus by result: ok, empty (no series matched an "
+            "upstream), error (bad answer) or unreachable (connect error or timeout).",
+            ["result"], registry=r)
+
+    def set_prometheus_up(self, up: bool | None) -> None:
+        """Set ``skyroute_prometheus_source_up``; None removes it (no source configured)."""
+        if up is None:
+            if self._prometheus_up_registered:
+                self.registry.unregister(self.prometheus_up)
+                self._prometheus_up_registered = False
+            return
+        if not self._prometheus_up_registered:
+            self.registry.register(self.prometheus_up)
+            self._prometheus_up_registered = True
+        self.prometheus_up.set(1 if up else 0)
 
     def render(self) -> web.Response:
         """The ``/metrics`` response."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class Server:
 
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  host: str | None = None, port: int | None = None,
-                 grace_s: float = DEFAULT_GRACE_S, app: web.Application | None = None) -> None:
+                 grace_s: float = DEFAULT_GRACE_S, app: web.Application | None = None,
+                 sock: socket.socket | None = None) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.app = app if app is not None else build_app(config, config_path=config_path)
         self.host = host if host is not None else config.listen.host
@@ -44,7 +46,10 @@ class Server:
         # the upstream request it was waiting on.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=grace_s)
-        self._site: web.TCPSite | None = None
+        self._sock = sock  # an already bound socket (its port known before start)
+        if sock is not None:
+            self.host, self.port = sock.getsockname()[:2]
+        self._site: web.BaseSite | None = None
 
     @property
     def url(self) -> str:
@@ -54,11 +59,15 @@ class Server:
 
     async def start(self) -> None:
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await self._site.start()
-        server = self._site._server  # aiohttp exposes no public bound-port accessor
-        if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self._sock is not None:
+            self._site = web.SockSite(self._runner, self._sock)
+            await self._site.start()
+        else:
+            self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            await self._site.start()
+            server = self._site._server  # aiohttp exposes no public bound-port accessor
+            if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
+                self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("skyroute listening", url=self.url)
 
     async def aclose(self) -> None:

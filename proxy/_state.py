@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from routing import Config, Router
+from statesync import StateSync
 
 from ._metrics import Metrics
 
@@ -57,5 +58,6 @@ class RequestSummary:
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+STATE_SYNC = web.AppKey("state_sync", StateSync)
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run a local demo: stand-in regions, a GPU pool and skyroute (no keys)")
     demo.add_argument("--port", type=int, default=8080, help="skyroute's port (0: a free one)")
+    demo.add_argument("--instances", type=int, default=1,
+                      help="run this many skyroute instances peered over state sync "
+                           "(on consecutive ports)")
     demo.add_argument("--print-config", action="store_true",
                       help="print the embedded routing file and exit")
     return parser
@@ -96,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(demo_config_text(), end="")
         return 0
-    run_event_loop(run_demo(port=args.port))
+    run_event_loop(run_demo(port=args.port, instances=max(1, args.instances)))
     return 0
 
 

@@ -18,6 +18,7 @@ from ._router_types import (
     Target,
     classify_status,
 )
+from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
 from ._yaml import parse_duration, parse_size
 from .config import (
     ApiKey,
@@ -29,12 +30,15 @@ from .config import (
     PrometheusSource,
     RetryPolicy,
     Route,
+    SessionPolicy,
+    SyncPolicy,
     Upstream,
     load_config,
     parse_config,
 )
 
 __all__ = [
+    "DEFAULT_SHARE_WINDOW_S",
     "LEVELS",
     "RETRYABLE",
     "STATES",
@@ -61,7 +65,10 @@ __all__ = [
     "Router",
     "RoutingError",
     "RoutingStateError",
+    "SessionPolicy",
+    "SyncPolicy",
     "Target",
+    "TrafficShare",
     "Upstream",
     "UpstreamHealth",
     "classify_status",

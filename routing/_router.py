@@ -258,11 +258,19 @@ class Router:
     def health(self, name: str) -> UpstreamHealth:
         return self._health[name]
 
-    def plan(self, route: Route, *, now: float) -> AttemptPlan:
-        """An ``AttemptPlan`` for one request over ``route``."""
+    def plan(self, route: Route, *, now: float, prefer: str | None = None) -> AttemptPlan:
+        """An ``AttemptPlan`` for one request over ``route``.
+
+        Args:
+            prefer: the upstream the request's session is pinned to (affinity keeps a
+                conversation where its prompt cache is); honoured while it is healthy.
+        """
         self._budgets[route.model].record_request(now)
         self._hedge_budgets[route.model].record_request(now)
         order = self._order(route, now)
+        if prefer in order and self._health[prefer].state(now=now) == "healthy":
+            order.remove(prefer)
+            order.insert(0, prefer)
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
         backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
                                      cap_s=self.config.retry.backoff_cap_s, rng=self._rng)

@@ -221,6 +221,32 @@ class LatencyPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SessionPolicy:
+    """Where a request's session id comes from, and how long a session lives."""
+
+    header: str = "X-Session-ID"  # else the OpenAI ``user`` field of the body
+    ttl_s: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncPolicy:
+    """State sync with peer instances (the ``/sync/{doc}`` endpoint and peer links)."""
+
+    token: str = field(repr=False)
+    peers: tuple[str, ...] = ()
+    discovery: str | None = None  # dns:<headless service name>[:port]
+    rotate_every_s: float = 3600.0
+    snapshot_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for peer in self.peers:
+            if not peer.startswith(("ws://", "wss://")):
+                raise ValueError(f"peer {peer!r} must start with ws:// or wss://")
+        if self.discovery is not None and not self.discovery.startswith("dns:"):
+            raise ValueError(f"discovery {self.discovery!r} must look like dns:<service name>")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """A whole, validated routing file."""
 
@@ -232,6 +258,8 @@ class Config:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     latency: LatencyPolicy = field(default_factory=LatencyPolicy)
+    sessions: SessionPolicy = field(default_factory=SessionPolicy)
+    sync: SyncPolicy | None = None  # None: state stays on this instance
     upstreams: tuple[Upstream, ...] = ()
     routes: tuple[Route, ...] = ()
     source: str = "<memory>"
@@ -250,7 +278,7 @@ class Config:
 
 
 _TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
-             "upstreams", "routes"}
+             "sessions", "sync", "upstreams", "routes"}
 _DURATION = "a duration like 250ms, 2s or 10m"
 _SHARE = "a share like 20% or 0.2"
 _COUNT = "a positive whole number"
@@ -350,11 +378,39 @@ def _build(top: Fields, source: str) -> Config:
         "cooldown": ("cooldown_s", parse_duration, _DURATION),
         "max_cooldown": ("max_cooldown_s", parse_duration, _DURATION)})
     latency = _latency(top)
+    sessions = _section(top, "sessions", SessionPolicy, {
+        "header": ("header", str, "a header name"),
+        "ttl": ("ttl_s", parse_duration, _DURATION)})
+    sync = _sync(top)
     upstreams = _upstreams(top)
     routes = _routes(top, upstreams)
     return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
                   admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
-                  latency=latency, upstreams=upstreams, routes=routes, source=source)
+                  latency=latency, sessions=sessions, sync=sync, upstreams=upstreams,
+                  routes=routes, source=source)
+
+
+def _sync(top: Fields) -> SyncPolicy | None:
+    fields = top.mapping("sync")
+    if fields is None:
+        return None
+    token = fields.text("token")
+    if not token:
+        fields.problem("token", "is required: a shared secret from the environment, e.g. "
+                                "token: ${SKYROUTE_SYNC_TOKEN}")
+    peers = tuple(str(p) for _, _, p in fields.items("peers"))
+    kwargs = _keywords(fields, {
+        "discovery": ("discovery", str, "dns:<service name>"),
+        "rotate_every": ("rotate_every_s", parse_duration, _DURATION),
+        "snapshot": ("snapshot_path", str, "a file path")})
+    fields.finish()
+    if not token:
+        return None
+    try:
+        return SyncPolicy(token=token, peers=peers, **kwargs)
+    except ValueError as exc:
+        fields.problem(None, str(exc))
+        return None
 
 
 def _latency(top: Fields) -> LatencyPolicy:

@@ -9,9 +9,10 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import openai
 
-from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, routing_yaml
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
 
 SKYROUTE = [sys.executable, "-m", "proxy.cli"]
@@ -149,3 +150,28 @@ async def test_demo_prints_its_embedded_config():
     code, out, _ = await _run("demo", "--print-config")
     assert code == 0
     assert "routes:" in out and "local-gpu" in out
+
+
+async def test_demo_with_three_instances_peers_them():
+    """demo --instances 3 runs three peered skyroute instances sharing one rpm limit."""
+    proc = await _start("demo", "--port", "0", "--instances", "3")
+    try:
+        url = (await proc.wait_line(r"serving on (http://\S+)", stream="stdout")).group(1)
+        other = (await proc.wait_line(r"peered, serving on (http://\S+)", stream="stdout")
+                 ).group(1)
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+
+            async def peers_connected() -> bool:
+                health = await (await http.get(f"{other}/health")).json()
+                return bool(health["peers"]) and set(health["peers"].values()) == {"connected"}
+
+            await eventually(peers_connected, timeout=10)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-skyroute-limited",
+                                      max_retries=0, timeout=CALL_TIMEOUT_S) as client:
+            reply = await client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content.startswith("Hello from")
+        assert await proc.stop(signal.SIGINT) == 0
+    finally:
+        await proc.stop(signal.SIGKILL)

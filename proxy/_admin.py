@@ -1,0 +1,157 @@
+"""The admin API: ``GET /admin/routing``, and the traffic share it reports.
+
+``add_admin_routes(app)`` registers the endpoint and gives the application its
+``TrafficShare`` (``app[TRAFFIC]``), which the attempt loop feeds with the
+upstream that served each request. Every admin call needs
+``Authorization: Bearer <admin.key>``: with no ``admin.key`` in the routing file
+the admin API is off (403, saying how to turn it on), and a missing or wrong key
+is a 401. The answer is read-only and built from ``routing``'s own snapshot, so
+it says exactly what the router decides on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from routing import Route, Router, TrafficShare, UpstreamHealth
+
+from ._errors import ClientRequestError, InvalidApiKey
+from ._metrics import Metrics
+from ._prometheus import PROMETHEUS_STATUS
+from ._state import METRICS, SERVING
+
+TRAFFIC = web.AppKey("traffic_share", TrafficShare)
+
+
+class AdminDisabled(ClientRequestError):
+    """The admin API is off because no admin key is configured."""
+
+    status = 403
+    type = "permission_error"
+    code = "admin_disabled"
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Serve ``/admin/routing`` and keep the traffic share it (and ``/metrics``) reports."""
+    app[TRAFFIC] = TrafficShare()
+    app.router.add_get("/admin/routing", handle_admin_routing)
+    app.cleanup_ctx.append(_share_gauges)
+
+
+async def _share_gauges(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: refresh ``skyroute_routing_share`` once per ``latency.interval``.
+
+    Kept beside the tracker rather than in the health ticker so the two stay
+    independent: shares are bookkeeping, not a routing decision.
+    """
+
+    async def loop() -> None:
+        clock = asyncio.get_running_loop().time
+        while True:
+            router = app[SERVING].runtime.router
+            refresh_share_gauges(app[TRAFFIC], router, app[METRICS], now=clock())
+            await asyncio.sleep(router.config.latency.interval_s)
+
+    task = asyncio.create_task(loop(), name="skyroute-share-gauges")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def check_admin(request: web.Request, admin_key: str | None) -> None:
+    """Let the request through only with the configured admin key.
+
+    Raises:
+        AdminDisabled: no ``admin.key`` is configured (403).
+        InvalidApiKey: the key is missing or wrong (401).
+    """
+    if not admin_key:
+        raise AdminDisabled("the admin API is off: set admin.key in the routing file "
+                            "(admin: {key: ...}) and send it as 'Authorization: Bearer <key>'")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise InvalidApiKey("missing admin key: send admin.key as 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(given.strip().encode(), admin_key.encode()):
+        raise InvalidApiKey("incorrect admin key; it must equal admin.key in the routing file")
+
+
+async def handle_admin_routing(request: web.Request) -> web.Response:
+    """``GET /admin/routing``: per route and upstream, what routing sees and decides."""
+    runtime = request.app[SERVING].runtime
+    check_admin(request, runtime.config.admin_key)
+    router, latency = runtime.router, runtime.config.latency
+    now = asyncio.get_running_loop().time()
+    traffic = request.app[TRAFFIC]
+    status = request.app.get(PROMETHEUS_STATUS)
+    return web.json_response({
+        "instance": runtime.config.instance_id,
+        "level": router.level(now=now),
+        "share_window_s": traffic.window_s,
+        "latency": {
+            "interval_s": latency.interval_s, "passive_window_s": latency.passive_window_s,
+            "probe_share": latency.probe_share, "recover_ratio": latency.recover_ratio,
+            "recover_intervals": latency.recover_intervals, "ramp_s": latency.ramp_s,
+            "prometheus": status.describe(now=now) if status is not None else None,
+        },
+        "routes": {route.model: _route(router, route, traffic, now)
+                   for route in runtime.config.routes},
+    })
+
+
+def _route(router: Router, route: Route, traffic: TrafficShare, now: float) -> dict[str, Any]:
+    counts = traffic.counts(route.model, now=now)
+    total = sum(counts.values())
+    snapshot = router.snapshot(now=now)
+    return {
+        "strategy": route.strategy,
+        "latency_threshold_ms": round(route.latency_threshold_s * 1000, 1),
+        "level": router.route_level(route, now=now),
+        "requests": total,
+        "upstreams": {name: _upstream(router.health(name), snapshot[name], counts.get(name, 0),
+                                      total, now) for name in route.targets},
+    }
+
+
+def _upstream(health: UpstreamHealth, entry: dict[str, Any], served: int, total: int,
+              now: float) -> dict[str, Any]:
+    passive = health.latency.p95(now=now)
+    external = health.external
+    change = health.last_change
+    return {
+        "state": entry["state"],
+        "slow": entry["state"] == "slow",
+        "healthy": entry["state"] == "healthy",
+        "region": entry["region"],
+        "latency_ms": entry.get("latency_ms"),
+        "latency_source": entry.get("latency_source"),
+        "passive_p95_ms": None if passive is None else round(passive * 1000, 1),
+        "prometheus_ms": None if external is None else round(external.seconds * 1000, 1),
+        "prometheus_age_s": None if external is None else round(now - external.at, 1),
+        "share": round(served / total, 4) if total else 0.0,
+        "served": served,
+        # 0 while slow; climbs from 0.1 to 1 along the recovery ramp.
+        "ramp": round(health.share(now=now), 3),
+        "outstanding": entry["outstanding"],
+        "last_change": None if change is None else {
+            "old": change.old, "new": change.new, "reason": change.reason,
+            "s_ago": round(now - change.at, 1)},
+    }
+
+
+def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics, *,
+                         now: float) -> None:
+    """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
+    routes = router.config.routes
+    traffic.forget({route.model for route in routes})
+    metrics.routing_share.clear()  # drops routes and targets a reload removed
+    for route in routes:
+        shares = traffic.share(route.model, now=now)
+        for name in route.targets:
+            metrics.routing_share.labels(route.model, name).set(round(shares.get(name, 0.0), 4))

@@ -1,0 +1,153 @@
+"""Sessions and limits across three skyroute instances peered over the Yjs sync protocol."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+import openai
+import pytest
+
+from proxy import Server
+from proxy._state import STATE_SYNC
+from routing import parse_config
+
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
+from .conftest import upstream_yaml as entry
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+SYNC_TOKEN = "sync-secret-for-tests"
+LIMITED_KEY = "sk-limited"
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture
+async def cluster(standin):
+    """Three skyroute instances in a full mesh; instance 0 prefers upstream b, the others a."""
+    ups = [await standin(name) for name in ("a", "b", "c")]
+    socks = [_bound_socket() for _ in range(3)]
+    ports = [s.getsockname()[1] for s in socks]
+    async with AsyncExitStack() as stack:
+        servers = []
+        for i, sock in enumerate(socks):
+            peers = ", ".join(f"ws://127.0.0.1:{p}/sync" for j, p in enumerate(ports) if j != i)
+            order = "[b, a, c]" if i == 0 else "[a, b, c]"
+            extra = (f"instance:\n  id: s{i}\n"
+                     f"sync:\n  token: {SYNC_TOKEN}\n  peers: [{peers}]\n")
+            text = routing_yaml([entry(u) for u in ups],
+                                f"- model: chat\n  targets: {order}\n  strategy: priority\n",
+                                extra=extra)
+            text = text.replace(
+                "auth:\n  api_keys:\n",
+                f"auth:\n  api_keys:\n    - name: limited\n      key: {LIMITED_KEY}\n"
+                "      rpm: 6\n")
+            server = Server(parse_config(text, env={}), sock=sock, grace_s=1.0)
+            await stack.enter_async_context(server)
+            servers.append(server)
+
+        def all_connected() -> bool:
+            return all(set(s.app[STATE_SYNC].peer_states().values()) == {"connected"}
+                       for s in servers)
+
+        await eventually(all_connected, timeout=10)
+        yield servers, ups
+
+
+async def test_session_keeps_its_upstream_on_every_instance(cluster):
+    """A session pinned on one instance is served by the same upstream on the others."""
+    servers, _ = cluster
+    headers = {"X-Session-ID": "conversation-1"}
+    async with client_for(servers[0]) as client:
+        first = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                     extra_headers=headers)
+    assert "from b" in first.choices[0].message.content
+
+    def pinned_everywhere() -> bool:
+        sessions = [s.app[STATE_SYNC].store.get("conversation-1", now=time.time())
+                    for s in servers]
+        return all(session is not None and session.upstream == "b" for session in sessions)
+
+    await eventually(pinned_everywhere, timeout=5)
+    for server in servers[1:]:
+        async with client_for(server) as client:
+            reply = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                         extra_headers=headers)
+            other = await client.chat.completions.create(model="chat", messages=MESSAGES)
+        assert "from b" in reply.choices[0].message.content
+        assert "from a" in other.choices[0].message.content  # no session: its own preference
+
+
+async def test_session_id_from_openai_user_field(cluster):
+    """The body's `user` field identifies the session when there is no header."""
+    servers, _ = cluster
+    async with client_for(servers[0]) as client:
+        await client.chat.completions.create(model="chat", messages=MESSAGES, user="u-7")
+    await eventually(lambda: servers[2].app[STATE_SYNC].store.get("u-7", now=time.time())
+                     is not None, timeout=5)
+    async with client_for(servers[2]) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                     user="u-7")
+    assert "from b" in reply.choices[0].message.content
+
+
+async def test_rpm_limit_holds_across_all_instances_together(cluster):
+    """rpm: 6 allows six requests in all, whichever instances they land on; then 429."""
+    servers, _ = cluster
+    for i in range(6):
+        server = servers[i % 3]
+        async with client_for(server, key=LIMITED_KEY) as client:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+        await eventually(lambda n=i + 1: all(
+            s.app[STATE_SYNC].store.usage("limited", now=time.time()).requests >= n
+            for s in servers), timeout=5)
+    for server in servers:
+        async with client_for(server, key=LIMITED_KEY) as client:
+            with pytest.raises(openai.RateLimitError) as caught:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+        assert int(caught.value.response.headers["Retry-After"]) >= 1
+        assert "6 requests per minute" in caught.value.message
+    async with client_for(servers[0], key=CLIENT_KEY) as client:  # other keys are not limited
+        await client.chat.completions.create(model="chat", messages=MESSAGES)
+
+
+async def test_sync_endpoint_refuses_requests_without_the_token(cluster):
+    """/sync/sessions answers 401 without the shared secret, and /health lists the peers."""
+    servers, _ = cluster
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        refused = await h.get(f"{servers[0].url}/sync/sessions")
+        wrong = await h.get(f"{servers[0].url}/sync/sessions?token=nope")
+        health = await (await h.get(f"{servers[0].url}/health")).json()
+    assert (refused.status, wrong.status) == (401, 401)
+    assert len(health["peers"]) >= 2
+    assert set(health["peers"].values()) == {"connected"}
+
+
+async def test_bad_key_found_by_one_instance_is_learnt_by_the_others(cluster):
+    """An upstream with a bad key, found on one instance, leaves rotation on all of them."""
+    servers, ups = cluster
+    ups[0].behaviour.mode = "bad_key"
+    async with client_for(servers[1]) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert "from b" in reply.choices[0].message.content
+
+    async def state_on(server) -> str:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+            health = await (await h.get(f"{server.url}/health")).json()
+        return health["upstreams"]["a"]["state"]
+
+    async def learnt() -> bool:
+        return await state_on(servers[2]) == "bad_key"
+
+    await eventually(learnt, timeout=8)
+    async with client_for(servers[2]) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert "from b" in reply.choices[0].message.content
+    assert ups[0].requests_total == 1
+
