@@ -11,8 +11,8 @@ request.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -58,7 +58,7 @@ def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
     if 0 < len(given) <= 128 and given.isprintable() and " " not in given:
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 @web.middleware

@@ -134,8 +134,10 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
                                                 deadline=deadline))
 
     delay = plan.hedge_delay(target, now=loop.time())
-    if delay is None:
-        return target, await start(target)
+    if delay is None:  # no hedging: no task, no extra turn of the event loop
+        deadline = min(loop.time() + target.upstream.first_token_timeout_s, plan.deadline)
+        return target, await open_attempt(session, target, call, request_id=request_id,
+                                          deadline=deadline)
     tasks = {start(target): target}
     hedge: Target | None = None
     try:

@@ -8,6 +8,7 @@ client sent it unless the model alias has to be renamed.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -18,7 +19,14 @@ from aiohttp import web
 
 from routing import ApiKey, Config, Route, Router
 
-from ._errors import BodyTooLarge, InvalidApiKey, InvalidJSON, ModelNotFound, NotFound
+from ._errors import (
+    BodyTooLarge,
+    ClientRequestError,
+    InvalidApiKey,
+    InvalidJSON,
+    ModelNotFound,
+    NotFound,
+)
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
@@ -60,6 +68,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
                            f"limit of {limit} bytes (limits.max_body_bytes)")
+    if request.content_length is not None:
+        try:
+            return await request.content.readexactly(request.content_length)
+        except asyncio.IncompleteReadError as exc:
+            raise ClientRequestError(
+                f"the request body ended after {len(exc.partial)} of the "
+                f"{request.content_length} bytes its Content-Length announced") from exc
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
