@@ -71,6 +71,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             raise
         if isinstance(answer, tuple):
             resp, outcome = answer
+            summary.upstream = outcome.target.name  # a hedge may have won
             summary.cut = outcome.detail or None
             _book(router, plan, metrics, outcome, loop.time())
             request.app[TRAFFIC].record_served(route.model, outcome.target.name, loop.time())

@@ -1,0 +1,361 @@
+"""Latency-aware routing end to end: passive and Prometheus latency, /admin/routing.
+
+Three stand-in regions answer in ~20 ms; one is raised to ~400 ms and lowered
+again. Where requests went is read from the answers ("Hello from <region>"),
+which is what a client sees. The Prometheus tests run the real Prometheus
+server (Debian's ``prometheus``) on a free port with a temporary config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
+from .conftest import upstream_yaml as entry
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+REGIONS = ("west", "east", "south")
+FAST_S, SLOW_S = 0.02, 0.4
+ADMIN_KEY = "admin-test-key"
+#: West first: with ``priority`` it gets every request while it is fast, so where
+#: traffic goes shows the slow decision directly. The ramp is longer than the
+#: ~500 ms a deployment might use, so the "not all back at once" check does not
+#: depend on how fast this machine drives requests.
+LATENCY = """\
+latency:
+  interval: 100ms
+  passive_window: 1s
+  recover_intervals: 2
+  ramp: 2s
+  probe_share: 2%
+"""
+ROUTE = """\
+- model: chat
+  targets: [west, east, south]
+  strategy: priority
+  latency_threshold: 200ms
+"""
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+async def _regions(standin) -> dict:
+    ups = {}
+    for name in REGIONS:
+        ups[name] = await standin(name)
+        ups[name].behaviour.ttft_s = FAST_S
+    return ups
+
+
+def _yaml(ups: dict, *, extra: str = LATENCY, route: str = ROUTE) -> str:
+    return routing_yaml([entry(u, region=f"r-{u.name}") for u in ups.values()], route,
+                        extra=extra)
+
+
+async def _get(url: str, **kwargs) -> tuple[int, dict | str]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        resp = await h.get(url, **kwargs)
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.text()
+
+
+async def _health(server) -> dict:
+    return (await _get(f"{server.url}/health"))[1]
+
+
+async def _served(client, n: int, *, concurrency: int = 8) -> Counter:
+    """Send n chat requests; count which region answered each."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> str:
+        async with sem:
+            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+            return reply.choices[0].message.content.split()[2]  # "Hello from <name> ..."
+
+    return Counter(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def _upstream_state(name: str, state: str, server, client, *, drive: int = 8
+                    ) -> Callable[[], Awaitable[bool]]:
+    """A predicate for ``eventually``: drive some requests, then is ``name`` in ``state``?"""
+
+    async def check() -> bool:
+        await _served(client, drive)
+        return (await _health(server))["upstreams"][name]["state"] == state
+
+    return check
+
+
+async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, skyroute,
+                                                                    captured_logs):
+    """A region past 200 ms is reported slow and avoided; after recovery traffic ramps back."""
+    ups = await _regions(standin)
+    server = await skyroute(_yaml(ups))
+    async with client_for(server) as client:
+        assert (await _served(client, 20))["west"] == 20
+        ups["west"].behaviour.ttft_s = SLOW_S
+        await eventually(_upstream_state("west", "slow", server, client), timeout=10)
+        west = (await _health(server))["upstreams"]["west"]
+        assert west["latency_source"] == "passive" and west["latency_ms"] > 200
+        assert (await _health(server))["routes"]["chat"] == "reduced"
+
+        served = await _served(client, 300)
+        assert served["west"] <= 15, served  # <= 5 %: only the 2 % probes
+        assert served["east"] >= 250, served  # priority: the next region takes it
+
+        ups["west"].behaviour.ttft_s = FAST_S
+        await eventually(_upstream_state("west", "healthy", server, client), timeout=15)
+        first = await _served(client, 20, concurrency=4)
+        assert first["west"] <= 14, first  # ramping: far from its full (~100 %) share
+        await eventually(lambda: _back_in_full(client), timeout=15)
+    slow_lines = [e for e in captured_logs
+                  if e.get("upstream") == "west" and e.get("new") == "slow"]
+    assert len(slow_lines) == 1
+    assert "source passive" in slow_lines[0]["event"] and "> 200 ms" in slow_lines[0]["event"]
+
+
+async def _back_in_full(client) -> bool:
+    return (await _served(client, 20, concurrency=4))["west"] >= 19
+
+
+# -- Prometheus, the real server ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[list[str]], Awaitable[str]]]:
+    """Factory: ``await prometheus(["127.0.0.1:port", ...])`` starts Prometheus scraping them."""
+    if shutil.which(PROMETHEUS) is None:
+        pytest.fail(f"{PROMETHEUS} is missing: install Debian's prometheus package "
+                    "(apt-get install -y prometheus; tests/run.sh does it)")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def start(targets: list[str]) -> str:
+        port = _free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(textwrap.dedent(f"""\
+            global:
+              scrape_interval: 1s
+              scrape_timeout: 1s
+              evaluation_interval: 1s
+            scrape_configs:
+              - job_name: skyroute
+                static_configs:
+                  - targets: {targets}
+            """))
+        log_path = tmp_path / "prometheus.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+                 f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                stdout=log_file, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+
+        async def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {proc.returncode}:\n"
+                                     f"{log_path.read_text()[-2000:]}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                return (await _get(f"{url}/-/ready"))[0] == 200
+            return False
+
+        await eventually(ready, timeout=30, interval=0.1)
+        return url
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def _keep_busy(client, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await _served(client, 4, concurrency=4)
+
+
+async def test_instance_without_traffic_learns_slow_region_from_prometheus(standin, skyroute,
+                                                                           prometheus):
+    """Instance B, which sent nothing, learns from Prometheus that west is slow and avoids it."""
+    ups = await _regions(standin)
+    ups["west"].behaviour.ttft_s = SLOW_S
+    # A spreads its traffic evenly and never calls anything slow, so every region shows
+    # in its TTFB histogram: it is the "other instances" whose view B gets.
+    spread = ROUTE.replace("priority", "weighted").replace("200ms", "60s")
+    a = await skyroute(_yaml(ups, route=spread))
+    url = await prometheus([f"127.0.0.1:{a.port}"])
+    b = await skyroute(_yaml(ups, extra=LATENCY + f"  prometheus:\n    url: {url}\n"
+                                              "    interval: 1s\n"))
+    stop = asyncio.Event()
+    async with client_for(a) as client_a, client_for(b) as client_b:
+        traffic = asyncio.create_task(_keep_busy(client_a, stop))
+        try:
+            async def west_slow_on_b() -> bool:
+                return (await _health(b))["upstreams"]["west"]["state"] == "slow"
+
+            await eventually(west_slow_on_b, timeout=45, interval=0.25)
+        finally:
+            stop.set()
+            await traffic
+        health = await _health(b)
+        west = health["upstreams"]["west"]
+        assert west["latency_source"] == "prometheus" and west["latency_ms"] > 200, west
+        assert health["upstreams"]["east"]["state"] == "healthy"
+        served = await _served(client_b, 300)
+    assert served["west"] <= 15, served  # <= 5 %: only the 2 % probes
+    _, metrics = await _get(f"{b.url}/metrics")
+    assert "skyroute_prometheus_source_up 1.0" in metrics
+    assert 'skyroute_prometheus_queries_total{result="ok"}' in metrics
+
+
+async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, skyroute,
+                                                                      captured_logs):
+    """A dead Prometheus: requests all succeed, one warning, gauge 0; one info when it's back."""
+    ups = await _regions(standin)
+    port = _free_port()  # nothing listens here until the fake answers below
+    server = await skyroute(_yaml(ups, extra=LATENCY + f"  prometheus:\n    url: "
+                                                       f"http://127.0.0.1:{port}\n"
+                                                       "    interval: 100ms\n"
+                                                       "    timeout: 200ms\n"))
+
+    async def queries(result: str) -> float:
+        _, text = await _get(f"{server.url}/metrics")
+        for line in text.splitlines():
+            if line.startswith(f'skyroute_prometheus_queries_total{{result="{result}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    async with client_for(server) as client:
+        served = await _served(client, 40)
+        assert sum(served.values()) == 40
+        await eventually(lambda: _at_least(queries("unreachable"), 5), timeout=10)
+        assert sum((await _served(client, 20)).values()) == 20
+        _, metrics = await _get(f"{server.url}/metrics")
+        assert "skyroute_prometheus_source_up 0.0" in metrics
+        warnings = [e for e in captured_logs if e["log_level"] == "warning"
+                    and "latency Prometheus" in e["event"]]
+        assert len(warnings) == 1, warnings
+        assert "passive latency" in warnings[0]["event"]
+
+        # Prometheus comes back (a stand-in for its query API on the same port).
+        async with _fake_prometheus(port, west=SLOW_S):
+            await eventually(lambda: _at_least(queries("ok"), 1), timeout=10)
+
+            async def west_slow() -> bool:
+                west = (await _health(server))["upstreams"]["west"]
+                return west["state"] == "slow" and west["latency_source"] == "prometheus"
+
+            await eventually(west_slow, timeout=10)
+            _, metrics = await _get(f"{server.url}/metrics")
+            assert "skyroute_prometheus_source_up 1.0" in metrics
+            back = [e for e in captured_logs if e["log_level"] == "info"
+                    and "answers again" in e["event"]]
+            assert len(back) == 1, back
+            assert len([e for e in captured_logs if e["log_level"] == "warning"
+                        and "latency Prometheus" in e["event"]]) == 1
+
+
+async def _at_least(value: Awaitable[float], minimum: float) -> bool:
+    return await value >= minimum
+
+
+@contextlib.asynccontextmanager
+async def _fake_prometheus(port: int, *, west: float) -> AsyncIterator[None]:
+    """Prometheus's query API on ``port``: west at ``west`` s, east NaN, a stray series."""
+
+    async def query(request: web.Request) -> web.Response:
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {"upstream": "west"}, "value": [0, str(west)]},
+            {"metric": {"upstream": "east"}, "value": [0, "NaN"]},
+            {"metric": {"job": "other"}, "value": [0, "9"]},
+        ]}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+# -- /admin/routing -----------------------------------------------------------------------
+
+
+async def test_admin_routing_is_off_without_an_admin_key(standin, skyroute):
+    """With no admin.key configured, /admin/routing answers 403 saying how to turn it on."""
+    ups = await _regions(standin)
+    server = await skyroute(_yaml(ups))
+    status, body = await _get(f"{server.url}/admin/routing",
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert status == 403
+    assert "admin.key" in body["error"]["message"]
+    assert body["error"]["code"] == "admin_disabled"
+
+
+async def test_admin_routing_needs_the_admin_key(standin, skyroute):
+    """A missing or wrong admin key is a 401; the client key is not an admin key."""
+    ups = await _regions(standin)
+    server = await skyroute(_yaml(ups, extra=LATENCY + f"admin:\n  key: {ADMIN_KEY}\n"))
+    for headers in ({}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "Bearer sk-client-test"}, {"Authorization": ADMIN_KEY}):
+        status, body = await _get(f"{server.url}/admin/routing", headers=headers)
+        assert status == 401, headers
+        assert body["error"]["code"] == "invalid_api_key"
+
+
+async def test_admin_routing_shows_state_latency_share_and_last_change(standin, skyroute):
+    """/admin/routing and /metrics show per upstream: state, latency and source, share, why."""
+    ups = await _regions(standin)
+    server = await skyroute(_yaml(ups, extra=LATENCY + f"admin:\n  key: {ADMIN_KEY}\n"))
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with client_for(server) as client:
+        await _served(client, 20)
+        ups["west"].behaviour.ttft_s = SLOW_S
+        await eventually(_upstream_state("west", "slow", server, client), timeout=10)
+        await _served(client, 100)
+    status, body = await _get(f"{server.url}/admin/routing", headers=auth)
+    assert status == 200
+    route = body["routes"]["chat"]
+    assert route["strategy"] == "priority" and route["latency_threshold_ms"] == 200
+    assert route["level"] == "reduced"
+    west, east = route["upstreams"]["west"], route["upstreams"]["east"]
+    assert west["state"] == "slow" and west["slow"] is True and west["healthy"] is False
+    assert west["latency_source"] == "passive" and west["latency_ms"] > 200
+    assert west["ramp"] == 0.0
+    assert west["last_change"]["new"] == "slow"
+    assert "> 200 ms, source passive" in west["last_change"]["reason"]
+    assert east["state"] == "healthy" and east["share"] > west["share"]
+    assert sum(u["share"] for u in route["upstreams"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert body["latency"]["prometheus"] is None
+
+    async def share_gauge() -> bool:
+        _, text = await _get(f"{server.url}/metrics")
+        line = next((x for x in text.splitlines() if x.startswith(
+            'skyroute_routing_share{route="chat",upstream="east"}')), "")
+        return bool(line) and float(line.split()[-1]) > 0.3
+
+    await eventually(share_gauge, timeout=5)
