@@ -1,8 +1,8 @@
 """The admin API: ``GET /admin/routing``, and the traffic share it reports.
 
-``add_admin_routes(app)`` registers the endpoint and gives the application its
-``TrafficShare`` (``app[TRAFFIC]``), which the attempt loop feeds with the
-upstream that served each request. Every admin call needs
+``add_admin_routes(app)`` registers the endpoint; the traffic shares it reports
+come from the application's ``TrafficShare`` (``app[TRAFFIC]``), which the
+attempt loop feeds with the upstream that served each request. Every admin call needs
 ``Authorization: Bearer <admin.key>``: with no ``admin.key`` in the routing file
 the admin API is off (403, saying how to turn it on), and a missing or wrong key
 is a 401. The answer is read-only and built from ``routing``'s own snapshot, so
@@ -12,57 +12,22 @@ it says exactly what the router decides on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from routing import Route, Router, TrafficShare, UpstreamHealth
 
-from ._errors import ClientRequestError, InvalidApiKey
-from ._metrics import Metrics
+from ._errors import AdminDisabled, InvalidApiKey
+from ._handlers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
-from ._state import METRICS, SERVING
-
-TRAFFIC = web.AppKey("traffic_share", TrafficShare)
-
-
-class AdminDisabled(ClientRequestError):
-    """The admin API is off because no admin key is configured."""
-
-    status = 403
-    type = "permission_error"
-    code = "admin_disabled"
+from ._state import SERVING, TRAFFIC
 
 
 def add_admin_routes(app: web.Application) -> None:
-    """Serve ``/admin/routing`` and keep the traffic share it (and ``/metrics``) reports."""
-    app[TRAFFIC] = TrafficShare()
+    """Serve ``/admin/routing``."""
     app.router.add_get("/admin/routing", handle_admin_routing)
-    app.cleanup_ctx.append(_share_gauges)
-
-
-async def _share_gauges(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: refresh ``skyroute_routing_share`` once per ``latency.interval``.
-
-    Kept beside the tracker rather than in the health ticker so the two stay
-    independent: shares are bookkeeping, not a routing decision.
-    """
-
-    async def loop() -> None:
-        clock = asyncio.get_running_loop().time
-        while True:
-            router = app[SERVING].runtime.router
-            refresh_share_gauges(app[TRAFFIC], router, app[METRICS], now=clock())
-            await asyncio.sleep(router.config.latency.interval_s)
-
-    task = asyncio.create_task(loop(), name="skyroute-share-gauges")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def check_admin(request: web.Request, admin_key: str | None) -> None:
@@ -75,10 +40,10 @@ def check_admin(request: web.Request, admin_key: str | None) -> None:
     if not admin_key:
         raise AdminDisabled("the admin API is off: set admin.key in the routing file "
                             "(admin: {key: ...}) and send it as 'Authorization: Bearer <key>'")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    given = bearer_token(request)
+    if given is None:
         raise InvalidApiKey("missing admin key: send admin.key as 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(given.strip().encode(), admin_key.encode()):
+    if not hmac.compare_digest(given.encode(), admin_key.encode()):
         raise InvalidApiKey("incorrect admin key; it must equal admin.key in the routing file")
 
 
@@ -143,15 +108,3 @@ def _upstream(health: UpstreamHealth, entry: dict[str, Any], served: int, total:
             "old": change.old, "new": change.new, "reason": change.reason,
             "s_ago": round(now - change.at, 1)},
     }
-
-
-def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics, *,
-                         now: float) -> None:
-    """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
-    routes = router.config.routes
-    traffic.forget({route.model for route in routes})
-    metrics.routing_share.clear()  # drops routes and targets a reload removed
-    for route in routes:
-        shares = traffic.share(route.model, now=now)
-        for name in route.targets:
-            metrics.routing_share.labels(route.model, name).set(round(shares.get(name, 0.0), 4))

@@ -20,7 +20,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from routing import Config, Router
+from routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
 from ._errors import NotFound, ProxyError
@@ -37,6 +37,7 @@ from ._state import (
     SESSION,
     STATE_SYNC,
     SUMMARY,
+    TRAFFIC,
     RequestSummary,
     Runtime,
     Serving,
@@ -144,6 +145,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
+    app[TRAFFIC] = TrafficShare()
     app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry)
     if config.sync is not None:
         app[STATE_SYNC].add_routes(app)

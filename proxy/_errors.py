@@ -69,6 +69,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class AdminDisabled(ClientRequestError):
+    """The admin API is off because no admin key is configured."""
+
+    status = 403
+    type = "permission_error"
+    code = "admin_disabled"
+
+
 class BodyTooLarge(ClientRequestError):
     status = 413
     code = "request_too_large"

@@ -9,6 +9,8 @@ request. It owns no policy: whether to try another upstream, and which, is
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import aiohttp
 import structlog
@@ -27,21 +29,20 @@ from routing import (
     Target,
 )
 
-from ._admin import TRAFFIC
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
     Opened,
     UpstreamCall,
+    buffered_response,
     open_attempt,
     read_rest,
     relay_stream,
     response_headers,
-    send_buffered,
 )
 from ._health import report_changes
 from ._metrics import Metrics
-from ._state import RequestSummary
+from ._state import TRAFFIC, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -109,7 +110,7 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
         body = await read_rest(opened)
         if isinstance(body, Failed):
             return body
-        resp, cut = await send_buffered(request, opened, body, request_id), None
+        resp, cut = buffered_response(opened, body, request_id), None
     if cut is None:
         metrics.latency.labels(target.name, target.upstream.region).observe(
             loop.time() - opened.started)
@@ -129,16 +130,16 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
     """
     loop = asyncio.get_running_loop()
 
-    def start(t: Target) -> asyncio.Task[Opened | Failed]:
+    def opening(t: Target) -> Coroutine[Any, Any, Opened | Failed]:
         deadline = min(loop.time() + t.upstream.first_token_timeout_s, plan.deadline)
-        return asyncio.create_task(open_attempt(session, t, call, request_id=request_id,
-                                                deadline=deadline))
+        return open_attempt(session, t, call, request_id=request_id, deadline=deadline)
+
+    def start(t: Target) -> asyncio.Task[Opened | Failed]:
+        return asyncio.create_task(opening(t))
 
     delay = plan.hedge_delay(target, now=loop.time())
     if delay is None:  # no hedging: no task, no extra turn of the event loop
-        deadline = min(loop.time() + target.upstream.first_token_timeout_s, plan.deadline)
-        return target, await open_attempt(session, target, call, request_id=request_id,
-                                          deadline=deadline)
+        return target, await opening(target)
     tasks = {start(target): target}
     hedge: Target | None = None
     try:

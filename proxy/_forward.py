@@ -7,7 +7,7 @@ Theory of operation:
   only by blank lines or ``: keep-alive`` SSE comments) is not progress, so those
   bytes are dropped and do not stop the clock. Until this returns ``Opened``
   nothing has reached the client, so any failure can still fail over.
-* ``send_buffered`` finishes a non-streaming (JSON) answer: it reads the whole
+* ``buffered_response`` finishes a non-streaming (JSON) answer: it reads the whole
   body first, so a connection cut half-way is an attempt failure and never a
   shorter answer passed on as a whole one.
 * ``relay_stream`` commits: it sends the headers and relays bytes as they arrive
@@ -58,7 +58,6 @@ class UpstreamCall:
     body: bytes | None
     payload: dict[str, Any] | None  # the parsed JSON body, when there is one
     alias: str | None  # the model name the client asked for
-    stream: bool
 
     def body_for(self, target: Target) -> bytes | None:
         """The body with the client's model alias replaced by the upstream's name."""
@@ -256,8 +255,8 @@ async def read_rest(opened: Opened) -> bytes | Failed:
     return opened.prefix + rest
 
 
-async def send_buffered(request: web.Request, opened: Opened, body: bytes,
-                        request_id: str) -> web.Response:
+def buffered_response(opened: Opened, body: bytes, request_id: str) -> web.Response:
+    """The response for a non-streaming answer read whole by ``read_rest``."""
     headers = response_headers(opened.response.headers, request_id, opened.target)
     return web.Response(status=opened.response.status, body=body, headers=headers)
 

@@ -33,6 +33,13 @@ from ._sessions import count_tokens, enforce_limits, remember_session, session_i
 from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
 
 
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    return given if scheme.lower() == "bearer" and given else None
+
+
 def authenticate(request: web.Request, config: Config) -> ApiKey | None:
     """The client key the request carries (None when auth is off).
 
@@ -41,12 +48,11 @@ def authenticate(request: web.Request, config: Config) -> ApiKey | None:
     """
     if config.api_keys is None:
         return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    given = bearer_token(request)
+    if given is None:
         raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer <key>' "
                             "(the OpenAI SDK's api_key)")
-    key = _key_digests(config.api_keys).get(hashlib.sha256(given.strip().encode()).digest())
+    key = _key_digests(config.api_keys).get(hashlib.sha256(given.encode()).digest())
     if key is not None:
         return key
     raise InvalidApiKey("incorrect API key provided; check the key configured for this "
@@ -135,8 +141,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     pinned = session.upstream if session else None
     tail = request.raw_path[len("/v1"):]
     call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
-                        body=body or None, payload=payload, alias=alias,
-                        stream=bool(payload and payload.get("stream")))
+                        body=body or None, payload=payload, alias=alias)
     summary = request[SUMMARY]
     resp = await serve_route(request, router=runtime.router, route=route, call=call,
                              session=request.app[SESSION], metrics=request.app[METRICS],

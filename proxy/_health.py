@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Iterable
 import structlog
 from aiohttp import web
 
-from routing import LEVELS, STATES, HealthChange, Router
+from routing import LEVELS, STATES, HealthChange, Router, TrafficShare
 from statesync import SessionStore
 
 from ._metrics import Metrics
-from ._state import METRICS, SERVING, STATE_SYNC
+from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
 
 log = structlog.get_logger("skyroute.health")
 
@@ -30,8 +30,10 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
     for change in changes:
         if change is None:
             continue
-        region = router.config.upstream(change.upstream).region \
-            if change.upstream in {u.name for u in router.config.upstreams} else "-"
+        try:
+            region = router.config.upstream(change.upstream).region
+        except KeyError:  # removed by a reload since
+            region = "-"
         level = "error" if change.new == "bad_key" else "warning" if change.new != "healthy" \
             else "info"
         message = (f"upstream {change.upstream} (region {region}) {change.new}: {change.reason}"
@@ -41,16 +43,18 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
         getattr(log, level)(message, upstream=change.upstream, region=region, old=change.old,
                             new=change.new)
         metrics.health_changes.labels(change.upstream, change.new).inc()
-        for state in STATES:
-            metrics.upstream_state.labels(change.upstream, state).set(
-                1 if state == change.new else 0)
+        _set_state_gauges(metrics, change.upstream, change.new)
+
+
+def _set_state_gauges(metrics: Metrics, upstream: str, current: str) -> None:
+    for state in STATES:
+        metrics.upstream_state.labels(upstream, state).set(1 if state == current else 0)
 
 
 def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
     """Set every upstream's state/estimate gauges and every route's level gauge."""
     for name, entry in router.snapshot(now=now).items():
-        for state in STATES:
-            metrics.upstream_state.labels(name, state).set(1 if state == entry["state"] else 0)
+        _set_state_gauges(metrics, name, entry["state"])
         if "latency_ms" in entry:
             metrics.latency_estimate.labels(name, entry["latency_source"]).set(
                 entry["latency_ms"] / 1000)
@@ -114,6 +118,7 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
             report_changes(router.tick(now=now), router, app[METRICS])
             report_changes(gossip(router, app[STATE_SYNC].store, now=now), router, app[METRICS])
             refresh_gauges(router, app[METRICS], now=now)
+            refresh_share_gauges(app[TRAFFIC], router, app[METRICS], now=now)
 
     refresh_gauges(app[SERVING].runtime.router, app[METRICS],
                    now=asyncio.get_running_loop().time())
@@ -124,3 +129,13 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics, *,
+                         now: float) -> None:
+    """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
+    routes = router.config.routes
+    traffic.forget({route.model for route in routes})
+    metrics.routing_share.clear()  # drops routes and targets a reload removed
+    for route in routes:
+        shares = traffic.share(route.model, now=now)
+        for name in route.targets:
+            metrics.routing_share.labels(route.model, name).set(round(shares.get(name, 0.0), 4))

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from routing import Config, Router
+from routing import Config, Router, TrafficShare
 from statesync import StateSync
 
 from ._metrics import Metrics
@@ -59,5 +59,6 @@ SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 STATE_SYNC = web.AppKey("state_sync", StateSync)
+TRAFFIC = web.AppKey("traffic_share", TrafficShare)
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
