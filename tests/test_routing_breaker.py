@@ -219,6 +219,18 @@ def test_CircuitBreaker_probe_failure_reopens_with_longer_cooldown(
         assert (transition.old, transition.new, transition.reason) == (HALF, OPEN, "probe failed")
 
 
+#: Trip, fail the probe (second trip, 10 s cool-down), then a probe success closes it.
+_TWO_TRIPS_THEN_CLOSED = [
+    ("record", F, OPEN),
+    ("wait", 5.0, None),
+    ("allows", None, True),
+    ("record", F, OPEN),
+    ("wait", 10.0, None),
+    ("allows", None, True),
+    ("record", S, CLOSED),
+]
+
+
 def test_CircuitBreaker_trip_streak_survives_a_quick_relapse() -> None:
     """An upstream that fails again soon after closing gets the longer cool-down."""
     clock = FakeClock()
@@ -227,13 +239,7 @@ def test_CircuitBreaker_trip_streak_survives_a_quick_relapse() -> None:
         breaker,
         clock,
         [
-            ("record", F, OPEN),
-            ("wait", 5.0, None),
-            ("allows", None, True),
-            ("record", F, OPEN),
-            ("wait", 10.0, None),
-            ("allows", None, True),
-            ("record", S, CLOSED),
+            *_TWO_TRIPS_THEN_CLOSED,
             ("wait", 59.0, None),
             ("record", F, OPEN),
         ],
@@ -250,13 +256,7 @@ def test_CircuitBreaker_trip_streak_forgotten_after_quiet_period() -> None:
         breaker,
         clock,
         [
-            ("record", F, OPEN),
-            ("wait", 5.0, None),
-            ("allows", None, True),
-            ("record", F, OPEN),
-            ("wait", 10.0, None),
-            ("allows", None, True),
-            ("record", S, CLOSED),
+            *_TWO_TRIPS_THEN_CLOSED,
             ("wait", 60.0, None),
             ("allows", None, True),
         ],
