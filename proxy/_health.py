@@ -8,7 +8,6 @@ human can fix a key or a balance), and the gauges in ``/metrics`` follow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 
@@ -20,6 +19,7 @@ from statesync import SessionStore
 
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
+from ._tasks import running
 
 log = structlog.get_logger("skyroute.health")
 
@@ -122,11 +122,8 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
 
     refresh_gauges(app[SERVING].runtime.router, app[METRICS],
                    now=asyncio.get_running_loop().time())
-    task = asyncio.create_task(loop(), name="skyroute-health-ticker")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(loop(), name="skyroute-health-ticker"):
+        yield
 
 
 def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics, *,

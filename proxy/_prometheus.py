@@ -32,7 +32,6 @@ special path here and never fails a request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 from collections.abc import AsyncIterator
@@ -47,6 +46,7 @@ from routing import PrometheusSource
 
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, Runtime
+from ._tasks import running
 
 log = structlog.get_logger("skyroute.latency")
 
@@ -217,10 +217,8 @@ async def prometheus_source(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: poll the latency Prometheus while one is configured."""
     status = app[PROMETHEUS_STATUS] = SourceStatus()
     # Its own small session: a couple of connections, and none taken from the upstreams' pool.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
-        task = asyncio.create_task(_poll_forever(app, session, status),
-                                   name="skyroute-prometheus-source")
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session,
+        running(_poll_forever(app, session, status), name="skyroute-prometheus-source"),
+    ):
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

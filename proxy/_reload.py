@@ -11,7 +11,6 @@ finds through the path (inode included) and then the content itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +22,7 @@ from aiohttp import web
 from routing import ConfigError, load_config
 
 from ._state import METRICS, SERVING
+from ._tasks import running
 
 log = structlog.get_logger("skyroute.config")
 
@@ -84,10 +84,7 @@ def config_watcher(interval_s: float) -> Callable[[web.Application], AsyncIterat
                 seen = current
                 reload_config(app)
 
-        task = asyncio.create_task(loop(), name="skyroute-config-watch")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with running(loop(), name="skyroute-config-watch"):
+            yield
 
     return watch
