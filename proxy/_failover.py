@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -35,23 +36,40 @@ from ._forward import (
     Opened,
     UpstreamCall,
     buffered_response,
+    end_stream,
     open_attempt,
     read_rest,
     relay_stream,
     response_headers,
+    stream_response,
 )
 from ._health import report_changes
 from ._metrics import Metrics
+from ._sse import StreamTranscript
 from ._state import TRAFFIC, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
 
+@dataclass(slots=True, kw_only=True)
+class _Interrupted:
+    """A stream cut after the client got part of it, which the route may resume."""
+
+    resp: web.StreamResponse
+    transcript: StreamTranscript
+    opened: Opened  # the attempt that was cut
+    outcome: AttemptOutcome
+
+
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
                       session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
-                      ) -> web.StreamResponse:
+                      count_usage: bool = False) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
+
+    Args:
+        count_usage: read streamed answers for their token usage (into
+            ``summary.stream_tokens``), for a client with a ``tpm`` limit.
 
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
@@ -59,34 +77,51 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     loop = asyncio.get_running_loop()
     plan = router.plan(route, now=loop.time(), prefer=prefer)
     summary.route = route.model
+    resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
         target = plan.next_attempt(now=loop.time())
         if isinstance(target, GiveUp):
+            if resuming is not None:
+                return await _end_cut(resuming, summary, metrics, call)
             raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
         try:
             answer = await _attempt(request, target, call, session, metrics, router, plan,
-                                    request_id)
+                                    request_id, resuming=resuming,
+                                    track=count_usage or route.resume)
         except BaseException:
             router.cancel(target, now=loop.time())  # the client went away mid-attempt
             raise
         if isinstance(answer, tuple):
-            resp, outcome = answer
+            resp, outcome, transcript = answer
             summary.upstream = outcome.target.name  # a hedge may have won
             summary.cut = outcome.detail or None
             _book(router, plan, metrics, outcome, loop.time())
             request.app[TRAFFIC].record_served(route.model, outcome.target.name, loop.time())
+            if resuming is not None:
+                result = "cut" if summary.cut else "resumed"
+                metrics.stream_resumes.labels(route.model, result).inc()
+            if transcript is not None:
+                summary.stream_tokens = _tokens_used(transcript, call)
             return resp
-        outcome = answer.outcome
+        if isinstance(answer, _Interrupted):
+            resuming, outcome = answer, answer.outcome
+        else:
+            outcome = answer.outcome
         decision = _book(router, plan, metrics, outcome, loop.time())
         if isinstance(decision, Respond):  # the client's own mistake: pass it on untouched
+            if resuming is not None:  # too late for that: the client has half an answer
+                return await _end_cut(resuming, summary, metrics, call, outcome.detail)
             return web.Response(status=answer.status or 502, body=answer.body,
                                 headers=response_headers(answer.headers or {}, request_id,
                                                          target))
         log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
-                    will_retry=isinstance(decision, Retry))
+                    will_retry=isinstance(decision, Retry),
+                    resume=resuming is not None or None)
         if isinstance(decision, GiveUp):
+            if resuming is not None:
+                return await _end_cut(resuming, summary, metrics, call)
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
         if decision.delay_s > 0:
@@ -95,17 +130,38 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
                    session: aiohttp.ClientSession, metrics: Metrics, router: Router,
-                   plan: AttemptPlan, request_id: str,
-                   ) -> tuple[web.StreamResponse, AttemptOutcome] | Failed:
-    """One attempt: an answer sent to the client (with its outcome), or ``Failed``."""
+                   plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
+                   track: bool,
+                   ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
+        | _Interrupted | Failed:
+    """One attempt: an answer sent to the client, a resumable cut, or ``Failed``.
+
+    With ``resuming``, the attempt continues that cut stream: the request asks for
+    the rest of the partial answer, and its events go into the same response.
+    """
     loop = asyncio.get_running_loop()
+    if resuming is not None:
+        call = call.continuing(resuming.transcript.text, resuming.transcript.content_chunks)
     target, opened = await _open_hedged(target, call, session, metrics, router, plan,
                                         request_id)
     if isinstance(opened, Failed):
         return opened
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
+    transcript: StreamTranscript | None = None
     if opened.is_sse:
-        resp, cut = await relay_stream(request, opened, request_id)
+        resp = resuming.resp if resuming is not None else stream_response(opened, request_id)
+        transcript = resuming.transcript if resuming is not None \
+            else StreamTranscript() if track else None
+        cut = await relay_stream(request, resp, opened, transcript=transcript,
+                                 continuation=resuming is not None)
+        if cut is not None and transcript is not None and _can_resume(plan.route, call,
+                                                                      transcript):
+            outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,
+                                     status=opened.response.status, detail=cut,
+                                     ttfb_s=opened.ttfb_s)
+            return _Interrupted(resp=resp, transcript=transcript, opened=opened,
+                                outcome=outcome)
+        await end_stream(resp, opened, cut)
     else:
         body = await read_rest(opened)
         if isinstance(body, Failed):
@@ -117,7 +173,36 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
     outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT if cut else Result.SUCCESS,
                              status=opened.response.status, detail=cut or "",
                              ttfb_s=opened.ttfb_s)
-    return resp, outcome
+    return resp, outcome, transcript
+
+
+def _can_resume(route: Route, call: UpstreamCall, transcript: StreamTranscript) -> bool:
+    """Whether a cut stream can go on elsewhere: a one-choice chat answer, not finished."""
+    payload = call.payload
+    return (route.resume and payload is not None and isinstance(payload.get("messages"), list)
+            and payload.get("n") in (None, 1) and transcript.resumable
+            and not transcript.finished)
+
+
+async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
+                   call: UpstreamCall, why: str | None = None) -> web.StreamResponse:
+    """No upstream could continue a cut stream: end it with the error event."""
+    reason = cut.outcome.detail + (f"; resuming failed: {why}" if why else
+                                   "; no upstream could continue it")
+    summary.cut = reason
+    summary.stream_tokens = _tokens_used(cut.transcript, call)
+    metrics.stream_resumes.labels(summary.route, "cut").inc()
+    await end_stream(cut.resp, cut.opened, reason)
+    return cut.resp
+
+
+def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
+    """Tokens a streamed answer used: as the upstream reported, else estimated.
+
+    Upstreams report usage in a stream only when asked (``stream_options``); the
+    estimate is a token per 4 bytes of request plus one per content chunk.
+    """
+    return transcript.usage_tokens or len(call.body or b"") // 4 + transcript.content_chunks
 
 
 async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,

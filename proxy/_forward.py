@@ -25,7 +25,7 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -33,6 +33,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from routing import AttemptOutcome, Result, Target, classify_status
+
+from ._sse import StreamTranscript, complete_events
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 #: ones skyroute sets itself.
@@ -64,6 +66,22 @@ class UpstreamCall:
         if self.payload is None or self.alias is None or target.model == self.alias:
             return self.body
         return json.dumps({**self.payload, "model": target.model}).encode()
+
+    def continuing(self, partial: str, used_tokens: int) -> UpstreamCall:
+        """This chat request, asking the next upstream to go on from ``partial``.
+
+        The partial answer goes back as a final assistant message (the prefix the
+        model continues), and a ``max_tokens`` limit shrinks by what was used.
+        """
+        assert self.payload is not None
+        payload = dict(self.payload)
+        if partial:
+            payload["messages"] = [*payload["messages"],
+                                   {"role": "assistant", "content": partial}]
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(payload.get(key), int):
+                payload[key] = max(1, payload[key] - used_tokens)
+        return replace(self, body=json.dumps(payload).encode(), payload=payload)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -261,40 +279,69 @@ def buffered_response(opened: Opened, body: bytes, request_id: str) -> web.Respo
     return web.Response(status=opened.response.status, body=body, headers=headers)
 
 
-async def relay_stream(request: web.Request, opened: Opened, request_id: str,
-                       ) -> tuple[web.StreamResponse, str | None]:
-    """Commit to ``opened`` and relay its stream; returns the response and the cut reason.
+def stream_response(opened: Opened, request_id: str) -> web.StreamResponse:
+    """The client's streamed response for ``opened`` (not yet prepared)."""
+    return web.StreamResponse(status=opened.response.status,
+                              headers=response_headers(opened.response.headers, request_id,
+                                                       opened.target))
 
-    After this starts, failover is no longer possible: a cut becomes an in-band
-    SSE error event, and the stream ends without ``[DONE]``.
+
+async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: Opened, *,
+                       transcript: StreamTranscript | None = None,
+                       continuation: bool = False) -> str | None:
+    """Commit to the SSE stream ``opened`` and relay it into ``resp``; returns the cut reason.
+
+    After this starts, failover is no longer possible. SSE is relayed whole events
+    at a time, so a cut never leaves half an event for whatever is written next
+    (``end_stream``'s error event, or a resumed attempt's events). With a
+    ``transcript``, every event is read into it; with ``continuation``, the
+    events are those of a resumed attempt and are rewritten to continue the
+    stream the client already has.
     """
     upstream = opened.response
-    resp = web.StreamResponse(status=upstream.status,
-                              headers=response_headers(upstream.headers, request_id,
-                                                       opened.target))
     cut: str | None = None
     try:
-        await resp.prepare(request)
-        await resp.write(opened.prefix)
-        tail = opened.prefix[-_SSE_TAIL:]
+        if not resp.prepared:
+            await resp.prepare(request)
+        pending, tail = opened.prefix, b""
+        chunks = upstream.content.iter_any()
         try:
-            async for chunk in upstream.content.iter_any():
-                if opened.is_sse and chunk[:1] == b":":
+            while True:
+                whole = complete_events(pending)
+                if whole:
+                    events, pending = ((pending, b"") if whole == len(pending)
+                                       else (pending[:whole], pending[whole:]))
+                    if transcript is not None:
+                        if continuation:
+                            events = transcript.continue_with(events)
+                        else:
+                            transcript.feed(events)
+                    if events:
+                        await resp.write(events)
+                        tail = (tail + events)[-_SSE_TAIL:]
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
                     chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
-                if chunk:
-                    await resp.write(chunk)
-                    tail = (tail + chunk)[-_SSE_TAIL:]
+                pending += chunk
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
                 TimeoutError) as exc:
             cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if cut is None and opened.is_sse and b"[DONE]" not in tail:
+        if cut is None and b"[DONE]" not in tail + pending:
             cut = "the upstream ended the stream without [DONE]"
-        if cut is not None and opened.is_sse:
-            await resp.write(sse_error_event(opened.target.name, cut))
-        await resp.write_eof()
+        if cut is None and pending.strip():
+            await resp.write(pending)  # a last event without its blank line
     finally:
         upstream.close()
-    return resp, cut
+    return cut
+
+
+async def end_stream(resp: web.StreamResponse, opened: Opened, cut: str | None) -> None:
+    """Finish the client's stream: after a cut, an SSE error event and no ``[DONE]``."""
+    if cut is not None:
+        await resp.write(sse_error_event(opened.target.name, cut))
+    await resp.write_eof()
 
 
 def sse_error_event(upstream: str, reason: str) -> bytes:

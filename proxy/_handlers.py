@@ -145,11 +145,14 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     summary = request[SUMMARY]
     resp = await serve_route(request, router=runtime.router, route=route, call=call,
                              session=request.app[SESSION], metrics=request.app[METRICS],
-                             request_id=request[REQUEST_ID], summary=summary, prefer=pinned)
+                             request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
+                             count_usage=client is not None and client.tpm is not None)
     if session_id and resp.status < 400:
         remember_session(store, session_id, summary.upstream, pinned)
-    if isinstance(resp, web.Response) and resp.body:
-        count_tokens(store, client, resp.body)  # type: ignore[arg-type]
+    if client is not None and client.tpm is not None:
+        body = resp.body if isinstance(resp, web.Response) else None
+        count_tokens(store, client, body if isinstance(body, bytes) else None,
+                     streamed=summary.stream_tokens)
     return resp
 
 

@@ -44,6 +44,11 @@ class Metrics:
         self.hedges = Counter(
             "skyroute_hedges", "Hedged requests by result: won (the hedge answered first) "
             "or lost (the first attempt did).", ["route", "result"], registry=r)
+        self.stream_resumes = Counter(
+            "skyroute_stream_resumes",
+            "Streams cut part-way on a route with resume: on, by result: resumed (the "
+            "client got one whole answer) or cut (no upstream could continue it).",
+            ["route", "result"], registry=r)
         self.ttfb = Histogram(
             "skyroute_upstream_ttfb_seconds",
             "Upstream time to first content byte (keep-alives excluded).",

@@ -94,13 +94,20 @@ def enforce_limits(store: SessionStore, client: ApiKey, *, now: float) -> None:
     store.add_usage(client.name, requests=1, now=now)
 
 
-def count_tokens(store: SessionStore, client: ApiKey | None, body: bytes) -> None:
-    """Add the tokens an answer reports (``usage.total_tokens``) to the client's usage."""
-    if client is None or client.tpm is None:
-        return
-    match = _TOTAL_TOKENS.search(body)
-    if match:
-        store.add_usage(client.name, tokens=int(match.group(1)), now=time.time())
+def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
+                 streamed: int | None = None) -> None:
+    """Add an answer's tokens to the client's usage.
+
+    Args:
+        body: a whole (non-streamed) answer; its ``usage.total_tokens`` counts.
+        streamed: the tokens a streamed answer used (see ``serve_route``).
+    """
+    tokens = streamed
+    if tokens is None and body:
+        match = _TOTAL_TOKENS.search(body)
+        tokens = int(match.group(1)) if match else None
+    if tokens:
+        store.add_usage(client.name, tokens=tokens, now=time.time())
 
 
 def remember_session(store: SessionStore, session_id: str, served_by: str,

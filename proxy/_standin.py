@@ -146,8 +146,14 @@ class _Answer:
     tokens: int
 
     def pieces(self) -> list[str]:
+        """The answer's tokens; after a final assistant message, the ones it has not got."""
         words = ["Hello", " from", f" {self.upstream}"]
-        return [words[i] if i < len(words) else f" t{i}" for i in range(self.tokens)]
+        said = 0  # a continuation (skyroute's stream resume) goes on from the prefix
+        messages = self.body.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            said = len(str(messages[-1].get("content") or "").split())
+        return [words[i] if i < len(words) else f" t{i}" for i in range(said, self.tokens)]
 
     def usage(self) -> dict[str, int]:
         prompt = max(1, _words(self.body.get("messages") or self.body.get("prompt")))

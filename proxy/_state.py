@@ -53,6 +53,7 @@ class RequestSummary:
     upstream: str = "-"
     attempts: int = 0
     cut: str | None = None
+    stream_tokens: int | None = None  # tokens a streamed answer used (read when counted)
 
 
 SERVING = web.AppKey("serving", Serving)

@@ -147,6 +147,9 @@ class Route:
     #: Start the same request on the next upstream if no first token came by then:
     #: a fixed delay, or ``"p95"`` for the first upstream's current p95 TTFB.
     hedge_after: float | str | None = None
+    #: Continue a stream cut after its first content byte on the next upstream, sending
+    #: the partial answer back as an assistant prefix (chat completions only).
+    resume: bool = False
     implicit: bool = False  # made from upstreams' model maps, not written in YAML
 
     def __post_init__(self) -> None:
@@ -362,6 +365,15 @@ def _hedge_after(value: Any) -> float | str:
     return "p95" if str(value).strip() == "p95" else parse_duration(value)
 
 
+def _boolean(value: Any) -> bool:
+    # A string comes from ${VAR} substitution.
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 def _positive_int(value: Any) -> int:
     number = int(value)
     if number < 1 or isinstance(value, bool | float):
@@ -490,7 +502,8 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
         "latency_threshold": ("latency_threshold_s", parse_duration, _DURATION),
         "timeout": ("timeout_s", parse_duration, _DURATION),
         "max_attempts": ("max_attempts", _positive_int, _COUNT),
-        "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95")})
+        "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95"),
+        "resume": ("resume", _boolean, "true or false")})
     strategy = entry.text("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:

@@ -75,6 +75,8 @@ BAD_CASES = [
     (("routes:", "rutes:"), "rutes", 18, "did you mean 'routes'"),
     (("    models: {chat: deepseek-r1-distill-qwen-7b}", "    models: {other: x}"),
      "routes[0].targets[1]", 20, "no model for alias 'chat'"),
+    (("  - model: chat\n", "  - model: chat\n    resume: sometimes\n"), "routes[0].resume",
+     20, "true or false"),
 ]
 
 
@@ -118,3 +120,12 @@ def test_parse_duration_accepts_units(text, seconds):
 def test_parse_size_accepts_units(text, size):
     """Sizes accept B, KB/KiB, MB/MiB, GB/GiB and bare bytes."""
     assert parse_size(text) == size
+
+
+def test_stream_resume_is_off_unless_a_route_turns_it_on():
+    plain = parse_config(CONTRACT, env=ENV)
+    resuming = parse_config(CONTRACT.replace("  - model: chat\n",
+                                             "  - model: chat\n    resume: ${RESUME}\n"),
+                            env={**ENV, "RESUME": "true"})
+    assert plain.routes[0].resume is False
+    assert resuming.routes[0].resume is True
