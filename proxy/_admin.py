@@ -64,6 +64,13 @@ async def handle_admin_routing(request: web.Request) -> web.Response:
             "probe_share": latency.probe_share, "recover_ratio": latency.recover_ratio,
             "recover_intervals": latency.recover_intervals, "ramp_s": latency.ramp_s,
             "prometheus": status.describe(now=now) if status is not None else None,
+            "scrape": {
+                "interval_s": latency.scrape.interval_s, "timeout_s": latency.scrape.timeout_s,
+                "metrics_path": latency.scrape.metrics_path,
+                "health_path": latency.scrape.health_path,
+                "unhealthy_after": latency.scrape.unhealthy_after,
+                "pools": [u.name for u in router.scraped_pools],
+            },
         },
         "routes": {route.model: _route(router, route, traffic, now)
                    for route in runtime.config.routes},
@@ -104,6 +111,8 @@ def _upstream(health: UpstreamHealth, entry: dict[str, Any], served: int, total:
         # 0 while slow; climbs from 0.1 to 1 along the recovery ramp.
         "ramp": round(health.share(now=now), 3),
         "outstanding": entry["outstanding"],
+        # Pools only: each server's health, reported load and skyroute's count there.
+        "endpoints": entry.get("endpoints"),
         "last_change": None if change is None else {
             "old": change.old, "new": change.new, "reason": change.reason,
             "s_ago": round(now - change.at, 1)},

@@ -27,6 +27,7 @@ from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
+from ._pool_scrape import pool_scraper
 from ._prometheus import prometheus_source
 from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
@@ -154,6 +155,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(health_ticker)
     app.cleanup_ctx.append(prometheus_source)
+    app.cleanup_ctx.append(pool_scraper)  # after _client_session: it scrapes through it
     if config_path is not None:
         app.cleanup_ctx.append(config_watcher(watch_interval_s))
     app.router.add_get("/metrics", _metrics)

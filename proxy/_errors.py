@@ -100,3 +100,15 @@ class UpstreamError(ProxyError):
         super().__init__(message, retry_after_s=retry_after_s)
         self.status = status
         self.code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(status, self.code)
+
+
+class DegradedRefusal(ProxyError):
+    """skyroute is in minimal mode and does not serve this request now (503, Retry-After).
+
+    Not the upstreams' answer and not the client's mistake: the same request is
+    served once enough upstreams are back.
+    """
+
+    status = 503
+    type = "server_error"
+    code = "minimal_mode"

@@ -9,7 +9,7 @@ request. It owns no policy: whether to try another upstream, and which, is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +64,14 @@ class _Interrupted:
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
                       session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
-                      count_usage: bool = False) -> web.StreamResponse:
+                      count_usage: bool = False,
+                      extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
 
     Args:
         count_usage: read streamed answers for their token usage (into
             ``summary.stream_tokens``), for a client with a ``tpm`` limit.
+        extra_headers: added to the response's headers (before a stream starts).
 
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
@@ -85,13 +87,9 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
                 return await _end_cut(resuming, summary, metrics, call)
             raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
-        try:
-            answer = await _attempt(request, target, call, session, metrics, router, plan,
-                                    request_id, resuming=resuming,
-                                    track=count_usage or route.resume)
-        except BaseException:
-            router.cancel(target, now=loop.time())  # the client went away mid-attempt
-            raise
+        answer = await _attempt(request, target, call, session, metrics, router, plan,
+                                request_id, resuming=resuming,
+                                track=count_usage or route.resume, extra_headers=extra_headers)
         if isinstance(answer, tuple):
             resp, outcome, transcript = answer
             summary.upstream = outcome.target.name  # a hedge may have won
@@ -114,7 +112,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
                 return await _end_cut(resuming, summary, metrics, call, outcome.detail)
             return web.Response(status=answer.status or 502, body=answer.body,
                                 headers=response_headers(answer.headers or {}, request_id,
-                                                         target))
+                                                         target, extra_headers))
         log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
@@ -131,7 +129,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
                    session: aiohttp.ClientSession, metrics: Metrics, router: Router,
                    plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
-                   track: bool,
+                   track: bool, extra_headers: Mapping[str, str] | None = None,
                    ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
         | _Interrupted | Failed:
     """One attempt: an answer sent to the client, a resumable cut, or ``Failed``.
@@ -146,10 +144,27 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
                                         request_id)
     if isinstance(opened, Failed):
         return opened
+    try:
+        return await _answer(request, opened, call, metrics, plan, request_id,
+                             resuming=resuming, track=track, extra_headers=extra_headers)
+    except BaseException:
+        router.cancel(opened.target, now=loop.time())  # the client went away mid-answer
+        raise
+
+
+async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metrics: Metrics,
+                  plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None, track: bool,
+                  extra_headers: Mapping[str, str] | None,
+                  ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
+        | _Interrupted | Failed:
+    """Send the answer ``opened`` has begun to the client (see ``_attempt``)."""
+    loop = asyncio.get_running_loop()
+    target = opened.target
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
     transcript: StreamTranscript | None = None
     if opened.is_sse:
-        resp = resuming.resp if resuming is not None else stream_response(opened, request_id)
+        resp = resuming.resp if resuming is not None \
+            else stream_response(opened, request_id, extra_headers)
         transcript = resuming.transcript if resuming is not None \
             else StreamTranscript() if track else None
         cut = await relay_stream(request, resp, opened, transcript=transcript,
@@ -166,7 +181,7 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
         body = await read_rest(opened)
         if isinstance(body, Failed):
             return body
-        resp, cut = buffered_response(opened, body, request_id), None
+        resp, cut = buffered_response(opened, body, request_id, extra_headers), None
     if cut is None:
         metrics.latency.labels(target.name, target.upstream.region).observe(
             loop.time() - opened.started)
@@ -224,7 +239,11 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
 
     delay = plan.hedge_delay(target, now=loop.time())
     if delay is None:  # no hedging: no task, no extra turn of the event loop
-        return target, await opening(target)
+        try:
+            return target, await opening(target)
+        except BaseException:
+            router.cancel(target, now=loop.time())  # the client went away
+            raise
     tasks = {start(target): target}
     hedge: Target | None = None
     try:

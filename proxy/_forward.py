@@ -113,10 +113,11 @@ def client_headers(request: web.Request) -> CIMultiDict[str]:
 
 
 def response_headers(upstream: Mapping[str, str], request_id: str, target: Target,
-                     ) -> CIMultiDict[str]:
+                     extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
     headers["X-Request-ID"] = request_id
     headers["X-Skyroute-Upstream"] = target.name
+    headers.update(extra or {})  # e.g. X-Skyroute-Degraded for a fallback answer
     return headers
 
 
@@ -273,17 +274,20 @@ async def read_rest(opened: Opened) -> bytes | Failed:
     return opened.prefix + rest
 
 
-def buffered_response(opened: Opened, body: bytes, request_id: str) -> web.Response:
+def buffered_response(opened: Opened, body: bytes, request_id: str,
+                      extra_headers: Mapping[str, str] | None = None) -> web.Response:
     """The response for a non-streaming answer read whole by ``read_rest``."""
-    headers = response_headers(opened.response.headers, request_id, opened.target)
+    headers = response_headers(opened.response.headers, request_id, opened.target,
+                               extra_headers)
     return web.Response(status=opened.response.status, body=body, headers=headers)
 
 
-def stream_response(opened: Opened, request_id: str) -> web.StreamResponse:
+def stream_response(opened: Opened, request_id: str,
+                    extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """The client's streamed response for ``opened`` (not yet prepared)."""
     return web.StreamResponse(status=opened.response.status,
                               headers=response_headers(opened.response.headers, request_id,
-                                                       opened.target))
+                                                       opened.target, extra_headers))
 
 
 async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: Opened, *,
@@ -305,29 +309,32 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
             await resp.prepare(request)
         pending, tail = opened.prefix, b""
         chunks = upstream.content.iter_any()
-        try:
-            while True:
-                whole = complete_events(pending)
-                if whole:
-                    events, pending = ((pending, b"") if whole == len(pending)
-                                       else (pending[:whole], pending[whole:]))
-                    if transcript is not None:
-                        if continuation:
-                            events = transcript.continue_with(events)
-                        else:
-                            transcript.feed(events)
-                    if events:
-                        await resp.write(events)
-                        tail = (tail + events)[-_SSE_TAIL:]
+        while True:
+            whole = complete_events(pending)
+            if whole:
+                events, pending = ((pending, b"") if whole == len(pending)
+                                   else (pending[:whole], pending[whole:]))
+                if transcript is not None:
+                    if continuation:
+                        events = transcript.continue_with(events)
+                    else:
+                        transcript.feed(events)
+                if events:
+                    # Outside the try below: a client that went away is not the
+                    # upstream's fault; its error ends the attempt with no outcome.
+                    await resp.write(events)
+                    tail = (tail + events)[-_SSE_TAIL:]
+            try:
                 chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-                if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
-                    chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
-                pending += chunk
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
-                TimeoutError) as exc:
-            cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
+                    TimeoutError) as exc:
+                cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                break
+            if chunk is None:
+                break
+            if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
+                chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
+            pending += chunk
         if cut is None and b"[DONE]" not in tail + pending:
             cut = "the upstream ended the stream without [DONE]"
         if cut is None and pending.strip():

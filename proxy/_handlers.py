@@ -1,9 +1,11 @@
 """Handlers for the OpenAI API under ``/v1``.
 
 A handler parses and validates the request, asks the router for the route, and
-hands the rest to the attempt loop (``proxy._failover``). Only the ``model`` and
-``stream`` fields of the body are interpreted; the body goes upstream as the
-client sent it unless the model alias has to be renamed.
+hands the rest to the attempt loop (``proxy._failover``), through the
+degradation decision (``proxy._degraded``). Only the ``model``, ``stream``, ``n``
+and token-limit fields of the body are interpreted; the body goes upstream as the
+client sent it unless the model alias has to be renamed or, in minimal mode, its
+``max_tokens`` capped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from routing import ApiKey, Config, Route, Router
 
+from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
     ClientRequestError,
@@ -136,6 +139,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, runtime.config.limits.max_body_bytes)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
     route, alias = choose_route(runtime.router, payload)
+    metrics, now = request.app[METRICS], asyncio.get_running_loop().time()
+    decision = decide(runtime.router, route, payload, metrics, now=now)
+    body, payload = cap_max_tokens(body, payload, decision, metrics)
     session_id = session_id_of(request, payload, runtime.config.sessions)
     session = store.get(session_id, now=time.time()) if session_id else None
     pinned = session.upstream if session else None
@@ -143,11 +149,15 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
                         body=body or None, payload=payload, alias=alias)
     summary = request[SUMMARY]
-    resp = await serve_route(request, router=runtime.router, route=route, call=call,
-                             session=request.app[SESSION], metrics=request.app[METRICS],
-                             request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
-                             count_usage=client is not None and client.tpm is not None)
-    if session_id and resp.status < 400:
+    serve = functools.partial(serve_route, request, router=runtime.router, call=call,
+                              session=request.app[SESSION], metrics=metrics,
+                              request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
+                              count_usage=client is not None and client.tpm is not None)
+    resp = await serve_decided(serve, decision, asked=route, router=runtime.router,
+                               metrics=metrics, summary=summary,
+                               deadline=now + route.timeout_s)
+    # A fallback's answer must not pin the session to the fallback's upstream.
+    if session_id and resp.status < 400 and summary.fallback is None:
         remember_session(store, session_id, summary.upstream, pinned)
     if client is not None and client.tpm is not None:
         body = resp.body if isinstance(resp, web.Response) else None

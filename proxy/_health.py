@@ -1,8 +1,9 @@
 """Reporting upstream health: state-change log lines, gauges, ``/health``, the ticker.
 
-``routing`` decides states; this module only tells the outside world about them.
-Every state change is one log line (``bad_key`` at error level, since only a
-human can fix a key or a balance), and the gauges in ``/metrics`` follow.
+``routing`` decides states and degradation levels; this module only tells the
+outside world about them. Every state change is one log line (``bad_key`` at
+error level, since only a human can fix a key or a balance), every route level
+change too, and the gauges in ``/metrics`` follow.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ log = structlog.get_logger("skyroute.health")
 
 def report_changes(changes: Iterable[HealthChange | None], router: Router, metrics: Metrics,
                    ) -> None:
-    """Log each change once and bring the state gauges up to date."""
+    """Log each change once and bring the state gauges up to date.
+
+    A state change may change route levels too; those are reported at once.
+    """
+    last: HealthChange | None = None
     for change in changes:
         if change is None:
             continue
+        last = change
         try:
             region = router.config.upstream(change.upstream).region
         except KeyError:  # removed by a reload since
@@ -44,6 +50,21 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
                             new=change.new)
         metrics.health_changes.labels(change.upstream, change.new).inc()
         _set_state_gauges(metrics, change.upstream, change.new)
+    if last is not None:
+        report_level_changes(router, metrics, now=last.at)
+
+
+def report_level_changes(router: Router, metrics: Metrics, *, now: float) -> None:
+    """Log each route level change once; set the level and minimal-mode gauges."""
+    for change in router.level_changes(now=now):
+        level = "info" if change.new == "normal" else "error" if change.new == "unavailable" \
+            else "warning"
+        getattr(log, level)(f"route {change.route} degradation level {change.old} -> "
+                            f"{change.new}: {change.reason}", route=change.route,
+                            old=change.old, new=change.new, reason=change.reason)
+        metrics.degradation_changes.labels(change.route, change.new).inc()
+        metrics.degradation_level.labels(change.route).set(LEVELS.index(change.new))
+    metrics.minimal_mode.set(1 if router.minimal(now=now).active else 0)
 
 
 def _set_state_gauges(metrics: Metrics, upstream: str, current: str) -> None:
@@ -52,12 +73,17 @@ def _set_state_gauges(metrics: Metrics, upstream: str, current: str) -> None:
 
 
 def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
-    """Set every upstream's state/estimate gauges and every route's level gauge."""
+    """Set every upstream's state/estimate gauges and every route's level gauge.
+
+    Levels also change with time alone (a cool-down ending), so level changes
+    are reported here too.
+    """
     for name, entry in router.snapshot(now=now).items():
         _set_state_gauges(metrics, name, entry["state"])
         if "latency_ms" in entry:
             metrics.latency_estimate.labels(name, entry["latency_source"]).set(
                 entry["latency_ms"] / 1000)
+    report_level_changes(router, metrics, now=now)
     for route in router.config.routes:
         metrics.degradation_level.labels(route.model).set(
             LEVELS.index(router.route_level(route, now=now)))
@@ -96,9 +122,15 @@ async def handle_health(request: web.Request) -> web.Response:
     runtime = request.app[SERVING].runtime
     router = runtime.router
     now = asyncio.get_running_loop().time()
+    minimal = router.minimal(now=now)
     return web.json_response({
         "level": router.level(now=now),
         "routes": {r.model: router.route_level(r, now=now) for r in runtime.config.routes},
+        "fallbacks": router.fallbacks(now=now),
+        "minimal": {"active": minimal.active, "available": minimal.available,
+                    "upstreams": minimal.upstreams,
+                    "when_available_below": minimal.below,
+                    "essential": list(minimal.essential)},
         "instance": runtime.config.instance_id,
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),

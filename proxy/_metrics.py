@@ -8,6 +8,8 @@ routing decisions are made.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +19,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from routing import EndpointView
+
+#: Pool upstream name -> its endpoints as routing sees them now.
+PoolViews = Callable[[], Mapping[str, Sequence[EndpointView]]]
 
 #: Dense around 50-400 ms, where "is this region slow?" is decided.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
@@ -83,6 +92,26 @@ class Metrics:
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)
+        self.degradation_changes = Counter(
+            "skyroute_degradation_level_changes",
+            "Route degradation level changes, by new level.", ["route", "level"], registry=r)
+        self.minimal_mode = Gauge(
+            "skyroute_minimal_mode",
+            "1 while the instance is in minimal mode (too few upstreams available), else 0.",
+            registry=r)
+        self.fallback_served = Counter(
+            "skyroute_fallback_served",
+            "Requests for a route answered by its fallback_model's route.",
+            ["route", "fallback"], registry=r)
+        self.degraded_refusals = Counter(
+            "skyroute_degraded_refusals",
+            "Requests refused in minimal mode, by reason: not_essential (the route is not "
+            "essential) or n_above_max (more choices than degradation.minimal.max_n).",
+            ["route", "reason"], registry=r)
+        self.max_tokens_capped = Counter(
+            "skyroute_max_tokens_capped",
+            "Requests whose max_tokens was capped (or added) in minimal mode.", ["route"],
+            registry=r)
         self.routing_share = Gauge(
             "skyroute_routing_share",
             "Share (0..1) of each route's recent requests served by each upstream.",
@@ -100,6 +129,21 @@ class Metrics:
             "Latency queries to Prometheus by result: ok, empty (no series matched an "
             "upstream), error (bad answer) or unreachable (connect error or timeout).",
             ["result"], registry=r)
+        self.pool_scrape_errors = Counter(
+            "skyroute_pool_scrape_errors",
+            "Failed checks of local GPU pool servers, by check: health (no 2xx from "
+            "health_path in time) or metrics (metrics_path unreachable or unreadable).",
+            ["upstream", "endpoint", "check"], registry=r)
+
+    def watch_pools(self, views: PoolViews) -> Callable[[], None]:
+        """Report every pool endpoint from ``views()`` at each ``/metrics`` scrape.
+
+        Returns:
+            a function that stops the reporting (for the scraper's shutdown).
+        """
+        collector = _PoolCollector(views)
+        self.registry.register(collector)
+        return lambda: self.registry.unregister(collector)
 
     def set_prometheus_up(self, up: bool | None) -> None:
         """Set ``skyroute_prometheus_source_up``; None removes it (no source configured)."""
@@ -118,3 +162,52 @@ class Metrics:
         resp = web.Response(body=generate_latest(self.registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
+
+
+_ENDPOINT_LABELS = ["upstream", "endpoint"]
+
+
+class _PoolCollector(Collector):
+    """Pool endpoint gauges read from routing when scraped, so reloads leave no stale series."""
+
+    def __init__(self, views: PoolViews) -> None:
+        self._views = views
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed series: registering must not call the router yet
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "skyroute_pool_endpoint_up",
+            "1 while a local GPU pool server passes its health checks, 0 while it is out.",
+            labels=_ENDPOINT_LABELS)
+        waiting = GaugeMetricFamily(
+            "skyroute_pool_endpoint_queue_depth",
+            "Requests waiting in a pool server's queue, as it last reported (absent "
+            "without a fresh scrape).", labels=_ENDPOINT_LABELS)
+        running = GaugeMetricFamily(
+            "skyroute_pool_endpoint_running",
+            "Requests a pool server runs, as it last reported (absent without a fresh "
+            "scrape).", labels=_ENDPOINT_LABELS)
+        kv_cache = GaugeMetricFamily(
+            "skyroute_pool_endpoint_kv_cache_usage",
+            "KV-cache share (0..1) a pool server uses, as it last reported.",
+            labels=_ENDPOINT_LABELS)
+        in_flight = GaugeMetricFamily(
+            "skyroute_pool_endpoint_in_flight",
+            "Requests skyroute has in flight at a pool server.", labels=_ENDPOINT_LABELS)
+        picks = CounterMetricFamily(
+            "skyroute_pool_endpoint_picks",
+            "Attempts sent to each pool server by its endpoint picker.", labels=_ENDPOINT_LABELS)
+        for upstream, endpoints in self._views().items():
+            for view in endpoints:
+                labels = [upstream, view.endpoint]
+                up.add_metric(labels, 1 if view.healthy else 0)
+                in_flight.add_metric(labels, view.in_flight)
+                picks.add_metric(labels, view.picks)
+                if view.fresh and view.load is not None:
+                    waiting.add_metric(labels, view.load.waiting)
+                    running.add_metric(labels, view.load.running)
+                    if view.load.kv_cache_usage is not None:
+                        kv_cache.add_metric(labels, view.load.kv_cache_usage)
+        yield from (up, waiting, running, kv_cache, in_flight, picks)

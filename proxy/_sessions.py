@@ -34,6 +34,7 @@ def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
     settings = SyncSettings(
         instance_id=config.instance_id, token=sync.token if sync else None,
         peers=tuple(sync.peers) if sync else (), discovery=sync.discovery if sync else None,
+        discovery_interval_s=sync.discovery_interval_s if sync else 10.0,
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
         snapshot_path=sync.snapshot_path if sync else None)

@@ -13,6 +13,10 @@ Rules
   ``ConnectionResetError`` on a write, or as a closed transport while a handler waits (``_pause``
   polls). Either one, or a ``CancelledError`` under ``handler_cancellation=True``, counts once in
   ``cancelled``. Every state change wakes ``wait_for``, so tests never sleep to synchronise.
+* ``GET /_standin/behaviour`` shows the behaviour and ``POST`` (a JSON object of ``Behaviour``
+  fields) changes it, so a person or another process can make a running stand-in slow or busy
+  (``skyroute demo`` prints the commands). It checks every field first and changes nothing on
+  a 400. It needs no key: stand-ins listen on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, final
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
-__all__ = ["MODES", "Behaviour", "StandinUpstream"]
+__all__ = ["MODES", "Behaviour", "StandinUpstream", "behaviour_update"]
+
+log = structlog.get_logger("skyroute.standin")
 
 MODES: Final = frozenset({"ok", "busy", "error", "rate_limited", "reset_before",
                           "reset_midstream", "bad_key", "no_balance", "bad_request"})
@@ -63,6 +70,7 @@ _ERROR_BODIES: Final[dict[str, tuple[int, str, str, str]]] = {
 }
 _SERVER_ERRORS: Final = {500: "Internal server error", 502: "Bad gateway",
                           503: "Server is busy, please try again later", 504: "Gateway timeout"}
+CONTROL_PATH: Final = "/_standin/behaviour"
 
 
 @dataclasses.dataclass
@@ -85,6 +93,41 @@ class Behaviour:
         if name == "error_status" and value not in _SERVER_ERRORS:
             raise ValueError(f"Behaviour.error_status must be 500/502/503/504, got {value!r}")
         super().__setattr__(name, value)
+
+
+def behaviour_update(body: Any) -> dict[str, Any]:
+    """Check a control request's JSON body: a subset of ``Behaviour``'s fields with values.
+
+    Raises:
+        ValueError: naming the first field that is unknown or has a value of the wrong kind.
+    """
+    example = 'e.g. {"ttft_s": 0.4} or {"mode": "busy"}'
+    if not isinstance(body, dict) or not body:
+        raise ValueError(f"the body must be a JSON object of Behaviour fields, {example}")
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(Behaviour)}
+    for name, value in body.items():
+        kind = kinds.get(name)
+        if kind is None:
+            raise ValueError(f"unknown field {name!r}; Behaviour fields: {', '.join(kinds)}")
+        if value is None and "None" in kind:
+            continue
+        if kind == "str":
+            ok, want = isinstance(value, str), f"one of {sorted(MODES)}"
+        elif "float" in kind:
+            ok, want = _is_amount(value), "a number of seconds >= 0"
+        else:
+            ok, want = _is_amount(value) and isinstance(value, int), "a whole number >= 0"
+        if "None" in kind:
+            want += " or null"
+        if not ok:
+            raise ValueError(f"field {name!r} must be {want}, got {json.dumps(value)}")
+    return body
+
+
+def _is_amount(value: Any) -> bool:
+    """A finite number >= 0; JSON true/false are not numbers (Python's bool is an int)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
 
 
 def _abort(request: web.BaseRequest, resp: web.StreamResponse, *, rst: bool) -> web.StreamResponse:
@@ -244,6 +287,11 @@ class StandinUpstream:
     def base_url(self) -> str:
         return f"http://{self._host}:{self.port}/v1"
 
+    @property
+    def control_url(self) -> str:
+        """Where ``GET``/``POST`` read and change ``behaviour`` from outside the process."""
+        return f"http://{self._host}:{self.port}{CONTROL_PATH}"
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on ``host:port`` (0 = a free port); read it back from ``port``/``base_url``."""
         if self._runner is not None:
@@ -289,6 +337,8 @@ class StandinUpstream:
         app = web.Application(middlewares=[self._track])
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get(CONTROL_PATH, self._show_behaviour)
+        app.router.add_post(CONTROL_PATH, self._change_behaviour)
         app.router.add_post("/v1/{endpoint:chat/completions|completions|embeddings}", self._answer)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._models)
@@ -441,6 +491,26 @@ class StandinUpstream:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+    async def _show_behaviour(self, request: web.Request) -> web.Response:
+        return web.json_response({"upstream": self.name, **dataclasses.asdict(self.behaviour)})
+
+    async def _change_behaviour(self, request: web.Request) -> web.Response:
+        """Apply a validated subset of fields to the live ``behaviour``; all or nothing."""
+        try:
+            update = behaviour_update(json.loads(await request.text()))
+            dataclasses.replace(self.behaviour, **update)  # Behaviour's own checks, on a copy
+        except ValueError as exc:  # includes malformed JSON
+            return _error(400, f"POST {CONTROL_PATH} on stand-in {self.name!r}: {exc}",
+                          "invalid_request_error", "invalid_behaviour")
+        before = {k: getattr(self.behaviour, k) for k in update}
+        for name, value in update.items():  # in place: tests may hold the same object
+            setattr(self.behaviour, name, value)
+        self._changed()
+        log.info(f"stand-in {self.name} behaviour changed: "
+                 + ", ".join(f"{k} {before[k]!r} -> {v!r}" for k, v in update.items()),
+                 upstream=self.name, **{k: v for k, v in update.items()})
+        return await self._show_behaviour(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         names = _METRIC_NAMES.get(self.metrics_format or "")

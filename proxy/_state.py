@@ -54,6 +54,7 @@ class RequestSummary:
     attempts: int = 0
     cut: str | None = None
     stream_tokens: int | None = None  # tokens a streamed answer used (read when counted)
+    fallback: str | None = None  # the fallback model that answered instead of ``route``
 
 
 SERVING = web.AppKey("serving", Serving)

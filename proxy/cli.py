@@ -1,4 +1,4 @@
-"""The ``skyroute`` command line: ``run``, ``validate`` and ``demo``."""
+"""The ``skyroute`` command line: ``run``, ``validate`` and ``demo`` (``--prometheus``)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                            "(on consecutive ports)")
     demo.add_argument("--print-config", action="store_true",
                       help="print the embedded routing file and exit")
+    demo.add_argument("--prometheus", action="store_true",
+                      help="also run a real Prometheus (a free port) that scrapes every "
+                           "instance each second; the instances read upstream latency from it")
+    demo.add_argument("--prometheus-bin", metavar="PATH",
+                      help="the prometheus binary to run (implies --prometheus; default: "
+                           "$SKYROUTE_PROMETHEUS_BIN, else prometheus on PATH)")
     return parser
 
 
@@ -94,12 +100,21 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import demo_config_text, run_demo
+    from ._local_prometheus import PrometheusNotFound, PrometheusStartError, find_prometheus
     from ._server import run_event_loop
 
     if args.print_config:
         print(demo_config_text(), end="")
         return 0
-    run_event_loop(run_demo(port=args.port, instances=max(1, args.instances)))
+    prometheus_bin = None
+    try:
+        if args.prometheus or args.prometheus_bin:
+            prometheus_bin = find_prometheus(args.prometheus_bin)  # before anything starts
+        run_event_loop(run_demo(port=args.port, instances=max(1, args.instances),
+                                prometheus_bin=prometheus_bin))
+    except (PrometheusNotFound, PrometheusStartError) as exc:
+        print(f"skyroute demo --prometheus: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,8 +4,18 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
+from ._degradation import LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth
+from ._pool import (
+    DEFAULT_METRIC_NAMES,
+    EndpointPicker,
+    EndpointView,
+    PoolMetricNames,
+    ServerLoad,
+    parse_server_load,
+)
+from ._pool_set import EndpointChange
 from ._router import LEVELS, AttemptPlan, Router
 from ._router_types import (
     RETRYABLE,
@@ -24,9 +34,11 @@ from .config import (
     ApiKey,
     BreakerPolicy,
     Config,
+    DegradationPolicy,
     LatencyPolicy,
     Limits,
     Listen,
+    PoolScrape,
     PrometheusSource,
     RetryPolicy,
     Route,
@@ -38,6 +50,7 @@ from .config import (
 )
 
 __all__ = [
+    "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
     "LEVELS",
     "RETRYABLE",
@@ -50,13 +63,22 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "Decision",
+    "DegradationPolicy",
+    "EndpointChange",
+    "EndpointPicker",
+    "EndpointView",
     "Estimate",
     "GiveUp",
     "HealthChange",
     "LatencyPolicy",
+    "LevelChange",
     "Limits",
     "Listen",
+    "MinimalTrigger",
+    "PoolMetricNames",
+    "PoolScrape",
     "PrometheusSource",
+    "Refuse",
     "Respond",
     "Result",
     "Retry",
@@ -65,6 +87,8 @@ __all__ = [
     "Router",
     "RoutingError",
     "RoutingStateError",
+    "Serve",
+    "ServerLoad",
     "SessionPolicy",
     "SyncPolicy",
     "Target",
@@ -75,5 +99,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_server_load",
     "parse_size",
 ]

@@ -1,4 +1,4 @@
-"""Policy sections of the routing file: retries, breakers, latency, sessions, sync.
+"""Policy sections of the routing file: retries, breakers, latency, sessions, sync, degradation.
 
 Frozen dataclasses with their defaults and the reasoning behind them; each
 ``__post_init__`` rejects values that cannot work. ``routing.config`` reads the
@@ -7,7 +7,11 @@ YAML into them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +78,74 @@ class PrometheusSource:
         object.__setattr__(self, "url", self.url.rstrip("/"))
 
 
+#: A pool server's scraped load counts for this many scrape intervals (plus the scrape
+#: timeout, as long as a round may take); after that the picker goes back to skyroute's
+#: own in-flight counts. One lost or slow scrape is not enough.
+STALE_SCRAPES = 3
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_DNS_DISCOVERY = re.compile(r"dns:[^\s:/]+(?::(\d+))?")
+
+
+def is_metric_name(name: str) -> bool:
+    """Whether ``name`` is a valid Prometheus metric name."""
+    return _METRIC_NAME.match(name) is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolScrape:
+    """How skyroute watches the servers of each local GPU pool (``latency.scrape``).
+
+    Paths are relative to each endpoint's origin (``scheme://host:port``): pool
+    endpoints usually end in ``/v1`` while vLLM and SGLang serve ``/metrics`` and
+    ``/health`` at the root.
+    """
+
+    #: The Gateway API Inference Extension scrapes every 1-2 s; queues change that fast.
+    interval_s: float = 1.0
+    #: A model server answers /health and /metrics in milliseconds even when busy.
+    timeout_s: float = 0.5
+    metrics_path: str = "/metrics"
+    #: ``/v1/models`` works on every OpenAI-compatible server (Ollama has no /health).
+    health_path: str = "/health"
+    #: Failed checks in a row that take an endpoint out; one passing check brings it back.
+    unhealthy_after: int = 2
+    metrics: PoolMetricNames = DEFAULT_METRIC_NAMES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval_s < float("inf"):
+            raise ValueError("interval must be above 0 (1s to 2s is usual)")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ValueError("timeout must be above 0 (e.g. 500ms)")
+        for key in ("metrics_path", "health_path"):
+            if not getattr(self, key).startswith("/"):
+                raise ValueError(f"{key} {getattr(self, key)!r} must start with / "
+                                 "(it is taken from each endpoint's scheme://host:port)")
+        if self.unhealthy_after < 1:
+            raise ValueError("unhealthy_after must be at least 1")
+        for names in (self.metrics.waiting, self.metrics.running, self.metrics.kv_cache_usage):
+            for name in names:
+                if not is_metric_name(name):
+                    raise ValueError(f"{name!r} is not a Prometheus metric name")
+
+    @property
+    def stale_after_s(self) -> float:
+        """Age after which a scraped load no longer counts."""
+        return STALE_SCRAPES * self.interval_s + self.timeout_s
+
+    def health_url(self, endpoint: str) -> str:
+        """Where to health-check ``endpoint`` (a base URL such as ``http://h:8000/v1``)."""
+        return _origin(endpoint) + self.health_path
+
+    def metrics_url(self, endpoint: str) -> str:
+        """Where to read ``endpoint``'s Prometheus metrics."""
+        return _origin(endpoint) + self.metrics_path
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencyPolicy:
     """Latency sources and how a slow upstream is left and taken back."""
@@ -88,6 +160,8 @@ class LatencyPolicy:
     recover_intervals: int = 3
     #: After recovery, traffic returns linearly over this long (Envoy's slow start).
     ramp_s: float = 10.0
+    #: Scraping and health-checking the servers of local GPU pools.
+    scrape: PoolScrape = field(default_factory=PoolScrape)
 
     def __post_init__(self) -> None:
         if not 0 <= self.probe_share <= 1:
@@ -109,6 +183,9 @@ class SyncPolicy:
     token: str = field(repr=False)
     peers: tuple[str, ...] = ()
     discovery: str | None = None  # dns:<headless service name>[:port]
+    #: How often the discovery name is resolved again: pods come and go, and a new
+    #: one is peered within this long. 10 s is cheap for any resolver.
+    discovery_interval_s: float = 10.0
     rotate_every_s: float = 3600.0
     snapshot_path: str | None = None
 
@@ -116,5 +193,36 @@ class SyncPolicy:
         for peer in self.peers:
             if not peer.startswith(("ws://", "wss://")):
                 raise ValueError(f"peer {peer!r} must start with ws:// or wss://")
-        if self.discovery is not None and not self.discovery.startswith("dns:"):
-            raise ValueError(f"discovery {self.discovery!r} must look like dns:<service name>")
+        found = _DNS_DISCOVERY.fullmatch(self.discovery or "")
+        if self.discovery is not None and not (found and 0 < int(found[1] or 8080) < 65536):
+            raise ValueError(f"discovery {self.discovery!r} must look like "
+                             "dns:<service name>[:port], e.g. dns:skyroute-headless.ns.svc:8080")
+        if not self.discovery_interval_s > 0:
+            raise ValueError("discovery_interval must be more than 0s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DegradationPolicy:
+    """What each degradation level switches off (the ``degradation`` section)."""
+
+    #: False: no hedged requests while a route is ``reduced`` or worse, since a hedge
+    #: doubles the load on the targets that are left.
+    reduced_hedging: bool = True
+    #: False: never switch a route to its ``fallback_model``.
+    fallback_enabled: bool = True
+    #: Enter ``minimal`` when fewer than this share of all upstreams is available
+    #: (healthy or slow); 0 turns ``minimal`` off. Half means a real outage, not one
+    #: region having a bad minute.
+    minimal_below: float = 0.5
+    #: In ``minimal``, ``max_tokens`` / ``max_completion_tokens`` are capped to this (and
+    #: ``max_tokens`` added when the request sets neither): short answers keep more
+    #: clients served by the capacity that is left.
+    minimal_max_tokens: int = 256
+    #: In ``minimal``, requests asking for more choices (``n``) than this are refused.
+    minimal_max_n: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.minimal_below <= 1:
+            raise ValueError("when_available_below must be a share between 0% and 100%")
+        if self.minimal_max_tokens < 1 or self.minimal_max_n < 1:
+            raise ValueError("max_tokens and max_n must be at least 1")

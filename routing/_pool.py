@@ -39,8 +39,10 @@ answers with the least bad one (fewest failed checks, then cost): refusing is
 the caller's decision, not the picker's.
 
 Unknown endpoint names, and ending a request that never started, raise
-``RoutingStateError`` and change nothing. A config reload builds a new picker;
-requests in flight finish against the picker that chose them.
+``RoutingStateError`` and change nothing. A config reload that changes the pool
+builds a new picker, which ``take_over``s the in-flight and pick counts of the
+endpoints it keeps, so requests in flight end where they were counted; health
+and loads start afresh and the next scrape refills them.
 """
 
 from __future__ import annotations
@@ -131,11 +133,15 @@ def parse_server_load(
         text has none of the metrics (Ollama, or not a model server).
 
     Raises:
-        ValueError: if the text is not valid Prometheus exposition.
+        ValueError: if a line of one of the wanted metrics is not valid
+            Prometheus exposition. Other lines are not parsed at all: a vLLM
+            exposition is mostly histograms, and this runs every second.
     """
     wanted = {*names.waiting, *names.running, *names.kv_cache_usage}
+    lines = [line for line in map(str.strip, text.splitlines())
+             if line.split("{", 1)[0].split(" ", 1)[0] in wanted]
     values: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
             if sample.name in wanted and not math.isnan(sample.value):
                 values.setdefault(sample.name, []).append(float(sample.value))
@@ -159,6 +165,7 @@ class EndpointView:
     healthy: bool
     failed_checks: int
     in_flight: int
+    picks: int  # requests sent there since it joined the pool
     load: ServerLoad | None
     load_age_s: float | None
     fresh: bool
@@ -167,12 +174,14 @@ class EndpointView:
 
 @final
 class _Endpoint:
-    __slots__ = ("failed_checks", "healthy", "in_flight", "load", "load_at", "since_load")
+    __slots__ = ("failed_checks", "healthy", "in_flight", "load", "load_at", "picks",
+                 "since_load")
 
     def __init__(self) -> None:
         self.healthy = True
         self.failed_checks = 0
         self.in_flight = 0
+        self.picks = 0
         self.since_load = 0  # requests started since the last scrape
         self.load: ServerLoad | None = None
         self.load_at: float | None = None
@@ -261,6 +270,7 @@ class EndpointPicker:
         """
         ep = self._get(endpoint, "on_request_start()")
         ep.in_flight += 1
+        ep.picks += 1
         ep.since_load += 1
 
     def on_request_end(self, endpoint: str) -> None:
@@ -275,6 +285,27 @@ class EndpointPicker:
             raise RoutingStateError(f"on_request_end(): {endpoint!r} has no request in flight")
         ep.in_flight -= 1
         ep.since_load = max(0, ep.since_load - 1)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The pool's endpoint names, in pool order."""
+        return self._order
+
+    def take_over(self, old: EndpointPicker) -> None:
+        """Carry ``old``'s request counts over, for the endpoints both pools have.
+
+        Called on a new picker built by a config reload, before it is used, so
+        that requests still in flight end against a count that includes them.
+        """
+        for name, ep in self._endpoints.items():
+            previous = old._endpoints.get(name)
+            if previous is not None:
+                ep.in_flight, ep.picks = previous.in_flight, previous.picks
+
+    def is_healthy(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` passes its health checks (unknown: False)."""
+        ep = self._endpoints.get(endpoint)
+        return ep is not None and ep.healthy
 
     def _is_fresh(self, ep: _Endpoint, now: float) -> bool:
         return (
@@ -354,6 +385,7 @@ class EndpointPicker:
                 healthy=ep.healthy,
                 failed_checks=ep.failed_checks,
                 in_flight=ep.in_flight,
+                picks=ep.picks,
                 load=ep.load,
                 load_age_s=None if ep.load_at is None else now - ep.load_at,
                 fresh=self._is_fresh(ep, now),

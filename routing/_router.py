@@ -15,26 +15,38 @@ Rules / theory of operation
   upstream (a half-open breaker admits only its probes). The panic rule: when no
   upstream of the route is available, the least bad one is tried anyway, once,
   rather than failing fast with nothing tried.
+* A pool upstream (several ``endpoints``) is one candidate; which of its
+  servers takes an attempt is decided when the attempt is admitted, from the
+  servers' scraped load and health (``PoolPickers``, fed by ``feed_pool_*``).
+  ``record`` and ``cancel`` end the attempt's count there.
 * Who is at fault decides retries (DeepSeek's documented errors): 400/422 are
   the client's and go back untouched; 401/402 are the key's or balance's, so the
   upstream leaves rotation and another is tried; 429, 5xx, connect errors,
   timeouts, busy keep-alives and cut answers are transient and another is tried.
   Every retry is paid from the route's retry budget and waits a full-jitter
   backoff; an empty budget gives up with 503 instead of storming.
+* Degradation levels, and which route serves a request (its own, its fallback,
+  or a refusal in minimal mode), come from ``_degradation.LevelView`` over every
+  upstream's state. With ``degradation.reduced.hedging: false``, ``plan`` drops
+  the route's ``hedge_after`` while the route is reduced or worse.
 * Nothing here does I/O or reads a clock: ``now`` is always an argument, and
   randomness comes from an injected ``random.Random``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from typing import Any, final
 
 from ._backoff import full_jitter_delays
 from ._budget import RetryBudget
+from ._degradation import LEVELS, LevelChange, LevelView, LevelWatch, MinimalTrigger, Refuse, Serve
 from ._errors import RoutingStateError
 from ._health import Estimate, HealthChange, UpstreamHealth
+from ._pool import EndpointView, ServerLoad
+from ._pool_set import EndpointChange, PoolPickers
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
@@ -47,10 +59,6 @@ from ._router_types import (
 )
 from .config import Config, Route, Upstream
 
-#: Degradation levels, best first. ``fallback`` and ``minimal`` need route
-#: settings that are not built yet; a route is ``reduced`` when its first choice
-#: is unavailable or slow and ``unavailable`` when no target is available.
-LEVELS = ("normal", "reduced", "fallback", "minimal", "unavailable")
 #: A Prometheus reading older than this many intervals is stale: passive wins.
 STALE_INTERVALS = 3
 
@@ -60,15 +68,16 @@ class AttemptPlan:
     """The attempts for one client request over one route."""
 
     __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health",
-                 "_hedge_budget", "_index", "_panicked", "attempts", "hedged", "outcomes",
-                 "route")
+                 "_hedge_budget", "_index", "_panicked", "_pools", "attempts", "hedged",
+                 "outcomes", "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
-                 health: dict[str, UpstreamHealth], budget: RetryBudget,
+                 health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
                  hedge_budget: RetryBudget, backoff: Iterator[float], now: float) -> None:
         self.route = route
         self._candidates = candidates
         self._health = health
+        self._pools = pools
         self._budget = budget
         self._hedge_budget = hedge_budget
         self._backoff = backoff
@@ -90,8 +99,9 @@ class AttemptPlan:
     def next_attempt(self, *, now: float) -> Target | GiveUp:
         """The target for the next attempt, or ``GiveUp`` when none is left.
 
-        The returned target has been admitted: feed its outcome to ``Router.record``
-        and ``record`` (or ``Router.cancel`` if the client went away).
+        The returned target has been admitted (for a pool, with the endpoint
+        chosen now): feed its outcome to ``Router.record`` and ``record`` (or
+        ``Router.cancel`` if the client went away).
         """
         if self.attempts >= self.route.max_attempts:
             return self._give_up(now)
@@ -103,7 +113,7 @@ class AttemptPlan:
             health = self._health[target.name]
             if health.admit(now=now):
                 self.attempts += 1
-                return target
+                return self._pools.admit(target, now=now)
         if self.attempts == 0 and not self._panicked and self._candidates:
             # Panic rule: every target is out; try the one expected back soonest.
             self._panicked = True
@@ -111,7 +121,7 @@ class AttemptPlan:
                          key=lambda t: self._health[t.name].available_at(now=now))
             self._health[target.name].force_admit()
             self.attempts += 1
-            return target
+            return self._pools.admit(target, now=now)
         return self._give_up(now)
 
     def hedge_delay(self, target: Target, *, now: float) -> float | None:
@@ -139,7 +149,7 @@ class AttemptPlan:
             if self._health[target.name].admit(now=now):
                 self.attempts += 1
                 self.hedged += 1
-                return target
+                return self._pools.admit(target, now=now)
         return None
 
     def cancel(self, target: Target) -> None:
@@ -207,7 +217,8 @@ class Router:
         self._health: dict[str, UpstreamHealth] = {}
         self._budgets: dict[str, RetryBudget] = {}
         self._hedge_budgets: dict[str, RetryBudget] = {}
-        self._next_endpoint: dict[str, int] = {}
+        self._pools = PoolPickers()
+        self._level_watch = LevelWatch()
         self.config = config
         self.update(config)
 
@@ -223,8 +234,10 @@ class Router:
         health = {}
         for upstream in config.upstreams:
             old = self._health.get(upstream.name)
+            # Pool scrape settings are not upstream health: changing them forgets nothing.
+            latency = dataclasses.replace(self.config.latency, scrape=config.latency.scrape)
             keep = old is not None and self.config.breaker == config.breaker and \
-                self.config.latency == config.latency
+                latency == config.latency
             health[upstream.name] = old if keep and old is not None else UpstreamHealth(
                 upstream.name, breaker=config.breaker, latency=config.latency,
                 retry=config.retry, threshold_s=thresholds.get(upstream.name, 0.2))
@@ -241,6 +254,7 @@ class Router:
             for route in config.routes}
         self._routes = {route.model: route for route in config.routes}
         self._upstreams = {u.name: u for u in config.upstreams}
+        self._pools.update(config.upstreams, config.latency.scrape)
         self.config = config
 
     @property
@@ -265,6 +279,9 @@ class Router:
             prefer: the upstream the request's session is pinned to (affinity keeps a
                 conversation where its prompt cache is); honoured while it is healthy.
         """
+        if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
+                and self.route_level(route, now=now) != "normal":
+            route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
         self._budgets[route.model].record_request(now)
         self._hedge_budgets[route.model].record_request(now)
         order = self._order(route, now)
@@ -274,7 +291,7 @@ class Router:
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
         backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
                                      cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
-        return AttemptPlan(route, candidates, health=self._health,
+        return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=self._budgets[route.model],
                            hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
                            now=now)
@@ -318,18 +335,19 @@ class Router:
         return health.latency.ewma or 0.0
 
     def _target(self, upstream: Upstream, alias: str) -> Target:
-        index = self._next_endpoint.get(upstream.name, 0)
-        self._next_endpoint[upstream.name] = index + 1
-        endpoint = upstream.endpoints[index % len(upstream.endpoints)]
-        return Target(upstream=upstream, endpoint=endpoint, model=upstream.model_for(alias))
+        # A pool's endpoint is chosen when the attempt is admitted (PoolPickers.admit).
+        return Target(upstream=upstream, endpoint=upstream.endpoints[0],
+                      model=upstream.model_for(alias))
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an admitted attempt into its upstream's health."""
+        self._pools.end(outcome.target)
         health = self._health.get(outcome.target.name)
         return health.record(outcome, now=now) if health is not None else None
 
     def cancel(self, target: Target, *, now: float) -> None:
         """An admitted attempt ended with no outcome (the client went away)."""
+        self._pools.end(target)
         health = self._health.get(target.name)
         if health is not None:
             health.cancel(now=now)
@@ -339,6 +357,29 @@ class Router:
         health = self._health.get(upstream)
         if health is not None:
             health.external = Estimate(seconds=seconds, source=source, at=now)
+
+    @property
+    def scraped_pools(self) -> tuple[Upstream, ...]:
+        """The pool upstreams whose servers the proxy scrapes and health-checks."""
+        return self._pools.scraped
+
+    def feed_pool_load(self, upstream: str, endpoint: str, load: ServerLoad | None, *,
+                       now: float) -> None:
+        """A scrape of one pool endpoint's ``/metrics`` (``None``: it exports no load)."""
+        self._pools.feed_load(upstream, endpoint, load, now=now)
+
+    def feed_pool_health(self, upstream: str, endpoint: str, ok: bool, *,
+                         now: float) -> EndpointChange | None:
+        """An active health check of one pool endpoint.
+
+        Returns:
+            the change when the endpoint leaves or rejoins its pool, else None.
+        """
+        return self._pools.feed_health(upstream, endpoint, ok, now=now)
+
+    def pool_snapshot(self, *, now: float) -> dict[str, tuple[EndpointView, ...]]:
+        """Every pool upstream's endpoints as its picker sees them."""
+        return self._pools.snapshot(now=now)
 
     def mark(self, upstream: str, state: str, *, until: float, reason: str,
              now: float) -> HealthChange | None:
@@ -366,23 +407,64 @@ class Router:
                 changes.append(change)
         return changes
 
+    def _levels(self, now: float) -> LevelView:
+        states = {name: health.state(now=now) for name, health in self._health.items()}
+        return LevelView(self.config.degradation, self._routes, states)
+
     def route_level(self, route: Route, *, now: float) -> str:
-        """``normal``, ``reduced`` or ``unavailable`` for one route (see ``LEVELS``)."""
-        states = [self._health[name].state(now=now) for name in route.targets]
-        if states and states[0] == "healthy":
-            return "normal"
-        if any(state in ("healthy", "slow") for state in states):
-            return "reduced"
-        return "unavailable"
+        """One of ``LEVELS`` for one route (see ``routing._degradation``)."""
+        return self._levels(now).level(route)
 
     def level(self, *, now: float) -> str:
         """The worst level over every route."""
-        levels = [self.route_level(route, now=now) for route in self.config.routes]
-        return max(levels, key=LEVELS.index, default="normal")
+        view = self._levels(now)
+        return max((view.level(route) for route in self.config.routes), key=LEVELS.index,
+                   default="normal")
+
+    def minimal(self, *, now: float) -> MinimalTrigger:
+        """Whether the instance is in ``minimal`` mode, and why."""
+        return self._levels(now).minimal
+
+    def serving(self, route: Route, *, n: int | None, now: float) -> Serve | Refuse:
+        """Which route serves a request for ``route`` now, with what cap, or a refusal.
+
+        Args:
+            n: the number of choices the request asks for (None: not given).
+        """
+        view = self._levels(now)
+        out = [h.available_at(now=now) for h in self._health.values()
+               if view.minimal.active and not h.is_available(now=now)]
+        retry_after = max(1.0, min(out) - now) if out else 1.0  # only refusals need it
+        return view.serving(route, n=n, retry_after_s=retry_after)
+
+    def fallbacks(self, *, now: float) -> dict[str, str]:
+        """Each route served by its fallback now (level ``fallback``) -> the fallback's model."""
+        view = self._levels(now)
+        serving = {route.model: view.serving_route(route) for route in self.config.routes}
+        return {model: route.model for model, route in serving.items() if route.model != model}
+
+    def fallback_after_failure(self, route: Route, *, deadline: float,
+                               now: float) -> Route | None:
+        """The route to try once after every attempt over ``route`` failed, or None.
+
+        Returns:
+            the fallback route with its timeout cut to what is left of ``deadline``
+            (the request's), or None: no fallback configured or available, or no
+            time left.
+        """
+        fallback = self._levels(now).fallback(route)
+        if fallback is None or deadline - now <= 0:
+            return None
+        return dataclasses.replace(fallback, timeout_s=min(fallback.timeout_s, deadline - now))
+
+    def level_changes(self, *, now: float) -> list[LevelChange]:
+        """Each route whose level changed since the last call, once."""
+        return self._level_watch.changes(self._levels(now), self.config.routes, now=now)
 
     def snapshot(self, *, now: float) -> dict[str, dict[str, Any]]:
         """Every upstream's state and latency estimate, for /health and /admin."""
         result = {}
+        pools = self._pools.snapshot(now=now)
         for name, health in self._health.items():
             upstream = self._upstreams[name]
             entry: dict[str, Any] = {
@@ -397,5 +479,22 @@ class Router:
                 entry["until_s"] = round(until - now, 1)
             if health.last_change is not None:
                 entry["last_change"] = health.last_change.reason
+            if name in pools:
+                entry["endpoints"] = {view.endpoint: _endpoint_entry(view)
+                                      for view in pools[name]}
             result[name] = entry
         return result
+
+
+def _endpoint_entry(view: EndpointView) -> dict[str, Any]:
+    """One pool endpoint for /health and /admin: its state and the load it reported."""
+    load = view.load if view.fresh else None
+    return {
+        "healthy": view.healthy, "failed_checks": view.failed_checks,
+        "in_flight": view.in_flight, "picks": view.picks,
+        "waiting": None if load is None else load.waiting,
+        "running": None if load is None else load.running,
+        "kv_cache_usage": None if load is None else load.kv_cache_usage,
+        "metrics_age_s": None if view.load_age_s is None else round(view.load_age_s, 1),
+        "cost": view.cost,
+    }

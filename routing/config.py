@@ -13,6 +13,7 @@ alias the client asks for to an ordered list of upstream *targets*.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -25,12 +26,16 @@ from ._errors import ConfigError, ConfigProblem
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
+    DegradationPolicy,
     LatencyPolicy,
+    PoolScrape,
     PrometheusSource,
     RetryPolicy,
     SessionPolicy,
     SyncPolicy,
+    is_metric_name,
 )
+from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
 from ._yaml import Fields, parse_duration, parse_size, parse_yaml
 
 #: Request bodies above this are refused with 413; chat payloads with long contexts
@@ -51,9 +56,11 @@ __all__ = [
     "ApiKey",
     "BreakerPolicy",
     "Config",
+    "DegradationPolicy",
     "LatencyPolicy",
     "Limits",
     "Listen",
+    "PoolScrape",
     "PrometheusSource",
     "RetryPolicy",
     "Route",
@@ -115,6 +122,9 @@ class Upstream:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_connections: int = 256
     weight: int = 1  # share of traffic under the 'weighted' strategy
+    #: For a pool: scrape and health-check its servers (``latency.scrape``). Off, the
+    #: pool picks by skyroute's own in-flight counts alone.
+    scrape: bool = True
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -150,6 +160,11 @@ class Route:
     #: Continue a stream cut after its first content byte on the next upstream, sending
     #: the partial answer back as an assistant prefix (chat completions only).
     resume: bool = False
+    #: Another route's model alias that serves this route's requests when none of its
+    #: targets is available (or all its attempts failed), e.g. a small distilled model.
+    fallback_model: str | None = None
+    #: Still served when skyroute is in ``minimal`` mode (other routes are refused then).
+    essential: bool = False
     implicit: bool = False  # made from upstreams' model maps, not written in YAML
 
     def __post_init__(self) -> None:
@@ -180,6 +195,7 @@ class Config:
     latency: LatencyPolicy = field(default_factory=LatencyPolicy)
     sessions: SessionPolicy = field(default_factory=SessionPolicy)
     sync: SyncPolicy | None = None  # None: state stays on this instance
+    degradation: DegradationPolicy = field(default_factory=DegradationPolicy)
     upstreams: tuple[Upstream, ...] = ()
     routes: tuple[Route, ...] = ()
     source: str = "<memory>"
@@ -198,7 +214,7 @@ class Config:
 
 
 _TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
-             "sessions", "sync", "upstreams", "routes"}
+             "sessions", "sync", "upstreams", "routes", "degradation"}
 _DURATION = "a duration like 250ms, 2s or 10m"
 _SHARE = "a share like 20% or 0.2"
 _COUNT = "a positive whole number"
@@ -307,7 +323,32 @@ def _build(top: Fields, source: str) -> Config:
     return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
                   admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
                   latency=latency, sessions=sessions, sync=sync, upstreams=upstreams,
-                  routes=routes, source=source)
+                  routes=routes, degradation=_degradation(top), source=source)
+
+
+def _degradation(top: Fields) -> DegradationPolicy:
+    """The ``degradation`` section: one sub-mapping per level it configures."""
+    fields = top.mapping("degradation")
+    if fields is None:
+        return DegradationPolicy()
+    levels: dict[str, dict[str, tuple[str, Any, str]]] = {
+        "reduced": {"hedging": ("reduced_hedging", _boolean, "true or false")},
+        "fallback": {"enabled": ("fallback_enabled", _boolean, "true or false")},
+        "minimal": {"when_available_below": ("minimal_below", parse_share, _SHARE),
+                    "max_tokens": ("minimal_max_tokens", _positive_int, _COUNT),
+                    "max_n": ("minimal_max_n", _positive_int, _COUNT)}}
+    kwargs: dict[str, Any] = {}
+    for level, spec in levels.items():
+        section = fields.mapping(level)
+        if section is not None:
+            kwargs.update(_keywords(section, spec))
+            section.finish(allowed=set(spec))
+    fields.finish(allowed=set(levels))
+    try:
+        return DegradationPolicy(**kwargs)
+    except ValueError as exc:
+        fields.problem(None, str(exc))
+        return DegradationPolicy()
 
 
 def _sync(top: Fields) -> SyncPolicy | None:
@@ -320,7 +361,8 @@ def _sync(top: Fields) -> SyncPolicy | None:
                                 "token: ${SKYROUTE_SYNC_TOKEN}")
     peers = tuple(str(p) for _, _, p in fields.items("peers"))
     kwargs = _keywords(fields, {
-        "discovery": ("discovery", str, "dns:<service name>"),
+        "discovery": ("discovery", str, "dns:<service name>[:port]"),
+        "discovery_interval": ("discovery_interval_s", parse_duration, _DURATION),
         "rotate_every": ("rotate_every_s", parse_duration, _DURATION),
         "snapshot": ("snapshot_path", str, "a file path")})
     fields.finish()
@@ -335,8 +377,9 @@ def _sync(top: Fields) -> SyncPolicy | None:
 
 def _latency(top: Fields) -> LatencyPolicy:
     fields = top.mapping("latency")
-    prometheus = None
+    prometheus, scrape = None, PoolScrape()
     if fields is not None:
+        scrape = _pool_scrape(fields)
         prom = fields.mapping("prometheus")
         if prom is not None:
             url = prom.text("url", required=True)
@@ -358,7 +401,43 @@ def _latency(top: Fields) -> LatencyPolicy:
         "recover_ratio": ("recover_ratio", parse_share, _SHARE),
         "recover_intervals": ("recover_intervals", _positive_int, _COUNT),
         "ramp": ("ramp_s", parse_duration, _DURATION)},
-        more_keys=("prometheus",), prometheus=prometheus)
+        more_keys=("prometheus", "scrape"), prometheus=prometheus, scrape=scrape)
+
+
+def _pool_scrape(latency: Fields) -> PoolScrape:
+    """``latency.scrape``: how the servers of local GPU pools are watched."""
+    return _section(latency, "scrape", PoolScrape, {
+        "interval": ("interval_s", parse_duration, _DURATION),
+        "timeout": ("timeout_s", parse_duration, _DURATION),
+        "metrics_path": ("metrics_path", str, "a URL path like /metrics"),
+        "health_path": ("health_path", str, "a URL path like /health or /v1/models"),
+        "unhealthy_after": ("unhealthy_after", _positive_int, _COUNT)},
+        more_keys=("metrics",), metrics=_pool_metric_names(latency))
+
+
+def _pool_metric_names(latency: Fields) -> PoolMetricNames:
+    """``latency.scrape.metrics``: each list given replaces that quantity's default names."""
+    # Only a mapping is read here: _section reports a scrape that is not one, once.
+    scrape = latency.mapping("scrape") if isinstance(latency.data.get("scrape"), Mapping) \
+        else None
+    fields = scrape.mapping("metrics") if scrape is not None else None
+    if fields is None:
+        return DEFAULT_METRIC_NAMES
+    names: dict[str, tuple[str, ...]] = {}
+    for key in ("waiting", "running", "kv_cache_usage"):
+        if key not in fields.data:
+            continue
+        given = []
+        for path, line, name in fields.items(key):
+            if isinstance(name, str) and is_metric_name(name):
+                given.append(name)
+            else:
+                fields.problems.append(ConfigProblem(
+                    path, line, f"{name!r} is not a Prometheus metric name "
+                                "(e.g. vllm:num_requests_waiting)"))
+        names[key] = tuple(given)
+    fields.finish(allowed={"waiting", "running", "kv_cache_usage"})
+    return dataclasses.replace(DEFAULT_METRIC_NAMES, **names)
 
 
 def _hedge_after(value: Any) -> float | str:
@@ -443,7 +522,8 @@ def _upstream(entry: Fields) -> Upstream | None:
         "connect_timeout": ("connect_timeout_s", parse_duration, _DURATION),
         "idle_timeout": ("idle_timeout_s", parse_duration, _DURATION),
         "max_connections": ("max_connections", _positive_int, _COUNT),
-        "weight": ("weight", _positive_int, _COUNT)})
+        "weight": ("weight", _positive_int, _COUNT),
+        "scrape": ("scrape", _boolean, "true or false (for a pool)")})
     entry.finish()
     if not name:
         return None
@@ -458,6 +538,7 @@ def _upstream(entry: Fields) -> Upstream | None:
 def _routes(top: Fields, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
     names = {u.name for u in upstreams}
     routes: list[Route] = []
+    written: list[tuple[Fields, Route]] = []  # for fallback checks, which need every route
     for path, line, item in top.items("routes"):
         entry = top.child(path, line, item)
         if entry is None:
@@ -468,6 +549,7 @@ def _routes(top: Fields, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
         if any(r.model == route.model for r in routes):
             entry.problem("model", f"model '{route.model}' has two routes; merge their targets")
         routes.append(route)
+        written.append((entry, route))
     # An alias offered by upstreams but named by no route goes to every upstream
     # that offers it, in file order.
     routed = {r.model for r in routes}
@@ -477,7 +559,37 @@ def _routes(top: Fields, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
                 routed.add(alias)
                 offering = tuple(u.name for u in upstreams if alias in u.models)
                 routes.append(Route(model=alias, targets=offering, implicit=True))
+    _check_fallbacks(written, routes)
     return tuple(routes)
+
+
+def _check_fallbacks(written: list[tuple[Fields, Route]], routes: list[Route]) -> None:
+    """Each ``fallback_model`` names another route, and following them never loops."""
+    by_model = {r.model: r for r in routes}
+    for entry, route in written:
+        name = route.fallback_model
+        if name is None:
+            continue
+        if name == route.model:
+            entry.problem("fallback_model",
+                          f"'{name}' is this route's own model; name another route's model, "
+                          "e.g. a small model on the local pool")
+            continue
+        if name not in by_model:
+            close = difflib.get_close_matches(name, sorted(by_model), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            entry.problem("fallback_model", f"'{name}' names no route{hint} "
+                                            f"(models: {', '.join(sorted(by_model))})")
+            continue
+        chain = [route.model, name]
+        while (after := by_model[chain[-1]].fallback_model) in by_model \
+                and after not in chain[1:]:
+            chain.append(after)
+            if after == route.model:
+                entry.problem("fallback_model",
+                              f"fallbacks loop: {' -> '.join(chain)}; the last route of a "
+                              "chain must have no fallback_model")
+                break
 
 
 def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> Route | None:
@@ -503,7 +615,9 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
         "timeout": ("timeout_s", parse_duration, _DURATION),
         "max_attempts": ("max_attempts", _positive_int, _COUNT),
         "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95"),
-        "resume": ("resume", _boolean, "true or false")})
+        "resume": ("resume", _boolean, "true or false"),
+        "essential": ("essential", _boolean, "true or false"),
+        "fallback_model": ("fallback_model", str, "another route's model alias")})
     strategy = entry.text("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:

@@ -4,6 +4,7 @@
 uses ``StateSync.store`` (a ``SessionStore``). No pycrdt type crosses this boundary.
 """
 
+from ._discovery import Resolve
 from ._store import SessionStore
 from ._sync import StateSync
 from ._types import (
@@ -24,6 +25,7 @@ __all__ = [
     "DOC_NAMES",
     "LinkState",
     "PeerLinkError",
+    "Resolve",
     "Session",
     "SessionStore",
     "SnapshotError",

@@ -13,11 +13,14 @@ Rules / theory of operation
   ``LinkSupervisor`` owns the retry policy: it makes a new ``PeerLink`` per attempt,
   sleeps between attempts with ``exponential_backoff`` (equal jitter), and reports a
   ``LinkState`` for ``/health``.
-* Handshake: ``GET {peer}/{doc}?epoch=N&instance=ID`` with ``Authorization: Bearer``.
-  The server answers 409 with ``X-Skyroute-Epoch`` when its epoch is newer (we
-  rotate to it and reconnect at once; when ours is newer the server rotates and
-  accepts), 409 with ``X-Skyroute-Self`` when we dialled ourselves (state SELF, never
-  retried) and 401 for a bad token (state UNAUTHORIZED, retried with backoff).
+* Handshake: ``GET {peer}/{doc}?epoch=N&instance=WRITER`` with ``Authorization: Bearer``.
+  WRITER is the process's writer id (``instance.id`` plus a random suffix), so it
+  names this very process: two processes never share it, even when misconfigured
+  with the same ``instance.id``. The server answers 409 with ``X-Skyroute-Epoch``
+  when its epoch is newer (we rotate to it and reconnect at once; when ours is newer
+  the server rotates and accepts), 409 with ``X-Skyroute-Self`` when we dialled
+  ourselves (state SELF, never retried) and 401 for a bad token (state
+  UNAUTHORIZED, retried with backoff).
 """
 
 from __future__ import annotations
@@ -78,9 +81,9 @@ async def pump(
 ) -> YConnection:
     """Run a y-protocols conversation on ``ws`` until either side closes it.
 
-    ``peer`` is the remote instance id when known. Between instances the server
-    sends one TEXT frame first, ``{"instance": id}`` (the hello), so the dialling
-    side learns it too; Yjs clients never get one.
+    ``peer`` is the remote process's writer id when known. Between instances the
+    server sends one TEXT frame first, ``{"instance": writer id}`` (the hello), so the
+    dialling side learns it too; Yjs clients never get one.
 
     Returns the (CLOSED) connection, whose ``close_reason`` says why it ended.
     """
@@ -131,9 +134,9 @@ async def pump(
     return conn
 
 
-def hello_frame(instance_id: str) -> str:
+def hello_frame(writer_id: str) -> str:
     """The TEXT frame a server sends first on a peer (instance-to-instance) connection."""
-    return json.dumps({"instance": instance_id})
+    return json.dumps({"instance": writer_id})
 
 
 def _read_hello(data: str) -> str | None:
@@ -228,6 +231,7 @@ class LinkSupervisor:
         base_url: str,
         hub: DocHub,
         settings: SyncSettings,
+        writer_id: str,
         session: aiohttp.ClientSession,
         metrics: SyncMetrics,
         epoch: Callable[[], int],
@@ -237,6 +241,7 @@ class LinkSupervisor:
         self.url = f"{self.base_url}/{hub.name}"
         self._hub = hub
         self._settings = settings
+        self._writer_id = writer_id
         self._session = session
         self._metrics = metrics
         self._epoch = epoch
@@ -277,7 +282,7 @@ class LinkSupervisor:
         while True:
             self._state = LinkState.CONNECTING
             self.link = PeerLink(self.url, self._hub)
-            params = {"epoch": str(self._epoch()), "instance": self._settings.instance_id}
+            params = {"epoch": str(self._epoch()), "instance": self._writer_id}
             retry_now = False
             try:
                 await self.link.run(

@@ -3,7 +3,8 @@
 Every metric is registered on the registry handed to ``StateSync`` (never the
 global one), so several instances can live in one process, as the tests and the
 benchmark do. Label values are a small closed set: ``direction`` is in/out,
-``type`` is one of ``MESSAGE_TYPES``, ``doc`` one of ``DOC_NAMES``.
+``type`` is one of ``MESSAGE_TYPES``, ``doc`` one of ``DOC_NAMES``, ``outcome``
+is ok/failed.
 """
 
 from __future__ import annotations
@@ -90,12 +91,25 @@ class SyncMetrics:
             "Document rotations into a new epoch.",
             registry=registry,
         )
+        self.discovery_lookups = Counter(
+            "skyroute_sync_discovery_lookups_total",
+            "DNS discovery lookups of sync.discovery, by outcome (ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.discovered_peers = Gauge(
+            "skyroute_sync_discovered_peers",
+            "Addresses in the last successful DNS discovery answer (this instance's included).",
+            registry=registry,
+        )
 
         # labels() costs a lock and a dict lookup; this is on the per-message path.
         self._message_children = {
             (d, t): self.messages.labels(d, t) for d in ("in", "out") for t in MESSAGE_TYPES
         }
         self._byte_children = {d: self.bytes.labels(d) for d in ("in", "out")}
+        for outcome in ("ok", "failed"):
+            self.discovery_lookups.labels(outcome)  # exported as 0 before the first lookup
 
     def count_message(self, direction: str, kind: str, size: int) -> None:
         """Record one message of ``kind`` (see ``MESSAGE_TYPES``) and its size."""

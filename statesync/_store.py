@@ -10,7 +10,10 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
 * ``sessions`` doc, map ``upstreams``: ``name -> {state, until, reporter, ts}``.
 * ``usage`` doc, map ``usage``: ``"{writer}|{bucket}|{key}" -> {key, b, w, r, t}``.
   One entry per *writer* (instance id + a random incarnation suffix) per 10 s bucket
-  per client key: a G-counter. Only its writer ever sets an entry, so a flush is a
+  per client key, holding that writer's net counts: a PN-counter whose value is the
+  sum of the entries. Deltas may be negative (a corrected estimate); no separate
+  P and N halves are needed because only its writer ever sets an entry, so the
+  entry never has to be merged with another writer's copy. A flush is a
   read-modify-write of our own entry only, never of a shared number. The
   incarnation suffix keeps a restarted process from fighting its previous life.
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for

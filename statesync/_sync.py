@@ -5,7 +5,10 @@ Rules / theory of operation
 * One ``DocHub`` per document name; ``store`` (a ``SessionStore``) reads and writes
   them. Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
   one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
-  discovery.
+  discovery (``_discovery``: peers that leave the DNS answer are dropped; static
+  peers never are). The peer identity on the wire is the writer id, unique per
+  process: a link that reaches this very process (our own pod IP in the headless
+  Service's answer) is refused with 409 ``X-Skyroute-Self`` and parks as SELF.
 * Auth happens before the upgrade: ``Authorization: Bearer <token>`` or
   ``?token=<token>`` (what y-websocket's ``params`` sends), compared in constant
   time. Anything else is 401, counted and logged with the peer address, never the
@@ -30,11 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import math
 import os
 import secrets
-import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -44,6 +45,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from ._discovery import DnsDiscovery, Resolve, resolve_addresses
 from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
 from ._links import (
     EPOCH_HEADER,
@@ -58,7 +60,6 @@ from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
 SNAPSHOT_EVERY_S: Final = 10.0
-DISCOVERY_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
@@ -70,10 +71,25 @@ class StateSync:
     """Shared session state for one instance: documents, peer links and the store."""
 
     def __init__(
-        self, settings: SyncSettings, *, registry: CollectorRegistry, clock: Clock = time.time
+        self,
+        settings: SyncSettings,
+        *,
+        registry: CollectorRegistry,
+        clock: Clock = time.time,
+        resolve: Resolve = resolve_addresses,
     ) -> None:
+        """Build the documents and the store; nothing runs until ``start``.
+
+        Args:
+            settings: this instance's sync settings.
+            registry: where the ``skyroute_sync_*`` metrics are registered.
+            clock: wall-clock epoch seconds (epochs, TTLs, heartbeats).
+            resolve: the DNS lookup behind ``settings.discovery``; the system resolver
+                unless a test stands in for the DNS server.
+        """
         self.settings = settings
         self._clock = clock
+        self._resolve = resolve
         self._metrics = SyncMetrics(registry)
         self._log = get_logger().bind(instance=settings.instance_id)
         self.writer_id = f"{settings.instance_id}.{secrets.token_hex(3)}"
@@ -91,6 +107,7 @@ class StateSync:
             metrics=self._metrics,
         )
         self._links: dict[str, list[LinkSupervisor]] = {}
+        self._discovered: set[str] = set()
         self._inbound: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -123,8 +140,18 @@ class StateSync:
         self._spawn(self._size_loop())
         if self.settings.snapshot_path:
             self._spawn(self._snapshot_loop())
-        if self.settings.discovery_target() is not None:
-            self._spawn(self._discovery_loop())
+        target = self.settings.discovery_target()
+        if target is not None:
+            discovery = DnsDiscovery(
+                host=target[0],
+                port=target[1],
+                interval_s=self.settings.discovery_interval_s,
+                resolve=self._resolve,
+                on_answer=self._on_discovered,
+                metrics=self._metrics,
+                instance_id=self.settings.instance_id,
+            )
+            self._spawn(discovery.run())
 
     async def aclose(self) -> None:
         """Flush, snapshot, and close every link and inbound connection (idempotent)."""
@@ -178,39 +205,27 @@ class StateSync:
             await ws.close()
 
     def connect_peers(self) -> None:
-        """Accept inbound sync again and re-open links to the configured peers."""
+        """Accept inbound sync again and re-open links to the configured and discovered peers."""
         self._paused = False
-        for peer in self.settings.peers:
+        for peer in (*self.settings.peers, *sorted(self._discovered)):
             self._add_peer(peer)
 
     # -- inbound ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         doc = request.match_info["doc"]
-        hub = self._hubs.get(doc)
-        if hub is None:
-            raise web.HTTPNotFound(text=f"no sync document {doc!r}; have {list(self._hubs)}")
+        refusal = self._refusal(request, doc)
+        if refusal is not None:
+            return refusal
+        hub = self._hubs[doc]
         log = self._log.bind(peer=request.remote, doc=doc)
-        if not self._token_ok(request):
-            self._metrics.auth_failures.inc()
-            log.warning("sync_auth_refused", has_token=self._presented_token(request) is not None)
-            raise web.HTTPUnauthorized(text="sync token missing or wrong")
-        if self._closed or self._paused:
-            raise web.HTTPServiceUnavailable(text="sync is paused or shutting down")
-        instance = request.query.get("instance")
-        if instance == self.settings.instance_id:
-            raise web.HTTPConflict(text="that is me", headers={SELF_HEADER: "1"})
-        theirs = request.query.get("epoch", "")
-        if theirs.isdigit() and int(theirs) > self.epoch:
-            self._rotate_to(int(theirs))
-        elif theirs.isdigit() and int(theirs) < self.epoch:
-            raise web.HTTPConflict(text="epoch is older", headers={EPOCH_HEADER: str(self.epoch)})
+        instance = request.query.get("instance")  # the dialling process's writer id
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
             if instance is not None:
-                await ws.send_str(hello_frame(self.settings.instance_id))
+                await ws.send_str(hello_frame(self.writer_id))
             conn = await pump(
                 ws,
                 hub,
@@ -223,6 +238,50 @@ class StateSync:
         finally:
             self._inbound.discard(ws)
         return ws
+
+    def _refusal(self, request: web.Request, doc: str) -> web.Response | None:
+        """The answer to a sync request that must not be upgraded, or None to accept it.
+
+        A peer stating a newer epoch makes this instance rotate to it first (and accept).
+        Refusals are returned, not raised: the app's error middleware rewrites raised
+        HTTP errors into API errors and would drop the ``X-Skyroute-*`` headers.
+        """
+        if doc not in self._hubs:
+            known = ", ".join(self._hubs)
+            return _refuse(404, f"no sync document {doc!r}; /sync/{{doc}} serves {known}")
+        log = self._log.bind(peer=request.remote, doc=doc)
+        if not self._token_ok(request):
+            self._metrics.auth_failures.inc()
+            log.warning("sync_auth_refused", has_token=self._presented_token(request) is not None)
+            return _refuse(
+                401,
+                "sync token missing or wrong: send this deployment's sync.token as "
+                "'Authorization: Bearer <token>' or as the 'token' query parameter",
+            )
+        if self._closed or self._paused:
+            return _refuse(503, "sync is paused or shutting down here; retry with backoff")
+        instance = request.query.get("instance")
+        if instance == self.writer_id:
+            return _refuse(409, "this address is the dialling instance itself", SELF_HEADER, "1")
+        if instance is not None and instance.rpartition(".")[0] == self.settings.instance_id:
+            log.warning(
+                "sync_duplicate_instance_id",
+                peer_writer=instance,
+                hint="another running process has the same instance.id; give each its own "
+                "so logs, metrics and health gossip can tell them apart",
+            )
+        theirs = request.query.get("epoch", "")
+        if theirs.isdigit() and int(theirs) > self.epoch:
+            self._rotate_to(int(theirs))
+        elif theirs.isdigit() and int(theirs) < self.epoch:
+            return _refuse(
+                409,
+                f"epoch {theirs} is older than this instance's {self.epoch}: "
+                "rotate to it and reconnect",
+                EPOCH_HEADER,
+                str(self.epoch),
+            )
+        return None
 
     @staticmethod
     def _presented_token(request: web.Request) -> str | None:
@@ -268,13 +327,14 @@ class StateSync:
     # -- peers -----------------------------------------------------------------------
 
     def _add_peer(self, base_url: str) -> None:
-        if base_url in self._links or self._session is None:
+        if base_url in self._links or self._session is None or self._paused or self._closed:
             return
         sups = [
             LinkSupervisor(
                 base_url=base_url,
                 hub=hub,
                 settings=self.settings,
+                writer_id=self.writer_id,
                 session=self._session,
                 metrics=self._metrics,
                 epoch=lambda: self.epoch,
@@ -286,23 +346,17 @@ class StateSync:
         for sup in sups:
             sup.start()
 
-    async def _discovery_loop(self) -> None:
-        target = self.settings.discovery_target()
-        assert target is not None
-        host, port = target
-        loop = asyncio.get_running_loop()
-        own = await loop.run_in_executor(None, _local_addresses)
-        while True:
-            try:
-                infos = await asyncio.wait_for(
-                    loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=5.0
-                )
-                found = {info[4][0] for info in infos} - own
-                for address in found:
-                    self._add_peer(_ws_url(address, port))
-            except (OSError, TimeoutError) as exc:
-                self._log.warning("sync_discovery_failed", target=host, error=repr(exc))
-            await asyncio.sleep(DISCOVERY_EVERY_S)
+    async def _on_discovered(self, urls: set[str]) -> None:
+        """Make the discovered peers exactly ``urls`` (static peers are never dropped)."""
+        gone = self._discovered - urls - set(self.settings.peers)
+        self._discovered = urls
+        for url in sorted(urls):
+            self._add_peer(url)
+        for url in sorted(gone):
+            sups = self._links.pop(url, [])
+            await asyncio.gather(*(sup.aclose() for sup in sups))
+            if sups:
+                self._log.info("sync_peer_dropped", peer=url, reason="no longer in DNS")
 
     # -- snapshot and metrics ----------------------------------------------------------
 
@@ -351,6 +405,10 @@ class StateSync:
         self._tasks.append(asyncio.create_task(coro))
 
 
+def _refuse(status: int, text: str, header: str | None = None, value: str = "") -> web.Response:
+    return web.Response(status=status, text=text, headers={header: value} if header else None)
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as handle:
@@ -358,15 +416,3 @@ def _write_atomic(path: str, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def _local_addresses() -> set[str]:
-    try:
-        return set(socket.gethostbyname_ex(socket.gethostname())[2]) | {"127.0.0.1", "::1"}
-    except OSError:
-        return {"127.0.0.1", "::1"}
-
-
-def _ws_url(address: str, port: int) -> str:
-    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
-    return f"ws://{host}:{port}/sync"

@@ -56,7 +56,7 @@ class LinkState(enum.Enum):
     CONNECTED = "connected"
     BACKOFF = "backoff"
     UNAUTHORIZED = "unauthorized"  # the peer refused our token; retried slowly
-    SELF = "self"  # the address is this instance (DNS discovery); never retried
+    SELF = "self"  # the address is this very process (DNS discovery); never retried
     CLOSED = "closed"  # terminal: aclose() was called
 
 
@@ -71,7 +71,8 @@ class SyncSettings:
 
     ``peers`` are base URLs (``ws://10.0.0.2:8080/sync``); a link appends ``/{doc}``.
     ``discovery`` is ``dns:name[:port]``: the name's A/AAAA records are resolved
-    periodically and each address other than ours becomes a peer.
+    every ``discovery_interval_s`` and each address becomes a peer (our own one is
+    recognised by the handshake and parked as SELF).
     ``token`` None means inbound sync is refused; outbound links then send no token.
     """
 
@@ -79,6 +80,7 @@ class SyncSettings:
     token: str | None
     peers: tuple[str, ...] = ()
     discovery: str | None = None
+    discovery_interval_s: float = 10.0
     session_ttl_s: float = 86400.0
     rotate_every_s: float = 3600.0
     flush_interval_s: float = 0.05
@@ -95,7 +97,7 @@ class SyncSettings:
                 raise SyncConfigError(f"sync.peers: {peer!r} must start with ws:// or wss://")
         if self.discovery is not None:
             self.discovery_target()  # validates
-        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s"):
+        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s", "discovery_interval_s"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
 
@@ -113,7 +115,7 @@ class SyncSettings:
         host, sep, port = rest.rpartition(":")
         if not sep:
             host, port = rest, str(DEFAULT_SYNC_PORT)
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise SyncConfigError(f"sync.discovery: {self.discovery!r} must be dns:host[:port]")
         return host, int(port)
 

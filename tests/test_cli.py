@@ -175,3 +175,33 @@ async def test_demo_with_three_instances_peers_them():
         assert await proc.stop(signal.SIGINT) == 0
     finally:
         await proc.stop(signal.SIGKILL)
+
+
+async def test_demo_prometheus_without_the_binary_says_how_to_get_one(tmp_path):
+    """demo --prometheus with no prometheus on PATH names the package and the two overrides."""
+    code, out, err = await _run("demo", "--port", "0", "--prometheus",
+                                env={"PATH": str(tmp_path), "SKYROUTE_PROMETHEUS_BIN": ""})
+    assert code == 1 and "serving on" not in out
+    assert "the prometheus binary is not installed" in err
+    assert "apt-get install prometheus" in err
+    assert "--prometheus-bin PATH or SKYROUTE_PROMETHEUS_BIN=PATH" in err
+
+
+async def test_demo_prometheus_bin_must_name_an_executable(tmp_path):
+    """--prometheus-bin naming no executable file is refused before anything starts."""
+    missing = tmp_path / "prometheus"
+    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(missing))
+    assert code == 1 and "serving on" not in out
+    assert f"--prometheus-bin {missing}: no executable file there" in err
+
+
+async def test_demo_prometheus_that_fails_to_start_shows_its_log(tmp_path):
+    """A prometheus that exits at start fails the demo with its status and log, and exit 1."""
+    fake = tmp_path / "prometheus"
+    fake.write_text("#!/bin/sh\necho 'err=\"opening storage failed: read-only file system\"'\n"
+                    "exit 3\n")
+    fake.chmod(0o755)
+    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(fake))
+    assert code == 1 and "serving on" not in out
+    assert f"prometheus ({fake}) exited with status 3 at start" in err
+    assert "opening storage failed: read-only file system" in err

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, UPSTREAM_KEY, client_for, routing_yaml
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, UPSTREAM_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
 
 TIMEOUT = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
@@ -233,7 +233,15 @@ async def test_client_disconnect_cancels_the_upstream_request(standin, skyroute)
                                headers={"Authorization": f"Bearer {CLIENT_KEY}"})
         await resp.content.readline()
         resp.close()
-    await up.wait_for(lambda u: u.cancelled == 1 and u.in_flight == 0)
+        await up.wait_for(lambda u: u.cancelled == 1 and u.in_flight == 0)
+
+        async def released() -> bool:  # the attempt ended with no outcome, not as a failure
+            health = await (await http.get(f"{server.url}/health")).json()
+            return health["upstreams"]["us-east"]["outstanding"] == 0
+
+        await eventually(released)
+        metrics = await (await http.get(f"{server.url}/metrics")).text()
+    assert "stream_cut" not in metrics  # the client left; the upstream did nothing wrong
 
 
 async def test_client_disconnect_while_waiting_cancels_the_upstream_request(standin, skyroute):

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+
+from proxy._local_prometheus import LocalPrometheus, find_prometheus, free_port
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -47,7 +45,6 @@ ROUTE = """\
   strategy: priority
   latency_threshold: 200ms
 """
-PROMETHEUS = "/usr/bin/prometheus"
 
 
 async def _regions(standin) -> dict:
@@ -133,61 +130,22 @@ async def _back_in_full(client) -> bool:
 # -- Prometheus, the real server ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[list[str]], Awaitable[str]]]:
     """Factory: ``await prometheus(["127.0.0.1:port", ...])`` starts Prometheus scraping them."""
-    if shutil.which(PROMETHEUS) is None:
-        pytest.fail(f"{PROMETHEUS} is missing: install Debian's prometheus package "
-                    "(apt-get install -y prometheus; tests/run.sh does it)")
-    procs: list[subprocess.Popen[bytes]] = []
+    binary = find_prometheus()  # its error says how to install one
+    started: list[LocalPrometheus] = []
 
     async def start(targets: list[str]) -> str:
-        port = _free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(textwrap.dedent(f"""\
-            global:
-              scrape_interval: 1s
-              scrape_timeout: 1s
-              evaluation_interval: 1s
-            scrape_configs:
-              - job_name: skyroute
-                static_configs:
-                  - targets: {targets}
-            """))
-        log_path = tmp_path / "prometheus.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
-                stdout=log_file, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-
-        async def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}:\n"
-                                     f"{log_path.read_text()[-2000:]}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                return (await _get(f"{url}/-/ready"))[0] == 200
-            return False
-
-        await eventually(ready, timeout=30, interval=0.1)
-        return url
+        server = LocalPrometheus({"skyroute": targets}, binary=binary, interval_s=1.0,
+                                 workdir=tmp_path / f"prometheus-{len(started)}")
+        started.append(server)
+        await server.start()
+        return server.url
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    for server in started:
+        await server.aclose()
 
 
 async def _keep_busy(client, stop: asyncio.Event) -> None:
@@ -233,7 +191,7 @@ async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, s
                                                                       captured_logs):
     """A dead Prometheus: requests all succeed, one warning, gauge 0; one info when it's back."""
     ups = await _regions(standin)
-    port = _free_port()  # nothing listens here until the fake answers below
+    port = free_port()  # nothing listens here until the fake answers below
     server = await skyroute(_yaml(ups, extra=LATENCY + f"  prometheus:\n    url: "
                                                        f"http://127.0.0.1:{port}\n"
                                                        "    interval: 100ms\n"

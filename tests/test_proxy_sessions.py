@@ -9,10 +9,12 @@ from contextlib import AsyncExitStack
 import aiohttp
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy import Server
+from proxy._sessions import state_sync_for
 from proxy._state import STATE_SYNC
-from routing import parse_config
+from routing import ConfigError, parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -118,13 +120,17 @@ async def test_rpm_limit_holds_across_all_instances_together(cluster):
 
 
 async def test_sync_endpoint_refuses_requests_without_the_token(cluster):
-    """/sync/sessions answers 401 without the shared secret, and /health lists the peers."""
+    """/sync answers 401 without the shared secret and 404 for an unknown document, each saying
+    what to send; /health lists the peers."""
     servers, _ = cluster
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
         refused = await h.get(f"{servers[0].url}/sync/sessions")
         wrong = await h.get(f"{servers[0].url}/sync/sessions?token=nope")
+        unknown = await h.get(f"{servers[0].url}/sync/nope?token={SYNC_TOKEN}")
         health = await (await h.get(f"{servers[0].url}/health")).json()
-    assert (refused.status, wrong.status) == (401, 401)
+        assert (refused.status, wrong.status, unknown.status) == (401, 401, 404)
+        assert "send this deployment's sync.token as 'Authorization: Bearer" in await refused.text()
+        assert "serves sessions, usage" in await unknown.text()
     assert len(health["peers"]) >= 2
     assert set(health["peers"].values()) == {"connected"}
 
@@ -151,3 +157,56 @@ async def test_bad_key_found_by_one_instance_is_learnt_by_the_others(cluster):
     assert "from b" in reply.choices[0].message.content
     assert ups[0].requests_total == 1
 
+
+
+def test_sync_discovery_and_its_interval_come_from_yaml():
+    """`sync.discovery` and `sync.discovery_interval` reach the instance's StateSync; a bad
+    target is a config error that says what to write."""
+    up = "  - {name: a, url: 'http://127.0.0.1:9', api_key: k, region: r, models: {chat: x}}\n"
+    text = routing_yaml([up], extra="sync:\n  token: t\n  discovery: dns:sky.ns.svc:9000\n"
+                        "  discovery_interval: 250ms\n")
+    sync = state_sync_for(parse_config(text, env={}), CollectorRegistry())
+    assert sync.settings.discovery_target() == ("sky.ns.svc", 9000)
+    assert sync.settings.discovery_interval_s == 0.25
+    with pytest.raises(ConfigError, match=r"discovery 'dns:sky:99999' must look like dns:<serv"):
+        parse_config(text.replace("dns:sky.ns.svc:9000", "dns:sky:99999"), env={})
+
+
+async def test_instances_find_each_other_through_dns_discovery(standin):
+    """Two instances whose `sync.discovery` names localhost at b's port share sessions; b
+    resolves the name to its own address and shows that link as `self` in /health."""
+    ups = [await standin(name) for name in ("a", "b")]
+    socks = [_bound_socket(), _bound_socket()]
+    port_b = socks[1].getsockname()[1]
+    async with AsyncExitStack() as stack:
+        servers = []
+        for i, order in enumerate(("[a, b]", "[b, a]")):
+            extra = (f"instance:\n  id: d{i}\nsync:\n  token: {SYNC_TOKEN}\n"
+                     f"  discovery: dns:localhost:{port_b}\n  discovery_interval: 200ms\n")
+            text = routing_yaml([entry(u) for u in ups],
+                                f"- model: chat\n  targets: {order}\n  strategy: priority\n",
+                                extra=extra)
+            server = Server(parse_config(text, env={}), sock=socks[i], grace_s=1.0)
+            await stack.enter_async_context(server)
+            servers.append(server)
+        a, b = servers
+        b_url = f"ws://127.0.0.1:{port_b}/sync/sessions"
+        await eventually(lambda: a.app[STATE_SYNC].peer_states().get(b_url) == "connected"
+                         and b.app[STATE_SYNC].peer_states().get(b_url) == "self", timeout=10)
+        headers = {"X-Session-ID": "found-by-dns"}
+        async with client_for(b) as client:
+            first = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                         extra_headers=headers)
+        assert "from b" in first.choices[0].message.content
+        await eventually(lambda: a.app[STATE_SYNC].store.get("found-by-dns", now=time.time())
+                         is not None)
+        async with client_for(a) as client:
+            reply = await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                         extra_headers=headers)
+        assert "from b" in reply.choices[0].message.content
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+            health = await (await h.get(f"{b.url}/health")).json()
+            metrics = await (await h.get(f"{a.url}/metrics")).text()
+        assert health["peers"][b_url] == "self"
+        assert 'skyroute_sync_discovery_lookups_total{outcome="ok"}' in metrics
+        assert "skyroute_sync_discovered_peers" in metrics

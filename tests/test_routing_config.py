@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from routing import ConfigError, parse_config, parse_duration, parse_size
+from routing import (
+    DEFAULT_METRIC_NAMES,
+    ConfigError,
+    PoolMetricNames,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
 
 CONTRACT = """\
 listen: 127.0.0.1:8080
@@ -129,3 +136,160 @@ def test_stream_resume_is_off_unless_a_route_turns_it_on():
                             env={**ENV, "RESUME": "true"})
     assert plain.routes[0].resume is False
     assert resuming.routes[0].resume is True
+
+
+SCRAPE = """\
+latency:
+  scrape:
+    interval: 2s
+    timeout: 300ms
+    health_path: /v1/models
+    unhealthy_after: 3
+    metrics:
+      waiting: [my_queue_depth]
+      kv_cache_usage: []
+"""
+
+
+def test_latency_scrape_section_sets_pool_scraping():
+    """latency.scrape sets the pool scrape; a metrics list replaces only its own defaults."""
+    config = parse_config(SCRAPE + CONTRACT, env=ENV)
+    scrape = config.latency.scrape
+    assert (scrape.interval_s, scrape.timeout_s, scrape.unhealthy_after) == (2.0, 0.3, 3)
+    assert scrape.metrics == PoolMetricNames(
+        waiting=("my_queue_depth",), running=DEFAULT_METRIC_NAMES.running, kv_cache_usage=())
+    assert scrape.stale_after_s == 6.3
+    assert scrape.health_url("http://10.0.0.5:8000/v1") == "http://10.0.0.5:8000/v1/models"
+    assert scrape.metrics_url("https://gpu.internal/v1/") == "https://gpu.internal/metrics"
+    assert config.upstream("local-gpu").scrape is True
+
+
+def test_latency_scrape_defaults():
+    """Without a scrape section pools are scraped every second with the vLLM/SGLang names."""
+    scrape = parse_config(CONTRACT, env=ENV).latency.scrape
+    assert (scrape.interval_s, scrape.timeout_s) == (1.0, 0.5)
+    assert (scrape.metrics_path, scrape.health_path) == ("/metrics", "/health")
+    assert scrape.metrics == DEFAULT_METRIC_NAMES
+
+
+def test_upstream_scrape_false_switches_a_pool_off():
+    """scrape: false on a pool upstream turns its scraping off."""
+    text = CONTRACT.replace("    region: onprem\n", "    region: onprem\n    scrape: false\n")
+    assert parse_config(text, env=ENV).upstream("local-gpu").scrape is False
+
+
+SCRAPE_BAD_CASES = [
+    # (edit to SCRAPE + CONTRACT, expected path, expected line, fragment of the message)
+    (("    interval: 2s", "    intervl: 2s"), "latency.scrape.intervl", 3,
+     "did you mean 'interval'"),
+    (("    timeout: 300ms", "    timeout: soon"), "latency.scrape.timeout", 4, "250ms"),
+    (("health_path: /v1/models", "health_path: v1/models"), "latency.scrape", 3,
+     "must start with /"),
+    (("    interval: 2s", "    interval: 0s"), "latency.scrape", 3, "interval must be above 0"),
+    (("[my_queue_depth]", "[my queue depth]"), "latency.scrape.metrics.waiting[0]", 8,
+     "not a Prometheus metric name"),
+    (("      kv_cache_usage: []", "      kv_cache: []"), "latency.scrape.metrics.kv_cache", 9,
+     "did you mean 'kv_cache_usage'"),
+    (("    unhealthy_after: 3", "    unhealthy_after: 0"), "latency.scrape.unhealthy_after", 6,
+     "positive whole number"),
+    (("    region: onprem\n", "    region: onprem\n    scrape: maybe\n"),
+     "upstreams[1].scrape", 26, "true or false"),
+]
+
+
+@pytest.mark.parametrize(("edit", "path", "line", "fragment"), SCRAPE_BAD_CASES)
+def test_bad_scrape_settings_name_field_and_line(edit, path, line, fragment):
+    """Mistakes in latency.scrape or an upstream's scrape are reported at path and line."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config((SCRAPE + CONTRACT).replace(*edit), env=ENV)
+    matching = [p for p in caught.value.problems if p.path == path]
+    assert matching, caught.value.problems
+    assert matching[0].line == line
+    assert fragment in matching[0].message
+
+
+def test_scrape_that_is_not_a_mapping_is_one_problem():
+    """latency.scrape given as a scalar is reported once, at its line."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("latency:\n  scrape: yes\n" + CONTRACT, env=ENV)
+    assert [(p.path, p.line) for p in caught.value.problems] == [("latency.scrape", 2)]
+
+
+# CONTRACT's chat route, with a fallback to a smaller model on the local pool (an
+# implicit route) and the degradation section; lines 21-29.
+DEGRADED = CONTRACT.replace(
+    "    models: {chat: deepseek-r1-distill-qwen-7b}",
+    "    models: {chat: deepseek-r1-distill-qwen-7b, chat-small: deepseek-r1-distill-qwen-1.5b}",
+) + """\
+    fallback_model: chat-small
+    essential: true
+degradation:
+  reduced: {hedging: false}
+  fallback: {enabled: true}
+  minimal:
+    when_available_below: 40%
+    max_tokens: 128
+    max_n: 2
+"""
+
+
+def test_degradation_settings_load():
+    """fallback_model, essential and the degradation section become typed settings."""
+    config = parse_config(DEGRADED, env=ENV)
+    chat = config.route_for("chat")
+    assert (chat.fallback_model, chat.essential) == ("chat-small", True)
+    assert config.route_for("chat-small").implicit  # an implicit route may be a fallback
+    policy = config.degradation
+    assert (policy.reduced_hedging, policy.fallback_enabled, policy.minimal_below,
+            policy.minimal_max_tokens, policy.minimal_max_n) == (False, True, 0.4, 128, 2)
+
+
+def test_degradation_defaults_without_the_section():
+    """With no degradation section: hedging and fallback on, minimal below 50 %, 256, 1."""
+    config = parse_config(CONTRACT, env=ENV)
+    policy = config.degradation
+    assert (policy.reduced_hedging, policy.fallback_enabled, policy.minimal_below,
+            policy.minimal_max_tokens, policy.minimal_max_n) == (True, True, 0.5, 256, 1)
+    assert config.route_for("chat").fallback_model is None
+    assert not config.route_for("chat").essential
+
+
+DEGRADATION_BAD_CASES = [
+    (("fallback_model: chat-small", "fallback_model: chat-smal"), "routes[0].fallback_model",
+     21, "names no route; did you mean 'chat-small'?"),
+    (("fallback_model: chat-small", "fallback_model: chat"), "routes[0].fallback_model", 21,
+     "this route's own model"),
+    (("essential: true", "essential: sometimes"), "routes[0].essential", 22, "true or false"),
+    (("  minimal:", "  minimum:"), "degradation.minimum", 26, "did you mean 'minimal'"),
+    (("when_available_below: 40%", "when_available_below: 140%"),
+     "degradation.minimal.when_available_below", 27, "between 0% and 100%"),
+    (("max_tokens: 128", "max_token: 128"), "degradation.minimal.max_token", 28,
+     "did you mean 'max_tokens'"),
+    (("max_n: 2", "max_n: 0"), "degradation.minimal.max_n", 29, "positive whole number"),
+    (("reduced: {hedging: false}", "reduced: {hedging: no way}"),
+     "degradation.reduced.hedging", 24, "true or false"),
+]
+
+
+@pytest.mark.parametrize(("edit", "path", "line", "fragment"), DEGRADATION_BAD_CASES)
+def test_bad_degradation_settings_name_field_and_line(edit, path, line, fragment):
+    """Mistakes in fallback_model, essential or degradation are reported at path and line."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(DEGRADED.replace(*edit), env=ENV)
+    matching = [p for p in caught.value.problems if p.path == path]
+    assert matching, caught.value.problems
+    assert matching[0].line == line
+    assert fragment in matching[0].message
+
+
+def test_fallback_models_that_loop_are_refused():
+    """chat -> chat-small -> chat is refused at both routes, naming the loop."""
+    text = DEGRADED.replace("degradation:", "  - model: chat-small\n    targets: [local-gpu]\n"
+                                            "    fallback_model: chat\ndegradation:")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env=ENV)
+    problems = {(p.path, p.line): p.message for p in caught.value.problems}
+    assert problems[("routes[0].fallback_model", 21)].startswith(
+        "fallbacks loop: chat -> chat-small -> chat;")
+    assert problems[("routes[1].fallback_model", 25)].startswith(
+        "fallbacks loop: chat-small -> chat -> chat-small;")

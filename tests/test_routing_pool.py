@@ -81,6 +81,12 @@ PARSE_CASES = {
         ServerLoad(waiting=2, running=0, kv_cache_usage=None),
     ),
     "nan_ignored": ("vllm:num_requests_waiting NaN\n", None),
+    "only_wanted_lines_parsed": (
+        'vllm:e2e_request_latency_seconds_bucket{le="0.5"} 3\n'
+        "some other exposition line that is { not prometheus\n"
+        "  vllm:num_requests_waiting 2\n",
+        ServerLoad(waiting=2, running=0, kv_cache_usage=None),
+    ),
     "kv_clamped": (
         "sglang:token_usage 1.7\n",
         ServerLoad(waiting=0, running=0, kv_cache_usage=1.0),
@@ -265,6 +271,7 @@ def test_EndpointPicker_snapshot() -> None:
             healthy=True,
             failed_checks=0,
             in_flight=1,
+            picks=1,
             load=_load(waiting=1, running=2, kv=0.5),
             load_age_s=4.0,
             fresh=True,
@@ -275,6 +282,7 @@ def test_EndpointPicker_snapshot() -> None:
             healthy=False,
             failed_checks=1,
             in_flight=0,
+            picks=0,
             load=None,
             load_age_s=None,
             fresh=False,

@@ -120,3 +120,27 @@ def test_Router_rotates_pool_endpoints():
 def test_classify_status_follows_who_is_at_fault(status, result):
     """400/422 are the client's, 401/402 the key's, 429 and 5xx transient."""
     assert classify_status(status) is result
+
+
+HEDGED = """\
+upstreams:
+  - {name: a, url: "http://a/v1", models: {chat: m-a}}
+  - {name: b, url: "http://b/v1", models: {chat: m-b}}
+  - {name: c, url: "http://c/v1", models: {chat: m-c}}
+routes:
+  - {model: chat, targets: [a, b, c], hedge_after: 1s}
+"""
+
+
+@pytest.mark.parametrize(("hedging", "delay_when_reduced"), [("true", 1.0), ("false", None)])
+def test_Router_plan_hedges_while_reduced_only_if_degradation_allows(hedging,
+                                                                     delay_when_reduced):
+    """degradation.reduced.hedging: false stops hedging once the first target is out."""
+    config = parse_config(HEDGED + f"degradation:\n  reduced: {{hedging: {hedging}}}\n", env={})
+    router = Router(config)
+    route = config.route_for("chat")
+    plan = router.plan(route, now=0.0)
+    assert plan.hedge_delay(plan.next_attempt(now=0.0), now=0.0) == 1.0  # normal: hedges
+    router.mark("a", "down", until=30.0, reason="test", now=0.0)
+    plan = router.plan(route, now=1.0)
+    assert plan.hedge_delay(plan.next_attempt(now=1.0), now=1.0) == delay_when_reduced

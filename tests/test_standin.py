@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -368,3 +369,83 @@ async def test_StandinUpstream_aclose_drops_a_held_busy_answer_promptly(
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
     assert up.in_flight == 0 and up.cancelled == 0
+
+
+# -- the control endpoint: changing a running stand-in from outside -----------------------
+
+
+async def test_StandinUpstream_control_endpoint_shows_and_changes_the_live_behaviour(
+        up: StandinUpstream) -> None:
+    """GET shows the behaviour; POST changes the live object, needs no key, counts no request."""
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as anonymous:
+        async with anonymous.get(up.control_url) as r:
+            assert r.status == 200
+            shown = await r.json()
+        assert shown["upstream"] == "alpha" and shown["mode"] == "ok" and shown["ttft_s"] == 0
+        behaviour = up.behaviour
+        async with anonymous.post(up.control_url,
+                                  data='{"mode": "error", "error_status": 502, "tokens": 7}') as r:
+            assert r.status == 200
+            assert (await r.json())["error_status"] == 502
+    assert up.behaviour is behaviour  # changed in place: holders of the object see it
+    assert (behaviour.mode, behaviour.error_status, behaviour.tokens) == ("error", 502, 7)
+    assert up.requests_total == 0
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession(timeout=TIMEOUT, headers=headers) as http, \
+            http.post(f"{up.base_url}/chat/completions", json=CHAT) as r:
+        assert r.status == 502  # the next API request answers with the new behaviour
+
+
+async def test_StandinUpstream_control_endpoint_logs_each_change(
+        up: StandinUpstream, captured_logs: list[dict[str, Any]]) -> None:
+    """A change is one log line naming the stand-in, each field and its old and new value."""
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as anonymous, \
+            anonymous.post(up.control_url, json={"ttft_s": 0.4}) as r:
+        assert r.status == 200
+    [line] = [e for e in captured_logs if e.get("upstream") == "alpha"]
+    assert line["event"] == "stand-in alpha behaviour changed: ttft_s 0.0 -> 0.4"
+    assert line["ttft_s"] == 0.4
+
+
+async def test_StandinUpstream_control_endpoint_releases_a_held_busy_answer(
+        up: StandinUpstream, http: aiohttp.ClientSession) -> None:
+    """POST {"mode": "ok"} ends a busy period that a request is waiting in, as flipping it does."""
+    up.behaviour.mode = "busy"
+    async with http.post(f"{up.base_url}/chat/completions", json=CHAT) as r:
+        assert await r.content.readline() == b"\n"
+        async with http.post(up.control_url, json={"mode": "ok"}) as change:
+            assert change.status == 200
+        answer = json.loads(await r.read())
+    assert answer["choices"][0]["message"]["content"].startswith("Hello from alpha")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('{"ttft": 0.4}', "unknown field 'ttft'; Behaviour fields: mode, ttft_s"),
+        ('{"ttft_s": "slow"}', "field 'ttft_s' must be a number of seconds >= 0, got \"slow\""),
+        ('{"ttft_s": -1}', "field 'ttft_s' must be a number of seconds >= 0, got -1"),
+        ('{"ttft_s": true}', "field 'ttft_s' must be a number of seconds >= 0, got true"),
+        ('{"tokens": 2.5}', "field 'tokens' must be a whole number >= 0, got 2.5"),
+        ('{"busy_for_s": "x"}', "must be a number of seconds >= 0 or null"),
+        ('{"mode": 3}', "field 'mode' must be one of ['bad_key', 'bad_request', 'busy'"),
+        ('{"mode": "sleepy"}', "Behaviour.mode must be one of"),
+        ('{"error_status": 418}', "Behaviour.error_status must be 500/502/503/504"),
+        ('{"ttft_s": 0.4, "mode": "sleepy"}', "Behaviour.mode must be one of"),
+        ('[0.4]', 'the body must be a JSON object of Behaviour fields, e.g. {"ttft_s": 0.4}'),
+        ('{}', "the body must be a JSON object of Behaviour fields"),
+        ('{"ttft_s": 0.4', "POST /_standin/behaviour on stand-in 'alpha': Expecting"),
+    ],
+)
+async def test_StandinUpstream_control_endpoint_rejects_bad_bodies_and_changes_nothing(
+        up: StandinUpstream, body: str, says: str) -> None:
+    """A bad body is a 400 naming the endpoint, the stand-in and the field; nothing changes."""
+    before = dataclasses.replace(up.behaviour)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as anonymous, \
+            anonymous.post(up.control_url, data=body) as r:
+        assert r.status == 400
+        error = (await r.json())["error"]
+    assert error["message"].startswith("POST /_standin/behaviour on stand-in 'alpha': ")
+    assert says in error["message"]
+    assert error["code"] == "invalid_behaviour"
+    assert up.behaviour == before

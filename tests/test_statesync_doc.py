@@ -26,16 +26,10 @@ from statesync._metrics import SyncMetrics
 from statesync._protocol import ConnState, YConnection, message_kind
 from statesync._store import SessionStore
 
+from .fakes import FakeClock
 
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+WALL_CLOCK_START = 1_000_000.0
+"""Store clocks are wall-clock epoch seconds; any large value will do."""
 
 
 def make_hub(name: str = "sessions", epoch: int = 1) -> DocHub:
@@ -203,6 +197,8 @@ def test_exponential_backoff_grows_with_jitter_up_to_cap() -> None:
         ({"token": ""}, "token"),
         ({"peers": ("http://x/sync",)}, "peers"),
         ({"discovery": "srv:foo"}, "discovery"),
+        ({"discovery": "dns:h:70000"}, "discovery"),
+        ({"discovery_interval_s": 0}, "discovery_interval_s"),
         ({"flush_interval_s": 0}, "flush_interval_s"),
     ],
 )
@@ -236,7 +232,7 @@ class StorePair:
                 writer_id=f"{n}.0",
                 sessions=self.hubs[n]["sessions"],
                 usage=self.hubs[n]["usage"],
-                clock=clock,
+                clock=clock.now,
                 metrics=SyncMetrics(CollectorRegistry()),
             )
             for n in "ab"
@@ -254,50 +250,66 @@ class StorePair:
 
 def test_SessionStore_pin_on_one_replica_is_seen_on_the_other() -> None:
     """A pinned session reads back on the peer with float times and its upstream."""
-    clock = FakeClock()
+    clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
-    sp.stores["a"].pin("s1", "deepseek", now=clock.now)
+    sp.stores["a"].pin("s1", "deepseek", now=clock.now())
     sp.sync()
-    got = sp.stores["b"].get("s1", now=clock.now)
-    assert got is not None and got.upstream == "deepseek" and got.created == clock.now
-    assert sp.stores["b"].get("s1", now=clock.now + 101) is None  # past the TTL
+    got = sp.stores["b"].get("s1", now=clock.now())
+    assert got is not None and got.upstream == "deepseek" and got.created == clock.now()
+    assert sp.stores["b"].get("s1", now=clock.now() + 101) is None  # past the TTL
 
 
 def test_SessionStore_usage_adds_up_across_replicas_as_ints() -> None:
     """Counts added on both replicas sum on each, and are ints despite Yjs floats."""
-    clock = FakeClock()
+    clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
-    sp.stores["a"].add_usage("k", requests=2, tokens=10, now=clock.now)
-    sp.stores["b"].add_usage("k", requests=1, tokens=5, now=clock.now)
-    assert sp.stores["a"].usage("k", now=clock.now) == Usage(2, 10)  # own, before flush
+    sp.stores["a"].add_usage("k", requests=2, tokens=10, now=clock.now())
+    sp.stores["b"].add_usage("k", requests=1, tokens=5, now=clock.now())
+    assert sp.stores["a"].usage("k", now=clock.now()) == Usage(2, 10)  # own, before flush
     sp.sync()
     for store in sp.stores.values():
-        usage = store.usage("k", now=clock.now)
+        usage = store.usage("k", now=clock.now())
         assert usage == Usage(3, 15) and type(usage.requests) is int
-    assert sp.stores["a"].usage("k", now=clock.now + 71).requests == 0
+    assert sp.stores["a"].usage("k", now=clock.now() + 71).requests == 0
+
+
+def test_SessionStore_counter_is_one_net_entry_per_writer() -> None:
+    """Each writer owns one entry per key and bucket holding its net count (a PN-counter),
+    so a negative delta (a corrected estimate) lowers the sum everywhere."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].add_usage("k", requests=1, tokens=100, now=clock.now())
+    sp.sync()
+    sp.stores["a"].add_usage("k", tokens=-60, now=clock.now())
+    sp.stores["b"].add_usage("k", tokens=5, now=clock.now())
+    sp.sync()
+    for store in sp.stores.values():
+        assert store.usage("k", now=clock.now()) == Usage(1, 45)
+    entries = list(sp.hubs["b"]["usage"].doc.maps["usage"].values())
+    assert sorted((e["w"], e["t"]) for e in entries) == [("a.0", 40), ("b.0", 5)]
 
 
 def test_SessionStore_newer_session_write_wins_after_partition() -> None:
     """Concurrent pins during a cut converge on the later timestamp on both replicas."""
-    clock = FakeClock()
+    clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     for pair in sp.pairs:
         pair.cut()
-    sp.stores["a"].pin("s", "old-choice", now=clock.now)
-    sp.stores["b"].pin("s", "new-choice", now=clock.now + 1)
+    sp.stores["a"].pin("s", "old-choice", now=clock.now())
+    sp.stores["b"].pin("s", "new-choice", now=clock.now() + 1)
     for pair in sp.pairs:
         pair.connect()
     sp.sync()
     for store in sp.stores.values():
-        got = store.get("s", now=clock.now + 2)
+        got = store.get("s", now=clock.now() + 2)
         assert got is not None and got.upstream == "new-choice"
 
 
 def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:
     """If a merge leaves a stale copy of our counter, the next flush writes ours back."""
-    clock = FakeClock()
+    clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
-    sp.stores["a"].add_usage("k", requests=5, now=clock.now)
+    sp.stores["a"].add_usage("k", requests=5, now=clock.now())
     sp.sync()
     stale = dict(sp.hubs["b"]["usage"].doc.maps["usage"].items())
     for pair in sp.pairs:
@@ -307,22 +319,22 @@ def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:
     for pair in sp.pairs:
         pair.connect()
     sp.sync()
-    assert sp.stores["b"].usage("k", now=clock.now) == Usage(5, 0)
+    assert sp.stores["b"].usage("k", now=clock.now()) == Usage(5, 0)
 
 
 def test_SessionStore_health_reports_expire() -> None:
     """An upstream report is visible on the peer until its ``until`` and cleared by ``up``."""
-    clock = FakeClock()
+    clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
-    sp.stores["a"].report_upstream("u1", "down", until=clock.now + 30, now=clock.now)
-    sp.stores["a"].report_upstream("u2", "bad_key", until=None, now=clock.now)
+    sp.stores["a"].report_upstream("u1", "down", until=clock.now() + 30, now=clock.now())
+    sp.stores["a"].report_upstream("u2", "bad_key", until=None, now=clock.now())
     sp.sync()
-    reports = sp.stores["b"].upstream_reports(now=clock.now)
+    reports = sp.stores["b"].upstream_reports(now=clock.now())
     assert reports["u1"].state == "down" and reports["u1"].reporter == "a"
-    assert set(sp.stores["b"].upstream_reports(now=clock.now + 31)) == {"u2"}
-    sp.stores["b"].report_upstream("u2", "up", until=None, now=clock.now)
+    assert set(sp.stores["b"].upstream_reports(now=clock.now() + 31)) == {"u2"}
+    sp.stores["b"].report_upstream("u2", "up", until=None, now=clock.now())
     sp.sync()
-    assert sp.stores["a"].upstream_reports(now=clock.now) == {"u1": reports["u1"]}
+    assert sp.stores["a"].upstream_reports(now=clock.now()) == {"u1": reports["u1"]}
 
 
 def _varuint(n: int) -> bytes:

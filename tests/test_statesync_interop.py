@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from statesync import StateSync, SyncSettings
+
+from .conftest import eventually
 
 INTEROP = Path(__file__).parent / "interop"
 TOKEN = "interop-token"
@@ -40,15 +42,6 @@ def _node_ready() -> str | None:
     if done.returncode != 0:
         return f"npm install in tests/interop failed: {done.stderr.decode()[-300:]}"
     return None
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
-"""Three StateSync instances on real aiohttp servers (port 0), peered in a full mesh."""
+"""StateSync instances on real aiohttp servers (port 0): a full mesh, and DNS discovery."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,18 +14,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from statesync import StateSync, SyncSettings, Usage
+from statesync import Resolve, StateSync, SyncSettings, Usage
+
+from .conftest import eventually
 
 TOKEN = "s3cret-token"
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def bound_socket(port: int = 0) -> socket.socket:
@@ -61,6 +53,7 @@ async def start_instance(
     *,
     token: str | None = TOKEN,
     clock: Callable[[], float] = time.time,
+    resolve: Resolve | None = None,
     **settings: Any,
 ) -> Instance:
     port = sock.getsockname()[1]
@@ -74,6 +67,7 @@ async def start_instance(
         ),
         registry=registry,
         clock=clock,
+        **({"resolve": resolve} if resolve is not None else {}),
     )
     app = web.Application()
     sync.add_routes(app)
@@ -177,8 +171,10 @@ async def test_StateSync_restarted_instance_catches_up(cluster: list[Instance]) 
     await eventually(lambda: s1.sync.store.usage("k", now=time.time()).requests == 3)
 
 
-async def test_StateSync_refuses_unauthenticated_peers(cluster: list[Instance]) -> None:
-    """No token or a wrong one gets 401 before the upgrade, and is counted."""
+async def test_StateSync_refuses_unauthenticated_peers(
+    captured_logs: list[dict[str, Any]], cluster: list[Instance]
+) -> None:
+    """No token or a wrong one gets 401 before the upgrade, is counted, and is logged."""
     s1 = cluster[0]
     url = f"http://127.0.0.1:{s1.port}/sync/sessions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -193,6 +189,13 @@ async def test_StateSync_refuses_unauthenticated_peers(cluster: list[Instance]) 
         ws = await http.ws_connect(url, params={"token": TOKEN})
         await ws.close()
     assert s1.metric("skyroute_sync_auth_failures_total") == 3
+    refused = [e for e in captured_logs if e["event"] == "sync_auth_refused"]
+    assert [(e["instance"], e["peer"], e["has_token"]) for e in refused] == [
+        ("s1", "127.0.0.1", False),
+        ("s1", "127.0.0.1", True),
+        ("s1", "127.0.0.1", True),
+    ]
+    assert "wrong" not in repr(refused)  # the presented token is never logged
     intruder = await start_instance("evil", bound_socket(), [s1.port], token="nope")
     try:
         await eventually(lambda: set(intruder.sync.peer_states().values()) == {"unauthorized"})
@@ -255,6 +258,123 @@ async def test_StateSync_peer_with_newer_epoch_pulls_cluster_forward() -> None:
         await eventually(lambda: a.sync.epoch == b.sync.epoch and all_connected(a, b))
         a.sync.store.pin("s", "u", now=time.time())
         await eventually(lambda: upstream_of(b, "s") == "u")
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+# -- DNS discovery ------------------------------------------------------------------------
+
+
+def link_states(inst: Instance, base_url: str) -> set[str]:
+    """States of ``inst``'s links (one per document) to the peer at ``base_url``."""
+    return {
+        state for url, state in inst.sync.peer_states().items() if url.startswith(f"{base_url}/")
+    }
+
+
+async def test_StateSync_dns_discovery_through_the_real_resolver_skips_itself(
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    """``dns:localhost:<port of b>`` makes a peer with b, and b, resolving the same name to
+    itself (a headless Service lists every pod), recognises its own address by the handshake."""
+    sock_a, sock_b = bound_socket(), bound_socket()
+    port_b = sock_b.getsockname()[1]
+    found = {"discovery": f"dns:localhost:{port_b}", "discovery_interval_s": 0.2}
+    b = await start_instance("b", sock_b, [], **found)
+    a = await start_instance("a", sock_a, [], **found)
+    try:
+        b_url = f"ws://127.0.0.1:{port_b}/sync"
+        await eventually(lambda: link_states(a, b_url) == {"connected"})
+        await eventually(lambda: link_states(b, b_url) == {"self"})
+        a.sync.store.pin("from-a", "u-a", now=time.time())
+        b.sync.store.pin("from-b", "u-b", now=time.time())
+        await eventually(
+            lambda: upstream_of(b, "from-a") == "u-a" and upstream_of(a, "from-b") == "u-b"
+        )
+        # b holds no connection to itself: its only inbound links are a's two documents.
+        assert b.sync.inbound_connections() == 2
+        # localhost may also resolve to ::1, where nothing listens: that link only backs
+        # off, and nothing here was ever mistaken for a peer of itself.
+        assert set(a.sync.peer_states().values()) <= {"connected", "connecting", "backoff"}
+        assert set(b.sync.peer_states().values()) <= {"self", "connecting", "backoff"}
+        assert b.metric("skyroute_sync_discovery_lookups_total", outcome="ok") >= 1
+        assert b.metric("skyroute_sync_discovered_peers") >= 1
+        assert any(
+            e["event"] == "sync_discovery_changed" and b_url in e["added"] for e in captured_logs
+        )
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+class ScriptedDns:
+    """Stands in for the DNS server (the network boundary): it answers ``answer``, or,
+    while that is None, fails as the system resolver does for a name it cannot find."""
+
+    def __init__(self) -> None:
+        self.answer: set[str] | None = None
+        self.lookups = 0
+
+    async def __call__(self, host: str, port: int) -> set[str]:
+        self.lookups += 1
+        if self.answer is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return set(self.answer)
+
+
+async def test_StateSync_discovery_rereads_dns_and_follows_its_answer(
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    """A name that does not resolve is logged and retried; once it resolves the peer is
+    linked, and when its address leaves the answer the link is dropped."""
+    b = await start_instance("b", bound_socket(), [])
+    dns = ScriptedDns()
+    target = f"skyroute-headless.test:{b.port}"
+    a = await start_instance(
+        "a", bound_socket(), [], discovery=f"dns:{target}", discovery_interval_s=0.05, resolve=dns
+    )
+    try:
+        await eventually(
+            lambda: a.metric("skyroute_sync_discovery_lookups_total", outcome="failed") >= 3
+        )
+        failed = [e for e in captured_logs if e["event"] == "sync_discovery_failed"]
+        assert failed[0]["target"] == target and failed[0]["log_level"] == "warning"
+        assert "Name or service not known" in failed[0]["error"]
+        assert failed[0]["retry_in_s"] == 0.05 and "sync.discovery" in failed[0]["hint"]
+        assert a.sync.peer_states() == {}
+
+        dns.answer = {"127.0.0.1"}
+        b_url = f"ws://127.0.0.1:{b.port}/sync"
+        await eventually(lambda: link_states(a, b_url) == {"connected"})
+        a.sync.store.pin("found", "u1", now=time.time())
+        await eventually(lambda: upstream_of(b, "found") == "u1")
+
+        dns.answer = set()
+        await eventually(lambda: a.sync.peer_states() == {} and b.sync.inbound_connections() == 0)
+        assert any(e["event"] == "sync_peer_dropped" and e["peer"] == b_url for e in captured_logs)
+        lookups = dns.lookups
+        await eventually(lambda: dns.lookups > lookups)  # still re-reading DNS
+        assert a.metric("skyroute_sync_discovered_peers") == 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_StateSync_processes_sharing_an_instance_id_still_peer(
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    """Two processes misconfigured with one ``instance.id`` are not taken for one
+    another (the handshake names the process), so they sync; the clash is logged."""
+    socks = [bound_socket(), bound_socket()]
+    ports = [s.getsockname()[1] for s in socks]
+    a = await start_instance("same", socks[0], [ports[1]])
+    b = await start_instance("same", socks[1], [ports[0]])
+    try:
+        await eventually(lambda: all_connected(a, b))
+        a.sync.store.pin("twin", "u", now=time.time())
+        await eventually(lambda: upstream_of(b, "twin") == "u")
+        assert any(e["event"] == "sync_duplicate_instance_id" for e in captured_logs)
     finally:
         await a.stop()
         await b.stop()
