@@ -87,11 +87,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             metrics.client_errors.labels(exc.code or "invalid_request").inc()
     except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)
         status = exc.status
-        error = NotFound(f"{request.method} {request.path} is not served by skyroute; "
-                         "the OpenAI API is under /v1") if exc.status == 404 else ProxyError(
-            exc.reason)
+        if exc.status == 404:
+            error: ProxyError = NotFound(f"{request.method} {request.path} is not served by "
+                                         "skyroute; the OpenAI API is under /v1")
+        elif exc.status == 405:
+            error = ProxyError(f"{request.method} is not allowed on {request.path}; use "
+                               f"{exc.headers.get('Allow', 'another method')}")
+        else:
+            error = ProxyError(exc.text or exc.reason)
         error.status = exc.status
         resp = error.to_response(request_id)
+        for name, value in exc.headers.items():  # e.g. Allow on a 405
+            if name.lower() not in ("content-type", "content-length"):
+                resp.headers.add(name, value)
+    except ConnectionResetError:
+        # Writing to a client that went away (upstream errors never get here): not
+        # a server error, and nothing more can be sent.
+        status = 499
+        resp = web.Response(status=499)
     except asyncio.CancelledError:
         status = 499  # the client went away; nginx's code for it
         raise
@@ -102,7 +115,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.info("request", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                     **({"cut": summary.cut} if summary.cut else {}))
+                     **({"cut": summary.cut} if summary.cut else {}),
+                     **({"fallback": summary.fallback} if summary.fallback else {}),
+                     **({"endpoint": summary.endpoint} if summary.endpoint else {}))
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp

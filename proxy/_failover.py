@@ -93,6 +93,8 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         if isinstance(answer, tuple):
             resp, outcome, transcript = answer
             summary.upstream = outcome.target.name  # a hedge may have won
+            if outcome.target.upstream.is_pool:
+                summary.endpoint = outcome.target.endpoint
             summary.cut = outcome.detail or None
             _book(router, plan, metrics, outcome, loop.time())
             request.app[TRAFFIC].record_served(route.model, outcome.target.name, loop.time())

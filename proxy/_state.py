@@ -55,6 +55,7 @@ class RequestSummary:
     cut: str | None = None
     stream_tokens: int | None = None  # tokens a streamed answer used (read when counted)
     fallback: str | None = None  # the fallback model that answered instead of ``route``
+    endpoint: str | None = None  # the pool server that answered, for a pool upstream
 
 
 SERVING = web.AppKey("serving", Serving)

@@ -221,7 +221,7 @@ async def test_keepalive_comments_are_not_sent_on(standin, skyroute):
     assert raw.rstrip().endswith(b"data: [DONE]")
 
 
-async def test_client_disconnect_cancels_the_upstream_request(standin, skyroute):
+async def test_client_disconnect_cancels_the_upstream_request(standin, skyroute, captured_logs):
     """A streaming client that goes away part-way makes skyroute drop the upstream request."""
     up = await standin("us-east")
     up.behaviour.token_delay_s = 0.5
@@ -242,6 +242,19 @@ async def test_client_disconnect_cancels_the_upstream_request(standin, skyroute)
         await eventually(released)
         metrics = await (await http.get(f"{server.url}/metrics")).text()
     assert "stream_cut" not in metrics  # the client left; the upstream did nothing wrong
+    [line] = [e for e in captured_logs if e["event"] == "request"]
+    assert line["status"] == 499  # logged as the client's leaving, not a server error
+
+
+async def test_wrong_method_names_the_allowed_ones(skyroute, standin):
+    up = await standin("us-east")
+    server = await skyroute(routing_yaml([entry(up)]))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        resp = await http.post(f"{server.url}/health")
+        body = await resp.json()
+    assert resp.status == 405
+    assert "GET" in resp.headers["Allow"]
+    assert body["error"]["message"].startswith("POST is not allowed on /health; use ")
 
 
 async def test_client_disconnect_while_waiting_cancels_the_upstream_request(standin, skyroute):
