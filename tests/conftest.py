@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,16 @@ def client_for(server: Server, key: str = CLIENT_KEY, **kwargs: Any) -> openai.A
     kwargs.setdefault("max_retries", 0)
     kwargs.setdefault("timeout", CALL_TIMEOUT_S)
     return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, **kwargs)
+
+
+async def served_by(client: openai.AsyncOpenAI, n: int, *, concurrency: int = 8) -> Counter[str]:
+    """Send n chat requests for ``chat``; count which stand-in answered each."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> str:
+        async with sem:
+            reply = await client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}])
+            return reply.choices[0].message.content.split()[2]  # "Hello from <name> ..."
+
+    return Counter(await asyncio.gather(*(one() for _ in range(n))))

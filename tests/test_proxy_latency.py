@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from proxy._local_prometheus import LocalPrometheus, find_prometheus, free_port
 
-from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
+from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml, served_by
 from .conftest import upstream_yaml as entry
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -72,24 +71,12 @@ async def _health(server) -> dict:
     return (await _get(f"{server.url}/health"))[1]
 
 
-async def _served(client, n: int, *, concurrency: int = 8) -> Counter:
-    """Send n chat requests; count which region answered each."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one() -> str:
-        async with sem:
-            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
-            return reply.choices[0].message.content.split()[2]  # "Hello from <name> ..."
-
-    return Counter(await asyncio.gather(*(one() for _ in range(n))))
-
-
 def _upstream_state(name: str, state: str, server, client, *, drive: int = 8
                     ) -> Callable[[], Awaitable[bool]]:
     """A predicate for ``eventually``: drive some requests, then is ``name`` in ``state``?"""
 
     async def check() -> bool:
-        await _served(client, drive)
+        await served_by(client, drive)
         return (await _health(server))["upstreams"][name]["state"] == state
 
     return check
@@ -101,20 +88,20 @@ async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, sky
     ups = await _regions(standin)
     server = await skyroute(_yaml(ups))
     async with client_for(server) as client:
-        assert (await _served(client, 20))["west"] == 20
+        assert (await served_by(client, 20))["west"] == 20
         ups["west"].behaviour.ttft_s = SLOW_S
         await eventually(_upstream_state("west", "slow", server, client), timeout=10)
         west = (await _health(server))["upstreams"]["west"]
         assert west["latency_source"] == "passive" and west["latency_ms"] > 200
         assert (await _health(server))["routes"]["chat"] == "reduced"
 
-        served = await _served(client, 300)
+        served = await served_by(client, 300)
         assert served["west"] <= 15, served  # <= 5 %: only the 2 % probes
         assert served["east"] >= 250, served  # priority: the next region takes it
 
         ups["west"].behaviour.ttft_s = FAST_S
         await eventually(_upstream_state("west", "healthy", server, client), timeout=15)
-        first = await _served(client, 20, concurrency=4)
+        first = await served_by(client, 20, concurrency=4)
         assert first["west"] <= 14, first  # ramping: far from its full (~100 %) share
         await eventually(lambda: _back_in_full(client), timeout=15)
     slow_lines = [e for e in captured_logs
@@ -124,7 +111,7 @@ async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, sky
 
 
 async def _back_in_full(client) -> bool:
-    return (await _served(client, 20, concurrency=4))["west"] >= 19
+    return (await served_by(client, 20, concurrency=4))["west"] >= 19
 
 
 # -- Prometheus, the real server ----------------------------------------------------------
@@ -150,7 +137,7 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[list[str]], Awai
 
 async def _keep_busy(client, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        await _served(client, 4, concurrency=4)
+        await served_by(client, 4, concurrency=4)
 
 
 async def test_instance_without_traffic_learns_slow_region_from_prometheus(standin, skyroute,
@@ -180,7 +167,7 @@ async def test_instance_without_traffic_learns_slow_region_from_prometheus(stand
         west = health["upstreams"]["west"]
         assert west["latency_source"] == "prometheus" and west["latency_ms"] > 200, west
         assert health["upstreams"]["east"]["state"] == "healthy"
-        served = await _served(client_b, 300)
+        served = await served_by(client_b, 300)
     assert served["west"] <= 15, served  # <= 5 %: only the 2 % probes
     _, metrics = await _get(f"{b.url}/metrics")
     assert "skyroute_prometheus_source_up 1.0" in metrics
@@ -205,10 +192,10 @@ async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, s
         return 0.0
 
     async with client_for(server) as client:
-        served = await _served(client, 40)
+        served = await served_by(client, 40)
         assert sum(served.values()) == 40
         await eventually(lambda: _at_least(queries("unreachable"), 5), timeout=10)
-        assert sum((await _served(client, 20)).values()) == 20
+        assert sum((await served_by(client, 20)).values()) == 20
         _, metrics = await _get(f"{server.url}/metrics")
         assert "skyroute_prometheus_source_up 0.0" in metrics
         warnings = [e for e in captured_logs if e["log_level"] == "warning"
@@ -291,10 +278,10 @@ async def test_admin_routing_shows_state_latency_share_and_last_change(standin, 
     server = await skyroute(_yaml(ups, extra=LATENCY + f"admin:\n  key: {ADMIN_KEY}\n"))
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with client_for(server) as client:
-        await _served(client, 20)
+        await served_by(client, 20)
         ups["west"].behaviour.ttft_s = SLOW_S
         await eventually(_upstream_state("west", "slow", server, client), timeout=10)
-        await _served(client, 100)
+        await served_by(client, 100)
     status, body = await _get(f"{server.url}/admin/routing", headers=auth)
     assert status == 200
     route = body["routes"]["chat"]

@@ -8,14 +8,20 @@ read from the answer ("Hello from <server>"), which is what a client sees.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import StandinUpstream
 
-from .conftest import CALL_TIMEOUT_S, UPSTREAM_KEY, client_for, eventually, routing_yaml
+from .conftest import (
+    CALL_TIMEOUT_S,
+    UPSTREAM_KEY,
+    client_for,
+    eventually,
+    routing_yaml,
+    served_by,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ADMIN_KEY = "admin-test-key"
@@ -61,18 +67,6 @@ async def _samples(server) -> dict[tuple[str, str], float]:
             if "endpoint" in s.labels}
 
 
-async def _served(client, n: int, *, concurrency: int = 4) -> Counter:
-    """Send n chat requests; count which server answered each."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one() -> str:
-        async with sem:
-            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
-            return reply.choices[0].message.content.split()[2]  # "Hello from <name> ..."
-
-    return Counter(await asyncio.gather(*(one() for _ in range(n))))
-
-
 async def test_pool_avoids_servers_with_a_deep_queue_or_full_kv_cache(standin, skyroute):
     """A vLLM or SGLang server reporting a deep queue or a full KV cache gets no new requests."""
     ups = [await standin("gpu-a", metrics_format="vllm"),
@@ -83,17 +77,17 @@ async def test_pool_avoids_servers_with_a_deep_queue_or_full_kv_cache(standin, s
     async with client_for(server) as client:
         a.load["waiting"] = 40
         await eventually(lambda: _queue_of(server, a, 40), timeout=10)
-        served = await _served(client, 12)
+        served = await served_by(client, 12, concurrency=4)
         assert served["gpu-a"] == 0 and served["gpu-b"] > 0 and served["gpu-c"] > 0, served
 
         a.load["waiting"], b.load["waiting"] = 0, 25  # now the SGLang server is queueing
         await eventually(lambda: _queue_of(server, b, 25), timeout=10)
-        served = await _served(client, 12)
+        served = await served_by(client, 12, concurrency=4)
         assert served["gpu-b"] == 0 and served["gpu-a"] > 0 and served["gpu-c"] > 0, served
 
         b.load["waiting"], c.load["kv_cache"] = 0, 0.97
         await eventually(lambda: _kv_of(server, c, 0.97), timeout=10)
-        served = await _served(client, 12)
+        served = await served_by(client, 12, concurrency=4)
         assert served["gpu-c"] == 0 and served["gpu-a"] > 0 and served["gpu-b"] > 0, served
 
     samples = await _samples(server)
@@ -129,7 +123,7 @@ async def test_pool_health_check_takes_a_dead_server_out(standin, skyroute, capt
 
     await eventually(is_out, timeout=10)
     async with client_for(server) as client:
-        served = await _served(client, 10)
+        served = await served_by(client, 10, concurrency=4)
     assert sum(served.values()) == 10 and served["gpu-2"] == 0, served
     assert served["gpu-0"] > 0 and served["gpu-1"] > 0, served
 
@@ -154,7 +148,7 @@ async def test_pool_without_metrics_picks_by_in_flight_count(standin, skyroute, 
     server = await skyroute(_pool_yaml([a, b]))
     a.behaviour.mode = b.behaviour.mode = "busy"  # hold requests until released
     async with client_for(server) as client:
-        held = asyncio.ensure_future(_served(client, 4))
+        held = asyncio.ensure_future(served_by(client, 4, concurrency=4))
         await a.wait_for(lambda up: up.in_flight == 2, timeout=CALL_TIMEOUT_S)
         await b.wait_for(lambda up: up.in_flight == 2, timeout=CALL_TIMEOUT_S)
         b.behaviour.mode = "ok"
@@ -164,7 +158,7 @@ async def test_pool_without_metrics_picks_by_in_flight_count(standin, skyroute, 
 
         await eventually(b_done, timeout=CALL_TIMEOUT_S)
         # gpu-a still holds two requests: every new one goes to gpu-b.
-        served = await _served(client, 3, concurrency=1)
+        served = await served_by(client, 3, concurrency=1)
         assert served == {"gpu-b": 3}, served
         a.behaviour.mode = "ok"
         assert await asyncio.wait_for(held, CALL_TIMEOUT_S) == {"gpu-a": 2, "gpu-b": 2}

@@ -90,8 +90,13 @@ BAD_CASES = [
 @pytest.mark.parametrize(("edit", "path", "line", "fragment"), BAD_CASES)
 def test_bad_file_names_field_and_line(edit, path, line, fragment):
     """Each kind of mistake is reported at its YAML path and line with a helpful message."""
+    assert_problem(CONTRACT.replace(*edit), path, line, fragment)
+
+
+def assert_problem(text: str, path: str, line: int, fragment: str) -> None:
+    """Loading ``text`` fails with a problem at ``path`` on ``line`` saying ``fragment``."""
     with pytest.raises(ConfigError) as caught:
-        parse_config(CONTRACT.replace(*edit), env=ENV)
+        parse_config(text, env=ENV)
     matching = [p for p in caught.value.problems if p.path == path]
     assert matching, caught.value.problems
     assert matching[0].line == line
@@ -200,12 +205,7 @@ SCRAPE_BAD_CASES = [
 @pytest.mark.parametrize(("edit", "path", "line", "fragment"), SCRAPE_BAD_CASES)
 def test_bad_scrape_settings_name_field_and_line(edit, path, line, fragment):
     """Mistakes in latency.scrape or an upstream's scrape are reported at path and line."""
-    with pytest.raises(ConfigError) as caught:
-        parse_config((SCRAPE + CONTRACT).replace(*edit), env=ENV)
-    matching = [p for p in caught.value.problems if p.path == path]
-    assert matching, caught.value.problems
-    assert matching[0].line == line
-    assert fragment in matching[0].message
+    assert_problem((SCRAPE + CONTRACT).replace(*edit), path, line, fragment)
 
 
 def test_scrape_that_is_not_a_mapping_is_one_problem():
@@ -274,12 +274,7 @@ DEGRADATION_BAD_CASES = [
 @pytest.mark.parametrize(("edit", "path", "line", "fragment"), DEGRADATION_BAD_CASES)
 def test_bad_degradation_settings_name_field_and_line(edit, path, line, fragment):
     """Mistakes in fallback_model, essential or degradation are reported at path and line."""
-    with pytest.raises(ConfigError) as caught:
-        parse_config(DEGRADED.replace(*edit), env=ENV)
-    matching = [p for p in caught.value.problems if p.path == path]
-    assert matching, caught.value.problems
-    assert matching[0].line == line
-    assert fragment in matching[0].message
+    assert_problem(DEGRADED.replace(*edit), path, line, fragment)
 
 
 def test_fallback_models_that_loop_are_refused():
