@@ -1,6 +1,9 @@
 """deploy/: the container file (parsed with Docker's own parser, from the PyPI
 ``dockerfile`` package, since Docker does not run here), the Prometheus config and
 alerting rules (checked and unit-tested with ``promtool``), and the Grafana dashboard.
+
+The metrics the rules and the dashboard may use are read from a running skyroute's
+``/metrics``, never from a list kept by hand.
 """
 
 from __future__ import annotations
@@ -13,37 +16,36 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import dockerfile
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml, upstream_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
-#: Every metric skyroute exports (histograms as their series).
-SKYROUTE_METRICS = {
-    "skyroute_requests_total",
-    "skyroute_upstream_ttfb_seconds_bucket",
-    "skyroute_upstream_latency_seconds_bucket",
-    "skyroute_in_flight_requests",
-    "skyroute_config_reloads_total",
-    "skyroute_upstream_state",
-    "skyroute_degradation_level",
-    "skyroute_attempts_total",
-    "skyroute_failovers_total",
-    "skyroute_retry_budget_exhausted_total",
-    "skyroute_hedges_total",
-    "skyroute_routing_share",
-    "skyroute_upstream_latency_estimate_seconds",
-    "skyroute_cache_requests_total",
-    "skyroute_sync_peers_connected",
-    "skyroute_sync_lag_seconds",
-    "skyroute_sync_messages_total",
-    "skyroute_prometheus_source_up",
+#: Used only by the dashboard's two Cache panels, which say they stay empty until
+#: skyroute has a response cache: a planned feature (../shared/DESIGN.md) with no issue
+#: yet. Take a name out when skyroute exports it (the dashboard test fails until then).
+NOT_YET_EXPORTED = {"skyroute_cache_requests_total"}
+
+#: Series Prometheus itself adds for every scrape target.
+PROMETHEUS_SERIES = {"up"}
+
+#: The series names each metric type puts on /metrics, from its family name.
+SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "unknown": ("",),
 }
-for _hist in ("skyroute_upstream_ttfb_seconds", "skyroute_upstream_latency_seconds"):
-    SKYROUTE_METRICS |= {f"{_hist}_sum", f"{_hist}_count"}
 
 PROMQL_WORDS = {
     # aggregations, functions, keywords
@@ -116,6 +118,48 @@ def test_dockerfile_installs_with_the_readme_command() -> None:
     assert '"uvloop' in pyproject, "uvloop must be a package dependency (the image relies on it)"
 
 
+# --------------------------------------------------------------------- what skyroute exports
+
+
+@pytest.fixture
+async def exported_metrics(standin, skyroute) -> set[str]:
+    """Every series name a real skyroute puts on /metrics, all its optional parts on.
+
+    ``sync`` registers the state sync metrics, ``latency.prometheus`` the latency source
+    gauge, and one served request the labelled request series.
+    """
+    up = await standin("us-east")
+    # Any HTTP server stands in for the latency Prometheus: its 404s make
+    # skyroute_prometheus_source_up 0, and the gauge is registered all the same.
+    extra = (f"sync:\n  token: deploy-files-test\n"
+             f"latency:\n  prometheus:\n    url: http://127.0.0.1:{up.port}\n"
+             f"    interval: 100ms\n    timeout: 1s\n")
+    server = await skyroute(routing_yaml([upstream_yaml(up)], extra=extra))
+    async with client_for(server) as client:
+        await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}])
+    text = ""
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+
+        async def latency_source_reported() -> bool:
+            nonlocal text
+            async with http.get(f"{server.url}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            return "skyroute_prometheus_source_up " in text
+
+        await eventually(latency_source_reported, timeout=30)
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        # A labelled family nothing has counted yet has its # TYPE line but no series.
+        names |= {family.name + suffix for suffix in SERIES_SUFFIXES[family.type]}
+        names |= {sample.name for sample in family.samples}
+    assert {"skyroute_requests_total", "skyroute_sync_lag_seconds_bucket",
+            "skyroute_prometheus_source_up"} <= names, sorted(names)
+    return names
+
+
 # --------------------------------------------------------------------- Prometheus
 
 
@@ -143,7 +187,8 @@ def test_prometheus_config_is_valid(promtool: str) -> None:
     assert "alerts.yml" in config["rule_files"]
 
 
-def test_alert_rules_are_valid_and_cover_the_runbook(promtool: str) -> None:
+def test_alert_rules_are_valid_and_cover_the_runbook(promtool: str,
+                                                     exported_metrics: set[str]) -> None:
     _promtool(promtool, "check", "rules", "alerts.yml")
     rules = {r["alert"]: r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
              for r in g["rules"]}
@@ -154,8 +199,8 @@ def test_alert_rules_are_valid_and_cover_the_runbook(promtool: str) -> None:
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"], name
-        unknown = _metric_names(rule["expr"]) - SKYROUTE_METRICS - {"up"}
-        assert not unknown, f"{name} uses metrics skyroute does not export: {unknown}"
+        unknown = _metric_names(rule["expr"]) - exported_metrics - PROMETHEUS_SERIES
+        assert not unknown, f"{name} uses series skyroute does not export: {unknown}"
 
 
 def test_alert_rules_unit_tests_pass(promtool: str) -> None:
@@ -164,6 +209,11 @@ def test_alert_rules_unit_tests_pass(promtool: str) -> None:
     tested = set(re.findall(r"alertname: (\w+)",
                             (DEPLOY / "alerts.test.yml").read_text()))
     assert len(tested) >= 2, tested
+    # A quantile over the wrong series type matches nothing and never fires: each rule
+    # over a histogram is tested with bucket series.
+    over_buckets = {r["alert"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+                    ["groups"] for r in g["rules"] if "_bucket" in r["expr"]}
+    assert over_buckets <= tested, f"no promtool test for {over_buckets - tested}"
 
 
 # --------------------------------------------------------------------- Grafana
@@ -200,7 +250,13 @@ def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in panels if p["type"] != "row"]
 
 
-def test_dashboard_panels_use_only_skyroute_metrics() -> None:
+def test_dashboard_panels_use_only_skyroute_metrics(exported_metrics: set[str]) -> None:
+    """Every panel and variable queries series a running skyroute exports.
+
+    The only exception, NOT_YET_EXPORTED, is used only by panels that say so.
+    """
+    exported_now = NOT_YET_EXPORTED & exported_metrics
+    assert not exported_now, f"skyroute exports {exported_now} now: remove from NOT_YET_EXPORTED"
     dashboard = _dashboard()
     panels = _panels(dashboard)
     assert len(panels) >= 7
@@ -210,20 +266,23 @@ def test_dashboard_panels_use_only_skyroute_metrics() -> None:
         for target in panel["targets"]:
             names = _metric_names(target["expr"])
             assert names, f"{panel['title']}: no metric in {target['expr']!r}"
-            unknown = names - SKYROUTE_METRICS
-            assert not unknown, f"{panel['title']}: unknown metrics {unknown}"
+            unknown = names - exported_metrics - NOT_YET_EXPORTED
+            assert not unknown, f"{panel['title']}: skyroute exports no {unknown}"
+            if names & NOT_YET_EXPORTED:
+                assert "Stays empty until" in panel["description"], \
+                    f"{panel['title']}: say in its description why it is empty"
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", variable["definition"])
             assert match, f"variable {variable['name']}: {variable['definition']!r}"
-            assert match.group(1) in SKYROUTE_METRICS, variable["definition"]
+            assert match.group(1) in exported_metrics, variable["definition"]
 
 
 def test_dashboard_covers_what_operators_watch() -> None:
     exprs = " ".join(t["expr"] for p in _panels(_dashboard()) for t in p["targets"])
     for metric in ("skyroute_requests_total", "skyroute_upstream_ttfb_seconds_bucket",
                    "skyroute_routing_share", "skyroute_failovers_total",
-                   "skyroute_cache_requests_total", "skyroute_sync_lag_seconds",
+                   "skyroute_cache_requests_total", "skyroute_sync_lag_seconds_bucket",
                    "skyroute_degradation_level"):
         assert metric in exprs, metric
     assert "by (region, le)" in exprs, "latency per region"

@@ -68,7 +68,11 @@ headless Service) overlaid with .Values.routing, which wins key by key.
 {{- $_ := set $defaults "admin" (dict "key" "${SKYROUTE_ADMIN_KEY}") }}
 {{- end }}
 {{- if .Values.sync.enabled }}
-{{- $sync := dict "token" "${SKYROUTE_SYNC_TOKEN}" "discovery" (printf "dns:%s.%s.svc.cluster.local" (include "skyroute.headlessName" .) .Release.Namespace) }}
+{{- /* With the port: skyroute assumes 8080 without one, and containerPort can differ. */}}
+{{- $sync := dict "token" "${SKYROUTE_SYNC_TOKEN}" "discovery" (printf "dns:%s.%s.svc.cluster.local:%d" (include "skyroute.headlessName" .) .Release.Namespace (int .Values.containerPort)) }}
+{{- with .Values.sync.discoveryInterval }}
+{{- $_ := set $sync "discovery_interval" . }}
+{{- end }}
 {{- with .Values.sync.peers }}
 {{- $_ := set $sync "peers" . }}
 {{- end }}
