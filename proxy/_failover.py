@@ -84,7 +84,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         target = plan.next_attempt(now=loop.time())
         if isinstance(target, GiveUp):
             if resuming is not None:
-                return await _end_cut(resuming, summary, metrics, call)
+                return await _end_cut(resuming, summary, metrics, call, gave_up=target)
             raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
         answer = await _attempt(request, target, call, session, metrics, router, plan,
@@ -121,7 +121,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
                     resume=resuming is not None or None)
         if isinstance(decision, GiveUp):
             if resuming is not None:
-                return await _end_cut(resuming, summary, metrics, call)
+                return await _end_cut(resuming, summary, metrics, call, gave_up=decision)
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
         if decision.delay_s > 0:
@@ -202,8 +202,12 @@ def _can_resume(route: Route, call: UpstreamCall, transcript: StreamTranscript) 
 
 
 async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
-                   call: UpstreamCall, why: str | None = None) -> web.StreamResponse:
+                   call: UpstreamCall, why: str | None = None, *,
+                   gave_up: GiveUp | None = None) -> web.StreamResponse:
     """No upstream could continue a cut stream: end it with the error event."""
+    if gave_up is not None and gave_up.budget_exhausted:
+        metrics.retry_budget_exhausted.labels(summary.route).inc()
+        why = "the retry budget is spent (too many retries across requests)"
     reason = cut.outcome.detail + (f"; resuming failed: {why}" if why else
                                    "; no upstream could continue it")
     summary.cut = reason
@@ -247,13 +251,16 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
             router.cancel(target, now=loop.time())  # the client went away
             raise
     tasks = {start(target): target}
+    started = {target.name: loop.time()}
     hedge: Target | None = None
+    raced = False  # True once a winner is known: the losers' waits are latency samples
     try:
         done, _ = await asyncio.wait(tasks, timeout=delay)
         if not done:
             hedge = plan.hedge(now=loop.time())
             if hedge is not None:
                 tasks[start(hedge)] = hedge
+                started[hedge.name] = loop.time()
         while True:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -262,17 +269,21 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
                     if hedge is not None:
                         route = plan.route.model
                         metrics.hedges.labels(route, "won" if winner is hedge else "lost").inc()
+                    raced = isinstance(result, Opened)
                     return winner, result
                 _book(router, plan, metrics, result.outcome, loop.time())
     finally:
-        await _cancel_losers(tasks, router, plan, loop.time())
+        await _cancel_losers(tasks, router, plan, loop.time(),
+                             started=started if raced else None)
 
 
 async def _cancel_losers(tasks: dict[asyncio.Task[Opened | Failed], Target], router: Router,
-                         plan: AttemptPlan, now: float) -> None:
+                         plan: AttemptPlan, now: float, *,
+                         started: dict[str, float] | None) -> None:
     for task, target in tasks.items():
         task.cancel()
-        router.cancel(target, now=now)
+        waited = now - started[target.name] if started is not None else None
+        router.cancel(target, now=now, waited_s=waited)
         plan.cancel(target)
     for result in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(result, Opened):  # finished in the same instant as the winner

@@ -345,12 +345,21 @@ class Router:
         health = self._health.get(outcome.target.name)
         return health.record(outcome, now=now) if health is not None else None
 
-    def cancel(self, target: Target, *, now: float) -> None:
-        """An admitted attempt ended with no outcome (the client went away)."""
+    def cancel(self, target: Target, *, now: float, waited_s: float | None = None) -> None:
+        """An admitted attempt ended with no outcome.
+
+        Args:
+            waited_s: for an attempt that lost a hedge race, how long it went without
+                a first token. That is a lower bound of its time to first token and
+                is recorded as a latency sample: an upstream that keeps losing races
+                (busy, say) must not keep looking fast. None when the client went away.
+        """
         self._pools.end(target)
         health = self._health.get(target.name)
         if health is not None:
             health.cancel(now=now)
+            if waited_s is not None:
+                health.latency.record(waited_s, now=now)
 
     def feed_external(self, upstream: str, seconds: float, *, source: str, now: float) -> None:
         """A latency reading from outside (Prometheus); used by ``tick`` while fresh."""

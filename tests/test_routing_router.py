@@ -144,3 +144,27 @@ def test_Router_plan_hedges_while_reduced_only_if_degradation_allows(hedging,
     router.mark("a", "down", until=30.0, reason="test", now=0.0)
     plan = router.plan(route, now=1.0)
     assert plan.hedge_delay(plan.next_attempt(now=1.0), now=1.0) == delay_when_reduced
+
+
+def test_an_upstream_that_keeps_losing_hedge_races_stops_looking_fast():
+    """A beaten attempt's wait is a latency sample, so lowest-latency stops choosing it first."""
+    config = parse_config("""\
+upstreams:
+  - {name: a, url: "http://a/v1", models: {chat: m-a}}
+  - {name: b, url: "http://b/v1", models: {chat: m-b}}
+routes:
+  - {model: chat, targets: [a, b], hedge_after: 150ms}
+""", env={})
+    router, route = Router(config), config.route_for("chat")
+    plan = router.plan(route, now=0.0)
+    first = plan.next_attempt(now=0.0)
+    hedge = plan.hedge(now=0.15)
+    assert (first.name, hedge and hedge.name) == ("a", "b")  # nothing known: file order
+    router.cancel(first, now=0.2, waited_s=0.2)  # b answered first; a had not by 0.2 s
+    plan.cancel(first)
+    winner = AttemptOutcome(target=hedge, result=Result.SUCCESS, ttfb_s=0.05)
+    router.record(winner, now=0.2)
+    plan.record(winner, now=0.2)
+    router.tick(now=1.0)
+    assert router.health("a").latency.p95(now=1.0) == pytest.approx(0.2)
+    assert router.plan(route, now=1.0).next_attempt(now=1.0).name == "b"
