@@ -11,7 +11,8 @@ Rules / theory of operation:
   its path and line, not an empty string sent to an upstream.
 * ``Fields`` reads one mapping: typed getters record problems instead of raising,
   so ``validate`` can list every fault in one pass; ``finish()`` reports keys that
-  nobody asked for, with a did-you-mean.
+  nobody asked for, with a did-you-mean. ``section`` reads a whole optional
+  section into a frozen dataclass from a table of (key, attribute, converter).
 """
 
 from __future__ import annotations
@@ -240,3 +241,60 @@ def expand_env(
         return ""
 
     return _ENV_REF.sub(substitute, value)
+
+
+#: What a value should look like, for problems ("expected a duration like ...").
+DURATION = "a duration like 250ms, 2s or 10m"
+SHARE = "a share like 20% or 0.2"
+COUNT = "a positive whole number"
+
+
+def parse_share(value: object) -> float:
+    """``20%`` or ``0.2`` as 0.2."""
+    text = str(value).strip()
+    share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= share <= 1:
+        raise ValueError(f"{value!r} is not between 0% and 100%")
+    return share
+
+
+def parse_bool(value: Any) -> bool:
+    """``true`` / ``false``; also as strings, which is what ``${VAR}`` expands to."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def parse_count(value: Any) -> int:
+    """A whole number of at least 1."""
+    number = int(value)
+    if number < 1 or isinstance(value, bool | float):
+        raise ValueError(f"{value!r} is not a positive whole number")
+    return number
+
+
+def keywords(fields: Fields, spec: dict[str, tuple[str, Any, str]]) -> dict[str, Any]:
+    """Read ``spec`` (yaml key -> (attribute, converter, what)) into constructor kwargs."""
+    kwargs: dict[str, Any] = {}
+    for key, (attr, convert, what) in spec.items():
+        value = fields.get(key, convert, None, what=what)
+        if value is not None:
+            kwargs[attr] = value
+    return kwargs
+
+
+def section(top: Fields, key: str, cls: Any, spec: dict[str, tuple[str, Any, str]],
+            more_keys: tuple[str, ...] = (), **extra: Any) -> Any:
+    """A whole optional section as ``cls``; problems are recorded, defaults kept."""
+    fields = top.mapping(key)
+    if fields is None:
+        return cls(**extra)
+    kwargs = keywords(fields, spec)
+    fields.finish(allowed=set(spec) | set(more_keys))
+    try:
+        return cls(**kwargs, **extra)
+    except ValueError as exc:
+        fields.problem(None, str(exc))
+        return cls(**extra)

@@ -4,7 +4,8 @@
 ``ConfigError`` listing every problem with its YAML path and line. Decision code
 never sees a raw dict: every section becomes a frozen dataclass whose
 ``__post_init__`` rejects what cannot work. Per-route overrides are made with
-``dataclasses.replace``.
+``dataclasses.replace``. This module reads the file's shape (listen, instance,
+auth, upstreams, routes); the policy sections are read by ``routing._sections``.
 
 Vocabulary follows Envoy: an *upstream* is a cluster (one provider account in one
 region, or a pool of self-hosted servers = its *endpoints*); a *route* maps a model
@@ -13,7 +14,6 @@ alias the client asks for to an ordered list of upstream *targets*.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -33,10 +33,27 @@ from ._policies import (
     RetryPolicy,
     SessionPolicy,
     SyncPolicy,
-    is_metric_name,
 )
-from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
-from ._yaml import Fields, parse_duration, parse_size, parse_yaml
+from ._sections import (
+    read_breaker,
+    read_degradation,
+    read_latency,
+    read_retry,
+    read_sessions,
+    read_sync,
+)
+from ._yaml import (
+    COUNT,
+    DURATION,
+    Fields,
+    keywords,
+    parse_bool,
+    parse_count,
+    parse_duration,
+    parse_size,
+    parse_yaml,
+    section,
+)
 
 #: Request bodies above this are refused with 413; chat payloads with long contexts
 #: and a few images stay well under it.
@@ -215,43 +232,6 @@ class Config:
 
 _TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
              "sessions", "sync", "upstreams", "routes", "degradation"}
-_DURATION = "a duration like 250ms, 2s or 10m"
-_SHARE = "a share like 20% or 0.2"
-_COUNT = "a positive whole number"
-
-
-def parse_share(value: object) -> float:
-    """``20%`` or ``0.2`` as 0.2."""
-    text = str(value).strip()
-    share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if not 0 <= share <= 1:
-        raise ValueError(f"{value!r} is not between 0% and 100%")
-    return share
-
-
-def _keywords(fields: Fields, spec: dict[str, tuple[str, Any, str]]) -> dict[str, Any]:
-    """Read ``spec`` (yaml key -> (attribute, converter, what)) into constructor kwargs."""
-    kwargs: dict[str, Any] = {}
-    for key, (attr, convert, what) in spec.items():
-        value = fields.get(key, convert, None, what=what)
-        if value is not None:
-            kwargs[attr] = value
-    return kwargs
-
-
-def _section(top: Fields, key: str, cls: Any, spec: dict[str, tuple[str, Any, str]],
-             more_keys: tuple[str, ...] = (), **extra: Any) -> Any:
-    """A whole optional section as ``cls``; problems are recorded, defaults kept."""
-    fields = top.mapping(key)
-    if fields is None:
-        return cls(**extra)
-    kwargs = _keywords(fields, spec)
-    fields.finish(allowed=set(spec) | set(more_keys))
-    try:
-        return cls(**kwargs, **extra)
-    except ValueError as exc:
-        fields.problem(None, str(exc))
-        return cls(**extra)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -296,168 +276,22 @@ def _build(top: Fields, source: str) -> Config:
     if admin is not None:
         admin_key = admin.text("key") or None
         admin.finish()
-    limits = _section(top, "limits", Limits, {
+    limits = section(top, "limits", Limits, {
         "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB")})
-    retry = _section(top, "retry", RetryPolicy, {
-        "backoff_base": ("backoff_base_s", parse_duration, _DURATION),
-        "backoff_cap": ("backoff_cap_s", parse_duration, _DURATION),
-        "budget": ("budget", parse_share, _SHARE),
-        "budget_window": ("budget_window_s", parse_duration, _DURATION),
-        "hedge_budget": ("hedge_budget", parse_share, _SHARE),
-        "bad_key_cooldown": ("bad_key_cooldown_s", parse_duration, _DURATION),
-        "default_retry_after": ("default_retry_after_s", parse_duration, _DURATION)})
-    breaker = _section(top, "breaker", BreakerPolicy, {
-        "consecutive_failures": ("consecutive_failures", _positive_int, _COUNT),
-        "failure_rate": ("failure_rate", parse_share, _SHARE),
-        "min_requests": ("min_requests", _positive_int, _COUNT),
-        "window": ("window_s", parse_duration, _DURATION),
-        "cooldown": ("cooldown_s", parse_duration, _DURATION),
-        "max_cooldown": ("max_cooldown_s", parse_duration, _DURATION)})
-    latency = _latency(top)
-    sessions = _section(top, "sessions", SessionPolicy, {
-        "header": ("header", str, "a header name"),
-        "ttl": ("ttl_s", parse_duration, _DURATION)})
-    sync = _sync(top)
+    retry, breaker = read_retry(top), read_breaker(top)
+    latency = read_latency(top)
+    sessions = read_sessions(top)
+    sync = read_sync(top)
     upstreams = _upstreams(top)
     routes = _routes(top, upstreams)
     return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
                   admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
                   latency=latency, sessions=sessions, sync=sync, upstreams=upstreams,
-                  routes=routes, degradation=_degradation(top), source=source)
-
-
-def _degradation(top: Fields) -> DegradationPolicy:
-    """The ``degradation`` section: one sub-mapping per level it configures."""
-    fields = top.mapping("degradation")
-    if fields is None:
-        return DegradationPolicy()
-    levels: dict[str, dict[str, tuple[str, Any, str]]] = {
-        "reduced": {"hedging": ("reduced_hedging", _boolean, "true or false")},
-        "fallback": {"enabled": ("fallback_enabled", _boolean, "true or false")},
-        "minimal": {"when_available_below": ("minimal_below", parse_share, _SHARE),
-                    "max_tokens": ("minimal_max_tokens", _positive_int, _COUNT),
-                    "max_n": ("minimal_max_n", _positive_int, _COUNT)}}
-    kwargs: dict[str, Any] = {}
-    for level, spec in levels.items():
-        section = fields.mapping(level)
-        if section is not None:
-            kwargs.update(_keywords(section, spec))
-            section.finish(allowed=set(spec))
-    fields.finish(allowed=set(levels))
-    try:
-        return DegradationPolicy(**kwargs)
-    except ValueError as exc:
-        fields.problem(None, str(exc))
-        return DegradationPolicy()
-
-
-def _sync(top: Fields) -> SyncPolicy | None:
-    fields = top.mapping("sync")
-    if fields is None:
-        return None
-    token = fields.text("token")
-    if not token:
-        fields.problem("token", "is required: a shared secret from the environment, e.g. "
-                                "token: ${SKYROUTE_SYNC_TOKEN}")
-    peers = tuple(str(p) for _, _, p in fields.items("peers"))
-    kwargs = _keywords(fields, {
-        "discovery": ("discovery", str, "dns:<service name>[:port]"),
-        "discovery_interval": ("discovery_interval_s", parse_duration, _DURATION),
-        "rotate_every": ("rotate_every_s", parse_duration, _DURATION),
-        "snapshot": ("snapshot_path", str, "a file path")})
-    fields.finish()
-    if not token:
-        return None
-    try:
-        return SyncPolicy(token=token, peers=peers, **kwargs)
-    except ValueError as exc:
-        fields.problem(None, str(exc))
-        return None
-
-
-def _latency(top: Fields) -> LatencyPolicy:
-    fields = top.mapping("latency")
-    prometheus, scrape = None, PoolScrape()
-    if fields is not None:
-        scrape = _pool_scrape(fields)
-        prom = fields.mapping("prometheus")
-        if prom is not None:
-            url = prom.text("url", required=True)
-            kwargs = _keywords(prom, {
-                "query": ("query", str, "a PromQL query"),
-                "interval": ("interval_s", parse_duration, _DURATION),
-                "timeout": ("timeout_s", parse_duration, _DURATION),
-                "label": ("label", str, "a label name")})
-            prom.finish()
-            if url:
-                try:
-                    prometheus = PrometheusSource(url=url, **kwargs)
-                except ValueError as exc:
-                    prom.problem("url", str(exc))
-    return _section(top, "latency", LatencyPolicy, {
-        "passive_window": ("passive_window_s", parse_duration, _DURATION),
-        "interval": ("interval_s", parse_duration, _DURATION),
-        "probe_share": ("probe_share", parse_share, _SHARE),
-        "recover_ratio": ("recover_ratio", parse_share, _SHARE),
-        "recover_intervals": ("recover_intervals", _positive_int, _COUNT),
-        "ramp": ("ramp_s", parse_duration, _DURATION)},
-        more_keys=("prometheus", "scrape"), prometheus=prometheus, scrape=scrape)
-
-
-def _pool_scrape(latency: Fields) -> PoolScrape:
-    """``latency.scrape``: how the servers of local GPU pools are watched."""
-    return _section(latency, "scrape", PoolScrape, {
-        "interval": ("interval_s", parse_duration, _DURATION),
-        "timeout": ("timeout_s", parse_duration, _DURATION),
-        "metrics_path": ("metrics_path", str, "a URL path like /metrics"),
-        "health_path": ("health_path", str, "a URL path like /health or /v1/models"),
-        "unhealthy_after": ("unhealthy_after", _positive_int, _COUNT)},
-        more_keys=("metrics",), metrics=_pool_metric_names(latency))
-
-
-def _pool_metric_names(latency: Fields) -> PoolMetricNames:
-    """``latency.scrape.metrics``: each list given replaces that quantity's default names."""
-    # Only a mapping is read here: _section reports a scrape that is not one, once.
-    scrape = latency.mapping("scrape") if isinstance(latency.data.get("scrape"), Mapping) \
-        else None
-    fields = scrape.mapping("metrics") if scrape is not None else None
-    if fields is None:
-        return DEFAULT_METRIC_NAMES
-    names: dict[str, tuple[str, ...]] = {}
-    for key in ("waiting", "running", "kv_cache_usage"):
-        if key not in fields.data:
-            continue
-        given = []
-        for path, line, name in fields.items(key):
-            if isinstance(name, str) and is_metric_name(name):
-                given.append(name)
-            else:
-                fields.problems.append(ConfigProblem(
-                    path, line, f"{name!r} is not a Prometheus metric name "
-                                "(e.g. vllm:num_requests_waiting)"))
-        names[key] = tuple(given)
-    fields.finish(allowed={"waiting", "running", "kv_cache_usage"})
-    return dataclasses.replace(DEFAULT_METRIC_NAMES, **names)
+                  routes=routes, degradation=read_degradation(top), source=source)
 
 
 def _hedge_after(value: Any) -> float | str:
     return "p95" if str(value).strip() == "p95" else parse_duration(value)
-
-
-def _boolean(value: Any) -> bool:
-    # A string comes from ${VAR} substitution.
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not true or false")
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    number = int(value)
-    if number < 1 or isinstance(value, bool | float):
-        raise ValueError(f"{value!r} is not a positive whole number")
-    return number
 
 
 def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
@@ -471,8 +305,8 @@ def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
             continue
         name = entry.text("name", required=True)
         key = entry.text("key", required=True)
-        rpm = entry.get("rpm", _positive_int, None, what="requests per minute, e.g. 60")
-        tpm = entry.get("tpm", _positive_int, None, what="tokens per minute, e.g. 100000")
+        rpm = entry.get("rpm", parse_count, None, what="requests per minute, e.g. 60")
+        tpm = entry.get("tpm", parse_count, None, what="tokens per minute, e.g. 100000")
         entry.finish()
         if name and key:
             keys.append(ApiKey(name=name, key=key, rpm=rpm, tpm=tpm))
@@ -517,13 +351,13 @@ def _upstream(entry: Fields) -> Upstream | None:
             target = models_fields.text(str(alias))
             if target:
                 models[str(alias)] = target
-    kwargs = _keywords(entry, {
-        "first_token_timeout": ("first_token_timeout_s", parse_duration, _DURATION),
-        "connect_timeout": ("connect_timeout_s", parse_duration, _DURATION),
-        "idle_timeout": ("idle_timeout_s", parse_duration, _DURATION),
-        "max_connections": ("max_connections", _positive_int, _COUNT),
-        "weight": ("weight", _positive_int, _COUNT),
-        "scrape": ("scrape", _boolean, "true or false (for a pool)")})
+    kwargs = keywords(entry, {
+        "first_token_timeout": ("first_token_timeout_s", parse_duration, DURATION),
+        "connect_timeout": ("connect_timeout_s", parse_duration, DURATION),
+        "idle_timeout": ("idle_timeout_s", parse_duration, DURATION),
+        "max_connections": ("max_connections", parse_count, COUNT),
+        "weight": ("weight", parse_count, COUNT),
+        "scrape": ("scrape", parse_bool, "true or false (for a pool)")})
     entry.finish()
     if not name:
         return None
@@ -610,13 +444,13 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
         targets.append(target)
     if "targets" not in entry.data:
         entry.problem(None, "missing required key 'targets' (upstream names, in preference order)")
-    kwargs = _keywords(entry, {
-        "latency_threshold": ("latency_threshold_s", parse_duration, _DURATION),
-        "timeout": ("timeout_s", parse_duration, _DURATION),
-        "max_attempts": ("max_attempts", _positive_int, _COUNT),
+    kwargs = keywords(entry, {
+        "latency_threshold": ("latency_threshold_s", parse_duration, DURATION),
+        "timeout": ("timeout_s", parse_duration, DURATION),
+        "max_attempts": ("max_attempts", parse_count, COUNT),
         "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95"),
-        "resume": ("resume", _boolean, "true or false"),
-        "essential": ("essential", _boolean, "true or false"),
+        "resume": ("resume", parse_bool, "true or false"),
+        "essential": ("essential", parse_bool, "true or false"),
         "fallback_model": ("fallback_model", str, "another route's model alias")})
     strategy = entry.text("strategy")
     if strategy is not None:
