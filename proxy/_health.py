@@ -84,9 +84,8 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
             metrics.latency_estimate.labels(name, entry["latency_source"]).set(
                 entry["latency_ms"] / 1000)
     report_level_changes(router, metrics, now=now)
-    for route in router.config.routes:
-        metrics.degradation_level.labels(route.model).set(
-            LEVELS.index(router.route_level(route, now=now)))
+    for model, level in router.route_levels(now=now).items():
+        metrics.degradation_level.labels(model).set(LEVELS.index(level))
 
 
 #: States worth telling other instances about: they cost every instance a failed call.
@@ -125,7 +124,7 @@ async def handle_health(request: web.Request) -> web.Response:
     minimal = router.minimal(now=now)
     return web.json_response({
         "level": router.level(now=now),
-        "routes": {r.model: router.route_level(r, now=now) for r in runtime.config.routes},
+        "routes": router.route_levels(now=now),
         "fallbacks": router.fallbacks(now=now),
         "minimal": {"active": minimal.active, "available": minimal.available,
                     "upstreams": minimal.upstreams,

@@ -231,14 +231,13 @@ class Router:
         for route in config.routes:
             for name in route.targets:  # the strictest threshold of any route using it
                 thresholds[name] = min(thresholds.get(name, 1e9), route.latency_threshold_s)
+        # Pool scrape settings are not upstream health: changing them forgets nothing.
+        latency = dataclasses.replace(self.config.latency, scrape=config.latency.scrape)
+        same_policies = self.config.breaker == config.breaker and latency == config.latency
         health = {}
         for upstream in config.upstreams:
             old = self._health.get(upstream.name)
-            # Pool scrape settings are not upstream health: changing them forgets nothing.
-            latency = dataclasses.replace(self.config.latency, scrape=config.latency.scrape)
-            keep = old is not None and self.config.breaker == config.breaker and \
-                latency == config.latency
-            health[upstream.name] = old if keep and old is not None else UpstreamHealth(
+            health[upstream.name] = old if same_policies and old is not None else UpstreamHealth(
                 upstream.name, breaker=config.breaker, latency=config.latency,
                 retry=config.retry, threshold_s=thresholds.get(upstream.name, 0.2))
         self._health = health
@@ -424,11 +423,14 @@ class Router:
         """One of ``LEVELS`` for one route (see ``routing._degradation``)."""
         return self._levels(now).level(route)
 
+    def route_levels(self, *, now: float) -> dict[str, str]:
+        """Every route's level (model -> level), from one look at upstream states."""
+        view = self._levels(now)
+        return {route.model: view.level(route) for route in self.config.routes}
+
     def level(self, *, now: float) -> str:
         """The worst level over every route."""
-        view = self._levels(now)
-        return max((view.level(route) for route in self.config.routes), key=LEVELS.index,
-                   default="normal")
+        return max(self.route_levels(now=now).values(), key=LEVELS.index, default="normal")
 
     def minimal(self, *, now: float) -> MinimalTrigger:
         """Whether the instance is in ``minimal`` mode, and why."""

@@ -244,7 +244,8 @@ class StateSync:
 
         A peer stating a newer epoch makes this instance rotate to it first (and accept).
         Refusals are returned, not raised: the app's error middleware rewrites raised
-        HTTP errors into API errors and would drop the ``X-Skyroute-*`` headers.
+        HTTP errors into OpenAI-shaped API errors with its own messages (a raised 404
+        would say "the OpenAI API is under /v1").
         """
         if doc not in self._hubs:
             known = ", ".join(self._hubs)
