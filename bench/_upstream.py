@@ -15,7 +15,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy._standin import Behaviour, StandinUpstream
+from skyroute.proxy.demo import Behaviour, StandinUpstream
 
 
 async def main(key: str, tokens: int) -> None:

@@ -46,9 +46,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy import Behaviour, Server, StandinUpstream
-from proxy._logging import configure_logging
-from routing import parse_config
+from skyroute.proxy import Server
+from skyroute.proxy._logging import configure_logging
+from skyroute.proxy.demo import Behaviour, StandinUpstream
+from skyroute.routing import parse_config
 
 REGIONS = {"eu-west": 0.040, "us-east": 0.060, "ap-south": 0.080}
 BUSY = "eu-west"

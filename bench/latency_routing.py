@@ -40,9 +40,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy import Server, StandinUpstream
-from proxy._logging import configure_logging
-from routing import parse_config
+from skyroute.proxy import Server
+from skyroute.proxy._logging import configure_logging
+from skyroute.proxy.demo import StandinUpstream
+from skyroute.routing import parse_config
 
 REGIONS = {"eu-west": 0.040, "us-east": 0.060, "ap-south": 0.080}
 DEGRADED, DEGRADED_TTFT_S = "eu-west", 0.400

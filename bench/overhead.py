@@ -400,9 +400,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                     help="targets to measure (default all; the summary needs all three)")
     ap.add_argument("--tokens", type=int, default=5, help="tokens per answer (default 5)")
-    ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m proxy.cli",
+    ap.add_argument("--skyroute-cmd",
+                    default=f"{shlex.quote(sys.executable)} -m skyroute.proxy.cli",
                     help="command that runs skyroute's CLI (default: this Python, "
-                         "-m proxy.cli, with the repo on PYTHONPATH)")
+                         "-m skyroute.proxy.cli, with the repo on PYTHONPATH)")
     ap.add_argument("--skyroute-log-level", default="info",
                     choices=["debug", "info", "warning", "error"],
                     help="skyroute --log-level (default info: one access line per request, "

@@ -35,8 +35,8 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from statesync import StateSync, SyncSettings
-from statesync._doc import EpochDoc
+from skyroute.statesync import StateSync, SyncSettings
+from skyroute.statesync._doc import EpochDoc
 
 TOKEN = "bench-token"
 

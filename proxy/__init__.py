@@ -7,14 +7,11 @@ and reports what happened back to ``routing``, to ``/metrics`` and to the log.
 from ._app import build_app
 from ._errors import ClientRequestError, ProxyError, UpstreamError
 from ._server import Server, serve_forever
-from ._standin import Behaviour, StandinUpstream
 
 __all__ = [
-    "Behaviour",
     "ClientRequestError",
     "ProxyError",
     "Server",
-    "StandinUpstream",
     "UpstreamError",
     "build_app",
     "serve_forever",

@@ -16,8 +16,7 @@ import hmac
 from typing import Any
 
 from aiohttp import web
-
-from routing import Route, Router, TrafficShare, UpstreamHealth
+from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth
 
 from ._errors import AdminDisabled, InvalidApiKey
 from ._handlers import bearer_token

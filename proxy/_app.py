@@ -19,8 +19,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
-
-from routing import Config, Router, TrafficShare
+from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
 from ._errors import NotFound, ProxyError

@@ -17,8 +17,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-
-from routing import Refuse, Route, Router, Serve
+from skyroute.routing import Refuse, Route, Router, Serve
 
 from ._errors import DegradedRefusal, UpstreamError
 from ._metrics import Metrics

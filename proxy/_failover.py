@@ -16,8 +16,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-
-from routing import (
+from skyroute.routing import (
     AttemptOutcome,
     AttemptPlan,
     Decision,

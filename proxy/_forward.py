@@ -31,8 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-
-from routing import AttemptOutcome, Result, Target, classify_status
+from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._sse import StreamTranscript, complete_events
 

@@ -18,8 +18,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-
-from routing import ApiKey, Config, Route, Router
+from skyroute.routing import ApiKey, Config, Route, Router
 
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (

@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator, Iterable
 
 import structlog
 from aiohttp import web
-
-from routing import LEVELS, STATES, HealthChange, Router, TrafficShare
-from statesync import SessionStore
+from skyroute.routing import LEVELS, STATES, HealthChange, Router, TrafficShare
+from skyroute.statesync import SessionStore
 
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC

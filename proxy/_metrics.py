@@ -21,8 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from routing import EndpointView
+from skyroute.routing import EndpointView
 
 #: Pool upstream name -> its endpoints as routing sees them now.
 PoolViews = Callable[[], Mapping[str, Sequence[EndpointView]]]

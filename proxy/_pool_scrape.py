@@ -35,8 +35,14 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import web
-
-from routing import EndpointView, PoolScrape, Router, ServerLoad, Upstream, parse_server_load
+from skyroute.routing import (
+    EndpointView,
+    PoolScrape,
+    Router,
+    ServerLoad,
+    Upstream,
+    parse_server_load,
+)
 
 from ._metrics import Metrics
 from ._prometheus import next_round

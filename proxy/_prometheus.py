@@ -41,8 +41,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-
-from routing import PrometheusSource
+from skyroute.routing import PrometheusSource
 
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, Runtime

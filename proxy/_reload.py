@@ -18,8 +18,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
-
-from routing import ConfigError, load_config
+from skyroute.routing import ConfigError, load_config
 
 from ._state import METRICS, SERVING
 from ._tasks import running

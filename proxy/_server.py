@@ -18,8 +18,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-
-from routing import Config
+from skyroute.routing import Config
 
 from ._app import build_app
 from ._reload import reload_config

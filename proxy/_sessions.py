@@ -16,9 +16,8 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-
-from routing import ApiKey, Config, SessionPolicy
-from statesync import SessionStore, StateSync, SyncSettings
+from skyroute.routing import ApiKey, Config, SessionPolicy
+from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
 from ._errors import RateLimited
 

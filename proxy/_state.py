@@ -8,9 +8,8 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-
-from routing import Config, Router, TrafficShare
-from statesync import StateSync
+from skyroute.routing import Config, Router, TrafficShare
+from skyroute.statesync import StateSync
 
 from ._metrics import Metrics
 

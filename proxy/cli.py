@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from routing import ConfigError, load_config
+from skyroute.routing import ConfigError, load_config
 
 from ._logging import configure_logging
 
@@ -99,9 +99,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import demo_config_text, run_demo
-    from ._local_prometheus import PrometheusNotFound, PrometheusStartError, find_prometheus
     from ._server import run_event_loop
+    from .demo import (
+        PrometheusNotFound,
+        PrometheusStartError,
+        demo_config_text,
+        find_prometheus,
+        run_demo,
+    )
 
     if args.print_config:
         print(demo_config_text(), end="")

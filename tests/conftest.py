@@ -12,9 +12,9 @@ from typing import Any
 import openai
 import pytest
 import structlog
-
-from proxy import Server, StandinUpstream
-from routing import load_config
+from skyroute.proxy import Server
+from skyroute.proxy.demo import StandinUpstream
+from skyroute.routing import load_config
 
 CLIENT_KEY = "sk-client-test"
 UPSTREAM_KEY = "sk-upstream-test"

@@ -15,7 +15,7 @@ import openai
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
 
-SKYROUTE = [sys.executable, "-m", "proxy.cli"]
+SKYROUTE = [sys.executable, "-m", "skyroute.proxy.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from routing.config import Config, parse_config
+from skyroute.routing.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm"

@@ -25,8 +25,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-
-from proxy._local_prometheus import PrometheusNotFound, find_prometheus
+from skyroute.proxy.demo import PrometheusNotFound, find_prometheus
 
 from .conftest import CALL_TIMEOUT_S, eventually
 

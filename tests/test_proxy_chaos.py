@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import openai
 from prometheus_client.parser import text_string_to_metric_families
-
-from proxy import Behaviour, Server, StandinUpstream
+from skyroute.proxy import Server
+from skyroute.proxy.demo import Behaviour, StandinUpstream
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry

@@ -16,8 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-
-from proxy._local_prometheus import LocalPrometheus, find_prometheus, free_port
+from skyroute.proxy.demo import LocalPrometheus, find_prometheus, free_port
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml, served_by
 from .conftest import upstream_yaml as entry

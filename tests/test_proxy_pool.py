@@ -11,8 +11,7 @@ import asyncio
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-
-from proxy import StandinUpstream
+from skyroute.proxy.demo import StandinUpstream
 
 from .conftest import (
     CALL_TIMEOUT_S,

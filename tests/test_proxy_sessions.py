@@ -10,11 +10,10 @@ import aiohttp
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
-
-from proxy import Server
-from proxy._sessions import state_sync_for
-from proxy._state import STATE_SYNC
-from routing import ConfigError, parse_config
+from skyroute.proxy import Server
+from skyroute.proxy._sessions import state_sync_for
+from skyroute.proxy._state import STATE_SYNC
+from skyroute.routing import ConfigError, parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry

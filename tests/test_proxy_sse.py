@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy._sse import StreamTranscript, complete_events
+from skyroute.proxy._sse import StreamTranscript, complete_events
 
 
 def _event(**chunk) -> bytes:

@@ -6,8 +6,7 @@ import itertools
 import random
 
 import pytest
-
-from routing._backoff import full_jitter_delays
+from skyroute.routing._backoff import full_jitter_delays
 
 
 class _CeilingRng(random.Random):

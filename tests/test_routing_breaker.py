@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from routing._breaker import (
+from skyroute.routing._breaker import (
     _TRANSITIONS,
     Admission,
     BreakerState,
@@ -14,7 +13,7 @@ from routing._breaker import (
     CircuitBreaker,
     Outcome,
 )
-from routing._errors import RoutingStateError
+from skyroute.routing._errors import RoutingStateError
 
 from .fakes import FakeClock
 

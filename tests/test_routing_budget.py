@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from routing._budget import BucketedCounts, BudgetStats, RetryBudget
+from skyroute.routing._budget import BucketedCounts, BudgetStats, RetryBudget
 
 from .fakes import FakeClock
 

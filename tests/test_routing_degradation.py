@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from routing import LEVELS, Refuse, Router, Serve, parse_config
+from skyroute.routing import LEVELS, Refuse, Router, Serve, parse_config
 
 from .fakes import FakeClock
 

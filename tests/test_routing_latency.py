@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from routing._latency import (
+from skyroute.routing._latency import (
     LatencyTracker,
     RecoveryRamp,
     SlowDetector,

@@ -6,9 +6,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
-from routing._errors import RoutingStateError
-from routing._pool import (
+from skyroute.routing._errors import RoutingStateError
+from skyroute.routing._pool import (
     EndpointPicker,
     EndpointView,
     PickWeights,

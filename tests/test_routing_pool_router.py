@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routing import (
+from skyroute.routing import (
     AttemptOutcome,
     EndpointChange,
     Result,

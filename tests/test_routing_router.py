@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from routing import (
+from skyroute.routing import (
     AttemptOutcome,
     GiveUp,
     Respond,

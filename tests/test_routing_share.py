@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from routing import TrafficShare
+from skyroute.routing import TrafficShare
 
 from .fakes import FakeClock
 

@@ -12,8 +12,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-
-from proxy._standin import Behaviour, StandinUpstream
+from skyroute.proxy.demo import Behaviour, StandinUpstream
 
 KEY = "sk-standin-test"
 TIMEOUT = aiohttp.ClientTimeout(total=5)

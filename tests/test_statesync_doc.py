@@ -12,19 +12,18 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from pycrdt import Doc, Map, create_awareness_message, create_sync_message
-
-from statesync import (
+from skyroute.statesync import (
     SnapshotError,
     SyncConfigError,
     SyncProtocolError,
     SyncSettings,
     Usage,
 )
-from statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
-from statesync._links import exponential_backoff
-from statesync._metrics import SyncMetrics
-from statesync._protocol import ConnState, YConnection, message_kind
-from statesync._store import SessionStore
+from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
+from skyroute.statesync._links import exponential_backoff
+from skyroute.statesync._metrics import SyncMetrics
+from skyroute.statesync._protocol import ConnState, YConnection, message_kind
+from skyroute.statesync._store import SessionStore
 
 from .fakes import FakeClock
 

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-
-from statesync import StateSync, SyncSettings
+from skyroute.statesync import StateSync, SyncSettings
 
 from .conftest import eventually
 

@@ -13,8 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-
-from statesync import Resolve, StateSync, SyncSettings, Usage
+from skyroute.statesync import Resolve, StateSync, SyncSettings, Usage
 
 from .conftest import eventually
 

@@ -1,7 +1,7 @@
 """``skyroute demo``: the embedded default, a whole setup on 127.0.0.1 with no keys.
 
 Three stand-in cloud regions with different latency, a stand-in local GPU pool of
-two vLLM-style servers, and skyroute in front of them, serving ``proxy/demo.yaml``.
+two vLLM-style servers, and skyroute in front of them, serving ``demo.yaml`` beside this module.
 With ``instances`` > 1 the instances are peered over state sync; with ``prometheus_bin``
 a real Prometheus scrapes them all every second and every instance reads upstream
 latency back from it (``deploy/local-multiregion.sh`` runs both). The printed
@@ -19,10 +19,10 @@ import socket
 from collections.abc import Sequence
 from importlib import resources
 
-from routing import Config, parse_config
+from skyroute.routing import Config, parse_config
 
+from .._server import Server
 from ._local_prometheus import LocalPrometheus
-from ._server import Server
 from ._standin import Behaviour, StandinUpstream
 
 DEMO_KEY = "sk-skyroute-demo"
@@ -48,7 +48,7 @@ _CHAT_BODY = '{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
 def demo_config_text() -> str:
     """The embedded routing file, as shipped in the package."""
-    return resources.files("proxy").joinpath("demo.yaml").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("demo.yaml").read_text(encoding="utf-8")
 
 
 def _try_lines(url: str, others: list[str]) -> str:
