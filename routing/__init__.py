@@ -4,9 +4,9 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
-from ._degradation import LevelChange, MinimalTrigger, Refuse, Serve
+from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
-from ._health import STATES, Estimate, HealthChange, UpstreamHealth
+from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -43,6 +43,7 @@ from .config import (
     RetryPolicy,
     Route,
     SessionPolicy,
+    Strategy,
     SyncPolicy,
     Upstream,
     load_config,
@@ -71,6 +72,7 @@ __all__ = [
     "GiveUp",
     "HealthChange",
     "LatencyPolicy",
+    "Level",
     "LevelChange",
     "Limits",
     "Listen",
@@ -90,11 +92,13 @@ __all__ = [
     "Serve",
     "ServerLoad",
     "SessionPolicy",
+    "Strategy",
     "SyncPolicy",
     "Target",
     "TrafficShare",
     "Upstream",
     "UpstreamHealth",
+    "UpstreamState",
     "classify_status",
     "load_config",
     "parse_config",

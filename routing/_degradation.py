@@ -39,6 +39,7 @@ unavailable  none of its targets is available and no fallback can serve
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import final
@@ -46,8 +47,19 @@ from typing import final
 from ._policies import DegradationPolicy
 from .config import Route
 
+
+class Level(enum.StrEnum):
+    """A route's degradation level (string-valued: JSON and labels use it as is)."""
+
+    NORMAL = "normal"
+    REDUCED = "reduced"
+    FALLBACK = "fallback"
+    MINIMAL = "minimal"
+    UNAVAILABLE = "unavailable"
+
+
 #: Degradation levels, best first.
-LEVELS = ("normal", "reduced", "fallback", "minimal", "unavailable")
+LEVELS = tuple(Level)
 #: Upstream states that may take a normal request.
 AVAILABLE = frozenset({"healthy", "slow"})
 

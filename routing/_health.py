@@ -32,6 +32,7 @@ it and update metrics. Time is the ``now`` argument; nothing here reads a clock.
 from __future__ import annotations
 
 import contextlib
+import enum
 from dataclasses import dataclass
 from typing import final
 
@@ -41,7 +42,18 @@ from ._latency import LatencyTracker, SlowDetector, SlowState
 from ._router_types import AttemptOutcome, Result
 from .config import BreakerPolicy, LatencyPolicy, RetryPolicy
 
-STATES = ("healthy", "slow", "open", "bad_key", "down")
+
+class UpstreamState(enum.StrEnum):
+    """What an upstream can do for a request now (string-valued: JSON and labels use it as is)."""
+
+    HEALTHY = "healthy"
+    SLOW = "slow"
+    OPEN = "open"
+    BAD_KEY = "bad_key"
+    DOWN = "down"
+
+
+STATES = tuple(UpstreamState)
 
 _BREAKER_SUCCESS = frozenset({Result.SUCCESS, Result.CLIENT_ERROR})
 _NO_ANSWER = frozenset({Result.CONNECT_ERROR})

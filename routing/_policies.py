@@ -7,11 +7,21 @@ YAML into them.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
+
+
+class Strategy(enum.StrEnum):
+    """How a route orders its healthy upstreams (string-valued, as written in YAML)."""
+
+    LOWEST_LATENCY = "lowest-latency"
+    PRIORITY = "priority"
+    WEIGHTED = "weighted"
+    LEAST_OUTSTANDING = "least-outstanding"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

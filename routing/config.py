@@ -32,6 +32,7 @@ from ._policies import (
     PrometheusSource,
     RetryPolicy,
     SessionPolicy,
+    Strategy,
     SyncPolicy,
 )
 from ._sections import (
@@ -88,7 +89,7 @@ __all__ = [
     "parse_config",
 ]
 
-STRATEGIES = ("lowest-latency", "priority", "weighted", "least-outstanding")
+STRATEGIES = tuple(Strategy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,7 +168,7 @@ class Route:
 
     model: str
     targets: tuple[str, ...]
-    strategy: str = "lowest-latency"
+    strategy: Strategy = Strategy.LOWEST_LATENCY
     latency_threshold_s: float = 0.2
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
@@ -460,7 +461,7 @@ def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> R
             entry.problem("strategy",
                           f"'{strategy}' is not one of {', '.join(STRATEGIES)}{hint}")
         else:
-            kwargs["strategy"] = strategy
+            kwargs["strategy"] = Strategy(strategy)
     entry.finish()
     if not model or not targets:
         return None
