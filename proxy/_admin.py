@@ -11,7 +11,6 @@ it says exactly what the router decides on.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from typing import Any
 
@@ -21,7 +20,7 @@ from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth
 from ._errors import AdminDisabled, InvalidApiKey
 from ._handlers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
-from ._state import SERVING, TRAFFIC
+from ._state import CLOCK, SERVING, TRAFFIC
 
 
 def add_admin_routes(app: web.Application) -> None:
@@ -51,7 +50,7 @@ async def handle_admin_routing(request: web.Request) -> web.Response:
     runtime = request.app[SERVING].runtime
     check_admin(request, runtime.config.admin_key)
     router, latency = runtime.router, runtime.config.latency
-    now = asyncio.get_running_loop().time()
+    now = request.app[CLOCK]()
     traffic = request.app[TRAFFIC]
     status = request.app.get(PROMETHEUS_STATUS)
     return web.json_response({

@@ -31,6 +31,7 @@ from ._prometheus import prometheus_source
 from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
 from ._state import (
+    CLOCK,
     METRICS,
     REQUEST_ID,
     SERVING,
@@ -38,6 +39,7 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
+    Clock,
     RequestSummary,
     Runtime,
     Serving,
@@ -148,15 +150,18 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
-              watch_interval_s: float = 0.5) -> web.Application:
+              watch_interval_s: float = 0.5, clock: Clock = time.monotonic) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
         config_path: the routing file to watch and reload (and reload on SIGHUP,
             when run by ``proxy.serve``); None serves ``config`` unchanged.
         watch_interval_s: how often the file is checked for changes.
+        clock: the time routing decisions and latency samples are taken at; a test
+            passes a fake clock to drive time itself. Timeouts stay real durations.
     """
     app = web.Application(middlewares=[error_middleware])
+    app[CLOCK] = clock
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)

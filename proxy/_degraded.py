@@ -10,7 +10,6 @@ request_id, bound by the middleware), and the response headers that say so.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +20,7 @@ from skyroute.routing import Refuse, Route, Router, Serve
 
 from ._errors import DegradedRefusal, UpstreamError
 from ._metrics import Metrics
-from ._state import RequestSummary
+from ._state import Clock, RequestSummary
 
 log = structlog.get_logger("skyroute.degradation")
 
@@ -80,12 +79,12 @@ def cap_max_tokens(body: bytes, payload: dict[str, Any] | None, decision: Serve,
 
 async def serve_decided(serve: ServeRoute, decision: Serve, *, asked: Route, router: Router,
                         metrics: Metrics, summary: RequestSummary,
-                        deadline: float) -> web.StreamResponse:
+                        deadline: float, clock: Clock) -> web.StreamResponse:
     """Serve over the route ``decision`` names; after every attempt failed, its fallback once.
 
     Args:
         asked: the route the client asked for.
-        deadline: loop time by which the request must be answered, fallback included.
+        deadline: ``clock`` time by which the request must be answered, fallback included.
 
     Raises:
         UpstreamError: when no attempt, fallback included, produced an answer.
@@ -102,8 +101,7 @@ async def serve_decided(serve: ServeRoute, decision: Serve, *, asked: Route, rou
     try:
         return await serve(route=decision.route)
     except UpstreamError as exc:
-        loop = asyncio.get_running_loop()
-        fallback = router.fallback_after_failure(asked, deadline=deadline, now=loop.time())
+        fallback = router.fallback_after_failure(asked, deadline=deadline, now=clock())
         if fallback is None:
             raise
         try:

@@ -45,7 +45,7 @@ from ._forward import (
 from ._health import report_changes
 from ._metrics import Metrics
 from ._sse import StreamTranscript
-from ._state import TRAFFIC, RequestSummary
+from ._state import CLOCK, TRAFFIC, Clock, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -75,12 +75,12 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
-    loop = asyncio.get_running_loop()
-    plan = router.plan(route, now=loop.time(), prefer=prefer)
+    clock = request.app[CLOCK]
+    plan = router.plan(route, now=clock(), prefer=prefer)
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
-        target = plan.next_attempt(now=loop.time())
+        target = plan.next_attempt(now=clock())
         if isinstance(target, GiveUp):
             if resuming is not None:
                 return await _end_cut(resuming, summary, metrics, call, gave_up=target)
@@ -95,8 +95,8 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             if outcome.target.upstream.is_pool:
                 summary.endpoint = outcome.target.endpoint
             summary.cut = outcome.detail or None
-            _book(router, plan, metrics, outcome, loop.time())
-            request.app[TRAFFIC].record_served(route.model, outcome.target.name, loop.time())
+            _book(router, plan, metrics, outcome, clock())
+            request.app[TRAFFIC].record_served(route.model, outcome.target.name, clock())
             if resuming is not None:
                 result = "cut" if summary.cut else "resumed"
                 metrics.stream_resumes.labels(route.model, result).inc()
@@ -107,7 +107,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             resuming, outcome = answer, answer.outcome
         else:
             outcome = answer.outcome
-        decision = _book(router, plan, metrics, outcome, loop.time())
+        decision = _book(router, plan, metrics, outcome, clock())
         if isinstance(decision, Respond):  # the client's own mistake: pass it on untouched
             if resuming is not None:  # too late for that: the client has half an answer
                 return await _end_cut(resuming, summary, metrics, call, outcome.detail)
@@ -138,18 +138,18 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
     With ``resuming``, the attempt continues that cut stream: the request asks for
     the rest of the partial answer, and its events go into the same response.
     """
-    loop = asyncio.get_running_loop()
+    clock = request.app[CLOCK]
     if resuming is not None:
         call = call.continuing(resuming.transcript.text, resuming.transcript.content_chunks)
     target, opened = await _open_hedged(target, call, session, metrics, router, plan,
-                                        request_id)
+                                        request_id, clock)
     if isinstance(opened, Failed):
         return opened
     try:
         return await _answer(request, opened, call, metrics, plan, request_id,
                              resuming=resuming, track=track, extra_headers=extra_headers)
     except BaseException:
-        router.cancel(opened.target, now=loop.time())  # the client went away mid-answer
+        router.cancel(opened.target, now=clock())  # the client went away mid-answer
         raise
 
 
@@ -159,7 +159,7 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
                   ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
         | _Interrupted | Failed:
     """Send the answer ``opened`` has begun to the client (see ``_attempt``)."""
-    loop = asyncio.get_running_loop()
+    clock = request.app[CLOCK]
     target = opened.target
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
     transcript: StreamTranscript | None = None
@@ -185,7 +185,7 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
         resp, cut = buffered_response(opened, body, request_id, extra_headers), None
     if cut is None:
         metrics.latency.labels(target.name, target.upstream.region).observe(
-            loop.time() - opened.started)
+            clock() - opened.started)
     outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT if cut else Result.SUCCESS,
                              status=opened.response.status, detail=cut or "",
                              ttfb_s=opened.ttfb_s)
@@ -227,39 +227,39 @@ def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
 
 async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
-                       ) -> tuple[Target, Opened | Failed]:
+                       clock: Clock) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.
 
     The first attempt to produce content wins and the other is cancelled (it has
     no outcome). A failure while the other attempt still runs is booked at once.
     """
-    loop = asyncio.get_running_loop()
 
     def opening(t: Target) -> Coroutine[Any, Any, Opened | Failed]:
-        deadline = min(loop.time() + t.upstream.first_token_timeout_s, plan.deadline)
-        return open_attempt(session, t, call, request_id=request_id, deadline=deadline)
+        deadline = min(clock() + t.upstream.first_token_timeout_s, plan.deadline)
+        return open_attempt(session, t, call, request_id=request_id, deadline=deadline,
+                            clock=clock)
 
     def start(t: Target) -> asyncio.Task[Opened | Failed]:
         return asyncio.create_task(opening(t))
 
-    delay = plan.hedge_delay(target, now=loop.time())
+    delay = plan.hedge_delay(target, now=clock())
     if delay is None:  # no hedging: no task, no extra turn of the event loop
         try:
             return target, await opening(target)
         except BaseException:
-            router.cancel(target, now=loop.time())  # the client went away
+            router.cancel(target, now=clock())  # the client went away
             raise
     tasks = {start(target): target}
-    started = {target.name: loop.time()}
+    started = {target.name: clock()}
     hedge: Target | None = None
     raced = False  # True once a winner is known: the losers' waits are latency samples
     try:
         done, _ = await asyncio.wait(tasks, timeout=delay)
         if not done:
-            hedge = plan.hedge(now=loop.time())
+            hedge = plan.hedge(now=clock())
             if hedge is not None:
                 tasks[start(hedge)] = hedge
-                started[hedge.name] = loop.time()
+                started[hedge.name] = clock()
         while True:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -270,9 +270,9 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
                         metrics.hedges.labels(route, "won" if winner is hedge else "lost").inc()
                     raced = isinstance(result, Opened)
                     return winner, result
-                _book(router, plan, metrics, result.outcome, loop.time())
+                _book(router, plan, metrics, result.outcome, clock())
     finally:
-        await _cancel_losers(tasks, router, plan, loop.time(),
+        await _cancel_losers(tasks, router, plan, clock(),
                              started=started if raced else None)
 
 

@@ -34,6 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._sse import StreamTranscript, complete_events
+from ._state import Clock
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 #: ones skyroute sets itself.
@@ -155,18 +156,18 @@ def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
 
 
 async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
-                       *, request_id: str, deadline: float) -> Opened | Failed:
+                       *, request_id: str, deadline: float, clock: Clock) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
     Args:
-        deadline: loop time by which the first content byte must have arrived
+        deadline: ``clock`` time by which the first content byte must have arrived
             (the upstream's first-token timeout, capped by the request deadline).
+        clock: the instance's clock; the time to first byte is measured on it.
 
     Returns:
         ``Opened`` once content has begun, or ``Failed`` with the classified outcome.
     """
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = clock()
     headers = CIMultiDict(call.headers)
     headers["X-Request-ID"] = request_id
     if target.upstream.api_key:
@@ -176,7 +177,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
                                     sock_read=upstream.idle_timeout_s)
     response: aiohttp.ClientResponse | None = None
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(deadline - started):
             response = await session.request(
                 call.method, target.endpoint + call.path_qs, data=call.body_for(target),
                 headers=headers, timeout=timeout, allow_redirects=False)
@@ -186,7 +187,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
             prefix = await _read_first_content(response, sse=is_sse)
     except TimeoutError:
         _close(response)
-        waited = loop.time() - started
+        waited = clock() - started
         if response is None:
             return _failure(target, Result.TIMEOUT, f"no response headers after {waited:.1f}s")
         return _failure(target, Result.BUSY,
@@ -204,9 +205,8 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     if prefix is None:
         _close(response)
         return _failure(target, Result.STREAM_CUT, "the upstream closed with an empty answer")
-    now = loop.time()
     return Opened(target=target, response=response, prefix=prefix, is_sse=is_sse,
-                  started=started, ttfb_s=now - started)
+                  started=started, ttfb_s=clock() - started)
 
 
 async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool) -> bytes | None:

@@ -32,7 +32,7 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
-from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
+from ._state import CLOCK, METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -138,7 +138,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, runtime.config.limits.max_body_bytes)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
     route, alias = choose_route(runtime.router, payload)
-    metrics, now = request.app[METRICS], asyncio.get_running_loop().time()
+    metrics, clock = request.app[METRICS], request.app[CLOCK]
+    now = clock()
     decision = decide(runtime.router, route, payload, metrics, now=now)
     body, payload = cap_max_tokens(body, payload, decision, metrics)
     session_id = session_id_of(request, payload, runtime.config.sessions)
@@ -154,7 +155,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                               count_usage=client is not None and client.tpm is not None)
     resp = await serve_decided(serve, decision, asked=route, router=runtime.router,
                                metrics=metrics, summary=summary,
-                               deadline=now + route.timeout_s)
+                               deadline=now + route.timeout_s, clock=clock)
     # A fallback's answer must not pin the session to the fallback's upstream.
     if session_id and resp.status < 400 and summary.fallback is None:
         remember_session(store, session_id, summary.upstream, pinned)

@@ -18,7 +18,7 @@ from skyroute.routing import LEVELS, STATES, HealthChange, Router, TrafficShare
 from skyroute.statesync import SessionStore
 
 from ._metrics import Metrics
-from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
+from ._state import CLOCK, METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
 
 log = structlog.get_logger("skyroute.health")
@@ -94,7 +94,7 @@ GOSSIPED = ("bad_key", "down")
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    The store speaks wall-clock time and the router loop time; ``until`` is
+    The store speaks wall-clock time and the router the instance's clock; ``until`` is
     carried across as "seconds from now".
     """
     wall = time.time()
@@ -119,7 +119,7 @@ async def handle_health(request: web.Request) -> web.Response:
     """``GET /health``: the degradation level and every upstream's state, as JSON."""
     runtime = request.app[SERVING].runtime
     router = runtime.router
-    now = asyncio.get_running_loop().time()
+    now = request.app[CLOCK]()
     minimal = router.minimal(now=now)
     return web.json_response({
         "level": router.level(now=now),
@@ -140,7 +140,7 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: re-evaluate latency estimates once per ``latency.interval``."""
 
     async def loop() -> None:
-        clock = asyncio.get_running_loop().time
+        clock = app[CLOCK]
         while True:
             router = app[SERVING].runtime.router
             await asyncio.sleep(router.config.latency.interval_s)
@@ -151,7 +151,7 @@ async def health_ticker(app: web.Application) -> AsyncIterator[None]:
             refresh_share_gauges(app[TRAFFIC], router, app[METRICS], now=now)
 
     refresh_gauges(app[SERVING].runtime.router, app[METRICS],
-                   now=asyncio.get_running_loop().time())
+                   now=app[CLOCK]())
     async with running(loop(), name="skyroute-health-ticker"):
         yield
 

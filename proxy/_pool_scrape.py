@@ -46,7 +46,7 @@ from skyroute.routing import (
 
 from ._metrics import Metrics
 from ._prometheus import next_round
-from ._state import METRICS, SERVING, SESSION
+from ._state import CLOCK, METRICS, SERVING, SESSION
 from ._tasks import running
 
 log = structlog.get_logger("skyroute.pool")
@@ -176,7 +176,7 @@ async def scrape_round(app: web.Application, books: _Books) -> None:
         return
     session = app[SESSION]
     checks = await asyncio.gather(*(check_endpoint(session, u, e, scrape) for u, e in work))
-    now = asyncio.get_running_loop().time()
+    now = app[CLOCK]()
     for (upstream, endpoint), check in zip(work, checks, strict=True):
         _feed(router, app[METRICS], books, upstream, endpoint, check, now)
 
@@ -197,10 +197,9 @@ async def _scrape_forever(app: web.Application) -> None:
 
 async def pool_scraper(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: scrape and health-check local GPU pools; report them in /metrics."""
-    loop = asyncio.get_running_loop()
 
     def views() -> dict[str, tuple[EndpointView, ...]]:
-        return app[SERVING].runtime.router.pool_snapshot(now=loop.time())
+        return app[SERVING].runtime.router.pool_snapshot(now=app[CLOCK]())
 
     stop_reporting = app[METRICS].watch_pools(views)
     try:

@@ -44,7 +44,7 @@ from aiohttp import web
 from skyroute.routing import PrometheusSource
 
 from ._metrics import Metrics
-from ._state import METRICS, SERVING, Runtime
+from ._state import CLOCK, METRICS, SERVING, Runtime
 from ._tasks import running
 
 log = structlog.get_logger("skyroute.latency")
@@ -173,7 +173,7 @@ async def _round(app: web.Application, session: aiohttp.ClientSession,
                         "answers again", url=source.url, result=exc.result)
         status.up, status.last_error, status.readings = False, str(exc), {}
         return
-    now = asyncio.get_running_loop().time()
+    now = app[CLOCK]()
     matched = _feed(app[SERVING].runtime, readings, now)  # the config may have changed
     metrics.prometheus_queries.labels("ok" if matched else "empty").inc()
     metrics.set_prometheus_up(True)

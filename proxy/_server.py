@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from skyroute.routing import Config
 
 from ._app import build_app
 from ._reload import reload_config
-from ._state import SERVING
+from ._state import SERVING, Clock
 
 log = structlog.get_logger("skyroute.server")
 
@@ -36,9 +37,16 @@ class Server:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  host: str | None = None, port: int | None = None,
                  grace_s: float = DEFAULT_GRACE_S, app: web.Application | None = None,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, clock: Clock = time.monotonic) -> None:
+        """Prepare (not yet bind) an instance serving ``config``.
+
+        Args:
+            clock: what routing reads the time from (see ``build_app``); ignored
+                when ``app`` is given.
+        """
         self.config_path = Path(config_path) if config_path is not None else None
-        self.app = app if app is not None else build_app(config, config_path=config_path)
+        self.app = app if app is not None else build_app(config, config_path=config_path,
+                                                         clock=clock)
         self.host = host if host is not None else config.listen.host
         self.port = port if port is not None else config.listen.port
         # handler_cancellation: a client that goes away cancels its handler, and so

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from skyroute.routing import Config, Router, TrafficShare
 from skyroute.statesync import StateSync
 
 from ._metrics import Metrics
+
+#: Seconds on a monotonic scale: the time every routing decision and latency sample is
+#: taken at. ``time.monotonic`` in service; a test passes its own clock to drive time.
+Clock = Callable[[], float]
 
 
 @dataclass(slots=True)
@@ -62,5 +67,6 @@ METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 STATE_SYNC = web.AppKey("state_sync", StateSync)
 TRAFFIC = web.AppKey("traffic_share", TrafficShare)
+CLOCK = web.AppKey("clock", Clock)
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
