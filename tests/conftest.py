@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -90,11 +91,13 @@ async def skyroute(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Serv
     """Factory: ``await skyroute(yaml_text)`` serves that routing file on port 0."""
     servers: list[Server] = []
 
-    async def make(text: str, *, watch: bool = True, grace_s: float = 5.0) -> Server:
+    async def make(text: str, *, watch: bool = True, grace_s: float = 5.0,
+                   clock: Callable[[], float] = time.monotonic) -> Server:
+        """``clock``: what routing reads the time from, e.g. ``FakeClock().now``."""
         path = tmp_path / f"routing-{len(servers)}.yaml"
         path.write_text(text)
         server = Server(load_config(path), config_path=path if watch else None, port=0,
-                        grace_s=grace_s)
+                        grace_s=grace_s, clock=clock)
         await server.start()
         servers.append(server)
         return server

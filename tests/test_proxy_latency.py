@@ -1,15 +1,22 @@
 """Latency-aware routing end to end: passive and Prometheus latency, /admin/routing.
 
-Three stand-in regions answer in ~20 ms; one is raised to ~400 ms and lowered
+Three stand-in regions answer in 20 ms; one is raised to 400 ms and lowered
 again. Where requests went is read from the answers ("Hello from <region>"),
 which is what a client sees. The Prometheus tests run the real Prometheus
 server (Debian's ``prometheus``) on a free port with a temporary config.
+
+The passive-latency tests run on a ``FakeClock`` shared by skyroute and the
+stand-ins: a stand-in's delay advances the clock instead of passing in real
+time, and requests go one at a time, so every time to first token skyroute
+measures is exactly the answering stand-in's ``ttft_s``. Measured in real time,
+one stall of a busy machine's event loop would make a 20 ms region "slow".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from skyroute.proxy.demo import LocalPrometheus, find_prometheus, free_port
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml, served_by
 from .conftest import upstream_yaml as entry
+from .fakes import FakeClock
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 REGIONS = ("west", "east", "south")
@@ -45,12 +53,19 @@ ROUTE = """\
 """
 
 
-async def _regions(standin) -> dict:
+async def _regions(standin, clock: FakeClock | None = None) -> dict:
+    """The three regions at ``FAST_S``; with ``clock``, their delays pass on it."""
     ups = {}
     for name in REGIONS:
-        ups[name] = await standin(name)
+        ups[name] = await standin(name, clock=clock)
         ups[name].behaviour.ttft_s = FAST_S
     return ups
+
+
+async def _one_by_one(client, n: int) -> Counter[str]:
+    """``served_by`` one request at a time: on a fake clock, a request in flight would
+    count the delay of another that runs beside it in its own time to first token."""
+    return await served_by(client, n, concurrency=1)
 
 
 def _yaml(ups: dict, *, extra: str = LATENCY, route: str = ROUTE) -> str:
@@ -75,7 +90,7 @@ def _upstream_state(name: str, state: str, server, client, *, drive: int = 8
     """A predicate for ``eventually``: drive some requests, then is ``name`` in ``state``?"""
 
     async def check() -> bool:
-        await served_by(client, drive)
+        await _one_by_one(client, drive)
         return (await _health(server))["upstreams"][name]["state"] == state
 
     return check
@@ -84,23 +99,24 @@ def _upstream_state(name: str, state: str, server, client, *, drive: int = 8
 async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, skyroute,
                                                                     captured_logs):
     """A region past 200 ms is reported slow and avoided; after recovery traffic ramps back."""
-    ups = await _regions(standin)
-    server = await skyroute(_yaml(ups))
+    clock = FakeClock()
+    ups = await _regions(standin, clock)
+    server = await skyroute(_yaml(ups), clock=clock.now)
     async with client_for(server) as client:
-        assert (await served_by(client, 20))["west"] == 20
+        assert (await _one_by_one(client, 20))["west"] == 20
         ups["west"].behaviour.ttft_s = SLOW_S
         await eventually(_upstream_state("west", "slow", server, client), timeout=10)
         west = (await _health(server))["upstreams"]["west"]
         assert west["latency_source"] == "passive" and west["latency_ms"] > 200
         assert (await _health(server))["routes"]["chat"] == "reduced"
 
-        served = await served_by(client, 300)
+        served = await _one_by_one(client, 300)
         assert served["west"] <= 15, served  # <= 5 %: only the 2 % probes
         assert served["east"] >= 250, served  # priority: the next region takes it
 
         ups["west"].behaviour.ttft_s = FAST_S
         await eventually(_upstream_state("west", "healthy", server, client), timeout=15)
-        first = await served_by(client, 20, concurrency=4)
+        first = await _one_by_one(client, 20)
         assert first["west"] <= 14, first  # ramping: far from its full (~100 %) share
         await eventually(lambda: _back_in_full(client), timeout=15)
     slow_lines = [e for e in captured_logs
@@ -110,7 +126,7 @@ async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, sky
 
 
 async def _back_in_full(client) -> bool:
-    return (await served_by(client, 20, concurrency=4))["west"] >= 19
+    return (await _one_by_one(client, 20))["west"] >= 19
 
 
 # -- Prometheus, the real server ----------------------------------------------------------
@@ -273,14 +289,16 @@ async def test_admin_routing_needs_the_admin_key(standin, skyroute):
 
 async def test_admin_routing_shows_state_latency_share_and_last_change(standin, skyroute):
     """/admin/routing and /metrics show per upstream: state, latency and source, share, why."""
-    ups = await _regions(standin)
-    server = await skyroute(_yaml(ups, extra=LATENCY + f"admin:\n  key: {ADMIN_KEY}\n"))
+    clock = FakeClock()
+    ups = await _regions(standin, clock)
+    server = await skyroute(_yaml(ups, extra=LATENCY + f"admin:\n  key: {ADMIN_KEY}\n"),
+                            clock=clock.now)
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with client_for(server) as client:
-        await served_by(client, 20)
+        await _one_by_one(client, 20)
         ups["west"].behaviour.ttft_s = SLOW_S
         await eventually(_upstream_state("west", "slow", server, client), timeout=10)
-        await served_by(client, 100)
+        await _one_by_one(client, 100)
     status, body = await _get(f"{server.url}/admin/routing", headers=auth)
     assert status == 200
     route = body["routes"]["chat"]

@@ -14,6 +14,8 @@ import openai
 import pytest
 from skyroute.proxy.demo import Behaviour, StandinUpstream
 
+from .fakes import FakeClock
+
 KEY = "sk-standin-test"
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 CHAT: dict[str, Any] = {"model": "deepseek-chat",
@@ -255,6 +257,24 @@ async def test_StandinUpstream_streams_each_chunk_as_it_is_produced(
     assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "Hello"
     r.close()
     await up.wait_for(lambda u: u.cancelled == 1 and u.in_flight == 0)
+
+
+async def test_StandinUpstream_on_a_virtual_clock_advances_it_instead_of_waiting(
+        http: aiohttp.ClientSession) -> None:
+    """With a clock, an hour-long first-token and token delay pass on it: the answer is at once."""
+    clock = FakeClock(start=100.0)
+    behaviour = Behaviour(ttft_s=3600.0, token_delay_s=60.0, tokens=3)
+    async with StandinUpstream("virtual", api_key=KEY, behaviour=behaviour,
+                               clock=clock) as upstream:
+        async with http.post(f"{upstream.base_url}/chat/completions", json=CHAT) as r:
+            assert r.status == 200  # TIMEOUT (5 s) bounds the wait: no real hour passes
+            assert (await r.json())["choices"][0]["message"]["content"].startswith("Hello")
+        assert clock.now() == 3700.0
+        async with http.post(f"{upstream.base_url}/chat/completions",
+                             json={**CHAT, "stream": True}) as r:
+            events = await read_events(r)
+    assert events[-1] == b"data: [DONE]"
+    assert clock.now() == 3700.0 + 3600.0 + 2 * 60.0  # first token, then a delay per chunk
 
 
 async def test_StandinUpstream_reset_midstream_stream_ends_in_payload_error(

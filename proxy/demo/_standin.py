@@ -13,6 +13,10 @@ Rules
   ``ConnectionResetError`` on a write, or as a closed transport while a handler waits (``_pause``
   polls). Either one, or a ``CancelledError`` under ``handler_cancellation=True``, counts once in
   ``cancelled``. Every state change wakes ``wait_for``, so tests never sleep to synchronise.
+* With a ``clock`` (a ``VirtualClock`` such as the tests' ``FakeClock``), every delay passes on
+  that clock instead of in real time: the stand-in advances it and answers without waiting. A
+  skyroute given the same clock then measures exactly the configured latency, however loaded
+  the machine is (a latency measured in real time includes every stall of the event loop).
 * ``GET /_standin/behaviour`` shows the behaviour and ``POST`` (a JSON object of ``Behaviour``
   fields) changes it, so a person or another process can make a running stand-in slow or busy
   (``skyroute demo`` prints the commands). It checks every field first and changes nothing on
@@ -33,14 +37,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Final, final
+from typing import Any, Final, Protocol, final
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
-__all__ = ["MODES", "Behaviour", "StandinUpstream", "behaviour_update"]
+__all__ = ["MODES", "Behaviour", "StandinUpstream", "VirtualClock", "behaviour_update"]
 
 log = structlog.get_logger("skyroute.standin")
 
@@ -71,6 +75,14 @@ _ERROR_BODIES: Final[dict[str, tuple[int, str, str, str]]] = {
 _SERVER_ERRORS: Final = {500: "Internal server error", 502: "Bad gateway",
                           503: "Server is busy, please try again later", 504: "Gateway timeout"}
 CONTROL_PATH: Final = "/_standin/behaviour"
+
+
+class VirtualClock(Protocol):
+    """A clock that moves only when told to, e.g. ``tests/fakes.FakeClock``."""
+
+    def now(self) -> float: ...
+
+    def advance(self, seconds: float) -> float: ...
 
 
 @dataclasses.dataclass
@@ -248,11 +260,12 @@ class StandinUpstream:
         api_key: when set, ``Authorization: Bearer <api_key>`` is required (else 401).
         behaviour: initial ``Behaviour`` (default: answer normally at once).
         metrics_format: ``None`` (``/metrics`` is 404), ``"vllm"`` or ``"sglang"``.
+        clock: delays pass on this clock (advanced, not waited for); default real time.
     """
 
     def __init__(self, name: str, *, models: Sequence[str] = ("deepseek-chat",),
                  api_key: str | None = None, behaviour: Behaviour | None = None,
-                 metrics_format: str | None = None) -> None:
+                 metrics_format: str | None = None, clock: VirtualClock | None = None) -> None:
         if metrics_format not in (None, *_METRIC_NAMES):
             raise ValueError(f"metrics_format must be None, 'vllm' or 'sglang': {metrics_format!r}")
         self.name = name
@@ -260,6 +273,8 @@ class StandinUpstream:
         self.api_key = api_key
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.metrics_format = metrics_format
+        self._clock = clock
+        self._now = clock.now if clock is not None else time.monotonic
         self.load: dict[str, float] = {"waiting": 0.0, "running": 0.0, "kv_cache": 0.0}
         self.requests_total = self.in_flight = self.cancelled = 0
         self.last_headers: CIMultiDictProxy[str] | None = None
@@ -374,16 +389,27 @@ class StandinUpstream:
             self._changed()
 
     async def _pause(self, request: web.Request, seconds: float) -> None:
-        """Sleep ``seconds``, raising ``ConnectionResetError`` as soon as the client disconnects."""
+        """Sleep ``seconds``, raising ``ConnectionResetError`` as soon as the client disconnects.
+
+        On a virtual clock the time passes at once: the clock is advanced by ``seconds``.
+        """
+        if self._clock is not None:
+            self._check_client(request)
+            self._clock.advance(seconds)
+            await asyncio.sleep(0)  # a turn of the event loop, as a real wait would give
+            return
         deadline = time.monotonic() + seconds
         while True:
-            transport = request.transport
-            if transport is None or transport.is_closing() or self._closing:
-                raise ConnectionResetError(f"client left {self.name!r} while it was waiting")
+            self._check_client(request)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             await asyncio.sleep(min(remaining, _DISCONNECT_POLL_S))
+
+    def _check_client(self, request: web.Request) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing() or self._closing:
+            raise ConnectionResetError(f"client left {self.name!r} while it was waiting")
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         kind = _ENDPOINT_KINDS[request.match_info["endpoint"]]
@@ -464,9 +490,9 @@ class StandinUpstream:
         does."""
         answers = b.busy_for_s is not None and b.busy_for_s <= BUSY_MAX_S
         limit = BUSY_MAX_S if b.busy_for_s is None else min(b.busy_for_s, BUSY_MAX_S)
-        deadline = time.monotonic() + limit
+        deadline = self._now() + limit
         while self.behaviour.mode == "busy":
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._now()
             if remaining <= 0:
                 return answers
             await resp.write(keepalive)
