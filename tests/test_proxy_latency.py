@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from skyroute.proxy.demo import LocalPrometheus, find_prometheus, free_port
+from skyroute.proxy.demo import LocalPrometheus, find_prometheus
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml, served_by
 from .conftest import upstream_yaml as entry
@@ -189,11 +190,20 @@ async def test_instance_without_traffic_learns_slow_region_from_prometheus(stand
     assert 'skyroute_prometheus_queries_total{result="ok"}' in metrics
 
 
+@pytest.fixture
+def reserved() -> Iterator[socket.socket]:
+    """A socket bound to a free port, not listening: connecting is refused until a server
+    listens on it, and no other process can take the port in between."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock
+
+
 async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, skyroute,
-                                                                      captured_logs):
+                                                                      captured_logs, reserved):
     """A dead Prometheus: requests all succeed, one warning, gauge 0; one info when it's back."""
     ups = await _regions(standin)
-    port = free_port()  # nothing listens here until the fake answers below
+    port = reserved.getsockname()[1]
     server = await skyroute(_yaml(ups, extra=LATENCY + f"  prometheus:\n    url: "
                                                        f"http://127.0.0.1:{port}\n"
                                                        "    interval: 100ms\n"
@@ -219,7 +229,7 @@ async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, s
         assert "passive latency" in warnings[0]["event"]
 
         # Prometheus comes back (a stand-in for its query API on the same port).
-        async with _fake_prometheus(port, west=SLOW_S):
+        async with _fake_prometheus(reserved, west=SLOW_S):
             await eventually(lambda: _at_least(queries("ok"), 1), timeout=10)
 
             async def west_slow() -> bool:
@@ -241,8 +251,8 @@ async def _at_least(value: Awaitable[float], minimum: float) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _fake_prometheus(port: int, *, west: float) -> AsyncIterator[None]:
-    """Prometheus's query API on ``port``: west at ``west`` s, east NaN, a stray series."""
+async def _fake_prometheus(sock: socket.socket, *, west: float) -> AsyncIterator[None]:
+    """Prometheus's query API on ``sock``: west at ``west`` s, east NaN, a stray series."""
 
     async def query(request: web.Request) -> web.Response:
         return web.json_response({"status": "success", "data": {"resultType": "vector", "result": [
@@ -255,7 +265,7 @@ async def _fake_prometheus(port: int, *, west: float) -> AsyncIterator[None]:
     app.router.add_get("/api/v1/query", query)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.SockSite(runner, sock).start()
     try:
         yield
     finally:
