@@ -6,19 +6,21 @@ import asyncio
 
 import aiohttp
 import openai
+import pytest
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, routing_yaml
 from .conftest import upstream_yaml as entry
+from .fakes import FakeClock
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTE = "- model: chat\n  targets: [a, b, c]\n  strategy: priority\n"
 FAST = "first_token_timeout: 500ms\n"
 
 
-async def _three(standin, skyroute, *, extra: str = ""):
+async def _three(standin, skyroute, *, extra: str = "", **server_kwargs):
     ups = [await standin(name) for name in ("a", "b", "c")]
     server = await skyroute(routing_yaml([entry(u, extra=FAST) for u in ups], ROUTE,
-                                         extra=extra))
+                                         extra=extra), **server_kwargs)
     return ups, server
 
 
@@ -70,19 +72,25 @@ async def test_busy_upstream_is_abandoned_after_first_token_deadline(standin, sk
 
 
 async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin, skyroute):
-    """With all upstreams failing, the client gets an OpenAI-shaped 503 with Retry-After."""
-    ups, server = await _three(standin, skyroute)
+    """With all upstreams failing, the client gets an OpenAI-shaped 503 with Retry-After.
+
+    It is fast because once every breaker is open a request makes one attempt (the panic
+    rule's) and no retries; that is what is checked, on a fake clock so that no breaker's
+    cool-down ends during the test.
+    """
+    clock = FakeClock()
+    ups, server = await _three(standin, skyroute, clock=clock.now)
     for up in ups:
         up.behaviour.mode = "error"
-    loop = asyncio.get_running_loop()
     async with client_for(server) as client:
         for _ in range(8):  # enough to open every breaker
-            started = loop.time()
-            try:
+            with pytest.raises(openai.APIStatusError):
                 await client.chat.completions.create(model="chat", messages=MESSAGES)
-            except openai.APIStatusError as exc:
-                error = exc
-            assert loop.time() - started < 5
+        tried = sum(up.requests_total for up in ups)
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert sum(up.requests_total for up in ups) == tried + 1  # one try, no failover
+    error = caught.value
     assert error.status_code == 503
     assert int(error.response.headers["Retry-After"]) >= 1
     assert error.code == "upstream_unavailable"
