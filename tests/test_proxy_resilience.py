@@ -14,13 +14,17 @@ from .fakes import FakeClock
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTE = "- model: chat\n  targets: [a, b, c]\n  strategy: priority\n"
+#: a's first-token deadline: what busy detection is tested on. b and c, which answer at once,
+#: keep the default (30 s), a safety bound: with 500 ms they too would time out whenever a
+#: loaded machine stalls the event loop for that long, and the retries would spend the budget.
 FAST = "first_token_timeout: 500ms\n"
 
 
 async def _three(standin, skyroute, *, extra: str = "", **server_kwargs):
+    """Upstreams a, b, c in that priority; the tests make a misbehave."""
     ups = [await standin(name) for name in ("a", "b", "c")]
-    server = await skyroute(routing_yaml([entry(u, extra=FAST) for u in ups], ROUTE,
-                                         extra=extra), **server_kwargs)
+    entries = [entry(u, extra=FAST if u.name == "a" else "") for u in ups]
+    server = await skyroute(routing_yaml(entries, ROUTE, extra=extra), **server_kwargs)
     return ups, server
 
 
