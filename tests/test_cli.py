@@ -109,7 +109,7 @@ async def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(standin, tmp_p
             assert "us-east" in reply.choices[0].message.content
             path.write_text(routing_yaml([entry(up, models="{chat: deepseek-chat, b: x}")]))
             proc.proc.send_signal(signal.SIGHUP)
-            await proc.wait_line(r'"event": "config reloaded"')
+            await proc.wait_line(r'"event": "config_reloaded"')
             assert sorted([m.id async for m in client.models.list()]) == ["b", "chat"]
         assert await proc.stop() == 0
     finally:
