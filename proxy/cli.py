@@ -4,8 +4,8 @@ The global options ``--log-level`` and ``--log-format`` go before or after the
 command (``skyroute run -c f --log-level debug``). Exit status: 0 done, 1 skyroute
 could not start or the routing file is invalid, 2 the command line is wrong. Each
 failure is one line on stderr saying what was wrong, where, and what to do
-(``skyroute: ...``, or a ``startup_failed`` event when logging JSON); a traceback
-is shown only with ``--log-level debug``.
+(``skyroute: ...``, or a ``startup_failed`` event when ``run`` or ``demo`` logs
+JSON); a traceback is shown only with ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Commands whose output is a log: their failure to start is a log event in a JSON log.
+SERVING_COMMANDS = ("run", "demo")
 LOG_FORMATS = ("json", "console")
 
 
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_logs = None if args.log_format is None else args.log_format == "json"
     json_logs = configure_logging(level=args.log_level, json=json_logs)
+    # Serving commands keep a JSON log JSON to its last line; the others print plain text.
+    json_logs = json_logs and args.command in SERVING_COMMANDS
     debug = args.log_level == "debug"
     try:
         if args.command == "validate":

@@ -231,7 +231,7 @@ async def test_a_startup_failure_is_one_line_and_exit_1(tmp_path, busy_port, wha
 
 
 async def test_a_startup_failure_in_a_JSON_log_is_one_startup_failed_event(tmp_path, busy_port):
-    """With JSON logs the failure is a startup_failed event, so the log stays JSON."""
+    """With JSON logs run's failure is a startup_failed event, so the log stays JSON."""
     path = tmp_path / "routing.yaml"
     path.write_text(GOOD)
     code, _, err = await _run("run", "-c", str(path), "--port", str(busy_port),
@@ -242,6 +242,10 @@ async def test_a_startup_failure_in_a_JSON_log_is_one_startup_failed_event(tmp_p
     assert event["event"] == "startup_failed" and event["level"] == "error"
     assert event["error"].startswith(f"cannot listen on 127.0.0.1:{busy_port}: address "
                                      "already in use")
+    code, _, err = await _run("validate", str(tmp_path / "missing.yaml"), "--log-format", "json")
+    assert code == 1  # validate's output is text for a person, never a log
+    assert err == f"skyroute: cannot read routing file {tmp_path}/missing.yaml: no such file " \
+                  "or directory; check the path\n"
 
 
 async def test_a_startup_failure_shows_its_traceback_only_at_debug_level(tmp_path, busy_port):
