@@ -4,6 +4,7 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
+from ._backoff import full_jitter_delays
 from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
@@ -100,6 +101,7 @@ __all__ = [
     "UpstreamHealth",
     "UpstreamState",
     "classify_status",
+    "full_jitter_delays",
     "load_config",
     "parse_config",
     "parse_duration",

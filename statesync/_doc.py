@@ -17,6 +17,11 @@ Rules / theory of operation
 * Client ids of retired documents are remembered for two epochs: a Yjs client that
   reconnects still holding an old document announces them in its SYNC_STEP1 and
   is refused (close code 4409) instead of pouring the old history back in.
+* Relaying follows ``_relay``: each change once per peer instance, never to an
+  instance that says it is linked to the one the change came from. The hub tells
+  its peers its own links (``links_frame``) whenever the set of instances it holds
+  a connection with changes; when that set loses an instance, it also asks every
+  remaining peer for what it lacks (SYNC_STEP1), since they may have skipped it.
 * The snapshot format is JSON: ``{"epoch": n, "docs": {name: base64(update)}}``.
 """
 
@@ -42,8 +47,10 @@ from pycrdt import (
 )
 from pycrdt import create_sync_message as _create_step1
 
+from ._control import links_frame
 from ._metrics import SyncMetrics
 from ._protocol import YConnection, decode_state_vector, update_message
+from ._relay import relay_targets
 from ._types import SnapshotError, SyncProtocolError
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
@@ -211,6 +218,7 @@ class DocHub:
         self._metrics = metrics
         self.connections: set[YConnection] = set()
         self._retired: list[set[int]] = []
+        self._linked: frozenset[str] = frozenset()
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self.doc = doc
         self._awareness = self._new_awareness(doc)
@@ -228,6 +236,7 @@ class DocHub:
         for conn in list(self.connections):
             conn.close("epoch rotated")
         self.connections.clear()
+        self._linked = frozenset()
         self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
         self.doc = doc
         self._awareness = self._new_awareness(doc)
@@ -238,10 +247,44 @@ class DocHub:
     def attach(self, conn: YConnection) -> None:
         """Start relaying document changes to ``conn``."""
         self.connections.add(conn)
+        self.on_peer_identified(conn)
 
     def detach(self, conn: YConnection) -> None:
         """Stop relaying to ``conn`` (idempotent)."""
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._announce_links()
+
+    def on_peer_identified(self, conn: YConnection) -> None:
+        """``conn.peer`` became known: tell it (and, if the set grew, everyone) our links."""
+        if conn.peer is None or conn.external or conn not in self.connections:
+            return
+        if not self._announce_links():
+            conn.push_control(links_frame(self._linked))
+
+    def on_peer_links(self, conn: YConnection, links: frozenset[str]) -> None:
+        """Record the instances ``conn``'s peer says it is directly linked to."""
+        conn.peer_links = links
+
+    def linked_peers(self) -> frozenset[str]:
+        """Instances this document is exchanged with directly now (writer ids)."""
+        return self._linked
+
+    def _announce_links(self) -> bool:
+        """Send our links to every peer if they changed; True if they did."""
+        linked = frozenset(c.peer for c in self.connections if c.peer is not None)
+        if linked == self._linked:
+            return False
+        lost = self._linked - linked
+        self._linked = linked
+        frame = links_frame(linked)
+        step1 = self.sync_step1() if lost else None
+        for conn in self.connections:
+            if conn.peer is not None:
+                conn.push_control(frame)
+                if step1 is not None:
+                    conn.push(step1)  # they may have skipped changes for the lost link's sake
+        return True
 
     # -- DocEndpoint -------------------------------------------------------------
 
@@ -276,20 +319,11 @@ class DocHub:
     # -- internals ---------------------------------------------------------------
 
     def _relay(self, update: bytes, origin: object | None) -> None:
-        # Two instances that both list each other hold two links (one dialled by
-        # each). An update goes out on one connection per peer instance, and never
-        # back to the instance it came from.
-        message = update_message(update)
-        origin_peer = origin.peer if isinstance(origin, YConnection) else None
-        sent: set[str] = set()
-        for conn in self.connections:
-            if conn is origin:
-                continue
-            if conn.peer is not None:
-                if conn.peer == origin_peer or conn.peer in sent:
-                    continue
-                sent.add(conn.peer)
-            conn.push(message)
+        targets = relay_targets(self.connections, origin=origin)
+        if targets:
+            message = update_message(update)
+            for conn in targets:
+                conn.push(message)
 
     @staticmethod
     def _new_awareness(doc: EpochDoc) -> Awareness:

@@ -45,6 +45,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from ._control import Liveness, hello_frame
 from ._discovery import DnsDiscovery, Resolve, resolve_addresses
 from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
 from ._links import (
@@ -52,7 +53,6 @@ from ._links import (
     HEARTBEAT_S,
     SELF_HEADER,
     LinkSupervisor,
-    hello_frame,
     pump,
 )
 from ._metrics import SyncMetrics, get_logger
@@ -220,12 +220,24 @@ class StateSync:
         hub = self._hubs[doc]
         log = self._log.bind(peer=request.remote, doc=doc)
         instance = request.query.get("instance")  # the dialling process's writer id
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        interval = self.settings.ping_interval_s
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT_S if instance is None else None,
+            timeout=interval if instance is not None else 10.0,  # close handshake wait
+            max_msg_size=MAX_MESSAGE_BYTES,
+        )
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
+            live = None
             if instance is not None:
                 await ws.send_str(hello_frame(self.writer_id))
+                live = Liveness(
+                    interval_s=interval,
+                    misses=self.settings.ping_misses,
+                    now=asyncio.get_running_loop().time(),
+                    armed=request.query.get("ping") == "1",
+                )
             conn = await pump(
                 ws,
                 hub,
@@ -233,6 +245,7 @@ class StateSync:
                 external=instance is None,
                 metrics=self._metrics,
                 peer=instance,
+                liveness=live,
             )
             log.info("sync_connection_closed", reason=conn.close_reason)
         finally:
