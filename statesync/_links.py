@@ -124,8 +124,8 @@ async def pump(
         await asyncio.gather(*tasks, return_exceptions=True)
         hub.detach(conn)
         conn.close("socket closed")
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(sender, timeout=_close_wait_s(liveness))
+        # asyncio.wait, not wait_for: on 3.11 wait_for can swallow our own cancellation.
+        await asyncio.wait([sender], timeout=_close_wait_s(liveness))
         sender.cancel()
     return conn
 
@@ -195,7 +195,7 @@ async def _ping_loop(conn: YConnection, live: Liveness, metrics: SyncMetrics) ->
         if live.is_dead(now=now):
             metrics.links_silent.inc()
             get_logger().warning(
-                "sync_peer_silent", peer=conn.name, seconds=live.dead_after_s,
+                "sync_peer_silent", peer=conn.name, seconds=round(live.dead_after_s, 3),
                 hint="no frame from the peer for that long: the link is cut and redialled",
             )
             conn.close(f"peer silent for {live.dead_after_s:g}s")
@@ -292,8 +292,9 @@ class PeerLink:
             finally:
                 self.state = LinkState.CLOSED  # before the close handshake: /health is prompt
                 metrics.peers_connected.dec()
-                with contextlib.suppress(asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(ws.close(), timeout=interval)
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+                    async with asyncio.timeout(interval):
+                        await ws.close()
         finally:
             self.state = LinkState.CLOSED
 
