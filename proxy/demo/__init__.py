@@ -2,7 +2,8 @@
 
 Stand-in upstreams that answer (and misbehave) like the real OpenAI-compatible APIs,
 a real Prometheus run as a child process, a TCP forwarder that can cut a link, and
-the ``skyroute demo`` runner that puts them together with skyroute in front. The test suite and ``bench/`` use them too;
+the ``skyroute demo`` runner that puts them together with skyroute in front. The test
+suite and ``bench/`` use them too;
 ``skyroute.proxy`` never imports this package except for the ``demo`` command.
 """
 
