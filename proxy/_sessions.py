@@ -36,7 +36,9 @@ def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
         discovery_interval_s=sync.discovery_interval_s if sync else 10.0,
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
-        snapshot_path=sync.snapshot_path if sync else None)
+        snapshot_path=sync.snapshot_path if sync else None,
+        ping_interval_s=sync.ping_interval_s if sync else 1.0,
+        ping_misses=sync.ping_misses if sync else 3)
     return StateSync(settings, registry=registry)
 
 

@@ -198,8 +198,14 @@ class SyncPolicy:
     discovery_interval_s: float = 10.0
     rotate_every_s: float = 3600.0
     snapshot_path: str | None = None
+    #: Each side of a peer link pings this often; with ``ping_misses`` it is how fast a
+    #: cut (even one that closes nothing) shows in /health: 1 s x 3 = within 4 s.
+    ping_interval_s: float = 1.0
+    ping_misses: int = 3
 
     def __post_init__(self) -> None:
+        if not self.ping_interval_s > 0:
+            raise ValueError("ping_every must be more than 0s")
         for peer in self.peers:
             if not peer.startswith(("ws://", "wss://")):
                 raise ValueError(f"peer {peer!r} must start with ws:// or wss://")

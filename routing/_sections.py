@@ -107,7 +107,9 @@ def read_sync(top: Fields) -> SyncPolicy | None:
         "discovery": ("discovery", str, "dns:<service name>[:port]"),
         "discovery_interval": ("discovery_interval_s", parse_duration, DURATION),
         "rotate_every": ("rotate_every_s", parse_duration, DURATION),
-        "snapshot": ("snapshot_path", str, "a file path")})
+        "snapshot": ("snapshot_path", str, "a file path"),
+        "ping_every": ("ping_interval_s", parse_duration, DURATION),
+        "dead_after_missed_pings": ("ping_misses", parse_count, "a whole number, e.g. 3")})
     fields.finish()
     if not token:
         return None
