@@ -136,7 +136,9 @@ async def run(seconds: float, rate: float, rotate_every_s: float | None) -> dict
             key = f"sess-{n}"
             recent.append(key)
         watcher.expect(key, n, writer)
-        store.pin(key, f"upstream-{n % 7}", now=now, attributes={"n": str(n)})  # n: the tag
+        seen = store.get(key, now=now)  # a re-pin is a move from the pin this instance sees
+        store.pin(key, f"upstream-{n % 7}", now=now, attributes={"n": str(n)},  # n: the tag
+                  moved_from=seen.upstream if seen is not None else None)
         store.add_usage("team-a", requests=1, tokens=100, now=now)
         n += 1
         next_at += interval

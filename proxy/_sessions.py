@@ -114,9 +114,13 @@ def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
 
 def remember_session(store: SessionStore, session_id: str, served_by: str,
                      pinned: str | None) -> None:
-    """Pin the session to the upstream that answered (re-pin if it moved), or touch it."""
+    """Pin the session to the upstream that answered (a move if it was pinned elsewhere).
+
+    A pin made without having seen one does not replace an earlier pin made at
+    another instance (statesync's pin rule): the session stays where it was first.
+    """
     now = time.time()
     if served_by != pinned:
-        store.pin(session_id, served_by, now=now)
+        store.pin(session_id, served_by, now=now, moved_from=pinned)
     else:
         store.touch(session_id, now=now)

@@ -116,6 +116,13 @@ class SyncMetrics:
             registry=registry,
         )
 
+        self.pins_kept = Counter(
+            "skyroute_sync_pins_kept_total",
+            "Remote session writes whose pin lost to an earlier pin or a later move and was "
+            "written back (a follow-up raced the first answer's pin).",
+            registry=registry,
+        )
+
         # labels() costs a lock and a dict lookup; this is on the per-message path.
         self._message_children = {
             (d, t): self.messages.labels(d, t) for d in ("in", "out") for t in MESSAGE_TYPES

@@ -290,20 +290,50 @@ def test_SessionStore_counter_is_one_net_entry_per_writer() -> None:
     assert sorted((e["w"], e["t"]) for e in entries) == [("a.0", 40), ("b.0", 5)]
 
 
-def test_SessionStore_newer_session_write_wins_after_partition() -> None:
-    """Concurrent pins during a cut converge on the later timestamp on both replicas."""
+def test_SessionStore_earliest_pin_wins_after_partition() -> None:
+    """Two first pins during a cut converge on the earlier one on both replicas."""
     clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     for pair in sp.pairs:
         pair.cut()
-    sp.stores["a"].pin("s", "old-choice", now=clock.now())
-    sp.stores["b"].pin("s", "new-choice", now=clock.now() + 1)
+    sp.stores["a"].pin("s", "first-choice", now=clock.now())
+    sp.stores["b"].pin("s", "later-choice", now=clock.now() + 1)
     for pair in sp.pairs:
         pair.connect()
     sp.sync()
     for store in sp.stores.values():
         got = store.get("s", now=clock.now() + 2)
-        assert got is not None and got.upstream == "new-choice"
+        assert got is not None and got.upstream == "first-choice"
+
+
+def test_SessionStore_move_made_knowing_the_pin_replaces_it() -> None:
+    """A move (moved_from the pin it saw) wins over that pin, and over a concurrent first pin."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    a, b = sp.stores["a"], sp.stores["b"]
+    a.pin("s", "first", now=clock.now())
+    sp.sync()
+    for pair in sp.pairs:
+        pair.cut()
+    assert b.pin("s", "moved", now=clock.now() + 5, moved_from="first")
+    a.touch("s", now=clock.now() + 60)  # later by wall clock, but not a pin
+    for pair in sp.pairs:
+        pair.connect()
+    sp.sync()
+    for store in sp.stores.values():
+        got = store.get("s", now=clock.now() + 61)
+        assert got is not None and got.upstream == "moved"
+
+
+def test_SessionStore_pin_without_seeing_one_does_not_replace_it() -> None:
+    """A pin by a caller that saw no pin keeps the earlier pin and only touches the session."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].pin("s", "first", now=clock.now())
+    sp.sync()
+    assert not sp.stores["b"].pin("s", "second", now=clock.now() + 1, moved_from=None)
+    got = sp.stores["b"].get("s", now=clock.now() + 1)
+    assert got is not None and got.upstream == "first" and got.last_seen == clock.now() + 1
 
 
 def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:

@@ -210,8 +210,8 @@ async def test_StateSync_rotation_keeps_live_entries_and_sync(cluster: list[Inst
     now = time.time()
     for i in range(200):  # idle for longer than the TTL: dropped by the rotation
         s1.sync.store.pin(f"old-{i}", "u", now=now - 86400.0 - 10)
-    for i in range(50):
-        s1.sync.store.pin("churn", f"u{i}", now=now)
+    for i in range(50):  # moves: each made knowing the pin before it
+        s1.sync.store.pin("churn", f"u{i}", now=now, moved_from=f"u{i - 1}" if i else None)
     s2.sync.store.add_usage("k", requests=5, now=now)
     await eventually(lambda: all(upstream_of(i, "churn") == "u49" for i in cluster))
     await eventually(lambda: s3.sync.store.usage("k", now=time.time()).requests == 5)
