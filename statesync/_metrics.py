@@ -116,10 +116,10 @@ class SyncMetrics:
             registry=registry,
         )
 
-        self.pins_kept = Counter(
-            "skyroute_sync_pins_kept_total",
-            "Remote session writes whose pin lost to an earlier pin or a later move and was "
-            "written back (a follow-up raced the first answer's pin).",
+        self.pin_conflicts = Counter(
+            "skyroute_sync_pin_conflicts_total",
+            "Remote session writes that pinned another upstream than the one held here; the "
+            "pin rule keeps the later move, else the earliest pin (a follow-up raced a pin).",
             registry=registry,
         )
 

@@ -377,13 +377,13 @@ class SessionStore:
             stamp = PinStamp.of(new)
             if stamp is not None:
                 self._hlc.observe(stamp.at)  # our next pin is stamped after this one
+            old_stamp = PinStamp.of(old)
+            if old_stamp is not None and stamp is not None and old["upstream"] != new["upstream"]:
+                self._metrics.pin_conflicts.inc()  # settled by the rule, whichever way
             repaired = merged(old, new)
             if repaired is not None:
                 self._repairs[session_id] = repaired
-                kept = repaired.get("upstream") != (new or {}).get("upstream")
-                if kept:
-                    self._metrics.pins_kept.inc()
-                self._log.debug("sync_session_repaired", session=session_id, pin_kept=kept)
+                self._log.debug("sync_session_repaired", session=session_id)
 
 
 async def run_flush_loop(store: SessionStore, interval_s: float, heartbeat_s: float) -> None:

@@ -7,6 +7,7 @@ catches up after the heal.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,6 +142,50 @@ async def test_StateSync_black_holed_link_is_seen_redialled_and_caught_up() -> N
         )
         await eventually(lambda: all_connected(a, b))
         assert a.metric("skyroute_sync_ping_seconds_count") > 0
+    finally:
+        for inst in (a, b):
+            await inst.stop()
+        await to_a.aclose()
+        await to_b.aclose()
+
+
+FOLLOW_UP_OFFSETS_S = (0.0, 0.001, 0.01, 0.1)
+ONE_WAY_DELAY_S = 0.05
+
+
+async def test_StateSync_follow_ups_at_another_instance_keep_the_first_pin() -> None:
+    """Follow-ups reaching b 0/1/10/100 ms after a's first answer (50 ms away) all end on a's pin.
+
+    A follow-up that reaches b before a's pin does is served by b's own choice and
+    pinned there without having seen a pin; by the pin rule the earlier pin wins on
+    both instances, so the session stays where its first answer (and KV cache) is.
+    """
+    sock_a, sock_b = bound_socket(), bound_socket()
+    to_a = TcpForwarder(sock_a.getsockname()[1], delay_s=ONE_WAY_DELAY_S)
+    to_b = TcpForwarder(sock_b.getsockname()[1], delay_s=ONE_WAY_DELAY_S)
+    await to_a.start()
+    await to_b.start()
+    a = await start_instance("a", sock_a, [to_b.port])
+    b = await start_instance("b", sock_b, [to_a.port])
+    sessions = [(offset, f"s{n}-{offset}") for offset in FOLLOW_UP_OFFSETS_S for n in range(20)]
+
+    async def conversation(offset: float, session: str) -> None:
+        a.sync.store.pin(session, "up-a", now=time.time())  # the first answer, at a
+        await asyncio.sleep(offset)
+        seen = b.sync.store.get(session, now=time.time())  # the follow-up, at b
+        pinned = seen.upstream if seen is not None else None
+        served_by = pinned or "up-b"  # b honours a pin it sees, else picks its own
+        if served_by != pinned:
+            b.sync.store.pin(session, served_by, now=time.time(), moved_from=pinned)
+
+    try:
+        await eventually(lambda: all_connected(a, b))
+        await asyncio.gather(*(conversation(offset, s) for offset, s in sessions))
+        await eventually(
+            lambda: all(upstream_of(i, s) == "up-a" for i in (a, b) for _, s in sessions)
+        )
+        # The 0 ms follow-ups at least did race the first pin (50 ms away), and lost.
+        assert b.metric("skyroute_sync_pin_conflicts_total") >= 20
     finally:
         for inst in (a, b):
             await inst.stop()

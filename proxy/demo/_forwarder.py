@@ -1,4 +1,7 @@
-"""A TCP forwarder that can black-hole its traffic: a network cut on one machine.
+"""A TCP forwarder that delays or black-holes its traffic: a WAN on one machine.
+
+``delay_s`` holds every chunk that long before passing it on, in order (a one-way
+delay line; netem is not available everywhere).
 
 ``black_hole()`` stops moving bytes in both directions on every connection, open
 or new, without closing anything: no FIN, no RST, exactly what a partition looks
@@ -20,8 +23,9 @@ CHUNK: Final = 65536
 class TcpForwarder:
     """Listens on 127.0.0.1 (port 0) and forwards every connection to ``target_port``."""
 
-    def __init__(self, target_port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, *, host: str = "127.0.0.1", delay_s: float = 0.0) -> None:
         self._target = (host, target_port)
+        self.delay_s = delay_s
         self._host = host
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -72,8 +76,8 @@ class TcpForwarder:
             opened.append(up_writer)
             self._writers.add(up_writer)
             await asyncio.gather(self._copy(reader, up_writer), self._copy(up_reader, writer))
-        except (OSError, TimeoutError):
-            pass
+        except (OSError, TimeoutError, asyncio.CancelledError):
+            pass  # the top of a connection's task: ``aclose`` cancels it, nobody awaits it
         finally:
             self._tasks.discard(task)
             for each in opened:
@@ -81,8 +85,27 @@ class TcpForwarder:
                 self._writers.discard(each)
 
     async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        pusher = asyncio.create_task(self._push(line, writer))
+        try:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(CHUNK):
+                    await self._flowing.wait()
+                    line.put_nowait((loop.time() + self.delay_s, data))
+            line.put_nowait(None)  # end of stream: pass the EOF on after the held bytes
+            await pusher
+        finally:
+            pusher.cancel()
+
+    async def _push(
+        self, line: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter
+    ) -> None:
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
-            while data := await reader.read(CHUNK):
+            while (item := await line.get()) is not None:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - loop.time()))
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
