@@ -147,6 +147,12 @@ class Liveness:
         sent = self._sent.pop(seq, None)
         return None if sent is None else max(0.0, now - sent)
 
+    def seconds_left(self, *, now: float) -> float:
+        """Time until the link is dead if nothing arrives (``interval_s`` while unarmed)."""
+        if not self._armed:
+            return self.interval_s
+        return max(0.0, self._last_heard + self.dead_after_s - now)
+
     def is_dead(self, *, now: float) -> bool:
         """True once an armed link has heard nothing for ``interval_s * misses``."""
         return self._armed and now - self._last_heard >= self.dead_after_s

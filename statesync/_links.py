@@ -125,7 +125,9 @@ async def pump(
         hub.detach(conn)
         conn.close("socket closed")
         # asyncio.wait, not wait_for: on 3.11 wait_for can swallow our own cancellation.
-        await asyncio.wait([sender], timeout=_close_wait_s(liveness))
+        # A silent peer will not answer our close frame: do not wait for it.
+        silent = liveness is not None and liveness.is_dead(now=asyncio.get_running_loop().time())
+        await asyncio.wait([sender], timeout=0.0 if silent else _close_wait_s(liveness))
         sender.cancel()
     return conn
 
@@ -190,6 +192,7 @@ def _on_control(
 async def _ping_loop(conn: YConnection, live: Liveness, metrics: SyncMetrics) -> None:
     """Ping every interval; return (closing ``conn``) once the peer is silent too long."""
     loop = asyncio.get_running_loop()
+    next_ping = loop.time()
     while conn.state is ConnState.OPEN:
         now = loop.time()
         if live.is_dead(now=now):
@@ -200,8 +203,12 @@ async def _ping_loop(conn: YConnection, live: Liveness, metrics: SyncMetrics) ->
             )
             conn.close(f"peer silent for {live.dead_after_s:g}s")
             return
-        conn.push_control(ping_frame(live.next_ping(now=now)))
-        await asyncio.sleep(live.interval_s)
+        if now >= next_ping:
+            conn.push_control(ping_frame(live.next_ping(now=now)))
+            next_ping = now + live.interval_s
+        # Wake for the next ping or the moment silence would kill the link, whichever
+        # is first: a cut shows at interval x misses, not up to one interval later.
+        await asyncio.sleep(max(0.001, min(next_ping - now, live.seconds_left(now=now))))
 
 
 async def _send_loop(

@@ -111,3 +111,13 @@ def test_Liveness_rejects_nonsense_settings() -> None:
         Liveness(interval_s=0.0, misses=3, now=0.0)
     with pytest.raises(ValueError, match="misses"):
         Liveness(interval_s=1.0, misses=0, now=0.0)
+
+
+def test_Liveness_seconds_left_counts_down_to_the_cut() -> None:
+    """The ping loop wakes when silence would kill the link, not a whole interval later."""
+    live = Liveness(interval_s=1.0, misses=3, now=0.0)
+    assert live.seconds_left(now=5.0) == 1.0  # unarmed: just the next ping
+    live.arm()
+    live.on_frame(now=10.0)
+    assert live.seconds_left(now=12.25) == pytest.approx(0.75)
+    assert live.seconds_left(now=14.0) == 0.0
