@@ -16,7 +16,13 @@ Rules / theory of operation
   ``{"pong": n}``             the answer to ping ``n`` (gives the round trip)
   ``{"links": [W, ...]}``     the instances this one exchanges this document with
                               directly; sent whenever that set changes
+  ``{"epoch": N}``            this side rotated the document into epoch N; what
+                              follows on this connection belongs to it (see
+                              ``DocHub.install``)
   ==========================  ====================================================
+
+  ``"ping": true`` in the hello (or ``?ping=1`` from the dialler) says the side
+  speaks all of these; only then are pings enforced and rotations done in-band.
 
 * Liveness: both sides ping every ``interval_s``. Any frame received is proof of
   life (a pong can queue behind a large update). A link that heard nothing for
@@ -51,6 +57,7 @@ class Control:
     ping: int | None = None
     pong: int | None = None
     links: frozenset[str] | None = None
+    epoch: int | None = None
 
 
 def hello_frame(writer_id: str) -> str:
@@ -73,6 +80,11 @@ def links_frame(peers: Iterable[str]) -> str:
     return json.dumps({"links": sorted(peers)})
 
 
+def epoch_frame(epoch: int) -> str:
+    """This side now holds the document of ``epoch``."""
+    return json.dumps({"epoch": epoch})
+
+
 def read_control(data: str) -> Control | None:
     """Decode a TEXT frame; None when it is not a JSON object. Unknown keys are ignored."""
     try:
@@ -83,12 +95,13 @@ def read_control(data: str) -> Control | None:
         return None
     links = raw.get("links")
     instance = raw.get("instance")
-    ping, pong = raw.get("ping"), raw.get("pong")
+    ping, pong, epoch = raw.get("ping"), raw.get("pong"), raw.get("epoch")
     return Control(
         instance=instance if isinstance(instance, str) else None,
         speaks_ping=ping is True,
         ping=ping if type(ping) is int else None,
         pong=pong if type(pong) is int else None,
+        epoch=epoch if type(epoch) is int else None,
         links=(
             frozenset(p for p in links if isinstance(p, str)) if isinstance(links, list) else None
         ),
@@ -122,6 +135,11 @@ class Liveness:
     def dead_after_s(self) -> float:
         """How long a peer may stay silent before its link is dead."""
         return self.interval_s * self._misses
+
+    @property
+    def is_armed(self) -> bool:
+        """True once the peer has shown it answers pings."""
+        return self._armed
 
     def arm(self) -> None:
         """The peer answers pings: from now on silence counts against it."""
@@ -163,6 +181,7 @@ __all__ = [
     "DEFAULT_PING_MISSES",
     "Control",
     "Liveness",
+    "epoch_frame",
     "hello_frame",
     "links_frame",
     "ping_frame",

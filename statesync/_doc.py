@@ -8,9 +8,14 @@ Rules / theory of operation
   have no origin and go to every connection.
 * A ``DocHub`` serves one document name (``sessions``, ``usage``) and owns the
   current ``EpochDoc``, the connections attached to it and the awareness states of
-  external Yjs clients. ``install`` swaps in the next epoch's document: every
-  connection of the old one is closed first, so a rebuilt document is never merged
-  into an old one (nor an old one into it).
+  external Yjs clients. ``install`` swaps in the next epoch's document, and a
+  rebuilt document is never merged into an old one (nor an old one into it):
+  Yjs clients and older instances are closed; a peer that rotates in-band keeps
+  its connection and gets ``{"epoch": N}`` then our SYNC_STEP1 on it. Whatever
+  that peer sends after our rotation and before its own ``{"epoch": N}`` belongs
+  to its old document and is dropped (``is_stale``): its rebuild carries those
+  writes, and its answer to our SYNC_STEP1 brings them. So a rotation costs no
+  reconnect, and no write waits for one.
 * ``rebuild`` copies the live entries of a document into a fresh one (new client
   id, no tombstones, no history): this is what bounds the size. Which entries are
   live is the caller's decision (``keep``).
@@ -47,7 +52,7 @@ from pycrdt import (
 )
 from pycrdt import create_sync_message as _create_step1
 
-from ._control import links_frame
+from ._control import epoch_frame, links_frame
 from ._metrics import SyncMetrics
 from ._protocol import YConnection, decode_state_vector, update_message
 from ._relay import relay_targets
@@ -219,6 +224,8 @@ class DocHub:
         self.connections: set[YConnection] = set()
         self._retired: list[set[int]] = []
         self._linked: frozenset[str] = frozenset()
+        self.on_epoch_request: Callable[[int], None] | None = None
+        """Called with a newer epoch a peer announced in-band (StateSync rotates to it)."""
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self.doc = doc
         self._awareness = self._new_awareness(doc)
@@ -232,17 +239,33 @@ class DocHub:
         self._doc_listeners.append(listener)
 
     def install(self, doc: EpochDoc) -> None:
-        """Make ``doc`` current: close every connection of the old one, then swap."""
-        for conn in list(self.connections):
+        """Make ``doc`` current; connections that cannot follow in-band are closed first."""
+        kept = {c for c in self.connections if c.rotates_in_band and not c.external}
+        for conn in self.connections - kept:
             conn.close("epoch rotated")
-        self.connections.clear()
-        self._linked = frozenset()
+        self.connections = kept
         self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
         self.doc = doc
         self._awareness = self._new_awareness(doc)
         doc.on_update(self._relay)
         for listener in self._doc_listeners:
             listener(doc)
+        if kept:
+            frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
+            for conn in kept:
+                conn.push_control(frame)
+                conn.push(step1)
+        self._announce_links()  # after the epoch frame: anything it sends is of the new doc
+
+    def is_stale(self, conn: YConnection) -> bool:
+        """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""
+        return conn.peer_epoch is not None and conn.peer_epoch < self.doc.epoch
+
+    def on_peer_epoch(self, conn: YConnection, epoch: int) -> None:
+        """``conn``'s peer rotated into ``epoch``; follow it if that is newer than ours."""
+        conn.peer_epoch = max(epoch, conn.peer_epoch or 0)
+        if epoch > self.doc.epoch and self.on_epoch_request is not None:
+            self.on_epoch_request(epoch)
 
     def attach(self, conn: YConnection) -> None:
         """Start relaying document changes to ``conn``."""

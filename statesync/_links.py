@@ -109,6 +109,10 @@ async def pump(
         on_close=lambda: queue.put_nowait(None),
     )
     conn.peer = peer
+    if not external:
+        conn.peer_epoch = hub.doc.epoch  # the handshake settled on one epoch
+        # The dialler said ?ping=1: it speaks the control frames, in-band rotation included.
+        conn.rotates_in_band = liveness is not None and liveness.is_armed
     for message in conn.initial_messages():
         queue.put_nowait(message)
     hub.attach(conn)
@@ -152,6 +156,8 @@ async def _receive_loop(
             continue  # y-websocket sends only binary frames; pings are handled below us
         data: bytes = frame.data
         metrics.count_message("in", message_kind(data), len(data))
+        if hub.is_stale(conn):
+            continue  # from the peer's old epoch; its next SYNC_STEP2 carries it
         try:
             for reply in conn.receive_message(data):
                 conn.push(reply)
@@ -185,8 +191,12 @@ def _on_control(
         rtt = live.on_pong(control.pong, now=now)
         if rtt is not None:
             metrics.ping_seconds.observe(rtt)
+    if control.speaks_ping:
+        conn.rotates_in_band = True
     if control.links is not None:
         hub.on_peer_links(conn, control.links)
+    if control.epoch is not None:
+        hub.on_peer_epoch(conn, control.epoch)
 
 
 async def _ping_loop(conn: YConnection, live: Liveness, metrics: SyncMetrics) -> None:

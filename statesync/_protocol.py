@@ -132,7 +132,9 @@ class YConnection:
         "external",
         "name",
         "peer",
+        "peer_epoch",
         "peer_links",
+        "rotates_in_band",
         "state",
     )
 
@@ -156,6 +158,10 @@ class YConnection:
         """Peer instance id once known (inbound: ``?instance``; outbound: the hello)."""
         self.peer_links: frozenset[str] | None = None
         """The instances the peer says it is directly linked to (``_relay``); None: unknown."""
+        self.peer_epoch: int | None = None
+        """The epoch the peer's messages on this connection belong to (peer connections)."""
+        self.rotates_in_band = False
+        """The peer follows a rotation on the open connection (``{"epoch": N}`` frames)."""
 
     def __repr__(self) -> str:
         kind = "external" if self.external else "peer"

@@ -17,10 +17,13 @@ Rules / theory of operation
   A peer link states its epoch in the handshake (``?epoch=N``). The side with the
   older epoch rotates to the newer one (the server at once, the client after a 409
   carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
-  even with skewed clocks. Rotating rebuilds each document from its live entries
-  and closes every connection of the old one; links then reconnect at once and
-  SYNC_STEP1/2 merges the peers' rebuilt documents of the *same* epoch. Updates
-  are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
+  even with skewed clocks. Rotating rebuilds each document from its live entries.
+  Peer links that speak the control frames stay open: the rotating side sends
+  ``{"epoch": N}`` and a SYNC_STEP1 on each, a peer still in an older epoch rotates
+  on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
+  without a reconnect, so writes around a rotation wait only for the wire (see
+  ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
+  and reconnect. Updates are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
   app) get the current epoch; one that comes back holding an older document is
   refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
@@ -98,6 +101,8 @@ class StateSync:
         self._hubs = {
             name: DocHub(EpochDoc(name, self.epoch), metrics=self._metrics) for name in DOC_NAMES
         }
+        for hub in self._hubs.values():
+            hub.on_epoch_request = self._rotate_to  # a peer rotated in-band ahead of us
         self.store = SessionStore(
             settings=settings,
             writer_id=self.writer_id,

@@ -52,6 +52,11 @@ def links_known(instances: list[Instance], peers: int) -> bool:
     )
 
 
+def link_ids(*instances: Instance) -> set[int]:
+    """Identities of the current outbound link attempts (a reconnect makes a new one)."""
+    return {id(s.link) for i in instances for sups in i.sync._links.values() for s in sups}
+
+
 async def start_mesh(count: int, **settings: Any) -> list[Instance]:
     socks = [bound_socket() for _ in range(count)]
     ports = [s.getsockname()[1] for s in socks]
@@ -186,6 +191,50 @@ async def test_StateSync_follow_ups_at_another_instance_keep_the_first_pin() -> 
         )
         # The 0 ms follow-ups at least did race the first pin (50 ms away), and lost.
         assert b.metric("skyroute_sync_pin_conflicts_total") >= 20
+    finally:
+        for inst in (a, b):
+            await inst.stop()
+        await to_a.aclose()
+        await to_b.aclose()
+
+
+async def test_StateSync_rotation_happens_in_band_without_a_reconnect() -> None:
+    """Rotating keeps peer links open; writes on both sides around it converge in the new epoch.
+
+    b is 50 ms away and still in the old epoch when a's first write after the rotation
+    is made; b's own write lands in its old document and is carried by b's rebuild.
+    """
+    sock_a, sock_b = bound_socket(), bound_socket()
+    to_a = TcpForwarder(sock_a.getsockname()[1], delay_s=ONE_WAY_DELAY_S)
+    to_b = TcpForwarder(sock_b.getsockname()[1], delay_s=ONE_WAY_DELAY_S)
+    await to_a.start()
+    await to_b.start()
+    a = await start_instance("a", sock_a, [to_b.port])
+    b = await start_instance("b", sock_b, [to_a.port])
+    try:
+        await eventually(
+            lambda: all_connected(a, b)
+            and all(h.connections and all(c.rotates_in_band for c in h.connections)
+                    for i in (a, b) for h in i.sync._hubs.values())
+        )
+        links = link_ids(a, b)
+        a.sync.store.pin("before", "up-1", now=time.time())
+        epoch = a.sync.epoch
+        await a.sync.rotate()
+        a.sync.store.pin("after-a", "up-a", now=time.time())
+        b.sync.store.pin("after-b", "up-b", now=time.time())
+        await eventually(
+            lambda: all(
+                i.sync.epoch == epoch + 1
+                and upstream_of(i, "before") == "up-1"
+                and upstream_of(i, "after-a") == "up-a"
+                and upstream_of(i, "after-b") == "up-b"
+                for i in (a, b)
+            )
+        )
+        assert all_connected(a, b)
+        assert links == link_ids(a, b)  # the same link objects: nobody reconnected
+        assert b.metric("skyroute_sync_rotations_total") == 1
     finally:
         for inst in (a, b):
             await inst.stop()
