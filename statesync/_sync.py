@@ -23,9 +23,9 @@ Rules / theory of operation
   on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
   without a reconnect, so writes around a rotation wait only for the wire (see
   ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
-  and reconnect. Updates are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
-  app) get the current epoch; one that comes back holding an older document is
-  refused with close code 4409 and must start a fresh ``Y.Doc``.
+  and reconnect. Updates are never exchanged between different epochs. Clients
+  without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
+  an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
   are written atomically to ``snapshot_path``; ``start`` loads it (same epoch: as
   is; older epoch: rebuilt into the current one) before any link is opened.
