@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 from skyroute.proxy import Server
-from skyroute.proxy._state import METRICS, STATE_SYNC
+from skyroute.proxy._state import STATE_SYNC
 from skyroute.proxy.demo import TcpForwarder
 from skyroute.routing import parse_config
 
@@ -62,6 +62,7 @@ async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair
     s0, s1 = far_pair
     sessions = [(offset, f"conv-{offset}-{n}")
                 for offset in FOLLOW_UP_OFFSETS_S for n in range(SESSIONS_PER_OFFSET)]
+    raced: list[str] = []
     async with client_for(s0) as first_client, client_for(s1) as follow_client:
 
         async def conversation(offset: float, session: str) -> None:
@@ -70,8 +71,10 @@ async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair
                 model="chat", messages=MESSAGES, extra_headers=headers)
             assert "from b" in first.choices[0].message.content
             await asyncio.sleep(offset)
-            await follow_client.chat.completions.create(
+            follow_up = await follow_client.chat.completions.create(
                 model="chat", messages=MESSAGES, extra_headers=headers)
+            if "from a" in (follow_up.choices[0].message.content or ""):
+                raced.append(session)  # s1 had not seen the pin yet: served by its own choice
 
         await asyncio.gather(*(conversation(offset, s) for offset, s in sessions))
 
@@ -82,9 +85,8 @@ async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair
                 for server in (s0, s1) for _, s in sessions)
 
         await eventually(pinned_to_b, timeout=10)
-        # The follow-ups that raced the pin were served (and pinned) by a at s1, and lost.
-        conflicts = s1.app[METRICS].registry.get_sample_value("skyroute_sync_pin_conflicts_total")
-        assert conflicts is not None and conflicts >= SESSIONS_PER_OFFSET
+        # Those follow-ups really did race the pin (it is 0.5 s away), yet did not move it.
+        assert len(raced) >= SESSIONS_PER_OFFSET
         # And the conversations go on where they started, at either instance.
         for _, session in sessions[:: SESSIONS_PER_OFFSET]:
             later = await follow_client.chat.completions.create(
