@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator, Iterable
 
 import structlog
 from aiohttp import web
-from skyroute.routing import LEVELS, STATES, HealthChange, Router, TrafficShare
+from skyroute.routing import (
+    LEVELS,
+    STATES,
+    HealthChange,
+    Level,
+    Router,
+    TrafficShare,
+    UpstreamState,
+)
 from skyroute.statesync import SessionStore
 
 from ._metrics import Metrics
@@ -39,10 +47,11 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
             region = router.config.upstream(change.upstream).region
         except KeyError:  # removed by a reload since
             region = "-"
-        level = "error" if change.new == "bad_key" else "warning" if change.new != "healthy" \
+        bad_key = change.new is UpstreamState.BAD_KEY
+        level = "error" if bad_key else "warning" if change.new is not UpstreamState.HEALTHY \
             else "info"
         message = (f"upstream {change.upstream} (region {region}) {change.new}: {change.reason}"
-                   if change.new != "bad_key" else
+                   if not bad_key else
                    f"upstream {change.upstream} has a bad API key or no balance "
                    f"({change.reason}); it is out of rotation until the key is fixed")
         getattr(log, level)(message, upstream=change.upstream, region=region, old=change.old,
@@ -56,8 +65,8 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
 def report_level_changes(router: Router, metrics: Metrics, *, now: float) -> None:
     """Log each route level change once; set the level and minimal-mode gauges."""
     for change in router.level_changes(now=now):
-        level = "info" if change.new == "normal" else "error" if change.new == "unavailable" \
-            else "warning"
+        level = "info" if change.new is Level.NORMAL else "error" \
+            if change.new is Level.UNAVAILABLE else "warning"
         getattr(log, level)(f"route {change.route} degradation level {change.old} -> "
                             f"{change.new}: {change.reason}", route=change.route,
                             old=change.old, new=change.new, reason=change.reason)
@@ -66,9 +75,9 @@ def report_level_changes(router: Router, metrics: Metrics, *, now: float) -> Non
     metrics.minimal_mode.set(1 if router.minimal(now=now).active else 0)
 
 
-def _set_state_gauges(metrics: Metrics, upstream: str, current: str) -> None:
+def _set_state_gauges(metrics: Metrics, upstream: str, current: UpstreamState) -> None:
     for state in STATES:
-        metrics.upstream_state.labels(upstream, state).set(1 if state == current else 0)
+        metrics.upstream_state.labels(upstream, state).set(1 if state is current else 0)
 
 
 def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from skyroute.routing import LEVELS, Refuse, Router, Serve, parse_config
+from skyroute.routing import LEVELS, Refuse, Router, Serve, UpstreamState, parse_config
 
 from .fakes import FakeClock
 
@@ -29,7 +29,8 @@ def _router(text: str = CONFIG_TEXT) -> tuple[Router, FakeClock]:
 
 def _down(router: Router, clock: FakeClock, *names: str, for_s: float = 30.0) -> None:
     for name in names:
-        router.mark(name, "down", until=clock.now() + for_s, reason="test", now=clock.now())
+        router.mark(name, UpstreamState.DOWN, until=clock.now() + for_s, reason="test",
+                    now=clock.now())
 
 
 def _levels(router: Router, clock: FakeClock) -> dict[str, str]:
