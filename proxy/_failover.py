@@ -45,7 +45,7 @@ from ._forward import (
 from ._health import report_changes
 from ._metrics import Metrics
 from ._sse import StreamTranscript
-from ._state import TRAFFIC, RequestSummary
+from ._state import SLEEP, TRAFFIC, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -124,7 +124,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
         if decision.delay_s > 0:
-            await asyncio.sleep(decision.delay_s)
+            await request.app[SLEEP](decision.delay_s)
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,

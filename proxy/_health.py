@@ -17,11 +17,14 @@ from aiohttp import web
 from skyroute.routing import (
     LEVELS,
     STATES,
+    Finding,
     HealthChange,
     Level,
+    Publish,
     Router,
     TrafficShare,
     UpstreamState,
+    gossip_decisions,
 )
 from skyroute.statesync import SessionStore
 
@@ -96,31 +99,24 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
         metrics.degradation_level.labels(model).set(LEVELS.index(level))
 
 
-#: States worth telling other instances about: they cost every instance a failed call.
-GOSSIPED = ("bad_key", "down")
-
-
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    The store speaks wall-clock time and the router loop time; ``until`` is
-    carried across as "seconds from now".
+    ``routing.gossip_decisions`` decides; the store speaks wall-clock time and the router
+    loop time, so findings and adopted reports cross as "seconds from now".
     """
     wall = time.time()
-    snapshot = router.snapshot(now=now)
-    reports = store.upstream_reports(now=wall)
-    for name, entry in snapshot.items():
-        if entry["state"] in GOSSIPED and name not in reports:
-            store.report_upstream(name, entry["state"], until=wall + entry.get("until_s", 60.0),
-                                  now=wall)
+    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"))
+                for name, entry in router.snapshot(now=now).items()}
     changes = []
-    for name, report in reports.items():
-        if name not in snapshot or report.state not in GOSSIPED:
-            continue
-        left = (report.until - wall) if report.until is not None else 60.0
-        if left > 0 and snapshot[name]["state"] != report.state:
-            changes.append(router.mark(name, report.state, until=now + left, now=now,
-                                       reason=f"reported by instance {report.reporter}"))
+    for decision in gossip_decisions(findings, store.upstream_reports(now=wall), now=wall):
+        if isinstance(decision, Publish):
+            store.report_upstream(decision.upstream, decision.state, until=decision.until,
+                                  now=wall)
+        else:
+            changes.append(router.mark(decision.upstream, decision.state,
+                                       until=now + decision.for_s, reason=decision.reason,
+                                       now=now))
     return changes
 
 

@@ -9,6 +9,7 @@ Times here are wall-clock (``time.time()``), the only clock instances share.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from skyroute.routing import ApiKey, Config, SessionPolicy
+from skyroute.routing import ApiKey, Config, SessionPolicy, Sleep
 from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
 from ._errors import RateLimited
@@ -27,7 +28,8 @@ USAGE_BUCKET_S = 10
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
-def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
+def state_sync_for(config: Config, registry: CollectorRegistry, *,
+                   sleep: Sleep = asyncio.sleep) -> StateSync:
     """The ``StateSync`` for ``config`` (shared if it has a ``sync`` section)."""
     sync = config.sync
     settings = SyncSettings(
@@ -37,7 +39,7 @@ def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
         snapshot_path=sync.snapshot_path if sync else None)
-    return StateSync(settings, registry=registry)
+    return StateSync(settings, registry=registry, sleep=sleep)
 
 
 def state_sync_lifecycle(key: web.AppKey[StateSync]) -> Any:

@@ -4,8 +4,10 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
+from ._backoff import Jitter, Sleep, backoff_delays
 from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
+from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._pool import (
     DEFAULT_METRIC_NAMES,
@@ -53,9 +55,11 @@ from .config import (
 __all__ = [
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
+    "GOSSIPED",
     "LEVELS",
     "RETRYABLE",
     "STATES",
+    "Adopt",
     "ApiKey",
     "AttemptOutcome",
     "AttemptPlan",
@@ -69,8 +73,10 @@ __all__ = [
     "EndpointPicker",
     "EndpointView",
     "Estimate",
+    "Finding",
     "GiveUp",
     "HealthChange",
+    "Jitter",
     "LatencyPolicy",
     "Level",
     "LevelChange",
@@ -80,6 +86,7 @@ __all__ = [
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
+    "Publish",
     "Refuse",
     "Respond",
     "Result",
@@ -92,6 +99,7 @@ __all__ = [
     "Serve",
     "ServerLoad",
     "SessionPolicy",
+    "Sleep",
     "Strategy",
     "SyncPolicy",
     "Target",
@@ -99,7 +107,9 @@ __all__ = [
     "Upstream",
     "UpstreamHealth",
     "UpstreamState",
+    "backoff_delays",
     "classify_status",
+    "gossip_decisions",
     "load_config",
     "parse_config",
     "parse_duration",

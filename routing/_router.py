@@ -40,7 +40,7 @@ import random
 from collections.abc import Iterator
 from typing import Any, final
 
-from ._backoff import full_jitter_delays
+from ._backoff import backoff_delays
 from ._budget import RetryBudget
 from ._degradation import (
     LEVELS,
@@ -298,8 +298,8 @@ class Router:
             order.remove(prefer)
             order.insert(0, prefer)
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
-        backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
-                                     cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
+        backoff = backoff_delays(base_s=self.config.retry.backoff_base_s,
+                                 cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=self._budgets[route.model],
                            hedge_budget=self._hedge_budgets[route.model], backoff=backoff,

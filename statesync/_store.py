@@ -42,6 +42,8 @@ import asyncio
 import math
 from typing import Any, Final, final
 
+from skyroute.routing import UpstreamState
+
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage
@@ -50,8 +52,9 @@ USAGE_BUCKET_S: Final = 10.0
 USAGE_WINDOW_S: Final = 60.0
 TOUCH_WRITE_EVERY_S: Final = 30.0
 """``last_seen`` only matters against a TTL of hours; 30 s keeps touches cheap."""
-CLEAR_STATES: Final = frozenset({"up", "ok", "healthy"})
-"""Reporting one of these removes the upstream's report."""
+CLEAR_STATES: Final = frozenset({UpstreamState.HEALTHY, "up", "ok"})
+"""Reporting one of these removes the upstream's report (``healthy`` is routing's word;
+``up`` and ``ok`` are what other writers of the document may say)."""
 
 _BucketKey = tuple[str, int]  # (client key name, bucket index)
 

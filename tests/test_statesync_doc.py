@@ -7,6 +7,7 @@ conversation until both inboxes are empty.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from skyroute.statesync import (
     Usage,
 )
 from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
-from skyroute.statesync._links import exponential_backoff
+from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 from skyroute.statesync._protocol import ConnState, YConnection, message_kind
 from skyroute.statesync._store import SessionStore
@@ -181,12 +182,14 @@ def test_snapshot_round_trips_and_rejects_garbage() -> None:
         decode_snapshot(b"not json")
 
 
-def test_exponential_backoff_grows_with_jitter_up_to_cap() -> None:
-    """Delays double from the base, stay within [d/2, d] and never pass the cap."""
-    delays = exponential_backoff(base=0.1, cap=1.0, rng=lambda: 1.0)
-    assert [round(next(delays), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    low = exponential_backoff(base=0.1, cap=1.0, rng=lambda: 0.0)
-    assert next(low) == pytest.approx(0.05)
+def test_link_backoff_grows_with_jitter_up_to_cap() -> None:
+    """Redial delays double from 50 ms, each within [d/2, d] of its ceiling, and stay at the
+    5 s cap (routing's generator with equal jitter)."""
+    delays = link_backoff(random.Random(5))
+    ceilings = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    for ceiling in ceilings:
+        assert ceiling / 2 <= next(delays) <= ceiling
+    assert ceilings[-1] == BACKOFF_CAP_S
 
 
 @pytest.mark.parametrize(
