@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from skyroute.routing import ApiKey, Config, SessionPolicy, Sleep
+from skyroute.routing import ApiKey, Config, Pin, SessionPolicy, Sleep, Touch
 from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
 from ._errors import RateLimited
@@ -112,11 +112,9 @@ def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
         store.add_usage(client.name, tokens=tokens, now=time.time())
 
 
-def remember_session(store: SessionStore, session_id: str, served_by: str,
-                     pinned: str | None) -> None:
-    """Pin the session to the upstream that answered (re-pin if it moved), or touch it."""
-    now = time.time()
-    if served_by != pinned:
-        store.pin(session_id, served_by, now=now)
-    else:
-        store.touch(session_id, now=now)
+def remember_session(store: SessionStore, session_id: str, update: Pin | Touch | None) -> None:
+    """Carry out ``routing.affinity_after``'s decision for the session."""
+    if isinstance(update, Pin):
+        store.pin(session_id, update.upstream, now=time.time())
+    elif isinstance(update, Touch):
+        store.touch(session_id, now=time.time())

@@ -4,6 +4,7 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
+from ._affinity import Pin, Touch, affinity_after
 from ._backoff import Jitter, Sleep, backoff_delays
 from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
@@ -31,6 +32,7 @@ from ._router_types import (
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
+from ._streams import is_resumable, streamed_tokens
 from ._yaml import parse_duration, parse_size
 from .config import (
     ApiKey,
@@ -83,6 +85,7 @@ __all__ = [
     "Limits",
     "Listen",
     "MinimalTrigger",
+    "Pin",
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
@@ -103,16 +106,20 @@ __all__ = [
     "Strategy",
     "SyncPolicy",
     "Target",
+    "Touch",
     "TrafficShare",
     "Upstream",
     "UpstreamHealth",
     "UpstreamState",
+    "affinity_after",
     "backoff_delays",
     "classify_status",
     "gossip_decisions",
+    "is_resumable",
     "load_config",
     "parse_config",
     "parse_duration",
     "parse_server_load",
     "parse_size",
+    "streamed_tokens",
 ]
