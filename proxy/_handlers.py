@@ -134,7 +134,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     store = request.app[STATE_SYNC].store
     client = authenticate(request, runtime.config)
     if client is not None:
-        enforce_limits(store, client, now=time.time())
+        enforce_limits(store, client, request.app[METRICS], now=time.time())
     body = await read_body(request, runtime.config.limits.max_body_bytes)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
     route, alias = choose_route(runtime.router, payload)

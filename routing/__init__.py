@@ -10,6 +10,7 @@ from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._limits import RATE_WINDOW_S, Admit, Limit, RateLimited, UsageSlice, check_rate
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -59,8 +60,10 @@ __all__ = [
     "DEFAULT_SHARE_WINDOW_S",
     "GOSSIPED",
     "LEVELS",
+    "RATE_WINDOW_S",
     "RETRYABLE",
     "STATES",
+    "Admit",
     "Adopt",
     "ApiKey",
     "AttemptOutcome",
@@ -82,6 +85,7 @@ __all__ = [
     "LatencyPolicy",
     "Level",
     "LevelChange",
+    "Limit",
     "Limits",
     "Listen",
     "MinimalTrigger",
@@ -90,6 +94,7 @@ __all__ = [
     "PoolScrape",
     "PrometheusSource",
     "Publish",
+    "RateLimited",
     "Refuse",
     "Respond",
     "Result",
@@ -111,8 +116,10 @@ __all__ = [
     "Upstream",
     "UpstreamHealth",
     "UpstreamState",
+    "UsageSlice",
     "affinity_after",
     "backoff_delays",
+    "check_rate",
     "classify_status",
     "gossip_decisions",
     "is_resumable",

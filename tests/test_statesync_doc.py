@@ -19,6 +19,7 @@ from skyroute.statesync import (
     SyncProtocolError,
     SyncSettings,
     Usage,
+    UsageBucket,
 )
 from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
 from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
@@ -289,6 +290,30 @@ def test_SessionStore_counter_is_one_net_entry_per_writer() -> None:
         assert store.usage("k", now=clock.now()) == Usage(1, 45)
     entries = list(sp.hubs["b"]["usage"].doc.maps["usage"].values())
     assert sorted((e["w"], e["t"]) for e in entries) == [("a.0", 40), ("b.0", 5)]
+
+
+def test_SessionStore_usage_buckets_are_one_second_and_leave_the_window_whole() -> None:
+    """Usage comes back per 1 s bucket across replicas, oldest first, each counted until
+    60 s after it ends; a bucket written without ``s`` (an older writer) is 10 s long."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    start = clock.now()
+    sp.stores["a"].add_usage("k", requests=2, now=start + 0.3)
+    sp.stores["b"].add_usage("k", requests=1, tokens=7, now=start + 0.6)
+    sp.stores["b"].add_usage("k", requests=1, now=start + 5.2)
+    sp.sync()
+    assert sp.stores["a"].usage_buckets("k", now=start + 6) == [
+        UsageBucket(start=start, end=start + 1, requests=3, tokens=7),
+        UsageBucket(start=start + 5, end=start + 6, requests=1, tokens=0),
+    ]
+    assert sp.stores["a"].usage("k", now=start + 60.9) == Usage(4, 7)
+    assert sp.stores["a"].usage("k", now=start + 61.0) == Usage(1, 0)
+    legacy = {"key": "k", "b": int(start // 10), "w": "old.0", "r": 4, "t": 0}
+    sp.hubs["b"]["usage"].doc.maps["usage"][f"old.0|{legacy['b']}|k"] = legacy
+    sp.sync()
+    ten = int(start // 10) * 10.0
+    assert UsageBucket(start=ten, end=ten + 10, requests=4, tokens=0) in \
+        sp.stores["a"].usage_buckets("k", now=start + 6)
 
 
 def test_SessionStore_newer_session_write_wins_after_partition() -> None:
