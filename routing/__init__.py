@@ -6,7 +6,7 @@ with ``now`` and carries out the decisions it returns.
 
 from ._affinity import Pin, Touch, affinity_after
 from ._backoff import Jitter, Sleep, backoff_delays
-from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
+from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve, capped_payload
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
@@ -119,6 +119,7 @@ __all__ = [
     "UsageSlice",
     "affinity_after",
     "backoff_delays",
+    "capped_payload",
     "check_rate",
     "classify_status",
     "gossip_decisions",

@@ -33,6 +33,9 @@ unavailable  none of its targets is available and no fallback can serve
   config validation guarantees it never loops (a guard stops it anyway).
 * ``LevelWatch`` turns successive evaluations into ``LevelChange`` values, one
   per change, so the shell logs each change once (as with ``HealthChange``).
+* In ``minimal`` mode a served request's token limits are capped
+  (``capped_payload``): only generation requests, only limits above the cap, and
+  ``max_tokens`` added when the request sets none.
 * Nothing here reads a clock or holds health: ``LevelView`` is one instant's
   picture, built from the states the router passes in.
 """
@@ -42,7 +45,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
 from ._health import AVAILABLE, UpstreamState
 from ._policies import DegradationPolicy
@@ -218,6 +221,26 @@ class LevelView:
 
     def _has_available(self, route: Route) -> bool:
         return any(self._states.get(name) in AVAILABLE for name in route.targets)
+
+
+def capped_payload(payload: Mapping[str, Any] | None, cap: int | None) -> dict[str, Any] | None:
+    """A request body with its token limits capped to ``cap`` (``Serve.max_tokens`` in
+    minimal mode); None when nothing changes.
+
+    Only generation requests (with ``messages`` or ``prompt``) are touched:
+    ``max_tokens`` and ``max_completion_tokens`` above the cap are lowered, and
+    ``max_tokens`` is added when neither is set. A value that is not a whole
+    number is left for the upstream to refuse.
+    """
+    if cap is None or payload is None or not ("messages" in payload or "prompt" in payload):
+        return None
+    keys = [k for k in ("max_tokens", "max_completion_tokens") if payload.get(k) is not None]
+    capped = dict(payload)
+    for key in keys or ["max_tokens"]:
+        value = payload.get(key)
+        if value is None or (type(value) is int and value > cap):
+            capped[key] = cap
+    return capped if capped != payload else None
 
 
 @final
