@@ -6,11 +6,20 @@ with ``now`` and carries out the decisions it returns.
 
 from ._affinity import Pin, Touch, affinity_after
 from ._backoff import Jitter, Sleep, backoff_delays
-from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve, capped_payload
+from ._degradation import (
+    LEVELS,
+    Level,
+    LevelChange,
+    MinimalTrigger,
+    Refuse,
+    Serve,
+    capped_payload,
+)
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._limits import RATE_WINDOW_S, Admit, Limit, RateLimited, UsageSlice, check_rate
+from ._policies import Strategy
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -20,7 +29,7 @@ from ._pool import (
     parse_server_load,
 )
 from ._pool_set import EndpointChange
-from ._router import LEVELS, AttemptPlan, Router
+from ._router import AttemptPlan, Router
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
@@ -48,7 +57,6 @@ from .config import (
     RetryPolicy,
     Route,
     SessionPolicy,
-    Strategy,
     SyncPolicy,
     Upstream,
     load_config,

@@ -306,7 +306,9 @@ class Router:
                            now=now)
 
     def _order(self, route: Route, now: float) -> list[str]:
-        fast, slow, out = [], [], []
+        fast: list[str] = []
+        slow: list[str] = []
+        out: list[str] = []
         for name in route.targets:
             state = self._health[name].state(now=now)
             (fast if state is UpstreamState.HEALTHY else slow if state is UpstreamState.SLOW

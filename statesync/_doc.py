@@ -135,7 +135,8 @@ class EpochDoc:
         # One positional parameter only: pycrdt passes the transaction as a second
         # argument to callbacks that accept two.
         def observer(event: MapEvent) -> None:
-            self._on_map_event(map_name, event.keys)
+            # pycrdt sets ``keys`` on map events at run time; its stubs do not declare it.
+            self._on_map_event(map_name, event.keys)  # type: ignore[attr-defined]
 
         return observer
 

@@ -19,5 +19,6 @@ if [ -f tests/interop/package.json ]; then
 fi
 
 python3 -m ruff check .
+bash tests/typecheck.sh
 # pytest exits 5 when it collected no tests: that must fail the run, and it does here.
 python3 -m pytest "$@"
