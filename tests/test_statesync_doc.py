@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from pycrdt import Doc, Map, create_awareness_message, create_sync_message
+from skyroute.routing import UpstreamState
 from skyroute.statesync import (
     SnapshotError,
     SyncConfigError,
@@ -350,7 +351,8 @@ def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:
 
 
 def test_SessionStore_health_reports_expire() -> None:
-    """An upstream report is visible on the peer until its ``until`` and cleared by ``up``."""
+    """An upstream report is visible on the peer until its ``until`` and cleared by ``up``
+    or routing's ``healthy``."""
     clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     sp.stores["a"].report_upstream("u1", "down", until=clock.now() + 30, now=clock.now())
@@ -362,6 +364,9 @@ def test_SessionStore_health_reports_expire() -> None:
     sp.stores["b"].report_upstream("u2", "up", until=None, now=clock.now())
     sp.sync()
     assert sp.stores["a"].upstream_reports(now=clock.now()) == {"u1": reports["u1"]}
+    sp.stores["a"].report_upstream("u1", UpstreamState.HEALTHY, until=None, now=clock.now())
+    sp.sync()
+    assert sp.stores["b"].upstream_reports(now=clock.now()) == {}
 
 
 def _varuint(n: int) -> bytes:
