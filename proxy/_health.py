@@ -1,7 +1,8 @@
 """Reporting upstream health: state-change log lines, gauges, ``/health``, the ticker.
 
-``routing`` decides states and degradation levels; this module only tells the
-outside world about them. Every state change is one log line (``bad_key`` at
+``routing`` decides states, degradation levels and what health is gossiped
+between instances; this module only tells the outside world about them and
+carries the gossip to and from the shared store. Every state change is one log line (``bad_key`` at
 error level, since only a human can fix a key or a balance), every route level
 change too, and the gauges in ``/metrics`` follow.
 """

@@ -1,8 +1,9 @@
 """Sessions and client limits, kept in ``statesync`` and shared by every instance.
 
 The proxy side of state sync: it maps the routing file onto ``SyncSettings``,
-runs ``StateSync`` for the app's lifetime, finds a request's session id, applies
-``rpm``/``tpm`` limits across all instances, and gossips upstream health. Every
+runs ``StateSync`` for the app's lifetime, finds a request's session id, and
+carries out ``routing``'s decisions about the store: ``rpm``/``tpm`` limits across
+all instances (``check_rate``) and session pins (``affinity_after``). Every
 instance has a store: without a ``sync`` section it is simply not shared.
 Times here are wall-clock (``time.time()``), the only clock instances share.
 """
