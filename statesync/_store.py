@@ -28,10 +28,11 @@ leave the window. Entries without ``s`` come from writers that used 10 s buckets
 count as such. Our own pending deltas count at once, before they are flushed.
 
 Batching: ``add_usage`` only adds to a dict; ``flush`` (every ``flush_interval_s``)
-writes all pending deltas and a heartbeat in one transaction. ``touch`` writes only
-when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and keeps the exact time
-in a local overlay; ``pin`` and ``report_upstream`` write at once (they are rare and
-their latency is what peers wait for).
+writes all pending deltas and a heartbeat in one transaction, and deletes our own
+entries ``USAGE_DELETE_AFTER_S`` after they left the window (rotation drops the rest).
+``touch`` writes only when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and
+keeps the exact time in a local overlay; ``pin`` and ``report_upstream`` write at once
+(they are rare and their latency is what peers wait for).
 
 Repair after merges (rotation carries, restarts): when a remote change sets one of
 our own usage entries to something other than our total, we rewrite it on the next
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from typing import Any, Final, final
 
 from skyroute.routing import UpstreamState
@@ -56,6 +58,10 @@ USAGE_BUCKET_S: Final = 1.0
 """How finely usage is counted: a request counts at most this much longer than the
 window, and a refusal's Retry-After is exact to it. One entry per second per busy
 key and writer is the cost, small next to the flushes that rewrite it."""
+USAGE_DELETE_AFTER_S: Final = 30.0
+"""A writer deletes its own usage entry this long after the entry left the window, so a
+peer whose clock is up to 30 s behind still counts it for the whole window; the document
+then holds about a window's worth of entries per key and writer, not an epoch's."""
 LEGACY_BUCKET_S: Final = 10.0
 """Bucket size of entries written without ``s`` (by an older skyroute)."""
 TOUCH_WRITE_EVERY_S: Final = 30.0
@@ -112,6 +118,7 @@ class SessionStore:
         self._dirty: set[_BucketKey] = set()
         self._view: dict[str, dict[_Slot, tuple[int, int]]] = {}
         self._pruned_at = 0.0
+        self._expiry: deque[tuple[float, str]] = deque()  # (delete at, our entry's map key)
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
         for hub in (sessions, usage):
@@ -236,6 +243,10 @@ class SessionStore:
         for key_name, buckets in pending.items():
             own = self._own.setdefault(key_name, {})
             for bucket, (r, t) in buckets.items():
+                if bucket not in own:  # a new entry: delete it once nobody counts it
+                    self._expiry.append((
+                        (bucket + 1) * USAGE_BUCKET_S + self._window_s + USAGE_DELETE_AFTER_S,
+                        f"{self.writer_id}|{bucket}|{key_name}"))
                 old_r, old_t = own.get(bucket, (0, 0))
                 own[bucket] = (old_r + r, old_t + t)
                 self._dirty.add((key_name, bucket))
@@ -245,11 +256,17 @@ class SessionStore:
             with self._sessions.doc.doc.transaction():
                 for session_id, value in repairs.items():
                     smap[session_id] = value
-        if not self._dirty:
+        expired = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expired.append(self._expiry.popleft()[1])
+        if not self._dirty and not expired:
             return bool(repairs)
         doc = self._usage.doc
         with doc.doc.transaction():
             umap = doc.maps["usage"]
+            for map_key in expired:
+                if map_key in umap:
+                    del umap[map_key]
             for key_name, bucket in self._dirty:
                 r, t = self._own.get(key_name, {}).get(bucket, (0, 0))
                 umap[f"{self.writer_id}|{bucket}|{key_name}"] = {

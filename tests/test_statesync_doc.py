@@ -26,7 +26,7 @@ from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_sn
 from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 from skyroute.statesync._protocol import ConnState, YConnection, message_kind
-from skyroute.statesync._store import SessionStore
+from skyroute.statesync._store import USAGE_DELETE_AFTER_S, SessionStore
 
 from .fakes import FakeClock
 
@@ -315,6 +315,26 @@ def test_SessionStore_usage_buckets_are_one_second_and_leave_the_window_whole() 
     ten = int(start // 10) * 10.0
     assert UsageBucket(start=ten, end=ten + 10, requests=4, tokens=0) in \
         sp.stores["a"].usage_buckets("k", now=start + 6)
+
+
+def test_SessionStore_writer_deletes_its_entries_once_no_peer_counts_them() -> None:
+    """Each writer deletes its own usage entries 30 s after they left the 60 s window, on
+    every replica; entries still in the window (or in the grace) stay."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].add_usage("k", requests=1, now=clock.now())
+    sp.stores["b"].add_usage("k", requests=1, now=clock.now())
+    sp.sync()
+    clock.advance(61.0 + USAGE_DELETE_AFTER_S - 0.5)
+    sp.stores["a"].add_usage("k", requests=1, now=clock.now())
+    sp.sync()
+    assert len(sp.hubs["b"]["usage"].doc.maps["usage"]) == 3  # the old two: still in grace
+    clock.advance(1.0)
+    sp.sync()
+    for n in "ab":
+        entries = list(sp.hubs[n]["usage"].doc.maps["usage"].values())
+        assert [(e["w"], e["r"]) for e in entries] == [("a.0", 1)]
+        assert sp.stores[n].usage("k", now=clock.now()) == Usage(1, 0)
 
 
 def test_SessionStore_newer_session_write_wins_after_partition() -> None:
