@@ -185,7 +185,7 @@ async def main(seconds: float, rate: float) -> None:
 
 
 def _drop_request_lines(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    if event.get("event") in ("request", "skyroute listening"):
+    if event.get("event") in ("request_finished", "server_started"):
         raise structlog.DropEvent
     return event
 

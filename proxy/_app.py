@@ -112,7 +112,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if is_api:
             metrics.in_flight.dec()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
-            log.info("request", method=request.method, path=request.path, status=status,
+            log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
                      **({"cut": summary.cut} if summary.cut else {}),
@@ -184,6 +184,6 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:
-        log.warning("no auth section: skyroute accepts requests without a client key; "
-                    "add auth.api_keys to the routing file to require one")
+        log.warning("auth_disabled", source=config.source,
+                    hint="add auth.api_keys to the routing file to require a client key")
     return app

@@ -116,7 +116,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             return web.Response(status=answer.status or 502, body=answer.body,
                                 headers=response_headers(answer.headers or {}, request_id,
                                                          target, extra_headers))
-        log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
+        log.warning("upstream_attempt_failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
                     resume=resuming is not None or None)

@@ -38,17 +38,16 @@ def reload_config(app: web.Application) -> bool:
     except ConfigError as exc:
         app[METRICS].config_reloads.labels("error").inc()
         for problem in exc.problems:
-            log.error("config reload refused; still serving the previous config",
-                      file=str(path), field=problem.path, line=problem.line,
-                      problem=problem.message)
+            log.error("config_reload_refused", file=str(path), line=problem.line,
+                      field=problem.path, problem=problem.message)
         return False
     if config.listen != old.listen:
-        log.warning("listen address changed in the routing file; restart skyroute to apply it",
+        log.warning("listen_change_ignored", file=str(path),
                     serving=f"{old.listen.host}:{old.listen.port}",
                     wanted=f"{config.listen.host}:{config.listen.port}")
     serving.swap(config)
     app[METRICS].config_reloads.labels("success").inc()
-    log.info("config reloaded", file=str(path), routes=len(config.routes),
+    log.info("config_reloaded", file=str(path), routes=len(config.routes),
              upstreams=len(config.upstreams))
     return True
 

@@ -101,7 +101,7 @@ def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
                           usage=store.usage_buckets(client.name, now=now), now=now)
     if isinstance(decision, RateLimited):
         metrics.rate_limited.labels(client.name, decision.limit).inc()
-        log.warning("rate_limited", key=client.name, limit=decision.limit,
+        log.info("request_rate_limited", key=client.name, limit=decision.limit,
                     allowed=decision.allowed, used=decision.used,
                     retry_after_s=decision.retry_after_s)
         raise RateLimitExceeded(decision.message, retry_after_s=decision.retry_after_s, headers={

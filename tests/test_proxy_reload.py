@@ -54,10 +54,10 @@ async def test_invalid_edit_is_refused_and_old_config_keeps_serving(standin, sky
     broken_line = broken.splitlines().index("    targets: [nowhere]") + 1
 
     def refused() -> bool:
-        return any(e["event"].startswith("config reload refused") for e in captured_logs)
+        return any(e["event"] == "config_reload_refused" for e in captured_logs)
 
     await eventually(refused, timeout=5)
-    line = next(e for e in captured_logs if e["event"].startswith("config reload refused"))
+    line = next(e for e in captured_logs if e["event"] == "config_reload_refused")
     assert line["field"] == "routes[0].targets[0]"
     assert line["line"] == broken_line
     assert "nowhere" in line["problem"]

@@ -247,7 +247,7 @@ async def test_client_that_waits_retry_after_is_admitted_by_the_sdk_retry(standi
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
         metrics = await (await h.get(f"{server.url}/metrics")).text()
     assert 'skyroute_rate_limited_total{key="limited",limit="requests"} 1.0' in metrics
-    (logged,) = [e for e in captured_logs if e["event"] == "rate_limited"]
+    (logged,) = [e for e in captured_logs if e["event"] == "request_rate_limited"]
     assert (logged["key"], logged["limit"], logged["retry_after_s"]) == ("limited", "requests",
                                                                          wait)
     assert logged["request_id"] == refused.headers["X-Request-ID"]
