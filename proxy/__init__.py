@@ -5,6 +5,7 @@ and reports what happened back to ``routing``, to ``/metrics`` and to the log.
 """
 
 from ._app import build_app
+from ._config_file import load_config
 from ._errors import ClientRequestError, ProxyError, UpstreamError
 from ._server import Server, serve_forever
 
@@ -14,5 +15,6 @@ __all__ = [
     "Server",
     "UpstreamError",
     "build_app",
+    "load_config",
     "serve_forever",
 ]

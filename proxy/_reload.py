@@ -18,7 +18,9 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
-from skyroute.routing import ConfigError, load_config
+from skyroute.routing import ConfigError
+
+from ._config_file import load_config
 
 from ._state import METRICS, SERVING
 from ._tasks import running

@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from skyroute.routing import ConfigError, load_config
+from skyroute.routing import ConfigError
+
+from ._config_file import load_config
 
 from ._logging import configure_logging
 

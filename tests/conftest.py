@@ -14,7 +14,7 @@ import pytest
 import structlog
 from skyroute.proxy import Server
 from skyroute.proxy.demo import StandinUpstream
-from skyroute.routing import load_config
+from skyroute.proxy import load_config
 
 CLIENT_KEY = "sk-client-test"
 UPSTREAM_KEY = "sk-upstream-test"
