@@ -21,7 +21,6 @@ from aiohttp import web
 from skyroute.routing import ConfigError
 
 from ._config_file import load_config
-
 from ._state import METRICS, SERVING
 from ._tasks import running
 

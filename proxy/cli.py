@@ -11,7 +11,6 @@ from importlib import metadata
 from skyroute.routing import ConfigError
 
 from ._config_file import load_config
-
 from ._logging import configure_logging
 
 

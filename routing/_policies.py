@@ -68,24 +68,26 @@ class RetryPolicy:
     """Backoff between attempts and the retry budget that stops retry storms."""
 
     backoff_base_s: Duration = Field(
-        0.025, validation_alias="backoff_base", gt=0,
+        default=0.025, validation_alias="backoff_base", gt=0,
         description="First backoff between attempts (full-jitter exponential backoff).")
     backoff_cap_s: Duration = Field(
-        1.0, validation_alias="backoff_cap", gt=0,
+        default=1.0, validation_alias="backoff_cap", gt=0,
         description="Longest backoff between attempts.")
     budget: Share = Field(
-        0.2, description="Retries allowed, as a share of requests over budget_window "
-                         "(Envoy's retry budget).")
+        default=0.2,
+        description="Retries allowed, as a share of requests over budget_window (Envoy's retry "
+                    "budget).")
     budget_window_s: Duration = Field(
-        10.0, validation_alias="budget_window", gt=0,
+        default=10.0, validation_alias="budget_window", gt=0,
         description="The window the retry and hedge budgets count over.")
     hedge_budget: Share = Field(
-        0.05, description="Hedged (extra) upstream calls allowed, as a share of requests.")
+        default=0.05,
+        description="Hedged (extra) upstream calls allowed, as a share of requests.")
     bad_key_cooldown_s: Duration = Field(
-        600.0, validation_alias="bad_key_cooldown",
+        default=600.0, validation_alias="bad_key_cooldown",
         description="How long an upstream answering 401/402 (bad key, no balance) stays out.")
     default_retry_after_s: Duration = Field(
-        1.0, validation_alias="default_retry_after",
+        default=1.0, validation_alias="default_retry_after",
         description="How long a 429/503 without Retry-After keeps an upstream out.")
 
     @model_validator(mode="after")
@@ -100,18 +102,22 @@ class BreakerPolicy:
     """Circuit breaking per upstream (Envoy's outlier detection)."""
 
     consecutive_failures: Count = Field(
-        5, description="Open the breaker after this many failures in a row.")
+        default=5,
+        description="Open the breaker after this many failures in a row.")
     failure_rate: Share = Field(
-        0.5, gt=0, description="... or after this share of failures over window.")
+        default=0.5, gt=0,
+        description="... or after this share of failures over window.")
     min_requests: Count = Field(
-        10, description="Requests in window before failure_rate is judged.")
+        default=10,
+        description="Requests in window before failure_rate is judged.")
     window_s: Duration = Field(
-        30.0, validation_alias="window", gt=0, description="The window failure_rate counts over.")
+        default=30.0, validation_alias="window", gt=0,
+        description="The window failure_rate counts over.")
     cooldown_s: Duration = Field(
-        5.0, validation_alias="cooldown", gt=0,
+        default=5.0, validation_alias="cooldown", gt=0,
         description="How long an open breaker stays open; doubles on each repeated trip.")
     max_cooldown_s: Duration = Field(
-        300.0, validation_alias="max_cooldown", gt=0,
+        default=300.0, validation_alias="max_cooldown", gt=0,
         description="The longest cooldown; then half-open lets one probe through.")
 
     @model_validator(mode="after")
@@ -134,14 +140,18 @@ class PrometheusSource:
 
     url: HttpUrl = Field(description="The Prometheus server, e.g. http://prometheus:9090.")
     query: Name = Field(
-        DEFAULT_PROMETHEUS_QUERY,
-        description="PromQL giving each upstream's latency in seconds (default: the p95 "
-                    "time to first token from skyroute's own histogram).")
+        default=DEFAULT_PROMETHEUS_QUERY,
+        description="PromQL giving each upstream's latency in seconds (default: the p95 time to "
+                    "first token from skyroute's own histogram).")
     interval_s: Duration = Field(
-        5.0, validation_alias="interval", gt=0, description="How often the query runs.")
+        default=5.0, validation_alias="interval", gt=0,
+        description="How often the query runs.")
     timeout_s: Duration = Field(
-        2.0, validation_alias="timeout", gt=0, description="How long one query may take.")
-    label: Name = Field("upstream", description="The series label that holds the upstream name.")
+        default=2.0, validation_alias="timeout", gt=0,
+        description="How long one query may take.")
+    label: Name = Field(
+        default="upstream",
+        description="The series label that holds the upstream name.")
 
 
 #: A pool server's scraped load counts for this many scrape intervals (plus the scrape
@@ -166,22 +176,26 @@ class PoolScrape:
 
     # The Gateway API Inference Extension scrapes every 1-2 s; queues change that fast.
     interval_s: Duration = Field(
-        1.0, validation_alias="interval", gt=0,
+        default=1.0, validation_alias="interval", gt=0,
         description="How often each pool server's /metrics and health path are read.")
     # A model server answers /health and /metrics in milliseconds even when busy.
     timeout_s: Duration = Field(
-        0.5, validation_alias="timeout", gt=0, description="How long one scrape may take.")
-    metrics_path: UrlPath = Field("/metrics", description="Where a pool server's metrics are.")
+        default=0.5, validation_alias="timeout", gt=0,
+        description="How long one scrape may take.")
+    metrics_path: UrlPath = Field(
+        default="/metrics",
+        description="Where a pool server's metrics are.")
     # /v1/models works on every OpenAI-compatible server (Ollama has no /health).
     health_path: UrlPath = Field(
-        "/health", description="Where a pool server is health-checked (e.g. /v1/models).")
+        default="/health",
+        description="Where a pool server is health-checked (e.g. /v1/models).")
     unhealthy_after: Count = Field(
-        2, description="Failed checks in a row that take a server out; one pass brings "
-                       "it back.")
+        default=2,
+        description="Failed checks in a row that take a server out; one pass brings it back.")
     metrics: PoolMetricNames = Field(
-        DEFAULT_METRIC_NAMES,
-        description="Metric names per load quantity, first found wins; a list given "
-                    "replaces that quantity's default (vLLM, SGLang and TGI names).")
+        default=DEFAULT_METRIC_NAMES,
+        description="Metric names per load quantity, first found wins; a list given replaces that "
+                    "quantity's default (vLLM, SGLang and TGI names).")
 
     @property
     def stale_after_s(self) -> float:
@@ -202,23 +216,26 @@ class LatencyPolicy:
     """Latency sources and how a slow upstream is left and taken back."""
 
     prometheus: PrometheusSource | None = Field(
-        None, description="Read upstream latency from Prometheus as well (all instances' "
-                          "view); without it, each instance uses what it measures itself.")
+        default=None,
+        description="Read upstream latency from Prometheus as well (all instances' view); without "
+                    "it, each instance uses what it measures itself.")
     passive_window_s: Duration = Field(
-        60.0, validation_alias="passive_window", gt=0,
+        default=60.0, validation_alias="passive_window", gt=0,
         description="How far back an instance's own latency samples count.")
     interval_s: Duration = Field(
-        1.0, validation_alias="interval", gt=0,
+        default=1.0, validation_alias="interval", gt=0,
         description="How often latency estimates are evaluated again.")
     probe_share: Share = Field(
-        0.02, description="Share of requests sent to slow upstreams anyway, so recovery is "
-                          "seen.")
+        default=0.02,
+        description="Share of requests sent to slow upstreams anyway, so recovery is seen.")
     recover_ratio: Share = Field(
-        0.8, description="A slow upstream recovers below this share of the threshold.")
+        default=0.8,
+        description="A slow upstream recovers below this share of the threshold.")
     recover_intervals: Count = Field(
-        3, description="Intervals in a row below recover_ratio before it recovers.")
+        default=3,
+        description="Intervals in a row below recover_ratio before it recovers.")
     ramp_s: Duration = Field(
-        10.0, validation_alias="ramp",
+        default=10.0, validation_alias="ramp",
         description="After recovery, traffic returns linearly over this long (slow start).")
     scrape: PoolScrape = Field(
         default_factory=PoolScrape,
@@ -230,10 +247,12 @@ class SessionPolicy:
     """Where a request's session id comes from, and how long a session lives."""
 
     header: Name = Field(
-        "X-Session-ID", description="Request header holding the session id (else the "
-                                    "OpenAI `user` field of the body).")
+        default="X-Session-ID",
+        description="Request header holding the session id (else the OpenAI `user` field of the "
+                    "body).")
     ttl_s: Duration = Field(
-        86400.0, validation_alias="ttl", gt=0, description="How long an idle session is kept.")
+        default=86400.0, validation_alias="ttl", gt=0,
+        description="How long an idle session is kept.")
 
 
 _DNS_DISCOVERY = r"^dns:[^\s:/]+(?::([0-9]+))?$"
@@ -256,24 +275,26 @@ class SyncPolicy:
     """State sync with peer instances (the ``/sync/{doc}`` endpoint and peer links)."""
 
     token: Text = Field(
-        repr=False, description="The shared secret peers authenticate with, from the "
-                                "environment, e.g. ${SKYROUTE_SYNC_TOKEN}.")
+        repr=False,
+        description="The shared secret peers authenticate with, from the environment, e.g. "
+                    "${SKYROUTE_SYNC_TOKEN}.")
     peers: tuple[WsUrl, ...] = Field(
-        (), description="Other instances' sync URLs, e.g. wss://sync.eu.example.com/sync.")
+        default=(),
+        description="Other instances' sync URLs, e.g. wss://sync.eu.example.com/sync.")
     discovery: Discovery | None = Field(
-        None,
-        description="Find peers through DNS: dns:<headless service name>[:port] "
-                    "(port 8080 if not given).")
+        default=None,
+        description="Find peers through DNS: dns:<headless service name>[:port] (port 8080 if not "
+                    "given).")
     # Pods come and go, and a new one is peered within this long; 10 s is cheap for
     # any resolver.
     discovery_interval_s: Duration = Field(
-        10.0, validation_alias="discovery_interval", gt=0,
+        default=10.0, validation_alias="discovery_interval", gt=0,
         description="How often the discovery name is resolved again.")
     rotate_every_s: Duration = Field(
-        3600.0, validation_alias="rotate_every", gt=0,
+        default=3600.0, validation_alias="rotate_every", gt=0,
         description="How often the shared state documents start a new epoch (and shrink).")
     snapshot_path: Text | None = Field(
-        None, validation_alias="snapshot",
+        default=None, validation_alias="snapshot",
         description="A file to keep the shared state in across restarts.")
 
     @model_validator(mode="after")
@@ -289,16 +310,18 @@ class ReducedLevel:
     """The ``reduced`` level: the route's first target is down, others serve."""
 
     # A hedge doubles the load on the targets that are left.
-    hedging: Flag = Field(True, description="false: no hedged requests while a route is "
-                                            "reduced or worse.")
+    hedging: Flag = Field(
+        default=True,
+        description="false: no hedged requests while a route is reduced or worse.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class FallbackLevel:
     """The ``fallback`` level: no target is available, the fallback model serves."""
 
-    enabled: Flag = Field(True, description="false: never switch a route to its "
-                                            "fallback_model.")
+    enabled: Flag = Field(
+        default=True,
+        description="false: never switch a route to its fallback_model.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -307,26 +330,28 @@ class MinimalLevel:
 
     # Half means a real outage, not one region having a bad minute.
     when_available_below: Share = Field(
-        0.5, description="Enter minimal when fewer than this share of all upstreams is "
-                         "available (healthy or slow); 0 turns minimal off.")
+        default=0.5,
+        description="Enter minimal when fewer than this share of all upstreams is available "
+                    "(healthy or slow); 0 turns minimal off.")
     # Short answers keep more clients served by the capacity that is left.
     max_tokens: Count = Field(
-        256, description="In minimal, max_tokens / max_completion_tokens are capped to this "
-                         "(and max_tokens added when a request sets neither).")
-    max_n: Count = Field(1, description="In minimal, requests asking for more choices (n) "
-                                        "than this are refused.")
+        default=256,
+        description="In minimal, max_tokens / max_completion_tokens are capped to this (and "
+                    "max_tokens added when a request sets neither).")
+    max_n: Count = Field(
+        default=1,
+        description="In minimal, requests asking for more choices (n) than this are refused.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class DegradationPolicy:
     """What each degradation level switches off (the ``degradation`` section)."""
 
-    reduced: ReducedLevel = Field(default_factory=ReducedLevel,
-                                  description="The reduced level.")
-    fallback: FallbackLevel = Field(default_factory=FallbackLevel,
-                                    description="The fallback level.")
-    minimal: MinimalLevel = Field(default_factory=MinimalLevel,
-                                  description="The minimal level.")
+    reduced: ReducedLevel = Field(default_factory=ReducedLevel, description="The reduced level.")
+    fallback: FallbackLevel = Field(
+        default_factory=FallbackLevel,
+        description="The fallback level.")
+    minimal: MinimalLevel = Field(default_factory=MinimalLevel, description="The minimal level.")
 
     @property
     def reduced_hedging(self) -> bool:

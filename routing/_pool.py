@@ -75,17 +75,17 @@ class PoolMetricNames:
     """Prometheus names for each load quantity, in order of preference
     (``latency.scrape.metrics`` in the routing file)."""
 
-    waiting: tuple[MetricName, ...] = pydantic.Field((
+    waiting: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:num_requests_waiting",
         "sglang:num_queue_reqs",
         "tgi_queue_size",
     ), description="Requests queued on a server.")
-    running: tuple[MetricName, ...] = pydantic.Field((
+    running: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:num_requests_running",
         "sglang:num_running_reqs",
         "tgi_batch_current_size",
     ), description="Requests a server is running.")
-    kv_cache_usage: tuple[MetricName, ...] = pydantic.Field((
+    kv_cache_usage: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:kv_cache_usage_perc",  # vLLM >= 0.10, a fraction despite the name
         "vllm:gpu_cache_usage_perc",  # older vLLM
         "sglang:token_usage",

@@ -207,7 +207,8 @@ Duration = Annotated[float, _converted(parse_duration), Kind(
     show=show_duration)]
 #: A number of bytes: ``16MiB``, ``512KB`` or bare bytes.
 Size = Annotated[int, _converted(parse_size), Kind(
-    "size", string_form=r"^\s*[0-9]+\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", non_negative=True, show=show_size)]
+    "size", string_form=r"^\s*[0-9]+\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", non_negative=True,
+    show=show_size)]
 #: A share of a whole, stored as 0..1: ``20%`` or ``0.2``.
 Share = Annotated[float, _converted(parse_share), Field(ge=0, le=1), Kind(
     "share", string_form=r"^\s*[0-9]+(\.[0-9]+)?\s*%\s*$", show=show_share)]

@@ -22,13 +22,14 @@ Rules / theory of operation:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
@@ -91,21 +92,23 @@ class _BoundedComposer(Composer):
     """PyYAML's composer with a nesting limit (its recursion would otherwise overflow)."""
 
     depth = 0
+    peek_event: Callable[[], Event]  # the parser's, which the loader mixes in
 
-    def compose_node(self, parent: Node | None, index: object) -> Node:
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
-                raise _Refused(mark.line + 1, f"nested deeper than {MAX_DEPTH} levels; a "
-                                              "routing file needs about 6")
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+                raise _Refused(mark.line + 1 if mark else None,
+                               f"nested deeper than {MAX_DEPTH} levels; a routing file "
+                               "needs about 6")
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
 
 if yaml.__with_libyaml__:
-    from yaml.cyaml import CParser as _Parser
+    from yaml.cyaml import CParser as _Parser  # type: ignore[attr-defined]
 
     class _Loader(_BoundedComposer, _Parser, SafeConstructor, Resolver):
         def __init__(self, text: str) -> None:
@@ -167,8 +170,8 @@ class _Tree:
             assert isinstance(node, SequenceNode)
             items = []
             for index, item in enumerate(node.value):
-                self.doc.key_lines[path + (index,)] = _line(item)
-                items.append(self.value(item, path + (index,), via_alias))
+                self.doc.key_lines[(*path, index)] = _line(item)
+                items.append(self.value(item, (*path, index), via_alias))
             return items
         finally:
             self.open.discard(key)
@@ -190,13 +193,13 @@ class _Tree:
             name = str(key_node.value)
             if name in written:
                 self.problems.append(ConfigProblem(
-                    format_path(path + (name,)), _line(key_node),
+                    format_path((*path, name)), _line(key_node),
                     f"key '{name}' is given twice (first on line {written[name]}); "
                     "keep one"))
                 continue
             written[name] = _line(key_node)
-            self.doc.key_lines[path + (name,)] = _line(key_node)
-            value = self.value(value_node, path + (name,), via_alias)
+            self.doc.key_lines[(*path, name)] = _line(key_node)
+            value = self.value(value_node, (*path, name), via_alias)
             if value is not None:
                 result[name] = value
         for name, value in merged.items():

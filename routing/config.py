@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
@@ -97,7 +97,7 @@ class Listen:
     """Where skyroute listens."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
 
     @classmethod
     def parse(cls, value: object) -> Listen:
@@ -126,12 +126,15 @@ class ApiKey:
     """A client key: who may call skyroute, and (with state sync) their limits."""
 
     name: Name = Field(description="Who the key belongs to (shown in logs and metrics).")
-    key: Text = Field(repr=False, description="The key a client sends as its OpenAI API "
-                                              "key; write it as ${ENV_NAME}.")
-    rpm: Count | None = Field(None, description="Requests per minute for this key, across "
-                                                "all instances.")
-    tpm: Count | None = Field(None, description="Tokens per minute for this key, across all "
-                                                "instances.")
+    key: Text = Field(
+        repr=False,
+        description="The key a client sends as its OpenAI API key; write it as ${ENV_NAME}.")
+    rpm: Count | None = Field(
+        default=None,
+        description="Requests per minute for this key, across all instances.")
+    tpm: Count | None = Field(
+        default=None,
+        description="Tokens per minute for this key, across all instances.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -139,7 +142,8 @@ class Auth:
     """Client keys. Without an ``auth`` section skyroute accepts any caller."""
 
     api_keys: tuple[ApiKey, ...] = Field(
-        (), description="The client keys; a key whose ${VAR} is set but empty is left out.")
+        default=(),
+        description="The client keys; a key whose ${VAR} is set but empty is left out.")
 
     @model_validator(mode="after")
     def _drop_empty_keys(self) -> Auth:
@@ -153,25 +157,28 @@ class Auth:
 class Admin:
     """The admin API (``/admin/*``)."""
 
-    key: Text | None = Field(None, repr=False, description="Bearer key for /admin/*; write "
-                                                           "it as ${ENV_NAME}. Unset or empty: "
-                                                           "no admin API.")
+    key: Text | None = Field(
+        default=None, repr=False,
+        description="Bearer key for /admin/*; write it as ${ENV_NAME}. Unset or empty: no admin "
+                    "API.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Instance:
     """This instance's identity."""
 
-    id: Text = Field("skyroute", description="Names this instance in /metrics, /health and "
-                                             "state sync.")
+    id: Text = Field(
+        default="skyroute",
+        description="Names this instance in /metrics, /health and state sync.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Limits:
     """Limits on what clients send."""
 
-    max_body_bytes: Size = Field(DEFAULT_MAX_BODY_BYTES, gt=0,
-                                 description="Bigger request bodies get 413.")
+    max_body_bytes: Size = Field(
+        default=DEFAULT_MAX_BODY_BYTES, gt=0,
+        description="Bigger request bodies get 413.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -179,36 +186,41 @@ class Upstream:
     """One upstream cluster: a provider region, or a pool of self-hosted servers."""
 
     name: Name = Field(description="The upstream's name, used by routes' targets.")
-    url: HttpUrl | None = Field(None, description="The OpenAI base URL, as an SDK's base_url "
-                                                  "(give url or endpoints).")
+    url: HttpUrl | None = Field(
+        default=None,
+        description="The OpenAI base URL, as an SDK's base_url (give url or endpoints).")
     endpoints: tuple[HttpUrl, ...] = Field(
-        (), description="A local GPU pool: several OpenAI-compatible servers' base URLs.")
-    api_key: Text | None = Field(None, repr=False, description="Sent upstream instead of the "
-                                                               "client's key; write it as "
-                                                               "${ENV_NAME}.")
-    region: Text = Field("default", description="Where the upstream is (in metrics and "
-                                                "/health).")
+        default=(),
+        description="A local GPU pool: several OpenAI-compatible servers' base URLs.")
+    api_key: Text | None = Field(
+        default=None, repr=False,
+        description="Sent upstream instead of the client's key; write it as ${ENV_NAME}.")
+    region: Text = Field(
+        default="default",
+        description="Where the upstream is (in metrics and /health).")
     models: Mapping[str, str] = Field(
         default_factory=lambda: MappingProxyType({}),
-        description="Model alias a client asks for -> the upstream's own model name. An "
-                    "alias named by no route goes to every upstream offering it.")
+        description="Model alias a client asks for -> the upstream's own model name. An alias "
+                    "named by no route goes to every upstream offering it.")
     first_token_timeout_s: Duration = Field(
-        DEFAULT_FIRST_TOKEN_TIMEOUT_S, validation_alias="first_token_timeout", gt=0,
-        description="Busy detection: no first token by then fails the attempt "
-                    "(keep-alives do not count).")
+        default=DEFAULT_FIRST_TOKEN_TIMEOUT_S, validation_alias="first_token_timeout", gt=0,
+        description="Busy detection: no first token by then fails the attempt (keep-alives do not "
+                    "count).")
     connect_timeout_s: Duration = Field(
-        DEFAULT_CONNECT_TIMEOUT_S, validation_alias="connect_timeout", gt=0,
+        default=DEFAULT_CONNECT_TIMEOUT_S, validation_alias="connect_timeout", gt=0,
         description="How long connecting may take.")
     idle_timeout_s: Duration = Field(
-        DEFAULT_IDLE_TIMEOUT_S, validation_alias="idle_timeout", gt=0,
+        default=DEFAULT_IDLE_TIMEOUT_S, validation_alias="idle_timeout", gt=0,
         description="Longest silence once an answer has started.")
     max_connections: Count = Field(
-        DEFAULT_MAX_CONNECTIONS, description="Connections kept open to this upstream, all its "
-                                             "endpoints together; more requests wait.")
-    weight: Count = Field(1, description="Share of traffic under the weighted strategy.")
-    scrape: Flag = Field(True, description="For a pool: scrape and health-check its servers "
-                                           "(latency.scrape); false picks by in-flight counts "
-                                           "alone.")
+        default=DEFAULT_MAX_CONNECTIONS,
+        description="Connections kept open to this upstream, all its endpoints together; more "
+                    "requests wait.")
+    weight: Count = Field(default=1, description="Share of traffic under the weighted strategy.")
+    scrape: Flag = Field(
+        default=True,
+        description="For a pool: scrape and health-check its servers (latency.scrape); false "
+                    "picks by in-flight counts alone.")
 
     @model_validator(mode="after")
     def _one_address(self) -> Upstream:
@@ -252,28 +264,36 @@ class Route:
     """Which upstreams serve a model alias, in preference order."""
 
     model: Name = Field(description="The model alias clients ask for.")
-    targets: tuple[Name, ...] = Field(min_length=1, description="Upstream names, in "
-                                                                "preference order.")
-    strategy: Strategy = Field(Strategy.LOWEST_LATENCY,
-                               description="How the healthy targets are ordered.")
+    targets: tuple[Name, ...] = Field(
+        min_length=1,
+        description="Upstream names, in preference order.")
+    strategy: Strategy = Field(
+        default=Strategy.LOWEST_LATENCY,
+        description="How the healthy targets are ordered.")
     latency_threshold_s: Duration = Field(
-        0.2, validation_alias="latency_threshold",
+        default=0.2, validation_alias="latency_threshold",
         description="A target slower than this (time to first token) counts as slow.")
-    max_attempts: Count = Field(DEFAULT_MAX_ATTEMPTS,
-                                description="Attempts over the targets per request.")
+    max_attempts: Count = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        description="Attempts over the targets per request.")
     timeout_s: Duration = Field(
-        DEFAULT_ROUTE_TIMEOUT_S, validation_alias="timeout", gt=0,
+        default=DEFAULT_ROUTE_TIMEOUT_S, validation_alias="timeout", gt=0,
         description="Overall deadline for a request, all attempts together.")
     hedge_after: HedgeAfter = Field(
-        None, description="Race the next target if no first token by then: a duration, or "
-                          "p95 for the first target's own p95 time to first token.")
-    resume: Flag = Field(False, description="Continue a stream cut after its first content "
-                                            "byte on the next target (chat completions).")
+        default=None,
+        description="Race the next target if no first token by then: a duration, or p95 for the "
+                    "first target's own p95 time to first token.")
+    resume: Flag = Field(
+        default=False,
+        description="Continue a stream cut after its first content byte on the next target (chat "
+                    "completions).")
     fallback_model: Name | None = Field(
-        None, description="Another route's model alias that serves this route's requests "
-                          "when none of its targets can (e.g. a small model on a pool).")
-    essential: Flag = Field(False, description="Still served in minimal mode (other routes "
-                                               "are refused then).")
+        default=None,
+        description="Another route's model alias that serves this route's requests when none of "
+                    "its targets can (e.g. a small model on a pool).")
+    essential: Flag = Field(
+        default=False,
+        description="Still served in minimal mode (other routes are refused then).")
     #: Made from upstreams' model maps, not written in YAML.
     implicit: SkipJsonSchema[bool] = dataclasses.field(default=False, init=False)
 
@@ -283,32 +303,39 @@ class Config:
     """A whole, validated routing file."""
 
     listen: ListenAddress = Field(
-        default_factory=Listen, description="host:port to serve on (:port for all "
-                                            "interfaces; port 0 picks a free one).")
+        default_factory=Listen,
+        description="host:port to serve on (:port for all interfaces; port 0 picks a free one).")
     instance: Instance = Field(default_factory=Instance, description="This instance.")
-    auth: Auth | None = Field(None, description="Client keys; with no auth section skyroute "
-                                                "runs open and warns at start.")
-    admin: Admin | None = Field(None, description="The admin API.")
+    auth: Auth | None = Field(
+        default=None,
+        description="Client keys; with no auth section skyroute runs open and warns at start.")
+    admin: Admin | None = Field(default=None, description="The admin API.")
     limits: Limits = Field(default_factory=Limits, description="Limits on requests.")
-    retry: RetryPolicy = Field(default_factory=RetryPolicy,
-                               description="Backoff between attempts and the retry budget.")
-    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy,
-                                   description="Circuit breaking per upstream.")
-    latency: LatencyPolicy = Field(default_factory=LatencyPolicy,
-                                   description="Latency sources and slow upstreams.")
-    sessions: SessionPolicy = Field(default_factory=SessionPolicy,
-                                    description="Session ids and how long sessions live.")
-    sync: SyncPolicy | None = Field(None, description="State sync with peer instances; "
-                                                      "without it state stays on this "
-                                                      "instance.")
-    degradation: DegradationPolicy = Field(default_factory=DegradationPolicy,
-                                           description="What each degradation level "
-                                                       "switches off.")
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description="Backoff between attempts and the retry budget.")
+    breaker: BreakerPolicy = Field(
+        default_factory=BreakerPolicy,
+        description="Circuit breaking per upstream.")
+    latency: LatencyPolicy = Field(
+        default_factory=LatencyPolicy,
+        description="Latency sources and slow upstreams.")
+    sessions: SessionPolicy = Field(
+        default_factory=SessionPolicy,
+        description="Session ids and how long sessions live.")
+    sync: SyncPolicy | None = Field(
+        default=None,
+        description="State sync with peer instances; without it state stays on this instance.")
+    degradation: DegradationPolicy = Field(
+        default_factory=DegradationPolicy,
+        description="What each degradation level switches off.")
     upstreams: tuple[Upstream, ...] = Field(
-        min_length=1, description="Where requests go: cloud regions, providers, GPU pools.")
+        min_length=1,
+        description="Where requests go: cloud regions, providers, GPU pools.")
     routes: tuple[Route, ...] = Field(
-        (), description="Model aliases and their targets; aliases in upstreams' models "
-                        "that no route names get a route of their own.")
+        default=(),
+        description="Model aliases and their targets; aliases in upstreams' models that no route "
+                    "names get a route of their own.")
     #: Where the file came from (a path, or ``<memory>``).
     source: SkipJsonSchema[str] = dataclasses.field(default="<memory>", init=False)
 
