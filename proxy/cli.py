@@ -1,8 +1,9 @@
-"""The ``skyroute`` command line: ``run``, ``validate`` and ``demo`` (``--prometheus``)."""
+"""The ``skyroute`` command line: ``run``, ``validate``, ``schema`` and ``demo`` (``--prometheus``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(env SKYROUTE_SHUTDOWN_GRACE_SECONDS; default 30)")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
+    commands.add_parser("schema", help="print the routing file's JSON Schema (for editors)")
     demo = commands.add_parser(
         "demo", help="run a local demo: stand-in regions, a GPU pool and skyroute (no keys)")
     demo.add_argument("--port", type=int, default=8080, help="skyroute's port (0: a free one)")
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.config)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "schema":
+        return _schema()
     return _run(args)
 
 
@@ -78,6 +82,13 @@ def _validate(path: str) -> int:
         return 1
     print(f"{path}: OK ({len(config.upstreams)} upstreams, {len(config.routes)} routes: "
           f"{', '.join(r.model for r in config.routes)})")
+    return 0
+
+
+def _schema() -> int:
+    from skyroute.routing.schema import routing_json_schema
+
+    print(json.dumps(routing_json_schema(), indent=2))
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
@@ -160,10 +160,14 @@ class Kind:
     #: Numbers of this kind are never negative (the schema says so where no limit does).
     non_negative: bool = False
     show: Callable[[Any], str] = str
+    #: The whole JSON Schema, where the stored type says nothing of what is written.
+    json_schema: Mapping[str, Any] | None = None
 
     def __get_pydantic_json_schema__(
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
+        if self.json_schema is not None:
+            return dict(self.json_schema)
         inner = handler(schema)
         if self.non_negative and "minimum" not in inner and "exclusiveMinimum" not in inner:
             inner["minimum"] = 0

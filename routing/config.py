@@ -115,10 +115,12 @@ class Listen:
         return cls(host=host.strip("[]") or "0.0.0.0", port=int(port))
 
 
-_LISTEN_FORMS = r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]*):[0-9]{1,5}$"
+_LISTEN_FORMS = r"^((\[[0-9A-Fa-f:.]+\]|[^:\s]*):)?[0-9]{1,5}$"
 #: The ``listen`` key: ``host:port``, ``:port`` (all interfaces) or a port.
 ListenAddress = Annotated[Listen, BeforeValidator(Listen.parse), Kind(
-    "host:port", string_form=_LISTEN_FORMS, show=lambda v: f"{v.host}:{v.port}")]
+    "host:port", show=lambda v: f"{v.host}:{v.port}", json_schema={"anyOf": [
+        {"type": "string", "pattern": _LISTEN_FORMS},
+        {"type": "integer", "minimum": 0, "maximum": 65535}]})]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -256,7 +258,9 @@ def _hedge_after(value: object) -> float | str | None:
 _HEDGE_FORMS = r"^\s*(p95|[0-9]+(\.[0-9]+)?\s*(ms|s|m|h)?)\s*$"
 #: ``hedge_after``: a duration, or ``p95`` for the first target's own p95 time to first token.
 HedgeAfter = Annotated[float | str | None, BeforeValidator(_hedge_after), Kind(
-    "duration or p95", string_form=_HEDGE_FORMS, non_negative=True)]
+    "duration or p95", json_schema={"anyOf": [
+        {"type": "number", "minimum": 0}, {"type": "string", "pattern": _HEDGE_FORMS},
+        {"type": "null"}]})]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
