@@ -1,4 +1,4 @@
-"""The ``skyroute`` command line: ``run``, ``validate``, ``schema`` and ``demo`` (``--prometheus``)."""
+"""The ``skyroute`` command line: ``run``, ``validate``, ``schema``, ``demo`` (``--prometheus``)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ async def test_in_flight_request_finishes_on_the_old_config(standin, skyroute):
 
 
 BILLION_LAUGHS = "".join(
-    [f'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
     + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)])
 
 
