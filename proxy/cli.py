@@ -1,4 +1,4 @@
-"""The ``skyroute`` command line: ``run``, ``validate``, ``schema``, ``demo`` (``--prometheus``)."""
+"""The ``skyroute`` command line: ``run``, ``validate`` and ``demo`` (``--prometheus``)."""
 
 from __future__ import annotations
 
