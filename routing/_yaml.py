@@ -43,6 +43,8 @@ MAX_DEPTH: Final = 32
 #: billion-laughs file expands to millions of nodes.
 MAX_ALIAS_NODES: Final = 10_000
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_MAP_TAG: Final = "tag:yaml.org,2002:map"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 YamlPath = tuple[str | int, ...]
@@ -163,6 +165,11 @@ class _Tree:
         self.doc.value_lines[path] = _line(node)
         if isinstance(node, ScalarNode):
             return self.scalar(node, path)
+        if node.tag not in (_MAP_TAG, _SEQ_TAG):  # !!set, !!omap, !!python/...
+            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
+                                               f"cannot read this value: tag {node.tag!r} is "
+                                               "not allowed; write a plain list or mapping"))
+            return None
         self.open.add(key)
         try:
             if isinstance(node, MappingNode):
