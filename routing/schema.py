@@ -106,7 +106,7 @@ def _with_env_references(schema: dict[str, Any]) -> dict[str, Any]:
         schema["anyOf"] = branches
         return schema
     if _is_leaf(schema) and not _is_free_text(schema):
-        meta = {k: schema.pop(k) for k in _META_KEYS if k in schema}
+        meta: dict[str, Any] = {k: schema.pop(k) for k in _META_KEYS if k in schema}
         return {"anyOf": [schema, dict(ENV_REFERENCE)], **meta}
     return schema
 
@@ -174,18 +174,18 @@ def _item_kind(annotation: Any) -> Kind | None:
     return found[-1] if found else None
 
 
+#: Limits every value of a kind has (a count is >= 1, a share <= 1): not repeated per row.
+_IMPLIED_LIMITS: Final = {(">=", 0), (">=", 1), ("<=", 1), ("<=", MAX_WHOLE)}
+
+
 def _limits(info: FieldInfo) -> str:
-    shown = {annotated_types.Gt: "> {}", annotated_types.Ge: ">= {}",
-             annotated_types.Lt: "< {}", annotated_types.Le: "<= {}"}
     parts = []
     for item in info.metadata:
-        for cls, text in shown.items():
-            if isinstance(item, cls):
-                value = next(iter(dataclasses.asdict(item).values()))
-                implied = {(annotated_types.Ge, 0), (annotated_types.Ge, 1),
-                           (annotated_types.Le, 1), (annotated_types.Le, MAX_WHOLE)}
-                if (cls, value) not in implied:
-                    parts.append(text.format(f"{value:g}" if isinstance(value, float) else value))
+        for sign, cls, attr in ((">", annotated_types.Gt, "gt"), (">=", annotated_types.Ge, "ge"),
+                                ("<", annotated_types.Lt, "lt"), ("<=", annotated_types.Le, "le")):
+            if isinstance(item, cls) and (sign, getattr(item, attr)) not in _IMPLIED_LIMITS:
+                value = getattr(item, attr)
+                parts.append(f"{sign} {value:g}" if isinstance(value, float) else f"{sign} {value}")
     return ", ".join(parts)
 
 
