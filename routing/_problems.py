@@ -43,6 +43,8 @@ def validation_problems(exc: ValidationError, doc: Document, root: type) -> list
     problems = []
     for error in exc.errors():
         path, message = _explain(error, root)
+        if any(path[:len(unset)] == unset for unset in doc.unset_env):
+            continue  # an unset ${VAR}: that problem is reported, its empty value is not
         at_value = error["type"] not in _UNKNOWN_KEY_ERRORS \
             and isinstance(_value_at(doc.data, path), dict | list)
         problems.append(ConfigProblem(format_path(path) or "(file)",
@@ -63,6 +65,8 @@ def _explain(error: ErrorDetails, root: type) -> tuple[YamlPath, str]:
         return path, f"unknown key '{key}'{hint} (known keys here: {', '.join(sorted(known))})"
     if kind == "missing":
         about = _description_at(root, path)
+        if about and about[1:2].islower():
+            about = about[0].lower() + about[1:]
         return path[:-1], f"missing required key '{path[-1]}'" + (f" ({about})" if about else "")
     if kind == "enum":
         choices = [str(m.value) for m in _enum_at(root, path)]

@@ -67,6 +67,8 @@ class Document:
     value_lines: dict[YamlPath, int] = field(default_factory=dict)
     #: Paths of strings that came out of a ``${VAR}`` expansion.
     from_env: set[YamlPath] = field(default_factory=set)
+    #: Paths of strings with an unset ``${VAR}`` (already a problem; nothing more is said).
+    unset_env: set[YamlPath] = field(default_factory=set)
 
     def line_of(self, path: YamlPath, *, value: bool = False) -> int | None:
         """The line of ``path`` (its key's, or with ``value`` where its value starts);
@@ -252,6 +254,7 @@ class _Tree:
                 format_path(path), line,
                 f"environment variable {name} is not set; export it or write "
                 f"${{{name}:-default}}"))
+            self.doc.unset_env.add(path)
             return ""
 
         self.doc.from_env.add(path)

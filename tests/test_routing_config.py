@@ -339,6 +339,14 @@ def test_a_file_without_upstreams_is_refused(text):
     assert "upstreams" in f"{problem.path} {problem.message}"
 
 
+def test_an_unset_variable_is_one_problem():
+    """An unset ${VAR} is reported once, not again as the empty value it left."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(CONTRACT.replace("https://example.com/v1", "${AWS_URL}"), env=ENV)
+    assert [(p.path, p.line) for p in caught.value.problems] == [("upstreams[0].url", 8)]
+    assert "AWS_URL is not set" in caught.value.problems[0].message
+
+
 def test_problems_are_sorted_by_line():
     """Problems found by different checks come out in file order."""
     text = CONTRACT.replace("region: us-east", "regon: us-east").replace(
