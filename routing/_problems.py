@@ -65,9 +65,8 @@ def _explain(error: ErrorDetails, root: type) -> tuple[YamlPath, str]:
         return path, f"unknown key '{key}'{hint} (known keys here: {', '.join(sorted(known))})"
     if kind == "missing":
         about = _description_at(root, path)
-        if about and about[1:2].islower():
-            about = about[0].lower() + about[1:]
-        return path[:-1], f"missing required key '{path[-1]}'" + (f" ({about})" if about else "")
+        return path[:-1], (f"missing required key '{path[-1]}'"
+                           + (f" ({_lower_first(about)})" if about else ""))
     if kind == "enum":
         choices = [str(m.value) for m in _enum_at(root, path)]
         close = difflib.get_close_matches(str(given), choices, n=1)
@@ -79,8 +78,9 @@ def _explain(error: ErrorDetails, root: type) -> tuple[YamlPath, str]:
         return path, f"expected a list, got {_what(given)}"
     if kind == "string_type":
         return path, f"expected text, got {_what(given)}"
-    if kind == "too_short":
-        return path, "must not be empty" if ctx.get("min_length") == 1 else str(error["msg"])
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        about = _description_at(root, path)
+        return path, "must not be empty" + (f" ({_lower_first(about)})" if about else "")
     if kind == "greater_than":
         return path, f"must be above {_number(ctx['gt'])}"
     if kind == "greater_than_equal":
@@ -88,6 +88,10 @@ def _explain(error: ErrorDetails, root: type) -> tuple[YamlPath, str]:
     if kind == "less_than_equal":
         return path, f"must be at most {_number(ctx['le'])}"
     return path, str(error["msg"])
+
+
+def _lower_first(text: str) -> str:
+    return text[0].lower() + text[1:] if text[1:2].islower() else text
 
 
 def _number(value: object) -> str:
