@@ -13,7 +13,6 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 from skyroute.routing import (
@@ -31,6 +30,7 @@ from skyroute.routing import (
     streamed_tokens,
 )
 
+from ._connections import UpstreamSessions
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
@@ -63,7 +63,7 @@ class _Interrupted:
 
 
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
-                      session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
+                      session: UpstreamSessions, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
                       count_usage: bool = False,
                       extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
@@ -130,7 +130,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
-                   session: aiohttp.ClientSession, metrics: Metrics, router: Router,
+                   session: UpstreamSessions, metrics: Metrics, router: Router,
                    plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
                    track: bool, extra_headers: Mapping[str, str] | None = None,
                    ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
@@ -217,7 +217,7 @@ def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
                            content_chunks=transcript.content_chunks)
 
 
-async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
+async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSessions,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
                        ) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.

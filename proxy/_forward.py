@@ -33,6 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
+from ._connections import UpstreamSessions
 from ._sse import StreamTranscript, complete_events
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
@@ -154,7 +155,7 @@ def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
     return None
 
 
-async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+async def open_attempt(session: UpstreamSessions, target: Target, call: UpstreamCall,
                        *, request_id: str, deadline: float) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
@@ -177,7 +178,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     response: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
+            response = await session.for_upstream(upstream).request(
                 call.method, target.endpoint + call.path_qs, data=call.body_for(target),
                 headers=headers, timeout=timeout, allow_redirects=False)
             if response.status >= 400:

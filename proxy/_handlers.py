@@ -32,7 +32,7 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
-from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
+from ._state import METRICS, REQUEST_ID, SERVING, STATE_SYNC, SUMMARY, UPSTREAM_SESSIONS
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -149,7 +149,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                         body=body or None, payload=payload, alias=alias)
     summary = request[SUMMARY]
     serve = functools.partial(serve_route, request, router=runtime.router, call=call,
-                              session=request.app[SESSION], metrics=metrics,
+                              session=request.app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
                               count_usage=client is not None and client.tpm is not None)
     resp = await serve_decided(serve, decision, asked=route, router=runtime.router,

@@ -43,7 +43,8 @@ from ._router_types import (
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
 from ._streams import is_resumable, streamed_tokens
-from ._yaml import parse_duration, parse_size
+from ._values import parse_duration, parse_size
+from ._yaml import MAX_TEXT_BYTES as MAX_CONFIG_BYTES
 from .config import (
     ApiKey,
     BreakerPolicy,
@@ -59,7 +60,6 @@ from .config import (
     SessionPolicy,
     SyncPolicy,
     Upstream,
-    load_config,
     parse_config,
 )
 
@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_SHARE_WINDOW_S",
     "GOSSIPED",
     "LEVELS",
+    "MAX_CONFIG_BYTES",
     "RATE_WINDOW_S",
     "RETRYABLE",
     "STATES",
@@ -132,7 +133,6 @@ __all__ = [
     "classify_status",
     "gossip_decisions",
     "is_resumable",
-    "load_config",
     "parse_config",
     "parse_duration",
     "parse_server_load",
