@@ -187,6 +187,26 @@ class SessionPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectPolicy:
+    """How long skyroute remembers which upstream holds a stateful object, and how many.
+
+    Files, batches, stored responses, vector stores, assistants and threads live at
+    one provider; a later call naming one must go back there (``proxy._objects``).
+    """
+
+    #: OpenAI keeps stored responses 30 days; files and batches live about as long.
+    ttl_s: float = 30 * 86400.0
+    #: Entries kept in the shared map; the oldest go first past this.
+    max_entries: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 0:
+            raise ValueError("ttl must be above 0")
+        if self.max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SyncPolicy:
     """State sync with peer instances (the ``/sync/{doc}`` endpoint and peer links)."""
 

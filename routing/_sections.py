@@ -17,6 +17,7 @@ from ._policies import (
     BreakerPolicy,
     DegradationPolicy,
     LatencyPolicy,
+    ObjectPolicy,
     PoolScrape,
     PrometheusSource,
     RetryPolicy,
@@ -60,6 +61,13 @@ def read_breaker(top: Fields) -> BreakerPolicy:
         "window": ("window_s", parse_duration, DURATION),
         "cooldown": ("cooldown_s", parse_duration, DURATION),
         "max_cooldown": ("max_cooldown_s", parse_duration, DURATION)})
+
+
+def read_objects(top: Fields) -> ObjectPolicy:
+    """The ``objects`` section (stateful objects stay with their upstream)."""
+    return section(top, "objects", ObjectPolicy, {
+        "ttl": ("ttl_s", parse_duration, DURATION),
+        "max_entries": ("max_entries", parse_count, COUNT)})
 
 
 def read_sessions(top: Fields) -> SessionPolicy:

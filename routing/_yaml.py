@@ -29,11 +29,11 @@ from ._errors import ConfigProblem
 T = TypeVar("T")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
                "GB": 1000**3, "GiB": 1024**3}
-_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class LinedDict(dict[str, Any]):
@@ -90,7 +90,7 @@ def parse_yaml(text: str, source: str) -> tuple[LinedDict | None, list[ConfigPro
 
 
 def parse_duration(value: object) -> float:
-    """``250ms``, ``2s``, ``10m``, ``1h`` or a bare number of seconds, as seconds."""
+    """``250ms``, ``2s``, ``10m``, ``1h``, ``30d`` or a bare number of seconds, as seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 250ms, 2s or 10m")
     if isinstance(value, int | float):

@@ -15,6 +15,7 @@ alias the client asks for to an ordered list of upstream *targets*.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ._policies import (
     BreakerPolicy,
     DegradationPolicy,
     LatencyPolicy,
+    ObjectPolicy,
     PoolScrape,
     PrometheusSource,
     RetryPolicy,
@@ -39,6 +41,7 @@ from ._sections import (
     read_breaker,
     read_degradation,
     read_latency,
+    read_objects,
     read_retry,
     read_sessions,
     read_sync,
@@ -68,6 +71,15 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 #: Overall deadline for one client request, all attempts together.
 DEFAULT_ROUTE_TIMEOUT_S = 600.0
 DEFAULT_MAX_ATTEMPTS = 3
+#: File uploads, audio and image edits are streamed through, so they may be far
+#: bigger than JSON bodies; OpenAI's own file limit is 512 MB.
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+#: Where clients may put their key: the OpenAI SDKs, Azure SDKs, several others.
+DEFAULT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+#: Never forwarded from a client, whatever ``forward_headers`` says.
+_UNFORWARDABLE = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key", "cookie",
+                            "connection", "keep-alive", "te", "trailer", "transfer-encoding",
+                            "upgrade", "proxy-authorization", "host", "content-length"})
 
 __all__ = [
     "DEFAULT_PROMETHEUS_QUERY",
@@ -77,6 +89,7 @@ __all__ = [
     "DegradationPolicy",
     "LatencyPolicy",
     "Limits",
+    "ObjectPolicy",
     "Listen",
     "PoolScrape",
     "PrometheusSource",
@@ -143,6 +156,12 @@ class Upstream:
     #: For a pool: scrape and health-check its servers (``latency.scrape``). Off, the
     #: pool picks by skyroute's own in-flight counts alone.
     scrape: bool = True
+    #: Sent as OpenAI-Organization / OpenAI-Project (who is billed on this key).
+    organization: str | None = None
+    project: str | None = None
+    #: Client headers passed to this upstream that skyroute would otherwise set
+    #: itself (OpenAI-Organization, OpenAI-Project); never credentials.
+    forward_headers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -152,6 +171,10 @@ class Upstream:
                 raise ValueError(f"endpoint {url!r} must start with http:// or https://")
         object.__setattr__(self, "endpoints", tuple(u.rstrip("/") for u in self.endpoints))
         object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+        for header in self.forward_headers:
+            if header.lower() in _UNFORWARDABLE:
+                raise ValueError(f"{header!r} is a credential or hop-by-hop "
+                                 "header; skyroute never forwards it from a client")
 
     @property
     def is_pool(self) -> bool:
@@ -197,6 +220,8 @@ class Route:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Multipart and binary bodies (uploads), streamed through rather than parsed.
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +231,10 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     instance_id: str = "skyroute"
     api_keys: tuple[ApiKey, ...] | None = None  # None: no auth section, skyroute runs open
+    key_headers: tuple[str, ...] = DEFAULT_KEY_HEADERS  # where a client's key may be
+    #: Peers whose X-Forwarded-For/-Proto are kept (load balancers in front).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    objects: ObjectPolicy = field(default_factory=ObjectPolicy)
     admin_key: str | None = field(default=None, repr=False)
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -232,7 +261,8 @@ class Config:
 
 
 _TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
-             "sessions", "sync", "upstreams", "routes", "degradation"}
+             "sessions", "sync", "upstreams", "routes", "degradation", "objects",
+             "trusted_proxies"}
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -271,14 +301,19 @@ def _build(top: Fields, source: str) -> Config:
     if instance is not None:
         instance_id = instance.text("id", "skyroute") or "skyroute"
         instance.finish()
-    api_keys = _auth(top)
+    api_keys, key_headers = _auth(top)
+    trusted = [(path, line, _network(item)) for path, line, item in top.items("trusted_proxies")]
+    for path, line, network in trusted:
+        if isinstance(network, str):
+            top.problems.append(ConfigProblem(path, line, network))
     admin_key = None
     admin = top.mapping("admin")
     if admin is not None:
         admin_key = admin.text("key") or None
         admin.finish()
     limits = section(top, "limits", Limits, {
-        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB")})
+        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB"),
+        "max_upload_bytes": ("max_upload_bytes", parse_size, "a size like 512MiB")})
     retry, breaker = read_retry(top), read_breaker(top)
     latency = read_latency(top)
     sessions = read_sessions(top)
@@ -286,6 +321,8 @@ def _build(top: Fields, source: str) -> Config:
     upstreams = _upstreams(top)
     routes = _routes(top, upstreams)
     return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
+                  key_headers=key_headers, objects=read_objects(top),
+                  trusted_proxies=tuple(n for _, _, n in trusted if not isinstance(n, str)),
                   admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
                   latency=latency, sessions=sessions, sync=sync, upstreams=upstreams,
                   routes=routes, degradation=read_degradation(top), source=source)
@@ -295,10 +332,26 @@ def _hedge_after(value: Any) -> float | str:
     return "p95" if str(value).strip() == "p95" else parse_duration(value)
 
 
-def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """An address or CIDR block; a problem message (str) when it is neither."""
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8)"
+
+
+def _auth(top: Fields) -> tuple[tuple[ApiKey, ...] | None, tuple[str, ...]]:
     auth = top.mapping("auth")
     if auth is None:
-        return None
+        return None, DEFAULT_KEY_HEADERS
+    key_headers = DEFAULT_KEY_HEADERS
+    if "key_headers" in auth.data:
+        key_headers = tuple(str(h).lower() for _, _, h in auth.items("key_headers")
+                            if isinstance(h, str) and h.strip())
+        if not key_headers:
+            auth.problem("key_headers", "lists no header; give at least one, e.g. "
+                                        "[authorization, api-key, x-api-key]")
+            key_headers = DEFAULT_KEY_HEADERS
     keys = []
     for path, line, item in auth.items("api_keys"):
         entry = auth.child(path, line, item)
@@ -314,7 +367,7 @@ def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
         elif key == "" and "${" not in str(entry.data.get("key")):
             entry.problem("key", "is empty; a client key must not be blank")
     auth.finish()
-    return tuple(keys)
+    return tuple(keys), key_headers
 
 
 def _upstreams(top: Fields) -> tuple[Upstream, ...]:
@@ -358,7 +411,12 @@ def _upstream(entry: Fields) -> Upstream | None:
         "idle_timeout": ("idle_timeout_s", parse_duration, DURATION),
         "max_connections": ("max_connections", parse_count, COUNT),
         "weight": ("weight", parse_count, COUNT),
-        "scrape": ("scrape", parse_bool, "true or false (for a pool)")})
+        "scrape": ("scrape", parse_bool, "true or false (for a pool)"),
+        "organization": ("organization", str, "an OpenAI organization id"),
+        "project": ("project", str, "an OpenAI project id")})
+    forward = [h for _, _, h in entry.items("forward_headers") if isinstance(h, str)]
+    if forward:
+        kwargs["forward_headers"] = tuple(forward)
     entry.finish()
     if not name:
         return None
@@ -366,7 +424,9 @@ def _upstream(entry: Fields) -> Upstream | None:
         return Upstream(name=name, endpoints=tuple(endpoints), api_key=api_key or None,
                         region=region, models=models, **kwargs)
     except ValueError as exc:
-        entry.problem("url" if url else "endpoints", str(exc))
+        where = "forward_headers" if "hop-by-hop header" in str(exc) else \
+            "url" if url else "endpoints"
+        entry.problem(where, str(exc))
         return None
 
 
