@@ -81,6 +81,11 @@ def client_key(request: web.Request, key_headers: Iterable[str]) -> str | None:
     return None
 
 
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
+    return client_key(request, ("authorization",))
+
+
 def forwarding_headers(request: web.Request,
                        trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
                        ) -> dict[str, str]:

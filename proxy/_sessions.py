@@ -94,6 +94,37 @@ def enforce_limits(store: SessionStore, client: ApiKey, *, now: float) -> None:
     store.add_usage(client.name, requests=1, now=now)
 
 
+def ratelimit_headers(store: SessionStore, client: ApiKey, *, now: float) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for a client key's own limits (this request counted).
+
+    SDKs and client libraries read these to pace themselves; they describe the
+    client's key at skyroute, never skyroute's keys at the providers.
+    """
+    if client.rpm is None and client.tpm is None:
+        return {}
+    usage = store.usage(client.name, now=now)
+    reset = _duration(USAGE_BUCKET_S - (now % USAGE_BUCKET_S))
+    headers = {}
+    if client.rpm is not None:
+        headers.update({"x-ratelimit-limit-requests": str(client.rpm),
+                        "x-ratelimit-remaining-requests": str(max(0, client.rpm
+                                                                  - usage.requests - 1)),
+                        "x-ratelimit-reset-requests": reset})
+    if client.tpm is not None:
+        headers.update({"x-ratelimit-limit-tokens": str(client.tpm),
+                        "x-ratelimit-remaining-tokens": str(max(0, client.tpm - usage.tokens)),
+                        "x-ratelimit-reset-tokens": reset})
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in rate-limit headers: ``6m0s``, ``1s``, ``20ms``."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
 def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
                  streamed: int | None = None) -> None:
     """Add an answer's tokens to the client's usage.

@@ -89,8 +89,8 @@ __all__ = [
     "DegradationPolicy",
     "LatencyPolicy",
     "Limits",
-    "ObjectPolicy",
     "Listen",
+    "ObjectPolicy",
     "PoolScrape",
     "PrometheusSource",
     "RetryPolicy",
@@ -246,6 +246,10 @@ class Config:
     upstreams: tuple[Upstream, ...] = ()
     routes: tuple[Route, ...] = ()
     source: str = "<memory>"
+
+    @property
+    def upstream_names(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.upstreams)
 
     def upstream(self, name: str) -> Upstream:
         for upstream in self.upstreams:

@@ -16,6 +16,7 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
   entry never has to be merged with another writer's copy. A flush is a
   read-modify-write of our own entry only, never of a shared number. The
   incarnation suffix keeps a restarted process from fighting its previous life.
+* ``sessions`` doc, map ``objects``: object id -> upstream (``_objects``).
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for
   ``skyroute_sync_lag_seconds`` (origin write time to local apply).
 
@@ -44,6 +45,7 @@ from typing import Any, Final, final
 
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
+from ._objects import object_entry_is_live
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage
 
 USAGE_BUCKET_S: Final = 10.0
@@ -287,6 +289,8 @@ class SessionStore:
             return isinstance(ts, int | float) and now - ts <= self._settings.session_ttl_s
         if map_name == "usage":
             return isinstance(value, dict) and _in_window(int(value.get("b", 0)), now)
+        if map_name == "objects":
+            return object_entry_is_live(value, now)
         return False  # meta: fresh heartbeats are written into the new document
 
     def _attach(self, doc: EpochDoc) -> None:
