@@ -12,6 +12,8 @@ Rules
   terminal ``response.completed``. There is no ``data: [DONE]``. Busy mode sends
   ``: keep-alive`` comments after ``response.in_progress``; ``reset_midstream`` drops
   the connection after ``reset_after_chunks`` deltas.
+* Behaviour modes apply to every creating call (responses, files, batches, audio,
+  images, moderations); reads (GET) always answer.
 * Uploads (``files``, ``audio/transcriptions``) are read as a multipart stream: the
   stand-in counts and hashes a file and keeps only its first ``KEPT_FILE_BYTES``, so a
   test can push hundreds of megabytes through it without holding them.
@@ -93,6 +95,7 @@ class StandinApi:
         self.files: dict[str, StoredFile] = {}
         self.responses: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
+        self.last_form: dict[str, str] = {}  # text fields of the last multipart upload
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the endpoints (before any catch-all route)."""
@@ -252,9 +255,13 @@ class StandinApi:
             stored = StoredFile(id=_new_id("file-"), filename=part.filename, purpose="",
                                 size=size, sha256=digest.hexdigest(), head=bytes(head),
                                 created_at=int(time.time()))
+        self.last_form = fields
         return fields, stored
 
-    async def _upload(self, request: web.Request) -> web.Response:
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        refused = self._host.refusal(request, replace(self._host.behaviour))
+        if refused is not None:
+            return refused
         form = await self._read_form(request)
         if isinstance(form, web.Response):
             return form
@@ -297,10 +304,13 @@ class StandinApi:
 
     # -- batches ---------------------------------------------------------------------
 
-    async def _create_batch(self, request: web.Request) -> web.Response:
+    async def _create_batch(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
+        refused = self._host.refusal(request, replace(self._host.behaviour))
+        if refused is not None:
+            return refused
         file_id = body.get("input_file_id")
         if file_id not in self.files:
             return error(404, f"No such File object: {file_id}", param="input_file_id")
