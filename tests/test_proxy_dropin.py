@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import time
+from contextlib import AsyncExitStack
 
 import aiohttp
 import openai
 import pytest
+from skyroute.proxy import Server
 from skyroute.proxy._state import STATE_SYNC
+from skyroute.routing import parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, UPSTREAM_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -22,6 +26,7 @@ from .conftest import upstream_yaml as entry
 TIMEOUT = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
 MODELS = "{chat: deepseek-chat, whisper: whisper-1}"
 TWO = "- model: chat\n  targets: [a, b]\n  strategy: priority\n"
+SYNC_TOKEN = "sync-secret-for-tests"
 
 
 async def _responses_events(client: openai.AsyncOpenAI) -> list[object]:
@@ -302,3 +307,32 @@ async def test_object_whose_upstream_is_down_is_a_503_naming_it(standin, skyrout
     assert f"'{created.id}' is held by upstream 'b'" in refused.value.message
     assert refused.value.response.headers["Retry-After"]
     assert a.api.files == {}
+
+
+async def test_objects_follow_their_upstream_on_every_instance(standin):
+    """A file created through one instance is fetched from its upstream through another."""
+    a = await standin("a")
+    b = await standin("b")
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    ports = [s.getsockname()[1] for s in socks]
+    async with AsyncExitStack() as stack:
+        servers = []
+        for i, sock in enumerate(socks):
+            peer = ports[1 - i]
+            extra = (f"instance:\n  id: s{i}\nsync:\n  token: {SYNC_TOKEN}\n"
+                     f"  peers: [ws://127.0.0.1:{peer}/sync]\n")
+            text = routing_yaml([entry(a), entry(b)], TWO, extra=extra)
+            server = Server(parse_config(text, env={}), sock=sock, grace_s=1.0)
+            await stack.enter_async_context(server)
+            servers.append(server)
+        await eventually(lambda: all(set(s.app[STATE_SYNC].peer_states().values())
+                                     == {"connected"} for s in servers), timeout=10)
+        a.behaviour.mode = "error"
+        async with client_for(servers[0]) as client:
+            created = await client.files.create(file=("f.jsonl", io.BytesIO(b"{}\n")),
+                                                purpose="batch")
+        a.behaviour.mode = "ok"
+        other = servers[1].app[STATE_SYNC].objects
+        await eventually(lambda: other.upstream_of(created.id, now=time.time()) == "b")
+        async with client_for(servers[1]) as client:
+            assert (await client.files.retrieve(created.id)).id == created.id
