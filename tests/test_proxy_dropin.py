@@ -336,3 +336,38 @@ async def test_objects_follow_their_upstream_on_every_instance(standin):
         await eventually(lambda: other.upstream_of(created.id, now=time.time()) == "b")
         async with client_for(servers[1]) as client:
             assert (await client.files.retrieve(created.id)).id == created.id
+
+
+async def test_other_sse_streams_end_with_the_body_and_cuts_are_errors(standin, skyroute):
+    """A transcription stream (no [DONE], no terminal event) is whole when its body ends
+    cleanly; cut, the SDK raises on the error event instead of ending quietly."""
+    up = await standin("a", models=("deepseek-chat", "whisper-1"))
+    server = await skyroute(routing_yaml([entry(up, models=MODELS)]))
+    audio = ("a.mp3", b"\xff\xfb" * 100)
+    async with client_for(server) as client:
+        stream = await client.audio.transcriptions.create(model="whisper", file=audio,
+                                                          stream=True)
+        events = [event async for event in stream]
+        assert events[-1].type == "transcript.text.done"
+        up.behaviour.mode = "reset_midstream"
+        stream = await client.audio.transcriptions.create(model="whisper", file=audio,
+                                                          stream=True)
+        with pytest.raises(openai.APIError, match="broke off the stream"):
+            [event async for event in stream]
+
+
+async def test_deflate_answer_reaches_the_client_decoded(standin, skyroute):
+    """An upstream that deflates although asked for identity is decoded for the client."""
+    up = await standin("a")
+    up.behaviour.content_encoding = "deflate"
+    up.behaviour.force_encoding = True  # skyroute asks for identity; the upstream ignores it
+    server = await skyroute(routing_yaml([entry(up)]))
+    body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+    async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as http:
+        resp = await http.post(f"{server.url}/v1/chat/completions", data=body,
+                               headers={"Authorization": f"Bearer {CLIENT_KEY}",
+                                        "Content-Type": "application/json",
+                                        "Accept-Encoding": "deflate"})
+        raw = await resp.read()
+    assert "Content-Encoding" not in resp.headers
+    assert json.loads(raw)["choices"][0]["message"]["content"].startswith("Hello from a")

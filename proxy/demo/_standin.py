@@ -95,8 +95,10 @@ class Behaviour:
     busy_for_s: float | None = None
     keepalive_interval_s: float = 0.05
     reset_after_chunks: int = 2
-    #: Compress non-streaming answers with this coding when the client accepts it.
+    #: Compress non-streaming answers with this coding when the client accepts it ...
     content_encoding: str | None = None
+    #: ... or even when it asked for identity, as some servers do.
+    force_encoding: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "mode" and value not in MODES:
@@ -125,7 +127,9 @@ def behaviour_update(body: Any) -> dict[str, Any]:
             raise ValueError(f"unknown field {name!r}; Behaviour fields: {', '.join(kinds)}")
         if value is None and "None" in kind:
             continue
-        if kind == "str":
+        if kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind == "str":
             ok, want = isinstance(value, str), f"one of {sorted(MODES)}"
         elif kind.startswith("str"):
             ok, want = value in ENCODINGS, f"one of {sorted(ENCODINGS)}"
@@ -381,8 +385,9 @@ class StandinUpstream:
                               "invalid_api_key")
             resp = await handler(request)
             coding = self.behaviour.content_encoding
+            accepted = coding in request.headers.get("Accept-Encoding", "") if coding else False
             if (coding and isinstance(resp, web.Response) and not resp.prepared
-                    and coding in request.headers.get("Accept-Encoding", "")):
+                    and (accepted or self.behaviour.force_encoding)):
                 resp.enable_compression(ContentCoding(coding))
             return resp
         except (ConnectionResetError, asyncio.CancelledError) as exc:

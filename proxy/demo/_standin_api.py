@@ -208,7 +208,8 @@ class StandinApi:
         await send("response.content_part.added", **item, content_index=0, part=part)
         for sent, piece in enumerate(pieces):
             if b.mode == "reset_midstream" and sent >= b.reset_after_chunks:
-                request.transport.abort() if request.transport else None
+                if request.transport is not None:
+                    request.transport.abort()
                 return resp
             if sent:
                 await self._host.pause(request, b.token_delay_s)
@@ -342,9 +343,29 @@ class StandinApi:
         if stored is None:
             return error(400, "'file' is a required property", param="file")
         text = f"{stored.size} bytes of audio transcribed by {self._host.name}"
+        if fields.get("stream") == "true":
+            return await self._stream_transcript(request, text)
         if fields.get("response_format") == "text":
             return web.Response(text=text + "\n", content_type="text/plain")
         return web.json_response({"text": text})
+
+    async def _stream_transcript(self, request: web.Request, text: str) -> web.StreamResponse:
+        """A transcription stream: ``transcript.text.delta`` events, then ``.done``; no [DONE]."""
+        b = replace(self._host.behaviour)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await self._host.pause(request, b.ttft_s)
+        for sent, word in enumerate(text.split(" ")):
+            if b.mode == "reset_midstream" and sent >= b.reset_after_chunks:
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+            event = {"type": "transcript.text.delta", "delta": (" " if sent else "") + word}
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        done = {"type": "transcript.text.done", "text": text}
+        await resp.write(f"data: {json.dumps(done)}\n\n".encode())
+        await resp.write_eof()
+        return resp
 
     async def _answer_json(self, request: web.Request,
                            make: Callable[[dict[str, Any]], Awaitable[web.Response]]
