@@ -27,11 +27,11 @@ _AUTO_HEADER: Final = 32 + zlib.MAX_WBITS
 class Decoder:
     """Incremental decoder for one gzip/deflate body."""
 
-    __slots__ = ("_raw_tried", "_zlib")
+    __slots__ = ("_first", "_zlib")
 
     def __init__(self) -> None:
         self._zlib = zlib.decompressobj(_AUTO_HEADER)
-        self._raw_tried = False
+        self._first = True
 
     def decompress(self, chunk: bytes) -> bytes:
         """Decode the next piece.
@@ -39,12 +39,14 @@ class Decoder:
         Raises:
             zlib.error: the bytes are not what the coding says.
         """
+        first, self._first = self._first, False
         try:
             return self._zlib.decompress(chunk)
         except zlib.error:
-            if self._raw_tried:
+            if not first:
                 raise
-            self._raw_tried = True  # 'deflate' without its zlib header
+            # The header check failed on the first bytes: 'deflate' without its zlib
+            # header, which some servers send.
             self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
             return self._zlib.decompress(chunk)
 

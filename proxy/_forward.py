@@ -63,7 +63,7 @@ class UpstreamCall:
     billing: Mapping[str, str] = field(default_factory=dict)
     upload: Upload | None = None  # a streamed body (multipart, binary) instead of ``body``
     accept_encoding: str = ""  # the client's, for a coding skyroute cannot decode
-    kind: StreamKind = StreamKind.DONE  # the protocol of a streamed answer
+    kind: StreamKind = field(init=False, default=StreamKind.DONE)  # of a streamed answer
 
     def __post_init__(self) -> None:
         self.kind = stream_kind(self.path_qs)

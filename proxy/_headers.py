@@ -57,7 +57,7 @@ DEFAULT_KEY_HEADERS: Final = ("authorization", "api-key", "x-api-key")
 
 def connection_named(headers: Mapping[str, str]) -> set[str]:
     """The headers a ``Connection`` header names (hop-by-hop by RFC 9110 7.6.1)."""
-    return {name.strip().lower() for value in headers.getall("Connection", [])  # type: ignore[attr-defined]
+    return {name.strip().lower() for key, value in headers.items() if key.lower() == "connection"
             for name in value.split(",") if name.strip()}
 
 
