@@ -371,3 +371,19 @@ async def test_deflate_answer_reaches_the_client_decoded(standin, skyroute):
         raw = await resp.read()
     assert "Content-Encoding" not in resp.headers
     assert json.loads(raw)["choices"][0]["message"]["content"].startswith("Hello from a")
+
+
+async def test_responses_stream_is_hedged_like_chat(standin, skyroute):
+    """A Responses stream whose first upstream is slow to its first token is hedged; the
+    faster one's stream reaches the client, with one opening."""
+    a = await standin("a", models=("deepseek-chat",))
+    b = await standin("b", models=("deepseek-chat",))
+    a.behaviour.ttft_s = 5.0
+    routes = TWO + "  hedge_after: 100ms\n"
+    server = await skyroute(routing_yaml([entry(a, models=MODELS), entry(b, models=MODELS)],
+                                         routes, extra="retry:\n  hedge_budget: 100%\n"))
+    async with client_for(server) as client:
+        events = await _responses_events(client)
+    assert [e.type for e in events].count("response.created") == 1
+    assert events[-1].response.output_text == "Hello from b t3 t4"
+    await a.wait_for(lambda s: s.in_flight == 0)  # the loser was cancelled
