@@ -123,11 +123,17 @@ def request_headers(request: web.Request,
         ``(headers, billing)``: ``billing`` holds the client's ``OpenAI-Organization``/
         ``OpenAI-Project``, passed only to upstreams whose ``forward_headers`` allow.
     """
-    dropped = _DROP_REQUEST | connection_named(request.headers)
-    headers = CIMultiDict((k, v) for k, v in request.headers.items()
-                          if k.lower() not in dropped)
+    given = request.headers
+    dropped = _DROP_REQUEST | connection_named(given) if "Connection" in given else _DROP_REQUEST
+    headers: CIMultiDict[str] = CIMultiDict()
+    billing: dict[str, str] = {}
+    for name, value in given.items():  # one pass: this runs for every request
+        lower = name.lower()
+        if lower not in dropped:
+            headers.add(name, value)
+        elif lower in BILLING:
+            billing[name] = value
     headers.update(forwarding_headers(request, trusted))
-    billing = {k: v for k, v in request.headers.items() if k.lower() in BILLING}
     return headers, billing
 
 
@@ -160,11 +166,15 @@ def response_headers(upstream: Mapping[str, str], request_id: str, target: Targe
         decoded: skyroute decoded the body (see ``_encoding``), so its
             ``Content-Encoding`` no longer applies.
     """
-    dropped = _DROP_RESPONSE | connection_named(upstream)
+    dropped = _DROP_RESPONSE | connection_named(upstream) if "connection" in upstream \
+        else _DROP_RESPONSE
     if decoded:
         dropped = dropped | {"content-encoding"}
-    headers = CIMultiDict((k, v) for k, v in upstream.items()
-                          if k.lower() not in dropped and not k.lower().startswith("x-ratelimit-"))
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in dropped and not lower.startswith("x-ratelimit-"):
+            headers.add(name, value)
     upstream_id = upstream.get("x-request-id")
     if upstream_id:
         headers["X-Upstream-Request-ID"] = upstream_id
