@@ -178,15 +178,17 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
 async def _read_call(request: web.Request, config: Config) -> UpstreamCall:
     """The request as it goes upstream: headers by the rules, a JSON body or an upload."""
     headers, billing = request_headers(request, config.trusted_proxies)
-    common = {"method": request.method, "path_qs": request.raw_path[len("/v1"):],
-              "headers": headers, "billing": billing, "alias": None,
-              "accept_encoding": request.headers.get("Accept-Encoding", "")}
+    upload: Upload | None = None
+    body, payload = b"", None
     if is_upload(request):
         upload = await Upload.read(request, config.limits.max_upload_bytes)
-        return UpstreamCall(body=None, payload=None, upload=upload, **common)
-    body = await read_body(request, config.limits.max_body_bytes)
-    payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
-    return UpstreamCall(body=body or None, payload=payload, **common)
+    else:
+        body = await read_body(request, config.limits.max_body_bytes)
+        payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
+    return UpstreamCall(method=request.method, path_qs=request.raw_path[len("/v1"):],
+                        headers=headers, billing=billing, body=body or None, payload=payload,
+                        upload=upload, alias=None,
+                        accept_encoding=request.headers.get("Accept-Encoding", ""))
 
 
 async def _serve(request: web.Request, router: Router, route: Route, call: UpstreamCall,

@@ -69,7 +69,7 @@ def named_ids(path_qs: str, payload: dict[str, Any] | None) -> list[str]:
             if isinstance(value, str) and value:
                 ids.append(value)
             elif isinstance(value, dict) and isinstance(value.get("id"), str):
-                ids.append(value["id"])  # Responses' conversation object
+                ids.append(str(value["id"]))  # Responses' conversation object
         for field in _ID_LIST_FIELDS:
             value = payload.get(field)
             if isinstance(value, list):
@@ -82,12 +82,13 @@ def named_ids(path_qs: str, payload: dict[str, Any] | None) -> list[str]:
 
 def _input_file_ids(items: list[Any]) -> list[str]:
     """``file_id`` of Responses ``input_file`` parts (one level into messages)."""
-    found = []
+    found: list[str] = []
     for item in items:
         if not isinstance(item, dict):
             continue
-        parts = item.get("content") if isinstance(item.get("content"), list) else [item]
-        found.extend(part["file_id"] for part in parts
+        content = item.get("content")
+        parts: list[Any] = content if isinstance(content, list) else [item]
+        found.extend(str(part["file_id"]) for part in parts
                      if isinstance(part, dict) and isinstance(part.get("file_id"), str))
     return found
 
@@ -106,7 +107,7 @@ def created_id(body: bytes) -> str | None:
         except (ValueError, UnicodeDecodeError):
             value = None
         if isinstance(value, dict) and isinstance(value.get("id"), str):
-            return value["id"]
+            return str(value["id"])
     match = _CREATED_ID.search(head)  # response.created: {"response": {"id": ...}}
     return match.group(1).decode("utf-8", "replace") if match else None
 

@@ -67,7 +67,8 @@ class ObjectDirectory:
     def upstream_of(self, object_id: str, *, now: float) -> str | None:
         """The upstream holding ``object_id``; None if unknown or expired."""
         value = self._hub.doc.maps["objects"].get(object_id)
-        return value["upstream"] if object_entry_is_live(value, now) else None
+        return str(value["upstream"]) if value is not None and object_entry_is_live(value, now) \
+            else None
 
     def _evict(self, now: float, *, keep: int) -> None:
         objects = self._hub.doc.maps["objects"]

@@ -144,7 +144,7 @@ class StandinApi:
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
-        refused = self._model_error(body.get("model"))
+        refused: web.StreamResponse | None = self._model_error(body.get("model"))
         previous = body.get("previous_response_id")
         if refused is None and previous is not None and previous not in self.responses:
             refused = error(404, f"Previous response with id '{previous}' not found.",
@@ -388,7 +388,8 @@ class StandinApi:
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         async def make(body: dict[str, Any]) -> web.Response:
-            n = body.get("n") if isinstance(body.get("n"), int) else 1
+            count = body.get("n")
+            n = count if isinstance(count, int) else 1
             png = b"\x89PNG\r\n\x1a\n" + f"{self._host.name}:{body.get('prompt')}".encode()
             data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None}
                     for _ in range(n)]
