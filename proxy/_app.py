@@ -22,6 +22,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
+from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
@@ -39,6 +40,7 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
+    UPSTREAM_SESSIONS,
     RequestSummary,
     Runtime,
     Serving,
@@ -46,10 +48,9 @@ from ._state import (
 
 log = structlog.get_logger("skyroute.proxy")
 
-#: Connections kept open to each upstream host (aiohttp pools per host:port).
+#: Connections kept open to each pool server for scrapes and health checks (requests
+#: go through each upstream's own pool, sized by its max_connections).
 POOL_LIMIT_PER_HOST = 256
-#: Idle keep-alive connections are reused for this long.
-KEEPALIVE_S = 30.0
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -112,7 +113,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if is_api:
             metrics.in_flight.dec()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
-            log.info("request", method=request.method, path=request.path, status=status,
+            log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
                      **({"cut": summary.cut} if summary.cut else {}),
@@ -148,13 +149,18 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """The shared session (pool scrapes) and the per-upstream pools requests go through."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
                                      keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
     # auto_decompress off: bodies are relayed byte for byte (we ask for identity anyway).
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      skip_auto_headers=("User-Agent",)) as session:
         app[SESSION] = session
-        yield
+        app[UPSTREAM_SESSIONS] = UpstreamSessions()
+        try:
+            yield
+        finally:
+            await app[UPSTREAM_SESSIONS].aclose()
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
@@ -191,6 +197,6 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:
-        log.warning("no auth section: skyroute accepts requests without a client key; "
-                    "add auth.api_keys to the routing file to require one")
+        log.warning("auth_disabled", source=config.source,
+                    hint="add auth.api_keys to the routing file to require a client key")
     return app

@@ -40,6 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._bodies import Upload
+from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
 from ._sse import StreamTranscript, complete_events
@@ -139,7 +140,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+async def open_attempt(session: UpstreamSessions, target: Target, call: UpstreamCall,
                        *, request_id: str, deadline: float) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
@@ -160,7 +161,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     response: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
+            response = await session.for_upstream(upstream).request(
                 call.method, target.endpoint + call.path_qs, data=data,
                 headers=headers, timeout=timeout, allow_redirects=False)
             coding = content_coding(response.headers)

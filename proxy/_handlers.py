@@ -48,9 +48,9 @@ from ._state import (
     RATE_LIMIT_HEADERS,
     REQUEST_ID,
     SERVING,
-    SESSION,
     STATE_SYNC,
     SUMMARY,
+    UPSTREAM_SESSIONS,
 )
 
 
@@ -198,7 +198,7 @@ async def _serve(request: web.Request, router: Router, route: Route, call: Upstr
     metrics, now = request.app[METRICS], asyncio.get_running_loop().time()
     summary = request[SUMMARY]
     serve = functools.partial(serve_route, request, router=router, call=call,
-                              session=request.app[SESSION], metrics=metrics,
+                              session=request.app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary,
                               count_usage=client is not None and client.tpm is not None)
     ids = named_ids(call.path_qs, call.payload)

@@ -125,8 +125,9 @@ def holder_of(directory: ObjectDirectory, ids: list[str], router: Router,
         if upstream is None:
             continue
         if upstream not in router.config.upstream_names:
-            log.warning("object held by an upstream no longer configured; routing as usual",
-                        object_id=object_id, upstream=upstream)
+            log.warning("object_upstream_unknown", object_id=object_id, upstream=upstream,
+                        hint="the upstream holding it is no longer in the routing file; "
+                             "the request is routed as usual")
             return None
         refusal = router.pinned_unavailable(upstream, object_id, now=now)
         if refusal is not None:
@@ -147,4 +148,4 @@ def remember_created(directory: ObjectDirectory, body: bytes | None, upstream: s
     directory.remember(object_id, upstream, now=time.time(), ttl_s=config.objects.ttl_s,
                        max_entries=config.objects.max_entries)
     metrics.object_affinity.labels("remembered").inc()
-    log.debug("object remembered", object_id=object_id, upstream=upstream)
+    log.debug("object_remembered", object_id=object_id, upstream=upstream)
