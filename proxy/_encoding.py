@@ -15,6 +15,7 @@ created objects). An upstream that compresses anyway is handled here:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from typing import Final, final
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
@@ -54,10 +55,9 @@ class Decoder:
         return self._zlib.flush()
 
 
-def content_coding(headers: object) -> str:
+def content_coding(headers: Mapping[str, str]) -> str:
     """The answer's ``Content-Encoding``, lower-case; "" for identity."""
-    value = str(getattr(headers, "get", lambda *_: "")("Content-Encoding", "") or "")
-    value = value.strip().lower()
+    value = headers.get("Content-Encoding", "").strip().lower()
     return "" if value == "identity" else value
 
 
