@@ -19,7 +19,7 @@ from aiohttp import web
 from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth, UpstreamState
 
 from ._errors import AdminDisabled, InvalidApiKey
-from ._handlers import bearer_token
+from ._headers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
 from ._state import SERVING, TRAFFIC
 

@@ -47,7 +47,7 @@ from ._protocol import YConnection, decode_state_vector, update_message
 from ._types import SnapshotError, SyncProtocolError
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
-    "sessions": ("sessions", "upstreams", "meta"),
+    "sessions": ("sessions", "upstreams", "objects", "meta"),
     "usage": ("usage", "meta"),
 }
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
