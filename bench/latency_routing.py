@@ -91,7 +91,7 @@ async def run(ups: dict[str, StandinUpstream], strategy: str, *, seconds: float,
               degrade: tuple[float, float]) -> list[Sample]:
     for name, up in ups.items():
         up.behaviour.ttft_s = REGIONS[name]
-    server = Server(parse_config(routing_file(ups, strategy)), port=0, grace_s=1.0)
+    server = Server(parse_config(routing_file(ups, strategy), env={}), port=0, grace_s=1.0)
     await server.start()
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=30)

@@ -5,6 +5,7 @@ and reports what happened back to ``routing``, to ``/metrics`` and to the log.
 """
 
 from ._app import build_app
+from ._config_file import load_config
 from ._errors import ClientRequestError, ProxyError, UpstreamError
 from ._logging import configure_logging
 from ._server import Server, serve_forever
@@ -18,5 +19,6 @@ __all__ = [
     "UpstreamError",
     "build_app",
     "configure_logging",
+    "load_config",
     "serve_forever",
 ]

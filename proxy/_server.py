@@ -21,7 +21,7 @@ from aiohttp import web
 from skyroute.routing import Config
 
 from ._app import build_app
-from ._reload import reload_config
+from ._reload import request_reload
 from ._startup import listen_error
 from ._state import SERVING
 
@@ -104,7 +104,7 @@ async def serve_forever(server: Server) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_config(server.app))
+    loop.add_signal_handler(signal.SIGHUP, lambda: request_reload(server.app))
     await server.start()
     try:
         await stop.wait()

@@ -11,7 +11,7 @@ JSON); a traceback is shown only with ``--log-level debug``.
 from __future__ import annotations
 
 import argparse
-import errno
+import json
 import os
 import sys
 import traceback
@@ -20,8 +20,9 @@ from importlib import metadata
 from typing import NoReturn
 
 import structlog
-from skyroute.routing import Config, ConfigError, parse_config
+from skyroute.routing import Config, ConfigError, ConfigProblem
 
+from ._config_file import load_config
 from ._logging import configure_logging
 from ._startup import StartupError
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(env SKYROUTE_SHUTDOWN_GRACE_SECONDS; default 30)")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
+    commands.add_parser("schema", help="print the routing file's JSON Schema (for editors)")
     demo = commands.add_parser(
         "demo", help="run a local demo: stand-in regions, a GPU pool and skyroute (no keys)")
     demo.add_argument("--port", type=_port, default=8080,
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args.config)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "schema":
+            return _schema()
         return _run(args)
     except StartupError as exc:
         if debug:
@@ -153,30 +157,6 @@ def _report(message: str, *, json_logs: bool) -> None:
             print(f"skyroute: {line}", file=sys.stderr, flush=True)
 
 
-def _read_routing_file(path: str) -> str:
-    """The routing file's text.
-
-    Raises:
-        StartupError: it cannot be read, or is not UTF-8 (with the line).
-    """
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        todo = {errno.ENOENT: "check the path",
-                errno.EACCES: "make it readable by the user skyroute runs as",
-                errno.EISDIR: "name the routing YAML file itself"}.get(
-                    exc.errno or 0, "check the path and the file")
-        raise StartupError(f"cannot read routing file {path}: "
-                           f"{(exc.strerror or str(exc)).lower()}; {todo}") from exc
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise StartupError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                           "save the file as UTF-8") from exc
-
-
 def _load(path: str) -> Config:
     """Read and validate the routing file.
 
@@ -184,23 +164,36 @@ def _load(path: str) -> Config:
         StartupError: unreadable, or invalid (one ``file:line: path: message`` line
             per problem).
     """
-    text = _read_routing_file(path)
     try:
-        return parse_config(text, source=path)
+        return load_config(path)
     except ConfigError as exc:
-        raise StartupError("\n".join(f"{exc.source}:{p.line or '?'}: {p.path}: {p.message}"
-                                     for p in exc.problems)) from exc
+        raise StartupError("\n".join(_one_line(exc.source, p) for p in exc.problems)) from exc
+
+
+def _one_line(source: str, problem: ConfigProblem) -> str:
+    """``file:line: path: message``; a problem with the whole file names no path."""
+    if problem.path != "(file)":
+        return f"{source}:{problem.line or '?'}: {problem.path}: {problem.message}"
+    return f"{source}:{problem.line}: {problem.message}" if problem.line else problem.message
 
 
 def _validate(path: str) -> int:
-    text = _read_routing_file(path)
     try:
-        config = parse_config(text, source=path)
+        config = load_config(path)
     except ConfigError as exc:
+        if all(p.path == "(file)" and p.line is None for p in exc.problems):
+            raise StartupError(_one_line(exc.source, exc.problems[0])) from exc  # unreadable
         print(exc, file=sys.stderr)
         return EXIT_FAILED
     print(f"{path}: OK ({len(config.upstreams)} upstreams, {len(config.routes)} routes: "
           f"{', '.join(r.model for r in config.routes)})")
+    return 0
+
+
+def _schema() -> int:
+    from skyroute.routing.schema import routing_json_schema
+
+    print(json.dumps(routing_json_schema(), indent=2))
     return 0
 
 

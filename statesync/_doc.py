@@ -59,7 +59,7 @@ from ._relay import relay_targets
 from ._types import SnapshotError, SyncProtocolError
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
-    "sessions": ("sessions", "upstreams", "meta"),
+    "sessions": ("sessions", "upstreams", "objects", "meta"),
     "usage": ("usage", "meta"),
 }
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""

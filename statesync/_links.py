@@ -17,9 +17,10 @@ Rules / theory of operation
 * A ``PeerLink`` is one attempt to talk to one peer about one document:
   CONNECTING -> CONNECTED -> CLOSED, and then it is finished for good. A
   ``LinkSupervisor`` owns the retry policy: it makes a new ``PeerLink`` per attempt,
-  sleeps between attempts with ``routing``'s ``full_jitter_delays`` (50 ms doubling,
-  capped at ``BACKOFF_CAP_S``), and reports a ``LinkState`` for ``/health``. An
-  attempt whose handshake takes longer than the silence that kills a link fails.
+  waits between attempts as ``routing``'s one backoff generator says (equal jitter,
+  ``link_backoff``: 50 ms doubling, capped at ``BACKOFF_CAP_S``) through an injected
+  ``sleep``, and reports a ``LinkState`` for ``/health``. An attempt whose handshake
+  takes longer than the silence that kills a link fails.
 * Handshake: ``GET {peer}/{doc}?epoch=N&instance=WRITER`` with ``Authorization: Bearer``.
   WRITER is the process's writer id (``instance.id`` plus a random suffix), so it
   names this very process: two processes never share it, even when misconfigured
@@ -40,7 +41,7 @@ from typing import Any, Final, final
 
 import aiohttp
 from aiohttp import web
-from skyroute.routing import full_jitter_delays
+from skyroute.routing import Jitter, Sleep, backoff_delays
 
 from ._control import Liveness, ping_frame, pong_frame, read_control
 from ._doc import DocHub
@@ -60,18 +61,16 @@ HEARTBEAT_S: Final = 15.0
 BACKOFF_BASE_S: Final = 0.05
 """A peer restarting or a link rotated is back within milliseconds: redial quickly."""
 BACKOFF_CAP_S: Final = 1.0
-"""Full jitter under 1 s: after a partition heals the link is back (and caught up)
-within about a second, and a fleet redialling one peer does not arrive in step."""
+"""Under 1 s: after a partition heals the link is back (and caught up) within about a
+second, and the jitter keeps a fleet redialling one peer from arriving in step."""
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 def link_backoff(rng: random.Random) -> Iterator[float]:
-    """Delays between attempts to reach one peer (full jitter, 50 ms doubling to 1 s)."""
-    delays: Iterator[float] = full_jitter_delays(
-        base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng
-    )
-    return delays
+    """Delays between attempts to reach one peer: 0.05 s doubling to 1 s, in [d/2, d]."""
+    return backoff_delays(base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng,
+                          jitter=Jitter.EQUAL)
 
 
 async def pump(
@@ -331,10 +330,11 @@ class LinkSupervisor:
         metrics: SyncMetrics,
         epoch: Callable[[], int],
         on_peer_epoch: Callable[[int], Awaitable[None]],
+        sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        """Args (besides the link's own): ``rng`` draws the backoff jitter (seed it to
-        make the delays reproducible)."""
+        """Args (besides the link's own): ``sleep`` waits out each backoff delay and
+        ``rng`` draws their jitter (a seeded one makes the delays reproducible)."""
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/{hub.name}"
         self._hub = hub
@@ -344,6 +344,7 @@ class LinkSupervisor:
         self._metrics = metrics
         self._epoch = epoch
         self._on_peer_epoch = on_peer_epoch
+        self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._state = LinkState.CONNECTING
         self.link: PeerLink | None = None
@@ -403,7 +404,7 @@ class LinkSupervisor:
             if not retry_now:
                 if self._state is not LinkState.UNAUTHORIZED:
                     self._state = LinkState.BACKOFF
-                await asyncio.sleep(next(delays))
+                await self._sleep(next(delays))
 
     async def _on_refused(self, exc: aiohttp.WSServerHandshakeError) -> bool:
         headers: Any = exc.headers or {}

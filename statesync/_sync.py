@@ -3,7 +3,8 @@
 Rules / theory of operation
 ---------------------------
 * One ``DocHub`` per document name; ``store`` (a ``SessionStore``) reads and writes
-  them. Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
+  them, and ``objects`` (an ``ObjectDirectory``) the object id -> upstream map.
+  Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
   one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
   discovery (``_discovery``: peers that leave the DNS answer are dropped; static
   peers never are). The peer identity on the wire is the writer id, unique per
@@ -47,6 +48,7 @@ from typing import Any, Final, final
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from skyroute.routing import Sleep
 
 from ._control import Liveness, hello_frame
 from ._discovery import DnsDiscovery, Resolve, resolve_addresses
@@ -59,6 +61,7 @@ from ._links import (
     pump,
 )
 from ._metrics import SyncMetrics, get_logger
+from ._objects import ObjectDirectory
 from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
@@ -80,6 +83,7 @@ class StateSync:
         registry: CollectorRegistry,
         clock: Clock = time.time,
         resolve: Resolve = resolve_addresses,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         """Build the documents and the store; nothing runs until ``start``.
 
@@ -89,10 +93,12 @@ class StateSync:
             clock: wall-clock epoch seconds (epochs, TTLs, heartbeats).
             resolve: the DNS lookup behind ``settings.discovery``; the system resolver
                 unless a test stands in for the DNS server.
+            sleep: what peer links wait through between attempts to reconnect.
         """
         self.settings = settings
         self._clock = clock
         self._resolve = resolve
+        self._sleep = sleep
         self._metrics = SyncMetrics(registry)
         self._log = get_logger().bind(instance=settings.instance_id)
         self.writer_id = f"{settings.instance_id}.{secrets.token_hex(3)}"
@@ -110,6 +116,9 @@ class StateSync:
             usage=self._hubs["usage"],
             clock=clock,
             metrics=self._metrics,
+        )
+        self.objects = ObjectDirectory(
+            self._hubs["sessions"], writer_id=self.writer_id, metrics=self._metrics
         )
         self._links: dict[str, list[LinkSupervisor]] = {}
         self._discovered: set[str] = set()
@@ -360,6 +369,7 @@ class StateSync:
                 metrics=self._metrics,
                 epoch=lambda: self.epoch,
                 on_peer_epoch=self._on_peer_epoch,
+                sleep=self._sleep,
             )
             for hub in self._hubs.values()
         ]
@@ -420,6 +430,7 @@ class StateSync:
         while True:
             for name, size in self.document_sizes().items():
                 self._metrics.document_bytes.labels(name).set(size)
+            self._metrics.objects.set(len(self.objects))  # peers' writes count too
             await asyncio.sleep(SIZE_METRIC_EVERY_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -1,7 +1,8 @@
 """Plain values and errors shared by every statesync module.
 
 Nothing here touches pycrdt or aiohttp: these are the types that cross the package
-boundary (``SyncSettings``, ``Session``, ``Usage``, ``UpstreamReport``, ``LinkState``)
+boundary (``SyncSettings``, ``Session``, ``Usage``, ``UsageBucket``, ``UpstreamReport``,
+``LinkState``)
 and the exception tree rooted at ``StateSyncError``. Numbers read back from a Yjs
 document are floats whatever the writer meant, so every value type here converts
 explicitly (``int(...)``/``float(...)``) in its ``from_wire`` constructor.
@@ -89,6 +90,9 @@ class SyncSettings:
     """Each side of a peer link pings this often (``_control``)."""
     ping_misses: int = 3
     """A link silent for this many ping intervals is dead: closed and redialled."""
+    #: How long usage counts: ``usage`` sums this much past, and older counts are
+    #: dropped. The owner of the limits (``routing``'s per-minute rpm/tpm) sets it.
+    usage_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.instance_id or "|" in self.instance_id:
@@ -101,8 +105,8 @@ class SyncSettings:
                 raise SyncConfigError(f"sync.peers: {peer!r} must start with ws:// or wss://")
         if self.discovery is not None:
             self.discovery_target()  # validates
-        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s", "discovery_interval_s",
-                     "ping_interval_s"):
+        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s",
+                     "discovery_interval_s", "usage_window_s", "ping_interval_s"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
         if self.ping_misses < 1:
@@ -181,6 +185,17 @@ class Usage:
 
     requests: int = 0
     tokens: int = 0
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageBucket:
+    """Requests and tokens counted for one client key in ``[start, end)``, all instances."""
+
+    start: float
+    end: float
+    requests: int
+    tokens: int
 
 
 @final

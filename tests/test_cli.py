@@ -206,7 +206,7 @@ STARTUP_FAILURES = [
      "skyroute: cannot read routing file {dir}: is a directory; name the routing YAML file "
      "itself"),
     ("not UTF-8", ["run", "-c", "{dir}/latin1.yaml"],
-     "skyroute: {dir}/latin1.yaml:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+     "skyroute: {dir}/latin1.yaml:2: byte 0xe9 is not UTF-8 text; save the file as UTF-8"),
     ("bad config", ["run", "-c", "{dir}/typo.yaml"],
      "skyroute: {dir}/typo.yaml:9: upstreams[0].regoin: unknown key 'regoin'; did you mean "
      "'region'?"),
