@@ -1,7 +1,9 @@
 """Session affinity across two skyroute instances far apart: follow-ups never flip the pin.
 
-The delay line is long (0.5 s one way) so that the follow-ups really do reach the
-second instance before the first answer's pin does, however busy the machine is.
+The instances sync over a delay line (0.5 s one way). While the conversations run the
+line holds every byte (``TcpForwarder.black_hole``), so every follow-up reaches the
+second instance before the first answer's pin does, however busy the machine is (a
+0.5 s delay alone is outrun by a loaded machine's own slowness); then it flows again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ SESSIONS_PER_OFFSET = 20
 
 @pytest.fixture
 async def far_pair(standin):
-    """Two instances whose sync links cross a 0.5 s delay line; s0 prefers b, s1 prefers a."""
+    """Two instances whose sync links cross a 0.5 s delay line; s0 prefers b, s1 prefers a.
+
+    Yields the two servers and the two delay lines.
+    """
     ups = [await standin(name) for name in ("a", "b")]
     socks = [socket.socket() for _ in range(2)]
     for sock in socks:
@@ -54,12 +59,12 @@ async def far_pair(standin):
         await eventually(lambda: all(
             set(s.app[STATE_SYNC].peer_states().values()) == {"connected"} for s in servers),
             timeout=10)
-        yield servers
+        yield servers, lines
 
 
 async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair):
     """Follow-ups at s1 0/1/10/100 ms after s0's first answer all end pinned to s0's upstream."""
-    s0, s1 = far_pair
+    (s0, s1), lines = far_pair
     sessions = [(offset, f"conv-{offset}-{n}")
                 for offset in FOLLOW_UP_OFFSETS_S for n in range(SESSIONS_PER_OFFSET)]
     raced: list[str] = []
@@ -76,7 +81,11 @@ async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair
             if "from a" in (follow_up.choices[0].message.content or ""):
                 raced.append(session)  # s1 had not seen the pin yet: served by its own choice
 
+        for line in lines:  # every pin stays in flight until all follow-ups are answered
+            line.black_hole()
         await asyncio.gather(*(conversation(offset, s) for offset, s in sessions))
+        for line in lines:
+            line.heal()
 
         def pinned_to_b() -> bool:
             return all(
@@ -85,8 +94,8 @@ async def test_follow_ups_at_another_instance_end_on_the_first_upstream(far_pair
                 for server in (s0, s1) for _, s in sessions)
 
         await eventually(pinned_to_b, timeout=10)
-        # Those follow-ups really did race the pin (it is 0.5 s away), yet did not move it.
-        assert len(raced) >= SESSIONS_PER_OFFSET
+        # Every follow-up raced the pin (it was held on the line), yet none moved it.
+        assert len(raced) == len(sessions)
         # And the conversations go on where they started, at either instance.
         for _, session in sessions[:: SESSIONS_PER_OFFSET]:
             later = await follow_client.chat.completions.create(
