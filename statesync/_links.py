@@ -124,9 +124,11 @@ async def pump(
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Before any await: a handler cancelled here (its client went away) must not
+        # leave a dead connection attached to the hub.
         hub.detach(conn)
         conn.close("socket closed")
+        await asyncio.gather(*tasks, return_exceptions=True)
         # asyncio.wait, not wait_for: on 3.11 wait_for can swallow our own cancellation.
         # A silent peer will not answer our close frame: do not wait for it.
         silent = liveness is not None and liveness.is_dead(now=asyncio.get_running_loop().time())

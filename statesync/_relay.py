@@ -2,7 +2,7 @@
 
 Rules / theory of operation
 ---------------------------
-A change is pushed to every connection of the document except:
+A change is pushed to every open connection of the document except:
 
 * the connection it came from, and any other connection to that same instance
   (two instances that list each other hold two links, one dialled by each);
@@ -17,7 +17,9 @@ So in a full mesh a change crosses the wire N-1 times, once per other instance,
 instead of (N-1)^2; in a chain or a partial mesh it still reaches everyone. A
 connection whose links are not known yet (an older instance, or a link whose
 frame is still in flight) is sent to: a duplicate costs bytes, a gap costs
-correctness. Yjs clients (no instance id) get every change.
+correctness. Yjs clients (no instance id) get every change. A closed connection (a link
+cut but not yet detached, e.g. while its socket waits to close) gets nothing and takes no
+instance's turn: the change goes to that instance's open link, if it has one.
 
 What repairs a wrong view: an instance that loses a link announces its shrunk
 link set and asks its remaining peers for everything it lacks (a SYNC_STEP1 on
@@ -29,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
+from ._protocol import ConnState
+
 
 class RelayTarget(Protocol):
     """What the rule reads from a connection."""
@@ -39,6 +43,9 @@ class RelayTarget(Protocol):
     @property
     def peer_links(self) -> frozenset[str] | None: ...
 
+    @property
+    def state(self) -> ConnState: ...
+
 
 T = TypeVar("T", bound=RelayTarget)
 
@@ -47,7 +54,7 @@ def relay_targets(connections: Iterable[T], *, origin: object | None) -> list[T]
     """The connections a change that arrived on ``origin`` (None: a local write) goes to.
 
     Args:
-        connections: the document's open connections.
+        connections: the document's connections (closed ones are skipped).
         origin: the connection the change came from, or None for a local write.
 
     Returns:
@@ -57,7 +64,7 @@ def relay_targets(connections: Iterable[T], *, origin: object | None) -> list[T]
     sent: set[str] = set()
     targets: list[T] = []
     for conn in connections:
-        if conn is origin:
+        if conn is origin or conn.state is not ConnState.OPEN:
             continue
         peer = conn.peer
         if peer is not None:

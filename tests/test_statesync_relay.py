@@ -17,6 +17,7 @@ from skyroute.statesync._control import (
     pong_frame,
     read_control,
 )
+from skyroute.statesync._protocol import ConnState
 from skyroute.statesync._relay import relay_targets
 
 
@@ -24,6 +25,7 @@ from skyroute.statesync._relay import relay_targets
 class Conn:
     peer: str | None
     peer_links: frozenset[str] | None = None
+    state: ConnState = ConnState.OPEN
 
 
 def names(conns: list[Conn]) -> list[str | None]:
@@ -34,6 +36,15 @@ def test_relay_targets_local_write_goes_once_to_every_peer_and_every_client() ->
     """A local write reaches each instance once (two links to B count once) and each client."""
     b_out, b_in, c, client = Conn("B"), Conn("B"), Conn("C"), Conn(None)
     assert names(relay_targets([b_out, b_in, c, client], origin=None)) == ["B", "C", None]
+
+
+def test_relay_targets_a_closed_link_takes_no_instances_turn() -> None:
+    """A link to B cut but still attached (its socket closing) gets nothing, and B's open
+    link gets the change: counting the closed one as B's copy lost every later write to B."""
+    b_closed, b_open = Conn("B", state=ConnState.CLOSED), Conn("B")
+    client_closed = Conn(None, state=ConnState.CLOSED)
+    got = relay_targets([b_closed, client_closed, b_open], origin=None)
+    assert got == [b_open]
 
 
 RELAY_CASES = [
