@@ -50,9 +50,11 @@ async def far_pair(standin):
             order = "[b, a]" if i == 0 else "[a, b]"
             extra = (f"instance:\n  id: s{i}\n"
                      f"sync:\n  token: {SYNC_TOKEN}\n  peers: [ws://127.0.0.1:{other}/sync]\n")
-            text = routing_yaml([entry(u) for u in ups],
-                                f"- model: chat\n  targets: {order}\n  strategy: priority\n",
-                                extra=extra)
+            # latency_threshold: 80 answers at once on a loaded machine take well over the
+            # default 200 ms to first token, and a "slow" upstream would lose its priority.
+            route = (f"- model: chat\n  targets: {order}\n  strategy: priority\n"
+                     "  latency_threshold: 60s\n")
+            text = routing_yaml([entry(u) for u in ups], route, extra=extra)
             server = Server(parse_config(text, env={}), sock=sock, grace_s=1.0)
             await stack.enter_async_context(server)
             servers.append(server)
