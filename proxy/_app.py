@@ -26,6 +26,7 @@ from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
+from ._paths import check_target
 from ._pool_scrape import pool_scraper
 from ._prometheus import prometheus_source
 from ._reload import config_watcher
@@ -77,6 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.in_flight.inc()
     status = 500
     try:
+        check_target(request.raw_path)
         resp = await handler(request)
         status = resp.status
     except ProxyError as exc:

@@ -55,6 +55,12 @@ class InvalidJSON(ClientRequestError):
     code = "invalid_json"
 
 
+class InvalidPath(ClientRequestError):
+    """The request target is not a plain path under /v1/ (see ``proxy._paths``)."""
+
+    code = "invalid_path"
+
+
 class InvalidApiKey(ClientRequestError):
     status = 401
     code = "invalid_api_key"

@@ -33,6 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
+from ._paths import upstream_url
 from ._sse import StreamTranscript, complete_events
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
@@ -178,8 +179,9 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     try:
         async with asyncio.timeout_at(deadline):
             response = await session.request(
-                call.method, target.endpoint + call.path_qs, data=call.body_for(target),
-                headers=headers, timeout=timeout, allow_redirects=False)
+                call.method, upstream_url(target.endpoint, call.path_qs),
+                data=call.body_for(target), headers=headers, timeout=timeout,
+                allow_redirects=False)
             if response.status >= 400:
                 return await _failed_status(target, response)
             is_sse = response.content_type == "text/event-stream"

@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
+from ._paths import upstream_path
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
 from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
 
@@ -130,6 +131,7 @@ def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route,
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Any ``/v1/...`` request that goes to an upstream."""
+    path_qs = upstream_path(request.raw_path)
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
     store = request.app[STATE_SYNC].store
     client = authenticate(request, runtime.config)
@@ -144,8 +146,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     session_id = session_id_of(request, payload, runtime.config.sessions)
     session = store.get(session_id, now=time.time()) if session_id else None
     pinned = session.upstream if session else None
-    tail = request.raw_path[len("/v1"):]
-    call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
+    call = UpstreamCall(method=request.method, path_qs=path_qs, headers=client_headers(request),
                         body=body or None, payload=payload, alias=alias)
     summary = request[SUMMARY]
     serve = functools.partial(serve_route, request, router=runtime.router, call=call,
