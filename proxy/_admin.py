@@ -12,14 +12,13 @@ it says exactly what the router decides on.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from aiohttp import web
 from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth
 
+from ._auth import bearer_token, is_admin
 from ._errors import AdminDisabled, InvalidApiKey
-from ._handlers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
 from ._state import SERVING, TRAFFIC
 
@@ -42,7 +41,7 @@ def check_admin(request: web.Request, admin_key: str | None) -> None:
     given = bearer_token(request)
     if given is None:
         raise InvalidApiKey("missing admin key: send admin.key as 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(given.encode(), admin_key.encode()):
+    if not is_admin(request, admin_key):
         raise InvalidApiKey("incorrect admin key; it must equal admin.key in the routing file")
 
 

@@ -22,13 +22,14 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
-from ._errors import NotFound, ProxyError
+from ._errors import InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
 from ._paths import check_target
 from ._pool_scrape import pool_scraper
 from ._prometheus import prometheus_source
+from ._redact import config_secrets, register_secrets
 from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
 from ._state import (
@@ -92,11 +93,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error: ProxyError = NotFound(f"{request.method} {request.path} is not served by "
                                          "skyroute; the OpenAI API is under /v1")
         elif exc.status == 405:
-            error = ProxyError(f"{request.method} is not allowed on {request.path}; use "
-                               f"{exc.headers.get('Allow', 'another method')}")
+            error = http_error(405, f"{request.method} is not allowed on {request.path}; use "
+                                    f"{exc.headers.get('Allow', 'another method')}")
         else:
-            error = ProxyError(exc.text or exc.reason)
-        error.status = exc.status
+            error = http_error(exc.status, exc.reason if exc.status < 500 else
+                               "skyroute could not answer this request")
         resp = error.to_response(request_id)
         for name, value in exc.headers.items():  # e.g. Allow on a 405
             if name.lower() not in ("content-type", "content-length"):
@@ -109,6 +110,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         status = 499  # the client went away; nginx's code for it
         raise
+    except Exception:  # a bug: still an OpenAI-shaped answer, and the traceback logged
+        log.exception("unhandled error while serving a request", path=request.path)
+        status = 500
+        resp = InternalError(f"skyroute failed to serve this request; its log has the "
+                             f"details under request id {request_id}").to_response(request_id)
     finally:
         if is_api:
             metrics.in_flight.dec()
@@ -158,6 +164,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
             when run by ``proxy.serve``); None serves ``config`` unchanged.
         watch_interval_s: how often the file is checked for changes.
     """
+    register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)

@@ -31,6 +31,9 @@ class ProxyError(Exception):
         self.param = param
         self.retry_after_s = retry_after_s
 
+    #: Close the client connection after answering (its request was not read whole).
+    close_connection = False
+
     def to_response(self, request_id: str | None = None) -> web.Response:
         """An OpenAI-shaped JSON error response for this error."""
         body = {"error": {"message": self.message, "type": self.type,
@@ -40,8 +43,11 @@ class ProxyError(Exception):
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         if request_id:
             headers["X-Request-ID"] = request_id
-        return web.Response(status=self.status, text=json.dumps(body),
+        resp = web.Response(status=self.status, text=json.dumps(body),
                             content_type="application/json", headers=headers)
+        if self.close_connection:
+            resp.force_close()
+        return resp
 
 
 class ClientRequestError(ProxyError):
@@ -88,6 +94,22 @@ class BodyTooLarge(ClientRequestError):
     code = "request_too_large"
 
 
+class RequestTimeout(ClientRequestError):
+    """The client stopped sending its request part-way (``limits.body_timeout``)."""
+
+    status = 408
+    code = "request_timeout"
+    close_connection = True
+
+
+class TooManyRequests(ClientRequestError):
+    """A client key has as many requests in flight as it may (``max_concurrent``)."""
+
+    status = 429
+    type = "requests"
+    code = "too_many_concurrent_requests"
+
+
 class RateLimited(ClientRequestError):
     status = 429
     type = "requests"
@@ -118,3 +140,27 @@ class DegradedRefusal(ProxyError):
     status = 503
     type = "server_error"
     code = "minimal_mode"
+
+
+class InternalError(ProxyError):
+    """A bug in skyroute: answered 500, logged with its traceback (redacted)."""
+
+    code = "internal_error"
+
+
+#: Codes for the statuses aiohttp answers by itself (bad framing, no route, big body).
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+               408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
+               431: "request_header_fields_too_large"}
+
+
+def http_error(status: int, message: str) -> ProxyError:
+    """An OpenAI-shaped error for a status skyroute did not choose itself (aiohttp's).
+
+    4xx are the client's mistake (``invalid_request_error``), anything else a
+    ``server_error``.
+    """
+    error = ClientRequestError(message) if status < 500 else ProxyError(message)
+    error.status = status
+    error.code = _HTTP_CODES.get(status)
+    return error

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import json
 import time
 from collections.abc import Mapping
@@ -195,11 +196,11 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
                         f"no first token after {waited:.1f}s (only keep-alives: busy)",
                         ttfb_s=waited)
     except aiohttp.ClientConnectorError as exc:
-        return _failure(target, Result.CONNECT_ERROR, f"cannot connect: {exc.os_error}")
+        return _failure(target, Result.CONNECT_ERROR, f"cannot connect ({error_category(exc)})")
     except (aiohttp.ClientError, OSError) as exc:
         _close(response)
         return _failure(target, Result.CONNECT_ERROR,
-                        f"connection failed before the answer: {type(exc).__name__}: {exc}")
+                        f"connection failed before the answer ({error_category(exc)})")
     except BaseException:
         _close(response)
         raise
@@ -235,19 +236,21 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse) -> Fa
     status = response.status
     result = classify_status(status)
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    # The upstream's own error text stops here: it may quote a key or an address.
     outcome = AttemptOutcome(target=target, result=result, status=status,
-                             detail=f"HTTP {status}{_error_message(body)}",
-                             retry_after_s=retry_after)
+                             detail=f"HTTP {status} {result.value}", retry_after_s=retry_after)
     return Failed(outcome=outcome, status=status, headers=response.headers, body=body)
 
 
-def _error_message(body: bytes) -> str:
-    """A short quote of the upstream's own error message, for logs and 502s."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return ""
-    return f" ({str(message)[:120]})"
+def error_category(exc: BaseException) -> str:
+    """What kind of network error ``exc`` is, without its text (which names hosts).
+
+    An ``OSError``'s errno name (``ECONNREFUSED``), else the exception's class name.
+    """
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.errno in errno.errorcode:
+        return errno.errorcode[os_error.errno]
+    return type(exc).__name__
 
 
 def _failure(target: Target, result: Result, detail: str, *,
@@ -268,7 +271,7 @@ async def read_rest(opened: Opened) -> bytes | Failed:
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         opened.response.close()
         return _failure(opened.target, Result.STREAM_CUT,
-                        f"answer cut part-way: {type(exc).__name__}: {exc}")
+                        f"answer cut part-way ({error_category(exc)})")
     except BaseException:
         opened.response.close()
         raise
@@ -329,7 +332,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                 chunk = await anext(chunks, None)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
                     TimeoutError) as exc:
-                cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                cut = error_category(exc)
                 break
             if chunk is None:
                 break

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router
 
+from ._auth import bearer_token
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -28,19 +29,13 @@ from ._errors import (
     InvalidJSON,
     ModelNotFound,
     NotFound,
+    RequestTimeout,
 )
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
 from ._paths import upstream_path
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
 from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
-
-
-def bearer_token(request: web.Request) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    given = given.strip()
-    return given if scheme.lower() == "bearer" and given else None
 
 
 def authenticate(request: web.Request, config: Config) -> ApiKey | None:
@@ -68,47 +63,84 @@ def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, ApiKey]:
     return {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, *, idle_timeout_s: float) -> bytes:
     """The request body, refusing anything over ``limit`` bytes.
 
     A declared ``Content-Length`` over the limit is refused before reading; a
-    chunked body is refused as soon as it passes the limit.
+    chunked body is refused as soon as it passes the limit. A client that sends
+    nothing for ``idle_timeout_s`` (``limits.body_timeout``) gets a 408.
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the "
                            f"limit of {limit} bytes (limits.max_body_bytes)")
-    if request.content_length is not None:
-        try:
-            return await request.content.readexactly(request.content_length)
-        except asyncio.IncompleteReadError as exc:
-            raise ClientRequestError(
-                f"the request body ended after {len(exc.partial)} of the "
-                f"{request.content_length} bytes its Content-Length announced") from exc
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"the client sent no part of the request body for "
+                                 f"{idle_timeout_s:g}s (limits.body_timeout); send the "
+                                 "body without pauses") from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body is over the limit of {limit} bytes "
                                "(limits.max_body_bytes)")
         chunks.append(chunk)
+    if declared is not None and size < declared:
+        raise ClientRequestError(f"the request body ended after {size} of the {declared} "
+                                 "bytes its Content-Length announced")
     return b"".join(chunks)
+
+
+#: Deepest JSON nesting accepted in a request body. OpenAI payloads nest a few
+#: levels (messages, content parts, tool schemas of some depth); far deeper is an
+#: attack on the parser or on whoever re-encodes the body.
+MAX_JSON_DEPTH = 64
 
 
 def parse_payload(body: bytes) -> dict[str, Any] | None:
     """The JSON object in ``body``; None for an empty body.
 
     Raises:
-        InvalidJSON: the body is not a JSON object.
+        InvalidJSON: the body is not a JSON object, nests deeper than
+            ``MAX_JSON_DEPTH`` or holds NaN/Infinity (which no upstream accepts).
     """
     if not body.strip():
         return None
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") \
+            from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidJSON("the request body must be a JSON object")
+    # Only a body with that many brackets can be that deep: most skip the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(payload):
+        raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     return payload
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
 
 
 def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route, str | None]:
@@ -137,7 +169,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     client = authenticate(request, runtime.config)
     if client is not None:
         enforce_limits(store, client, now=time.time())
-    body = await read_body(request, runtime.config.limits.max_body_bytes)
+    limits = runtime.config.limits
+    body = await read_body(request, limits.max_body_bytes, idle_timeout_s=limits.body_timeout_s)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
     route, alias = choose_route(runtime.router, payload)
     metrics, now = request.app[METRICS], asyncio.get_running_loop().time()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from skyroute.routing import LEVELS, STATES, HealthChange, Router, TrafficShare
 from skyroute.statesync import SessionStore
 
+from ._auth import is_admin
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
@@ -116,12 +118,16 @@ def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthCha
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """``GET /health``: the degradation level and every upstream's state, as JSON."""
+    """``GET /health``: the degradation level and every upstream's state, as JSON.
+
+    Anyone may read levels and states; reasons, URLs, addresses and the config
+    file's path only go to a caller with the admin key (``"view": "admin"``).
+    """
     runtime = request.app[SERVING].runtime
     router = runtime.router
     now = asyncio.get_running_loop().time()
     minimal = router.minimal(now=now)
-    return web.json_response({
+    body = {
         "level": router.level(now=now),
         "routes": router.route_levels(now=now),
         "fallbacks": router.fallbacks(now=now),
@@ -133,7 +139,22 @@ async def handle_health(request: web.Request) -> web.Response:
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
         "peers": request.app[STATE_SYNC].peer_states(),
-    })
+    }
+    if is_admin(request, runtime.config.admin_key):
+        return web.json_response({"view": "admin", **body})
+    return web.json_response({"view": "public", **public_health(body)})
+
+
+def public_health(body: dict[str, Any]) -> dict[str, Any]:
+    """``/health`` for anyone: levels and states, no reasons, URLs or addresses."""
+    upstreams = {}
+    for name, entry in body["upstreams"].items():
+        entry = {k: v for k, v in entry.items() if k != "last_change"}
+        if "endpoints" in entry:  # keyed by URL: keep the order, drop the addresses
+            entry["endpoints"] = list(entry["endpoints"].values())
+        upstreams[name] = entry
+    return {**body, "config": {"loaded_at": body["config"]["loaded_at"]},
+            "upstreams": upstreams, "peers": sorted(body["peers"].values())}
 
 
 async def health_ticker(app: web.Application) -> AsyncIterator[None]:

@@ -2,7 +2,8 @@
 
 Each request binds ``request_id`` into structlog's context variables, so every
 line logged while serving it carries the id without passing it around. Keys and
-request bodies are never logged.
+request bodies are never logged, and anything that looks like a key is redacted
+(``proxy._redact``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import sys
 
 import structlog
+
+from ._redact import redact_processor
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
@@ -30,6 +33,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_processor,  # last before rendering: tracebacks are redacted too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -66,6 +66,13 @@ class Metrics:
             ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "skyroute_in_flight_requests", "Client requests being served now.", registry=r)
+        self.client_connections = Gauge(
+            "skyroute_client_connections", "Client connections open now.", registry=r)
+        self.client_connections_closed = Counter(
+            "skyroute_client_connections_closed",
+            "Client connections closed by skyroute's limits, by reason: head_timeout, "
+            "keepalive_timeout, evicted (room made at max_client_connections) or refused "
+            "(at the cap with every connection busy).", ["reason"], registry=r)
         self.config_reloads = Counter(
             "skyroute_config_reloads", "Routing file reloads by result (success or error).",
             ["result"], registry=r)

@@ -21,8 +21,14 @@ from aiohttp import web
 from skyroute.routing import Config
 
 from ._app import build_app
+from ._connections import (
+    ConnectionGuard,
+    GuardedAppRunner,
+    check_connection_cap,
+    raise_open_file_limit,
+)
 from ._reload import reload_config
-from ._state import SERVING
+from ._state import METRICS, SERVING
 
 log = structlog.get_logger("skyroute.server")
 
@@ -41,10 +47,13 @@ class Server:
         self.app = app if app is not None else build_app(config, config_path=config_path)
         self.host = host if host is not None else config.listen.host
         self.port = port if port is not None else config.listen.port
+        self.guard = ConnectionGuard(lambda: self.app[SERVING].runtime.config.limits,
+                                     self.app[METRICS])
         # handler_cancellation: a client that goes away cancels its handler, and so
         # the upstream request it was waiting on.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=grace_s)
+        self._runner = GuardedAppRunner(self.app, guard=self.guard, handler_cancellation=True,
+                                        access_log=None, shutdown_timeout=grace_s)
+        self._sweeper: asyncio.Task[None] | None = None
         self._sock = sock  # an already bound socket (its port known before start)
         if sock is not None:
             self.host, self.port = sock.getsockname()[:2]
@@ -57,7 +66,9 @@ class Server:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        check_connection_cap(self.app[SERVING].runtime.config.limits, raise_open_file_limit())
         await self._runner.setup()
+        self._sweeper = asyncio.create_task(self.guard.run(), name="skyroute-connection-guard")
         if self._sock is not None:
             self._site = web.SockSite(self._runner, self._sock)
             await self._site.start()
@@ -72,6 +83,10 @@ class Server:
     async def aclose(self) -> None:
         self.app[SERVING].draining = True
         await self._runner.cleanup()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -12,6 +12,7 @@ from skyroute.routing import Config, Router, TrafficShare
 from skyroute.statesync import StateSync
 
 from ._metrics import Metrics
+from ._redact import config_secrets, register_secrets
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class Serving:
 
         The router is shared, so upstream health survives the reload.
         """
+        register_secrets(config_secrets(config))
         self.runtime.router.update(config)
         self.runtime = Runtime(config=config, router=self.runtime.router)
 

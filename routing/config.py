@@ -69,6 +69,17 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 DEFAULT_ROUTE_TIMEOUT_S = 600.0
 DEFAULT_MAX_ATTEMPTS = 3
 
+#: Client-side limits default to nginx's own defaults or stricter:
+#: ``client_header_timeout`` 60s, ``client_body_timeout`` 60s, ``keepalive_timeout``
+#: 75s, ``worker_connections`` 512.
+DEFAULT_HEAD_TIMEOUT_S = 60.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
+DEFAULT_MAX_CLIENT_CONNECTIONS = 512
+#: Longest wait for a free connection to an upstream (its ``max_connections``)
+#: before the next target is tried; the wait is not held against the upstream.
+DEFAULT_POOL_TIMEOUT_S = 2.0
+
 __all__ = [
     "DEFAULT_PROMETHEUS_QUERY",
     "ApiKey",
@@ -121,9 +132,11 @@ class ApiKey:
     key: str
     rpm: int | None = None
     tpm: int | None = None
+    max_concurrent: int | None = None  # requests in flight at once, on this instance
 
     def __repr__(self) -> str:  # never print the key itself
-        return f"ApiKey(name={self.name!r}, rpm={self.rpm}, tpm={self.tpm})"
+        return (f"ApiKey(name={self.name!r}, rpm={self.rpm}, tpm={self.tpm}, "
+                f"max_concurrent={self.max_concurrent})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,7 +151,8 @@ class Upstream:
     first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    max_connections: int = 256
+    max_connections: int = 256  # connections to each endpoint at once (requests in flight)
+    pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S  # longest wait for one of them
     weight: int = 1  # share of traffic under the 'weighted' strategy
     #: For a pool: scrape and health-check its servers (``latency.scrape``). Off, the
     #: pool picks by skyroute's own in-flight counts alone.
@@ -196,7 +210,20 @@ class Route:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
+    """What one client may take: body size, time to send, connections."""
+
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S  # whole request head, from its first byte
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # longest pause while sending the body
+    keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S  # an idle connection is closed
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        for name in ("head_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.removesuffix('_s')} must be more than 0")
+        if self.max_client_connections < 1:
+            raise ValueError("max_client_connections must be at least 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,7 +305,11 @@ def _build(top: Fields, source: str) -> Config:
         admin_key = admin.text("key") or None
         admin.finish()
     limits = section(top, "limits", Limits, {
-        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB")})
+        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB"),
+        "head_timeout": ("head_timeout_s", parse_duration, DURATION),
+        "body_timeout": ("body_timeout_s", parse_duration, DURATION),
+        "keepalive_timeout": ("keepalive_timeout_s", parse_duration, DURATION),
+        "max_client_connections": ("max_client_connections", parse_count, COUNT)})
     retry, breaker = read_retry(top), read_breaker(top)
     latency = read_latency(top)
     sessions = read_sessions(top)
@@ -308,9 +339,12 @@ def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
         key = entry.text("key", required=True)
         rpm = entry.get("rpm", parse_count, None, what="requests per minute, e.g. 60")
         tpm = entry.get("tpm", parse_count, None, what="tokens per minute, e.g. 100000")
+        max_concurrent = entry.get("max_concurrent", parse_count, None,
+                                   what="requests in flight at once, e.g. 16")
         entry.finish()
         if name and key:
-            keys.append(ApiKey(name=name, key=key, rpm=rpm, tpm=tpm))
+            keys.append(ApiKey(name=name, key=key, rpm=rpm, tpm=tpm,
+                               max_concurrent=max_concurrent))
         elif key == "" and "${" not in str(entry.data.get("key")):
             entry.problem("key", "is empty; a client key must not be blank")
     auth.finish()
@@ -357,6 +391,7 @@ def _upstream(entry: Fields) -> Upstream | None:
         "connect_timeout": ("connect_timeout_s", parse_duration, DURATION),
         "idle_timeout": ("idle_timeout_s", parse_duration, DURATION),
         "max_connections": ("max_connections", parse_count, COUNT),
+        "pool_timeout": ("pool_timeout_s", parse_duration, DURATION),
         "weight": ("weight", parse_count, COUNT),
         "scrape": ("scrape", parse_bool, "true or false (for a pool)")})
     entry.finish()
