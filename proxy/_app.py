@@ -22,6 +22,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
+from ._connections import send_and_close
 from ._errors import InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
@@ -85,6 +86,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as exc:
         status = exc.status
         resp = exc.to_response(request_id)
+        if exc.close_connection:  # the rest of the request will not come: do not wait for it
+            await send_and_close(request, resp)
         if exc.status < 500:
             metrics.client_errors.labels(exc.code or "invalid_request").inc()
     except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)

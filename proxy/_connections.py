@@ -266,6 +266,17 @@ class ConnectionGuard:
             self.sweep(loop.time())
 
 
+async def send_and_close(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send ``resp`` now and close the connection, without reading the rest of the body.
+
+    aiohttp would otherwise linger, reading what the client still sends, for up to
+    ten seconds: the wrong courtesy for a client that has stopped sending.
+    """
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
+
+
 def raise_open_file_limit() -> int:
     """Raise the soft open-file limit to the hard one; return the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -1,0 +1,150 @@
+"""Slow and greedy clients: head, body and keep-alive timeouts, the connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from skyroute.proxy import Server
+from skyroute.proxy.demo import StandinUpstream
+
+from .conftest import CLIENT_KEY, client_for, eventually, routing_yaml, upstream_yaml
+from .hostile import RAW_TIMEOUT_S, raw_request
+
+HALF_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+             b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n")
+
+
+async def _config(standin: Callable[..., Awaitable[StandinUpstream]], limits: str) -> str:
+    up = await standin("a")
+    return routing_yaml([upstream_yaml(up)], extra=f"limits:\n{limits}")
+
+
+class HalfSent:
+    """Many connections that each sent part of a request head and then nothing."""
+
+    def __init__(self) -> None:
+        self.writers: list[asyncio.StreamWriter] = []
+        self.readers: list[asyncio.StreamReader] = []
+
+    async def open(self, port: int, n: int, *, batch: int = 100) -> None:
+        for start in range(0, n, batch):
+            pairs = await asyncio.gather(*(
+                asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), RAW_TIMEOUT_S)
+                for _ in range(min(batch, n - start))))
+            for reader, writer in pairs:
+                writer.write(HALF_HEAD)
+                self.readers.append(reader)
+                self.writers.append(writer)
+            await asyncio.gather(*(w.drain() for _, w in pairs))
+
+    def closed_by_server(self) -> int:
+        return sum(r.at_eof() for r in self.readers)
+
+    async def aclose(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        for writer in self.writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def half_sent() -> AsyncIterator[HalfSent]:
+    held = HalfSent()
+    yield held
+    await held.aclose()
+
+
+async def _chat_ok(server: Server, n: int) -> None:
+    async with client_for(server) as client:
+        for _ in range(n):
+            reply = await client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content.startswith("Hello from a")
+
+
+async def test_1000_half_sent_requests_do_not_stop_normal_ones(standin, skyroute, half_sent):
+    """1,000 connections holding half a request head stay open; normal requests succeed."""
+    server = await skyroute(await _config(standin, "  max_client_connections: 2000\n"))
+    await half_sent.open(server.port, 1000)
+    await eventually(lambda: server.guard.open_connections >= 1000, timeout=10)
+    await _chat_ok(server, 20)
+    assert half_sent.closed_by_server() == 0
+    metrics = await raw_request(server.port, "GET /metrics HTTP/1.1\r\nHost: x")
+    assert b"skyroute_client_connections " in metrics.body
+
+
+async def test_at_the_cap_half_sent_connections_make_room(standin, skyroute, half_sent):
+    """With more half-sent connections than the cap, the oldest are closed for new clients."""
+    server = await skyroute(await _config(standin, "  max_client_connections: 50\n"))
+    await half_sent.open(server.port, 300)
+    await _chat_ok(server, 10)
+    assert server.guard.open_connections <= 50
+    metrics = (await raw_request(server.port, "GET /metrics HTTP/1.1\r\nHost: x")).body.decode()
+    evicted = next(line for line in metrics.splitlines()
+                   if line.startswith('skyroute_client_connections_closed_total{reason="evicted"}'))
+    assert float(evicted.split()[-1]) >= 250
+
+
+async def test_head_not_complete_in_time_gets_408_and_is_closed(standin, skyroute):
+    """A request head still incomplete after limits.head_timeout gets a 408 and a close."""
+    server = await skyroute(await _config(standin, "  head_timeout: 200ms\n"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HALF_HEAD)
+        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)  # until the server closes
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b'"code": "request_timeout"' in data and b"limits.head_timeout" in data
+
+
+async def test_body_paused_too_long_gets_408(standin, skyroute):
+    """A body that stops arriving for limits.body_timeout gets an OpenAI-shaped 408."""
+    server = await skyroute(await _config(standin, "  body_timeout: 200ms\n"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HALF_HEAD + b"Content-Type: application/json\r\n"
+                                 b"Content-Length: 100\r\n\r\n{\"model\":")
+        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b'"type": "invalid_request_error"' in data and b"limits.body_timeout" in data
+
+
+async def test_idle_keepalive_connection_is_closed(standin, skyroute):
+    """A kept-alive connection idle for limits.keepalive_timeout is closed by skyroute."""
+    server = await skyroute(await _config(standin, "  keepalive_timeout: 200ms\n"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_TIMEOUT_S)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        rest = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)  # EOF once closed
+    finally:
+        writer.close()
+    assert rest.endswith(b'{"status": "alive"}')
+
+
+async def test_at_the_cap_with_every_connection_busy_new_ones_get_503(standin, skyroute):
+    """When every connection serves a request, a new one gets a 503 with Retry-After."""
+    up = await standin("a")
+    up.behaviour.mode = "busy"
+    server = await skyroute(routing_yaml([upstream_yaml(up, extra="first_token_timeout: 30s")],
+                                         extra="limits:\n  max_client_connections: 2\n"))
+    async with client_for(server) as client:
+        calls = [asyncio.create_task(client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}])) for _ in range(2)]
+        try:
+            await up.wait_for(lambda u: u.in_flight == 2)
+            answer = await raw_request(server.port, "GET /livez HTTP/1.1\r\nHost: x")
+        finally:
+            up.behaviour.mode = "ok"
+            await asyncio.gather(*calls)
+    assert answer.status == 503
+    assert answer.headers["retry-after"] == "1"
+    assert "max_client_connections" in answer.json()["error"]["message"]
