@@ -33,7 +33,9 @@ from ._prometheus import prometheus_source
 from ._redact import config_secrets, register_secrets
 from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
+from ._slots import ClientConcurrency, UpstreamSlots
 from ._state import (
+    CLIENT_CONCURRENCY,
     METRICS,
     REQUEST_ID,
     SERVING,
@@ -41,6 +43,7 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
+    UPSTREAM_SLOTS,
     RequestSummary,
     Runtime,
     Serving,
@@ -48,8 +51,6 @@ from ._state import (
 
 log = structlog.get_logger("skyroute.proxy")
 
-#: Connections kept open to each upstream host (aiohttp pools per host:port).
-POOL_LIMIT_PER_HOST = 256
 #: Idle keep-alive connections are reused for this long.
 KEEPALIVE_S = 30.0
 
@@ -149,7 +150,9 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
+    # No limit here: each upstream's max_connections is enforced per endpoint by
+    # UpstreamSlots, where waiting for one is bounded and not an upstream failure.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
                                      keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
     # auto_decompress off: bodies are relayed byte for byte (we ask for identity anyway).
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
@@ -173,6 +176,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
     app[TRAFFIC] = TrafficShare()
+    app[UPSTREAM_SLOTS] = UpstreamSlots()
+    app[CLIENT_CONCURRENCY] = ClientConcurrency()
     app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry)
     if config.sync is not None:
         app[STATE_SYNC].add_routes(app)

@@ -44,8 +44,9 @@ from ._forward import (
 )
 from ._health import report_changes
 from ._metrics import Metrics
+from ._slots import UpstreamSlots
 from ._sse import StreamTranscript
-from ._state import TRAFFIC, RequestSummary
+from ._state import TRAFFIC, UPSTREAM_SLOTS, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -142,7 +143,7 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
     if resuming is not None:
         call = call.continuing(resuming.transcript.text, resuming.transcript.content_chunks)
     target, opened = await _open_hedged(target, call, session, metrics, router, plan,
-                                        request_id)
+                                        request_id, request.app[UPSTREAM_SLOTS])
     if isinstance(opened, Failed):
         return opened
     try:
@@ -227,7 +228,7 @@ def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
 
 async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
-                       ) -> tuple[Target, Opened | Failed]:
+                       slots: UpstreamSlots) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.
 
     The first attempt to produce content wins and the other is cancelled (it has
@@ -237,7 +238,8 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.Clie
 
     def opening(t: Target) -> Coroutine[Any, Any, Opened | Failed]:
         deadline = min(loop.time() + t.upstream.first_token_timeout_s, plan.deadline)
-        return open_attempt(session, t, call, request_id=request_id, deadline=deadline)
+        return open_attempt(session, t, call, request_id=request_id, deadline=deadline,
+                            slots=slots)
 
     def start(t: Target) -> asyncio.Task[Opened | Failed]:
         return asyncio.create_task(opening(t))
@@ -286,7 +288,7 @@ async def _cancel_losers(tasks: dict[asyncio.Task[Opened | Failed], Target], rou
         plan.cancel(target)
     for result in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(result, Opened):  # finished in the same instant as the winner
-            result.response.close()
+            result.close()
 
 
 def _book(router: Router, plan: AttemptPlan, metrics: Metrics, outcome: AttemptOutcome,

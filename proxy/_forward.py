@@ -35,6 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._paths import upstream_url
+from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
@@ -95,6 +96,17 @@ class Opened:
     is_sse: bool
     started: float
     ttfb_s: float
+    slot: Slot | None = None  # the endpoint connection slot this attempt holds
+
+    def release(self) -> None:
+        """Give the connection slot back (the answer has been read whole)."""
+        if self.slot is not None:
+            self.slot.release()
+
+    def close(self) -> None:
+        """Close the upstream response and give its connection slot back."""
+        self.response.close()
+        self.release()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -157,16 +169,41 @@ def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
 
 
 async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
-                       *, request_id: str, deadline: float) -> Opened | Failed:
+                       *, request_id: str, deadline: float,
+                       slots: UpstreamSlots | None = None) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
     Args:
         deadline: loop time by which the first content byte must have arrived
             (the upstream's first-token timeout, capped by the request deadline).
+        slots: the connection slots per endpoint; the attempt first waits for one
+            (``Result.POOL_FULL`` if none frees up) and ``Opened`` holds it.
 
     Returns:
         ``Opened`` once content has begun, or ``Failed`` with the classified outcome.
     """
+    if slots is None:
+        return await _open(session, target, call, request_id=request_id, deadline=deadline)
+    slot = await slots.acquire(target, deadline=deadline)
+    if slot is None:
+        upstream = target.upstream
+        return _failure(target, Result.POOL_FULL,
+                        f"all {upstream.max_connections} connections (max_connections) busy "
+                        f"for {upstream.pool_timeout_s:g}s (pool_timeout)")
+    try:
+        opened = await _open(session, target, call, request_id=request_id, deadline=deadline)
+    except BaseException:
+        slot.release()
+        raise
+    if isinstance(opened, Failed):
+        slot.release()
+    else:
+        opened.slot = slot
+    return opened
+
+
+async def _open(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+                *, request_id: str, deadline: float) -> Opened | Failed:
     loop = asyncio.get_running_loop()
     started = loop.time()
     headers = CIMultiDict(call.headers)
@@ -269,12 +306,13 @@ async def read_rest(opened: Opened) -> bytes | Failed:
     try:
         rest = await opened.response.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        opened.response.close()
+        opened.close()
         return _failure(opened.target, Result.STREAM_CUT,
                         f"answer cut part-way ({error_category(exc)})")
     except BaseException:
-        opened.response.close()
+        opened.close()
         raise
+    opened.release()
     return opened.prefix + rest
 
 
@@ -344,7 +382,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
         if cut is None and pending.strip():
             await resp.write(pending)  # a last event without its blank line
     finally:
-        upstream.close()
+        opened.close()
     return cut
 
 

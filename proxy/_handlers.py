@@ -35,7 +35,16 @@ from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
 from ._paths import upstream_path
 from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
-from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
+from ._state import (
+    CLIENT_CONCURRENCY,
+    METRICS,
+    REQUEST_ID,
+    SERVING,
+    SESSION,
+    STATE_SYNC,
+    SUMMARY,
+    Runtime,
+)
 
 
 def authenticate(request: web.Request, config: Config) -> ApiKey | None:
@@ -167,8 +176,16 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
     store = request.app[STATE_SYNC].store
     client = authenticate(request, runtime.config)
-    if client is not None:
-        enforce_limits(store, client, now=time.time())
+    with request.app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
+        if client is not None:
+            enforce_limits(store, client, now=time.time())
+        return await _serve_api(request, runtime, client, path_qs)
+
+
+async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | None,
+                     path_qs: str) -> web.StreamResponse:
+    """The rest of ``handle_api`` once the client is known and admitted."""
+    store = request.app[STATE_SYNC].store
     limits = runtime.config.limits
     body = await read_body(request, limits.max_body_bytes, idle_timeout_s=limits.body_timeout_s)
     payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None

@@ -13,6 +13,7 @@ from skyroute.statesync import StateSync
 
 from ._metrics import Metrics
 from ._redact import config_secrets, register_secrets
+from ._slots import ClientConcurrency, UpstreamSlots
 
 
 @dataclass(slots=True)
@@ -64,5 +65,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 STATE_SYNC = web.AppKey("state_sync", StateSync)
 TRAFFIC = web.AppKey("traffic_share", TrafficShare)
+UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
+CLIENT_CONCURRENCY = web.AppKey("client_concurrency", ClientConcurrency)
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)

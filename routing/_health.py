@@ -146,8 +146,11 @@ class UpstreamHealth:
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
-        self.outstanding = max(0, self.outstanding - 1)
         result = outcome.result
+        if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
+            self.cancel(now=now)
+            return None
+        self.outstanding = max(0, self.outstanding - 1)
         if result is Result.SUCCESS and outcome.ttfb_s is not None:
             self.latency.record(outcome.ttfb_s, now=now)
         if result in _BREAKER_SUCCESS:

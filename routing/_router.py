@@ -172,7 +172,8 @@ class AttemptPlan:
             return self._give_up(now)
         if now >= self._deadline:
             return self._give_up(now, timed_out=True)
-        if not self._budget.try_acquire(now):
+        # A request that never left skyroute (POOL_FULL) put no load on any upstream.
+        if outcome.result is not Result.POOL_FULL and not self._budget.try_acquire(now):
             return self._give_up(now, budget_exhausted=True)
         return Retry(reason=f"{outcome.target.name}: {outcome.detail or outcome.result.value}",
                      delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
@@ -191,7 +192,7 @@ class AttemptPlan:
         results = {o.result for o in self.outcomes}
         status = 504 if timed_out or results <= {Result.TIMEOUT, Result.BUSY} else 502
         if budget_exhausted or results <= {Result.RATE_LIMITED, Result.SERVER_ERROR,
-                                           Result.BUSY, Result.BAD_KEY}:
+                                           Result.BUSY, Result.BAD_KEY, Result.POOL_FULL}:
             status = 503
         hints = [o.retry_after_s for o in self.outcomes if o.retry_after_s is not None]
         if hints:

@@ -148,3 +148,63 @@ async def test_at_the_cap_with_every_connection_busy_new_ones_get_503(standin, s
     assert answer.status == 503
     assert answer.headers["retry-after"] == "1"
     assert "max_client_connections" in answer.json()["error"]["message"]
+
+
+# -- upstream connection slots and per-key concurrency ------------------------------------
+
+def _routes_ab() -> str:
+    return "- model: chat\n  targets: [a, b]\n  strategy: priority\n"
+
+
+async def test_full_upstream_pool_fails_over_without_blaming_the_upstream(standin, skyroute):
+    """With a's max_connections all held, the next request waits pool_timeout, then goes to b;
+    a stays healthy (the wait is skyroute's, not a's)."""
+    a, b = await standin("a"), await standin("b")
+    a.behaviour.mode = "busy"
+    extra = "first_token_timeout: 30s\nmax_connections: 2\npool_timeout: 200ms"
+    server = await skyroute(routing_yaml([upstream_yaml(a, extra=extra), upstream_yaml(b)],
+                                         _routes_ab()))
+    async with client_for(server) as client:
+        held = [asyncio.create_task(client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}])) for _ in range(2)]
+        try:
+            await a.wait_for(lambda u: u.in_flight == 2)
+            reply = await client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content.startswith("Hello from b")
+            assert a.requests_total == 2  # the third never reached a
+        finally:
+            a.behaviour.mode = "ok"
+            answers = await asyncio.gather(*held)
+    assert all(r.choices[0].message.content.startswith("Hello from a") for r in answers)
+    health = await raw_request(server.port, "GET /health HTTP/1.1\r\nHost: x")
+    assert health.json()["upstreams"]["a"]["state"] == "healthy"
+    assert health.json()["upstreams"]["a"]["breaker"] == "CLOSED"
+    metrics = (await raw_request(server.port, "GET /metrics HTTP/1.1\r\nHost: x")).body.decode()
+    assert 'skyroute_attempts_total{outcome="pool_full",upstream="a"} 1.0' in metrics
+
+
+async def test_client_key_over_max_concurrent_gets_429(standin, skyroute):
+    """A key with max_concurrent: 1 and one request in flight gets a 429 for a second one."""
+    up = await standin("a")
+    up.behaviour.mode = "busy"
+    auth = (f"auth:\n  api_keys:\n    - name: tests\n      key: {CLIENT_KEY}\n"
+            "      max_concurrent: 1\n")
+    text = routing_yaml([upstream_yaml(up, extra="first_token_timeout: 30s")], auth=False,
+                        extra=auth)
+    server = await skyroute(text)
+    async with client_for(server) as client:
+        held = asyncio.create_task(client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]))
+        try:
+            await up.wait_for(lambda u: u.in_flight == 1)
+            answer = await raw_request(
+                server.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2", b"{}")
+        finally:
+            up.behaviour.mode = "ok"
+            await held
+    assert answer.status == 429
+    assert answer.json()["error"]["code"] == "too_many_concurrent_requests"
+    assert answer.headers["retry-after"] == "1"
