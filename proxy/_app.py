@@ -117,6 +117,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:  # a bug: still an OpenAI-shaped answer, and the traceback logged
         log.exception("unhandled error while serving a request", path=request.path)
         status = 500
+        if request.writer.output_size > 0:
+            raise  # part of an answer is out: aiohttp closes the connection
         resp = InternalError(f"skyroute failed to serve this request; its log has the "
                              f"details under request id {request_id}").to_response(request_id)
     finally:

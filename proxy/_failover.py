@@ -169,8 +169,15 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
             else stream_response(opened, request_id, extra_headers)
         transcript = resuming.transcript if resuming is not None \
             else StreamTranscript() if track else None
-        cut = await relay_stream(request, resp, opened, transcript=transcript,
-                                 continuation=resuming is not None)
+        try:
+            cut = await relay_stream(request, resp, opened, transcript=transcript,
+                                     continuation=resuming is not None)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: nothing more can reach it
+        except Exception as exc:  # a bug while relaying: the client must still see the cut
+            log.exception("stream relay failed", upstream=target.name)
+            cut = f"skyroute failed relaying the stream ({type(exc).__name__})"
+            transcript = None  # nothing to resume from
         if cut is not None and transcript is not None and _can_resume(plan.route, call,
                                                                       transcript):
             outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,

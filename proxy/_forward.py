@@ -24,6 +24,7 @@ import asyncio
 import email.utils
 import errno
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -49,7 +50,12 @@ _DROP_REQUEST = HOP_BY_HOP | {"authorization", "api-key", "x-api-key", "accept-e
 _DROP_RESPONSE = HOP_BY_HOP | {"content-encoding", "date", "server", "set-cookie"}
 #: An error body from an upstream is read up to this size to pass on or log.
 MAX_ERROR_BODY = 1 << 20
-_SSE_TAIL = 64
+#: The event that ends an OpenAI stream, as its own line.
+_DONE_LINE = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
+#: Longest single SSE event relayed. Real chunks are a few hundred bytes (a big
+#: tool-call argument a few hundred KiB); an upstream sending endless bytes with no
+#: event end must not grow skyroute's memory without bound.
+MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True, kw_only=True)
@@ -349,7 +355,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     try:
         if not resp.prepared:
             await resp.prepare(request)
-        pending, tail = opened.prefix, b""
+        pending, done = opened.prefix, False
         chunks = upstream.content.iter_any()
         while True:
             whole = complete_events(pending)
@@ -365,11 +371,10 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                     # Outside the try below: a client that went away is not the
                     # upstream's fault; its error ends the attempt with no outcome.
                     await resp.write(events)
-                    tail = (tail + events)[-_SSE_TAIL:]
+                    done = done or _DONE_LINE.search(events) is not None
             try:
                 chunk = await anext(chunks, None)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
-                    TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 cut = error_category(exc)
                 break
             if chunk is None:
@@ -377,13 +382,17 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
             if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
                 chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
             pending += chunk
-        if cut is None and b"[DONE]" not in tail + pending:
-            cut = "the upstream ended the stream without [DONE]"
-        if cut is None and pending.strip():
+            if len(pending) > MAX_SSE_EVENT_BYTES:
+                cut = f"an event longer than {MAX_SSE_EVENT_BYTES} bytes"
+                pending = b""  # never relayed: half an event would corrupt the stream
+                break
+        if not done and cut is None and _DONE_LINE.search(pending):
+            done = True
             await resp.write(pending)  # a last event without its blank line
     finally:
         opened.close()
-    return cut
+    # Once [DONE] is out the answer is whole: what broke after it does not matter.
+    return None if done else cut or "the upstream ended the stream without [DONE]"
 
 
 async def end_stream(resp: web.StreamResponse, opened: Opened, cut: str | None) -> None:
