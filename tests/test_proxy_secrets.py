@@ -175,9 +175,8 @@ async def test_no_secret_in_any_answer_health_metrics_or_log(tmp_path, echo_upst
         assert secret not in log, f"{secret!r} in the log"
     addresses = [f"127.0.0.1:{echo_upstream}", f"127.0.0.1:{dead_port}", str(echo_upstream)]
     for what, body in answers:
-        if "admin" in what.lower() or "Bearer" in what or what.startswith("GET /health 200") \
-                and b'"view": "admin"' in body:
-            continue
+        if "admin" in what.lower() or b'"view": "admin"' in body:
+            continue  # the admin views may name addresses (never secrets)
         for address in addresses:
             assert address.encode() not in body, f"{address!r} in the answer to {what}"
     public = json.loads(next(body for what, body in answers if what == "GET /health 200"))
