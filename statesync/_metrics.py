@@ -86,6 +86,23 @@ class SyncMetrics:
             "Current document epoch (documents are rebuilt when it changes).",
             registry=registry,
         )
+        self.updates_rejected = Counter(
+            "skyroute_sync_updates_rejected",
+            "Remote updates dropped whole (and their connection closed), by document and "
+            "reason: schema, value_size, document_size or unknown_root.",
+            ["doc", "reason"],
+            registry=registry,
+        )
+        self.sessions_evicted = Counter(
+            "skyroute_sync_sessions_evicted",
+            "Sessions removed, oldest first, to keep the sessions map under max_sessions.",
+            registry=registry,
+        )
+        self.rotation_failures = Counter(
+            "skyroute_sync_rotation_failures",
+            "Epoch rotations that failed and left every document in the old epoch.",
+            registry=registry,
+        )
         self.rotations = Counter(
             "skyroute_sync_rotations_total",
             "Document rotations into a new epoch.",
