@@ -30,6 +30,7 @@ from ._errors import (
     ModelNotFound,
     NotFound,
     RequestTimeout,
+    http_error,
 )
 from ._failover import serve_route
 from ._forward import UpstreamCall, client_headers
@@ -170,8 +171,16 @@ def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route,
     return route, model
 
 
+#: Methods sent on to an upstream. TRACE (which echoes the request, skyroute's
+#: upstream key included) and CONNECT (a tunnel) never are.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Any ``/v1/...`` request that goes to an upstream."""
+    if request.method not in FORWARDED_METHODS:
+        raise http_error(405, f"{request.method} is not forwarded; the OpenAI API uses "
+                              "GET, POST and DELETE")
     path_qs = upstream_path(request.raw_path)
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
     store = request.app[STATE_SYNC].store
