@@ -49,7 +49,7 @@ class UpdateRejected(SyncProtocolError):
     """
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"bad update: {message}")  # "bad": closed with CLOSE_PROTOCOL
         self.reason = reason
 
 
