@@ -167,3 +167,28 @@ routes:
     router.tick(now=1.0)
     assert router.health("a").latency.p95(now=1.0) == pytest.approx(0.2)
     assert router.plan(route, now=1.0).next_attempt(now=1.0).name == "b"
+
+
+def test_POOL_FULL_moves_on_and_is_not_held_against_the_upstream():
+    """A full connection pool tries the next target and leaves the upstream's health alone."""
+    router = Router(CONFIG)
+    plan = router.plan(CONFIG.route_for("chat"), now=100.0)
+    for _ in range(10):  # far more than the breaker's consecutive-failure threshold
+        target = plan.next_attempt(now=100.0)
+        assert target.name == "a"
+        outcome = AttemptOutcome(target=target, result=Result.POOL_FULL)
+        assert router.record(outcome, now=100.0) is None  # no health change
+        decision = plan.record(outcome, now=100.0)
+        assert isinstance(decision, Retry)
+        plan = router.plan(CONFIG.route_for("chat"), now=100.0)
+    snapshot = router.snapshot(now=100.0)["a"]
+    assert snapshot["state"] == "healthy" and snapshot["breaker"] == "CLOSED"
+    assert snapshot["outstanding"] == 0
+
+
+def test_AttemptPlan_give_up_is_503_when_every_pool_was_full():
+    """Every target's pool full: 503 with Retry-After (not 502: no upstream failed)."""
+    tried, decision = _run([Result.POOL_FULL] * 3)
+    assert [name for name, _ in tried] == ["a", "b", "pool"]
+    assert isinstance(decision, GiveUp) and decision.status == 503
+    assert decision.retry_after_s is not None
