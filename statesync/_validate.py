@@ -145,7 +145,7 @@ class UpdateGate:
 
     def _observer(self, name: str) -> Callable[[MapEvent], None]:
         def observer(event: MapEvent) -> None:  # one parameter: see _doc.EpochDoc
-            self._changes.append((name, event.keys))
+            self._changes.append((name, event.keys))  # type: ignore[attr-defined]
 
         return observer
 
