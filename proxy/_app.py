@@ -22,7 +22,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
-from ._connections import send_and_close
+from ._client_guard import send_and_close
 from ._errors import InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker

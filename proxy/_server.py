@@ -21,7 +21,7 @@ from aiohttp import web
 from skyroute.routing import Config
 
 from ._app import build_app
-from ._connections import (
+from ._client_guard import (
     ConnectionGuard,
     GuardedAppRunner,
     check_connection_cap,

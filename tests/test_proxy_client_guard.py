@@ -1,4 +1,5 @@
-"""Slow and greedy clients: head, body and keep-alive timeouts, the connection cap."""
+"""Slow and greedy clients: head, body and keep-alive timeouts, the connection cap; full upstream
+pools and per-key concurrency."""
 
 from __future__ import annotations
 
