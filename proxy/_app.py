@@ -23,6 +23,7 @@ from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
 from ._client_guard import send_and_close
+from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
@@ -43,6 +44,7 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
+    UPSTREAM_SESSIONS,
     UPSTREAM_SLOTS,
     RequestSummary,
     Runtime,
@@ -51,8 +53,9 @@ from ._state import (
 
 log = structlog.get_logger("skyroute.proxy")
 
-#: Idle keep-alive connections are reused for this long.
-KEEPALIVE_S = 30.0
+#: Connections kept open to each pool server for scrapes and health checks (requests
+#: go through each upstream's own pool, sized by its max_connections).
+POOL_LIMIT_PER_HOST = 256
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,7 +118,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = 499  # the client went away; nginx's code for it
         raise
     except Exception:  # a bug: still an OpenAI-shaped answer, and the traceback logged
-        log.exception("unhandled error while serving a request", path=request.path)
+        log.exception("request_crashed", path=request.path)
         status = 500
         if request.writer.output_size > 0:
             raise  # part of an answer is out: aiohttp closes the connection
@@ -125,7 +128,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if is_api:
             metrics.in_flight.dec()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
-            log.info("request", method=request.method, path=request.path, status=status,
+            log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
                      **({"cut": summary.cut} if summary.cut else {}),
@@ -152,15 +155,18 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    # No limit here: each upstream's max_connections is enforced per endpoint by
-    # UpstreamSlots, where waiting for one is bounded and not an upstream failure.
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
+    """The shared session (pool scrapes) and the per-upstream pools requests go through."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
                                      keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
     # auto_decompress off: bodies are relayed byte for byte (we ask for identity anyway).
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      skip_auto_headers=("User-Agent",)) as session:
         app[SESSION] = session
-        yield
+        app[UPSTREAM_SESSIONS] = UpstreamSessions()
+        try:
+            yield
+        finally:
+            await app[UPSTREAM_SESSIONS].aclose()
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
@@ -199,6 +205,6 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:
-        log.warning("no auth section: skyroute accepts requests without a client key; "
-                    "add auth.api_keys to the routing file to require one")
+        log.warning("auth_disabled", source=config.source,
+                    hint="add auth.api_keys to the routing file to require a client key")
     return app

@@ -40,10 +40,11 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from skyroute.routing import Limits
 
 from ._errors import http_error
+from ._logging import parse_error_reason
 from ._metrics import Metrics
 
 log = structlog.get_logger("skyroute.connections")
@@ -132,12 +133,15 @@ class GuardedRequestHandler(web.RequestHandler):
             what = type(exc).__name__ if exc is not None else "malformed request"
             text = (f"skyroute could not parse this HTTP request ({what}); send a well-formed "
                     "HTTP/1.1 request with headers under 8 KiB each")
-            log.info("unparseable request refused", status=status, error=what,
-                     peer=request.remote)
+            reason = parse_error_reason(exc) if isinstance(exc, HttpProcessingError) else what
+            # Debug for a bad method opening a connection: TLS or junk sent to the port.
+            method = "debug" if isinstance(exc, BadHttpMethod) else "info"
+            getattr(log, method)("client_request_malformed", peer=request.remote,
+                                 status=status, error=what, reason=reason)
         else:
             text = "skyroute failed to answer this request"
-            log.error("request failed outside the app", status=status,
-                      error=type(exc).__name__ if exc is not None else None)
+            log.error("request_crashed", status=status,
+                      exception=type(exc).__name__ if exc is not None else None)
         resp = http_error(status, text).to_response()
         resp.force_close()
         return resp
@@ -251,7 +255,7 @@ class ConnectionGuard:
     def _log_closes(self) -> None:
         """One line per sweep that closed anything: floods must not flood the log."""
         if any(self._closed.values()):
-            log.warning("client connections closed by limits",
+            log.warning("client_connections_closed",
                         **{k: v for k, v in self._closed.items() if v},
                         open=len(self._open))
             self._closed = dict.fromkeys(CLOSE_REASONS, 0)
@@ -284,9 +288,9 @@ def raise_open_file_limit() -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit", soft=soft, hard=hard, error=str(exc))
+            log.warning("open_file_limit_kept", soft=soft, hard=hard, error=str(exc))
             return soft
-        log.info("open-file limit raised", old=soft, new=hard)
+        log.info("open_file_limit_raised", old=soft, new=hard)
         return hard
     return soft
 
@@ -295,7 +299,8 @@ def check_connection_cap(limits: Limits, open_files: int) -> None:
     """Warn when ``max_client_connections`` would leave too few descriptors for the rest."""
     if open_files != resource.RLIM_INFINITY and \
             limits.max_client_connections > open_files * FD_SHARE_FOR_CLIENTS:
-        log.warning("limits.max_client_connections is more than half the open-file limit; "
-                    "upstream connections may run out of descriptors under load",
+        log.warning("connection_cap_questioned",
                     max_client_connections=limits.max_client_connections,
-                    open_file_limit=open_files)
+                    open_file_limit=open_files,
+                    hint="max_client_connections is over half the open-file limit: upstream "
+                         "connections may run out of descriptors under load")

@@ -45,7 +45,7 @@ def decide(router: Router, route: Route, payload: dict[str, Any] | None, metrics
     decision = router.serving(route, n=n if type(n) is int else None, now=now)
     if isinstance(decision, Refuse):
         metrics.degraded_refusals.labels(route.model, decision.reason).inc()
-        log.warning("request refused in minimal mode", route=route.model,
+        log.warning("request_refused", route=route.model, level="minimal",
                     reason=decision.reason)
         raise DegradedRefusal(decision.message, param=decision.param,
                               retry_after_s=decision.retry_after_s)
@@ -74,7 +74,7 @@ def cap_max_tokens(body: bytes, payload: dict[str, Any] | None, decision: Serve,
         return body, payload
     route = decision.fallback_for or decision.route.model
     metrics.max_tokens_capped.labels(route).inc()
-    log.info("max_tokens capped in minimal mode", route=route, max_tokens=cap)
+    log.info("max_tokens_capped", route=route, level="minimal", max_tokens=cap)
     return json.dumps(capped).encode(), capped
 
 
@@ -117,7 +117,7 @@ async def serve_decided(serve: ServeRoute, decision: Serve, *, asked: Route, rou
 
 async def _serve_fallback(serve: ServeRoute, asked: Route, fallback: Route, metrics: Metrics,
                           summary: RequestSummary, *, why: str) -> web.StreamResponse:
-    log.warning("serving from fallback model", route=asked.model, fallback=fallback.model,
+    log.warning("fallback_model_used", route=asked.model, fallback=fallback.model,
                 reason=why)
     attempts = summary.attempts
     headers = {DEGRADED_HEADER: "fallback", FALLBACK_MODEL_HEADER: fallback.model}

@@ -13,7 +13,6 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 from skyroute.routing import (
@@ -29,6 +28,7 @@ from skyroute.routing import (
     Target,
 )
 
+from ._connections import UpstreamSessions
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
@@ -62,7 +62,7 @@ class _Interrupted:
 
 
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
-                      session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
+                      session: UpstreamSessions, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
                       count_usage: bool = False,
                       extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
@@ -115,7 +115,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             return web.Response(status=answer.status or 502, body=answer.body,
                                 headers=response_headers(answer.headers or {}, request_id,
                                                          target, extra_headers))
-        log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
+        log.warning("upstream_attempt_failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
                     resume=resuming is not None or None)
@@ -129,7 +129,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
-                   session: aiohttp.ClientSession, metrics: Metrics, router: Router,
+                   session: UpstreamSessions, metrics: Metrics, router: Router,
                    plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
                    track: bool, extra_headers: Mapping[str, str] | None = None,
                    ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
@@ -175,7 +175,7 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: nothing more can reach it
         except Exception as exc:  # a bug while relaying: the client must still see the cut
-            log.exception("stream relay failed", upstream=target.name)
+            log.exception("stream_relay_crashed", upstream=target.name)
             cut = f"skyroute failed relaying the stream ({type(exc).__name__})"
             transcript = None  # nothing to resume from
         if cut is not None and transcript is not None and _can_resume(plan.route, call,
@@ -233,7 +233,7 @@ def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
     return transcript.usage_tokens or len(call.body or b"") // 4 + transcript.content_chunks
 
 
-async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
+async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSessions,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
                        slots: UpstreamSlots) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.

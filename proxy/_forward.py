@@ -35,6 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
+from ._connections import UpstreamSessions
 from ._paths import upstream_url
 from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
@@ -174,7 +175,7 @@ def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
     return None
 
 
-async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+async def open_attempt(session: UpstreamSessions, target: Target, call: UpstreamCall,
                        *, request_id: str, deadline: float,
                        slots: UpstreamSlots | None = None) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
@@ -208,7 +209,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     return opened
 
 
-async def _open(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
                 *, request_id: str, deadline: float) -> Opened | Failed:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -222,7 +223,7 @@ async def _open(session: aiohttp.ClientSession, target: Target, call: UpstreamCa
     response: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
+            response = await session.for_upstream(upstream).request(
                 call.method, upstream_url(target.endpoint, call.path_qs),
                 data=call.body_for(target), headers=headers, timeout=timeout,
                 allow_redirects=False)

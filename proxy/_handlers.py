@@ -41,9 +41,9 @@ from ._state import (
     METRICS,
     REQUEST_ID,
     SERVING,
-    SESSION,
     STATE_SYNC,
     SUMMARY,
+    UPSTREAM_SESSIONS,
     Runtime,
 )
 
@@ -209,7 +209,7 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
                         body=body or None, payload=payload, alias=alias)
     summary = request[SUMMARY]
     serve = functools.partial(serve_route, request, router=runtime.router, call=call,
-                              session=request.app[SESSION], metrics=metrics,
+                              session=request.app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
                               count_usage=client is not None and client.tpm is not None)
     resp = await serve_decided(serve, decision, asked=route, router=runtime.router,

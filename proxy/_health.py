@@ -41,14 +41,11 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
             region = router.config.upstream(change.upstream).region
         except KeyError:  # removed by a reload since
             region = "-"
+        # bad_key at error level: only a human can fix a key or a balance.
         level = "error" if change.new == "bad_key" else "warning" if change.new != "healthy" \
             else "info"
-        message = (f"upstream {change.upstream} (region {region}) {change.new}: {change.reason}"
-                   if change.new != "bad_key" else
-                   f"upstream {change.upstream} has a bad API key or no balance "
-                   f"({change.reason}); it is out of rotation until the key is fixed")
-        getattr(log, level)(message, upstream=change.upstream, region=region, old=change.old,
-                            new=change.new)
+        getattr(log, level)("upstream_state_changed", upstream=change.upstream, region=region,
+                            **{"from": change.old, "to": change.new}, reason=change.reason)
         metrics.health_changes.labels(change.upstream, change.new).inc()
         _set_state_gauges(metrics, change.upstream, change.new)
     if last is not None:
@@ -60,9 +57,8 @@ def report_level_changes(router: Router, metrics: Metrics, *, now: float) -> Non
     for change in router.level_changes(now=now):
         level = "info" if change.new == "normal" else "error" if change.new == "unavailable" \
             else "warning"
-        getattr(log, level)(f"route {change.route} degradation level {change.old} -> "
-                            f"{change.new}: {change.reason}", route=change.route,
-                            old=change.old, new=change.new, reason=change.reason)
+        getattr(log, level)("route_level_changed", route=change.route,
+                            **{"from": change.old, "to": change.new}, reason=change.reason)
         metrics.degradation_changes.labels(change.route, change.new).inc()
         metrics.degradation_level.labels(change.route).set(LEVELS.index(change.new))
     metrics.minimal_mode.set(1 if router.minimal(now=now).active else 0)

@@ -2,10 +2,12 @@
 
 Rules / theory of operation
 ---------------------------
-* ``UpstreamSlots``: an attempt holds one slot of its endpoint (a server's base
-  URL) from before it connects until its answer is read or closed, so at most the
-  upstream's ``max_connections`` requests are open to one server at once (aiohttp's
-  own pool is unlimited; this is the limit). An attempt that cannot get a slot
+* ``UpstreamSlots``: an attempt holds one slot of its upstream from before it
+  connects until its answer is read or closed, so at most the upstream's
+  ``max_connections`` requests are open to it at once, all its endpoints together.
+  That is the size of the upstream's own connection pool (``proxy._connections``),
+  so the pool never makes a request wait: the wait happens here, where it is
+  bounded and classified. An attempt that cannot get a slot
   within the upstream's ``pool_timeout`` (or before its deadline) ends as
   ``Result.POOL_FULL``: the next target is tried, and the wait is not counted
   against the upstream's health, since the upstream never saw the request.
@@ -43,27 +45,26 @@ class Slot:
 
 @final
 class UpstreamSlots:
-    """At most ``max_connections`` attempts open to each upstream endpoint at once."""
+    """At most ``max_connections`` attempts open to each upstream at once."""
 
     def __init__(self) -> None:
         # Keyed by the limit too: a reload that changes it starts a new count, and
         # slots held under the old one are returned to the old semaphore.
-        self._semaphores: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._semaphores: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     def __repr__(self) -> str:
         return f"<UpstreamSlots endpoints={len(self._semaphores)}>"
 
     def in_use(self, target: Target) -> int:
-        """Slots of ``target``'s endpoint held now."""
+        """Slots of ``target``'s upstream held now."""
         upstream = target.upstream
-        semaphore = self._semaphores.get((upstream.name, target.endpoint,
-                                          upstream.max_connections))
+        semaphore = self._semaphores.get((upstream.name, upstream.max_connections))
         return 0 if semaphore is None else upstream.max_connections - semaphore._value
 
     async def acquire(self, target: Target, *, deadline: float) -> Slot | None:
-        """A slot of ``target``'s endpoint, or None after its ``pool_timeout`` or ``deadline``."""
+        """A slot of ``target``'s upstream, or None after its ``pool_timeout`` or ``deadline``."""
         upstream = target.upstream
-        key = (upstream.name, target.endpoint, upstream.max_connections)
+        key = (upstream.name, upstream.max_connections)
         semaphore = self._semaphores.get(key)
         if semaphore is None:
             semaphore = self._semaphores[key] = asyncio.Semaphore(upstream.max_connections)

@@ -11,6 +11,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 from skyroute.statesync import StateSync
 
+from ._connections import UpstreamSessions
 from ._metrics import Metrics
 from ._redact import config_secrets, register_secrets
 from ._slots import ClientConcurrency, UpstreamSlots
@@ -63,6 +64,8 @@ class RequestSummary:
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+#: The connection pools requests are forwarded through, one per upstream.
+UPSTREAM_SESSIONS = web.AppKey("upstream_sessions", UpstreamSessions)
 STATE_SYNC = web.AppKey("state_sync", StateSync)
 TRAFFIC = web.AppKey("traffic_share", TrafficShare)
 UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)

@@ -29,7 +29,8 @@ from ._router_types import (
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
-from ._yaml import parse_duration, parse_size
+from ._values import parse_duration, parse_size
+from ._yaml import MAX_TEXT_BYTES as MAX_CONFIG_BYTES
 from .config import (
     ApiKey,
     BreakerPolicy,
@@ -46,7 +47,6 @@ from .config import (
     Strategy,
     SyncPolicy,
     Upstream,
-    load_config,
     parse_config,
 )
 
@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
     "LEVELS",
+    "MAX_CONFIG_BYTES",
     "RETRYABLE",
     "STATES",
     "ApiKey",
@@ -100,7 +101,6 @@ __all__ = [
     "UpstreamHealth",
     "UpstreamState",
     "classify_status",
-    "load_config",
     "parse_config",
     "parse_duration",
     "parse_server_load",

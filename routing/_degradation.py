@@ -107,7 +107,7 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LevelChange:
-    """A route's level changed; ``reason`` is one log-ready sentence."""
+    """A route's level changed; ``reason`` is short (the ``reason`` field of the log event)."""
 
     route: str
     old: str

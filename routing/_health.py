@@ -61,7 +61,7 @@ _NO_ANSWER = frozenset({Result.CONNECT_ERROR})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthChange:
-    """An upstream's state changed; ``reason`` is one log-ready sentence."""
+    """An upstream's state changed; ``reason`` is short (the ``reason`` field of the log event)."""
 
     upstream: str
     old: str

@@ -141,7 +141,7 @@ class EpochDoc:
         # One positional parameter only: pycrdt passes the transaction as a second
         # argument to callbacks that accept two.
         def observer(event: MapEvent) -> None:
-            self._on_map_event(map_name, event.keys)
+            self._on_map_event(map_name, _changed_keys(event))
 
         return observer
 
@@ -149,6 +149,16 @@ class EpochDoc:
         remote = self._origin is not None
         for listener in self._map_listeners:
             listener(map_name, keys, remote)
+
+
+def _changed_keys(event: MapEvent) -> dict[str, Any]:
+    """The keys a map event changed, each with its action and old/new value."""
+    # pycrdt fills MapEvent's slots by name and does not annotate ``keys``, so read it by
+    # name too and check what came back rather than let an unknown type spread.
+    keys = getattr(event, "keys", None)
+    if not isinstance(keys, dict):
+        raise TypeError(f"pycrdt MapEvent.keys is {type(keys).__name__}, expected dict")
+    return keys
 
 
 def rebuild(old: EpochDoc, epoch: int, keep: Callable[[str, str, Any], bool]) -> EpochDoc:

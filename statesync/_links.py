@@ -121,7 +121,7 @@ async def pump(
                 for reply in conn.receive_message(data):
                     queue.put_nowait(reply)
             except SyncProtocolError as exc:
-                log.warning("sync_protocol_error", error=str(exc))
+                log.warning("sync_message_rejected", error=str(exc))
                 break
             if conn.state is ConnState.CLOSED:
                 break
@@ -290,13 +290,13 @@ class LinkSupervisor:
                 )
                 delays = exponential_backoff()  # it connected: start the backoff afresh
                 retry_now = self.link.close_reason == "epoch rotated"
-                self._log.info("peer_link_closed", reason=self.link.close_reason)
+                self._log.info("sync_peer_disconnected", reason=self.link.close_reason)
             except aiohttp.WSServerHandshakeError as exc:
                 retry_now = await self._on_refused(exc)
                 if self._state is LinkState.SELF:
                     return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._log.debug("peer_connect_failed", error=repr(exc))
+                self._log.debug("sync_peer_connect_failed", error=repr(exc))
             if not retry_now:
                 if self._state is not LinkState.UNAUTHORIZED:
                     self._state = LinkState.BACKOFF
@@ -306,18 +306,19 @@ class LinkSupervisor:
         headers: Any = exc.headers or {}
         if exc.status == 409 and headers.get(SELF_HEADER):
             self._state = LinkState.SELF
-            self._log.info("peer_is_self")
+            self._log.info("sync_peer_parked", reason="this address is this instance itself")
             return False
         if exc.status == 409 and headers.get(EPOCH_HEADER, "").isdigit():
             theirs = int(headers[EPOCH_HEADER])
             if theirs <= self._epoch():
                 return False  # we moved on meanwhile; the next attempt carries our epoch
-            self._log.info("peer_epoch_newer", epoch=theirs)
+            self._log.info("sync_epoch_adopted", epoch=theirs)
             await self._on_peer_epoch(theirs)
             return True
         if exc.status == 401:
             self._state = LinkState.UNAUTHORIZED
-            self._log.warning("peer_refused_token")
+            self._log.warning("sync_peer_refused", status=exc.status,
+                              hint="the peer's sync.token differs from this instance's")
             return False
-        self._log.warning("peer_handshake_refused", status=exc.status)
+        self._log.warning("sync_peer_refused", status=exc.status)
         return False

@@ -392,7 +392,7 @@ class SessionStore:
                 continue  # a foreign client's write: accept it as is
             if (old_ts, str(old.get("by", ""))) > (new_ts, str(new.get("by", ""))):
                 self._repairs[session_id] = old
-                self._log.debug("session_repair", session=session_id)
+                self._log.debug("sync_session_repaired", session=session_id)
 
 
 async def run_flush_loop(store: SessionStore, interval_s: float, heartbeat_s: float) -> None:

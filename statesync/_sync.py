@@ -276,7 +276,7 @@ class StateSync:
             return _refuse(409, "this address is the dialling instance itself", SELF_HEADER, "1")
         if instance is not None and instance.rpartition(".")[0] == self.settings.instance_id:
             log.warning(
-                "sync_duplicate_instance_id",
+                "sync_instance_id_duplicated",
                 peer_writer=instance,
                 hint="another running process has the same instance.id; give each its own "
                 "so logs, metrics and health gossip can tell them apart",
@@ -336,7 +336,9 @@ class StateSync:
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
-        self._log.info("sync_rotated", epoch=epoch, seconds=round(time.perf_counter() - started, 4))
+        if self.settings.is_shared:
+            self._log.info("sync_rotated", epoch=epoch,
+                           seconds=round(time.perf_counter() - started, 4))
 
     async def _on_peer_epoch(self, epoch: int) -> None:
         self._rotate_to(epoch)
@@ -403,7 +405,7 @@ class StateSync:
             self._metrics.epoch.set(self.epoch)
             self._log.info("sync_snapshot_loaded", path=path, epoch=epoch)
         except (OSError, SnapshotError) as exc:
-            self._log.error("sync_snapshot_unreadable", path=path, error=str(exc))
+            self._log.error("sync_snapshot_load_failed", path=path, error=str(exc))
 
     async def _write_snapshot(self) -> None:
         path = self.settings.snapshot_path

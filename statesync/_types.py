@@ -112,6 +112,15 @@ class SyncSettings:
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
 
+    @property
+    def is_shared(self) -> bool:
+        """True when state is shared with other instances (a token, peers or discovery).
+
+        Without that the documents still rotate, to stay small, but nothing about
+        sync is logged: the instance is on its own.
+        """
+        return self.token is not None or bool(self.peers) or self.discovery is not None
+
     def discovery_target(self) -> tuple[str, int] | None:
         """Return ``(host, port)`` from ``discovery``, or None when it is unset.
 

@@ -56,7 +56,7 @@ class Background:
             f"upstreams:\n  - name: a\n    url: {self.upstream.base_url}\n"
             f"    api_key: {UPSTREAM_KEY}\n"
             "    models: {chat: deepseek-chat, embed: text-embedding-3-small}\n"
-            "routes: [{model: chat, targets: [a]}]\n")
+            "routes: [{model: chat, targets: [a]}]\n", env={})
         self.server = Server(config, port=0)
         await self.server.start()
         return self.server.url

@@ -93,7 +93,7 @@ class Rig:
 async def rig() -> AsyncIterator[Rig]:
     upstream = ScriptedUpstream()
     await upstream.start()
-    server = Server(parse_config(_config(upstream.port)), port=0)
+    server = Server(parse_config(_config(upstream.port), env={}), port=0)
     await server.start()
     yield Rig(upstream, server)
     await server.aclose()
@@ -191,7 +191,7 @@ def test_relay_passes_whole_events_and_marks_every_failure(events: bytes, cut: b
     async def run() -> tuple[int, bytes]:
         upstream = ScriptedUpstream()
         await upstream.start()
-        server = Server(parse_config(_config(upstream.port)), port=0)
+        server = Server(parse_config(_config(upstream.port), env={}), port=0)
         await server.start()
         try:
             pieces = [events[i:i + split] for i in range(0, len(events), split)]

@@ -104,7 +104,8 @@ async def test_bad_key_takes_the_upstream_out_of_rotation(standin, skyroute, cap
     assert health["upstreams"]["a"]["state"] == "bad_key"
     assert health["level"] == "reduced"
     errors = [e for e in captured_logs if e["log_level"] == "error"]
-    assert any("bad API key" in e["event"] and e["upstream"] == "a" for e in errors)
+    assert any(e["event"] == "upstream_state_changed" and e["upstream"] == "a"
+               and e["to"] == "bad_key" for e in errors)
 
 
 async def test_retry_after_keeps_the_upstream_out_until_then(standin, skyroute):

@@ -402,8 +402,8 @@ async def test_StandinUpstream_control_endpoint_logs_each_change(
             anonymous.post(up.control_url, json={"ttft_s": 0.4}) as r:
         assert r.status == 200
     [line] = [e for e in captured_logs if e.get("upstream") == "alpha"]
-    assert line["event"] == "stand-in alpha behaviour changed: ttft_s 0.0 -> 0.4"
-    assert line["ttft_s"] == 0.4
+    assert line["event"] == "standin_behaviour_changed"
+    assert line["changes"] == {"ttft_s": [0.0, 0.4]}
 
 
 async def test_StandinUpstream_control_endpoint_releases_a_held_busy_answer(

@@ -373,7 +373,7 @@ async def test_StateSync_processes_sharing_an_instance_id_still_peer(
         await eventually(lambda: all_connected(a, b))
         a.sync.store.pin("twin", "u", now=time.time())
         await eventually(lambda: upstream_of(b, "twin") == "u")
-        assert any(e["event"] == "sync_duplicate_instance_id" for e in captured_logs)
+        assert any(e["event"] == "sync_instance_id_duplicated" for e in captured_logs)
     finally:
         await a.stop()
         await b.stop()

@@ -507,9 +507,8 @@ class StandinUpstream:
         for name, value in update.items():  # in place: tests may hold the same object
             setattr(self.behaviour, name, value)
         self._changed()
-        log.info(f"stand-in {self.name} behaviour changed: "
-                 + ", ".join(f"{k} {before[k]!r} -> {v!r}" for k, v in update.items()),
-                 upstream=self.name, **{k: v for k, v in update.items()})
+        log.info("standin_behaviour_changed", upstream=self.name,
+                 changes={k: [before[k], v] for k, v in update.items()})
         return await self._show_behaviour(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
