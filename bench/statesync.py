@@ -178,7 +178,7 @@ def report(title: str, r: dict[str, Any]) -> None:
     print(f"time until all peers see an update: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
     print(f"CPU per update (whole 3-instance cluster): {r['cpu_us']:.0f} us")
     print(f"sessions differing between instances at the end: {r['diverged']}")
-    print(f"usage counter (last 60-70 s) on s1/s2/s3: {r['usage']}")
+    print(f"usage counter (last 60 s) on s1/s2/s3: {r['usage']}")
     print("document size on s1 (sessions + usage docs):")
     for at, size in r["sizes"]:
         print(f"  t={at:6.1f} s  {size / 1024:8.1f} KiB")

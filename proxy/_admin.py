@@ -15,7 +15,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth
+from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth, UpstreamState
 
 from ._auth import bearer_token, is_admin
 from ._errors import AdminDisabled, InvalidApiKey
@@ -96,8 +96,8 @@ def _upstream(health: UpstreamHealth, entry: dict[str, Any], served: int, total:
     change = health.last_change
     return {
         "state": entry["state"],
-        "slow": entry["state"] == "slow",
-        "healthy": entry["state"] == "healthy",
+        "slow": entry["state"] is UpstreamState.SLOW,
+        "healthy": entry["state"] is UpstreamState.HEALTHY,
         "region": entry["region"],
         "latency_ms": entry.get("latency_ms"),
         "latency_source": entry.get("latency_source"),

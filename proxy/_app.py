@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
-from skyroute.routing import Config, Router, TrafficShare
+from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
 from ._client_guard import send_and_close
@@ -41,6 +41,7 @@ from ._state import (
     REQUEST_ID,
     SERVING,
     SESSION,
+    SLEEP,
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
@@ -170,13 +171,15 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
-              watch_interval_s: float = 0.5) -> web.Application:
+              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
         config_path: the routing file to watch and reload (and reload on SIGHUP,
             when run by ``proxy.serve``); None serves ``config`` unchanged.
         watch_interval_s: how often the file is checked for changes.
+        sleep: what backoff delays are waited out through (between a request's
+            attempts, and between a sync link's attempts to reach a peer).
     """
     register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
@@ -186,7 +189,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app[TRAFFIC] = TrafficShare()
     app[UPSTREAM_SLOTS] = UpstreamSlots()
     app[CLIENT_CONCURRENCY] = ClientConcurrency()
-    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry)
+    app[SLEEP] = sleep
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep)
     if config.sync is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))

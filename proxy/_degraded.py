@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from skyroute.routing import Refuse, Route, Router, Serve
+from skyroute.routing import Refuse, Route, Router, Serve, capped_payload
 
 from ._errors import DegradedRefusal, UpstreamError
 from ._metrics import Metrics
@@ -54,27 +54,14 @@ def decide(router: Router, route: Route, payload: dict[str, Any] | None, metrics
 
 def cap_max_tokens(body: bytes, payload: dict[str, Any] | None, decision: Serve,
                    metrics: Metrics) -> tuple[bytes, dict[str, Any] | None]:
-    """The body with its token limit capped as ``decision`` says (minimal mode).
-
-    Only generation requests (with ``messages`` or ``prompt``) are touched:
-    ``max_tokens`` and ``max_completion_tokens`` above the cap are lowered, and
-    ``max_tokens`` is added when neither is set. A value that is not a number
-    is left for the upstream to refuse.
-    """
-    cap = decision.max_tokens
-    if cap is None or payload is None or not ("messages" in payload or "prompt" in payload):
-        return body, payload
-    keys = [k for k in ("max_tokens", "max_completion_tokens") if payload.get(k) is not None]
-    capped = dict(payload)
-    for key in keys or ["max_tokens"]:
-        value = payload.get(key)
-        if value is None or (type(value) is int and value > cap):
-            capped[key] = cap
-    if capped == payload:
+    """The body with its token limit capped as ``decision`` says (minimal mode;
+    ``routing.capped_payload`` says which fields and how)."""
+    capped = capped_payload(payload, decision.max_tokens)
+    if capped is None:
         return body, payload
     route = decision.fallback_for or decision.route.model
     metrics.max_tokens_capped.labels(route).inc()
-    log.info("max_tokens_capped", route=route, level="minimal", max_tokens=cap)
+    log.info("max_tokens_capped", route=route, level="minimal", max_tokens=decision.max_tokens)
     return json.dumps(capped).encode(), capped
 
 

@@ -23,13 +23,15 @@ class ProxyError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
     #: Close the client connection after answering (its request was not read whole).
     close_connection = False
@@ -38,7 +40,7 @@ class ProxyError(Exception):
         """An OpenAI-shaped JSON error response for this error."""
         body = {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
-        headers = {}
+        headers = dict(self.headers)
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         if request_id:
@@ -110,7 +112,10 @@ class TooManyRequests(ClientRequestError):
     code = "too_many_concurrent_requests"
 
 
-class RateLimited(ClientRequestError):
+class RateLimitExceeded(ClientRequestError):
+    """A client key is over its rpm/tpm (429, with Retry-After and OpenAI's rate-limit
+    headers for the limit that was hit)."""
+
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"

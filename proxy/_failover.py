@@ -26,6 +26,8 @@ from skyroute.routing import (
     Route,
     Router,
     Target,
+    is_resumable,
+    streamed_tokens,
 )
 
 from ._connections import UpstreamSessions
@@ -46,7 +48,7 @@ from ._health import report_changes
 from ._metrics import Metrics
 from ._slots import UpstreamSlots
 from ._sse import StreamTranscript
-from ._state import TRAFFIC, UPSTREAM_SLOTS, RequestSummary
+from ._state import SLEEP, TRAFFIC, UPSTREAM_SLOTS, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -125,7 +127,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
         if decision.delay_s > 0:
-            await asyncio.sleep(decision.delay_s)
+            await request.app[SLEEP](decision.delay_s)
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
@@ -178,8 +180,9 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
             log.exception("stream_relay_crashed", upstream=target.name)
             cut = f"skyroute failed relaying the stream ({type(exc).__name__})"
             transcript = None  # nothing to resume from
-        if cut is not None and transcript is not None and _can_resume(plan.route, call,
-                                                                      transcript):
+        if cut is not None and transcript is not None and is_resumable(
+                resume=plan.route.resume, payload=call.payload,
+                text_only=transcript.text_only, finished=transcript.finished):
             outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,
                                      status=opened.response.status, detail=cut,
                                      ttfb_s=opened.ttfb_s)
@@ -200,14 +203,6 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
     return resp, outcome, transcript
 
 
-def _can_resume(route: Route, call: UpstreamCall, transcript: StreamTranscript) -> bool:
-    """Whether a cut stream can go on elsewhere: a one-choice chat answer, not finished."""
-    payload = call.payload
-    return (route.resume and payload is not None and isinstance(payload.get("messages"), list)
-            and payload.get("n") in (None, 1) and transcript.resumable
-            and not transcript.finished)
-
-
 async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
                    call: UpstreamCall, why: str | None = None, *,
                    gave_up: GiveUp | None = None) -> web.StreamResponse:
@@ -225,12 +220,9 @@ async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
 
 
 def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
-    """Tokens a streamed answer used: as the upstream reported, else estimated.
-
-    Upstreams report usage in a stream only when asked (``stream_options``); the
-    estimate is a token per 4 bytes of request plus one per content chunk.
-    """
-    return transcript.usage_tokens or len(call.body or b"") // 4 + transcript.content_chunks
+    """Tokens a streamed answer used (``routing.streamed_tokens`` says how they count)."""
+    return streamed_tokens(reported=transcript.usage_tokens, request_bytes=len(call.body or b""),
+                           content_chunks=transcript.content_chunks)
 
 
 async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSessions,

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-from skyroute.routing import ApiKey, Config, Route, Router
+from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
 from ._auth import bearer_token
 from ._degraded import cap_max_tokens, decide, serve_decided
@@ -187,7 +187,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     client = authenticate(request, runtime.config)
     with request.app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
         if client is not None:
-            enforce_limits(store, client, now=time.time())
+            enforce_limits(store, client, request.app[METRICS], now=time.time())
         return await _serve_api(request, runtime, client, path_qs)
 
 
@@ -215,9 +215,10 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
     resp = await serve_decided(serve, decision, asked=route, router=runtime.router,
                                metrics=metrics, summary=summary,
                                deadline=now + route.timeout_s)
-    # A fallback's answer must not pin the session to the fallback's upstream.
-    if session_id and resp.status < 400 and summary.fallback is None:
-        remember_session(store, session_id, summary.upstream, pinned)
+    if session_id:
+        remember_session(store, session_id, affinity_after(
+            pinned=pinned, served_by=summary.upstream, status=resp.status,
+            fallback=summary.fallback is not None))
     if client is not None and client.tpm is not None:
         body = resp.body if isinstance(resp, web.Response) else None
         count_tokens(store, client, body if isinstance(body, bytes) else None,

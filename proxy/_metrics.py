@@ -98,6 +98,10 @@ class Metrics:
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)
+        self.rate_limited = Counter(
+            "skyroute_rate_limited",
+            "Requests refused (429) by a client key's limit, by key name and limit: "
+            "requests (rpm) or tokens (tpm).", ["key", "limit"], registry=r)
         self.degradation_changes = Counter(
             "skyroute_degradation_level_changes",
             "Route degradation level changes, by new level.", ["route", "level"], registry=r)

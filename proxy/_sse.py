@@ -46,7 +46,7 @@ def _data_of(event: bytes) -> bytes | None:
 class StreamTranscript:
     """The answer so far of one streamed completion, possibly over several upstreams."""
 
-    __slots__ = ("content_chunks", "done", "finished", "head", "parts", "resumable",
+    __slots__ = ("content_chunks", "done", "finished", "head", "parts", "text_only",
                  "usage_tokens")
 
     def __init__(self) -> None:
@@ -56,13 +56,13 @@ class StreamTranscript:
         self.usage_tokens = 0  # total_tokens the upstreams reported
         self.done = False  # [DONE] arrived
         self.finished = False  # a choice carried a finish_reason
-        #: False once the stream has more than one choice or calls tools: a text
-        #: prefix cannot carry those over to another upstream.
-        self.resumable = True
+        #: False once the stream has more than one choice or calls tools (a text
+        #: prefix cannot carry those over to another upstream: ``routing.is_resumable``).
+        self.text_only = True
 
     def __repr__(self) -> str:
         return (f"<StreamTranscript chunks={self.content_chunks} done={self.done} "
-                f"resumable={self.resumable}>")
+                f"text_only={self.text_only}>")
 
     @property
     def text(self) -> str:
@@ -118,13 +118,13 @@ class StreamTranscript:
             self.usage_tokens += usage["total_tokens"]
         raw_choices = chunk.get("choices")
         if raw_choices is not None and not isinstance(raw_choices, list):
-            self.resumable = False  # not OpenAI's shape: nothing to continue from
+            self.text_only = False  # not OpenAI's shape: nothing to continue from
         for choice in _choices(chunk):
             if choice.get("index", 0) != 0:
-                self.resumable = False
+                self.text_only = False
             delta = _delta(choice)
             if delta.get("tool_calls") or delta.get("function_call"):
-                self.resumable = False
+                self.text_only = False
             content = delta.get("content") if "delta" in choice else choice.get("text")
             if isinstance(content, str) and content:
                 self.parts.append(content)

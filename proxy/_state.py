@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from skyroute.routing import Config, Router, TrafficShare
+from skyroute.routing import Config, Router, Sleep, TrafficShare
 from skyroute.statesync import StateSync
 
 from ._connections import UpstreamSessions
@@ -70,5 +70,7 @@ STATE_SYNC = web.AppKey("state_sync", StateSync)
 TRAFFIC = web.AppKey("traffic_share", TrafficShare)
 UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
 CLIENT_CONCURRENCY = web.AppKey("client_concurrency", ClientConcurrency)
+#: What the attempt loop waits out a backoff delay through (``asyncio.sleep``).
+SLEEP: web.AppKey[Sleep] = web.AppKey("sleep")
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)

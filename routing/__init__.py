@@ -4,9 +4,22 @@ Nothing in this package does I/O or reads a clock; ``proxy/`` feeds it events
 with ``now`` and carries out the decisions it returns.
 """
 
-from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
+from ._affinity import Pin, Touch, affinity_after
+from ._backoff import Jitter, Sleep, backoff_delays
+from ._degradation import (
+    LEVELS,
+    Level,
+    LevelChange,
+    MinimalTrigger,
+    Refuse,
+    Serve,
+    capped_payload,
+)
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
+from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._limits import RATE_WINDOW_S, Admit, Limit, RateLimited, UsageSlice, check_rate
+from ._policies import Strategy
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -16,7 +29,7 @@ from ._pool import (
     parse_server_load,
 )
 from ._pool_set import EndpointChange
-from ._router import LEVELS, AttemptPlan, Router
+from ._router import AttemptPlan, Router
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
@@ -29,6 +42,7 @@ from ._router_types import (
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
+from ._streams import is_resumable, streamed_tokens
 from ._values import parse_duration, parse_size
 from ._yaml import MAX_TEXT_BYTES as MAX_CONFIG_BYTES
 from .config import (
@@ -44,7 +58,6 @@ from .config import (
     RetryPolicy,
     Route,
     SessionPolicy,
-    Strategy,
     SyncPolicy,
     Upstream,
     parse_config,
@@ -53,10 +66,14 @@ from .config import (
 __all__ = [
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
+    "GOSSIPED",
     "LEVELS",
     "MAX_CONFIG_BYTES",
+    "RATE_WINDOW_S",
     "RETRYABLE",
     "STATES",
+    "Admit",
+    "Adopt",
     "ApiKey",
     "AttemptOutcome",
     "AttemptPlan",
@@ -70,17 +87,23 @@ __all__ = [
     "EndpointPicker",
     "EndpointView",
     "Estimate",
+    "Finding",
     "GiveUp",
     "HealthChange",
+    "Jitter",
     "LatencyPolicy",
     "Level",
     "LevelChange",
+    "Limit",
     "Limits",
     "Listen",
     "MinimalTrigger",
+    "Pin",
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
+    "Publish",
+    "RateLimited",
     "Refuse",
     "Respond",
     "Result",
@@ -93,16 +116,26 @@ __all__ = [
     "Serve",
     "ServerLoad",
     "SessionPolicy",
+    "Sleep",
     "Strategy",
     "SyncPolicy",
     "Target",
+    "Touch",
     "TrafficShare",
     "Upstream",
     "UpstreamHealth",
     "UpstreamState",
+    "UsageSlice",
+    "affinity_after",
+    "backoff_delays",
+    "capped_payload",
+    "check_rate",
     "classify_status",
+    "gossip_decisions",
+    "is_resumable",
     "parse_config",
     "parse_duration",
     "parse_server_load",
     "parse_size",
+    "streamed_tokens",
 ]

@@ -40,11 +40,21 @@ import random
 from collections.abc import Iterator
 from typing import Any, final
 
-from ._backoff import full_jitter_delays
+from ._backoff import backoff_delays
 from ._budget import RetryBudget
-from ._degradation import LEVELS, LevelChange, LevelView, LevelWatch, MinimalTrigger, Refuse, Serve
+from ._degradation import (
+    LEVELS,
+    Level,
+    LevelChange,
+    LevelView,
+    LevelWatch,
+    MinimalTrigger,
+    Refuse,
+    Serve,
+)
 from ._errors import RoutingStateError
-from ._health import Estimate, HealthChange, UpstreamHealth
+from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._policies import Strategy
 from ._pool import EndpointView, ServerLoad
 from ._pool_set import EndpointChange, PoolPickers
 from ._router_types import (
@@ -280,27 +290,30 @@ class Router:
                 conversation where its prompt cache is); honoured while it is healthy.
         """
         if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
-                and self.route_level(route, now=now) != "normal":
+                and self.route_level(route, now=now) is not Level.NORMAL:
             route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
         self._budgets[route.model].record_request(now)
         self._hedge_budgets[route.model].record_request(now)
         order = self._order(route, now)
-        if prefer in order and self._health[prefer].state(now=now) == "healthy":
+        if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
-        backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
-                                     cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
+        backoff = backoff_delays(base_s=self.config.retry.backoff_base_s,
+                                 cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=self._budgets[route.model],
                            hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
                            now=now)
 
     def _order(self, route: Route, now: float) -> list[str]:
-        fast, slow, out = [], [], []
+        fast: list[str] = []
+        slow: list[str] = []
+        out: list[str] = []
         for name in route.targets:
             state = self._health[name].state(now=now)
-            (fast if state == "healthy" else slow if state == "slow" else out).append(name)
+            (fast if state is UpstreamState.HEALTHY else slow if state is UpstreamState.SLOW
+             else out).append(name)
         fast = self._by_strategy(route, fast, now)
         slow.sort(key=lambda n: self._estimate(n))
         if slow and fast and self._rng.random() < self.config.latency.probe_share:
@@ -309,11 +322,11 @@ class Router:
         return fast + slow + out
 
     def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
-        if route.strategy == "lowest-latency":
+        if route.strategy == Strategy.LOWEST_LATENCY:
             names = sorted(names, key=self._estimate)
-        elif route.strategy == "least-outstanding":
+        elif route.strategy == Strategy.LEAST_OUTSTANDING:
             names = sorted(names, key=lambda n: self._health[n].outstanding)
-        elif route.strategy == "weighted":
+        elif route.strategy == Strategy.WEIGHTED:
             names = self._weighted_order(names, now)
         # An upstream back from slow yields its place while its ramp runs.
         ramping = [n for n in names if self._rng.random() >= self._health[n].share(now=now)]
@@ -390,7 +403,7 @@ class Router:
         """Every pool upstream's endpoints as its picker sees them."""
         return self._pools.snapshot(now=now)
 
-    def mark(self, upstream: str, state: str, *, until: float, reason: str,
+    def mark(self, upstream: str, state: UpstreamState, *, until: float, reason: str,
              now: float) -> HealthChange | None:
         """An outside report about an upstream (a peer found it down or its key bad)."""
         health = self._health.get(upstream)
@@ -420,18 +433,18 @@ class Router:
         states = {name: health.state(now=now) for name, health in self._health.items()}
         return LevelView(self.config.degradation, self._routes, states)
 
-    def route_level(self, route: Route, *, now: float) -> str:
+    def route_level(self, route: Route, *, now: float) -> Level:
         """One of ``LEVELS`` for one route (see ``routing._degradation``)."""
         return self._levels(now).level(route)
 
-    def route_levels(self, *, now: float) -> dict[str, str]:
+    def route_levels(self, *, now: float) -> dict[str, Level]:
         """Every route's level (model -> level), from one look at upstream states."""
         view = self._levels(now)
         return {route.model: view.level(route) for route in self.config.routes}
 
-    def level(self, *, now: float) -> str:
+    def level(self, *, now: float) -> Level:
         """The worst level over every route."""
-        return max(self.route_levels(now=now).values(), key=LEVELS.index, default="normal")
+        return max(self.route_levels(now=now).values(), key=LEVELS.index, default=Level.NORMAL)
 
     def minimal(self, *, now: float) -> MinimalTrigger:
         """Whether the instance is in ``minimal`` mode, and why."""

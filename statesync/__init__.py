@@ -19,6 +19,7 @@ from ._types import (
     SyncSettings,
     UpstreamReport,
     Usage,
+    UsageBucket,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "SyncSettings",
     "UpstreamReport",
     "Usage",
+    "UsageBucket",
 ]

@@ -11,8 +11,9 @@ Rules / theory of operation
 * A ``PeerLink`` is one attempt to talk to one peer about one document:
   CONNECTING -> CONNECTED -> CLOSED, and then it is finished for good. A
   ``LinkSupervisor`` owns the retry policy: it makes a new ``PeerLink`` per attempt,
-  sleeps between attempts with ``exponential_backoff`` (equal jitter), and reports a
-  ``LinkState`` for ``/health``.
+  waits between attempts as ``routing``'s one backoff generator says (equal jitter,
+  ``link_backoff``) through an injected ``sleep``, and reports a ``LinkState`` for
+  ``/health``.
 * Handshake: ``GET {peer}/{doc}?epoch=N&instance=WRITER`` with ``Authorization: Bearer``.
   WRITER is the process's writer id (``instance.id`` plus a random suffix), so it
   names this very process: two processes never share it, even when misconfigured
@@ -34,6 +35,7 @@ from typing import Any, Final, final
 
 import aiohttp
 from aiohttp import web
+from skyroute.routing import Jitter, Sleep, backoff_delays
 
 from ._doc import DocHub
 from ._metrics import SyncMetrics, get_logger
@@ -51,23 +53,17 @@ CONNECT_TIMEOUT_S: Final = 5.0
 HEARTBEAT_S: Final = 15.0
 """WebSocket ping interval: a silently dead peer is noticed within ~2 heartbeats."""
 BACKOFF_BASE_S: Final = 0.05
+"""A peer restarting or a link rotated is back within milliseconds: redial quickly."""
 BACKOFF_CAP_S: Final = 5.0
+"""A peer that stays away is redialled every 2.5-5 s: cheap, and back soon after it is."""
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-def exponential_backoff(
-    *,
-    base: float = BACKOFF_BASE_S,
-    factor: float = 2.0,
-    cap: float = BACKOFF_CAP_S,
-    rng: Callable[[], float] = random.random,
-) -> Iterator[float]:
-    """Yield delays base, base*factor, ... up to ``cap``, each jittered into [d/2, d]."""
-    delay = base
-    while True:
-        yield delay * (0.5 + 0.5 * rng())
-        delay = min(cap, delay * factor)
+def link_backoff(rng: random.Random) -> Iterator[float]:
+    """Delays between attempts to reach one peer: 0.05 s doubling to 5 s, in [d/2, d]."""
+    return backoff_delays(base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng,
+                          jitter=Jitter.EQUAL)
 
 
 async def pump(
@@ -236,7 +232,11 @@ class LinkSupervisor:
         metrics: SyncMetrics,
         epoch: Callable[[], int],
         on_peer_epoch: Callable[[int], Awaitable[None]],
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
+        """Args (besides the link's own): ``sleep`` waits out each backoff delay and
+        ``rng`` draws their jitter (a seeded one makes the delays reproducible)."""
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/{hub.name}"
         self._hub = hub
@@ -246,6 +246,8 @@ class LinkSupervisor:
         self._metrics = metrics
         self._epoch = epoch
         self._on_peer_epoch = on_peer_epoch
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
         self._state = LinkState.CONNECTING
         self.link: PeerLink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -276,7 +278,7 @@ class LinkSupervisor:
         self._state = LinkState.CLOSED
 
     async def _run(self) -> None:
-        delays = exponential_backoff()
+        delays = link_backoff(self._rng)
         token = self._settings.token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         while True:
@@ -288,7 +290,7 @@ class LinkSupervisor:
                 await self.link.run(
                     self._session, headers=headers, params=params, metrics=self._metrics
                 )
-                delays = exponential_backoff()  # it connected: start the backoff afresh
+                delays = link_backoff(self._rng)  # it connected: start the backoff afresh
                 retry_now = self.link.close_reason == "epoch rotated"
                 self._log.info("sync_peer_disconnected", reason=self.link.close_reason)
             except aiohttp.WSServerHandshakeError as exc:
@@ -300,7 +302,7 @@ class LinkSupervisor:
             if not retry_now:
                 if self._state is not LinkState.UNAUTHORIZED:
                     self._state = LinkState.BACKOFF
-                await asyncio.sleep(next(delays))
+                await self._sleep(next(delays))
 
     async def _on_refused(self, exc: aiohttp.WSServerHandshakeError) -> bool:
         headers: Any = exc.headers or {}

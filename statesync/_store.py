@@ -8,9 +8,10 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
 * ``sessions`` doc, map ``sessions``: ``id -> {upstream, created, last_seen,
   attributes, ts, by}``. ``ts``/``by`` are the write time and writer; see repair.
 * ``sessions`` doc, map ``upstreams``: ``name -> {state, until, reporter, ts}``.
-* ``usage`` doc, map ``usage``: ``"{writer}|{bucket}|{key}" -> {key, b, w, r, t}``.
-  One entry per *writer* (instance id + a random incarnation suffix) per 10 s bucket
-  per client key, holding that writer's net counts: a PN-counter whose value is the
+* ``usage`` doc, map ``usage``: ``"{writer}|{bucket}|{key}" -> {key, b, s, w, r, t}``.
+  One entry per *writer* (instance id + a random incarnation suffix) per bucket of
+  ``s`` seconds (``b`` is its index: it holds ``[b*s, (b+1)*s)``) per client key,
+  holding that writer's net counts: a PN-counter whose value is the
   sum of the entries. Deltas may be negative (a corrected estimate); no separate
   P and N halves are needed because only its writer ever sets an entry, so the
   entry never has to be merged with another writer's copy. A flush is a
@@ -19,15 +20,19 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for
   ``skyroute_sync_lag_seconds`` (origin write time to local apply).
 
-Usage window: the sum of the 10 s buckets that overlap the last 60 s, so the window
-spans 60-70 s and never under-counts (an ``rpm`` limit errs on the strict side).
-Our own pending deltas count at once, before they are flushed.
+Usage window: a bucket counts until ``usage_window_s`` (60 s) after it ends, so a
+request counts for 60 to 61 s with 1 s buckets: never less than the window (a limit
+errs on the strict side), and at most a second more. ``usage_buckets`` gives each
+bucket with its end, so a refusal can say exactly when enough of the oldest counts
+leave the window. Entries without ``s`` come from writers that used 10 s buckets and
+count as such. Our own pending deltas count at once, before they are flushed.
 
 Batching: ``add_usage`` only adds to a dict; ``flush`` (every ``flush_interval_s``)
-writes all pending deltas and a heartbeat in one transaction. ``touch`` writes only
-when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and keeps the exact time
-in a local overlay; ``pin`` and ``report_upstream`` write at once (they are rare and
-their latency is what peers wait for).
+writes all pending deltas and a heartbeat in one transaction, and deletes our own
+entries ``USAGE_DELETE_AFTER_S`` after they left the window (rotation drops the rest).
+``touch`` writes only when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and
+keeps the exact time in a local overlay; ``pin`` and ``report_upstream`` write at once
+(they are rare and their latency is what peers wait for).
 
 Repair after merges (rotation carries, restarts): when a remote change sets one of
 our own usage entries to something other than our total, we rewrite it on the next
@@ -41,20 +46,33 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+from collections import deque
 from typing import Any, Final, final
+
+from skyroute.routing import UpstreamState
 
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
-from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage
+from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
-USAGE_BUCKET_S: Final = 10.0
-USAGE_WINDOW_S: Final = 60.0
+USAGE_BUCKET_S: Final = 1.0
+"""How finely usage is counted: a request counts at most this much longer than the
+window, and a refusal's Retry-After is exact to it. One entry per second per busy
+key and writer is the cost, small next to the flushes that rewrite it."""
+USAGE_DELETE_AFTER_S: Final = 30.0
+"""A writer deletes its own usage entry this long after the entry left the window, so a
+peer whose clock is up to 30 s behind still counts it for the whole window; the document
+then holds about a window's worth of entries per key and writer, not an epoch's."""
+LEGACY_BUCKET_S: Final = 10.0
+"""Bucket size of entries written without ``s`` (by an older skyroute)."""
 TOUCH_WRITE_EVERY_S: Final = 30.0
 """``last_seen`` only matters against a TTL of hours; 30 s keeps touches cheap."""
-CLEAR_STATES: Final = frozenset({"up", "ok", "healthy"})
-"""Reporting one of these removes the upstream's report."""
+CLEAR_STATES: Final = frozenset({UpstreamState.HEALTHY, "up", "ok"})
+"""Reporting one of these removes the upstream's report (``healthy`` is routing's word;
+``up`` and ``ok`` are what other writers of the document may say)."""
 
 _BucketKey = tuple[str, int]  # (client key name, bucket index)
+_Slot = tuple[int, float, str]  # (bucket index, bucket seconds, writer) of a usage entry
 
 
 def bucket_of(now: float) -> int:
@@ -62,8 +80,14 @@ def bucket_of(now: float) -> int:
     return math.floor(now / USAGE_BUCKET_S)
 
 
-def _in_window(bucket: int, now: float) -> bool:
-    return (bucket + 1) * USAGE_BUCKET_S > now - USAGE_WINDOW_S
+def _slot_of(value: Any) -> _Slot | None:
+    """Where a usage entry counts, or None when it is malformed."""
+    try:
+        size = float(value.get("s", LEGACY_BUCKET_S))
+        slot = (int(value["b"]), size, str(value["w"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return slot if size > 0 else None
 
 
 @final
@@ -87,10 +111,15 @@ class SessionStore:
         self._clock = clock
         self._metrics = metrics
         self._log = get_logger().bind(instance=settings.instance_id)
-        self._pending: dict[_BucketKey, list[int]] = {}
-        self._own: dict[_BucketKey, tuple[int, int]] = {}
+        self._window_s = settings.usage_window_s
+        # Per client key: bucket -> counts. Pending deltas are not yet flushed; own
+        # totals are what our entries say; the view is every writer's entries.
+        self._pending: dict[str, dict[int, list[int]]] = {}
+        self._own: dict[str, dict[int, tuple[int, int]]] = {}
         self._dirty: set[_BucketKey] = set()
-        self._view: dict[str, dict[tuple[int, str], tuple[int, int]]] = {}
+        self._view: dict[str, dict[_Slot, tuple[int, int]]] = {}
+        self._pruned_at = 0.0
+        self._expiry: deque[tuple[float, str]] = deque()  # (delete at, our entry's map key)
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
         for hub in (sessions, usage):
@@ -175,26 +204,38 @@ class SessionStore:
 
     def add_usage(self, key_name: str, *, requests: int = 0, tokens: int = 0, now: float) -> None:
         """Count usage for ``key_name``; batched, written by the next ``flush``."""
-        delta = self._pending.setdefault((key_name, bucket_of(now)), [0, 0])
+        delta = self._pending.setdefault(key_name, {}).setdefault(bucket_of(now), [0, 0])
         delta[0] += requests
         delta[1] += tokens
 
     def usage(self, key_name: str, *, now: float) -> Usage:
-        """Usage of ``key_name`` over all instances in the buckets overlapping the last 60 s."""
-        requests = tokens = 0
-        for (bucket, writer), (r, t) in self._view.get(key_name, {}).items():
-            if writer != self.writer_id and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        for (key, bucket), (r, t) in self._own.items():
-            if key == key_name and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        for (key, bucket), (r, t) in self._pending.items():
-            if key == key_name and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        return Usage(requests, tokens)
+        """Usage of ``key_name`` over all instances, in the buckets still in the window."""
+        buckets = self.usage_buckets(key_name, now=now)
+        return Usage(sum(b.requests for b in buckets), sum(b.tokens for b in buckets))
+
+    def usage_buckets(self, key_name: str, *, now: float) -> list[UsageBucket]:
+        """Usage of ``key_name`` over all instances per bucket still in the window, oldest
+        first (a bucket is in the window until ``usage_window_s`` after its ``end``)."""
+        since = now - self._window_s
+        spans: dict[tuple[float, float], list[int]] = {}
+
+        def add(bucket: int, size: float, r: int, t: int) -> None:
+            if (bucket + 1) * size > since:
+                counts = spans.setdefault((bucket * size, (bucket + 1) * size), [0, 0])
+                counts[0] += r
+                counts[1] += t
+
+        for (bucket, size, writer), (r, t) in self._view.get(key_name, {}).items():
+            if writer != self.writer_id:
+                add(bucket, size, r, t)
+        for source in (self._own, self._pending):
+            for bucket, (r, t) in source.get(key_name, {}).items():
+                add(bucket, USAGE_BUCKET_S, r, t)
+        return [UsageBucket(start=start, end=end, requests=r, tokens=t)
+                for (start, end), (r, t) in sorted(spans.items())]
+
+    def _in_window(self, bucket: int, size: float, now: float) -> bool:
+        return (bucket + 1) * size > now - self._window_s
 
     def flush(self) -> bool:
         """Write pending counter deltas, repairs and a heartbeat; True if anything was written.
@@ -204,33 +245,46 @@ class SessionStore:
         now = self._clock()
         evicted = self._evict_sessions(now)
         pending, self._pending = self._pending, {}
-        for bkey, (r, t) in pending.items():
-            old_r, old_t = self._own.get(bkey, (0, 0))
-            self._own[bkey] = (old_r + r, old_t + t)
-            self._dirty.add(bkey)
+        for key_name, buckets in pending.items():
+            own = self._own.setdefault(key_name, {})
+            for bucket, (r, t) in buckets.items():
+                if bucket not in own:  # a new entry: delete it once nobody counts it
+                    self._expiry.append((
+                        (bucket + 1) * USAGE_BUCKET_S + self._window_s + USAGE_DELETE_AFTER_S,
+                        f"{self.writer_id}|{bucket}|{key_name}"))
+                old_r, old_t = own.get(bucket, (0, 0))
+                own[bucket] = (old_r + r, old_t + t)
+                self._dirty.add((key_name, bucket))
         repairs, self._repairs = self._repairs, {}
         if repairs:
             smap = self._sessions.doc.maps["sessions"]
             with self._sessions.doc.doc.transaction():
                 for session_id, value in repairs.items():
                     smap[session_id] = value
-        if not self._dirty:
+        expired = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expired.append(self._expiry.popleft()[1])
+        if not self._dirty and not expired:
             return bool(repairs) or evicted
         doc = self._usage.doc
         with doc.doc.transaction():
             umap = doc.maps["usage"]
+            for map_key in expired:
+                if map_key in umap:
+                    del umap[map_key]
             for key_name, bucket in self._dirty:
-                r, t = self._own.get((key_name, bucket), (0, 0))
+                r, t = self._own.get(key_name, {}).get(bucket, (0, 0))
                 umap[f"{self.writer_id}|{bucket}|{key_name}"] = {
                     "key": key_name,
                     "b": bucket,
+                    "s": USAGE_BUCKET_S,
                     "w": self.writer_id,
                     "r": r,
                     "t": t,
                 }
             self._heartbeat(doc, now)
         self._dirty.clear()
-        self._own = {k: v for k, v in self._own.items() if _in_window(k[1], now)}
+        self._prune(now)
         return True
 
     def _evict_sessions(self, now: float) -> bool:
@@ -258,6 +312,23 @@ class SessionStore:
         self._metrics.sessions_evicted.inc(len(victims))
         self._log.warning("sync_sessions_evicted", count=len(victims), max_sessions=cap)
         return True
+    def _prune(self, now: float) -> None:
+        """Forget counts that left the window (once per bucket: usage reads stay short)."""
+        if now - self._pruned_at < USAGE_BUCKET_S:
+            return
+        self._pruned_at = now
+        for key_name, own in list(self._own.items()):
+            own = {b: v for b, v in own.items() if self._in_window(b, USAGE_BUCKET_S, now)}
+            if own:
+                self._own[key_name] = own
+            else:
+                del self._own[key_name]
+        for key_name, view in list(self._view.items()):
+            view = {slot: v for slot, v in view.items() if self._in_window(slot[0], slot[1], now)}
+            if view:
+                self._view[key_name] = view
+            else:
+                del self._view[key_name]
 
     def heartbeat(self) -> None:
         """Write a heartbeat into both documents (keeps lag measured when idle)."""
@@ -326,7 +397,8 @@ class SessionStore:
             ts = value.get("ts", now)
             return isinstance(ts, int | float) and now - ts <= self._settings.session_ttl_s
         if map_name == "usage":
-            return isinstance(value, dict) and _in_window(int(value.get("b", 0)), now)
+            slot = _slot_of(value) if isinstance(value, dict) else None
+            return slot is not None and self._in_window(slot[0], slot[1], now)
         return False  # meta: fresh heartbeats are written into the new document
 
     def _attach(self, doc: EpochDoc) -> None:
@@ -334,7 +406,8 @@ class SessionStore:
             self._view = {}
             for value in doc.maps["usage"].values():
                 self._view_set(value)
-            self._dirty.update(self._own)  # re-assert our entries in the new document
+            # Re-assert our entries in the new document.
+            self._dirty.update((k, b) for k, own in self._own.items() for b in own)
             cutoff = self._clock() - self._settings.session_ttl_s
             self._touched = {k: v for k, v in self._touched.items() if v >= cutoff}
         doc.on_map_change(self._on_change)
@@ -358,27 +431,27 @@ class SessionStore:
             value = change.get("newValue")
             if change.get("action") == "delete" or not isinstance(value, dict):
                 old = change.get("oldValue")
-                if isinstance(old, dict):
-                    self._view.get(str(old.get("key")), {}).pop(
-                        (int(old.get("b", 0)), str(old.get("w"))), None
-                    )
+                slot = _slot_of(old) if isinstance(old, dict) else None
+                if slot is not None:
+                    self._view.get(str(old.get("key")), {}).pop(slot, None)
                 continue
             self._view_set(value)
             if remote and value.get("w") == self.writer_id:
-                bkey = (str(value.get("key")), int(value.get("b", 0)))
-                if bkey in self._own and self._own[bkey] != (
+                key_name, bucket = str(value.get("key")), int(value.get("b", 0))
+                own = self._own.get(key_name, {})
+                if bucket in own and own[bucket] != (
                     int(value.get("r", 0)),
                     int(value.get("t", 0)),
                 ):
-                    self._dirty.add(bkey)
+                    self._dirty.add((key_name, bucket))
 
     def _view_set(self, value: Any) -> None:
-        if not isinstance(value, dict):
+        slot = _slot_of(value) if isinstance(value, dict) else None
+        if slot is None:
             return
         try:
-            slot = (int(value["b"]), str(value["w"]))
             counts = (int(value.get("r", 0)), int(value.get("t", 0)))
-        except (KeyError, TypeError, ValueError):
+        except (TypeError, ValueError):
             return
         self._view.setdefault(str(value.get("key")), {})[slot] = counts
 

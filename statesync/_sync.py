@@ -44,6 +44,7 @@ from typing import Any, Final, final
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from skyroute.routing import Sleep
 
 from ._discovery import DnsDiscovery, Resolve, resolve_addresses
 from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
@@ -77,6 +78,7 @@ class StateSync:
         registry: CollectorRegistry,
         clock: Clock = time.time,
         resolve: Resolve = resolve_addresses,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         """Build the documents and the store; nothing runs until ``start``.
 
@@ -86,10 +88,12 @@ class StateSync:
             clock: wall-clock epoch seconds (epochs, TTLs, heartbeats).
             resolve: the DNS lookup behind ``settings.discovery``; the system resolver
                 unless a test stands in for the DNS server.
+            sleep: what peer links wait through between attempts to reconnect.
         """
         self.settings = settings
         self._clock = clock
         self._resolve = resolve
+        self._sleep = sleep
         self._metrics = SyncMetrics(registry)
         self._log = get_logger().bind(instance=settings.instance_id)
         self.writer_id = f"{settings.instance_id}.{secrets.token_hex(3)}"
@@ -365,6 +369,7 @@ class StateSync:
                 metrics=self._metrics,
                 epoch=lambda: self.epoch,
                 on_peer_epoch=self._on_peer_epoch,
+                sleep=self._sleep,
             )
             for hub in self._hubs.values()
         ]

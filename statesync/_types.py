@@ -1,7 +1,8 @@
 """Plain values and errors shared by every statesync module.
 
 Nothing here touches pycrdt or aiohttp: these are the types that cross the package
-boundary (``SyncSettings``, ``Session``, ``Usage``, ``UpstreamReport``, ``LinkState``)
+boundary (``SyncSettings``, ``Session``, ``Usage``, ``UsageBucket``, ``UpstreamReport``,
+``LinkState``)
 and the exception tree rooted at ``StateSyncError``. Numbers read back from a Yjs
 document are floats whatever the writer meant, so every value type here converts
 explicitly (``int(...)``/``float(...)``) in its ``from_wire`` constructor.
@@ -92,6 +93,9 @@ class SyncSettings:
     rotate_every_s: float = 3600.0
     flush_interval_s: float = 0.05
     snapshot_path: str | None = None
+    #: How long usage counts: ``usage`` sums this much past, and older counts are
+    #: dropped. The owner of the limits (``routing``'s per-minute rpm/tpm) sets it.
+    usage_window_s: float = 60.0
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     max_sessions: int = DEFAULT_MAX_SESSIONS
@@ -107,8 +111,9 @@ class SyncSettings:
                 raise SyncConfigError(f"sync.peers: {peer!r} must start with ws:// or wss://")
         if self.discovery is not None:
             self.discovery_target()  # validates
-        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s", "discovery_interval_s",
-                     "max_value_bytes", "max_document_bytes", "max_sessions"):
+        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s",
+                     "discovery_interval_s", "usage_window_s", "max_value_bytes",
+                     "max_document_bytes", "max_sessions"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
 
@@ -180,6 +185,17 @@ class Usage:
 
     requests: int = 0
     tokens: int = 0
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageBucket:
+    """Requests and tokens counted for one client key in ``[start, end)``, all instances."""
+
+    start: float
+    end: float
+    requests: int
+    tokens: int
 
 
 @final

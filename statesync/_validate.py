@@ -63,6 +63,10 @@ def _number(value: Any) -> bool:
         and math.isfinite(value)
 
 
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
 def _whole(value: Any) -> bool:
     return _number(value) and float(value).is_integer() and abs(value) < _MAX_WHOLE
 
@@ -87,7 +91,8 @@ SCHEMAS: Final[dict[str, tuple[dict[str, Check], frozenset[str]]]] = {
                   "attributes": _attributes, "ts": _number, "by": _text}, frozenset()),
     "upstreams": ({"state": _text, "until": _optional(_number), "reporter": _text,
                    "ts": _number}, frozenset({"state"})),
-    "usage": ({"key": _text, "b": _whole, "w": _text, "r": _whole, "t": _whole},
+    "usage": ({"key": _text, "b": _whole, "s": _positive, "w": _text, "r": _whole,
+               "t": _whole},
               frozenset({"key", "b", "w"})),
     "meta": ({"ts": _number, "instance": _text}, frozenset({"ts"})),
 }

@@ -6,6 +6,8 @@ import asyncio
 
 import aiohttp
 import openai
+from skyroute.proxy import Server, build_app
+from skyroute.routing import parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -206,3 +208,26 @@ async def test_hedge_is_not_started_when_the_first_answers_in_time(standin, skyr
         for _ in range(3):
             await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert (a.requests_total, b.requests_total) == (3, 0)
+
+
+async def test_backoff_between_attempts_is_waited_through_the_app_sleep(standin):
+    """a and b answer 503, c answers: the attempt loop waits two full-jitter delays (within
+    the 2 s and 4 s ceilings of `retry.backoff_base: 2s`) through the app's injected sleep,
+    so the request is served without waiting them in wall time."""
+    ups = [await standin(name) for name in ("a", "b", "c")]
+    ups[0].behaviour.mode = ups[1].behaviour.mode = "error"
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    config = parse_config(routing_yaml(
+        [entry(u) for u in ups], ROUTE,
+        extra="retry:\n  backoff_base: 2s\n  backoff_cap: 30s\n"), env={})
+    async with Server(config, app=build_app(config, sleep=sleep), port=0) as server, \
+            client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content.startswith("Hello from c")
+    assert len(waits) == 2
+    assert 0 <= waits[0] <= 2.0 and 0 <= waits[1] <= 4.0
