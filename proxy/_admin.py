@@ -17,8 +17,9 @@ from typing import Any
 from aiohttp import web
 from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth, UpstreamState
 
-from ._auth import bearer_token, is_admin
+from ._auth import is_admin
 from ._errors import AdminDisabled, InvalidApiKey
+from ._headers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
 from ._state import SERVING, TRAFFIC
 

@@ -38,6 +38,7 @@ from ._slots import ClientConcurrency, UpstreamSlots
 from ._state import (
     CLIENT_CONCURRENCY,
     METRICS,
+    RATE_LIMIT_HEADERS,
     REQUEST_ID,
     SERVING,
     SESSION,
@@ -134,10 +135,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
                      **({"cut": summary.cut} if summary.cut else {}),
                      **({"fallback": summary.fallback} if summary.fallback else {}),
-                     **({"endpoint": summary.endpoint} if summary.endpoint else {}))
+                     **({"endpoint": summary.endpoint} if summary.endpoint else {}),
+                     **({"upstream_request_id": summary.upstream_request_id}
+                        if summary.upstream_request_id else {}))
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp
+
+
+async def _rate_limit_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Every answer to a client with rpm/tpm limits carries OpenAI's x-ratelimit-* headers."""
+    headers = request.get(RATE_LIMIT_HEADERS)
+    if headers:
+        resp.headers.update(headers)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -183,6 +193,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     """
     register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
+    app.on_response_prepare.append(_rate_limit_headers)
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)

@@ -1,4 +1,4 @@
-"""Credentials a request carries: the bearer token, and whether it is the admin key.
+"""Whether a request carries the admin key.
 
 Client keys are checked in ``proxy._handlers`` (``authenticate``); the admin key
 guards ``/admin/*`` (``proxy._admin``) and the detailed view of ``/health``.
@@ -11,12 +11,7 @@ import hmac
 
 from aiohttp import web
 
-
-def bearer_token(request: web.Request) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    given = given.strip()
-    return given if scheme.lower() == "bearer" and given else None
+from ._headers import bearer_token
 
 
 def is_admin(request: web.Request, admin_key: str | None) -> bool:

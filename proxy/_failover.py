@@ -41,14 +41,14 @@ from ._forward import (
     open_attempt,
     read_rest,
     relay_stream,
-    response_headers,
     stream_response,
 )
+from ._headers import response_headers
 from ._health import report_changes
 from ._metrics import Metrics
 from ._slots import UpstreamSlots
 from ._sse import StreamTranscript
-from ._state import SLEEP, TRAFFIC, UPSTREAM_SLOTS, RequestSummary
+from ._state import SLEEP, SUMMARY, TRAFFIC, UPSTREAM_SLOTS, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -66,11 +66,13 @@ class _Interrupted:
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
                       session: UpstreamSessions, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
-                      count_usage: bool = False,
+                      pinned: str | None = None, count_usage: bool = False,
                       extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
 
     Args:
+        prefer: the upstream the request's session is pinned to, while healthy.
+        pinned: the only upstream to try (it holds an object the request names).
         count_usage: read streamed answers for their token usage (into
             ``summary.stream_tokens``), for a client with a ``tpm`` limit.
         extra_headers: added to the response's headers (before a stream starts).
@@ -79,7 +81,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
     loop = asyncio.get_running_loop()
-    plan = router.plan(route, now=loop.time(), prefer=prefer)
+    plan = router.plan(route, now=loop.time(), prefer=prefer, pinned=pinned)
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
@@ -167,6 +169,8 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
     transcript: StreamTranscript | None = None
     if opened.is_sse:
+        if resuming is None:  # a Responses stream's opening names the stored response
+            request[SUMMARY].stream_head = opened.prefix[:4096]
         resp = resuming.resp if resuming is not None \
             else stream_response(opened, request_id, extra_headers)
         transcript = resuming.transcript if resuming is not None \

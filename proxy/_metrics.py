@@ -95,6 +95,11 @@ class Metrics:
             "skyroute_upstream_latency_estimate_seconds",
             "The latency estimate routing uses, by upstream and source.",
             ["upstream", "source"], registry=r)
+        self.object_affinity = Counter(
+            "skyroute_object_affinity",
+            "Stateful objects (files, batches, responses, ...): remembered (an upstream "
+            "created one), routed (a request naming one went to its upstream), unavailable "
+            "(its upstream was out: 503).", ["result"], registry=r)
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)

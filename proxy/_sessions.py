@@ -88,27 +88,45 @@ def session_id_of(request: web.Request, payload: dict[str, Any] | None,
 
 
 def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
-                   now: float) -> None:
+                   now: float) -> dict[str, str]:
     """Count one request for ``client``, or refuse it if over its rpm/tpm across instances
     (``routing.check_rate`` decides, from the store's counts).
+
+    Returns:
+        OpenAI's ``x-ratelimit-*`` headers for the key's own limits, this request
+        counted (SDKs pace themselves by them); empty for a key without limits.
 
     Raises:
         RateLimitExceeded: with ``Retry-After`` and which limit was hit.
     """
     if client.rpm is None and client.tpm is None:
-        return
+        return {}
     decision = check_rate(key=client.name, rpm=client.rpm, tpm=client.tpm,
                           usage=store.usage_buckets(client.name, now=now), now=now)
     if isinstance(decision, RateLimited):
         metrics.rate_limited.labels(client.name, decision.limit).inc()
         log.info("request_rate_limited", key=client.name, limit=decision.limit,
-                    allowed=decision.allowed, used=decision.used,
-                    retry_after_s=decision.retry_after_s)
+                 allowed=decision.allowed, used=decision.used,
+                 retry_after_s=decision.retry_after_s)
         raise RateLimitExceeded(decision.message, retry_after_s=decision.retry_after_s, headers={
             f"x-ratelimit-limit-{decision.limit}": str(decision.allowed),
             f"x-ratelimit-remaining-{decision.limit}": str(decision.remaining),
             f"x-ratelimit-reset-{decision.limit}": f"{decision.retry_after_s}s"})
     store.add_usage(client.name, requests=1, now=now)
+    headers = {}
+    for status in decision.status:
+        headers[f"x-ratelimit-limit-{status.limit}"] = str(status.allowed)
+        headers[f"x-ratelimit-remaining-{status.limit}"] = str(status.remaining)
+        headers[f"x-ratelimit-reset-{status.limit}"] = _duration(status.reset_s)
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in rate-limit headers: ``6m0s``, ``1s``, ``20ms``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,

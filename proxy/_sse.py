@@ -8,6 +8,10 @@ relayed piece is fed to a ``StreamTranscript``, which keeps the first chunk's
 came (one token each on the servers we know), the ``usage`` the upstream reported
 (only with ``stream_options.include_usage``) and whether ``[DONE]`` arrived.
 
+A Responses stream is read the same way: its ``response.output_text.delta`` events
+are the content chunks and the terminal event's ``response.usage`` the usage; it is
+never resumable (its events carry sequence numbers and item ids of one upstream).
+
 The stream of a resumed attempt goes through ``continue_with``, which rewrites its
 events to carry the original ``id``/``created``/``model`` and drops its role-only
 opening chunk, so the client reads one stream.
@@ -111,6 +115,10 @@ class StreamTranscript:
             and set(_delta(c)) <= {"role", "content"} for c in choices)
 
     def _take(self, chunk: dict[str, Any]) -> None:
+        kind = chunk.get("type")
+        if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
+            self._take_responses_event(kind, chunk)
+            return
         if self.head is None and "id" in chunk:
             self.head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
         usage = chunk.get("usage")
@@ -132,6 +140,18 @@ class StreamTranscript:
             if choice.get("finish_reason"):
                 self.finished = True
 
+    def _take_responses_event(self, kind: str, event: dict[str, Any]) -> None:
+        self.text_only = False
+        delta = event.get("delta")
+        if kind == "response.output_text.delta" and isinstance(delta, str) and delta:
+            self.parts.append(delta)
+            self.content_chunks += 1
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            self.usage_tokens = usage["total_tokens"]  # the terminal event's, once
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.finished = True
 
 def _choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
     """The chunk's choices that are objects (an upstream may send ``null`` or junk)."""

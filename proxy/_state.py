@@ -59,6 +59,8 @@ class RequestSummary:
     stream_tokens: int | None = None  # tokens a streamed answer used (read when counted)
     fallback: str | None = None  # the fallback model that answered instead of ``route``
     endpoint: str | None = None  # the pool server that answered, for a pool upstream
+    upstream_request_id: str | None = None  # the upstream's x-request-id, for support tickets
+    stream_head: bytes | None = None  # a stream's first bytes (a Responses stream's id)
 
 
 SERVING = web.AppKey("serving", Serving)
@@ -74,3 +76,5 @@ CLIENT_CONCURRENCY = web.AppKey("client_concurrency", ClientConcurrency)
 SLEEP: web.AppKey[Sleep] = web.AppKey("sleep")
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
+#: OpenAI's x-ratelimit-* headers for the client key's own limits, on every answer.
+RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)

@@ -18,7 +18,7 @@ from ._degradation import (
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
-from ._limits import RATE_WINDOW_S, Admit, Limit, RateLimited, UsageSlice, check_rate
+from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
 from ._policies import Strategy
 from ._pool import (
     DEFAULT_METRIC_NAMES,
@@ -53,6 +53,7 @@ from .config import (
     LatencyPolicy,
     Limits,
     Listen,
+    ObjectPolicy,
     PoolScrape,
     PrometheusSource,
     RetryPolicy,
@@ -95,9 +96,11 @@ __all__ = [
     "Level",
     "LevelChange",
     "Limit",
+    "LimitStatus",
     "Limits",
     "Listen",
     "MinimalTrigger",
+    "ObjectPolicy",
     "Pin",
     "PoolMetricNames",
     "PoolScrape",

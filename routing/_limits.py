@@ -51,8 +51,21 @@ class Limit(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LimitStatus:
+    """Where one limit stands once an admitted request is counted (OpenAI's
+    ``x-ratelimit-{limit,remaining,reset}-*`` headers say this to the client)."""
+
+    limit: Limit
+    allowed: int
+    remaining: int
+    reset_s: float  # until the oldest counted slice leaves the window (0: nothing counted)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Admit:
-    """Serve the request (and count it)."""
+    """Serve the request (and count it); ``status`` has one entry per limit the key has."""
+
+    status: tuple[LimitStatus, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +99,7 @@ def check_rate(*, key: str, rpm: int | None, tpm: int | None, usage: Sequence[Us
         ``Admit``, or ``RateLimited`` saying which limit, until when, in one message.
     """
     live = sorted((s for s in usage if s.end + RATE_WINDOW_S > now), key=lambda s: s.end)
-    refusals = []
+    refusals, status = [], []
     for limit, allowed in ((Limit.REQUESTS, rpm), (Limit.TOKENS, tpm)):
         if allowed is None:
             continue
@@ -95,8 +108,12 @@ def check_rate(*, key: str, rpm: int | None, tpm: int | None, usage: Sequence[Us
         used = sum(n for _, n in counts)
         if used >= allowed:
             refusals.append((_admitted_at(counts, used, allowed, now), limit, allowed, used))
+        this = 1 if limit is Limit.REQUESTS else 0  # the request being admitted counts too
+        reset = max(0.0, counts[0][0] - now) if counts else 0.0
+        status.append(LimitStatus(limit=limit, allowed=allowed,
+                                  remaining=max(0, allowed - used - this), reset_s=reset))
     if not refusals:
-        return Admit()
+        return Admit(status=tuple(status))
     at, limit, allowed, used = max(refusals)
     wait = max(1, math.ceil(at - now))
     what = "rate limit" if limit is Limit.REQUESTS else "token limit"

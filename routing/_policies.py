@@ -255,6 +255,23 @@ class SessionPolicy:
         description="How long an idle session is kept.")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class ObjectPolicy:
+    """How long skyroute remembers which upstream holds a stateful object, and how many.
+
+    Files, batches, stored responses, vector stores, assistants and threads live at
+    one provider; a later call naming one must go back there (``proxy._objects``).
+    """
+
+    ttl_s: Duration = Field(
+        default=30 * 86400.0, validation_alias="ttl", gt=0,
+        description="How long skyroute remembers which upstream holds a file, batch, stored "
+                    "response, ... (OpenAI keeps stored responses 30 days).")
+    max_entries: Count = Field(
+        default=100_000,
+        description="Objects remembered, all instances together; the oldest are forgotten first.")
+
+
 _DNS_DISCOVERY = r"^dns:[^\s:/]+(?::([0-9]+))?$"
 
 

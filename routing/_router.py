@@ -282,19 +282,23 @@ class Router:
     def health(self, name: str) -> UpstreamHealth:
         return self._health[name]
 
-    def plan(self, route: Route, *, now: float, prefer: str | None = None) -> AttemptPlan:
+    def plan(self, route: Route, *, now: float, prefer: str | None = None,
+             pinned: str | None = None) -> AttemptPlan:
         """An ``AttemptPlan`` for one request over ``route``.
 
         Args:
             prefer: the upstream the request's session is pinned to (affinity keeps a
                 conversation where its prompt cache is); honoured while it is healthy.
+            pinned: the upstream holding an object the request names (a file, a
+                stored response): the only candidate, since no other upstream has
+                the object. It need not be one of the route's targets.
         """
         if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
                 and self.route_level(route, now=now) is not Level.NORMAL:
             route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
         self._budgets[route.model].record_request(now)
         self._hedge_budgets[route.model].record_request(now)
-        order = self._order(route, now)
+        order = [pinned] if pinned in self._upstreams else self._order(route, now)
         if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
@@ -305,6 +309,23 @@ class Router:
                            budget=self._budgets[route.model],
                            hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
                            now=now)
+
+    def pinned_unavailable(self, upstream: str, object_id: str, *,
+                           now: float) -> GiveUp | None:
+        """A 503 when the upstream holding ``object_id`` is out; None while it is available.
+
+        No other upstream has the object, so failing over would only turn the outage
+        into the other provider's 404.
+        """
+        health = self._health.get(upstream)
+        if health is None or health.is_available(now=now):
+            return None
+        retry_after = max(1.0, health.available_at(now=now) - now)
+        return GiveUp(status=503, retry_after_s=retry_after,
+                      message=f"'{object_id}' is held by upstream '{upstream}', which is "
+                              f"{health.state(now=now)} now; only that upstream has it, so "
+                              f"retry after {retry_after:.0f}s (skyroute's /health shows "
+                              "its state)")
 
     def _order(self, route: Route, now: float) -> list[str]:
         fast: list[str] = []

@@ -16,6 +16,7 @@ alias the client asks for to an ordered list of upstream *targets*.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Final
@@ -30,6 +31,7 @@ from ._policies import (
     BreakerPolicy,
     DegradationPolicy,
     LatencyPolicy,
+    ObjectPolicy,
     PoolScrape,
     PrometheusSource,
     RetryPolicy,
@@ -67,6 +69,16 @@ DEFAULT_ROUTE_TIMEOUT_S: Final = 600.0
 DEFAULT_MAX_ATTEMPTS: Final = 3
 #: Connections kept open to one upstream (all its endpoints together).
 DEFAULT_MAX_CONNECTIONS: Final = 256
+#: File uploads, audio and image edits are streamed through, so they may be far
+#: bigger than JSON bodies; OpenAI's own file limit is 512 MB.
+DEFAULT_MAX_UPLOAD_BYTES: Final = 512 * 1024 * 1024
+#: Where clients may put their key: the OpenAI SDKs, Azure SDKs, several others.
+DEFAULT_KEY_HEADERS: Final = ("authorization", "api-key", "x-api-key")
+#: Never forwarded from a client, whatever ``forward_headers`` says.
+_UNFORWARDABLE: Final = frozenset({
+    "authorization", "api-key", "x-api-key", "x-goog-api-key", "cookie", "connection",
+    "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization",
+    "host", "content-length"})
 
 #: Client-side limits default to nginx's own defaults or stricter:
 #: ``client_header_timeout`` 60s, ``client_body_timeout`` 60s, ``keepalive_timeout``
@@ -91,6 +103,7 @@ __all__ = [
     "LatencyPolicy",
     "Limits",
     "Listen",
+    "ObjectPolicy",
     "PoolScrape",
     "PrometheusSource",
     "RetryPolicy",
@@ -160,12 +173,17 @@ class Auth:
     api_keys: tuple[ApiKey, ...] = Field(
         default=(),
         description="The client keys; a key whose ${VAR} is set but empty is left out.")
+    key_headers: tuple[Name, ...] = Field(
+        default=DEFAULT_KEY_HEADERS, min_length=1,
+        description="Request headers a client key is read from: authorization (as Bearer), "
+                    "api-key (Azure SDKs), x-api-key.")
 
     @model_validator(mode="after")
     def _drop_empty_keys(self) -> Auth:
         # A blank key written in the file is refused by cross_reference_problems; one
         # that came from an empty variable is an unused slot (a chart's optional key).
         object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys if k.key))
+        object.__setattr__(self, "key_headers", tuple(h.lower() for h in self.key_headers))
         return self
 
 
@@ -194,7 +212,10 @@ class Limits:
 
     max_body_bytes: Size = Field(
         default=DEFAULT_MAX_BODY_BYTES, gt=0,
-        description="Bigger request bodies get 413.")
+        description="Bigger JSON request bodies get 413.")
+    max_upload_bytes: Size = Field(
+        default=DEFAULT_MAX_UPLOAD_BYTES, gt=0,
+        description="Bigger uploads (multipart and binary bodies, streamed through) get 413.")
     head_timeout_s: Duration = Field(
         default=DEFAULT_HEAD_TIMEOUT_S, validation_alias="head_timeout", gt=0,
         description="A request head not complete this long after its first byte (or the "
@@ -255,6 +276,23 @@ class Upstream:
         default=True,
         description="For a pool: scrape and health-check its servers (latency.scrape); false "
                     "picks by in-flight counts alone.")
+    organization: Text | None = Field(
+        default=None,
+        description="Sent as OpenAI-Organization (who is billed on this key).")
+    project: Text | None = Field(default=None, description="Sent as OpenAI-Project.")
+    forward_headers: tuple[Name, ...] = Field(
+        default=(),
+        description="Client headers passed to this upstream as sent that skyroute would "
+                    "otherwise set itself (OpenAI-Organization, OpenAI-Project); never "
+                    "credentials.")
+
+    @model_validator(mode="after")
+    def _forwardable(self) -> Upstream:
+        for header in self.forward_headers:
+            if header.lower() in _UNFORWARDABLE:
+                raise invalid(f"forward_headers: {header!r} is a credential or hop-by-hop "
+                              "header; skyroute never forwards it from a client")
+        return self
 
     @model_validator(mode="after")
     def _one_address(self) -> Upstream:
@@ -276,6 +314,19 @@ class Upstream:
     def model_for(self, alias: str) -> str:
         """The upstream's own name for ``alias`` (the alias itself if not mapped)."""
         return self.models.get(alias, alias)
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise invalid(f"{value!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8)") \
+            from None
+
+
+#: An address or CIDR block (``10.0.0.0/8``, ``127.0.0.1``, ``fd00::/8``).
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network),
+                    Kind("address or CIDR block", json_schema={"type": "string"})]
 
 
 def _hedge_after(value: object) -> float | str | None:
@@ -365,6 +416,13 @@ class Config:
     degradation: DegradationPolicy = Field(
         default_factory=DegradationPolicy,
         description="What each degradation level switches off.")
+    trusted_proxies: tuple[Network, ...] = Field(
+        default=(),
+        description="Load balancers in front (addresses or CIDR blocks) whose X-Forwarded-For "
+                    "and X-Forwarded-Proto are kept.")
+    objects: ObjectPolicy = Field(
+        default_factory=ObjectPolicy,
+        description="Stateful objects (files, batches, responses, ...) stay with their upstream.")
     upstreams: tuple[Upstream, ...] = Field(
         min_length=1,
         description="Where requests go: cloud regions, providers, GPU pools.")
@@ -383,6 +441,15 @@ class Config:
     def api_keys(self) -> tuple[ApiKey, ...] | None:
         """The client keys; None when there is no ``auth`` section (skyroute runs open)."""
         return None if self.auth is None else self.auth.api_keys
+
+    @property
+    def key_headers(self) -> tuple[str, ...]:
+        """Where a client key is read from."""
+        return DEFAULT_KEY_HEADERS if self.auth is None else self.auth.key_headers
+
+    @property
+    def upstream_names(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.upstreams)
 
     @property
     def admin_key(self) -> str | None:

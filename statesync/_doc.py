@@ -53,7 +53,7 @@ from ._types import (
 from ._validate import UpdateGate, UpdateRejected
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
-    "sessions": ("sessions", "upstreams", "meta"),
+    "sessions": ("sessions", "upstreams", "objects", "meta"),
     "usage": ("usage", "meta"),
 }
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""

@@ -64,6 +64,12 @@ class SyncMetrics:
             buckets=_APPLY_BUCKETS,
             registry=registry,
         )
+        self.objects = Gauge(
+            "skyroute_sync_objects",
+            "Stateful objects (files, batches, responses, ...) whose upstream is known, in "
+            "the shared map.",
+            registry=registry,
+        )
         self.document_bytes = Gauge(
             "skyroute_sync_document_bytes",
             "Encoded size of the current epoch's document.",

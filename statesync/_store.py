@@ -17,6 +17,7 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
   entry never has to be merged with another writer's copy. A flush is a
   read-modify-write of our own entry only, never of a shared number. The
   incarnation suffix keeps a restarted process from fighting its previous life.
+* ``sessions`` doc, map ``objects``: object id -> upstream (``_objects``).
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for
   ``skyroute_sync_lag_seconds`` (origin write time to local apply).
 
@@ -53,6 +54,7 @@ from skyroute.routing import UpstreamState
 
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
+from ._objects import object_entry_is_live
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
 USAGE_BUCKET_S: Final = 1.0
@@ -399,6 +401,8 @@ class SessionStore:
         if map_name == "usage":
             slot = _slot_of(value) if isinstance(value, dict) else None
             return slot is not None and self._in_window(slot[0], slot[1], now)
+        if map_name == "objects":
+            return object_entry_is_live(value, now)
         return False  # meta: fresh heartbeats are written into the new document
 
     def _attach(self, doc: EpochDoc) -> None:

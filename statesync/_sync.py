@@ -3,7 +3,8 @@
 Rules / theory of operation
 ---------------------------
 * One ``DocHub`` per document name; ``store`` (a ``SessionStore``) reads and writes
-  them. Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
+  them, and ``objects`` (an ``ObjectDirectory``) the object id -> upstream map.
+  Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
   one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
   discovery (``_discovery``: peers that leave the DNS answer are dropped; static
   peers never are). The peer identity on the wire is the writer id, unique per
@@ -57,6 +58,7 @@ from ._links import (
     pump,
 )
 from ._metrics import SyncMetrics, get_logger
+from ._objects import ObjectDirectory
 from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
@@ -115,6 +117,9 @@ class StateSync:
             usage=self._hubs["usage"],
             clock=clock,
             metrics=self._metrics,
+        )
+        self.objects = ObjectDirectory(
+            self._hubs["sessions"], writer_id=self.writer_id, metrics=self._metrics
         )
         self._links: dict[str, list[LinkSupervisor]] = {}
         self._discovered: set[str] = set()
@@ -431,6 +436,7 @@ class StateSync:
             for name, size in self.document_sizes().items():
                 self._metrics.document_bytes.labels(name).set(size)
                 self._hubs[name].measured(size)
+            self._metrics.objects.set(len(self.objects))  # peers' writes count too
             await asyncio.sleep(SIZE_METRIC_EVERY_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

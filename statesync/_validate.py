@@ -91,6 +91,8 @@ SCHEMAS: Final[dict[str, tuple[dict[str, Check], frozenset[str]]]] = {
                   "attributes": _attributes, "ts": _number, "by": _text}, frozenset()),
     "upstreams": ({"state": _text, "until": _optional(_number), "reporter": _text,
                    "ts": _number}, frozenset({"state"})),
+    "objects": ({"upstream": _text, "until": _number, "ts": _number, "by": _text},
+                frozenset({"upstream"})),
     "usage": ({"key": _text, "b": _whole, "s": _positive, "w": _text, "r": _whole,
                "t": _whole},
               frozenset({"key", "b", "w"})),

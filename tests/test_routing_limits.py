@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
-from skyroute.routing import RATE_WINDOW_S, Admit, Limit, RateLimited, check_rate
+from skyroute.routing import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, check_rate
 
 from .fakes import FakeClock
 
@@ -71,7 +71,7 @@ def test_check_rate_admits_under_the_limits_and_says_when_otherwise(counted, lim
         window.count(at, requests=requests, tokens=tokens)
     decision = window.check(now, **limits)
     if retry_after_s is None:
-        assert decision == Admit()
+        assert isinstance(decision, Admit)
     else:
         assert isinstance(decision, RateLimited)
         assert decision.retry_after_s == retry_after_s
@@ -121,9 +121,22 @@ def test_a_client_that_waits_retry_after_is_admitted():
     assert admitted > 100 and refused > 10
 
 
+def test_an_admitted_request_says_where_each_limit_stands():
+    """Admitted, the key learns what is left of each limit with this request counted, and
+    when the oldest count leaves the window (OpenAI's x-ratelimit-* headers)."""
+    window = Window()
+    window.count(100.2, requests=2, tokens=300)
+    decision = window.check(100.5, rpm=3, tpm=1000)
+    assert isinstance(decision, Admit)
+    assert decision.status == (
+        LimitStatus(limit=Limit.REQUESTS, allowed=3, remaining=0, reset_s=60.5),
+        LimitStatus(limit=Limit.TOKENS, allowed=1000, remaining=700, reset_s=60.5))
+    assert window.check(100.5).status == ()  # a key without limits has nothing to say
+
+
 def test_check_rate_never_counts_more_than_the_window_plus_a_bucket():
     """A request counts for 60 s and never more than 61 s (1 s buckets)."""
     window = Window()
     window.count(100.9, requests=1)
     assert isinstance(window.check(100.9 + RATE_WINDOW_S - 0.1, rpm=1), RateLimited)
-    assert window.check(101.0 + RATE_WINDOW_S, rpm=1) == Admit()
+    assert isinstance(window.check(101.0 + RATE_WINDOW_S, rpm=1), Admit)

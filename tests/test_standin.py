@@ -155,8 +155,8 @@ async def test_StandinUpstream_rejects_malformed_json_with_400(
 async def test_StandinUpstream_echoes_other_paths(
         up: StandinUpstream, http: aiohttp.ClientSession) -> None:
     """Any other /v1 path is echoed back so pass-through can be tested."""
-    async with http.delete(f"{up.base_url}/files/file-1") as r:
-        assert await r.json() == {"path": "/v1/files/file-1", "method": "DELETE",
+    async with http.delete(f"{up.base_url}/assistants/asst-1") as r:
+        assert await r.json() == {"path": "/v1/assistants/asst-1", "method": "DELETE",
                                   "upstream": "alpha"}
 
 
