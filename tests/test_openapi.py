@@ -107,5 +107,5 @@ def test_every_served_route_is_described() -> None:
     described = set(schema.raw_schema["paths"])
     assert {"/health", "/api/health", "/livez", "/readyz", "/metrics", "/admin/routing",
             "/v1/models", "/v1/models/{model}", "/v1/chat/completions", "/v1/completions",
-            "/v1/embeddings", "/sync/{doc}"} <= described
+            "/v1/embeddings", "/v1/responses", "/sync/{doc}"} <= described
     assert GenerationMode.NEGATIVE in list(GenerationMode)
