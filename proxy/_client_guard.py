@@ -20,6 +20,9 @@ what nginx has (``limits`` in the routing file; reloads apply at once):
   the longest idle one; when every connection is serving a request, the new one
   gets a 503 with ``Retry-After`` and is closed. Clients that send whole requests
   promptly are therefore never starved by clients that do not.
+* A streamed answer the client stops reading for ``send_timeout`` is cut and the
+  client's connection aborted (``send_within``), so an unread stream cannot hold an
+  upstream connection forever.
 * Requests aiohttp cannot parse (bad framing, a header over 8 KiB) get an
   OpenAI-shaped error instead of aiohttp's plain text, and one log line without
   the client's bytes in it (``handle_error``).
@@ -46,6 +49,7 @@ from skyroute.routing import Limits
 from ._errors import http_error
 from ._logging import parse_error_reason
 from ._metrics import Metrics
+from ._state import METRICS, SERVING
 
 log = structlog.get_logger("skyroute.connections")
 
@@ -55,7 +59,7 @@ SWEEP_S = 0.5
 #: per open-file limit: the cap warns when it would leave less than half.
 FD_SHARE_FOR_CLIENTS = 0.5
 
-CLOSE_REASONS = ("head_timeout", "keepalive_timeout", "evicted", "refused")
+CLOSE_REASONS = ("head_timeout", "keepalive_timeout", "evicted", "refused", "send_timeout")
 
 
 class Phase(enum.Enum):
@@ -268,6 +272,26 @@ class ConnectionGuard:
             await asyncio.sleep(min(SWEEP_S, limits.head_timeout_s / 4,
                                     limits.keepalive_timeout_s / 4))
             self.sweep(loop.time())
+
+
+async def send_within(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """Write ``data`` to a streamed response; drop a client that stops reading.
+
+    A client that reads nothing for ``limits.send_timeout`` (nginx's ``send_timeout``)
+    would otherwise hold its upstream connection, and one of the upstream's
+    ``max_connections``, for as long as it likes. Its connection is aborted and the
+    write raises ``ConnectionResetError``, as for a client that went away.
+    """
+    timeout_s = request.app[SERVING].runtime.config.limits.send_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            await resp.write(data)
+    except TimeoutError:
+        request.app[METRICS].client_connections_closed.labels("send_timeout").inc()
+        if request.transport is not None:
+            request.transport.abort()  # its send buffer is full: close() would wait on it
+        raise ConnectionResetError(f"the client read nothing for {timeout_s:g}s "
+                                   "(limits.send_timeout)") from None
 
 
 async def send_and_close(request: web.Request, resp: web.StreamResponse) -> None:

@@ -57,6 +57,7 @@ log = structlog.get_logger("skyroute.proxy")
 class _Interrupted:
     """A stream cut after the client got part of it, which the route may resume."""
 
+    request: web.Request
     resp: web.StreamResponse
     transcript: StreamTranscript
     opened: Opened  # the attempt that was cut
@@ -190,9 +191,9 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
             outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,
                                      status=opened.response.status, detail=cut,
                                      ttfb_s=opened.ttfb_s)
-            return _Interrupted(resp=resp, transcript=transcript, opened=opened,
-                                outcome=outcome)
-        await end_stream(resp, opened, cut)
+            return _Interrupted(request=request, resp=resp, transcript=transcript,
+                                opened=opened, outcome=outcome)
+        await end_stream(request, resp, opened, cut)
     else:
         body = await read_rest(opened)
         if isinstance(body, Failed):
@@ -219,7 +220,7 @@ async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
     summary.cut = reason
     summary.stream_tokens = _tokens_used(cut.transcript, call)
     metrics.stream_resumes.labels(summary.route, "cut").inc()
-    await end_stream(cut.resp, cut.opened, reason)
+    await end_stream(cut.request, cut.resp, cut.opened, reason)
     return cut.resp
 
 

@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._bodies import Upload
+from ._client_guard import send_within
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
@@ -371,7 +372,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                 if events:
                     # Outside the try below: a client that went away is not the
                     # upstream's fault; its error ends the attempt with no outcome.
-                    await resp.write(events)
+                    await send_within(request, resp, events)
                     end.feed(events)
             try:
                 chunk = await anext(chunks, None)
@@ -392,7 +393,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                 break
         if cut is None and pending.strip():
             end.feed(pending)  # a last event without its blank line
-            await resp.write(pending)
+            await send_within(request, resp, pending)
         if cut is None and not end.complete:
             cut = end.missing
     finally:
@@ -401,8 +402,9 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     return None if end.complete else cut
 
 
-async def end_stream(resp: web.StreamResponse, opened: Opened, cut: str | None) -> None:
+async def end_stream(request: web.Request, resp: web.StreamResponse, opened: Opened,
+                     cut: str | None) -> None:
     """Finish the client's stream: after a cut, an SSE error event and no ``[DONE]``."""
     if cut is not None:
-        await resp.write(opened.end.error_event(opened.target.name, cut))
+        await send_within(request, resp, opened.end.error_event(opened.target.name, cut))
     await resp.write_eof()

@@ -82,10 +82,11 @@ _UNFORWARDABLE: Final = frozenset({
 
 #: Client-side limits default to nginx's own defaults or stricter:
 #: ``client_header_timeout`` 60s, ``client_body_timeout`` 60s, ``keepalive_timeout``
-#: 75s, ``worker_connections`` 512.
+#: 75s, ``send_timeout`` 60s, ``worker_connections`` 512.
 DEFAULT_HEAD_TIMEOUT_S: Final = 60.0
 DEFAULT_BODY_TIMEOUT_S: Final = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT_S: Final = 75.0
+DEFAULT_SEND_TIMEOUT_S: Final = 60.0
 DEFAULT_MAX_CLIENT_CONNECTIONS: Final = 512
 #: Longest wait for a free connection to an upstream (its ``max_connections``)
 #: before the next target is tried; the wait is not held against the upstream.
@@ -226,6 +227,10 @@ class Limits:
     keepalive_timeout_s: Duration = Field(
         default=DEFAULT_KEEPALIVE_TIMEOUT_S, validation_alias="keepalive_timeout", gt=0,
         description="An idle kept-alive client connection is closed after this.")
+    send_timeout_s: Duration = Field(
+        default=DEFAULT_SEND_TIMEOUT_S, validation_alias="send_timeout", gt=0,
+        description="A client that reads nothing of a streamed answer for this long is cut off "
+                    "(its upstream connection is freed).")
     max_client_connections: Count = Field(
         default=DEFAULT_MAX_CLIENT_CONNECTIONS,
         description="Client connections open at once; at the cap a new one closes the one "

@@ -10,9 +10,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from skyroute.proxy import Server
 from skyroute.proxy.demo import StandinUpstream
+from skyroute.routing import parse_config
 
-from .conftest import CLIENT_KEY, client_for, eventually, routing_yaml, upstream_yaml
+from .conftest import (
+    CALL_TIMEOUT_S,
+    CLIENT_KEY,
+    client_for,
+    eventually,
+    routing_yaml,
+    upstream_yaml,
+)
 from .hostile import RAW_TIMEOUT_S, raw_request
+from .test_proxy_hostile_streams import DONE, ScriptedUpstream, _chunk
 
 HALF_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
              b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n")
@@ -209,3 +218,41 @@ async def test_client_key_over_max_concurrent_gets_429(standin, skyroute):
     assert answer.status == 429
     assert answer.json()["error"]["code"] == "too_many_concurrent_requests"
     assert answer.headers["retry-after"] == "1"
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_off():
+    """A client reading nothing of a stream for limits.send_timeout is disconnected, so its
+    upstream connection is freed; counted as send_timeout."""
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    upstream.pieces = [_chunk("x" * 60_000) for _ in range(400)] + [DONE]  # ~24 MB
+    config = parse_config(
+        f"listen: 127.0.0.1:0\nauth: {{api_keys: [{{name: t, key: {CLIENT_KEY}}}]}}\n"
+        "limits: {send_timeout: 300ms}\n"
+        f"upstreams: [{{name: s, url: 'http://127.0.0.1:{upstream.port}/v1', "
+        "models: {chat: m}}]\n", env={})
+    server = Server(config, port=0)
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        body = b'{"model": "chat", "stream": true, "messages": []}'
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+
+        async def cut_off() -> bool:
+            answer = await raw_request(server.port, "GET /metrics HTTP/1.1\r\nHost: x")
+            return b'skyroute_client_connections_closed_total{reason="send_timeout"} 1.0' \
+                in answer.body
+
+        await eventually(cut_off, timeout=CALL_TIMEOUT_S)
+        with contextlib.suppress(ConnectionError):  # the abort may show as a reset
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                while await reader.read(1 << 20):  # drains what was sent, then EOF
+                    pass
+    finally:
+        writer.close()
+        await server.aclose()
+        await upstream.aclose()
