@@ -115,6 +115,8 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return  # refused: closing, and never parsed
         super().data_received(data)
         if self._messages or self._request_in_progress:
             self.phase = Phase.BUSY
