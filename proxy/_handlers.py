@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
-from ._bodies import Upload, is_upload
+from ._bodies import Upload, body_chunks, is_upload
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -31,7 +31,6 @@ from ._errors import (
     InvalidJSON,
     ModelNotFound,
     NotFound,
-    RequestTimeout,
     http_error,
 )
 from ._failover import serve_route
@@ -100,16 +99,7 @@ async def read_body(request: web.Request, limit: int, *, idle_timeout_s: float) 
         raise BodyTooLarge(f"request body of {declared} bytes is over the "
                            f"limit of {limit} bytes (limits.max_body_bytes)")
     chunks, size = [], 0
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestTimeout(f"the client sent no part of the request body for "
-                                 f"{idle_timeout_s:g}s (limits.body_timeout); send the "
-                                 "body without pauses") from None
-        if not chunk:
-            break
+    async for chunk in body_chunks(request, idle_timeout_s):
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body is over the limit of {limit} bytes "
@@ -238,7 +228,8 @@ async def _read_call(request: web.Request, config: Config, path_qs: str) -> Upst
     upload: Upload | None = None
     body, payload = b"", None
     if is_upload(request):
-        upload = await Upload.read(request, config.limits.max_upload_bytes)
+        upload = await Upload.read(request, config.limits.max_upload_bytes,
+                                   idle_timeout_s=config.limits.body_timeout_s)
     else:
         body = await read_body(request, config.limits.max_body_bytes,
                                idle_timeout_s=config.limits.body_timeout_s)

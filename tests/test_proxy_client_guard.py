@@ -112,13 +112,18 @@ async def test_head_not_complete_in_time_gets_408_and_is_closed(standin, skyrout
     assert b'"code": "request_timeout"' in data and b"limits.head_timeout" in data
 
 
-async def test_body_paused_too_long_gets_408(standin, skyroute):
-    """A body that stops arriving for limits.body_timeout gets an OpenAI-shaped 408."""
+@pytest.mark.parametrize(("content_type", "start"), [
+    (b"application/json", b'{"model":'),
+    (b"multipart/form-data; boundary=xx", b'--xx\r\nContent-Disposition: form-data; name="a"'),
+], ids=["json", "upload"])
+async def test_body_paused_too_long_gets_408(standin, skyroute, content_type, start):
+    """A JSON body or an upload that stops arriving for limits.body_timeout gets an
+    OpenAI-shaped 408."""
     server = await skyroute(await _config(standin, "  body_timeout: 200ms\n"))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(HALF_HEAD + b"Content-Type: application/json\r\n"
-                                 b"Content-Length: 100\r\n\r\n{\"model\":")
+        writer.write(HALF_HEAD + b"Content-Type: " + content_type + b"\r\n"
+                                 b"Content-Length: 100\r\n\r\n" + start)
         data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)
     finally:
         writer.close()
