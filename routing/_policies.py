@@ -313,6 +313,14 @@ class SyncPolicy:
     snapshot_path: Text | None = Field(
         default=None, validation_alias="snapshot",
         description="A file to keep the shared state in across restarts.")
+    # With ping_misses this is how fast a cut shows in /health, even one that closes
+    # nothing: 1 s x 3 = within 4 s. A ping is a few bytes, so every second is cheap.
+    ping_interval_s: Duration = Field(
+        default=1.0, validation_alias="ping_every", gt=0, le=60,
+        description="How often each side of a peer link pings the other.")
+    ping_misses: Count = Field(
+        default=3, validation_alias="dead_after_missed_pings", le=100,
+        description="A peer link silent for this many ping intervals is closed and redialled.")
 
     @model_validator(mode="after")
     def _usable(self) -> SyncPolicy:

@@ -84,11 +84,21 @@ def _attributes(value: Any) -> bool:
         _text(k) and _text(v) for k, v in value.items())
 
 
+def _pin(value: Any) -> bool:
+    """A session's pin stamp (``_pins.PinStamp.to_wire``): generation, HLC, writer."""
+    if not isinstance(value, dict) or set(value) != {"gen", "at", "by"}:
+        return False
+    at = value["at"]
+    return _whole(value["gen"]) and value["gen"] >= 0 and _text(value["by"]) \
+        and isinstance(at, list) and len(at) == 2 and all(_whole(n) for n in at)
+
+
 #: map name -> (field -> check, required fields). Fields outside the table are refused.
 SCHEMAS: Final[dict[str, tuple[dict[str, Check], frozenset[str]]]] = {
     # A foreign Yjs client may write a session with only some fields.
     "sessions": ({"upstream": _optional(_text), "created": _number, "last_seen": _number,
-                  "attributes": _attributes, "ts": _number, "by": _text}, frozenset()),
+                  "attributes": _attributes, "ts": _number, "by": _text, "pin": _pin},
+                 frozenset()),
     "upstreams": ({"state": _text, "until": _optional(_number), "reporter": _text,
                    "ts": _number}, frozenset({"state"})),
     "objects": ({"upstream": _text, "until": _number, "ts": _number, "by": _text},
