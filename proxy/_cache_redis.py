@@ -3,8 +3,11 @@
 Redis down is not an outage. Theory of operation:
 
 * A lookup waits at most ``cache.redis.timeout`` (a few ms); a slower or failed
-  lookup is a miss, never a client error.
-* A connection error, or ``_DOWN_AFTER`` slow answers in a row, marks Redis *down*:
+  lookup is a miss, never a client error. A slow command is left to finish in the
+  background rather than cancelled (cancelling costs the connection).
+* A connection error, or ``_DOWN_AFTER`` slow answers in a row with no answer at all
+  (late ones count) for ``_SILENT_S``, marks Redis *down* (a burst that waits on new
+  connections is slow, not down):
   one ``cache_redis_down`` log line, ``skyroute_cache_redis_up`` goes to 0, and the
   request path stops asking Redis at all (no added latency). A background task
   pings it every ``_RECONNECT_S`` and marks it *up* again (``cache_redis_up``).
@@ -22,13 +25,14 @@ from typing import Final
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.exceptions import RedisError
 from skyroute.routing import CachePolicy
 
 log = structlog.get_logger("skyroute.cache")
 
 #: Slow answers in a row that count as Redis being down.
 _DOWN_AFTER: Final = 3
+#: Slow answers mark Redis down only when nothing came back for this long.
+_SILENT_S: Final = 1.0
 #: How often a down Redis is pinged.
 _RECONNECT_S: Final = 1.0
 #: Connecting and background commands wait this long (not the request path's timeout).
@@ -63,9 +67,19 @@ class RedisLevel:
             socket_timeout=_BACKGROUND_TIMEOUT_S, retry_on_timeout=False)
         self.up = True
         self._slow = 0
+        self._last_answer = asyncio.get_running_loop().time()
         self._writes: set[asyncio.Task[None]] = set()
         self._reconnect: asyncio.Task[None] | None = None
         metrics.up.set(1)
+        # Connect now: a first connection (connect, HELLO) takes longer than a lookup may.
+        self._warm: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        try:
+            async with asyncio.timeout(_BACKGROUND_TIMEOUT_S):
+                await self._client.ping()
+        except Exception as exc:
+            self._failed("ping", "error", detail=f"{type(exc).__name__}: {exc}")
 
     def __repr__(self) -> str:
         return f"<RedisLevel {'up' if self.up else 'down'} writes={len(self._writes)}>"
@@ -74,17 +88,29 @@ class RedisLevel:
         """The blob stored under ``key``; None on a miss, or when Redis is down or slow."""
         if not self.up:
             return None
+        # Shielded: a command cancelled mid-way costs redis-py its connection, and a new
+        # one (connect, HELLO) takes longer than the timeout; left to finish, the
+        # connection goes back to the pool and the request goes on without the answer.
+        command = asyncio.ensure_future(self._client.get(self._settings.prefix + key))
         try:
-            async with asyncio.timeout(self._settings.timeout_s):
-                blob = await self._client.get(self._settings.prefix + key)
+            blob = await asyncio.wait_for(asyncio.shield(command), self._settings.timeout_s)
         except TimeoutError:
+            command.add_done_callback(self._late)
             self._failed("get", "timeout", slow=True)
             return None
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # any failure of the client is Redis being unusable
             self._failed("get", "error", detail=f"{type(exc).__name__}: {exc}")
             return None
-        self._slow = 0
+        self._answered()
         return blob if isinstance(blob, bytes) else None
+
+    def _answered(self) -> None:
+        self._slow, self._last_answer = 0, asyncio.get_running_loop().time()
+
+    def _late(self, command: asyncio.Future[object]) -> None:
+        """A lookup that answered after its request went on: Redis is slow, not gone."""
+        if not command.cancelled() and command.exception() is None:
+            self._answered()
 
     def set(self, key: str, blob: bytes, *, age_s: float = 0.0) -> None:
         """Store ``blob`` under ``key`` in the background, expiring with the entry."""
@@ -106,17 +132,18 @@ class RedisLevel:
                 await self._client.set(key, blob, px=ttl_ms)
         except TimeoutError:
             self._failed("set", "timeout", slow=True)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # any failure of the client is Redis being unusable
             self._failed("set", "error", detail=f"{type(exc).__name__}: {exc}")
 
     def _failed(self, op: str, kind: str, *, slow: bool = False, detail: str = "") -> None:
         self._metrics.errors.labels(op, kind).inc()
         self._slow = self._slow + 1 if slow else _DOWN_AFTER
-        if self.up and self._slow >= _DOWN_AFTER:
+        silent = not slow or asyncio.get_running_loop().time() - self._last_answer >= _SILENT_S
+        if self.up and self._slow >= _DOWN_AFTER and silent:
             self.up = False
             self._metrics.up.set(0)
-            log.warning("cache_redis_down", op=op, error=detail or f"{_DOWN_AFTER} slow answers "
-                        f"(over {self._settings.timeout_s * 1000:g} ms) in a row",
+            log.warning("cache_redis_down", op=op, error=detail or f"lookups slower than "
+                        f"{self._settings.timeout_s * 1000:g} ms and no answer for {_SILENT_S:g} s",
                         hint="serving from memory and upstreams; reconnecting in the background")
             self._reconnect = asyncio.create_task(self._reconnect_loop(),
                                                   name="skyroute-cache-redis-reconnect")
@@ -127,16 +154,20 @@ class RedisLevel:
             try:
                 async with asyncio.timeout(_BACKGROUND_TIMEOUT_S):
                     await self._client.ping()
-            except (TimeoutError, RedisError, OSError):
+            except Exception:
                 self._metrics.errors.labels("ping", "error").inc()
                 continue
-            self.up, self._slow = True, 0
+            self.up = True
+            self._answered()
             self._metrics.up.set(1)
             log.info("cache_redis_up")
             return
 
     async def aclose(self) -> None:
         """Cancel the reconnect task, let pending writes finish briefly, close the client."""
+        self._warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._warm
         if self._reconnect is not None:
             self._reconnect.cancel()
             with contextlib.suppress(asyncio.CancelledError):
