@@ -330,3 +330,23 @@ async def test_redis_killed_mid_run_causes_no_client_error(standin, skyroute, ow
     assert "skyroute_cache_redis_errors_total" in metrics
     assert not [e for e in captured_logs if e["event"] == "request_finished"
                 and e["status"] != 200]
+
+
+async def test_memory_level_is_bounded_in_bytes(standin, skyroute):
+    """A small memory level keeps under its byte limit and counts what it evicts."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], _route(), extra=(
+        "cache:\n  memory: {max_bytes: 3KiB}\n")))
+    async with client_for(server) as client:
+        for i in range(12):
+            await client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": f"question {i}"}],
+                temperature=0)
+        newest = await client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "question 11"}], temperature=0)
+    assert newest.headers["x-skyroute-cache"] == "hit"  # the most recent entry stayed
+    metrics = await _metrics(server)
+    held = float(metrics.split('skyroute_cache_bytes{level="memory"} ')[1].split()[0])
+    evicted = float(metrics.split('skyroute_cache_evictions_total{level="memory"} ')[1].split()[0])
+    assert 0 < held <= 3 * 1024
+    assert evicted >= 12 - 3 * 1024 // 330
