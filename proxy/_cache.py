@@ -53,6 +53,7 @@ from skyroute.routing import (
 
 from ._cache_entry import CachedAnswer, assemble_stream, parse_answer, replay_sse
 from ._cache_redis import RedisLevel, RedisMetrics
+from ._coalesce import Flight, LiveStream, follow_live
 from ._errors import UpstreamError
 from ._forward import UpstreamCall
 from ._state import METRICS, SERVING, STREAM_TAP, SUMMARY
@@ -115,14 +116,6 @@ class _MemoryLevel(cachetools.TLRUCache[str, _Held]):
 
 
 @dataclass(slots=True)
-class _Flight:
-    """An identical request in flight; its waiters get its answer, or None to serve themselves."""
-
-    answer: asyncio.Future[CachedAnswer | None]
-    waiters: int = 0
-
-
-@dataclass(slots=True)
 class ResponseCache:
     """Both levels and the requests in flight, for one ``cache`` policy."""
 
@@ -130,7 +123,7 @@ class ResponseCache:
     metrics: CacheMetrics
     memory: _MemoryLevel = field(init=False)
     redis: RedisLevel | None = field(init=False)
-    flights: dict[str, _Flight] = field(init=False, default_factory=dict)
+    flights: dict[str, Flight] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.memory = _MemoryLevel(self.policy, self.metrics)
@@ -232,9 +225,18 @@ async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
     if flight is not None and flight.waiters < cache.policy.max_waiters:
         flight.waiters += 1
         cache.metrics.coalesced.labels(route.model).inc()
-        shared = await asyncio.shield(flight.answer)
-        if shared is not None:
-            return await _answer_from(request, cache, route.model, shared, stream, call, "hit")
+        if stream and flight.live is not None:
+            _mark(request, route.model, "hit", age="0")  # a leader that fails: marked again
+            resp = await follow_live(request, flight.live, headers={})
+            if resp is not None:
+                request[SUMMARY].route, request[SUMMARY].upstream = route.model, "cache"
+                cache.metrics.requests.labels(route.model, "hit").inc()
+                return resp
+        else:
+            shared = await asyncio.shield(flight.answer)
+            if shared is not None:
+                return await _answer_from(request, cache, route.model, shared, stream, call,
+                                          "hit")
     return await _lead(request, cache, lookup, call, stream, serve, stale=entry)
 
 
@@ -242,13 +244,13 @@ async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
                 call: UpstreamCall, stream: bool, serve: Serve, *,
                 stale: CachedAnswer | None) -> web.StreamResponse:
     """Serve a miss upstream, store what may be stored, and hand it to any waiters."""
-    flight: _Flight | None = None
+    flight: Flight | None = None
+    tap = LiveStream()
     if lookup.key not in cache.flights:
-        flight = cache.flights[lookup.key] = _Flight(
-            answer=asyncio.get_running_loop().create_future())
+        flight = cache.flights[lookup.key] = Flight(
+            answer=asyncio.get_running_loop().create_future(), live=tap if stream else None)
     stored: CachedAnswer | None = None
-    tap: list[bytes] = []
-    if stream and lookup.write:
+    if stream and (lookup.write or flight is not None):
         request[STREAM_TAP] = tap
     body_before = call.body
     _mark(request, lookup.route, "miss")  # the header, before a stream is prepared
@@ -272,6 +274,7 @@ async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
             del cache.flights[lookup.key]
             # In finally: a leader that fails or is cancelled releases its waiters too.
             flight.answer.set_result(stored)
+            tap.finish()
 
 
 def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,

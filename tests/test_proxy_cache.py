@@ -350,3 +350,35 @@ async def test_memory_level_is_bounded_in_bytes(standin, skyroute):
     evicted = float(metrics.split('skyroute_cache_evictions_total{level="memory"} ')[1].split()[0])
     assert 0 < held <= 3 * 1024
     assert evicted >= 12 - 3 * 1024 // 330
+
+
+async def test_streaming_waiters_follow_the_leader_live(standin, skyroute):
+    """Streams that join a streaming leader mid-way get all of it, from one upstream call."""
+    up = await standin("a")
+    up.behaviour.token_delay_s = 0.05
+    server = await skyroute(routing_yaml([entry(up)], _route()))
+    async with client_for(server) as client:
+        leader = asyncio.create_task(_stream_text(client))
+        await up.wait_for(lambda u: u.requests_total == 1)
+        followers = await asyncio.gather(*(_stream_text(client) for _ in range(20)))
+        text, headers, _ = await leader
+    assert headers["x-skyroute-cache"] == "miss"
+    assert [f[0] for f in followers] == [text] * 20
+    assert {f[1]["x-skyroute-cache"] for f in followers} == {"hit"}
+    assert up.requests_total == 1
+
+
+async def test_streaming_waiters_see_a_cut_leader_as_an_error(standin, skyroute):
+    """A shared stream cut part-way ends every follower with an error, never a clean end."""
+    up = await standin("a")
+    up.behaviour.mode, up.behaviour.token_delay_s = "reset_midstream", 0.05
+    server = await skyroute(routing_yaml([entry(up)], _route()))
+    async with client_for(server) as client:
+        async def cut() -> None:
+            with pytest.raises(openai.APIError):
+                await _stream_text(client)
+
+        leader = asyncio.create_task(cut())
+        await up.wait_for(lambda u: u.requests_total == 1)
+        await asyncio.gather(*(cut() for _ in range(5)))
+        await leader
