@@ -8,6 +8,7 @@ test stops it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -382,3 +383,34 @@ async def test_streaming_waiters_see_a_cut_leader_as_an_error(standin, skyroute)
         await up.wait_for(lambda u: u.requests_total == 1)
         await asyncio.gather(*(cut() for _ in range(5)))
         await leader
+
+
+@pytest.mark.parametrize(("accept", "coding"), [
+    ("br", "br"), ("zstd", "zstd"), ("gzip", "gzip"), ("gzip, deflate, br, zstd", "br"),
+    ("gzip;q=1, br;q=0.5", "gzip"), ("br;q=0, *", "zstd"), ("identity", None), ("", None),
+])
+async def test_whole_answers_are_compressed_for_clients_that_ask(standin, skyroute, accept,
+                                                                coding):
+    """A JSON answer above the threshold comes compressed by Accept-Encoding; SSE never does."""
+    import brotli
+    import zstandard
+
+    up = await standin("a")
+    up.behaviour.tokens = 400  # an answer of several KiB
+    server = await skyroute(routing_yaml([entry(up)], _route()))
+    decode = {"br": brotli.decompress, "gzip": __import__("gzip").decompress,
+              "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b, 1 << 24)}
+    async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as http:
+        for stream in (False, True):
+            async with http.post(f"{server.url}/v1/chat/completions", json={
+                    "model": "chat", "messages": ASK, "temperature": 0, "stream": stream},
+                    headers={"Authorization": "Bearer sk-client-test",
+                             "Accept-Encoding": accept}) as resp:
+                raw = await resp.read()
+                got = resp.headers.get("Content-Encoding")
+            if stream:
+                assert got is None and raw.endswith(b"data: [DONE]\n\n")
+                continue
+            assert got == coding
+            body = decode[coding](raw) if coding else raw
+            assert json.loads(body)["object"] == "chat.completion"
