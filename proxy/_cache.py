@@ -18,8 +18,10 @@ Theory of operation:
   its client, through ``STREAM_TAP``) and handed to its waiters. A waiter whose
   leader got no storable answer serves itself, failover included. When every
   upstream fails, an expired entry within ``cache.stale_if_error`` is served, marked
-  ``stale``.
-* Every cached-route answer says ``x-skyroute-cache: hit|miss|bypass|stale``; hits
+  ``stale``; failing that, on a ``cache: approximate`` route, a near-identical prompt's
+  entry (``routing._approximate``), marked ``approximate``, which is also served at
+  once while the instance is in minimal mode.
+* Every cached-route answer says ``x-skyroute-cache: hit|miss|bypass|stale|approximate``; hits
   carry ``Age``. The access log line carries ``cache=...`` (bound to the request's
   log context) and ``skyroute_cache_*`` counts it all.
 """
@@ -40,6 +42,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from skyroute.routing import (
     ApiKey,
+    ApproximateIndex,
     CacheLookup,
     CacheMode,
     CachePolicy,
@@ -64,6 +67,9 @@ CACHE_HEADER: Final = "x-skyroute-cache"
 #: Bookkeeping per level-1 entry besides its blob: the key string, the holder, the
 #: cache's own links (measured with tracemalloc at about 330 bytes).
 ENTRY_OVERHEAD: Final = 330
+#: Prompts the approximate index remembers per instance (~1 KiB each: a signature and
+#: its bucket keys); older ones are forgotten, their entries stay exact-only.
+APPROXIMATE_ENTRIES: Final = 50_000
 
 
 class CacheMetrics:
@@ -123,10 +129,13 @@ class ResponseCache:
     metrics: CacheMetrics
     memory: _MemoryLevel = field(init=False)
     redis: RedisLevel | None = field(init=False)
+    near: ApproximateIndex = field(init=False)
     flights: dict[str, Flight] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.memory = _MemoryLevel(self.policy, self.metrics)
+        self.near = ApproximateIndex(threshold=self.policy.approximate.threshold,
+                                     max_entries=APPROXIMATE_ENTRIES)
         self.redis = RedisLevel(self.policy, self.metrics.redis) \
             if self.policy.redis is not None else None
         self.metrics.redis.up.set(1 if self.redis is not None else 0)
@@ -221,6 +230,13 @@ async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
                                             now=now) is Freshness.FRESH
     if entry is not None and fresh:
         return await _answer_from(request, cache, route.model, entry, stream, call, "hit")
+    if lookup.approximate is not None and lookup.read:
+        router = request.app[SERVING].runtime.router
+        if router.minimal(now=asyncio.get_running_loop().time()).active:
+            near = await _near(cache, lookup)
+            if near is not None:
+                return await _answer_from(request, cache, route.model, near, stream, call,
+                                          "approximate")
     flight = cache.flights.get(lookup.key) if lookup.read else None
     if flight is not None and flight.waiters < cache.policy.max_waiters:
         flight.waiters += 1
@@ -258,12 +274,16 @@ async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
         try:
             resp = await serve()
         except UpstreamError:
-            if stale is None or freshness(stored_at=stale.stored_at, policy=cache.policy,
-                                          now=time.time()) is not Freshness.STALE:
+            if stale is not None and freshness(stored_at=stale.stored_at, policy=cache.policy,
+                                               now=time.time()) is Freshness.STALE:
+                return await _answer_from(request, cache, lookup.route, stale, stream, call,
+                                          "stale")
+            near = await _near(cache, lookup) if lookup.read else None
+            if near is None:
                 cache.metrics.requests.labels(lookup.route, "miss").inc()
                 raise
-            return await _answer_from(request, cache, lookup.route, stale, stream, call,
-                                      "stale")
+            return await _answer_from(request, cache, lookup.route, near, stream, call,
+                                      "approximate")
         cache.metrics.requests.labels(lookup.route, "miss").inc()
         if lookup.write:
             stored = _store(request, cache, lookup, resp, b"".join(tap) if stream else None,
@@ -275,6 +295,21 @@ async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
             # In finally: a leader that fails or is cancelled releases its waiters too.
             flight.answer.set_result(stored)
             tap.finish()
+
+
+async def _near(cache: ResponseCache, lookup: CacheLookup) -> CachedAnswer | None:
+    """A fresh entry for a near-identical prompt (``cache: approximate``), if one is kept."""
+    if lookup.approximate is None:
+        return None
+    found = cache.near.find(lookup.approximate)
+    if found is None:
+        return None
+    entry = await cache.get(found[0])
+    if entry is None or freshness(stored_at=entry.stored_at, policy=cache.policy,
+                                  now=time.time()) is Freshness.GONE:
+        return None
+    log.info("cache_approximate_served", route=lookup.route, similarity=round(found[1], 3))
+    return entry
 
 
 def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
@@ -291,6 +326,8 @@ def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
     entry = CachedAnswer(stored_at=time.time(), upstream=summary.upstream,
                          body=body if body is not None else json.dumps(answer).encode())
     cache.put(lookup.key, entry)
+    if lookup.approximate is not None:
+        cache.near.add(lookup.approximate, lookup.key)
     cache.metrics.stores.labels(lookup.route, "json" if streamed is None else "stream").inc()
     return entry
 

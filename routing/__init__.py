@@ -5,6 +5,7 @@ with ``now`` and carries out the decisions it returns.
 """
 
 from ._affinity import Pin, Touch, affinity_after
+from ._approximate import ApproximateIndex, ApproximateQuery, approximate_query
 from ._backoff import Jitter, Sleep, backoff_delays
 from ._cache import (
     CACHE_PATHS,
@@ -88,6 +89,8 @@ __all__ = [
     "Admit",
     "Adopt",
     "ApiKey",
+    "ApproximateIndex",
+    "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
     "BreakerPolicy",
@@ -149,6 +152,7 @@ __all__ = [
     "UpstreamState",
     "UsageSlice",
     "affinity_after",
+    "approximate_query",
     "backoff_delays",
     "cache_directives",
     "cache_lookup",

@@ -2,6 +2,8 @@
 
 Rules / theory of operation
 ---------------------------
+* ``cache: approximate`` also gives a single-turn request's near-identical form
+  (``routing._approximate``), used by the proxy only under degradation.
 * Only ``POST /chat/completions`` on a route whose ``cache`` is not ``off`` is
   cacheable. With ``exact`` (and ``approximate``) the request must be deterministic:
   ``temperature`` 0 or an integer ``seed``; ``always`` caches sampled requests too
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._approximate import ApproximateQuery, approximate_query
 from ._policies import CacheMode, CachePolicy, CacheScope
 
 __all__ = [
@@ -82,7 +85,8 @@ class CacheLookup:
     route: str
     read: bool
     write: bool
-    approximate: bool = False  # the route also answers near-identical prompts
+    #: For ``cache: approximate`` on a single-turn request: its near-identical form.
+    approximate: ApproximateQuery | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,8 +130,10 @@ def cache_lookup(*, route: str, mode: CacheMode, scope: CacheScope, method: str,
     canonical = json.dumps([_KEY_VERSION, route, path, owner, body], sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
+    near = approximate_query(route=route, owner=owner, body=body) \
+        if mode is CacheMode.APPROXIMATE else None
     return CacheLookup(key=digest, route=route, read=directives.read, write=directives.write,
-                       approximate=mode is CacheMode.APPROXIMATE)
+                       approximate=near)
 
 
 class Freshness(enum.Enum):

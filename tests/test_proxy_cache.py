@@ -414,3 +414,27 @@ async def test_whole_answers_are_compressed_for_clients_that_ask(standin, skyrou
             assert got == coding
             body = decode[coding](raw) if coding else raw
             assert json.loads(body)["object"] == "chat.completion"
+
+
+async def test_approximate_answers_only_when_every_upstream_failed(standin, skyroute):
+    """cache: approximate serves a near-identical prompt's answer, marked, only in an outage."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], _route("approximate")))
+    stored = [{"role": "user", "content": "What is the capital of France?"}]
+    near = [{"role": "user", "content": "what is the capital of france"}]
+    other = [{"role": "user", "content": "What is the capital of Germany?"}]
+    async with client_for(server) as client:
+        await client.chat.completions.create(model="chat", messages=stored, temperature=0)
+        normal = await client.chat.completions.with_raw_response.create(
+            model="chat", messages=near, temperature=0)
+        up.behaviour.mode = "error"
+        outage = await client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "What is the capital of FRANCE"}],
+            temperature=0)
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(model="chat", messages=other, temperature=0)
+    assert normal.headers["x-skyroute-cache"] == "miss"  # normal operation: never approximate
+    assert outage.headers["x-skyroute-cache"] == "approximate"
+    assert outage.parse().choices[0].message.content.startswith("Hello from a")
+    assert 'skyroute_cache_requests_total{result="approximate",route="chat"} 1.0' in \
+        await _metrics(server)
