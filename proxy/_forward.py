@@ -48,6 +48,7 @@ from ._headers import response_headers, upstream_headers
 from ._paths import upstream_url
 from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
+from ._state import STREAM_TAP
 from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
 
 #: An error body from an upstream is read up to this size to pass on or log.
@@ -353,6 +354,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     stream the client already has.
     """
     upstream, end, decoder = opened.response, opened.end, opened.decoder
+    tap = request.get(STREAM_TAP)  # the response cache keeps what the client got
     cut: str | None = None
     try:
         if not resp.prepared:
@@ -374,6 +376,8 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                     # upstream's fault; its error ends the attempt with no outcome.
                     await send_within(request, resp, events)
                     end.feed(events)
+                    if tap is not None:
+                        tap.append(events)
             try:
                 chunk = await anext(chunks, None)
                 if chunk is not None and decoder is not None:
@@ -394,6 +398,8 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
         if cut is None and pending.strip():
             end.feed(pending)  # a last event without its blank line
             await send_within(request, resp, pending)
+            if tap is not None:
+                tap.append(pending)
         if cut is None and not end.complete:
             cut = end.missing
     finally:

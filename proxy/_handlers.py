@@ -23,6 +23,7 @@ from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
 from ._bodies import Upload, body_chunks, is_upload
+from ._cache import serve_cached
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -206,7 +207,8 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
                                     else {"model": call.upload.model} if call.upload.model
                                     else None)
         call.alias = alias
-        resp = await _serve(request, runtime.router, route, call, client)
+        resp = await serve_cached(request, route, call, client, functools.partial(
+            _serve, request, runtime.router, route, call, client))
     finally:
         if call.upload is not None:
             call.upload.close()

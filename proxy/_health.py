@@ -31,6 +31,7 @@ from skyroute.routing import (
 from skyroute.statesync import SessionStore
 
 from ._auth import is_admin
+from ._cache import CACHE
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
@@ -140,6 +141,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
         "peers": request.app[STATE_SYNC].peer_states(),
+        "cache": request.app[CACHE].state(),
     }
     if is_admin(request, runtime.config.admin_key):
         return web.json_response({"view": "admin", **body})
