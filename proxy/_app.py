@@ -46,6 +46,7 @@ from ._state import (
     Runtime,
     Serving,
 )
+from ._workers import WorkerSpec
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -165,7 +166,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
-              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep) -> web.Application:
+              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep,
+              worker: WorkerSpec | None = None) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
@@ -174,6 +176,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
         watch_interval_s: how often the file is checked for changes.
         sleep: what backoff delays are waited out through (between a request's
             attempts, and between a sync link's attempts to reach a peer).
+        worker: set in a ``--workers`` worker process: its sibling workers are sync peers.
     """
     app = web.Application(middlewares=[error_middleware])
     app.on_response_prepare.append(_rate_limit_headers)
@@ -182,8 +185,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app[METRICS] = Metrics(instance=config.instance_id)
     app[TRAFFIC] = TrafficShare()
     app[SLEEP] = sleep
-    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep)
-    if config.sync is not None:
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep, worker=worker)
+    if config.sync is not None or worker is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))

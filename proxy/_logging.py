@@ -16,6 +16,7 @@ escaped reason, and the bytes are dropped.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -30,7 +31,8 @@ _MESSAGE_CHARS = 2000
 _CLIENT_BYTES_START = re.compile(r"[:'\"]")
 
 
-def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
+def configure_logging(*, level: str = "info", json: bool | None = None,
+                      pid: bool = False) -> bool:
     """Set up structlog, and the standard library's logging, for the process.
 
     Call once, at start-up.
@@ -38,6 +40,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
     Args:
         level: minimum level name (debug, info, warning, error).
         json: force JSON (True) or console (False) output; default: console on a TTY.
+        pid: add the process id to every line (a ``--workers`` worker: which one served).
 
     Returns:
         Whether the output is JSON.
@@ -49,6 +52,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_add_pid(os.getpid())] if pid else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -56,7 +60,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (print() writes the newline apart): lines of --workers
+        # processes sharing stderr never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
@@ -92,6 +98,15 @@ class StdlibBridge(logging.Handler):
             getattr(log, _method(record.levelno))("library_logged", **fields)
         except Exception:
             self.handleError(record)
+
+
+def _add_pid(pid: int) -> structlog.typing.Processor:
+    def add(logger: object, method: str, event: structlog.typing.EventDict
+            ) -> structlog.typing.EventDict:
+        event["pid"] = pid
+        return event
+
+    return add
 
 
 def _method(levelno: int) -> str:
