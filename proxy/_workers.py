@@ -144,6 +144,8 @@ class _Slot:
         self.lifeline_w: int | None = None
         self.started_at = 0.0
         self.quick_deaths = 0
+        # Until a worker listens it has no SIGHUP handler: a SIGHUP would kill it.
+        self.ready = False
 
 
 @final
@@ -175,6 +177,7 @@ class Supervisor:
 
     async def _start(self, slot: _Slot) -> bool:
         """Start ``slot``'s worker and wait until it listens; False if it died first."""
+        slot.ready = False
         ready_r, ready_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()
         spec = WorkerSpec(index=slot.index, token=self._token, sync_fd=slot.sync.fileno(),
@@ -198,6 +201,7 @@ class Supervisor:
         finally:
             os.close(ready_r)
         if ready:
+            slot.ready = True
             log.info("worker_started", worker=slot.index, pid=slot.proc.pid)
         return bool(ready)
 
@@ -251,12 +255,15 @@ class Supervisor:
                 await self._start(slot)
 
     def _forward_reload(self) -> None:
-        pids = self._signal_all(signal.SIGHUP)
+        # A worker still starting reads the file as it is now anyway.
+        pids = self._signal_all(signal.SIGHUP, ready_only=True)
         log.info("reload_forwarded", pids=pids)
 
-    def _signal_all(self, sig: int) -> list[int]:
+    def _signal_all(self, sig: int, *, ready_only: bool = False) -> list[int]:
         sent = []
         for slot in self._slots:
+            if ready_only and not slot.ready:
+                continue
             if slot.proc is not None and slot.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(sig)
