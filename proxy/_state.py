@@ -11,6 +11,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 from skyroute.statesync import StateSync
 
+from ._client_keys import ClientKeys
 from ._connections import UpstreamSessions
 from ._metrics import Metrics
 
@@ -26,6 +27,12 @@ class Runtime:
     config: Config
     router: Router
     loaded_at: float = field(default_factory=time.time)
+    #: The client keys by digest (None: auth is off), built once per config.
+    client_keys: ClientKeys | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = self.config.api_keys
+        self.client_keys = ClientKeys(keys) if keys is not None else None
 
 
 @dataclass(slots=True)
