@@ -43,6 +43,7 @@ from ._bodies import Upload
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
+from ._rename import rename_model
 from ._sse import StreamTranscript, complete_events
 from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
 
@@ -73,7 +74,9 @@ class UpstreamCall:
         """The body with the client's model alias replaced by the upstream's name."""
         if self.payload is None or self.alias is None or target.model == self.alias:
             return self.body
-        return json.dumps({**self.payload, "model": target.model}).encode()
+        if self.body is None:
+            return json.dumps({**self.payload, "model": target.model}).encode()
+        return rename_model(self.body, self.payload, target.model)
 
     def data_for(self, target: Target, headers: CIMultiDict[str]
                  ) -> bytes | AsyncIterator[bytes] | None:
