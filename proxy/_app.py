@@ -118,11 +118,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                     **({"cut": summary.cut} if summary.cut else {}),
-                     **({"fallback": summary.fallback} if summary.fallback else {}),
-                     **({"endpoint": summary.endpoint} if summary.endpoint else {}),
-                     **({"upstream_request_id": summary.upstream_request_id}
-                        if summary.upstream_request_id else {}))
+                     **summary.set_fields())
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp

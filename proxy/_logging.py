@@ -15,10 +15,14 @@ escaped reason, and the bytes are dropped.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import re
 import sys
+import threading
+from typing import TextIO
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
@@ -60,9 +64,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        # One write per line (print() writes the newline apart): lines of --workers
-        # processes sharing stderr never interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=BatchedLines(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
@@ -74,6 +76,69 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)
     return json
+
+
+#: Writes up to this size are atomic on a pipe: lines of ``--workers`` processes that
+#: share stderr never interleave.
+PIPE_BUF = 4096
+
+
+class BatchedLines:
+    """A text file stand-in: the lines logged in one event-loop iteration, one write.
+
+    A write waits only for the end of the loop iteration it happens in (``call_soon``),
+    so a quiet server's line comes out at once, and a busy one's lines go out together,
+    one system call per iteration instead of one per line. Lines written outside an
+    event loop (start-up, worker threads, exit), a batch reaching ``PIPE_BUF``, and
+    whatever is pending at interpreter exit are written at once: no line is dropped.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        self._lock = threading.Lock()
+        atexit.register(self.write_out)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            if self._size < PIPE_BUF and self._schedule():
+                return
+        self.write_out()
+
+    def _schedule(self) -> bool:
+        """Flush at the end of this loop iteration; False outside a running loop."""
+        if self._scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(self.write_out)
+        self._scheduled = True
+        return True
+
+    def flush(self) -> None:
+        """Nothing: structlog's logger flushes after every line; the batch goes out in
+        ``write_out`` at the end of the loop iteration."""
+
+    def write_out(self) -> None:
+        """Write every pending line now."""
+        with self._lock:
+            self._scheduled = False
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except (OSError, ValueError):  # stderr closed (a client that went away, exit)
+            pass
 
 
 class StdlibBridge(logging.Handler):

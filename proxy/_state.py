@@ -66,6 +66,19 @@ class RequestSummary:
     upstream_request_id: str | None = None  # the upstream's x-request-id, for support tickets
     stream_head: bytes | None = None  # a stream's first bytes (a Responses stream's id)
 
+    def set_fields(self) -> dict[str, str]:
+        """The access log's optional fields that are set (one dict, built once)."""
+        fields = {}
+        if self.cut:
+            fields["cut"] = self.cut
+        if self.fallback:
+            fields["fallback"] = self.fallback
+        if self.endpoint:
+            fields["endpoint"] = self.endpoint
+        if self.upstream_request_id:
+            fields["upstream_request_id"] = self.upstream_request_id
+        return fields
+
 
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
