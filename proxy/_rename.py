@@ -50,14 +50,19 @@ def rename_model(body: bytes, payload: dict[str, Any], model: str) -> bytes:
     start = body.find(_KEY)
     if start >= 0 and body.find(_KEY, start + 1) < 0 and not _ESCAPED_LETTER.search(body):
         value = _STRING_VALUE.match(body, start + len(_KEY))
-        if value is not None and _decoded(value.group(1)) == payload.get("model"):
+        if value is not None and _is_string(value.group(1), payload.get("model")):
             return b"".join((body[:value.start(1)], json.dumps(model).encode(),
                              body[value.end(1):]))
     return json.dumps({**payload, "model": model}).encode()
 
 
-def _decoded(string: bytes) -> object:
+def _is_string(encoded: bytes, expected: object) -> bool:
+    """Whether the JSON string ``encoded`` is ``expected`` (most often spelt plainly)."""
+    if not isinstance(expected, str):
+        return False
+    if b"\\" not in encoded:  # no escapes: the bytes between the quotes are the text
+        return encoded[1:-1] == expected.encode()
     try:
-        return json.loads(string)
+        return bool(json.loads(encoded) == expected)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return False
