@@ -212,27 +212,43 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward_reload)
+        watchers: list[asyncio.Task[None]] = []
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            # The first worker alone: a start-up failure is said once, by it.
-            if not await self._start(self._slots[0]) or not all(
-                    await asyncio.gather(*(self._start(s) for s in self._slots[1:]))):
-                log.error("worker_start_failed", hint="see the worker's line above")
-                return 1
-            log.info("workers_started", url=self.url, workers=len(self._slots),
-                     pids=[s.proc.pid for s in self._slots if s.proc])
-            watchers = [asyncio.create_task(self._watch(s)) for s in self._slots]
-            await stop.wait()
+            # SIGTERM during start-up stops at once, not once every worker has started.
+            starting = asyncio.ensure_future(self._start_all())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopped.done():
+                if not starting.result():
+                    log.error("worker_start_failed", hint="see the worker's line above")
+                    return 1
+                log.info("workers_started", url=self.url, workers=len(self._slots),
+                         pids=[s.proc.pid for s in self._slots if s.proc])
+                watchers = [asyncio.create_task(self._watch(s)) for s in self._slots]
+                await stopped
+            starting.cancel()
             log.info("shutdown_started", grace_s=self._grace_s, workers=len(self._slots))
-            self._stopping = True
-            for task in watchers:
-                task.cancel()
             return 0
         finally:
+            self._stopping = True
+            stopped.cancel()
+            for task in watchers:
+                task.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(ValueError, RuntimeError):
                     loop.remove_signal_handler(sig)
             await self._stop_all()
             self._close()
+
+    async def _start_all(self) -> bool:
+        """Start every worker; False if one died before it listened.
+
+        The first starts alone, so that a start-up failure (the same for all) is said
+        once, by it.
+        """
+        if not await self._start(self._slots[0]):
+            return False
+        return all(await asyncio.gather(*(self._start(s) for s in self._slots[1:])))
 
     async def _watch(self, slot: _Slot) -> None:
         """Restart ``slot``'s worker whenever it dies, until shutdown."""
@@ -306,9 +322,22 @@ def worker_started(spec: WorkerSpec) -> None:
     os.close(spec.ready_fd)
 
 
-def stop_when_supervisor_exits(spec: WorkerSpec, stop: asyncio.Event) -> None:
-    """Set ``stop`` when the supervisor's end of the lifeline closes (it died)."""
-    asyncio.get_running_loop().add_reader(spec.lifeline_fd, stop.set)
+def stop_when_supervisor_exits(spec: WorkerSpec, stop: asyncio.Event, *,
+                               grace_s: float) -> None:
+    """Drain (set ``stop``) when the supervisor's end of the lifeline closes (it died).
+
+    Nobody is left to kill this worker if its drain hangs, so it exits by itself
+    ``grace_s`` plus the supervisor's own margin later.
+    """
+    loop = asyncio.get_running_loop()
+
+    def orphaned() -> None:
+        loop.remove_reader(spec.lifeline_fd)  # at EOF the pipe stays readable: once only
+        log.warning("worker_orphaned", exit_in_s=grace_s + _KILL_AFTER_GRACE_S)
+        stop.set()
+        loop.call_later(grace_s + _KILL_AFTER_GRACE_S, os._exit, 1)
+
+    loop.add_reader(spec.lifeline_fd, orphaned)
 
 
 def check_workers(text: str) -> int | None:

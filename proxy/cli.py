@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         server = Server(config, app=app, host=args.host, port=args.port, grace_s=args.grace,
                         reuse_port=True, also_on=[socket.socket(fileno=spec.sync_fd)])
         stop = asyncio.Event()
-        stop_when_supervisor_exits(spec, stop)
+        stop_when_supervisor_exits(spec, stop, grace_s=args.grace)
         await serve_forever(server, stop=stop, on_started=lambda: worker_started(spec))
 
     run_event_loop(main())
