@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from skyroute.proxy.demo import StandinUpstream
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -73,7 +74,7 @@ class Workers:
 
 
 @pytest.fixture
-async def workers(standin, tmp_path) -> AsyncIterator[tuple[Workers, Path]]:
+async def workers(standin, tmp_path) -> AsyncIterator[tuple[Workers, Path, StandinUpstream]]:
     """``skyroute run --workers 2`` in front of one stand-in, with a key limited to RPM."""
     up = await standin("solo")
     path = tmp_path / "routing.yaml"
@@ -89,7 +90,7 @@ async def workers(standin, tmp_path) -> AsyncIterator[tuple[Workers, Path]]:
     try:
         started = await running.wait_for("workers_started")
         running.url = started["url"]
-        yield running, path
+        yield running, path, up
     finally:
         for pid in running.worker_pids():
             with contextlib.suppress(ProcessLookupError):
@@ -141,7 +142,7 @@ async def _requests_in_metrics(url: str) -> float:
 async def test_workers_share_the_port_and_a_dead_worker_is_restarted(workers):
     """Requests spread over both workers and /metrics on either counts them all; a worker
     killed is restarted, and requests keep working meanwhile."""
-    running, _ = workers
+    running, _, _ = workers
     pids = running.worker_pids()
     assert len(pids) == 2
     assert await _spread(running, 24) == pids
@@ -165,7 +166,7 @@ async def test_workers_share_the_port_and_a_dead_worker_is_restarted(workers):
 async def test_sighup_reloads_every_worker_and_sigterm_drains_them_all(workers):
     """SIGHUP reaches both workers; SIGTERM lets a request in flight finish and leaves no
     process behind."""
-    running, path = workers
+    running, path, up = workers
     pids = running.worker_pids()
     path.write_text(path.read_text().replace("{chat: deepseek-chat}",
                                              "{chat: deepseek-chat, other: deepseek-chat}"))
@@ -173,7 +174,11 @@ async def test_sighup_reloads_every_worker_and_sigterm_drains_them_all(workers):
     for pid in pids:
         await running.wait_for("config_reloaded", pid=pid)
 
+    up.behaviour.ttft_s = 1.0  # the next answer is slow: in flight when SIGTERM comes
+    in_flight = asyncio.create_task(_chat(running.url))
+    await eventually(lambda: up.in_flight == 1, timeout=CALL_TIMEOUT_S)
     assert await running.stop() == 0
+    assert (await in_flight)[0] == 200  # drained: answered before its worker exited
     assert running.find("shutdown_started")
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie_of_someone_else(pid)
@@ -187,7 +192,7 @@ def _is_zombie_of_someone_else(pid: int) -> bool:
 async def test_rpm_limit_counts_requests_on_every_worker(workers):
     """rpm counts across workers: the key is refused after about RPM requests in all, not RPM
     per worker."""
-    running, _ = workers
+    running, _, _ = workers
     served: dict[int, int] = {}
     refused: set[int] = set()
 
