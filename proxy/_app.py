@@ -22,6 +22,8 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
+from ._cache import install_cache
+from ._compress import install_compression
 from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import NotFound, ProxyError
 from ._handlers import add_api_routes
@@ -187,6 +189,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))
     app.cleanup_ctx.append(_client_session)
+    install_cache(app)
+    install_compression(app)
     app.cleanup_ctx.append(health_ticker)
     app.cleanup_ctx.append(prometheus_source)
     app.cleanup_ctx.append(pool_scraper)  # after _client_session: it scrapes through it

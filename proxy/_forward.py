@@ -45,6 +45,7 @@ from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
 from ._rename import rename_model
 from ._sse import StreamTranscript, complete_events
+from ._state import STREAM_TAP
 from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
 
 #: An error body from an upstream is read up to this size to pass on or log.
@@ -309,6 +310,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     stream the client already has.
     """
     upstream, end, decoder = opened.response, opened.end, opened.decoder
+    tap = request.get(STREAM_TAP)  # the response cache keeps what the client got
     cut: str | None = None
     try:
         if not resp.prepared:
@@ -330,6 +332,8 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                     # upstream's fault; its error ends the attempt with no outcome.
                     await resp.write(events)
                     end.feed(events)
+                    if tap is not None:
+                        tap.append(events)
             try:
                 chunk = await anext(chunks, None)
                 if chunk is not None and decoder is not None:
@@ -347,6 +351,8 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
         if cut is None and pending.strip():
             end.feed(pending)  # a last event without its blank line
             await resp.write(pending)
+            if tap is not None:
+                tap.append(pending)
         if cut is None and not end.complete:
             cut = end.missing
     finally:

@@ -22,6 +22,7 @@ from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
 from ._bodies import Upload, is_upload
+from ._cache import serve_cached
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -154,7 +155,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                                     else {"model": call.upload.model} if call.upload.model
                                     else None)
         call.alias = alias
-        resp = await _serve(request, runtime.router, route, call, client)
+        resp = await serve_cached(request, route, call, client, functools.partial(
+            _serve, request, runtime.router, route, call, client))
     finally:
         if call.upload is not None:
             call.upload.close()

@@ -29,6 +29,7 @@ from skyroute.routing import (
 )
 from skyroute.statesync import SessionStore
 
+from ._cache import CACHE
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
@@ -134,6 +135,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
         "peers": request.app[STATE_SYNC].peer_states(),
+        "cache": request.app[CACHE].state(),
     })
 
 

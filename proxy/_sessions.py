@@ -58,7 +58,9 @@ def state_sync_for(config: Config, registry: CollectorRegistry, *,
         discovery_interval_s=sync.discovery_interval_s if sync else 10.0,
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
-        snapshot_path=sync.snapshot_path if sync else None, usage_window_s=RATE_WINDOW_S)
+        snapshot_path=sync.snapshot_path if sync else None, usage_window_s=RATE_WINDOW_S,
+        ping_interval_s=sync.ping_interval_s if sync else 1.0,
+        ping_misses=sync.ping_misses if sync else 3)
     return StateSync(settings, registry=registry, sleep=sleep)
 
 
@@ -154,8 +156,13 @@ def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
 
 
 def remember_session(store: SessionStore, session_id: str, update: Pin | Touch | None) -> None:
-    """Carry out ``routing.affinity_after``'s decision for the session."""
+    """Carry out ``routing.affinity_after``'s decision for the session.
+
+    A pin passes the pin its request saw as ``moved_from``: one made without having
+    seen a pin does not replace an earlier pin made at another instance (statesync's
+    pin rule), so the session stays where it was first answered.
+    """
     if isinstance(update, Pin):
-        store.pin(session_id, update.upstream, now=time.time())
+        store.pin(session_id, update.upstream, now=time.time(), moved_from=update.moved_from)
     elif isinstance(update, Touch):
         store.touch(session_id, now=time.time())

@@ -91,5 +91,7 @@ TRAFFIC = web.AppKey("traffic_share", TrafficShare)
 SLEEP: web.AppKey[Sleep] = web.AppKey("sleep")
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
+#: Where a streamed answer's relayed bytes are also appended, for the response cache.
+STREAM_TAP = web.RequestKey("stream_tap", list)
 #: OpenAI's x-ratelimit-* headers for the client key's own limits, on every answer.
 RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)

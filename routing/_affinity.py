@@ -16,8 +16,14 @@ an answer from a fallback model's upstream        stays as it was: the fallback
                                                   session goes back to its own
                                                   upstreams once they are back
 an answer from the upstream it is pinned to       is touched (its TTL restarts)
-an answer from another upstream (or no pin yet)   is pinned to that upstream
+an answer from another upstream (or no pin yet)   is pinned to that upstream,
+                                                  as a move from the pin the
+                                                  request saw (if any)
 ===============================================  ==============================
+
+A ``Pin`` says which pin the request saw (``moved_from``): statesync orders pins by
+it, so a pin made without seeing one never replaces an earlier pin made at another
+instance, while an explicit move away from a pin does.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class Pin:
     """Pin the session to ``upstream`` (creating it), for every instance."""
 
     upstream: str
+    #: The upstream the session was pinned to when the request came (None: no pin):
+    #: the pin this one moves the session away from.
+    moved_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,4 +61,4 @@ def affinity_after(*, pinned: str | None, served_by: str, status: int,
     """
     if status >= 400 or fallback:
         return None
-    return Touch() if served_by == pinned else Pin(upstream=served_by)
+    return Touch() if served_by == pinned else Pin(upstream=served_by, moved_from=pinned)

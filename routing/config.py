@@ -29,6 +29,10 @@ from ._errors import ConfigError, ConfigProblem
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
+    CacheMode,
+    CacheModeValue,
+    CachePolicy,
+    CacheScope,
     DegradationPolicy,
     LatencyPolicy,
     ObjectPolicy,
@@ -86,6 +90,9 @@ __all__ = [
     "ApiKey",
     "Auth",
     "BreakerPolicy",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
     "Config",
     "DegradationPolicy",
     "Instance",
@@ -349,6 +356,15 @@ class Route:
     essential: Flag = Field(
         default=False,
         description="Still served in minimal mode (other routes are refused then).")
+    cache: CacheModeValue = Field(
+        default=CacheMode.OFF,
+        description="Serve repeated requests from the response cache: off, exact "
+                    "(deterministic requests: temperature 0 or a seed), always, or approximate "
+                    "(exact, plus near-identical prompts under degradation).")
+    cache_scope: CacheScope = Field(
+        default=CacheScope.KEY,
+        description="key: an entry is served only to the client key that stored it; shared: "
+                    "to every client of the route.")
     #: Made from upstreams' model maps, not written in YAML.
     implicit: SkipJsonSchema[bool] = dataclasses.field(default=False, init=False)
 
@@ -388,6 +404,9 @@ class Config:
         default=(),
         description="Load balancers in front (addresses or CIDR blocks) whose X-Forwarded-For "
                     "and X-Forwarded-Proto are kept.")
+    cache: CachePolicy = Field(
+        default_factory=CachePolicy,
+        description="The response cache: lifetime, memory and Redis levels.")
     objects: ObjectPolicy = Field(
         default_factory=ObjectPolicy,
         description="Stateful objects (files, batches, responses, ...) stay with their upstream.")

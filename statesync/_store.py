@@ -37,9 +37,10 @@ keeps the exact time in a local overlay; ``pin`` and ``report_upstream`` write a
 
 Repair after merges (rotation carries, restarts): when a remote change sets one of
 our own usage entries to something other than our total, we rewrite it on the next
-flush (the owner re-asserts). When a remote change replaces a session whose
-``(ts, by)`` was newer, the newer value is written back: sessions are last-writer-wins
-by timestamp, not by Yjs client-id order.
+flush (the owner re-asserts). When a remote change replaces a session, the value both
+should hold is written back if it differs (``_pins.merged``): the pin by ``_pins``'
+rule (a later move wins, else the earliest pin by hybrid logical clock), the rest
+last-writer-wins by ``(ts, by)``, never by Yjs client-id order.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from skyroute.routing import UpstreamState
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
 from ._objects import object_entry_is_live
+from ._pins import HybridClock, PinStamp, merged, next_pin
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
 USAGE_BUCKET_S: Final = 1.0
@@ -123,6 +125,7 @@ class SessionStore:
         self._expiry: deque[tuple[float, str]] = deque()  # (delete at, our entry's map key)
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
+        self._hlc = HybridClock()
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
             self._attach(hub.doc)
@@ -158,13 +161,33 @@ class SessionStore:
         upstream: str,
         *,
         now: float,
+        moved_from: str | None = None,
         attributes: dict[str, str] | None = None,
-    ) -> None:
+    ) -> bool:
         """Pin the session to ``upstream`` (creating it), visible to peers at once.
 
-        ``attributes``, if given, are merged into the session's in the same write.
+        Args:
+            moved_from: the upstream the caller saw the session pinned to when it
+                chose ``upstream`` instead (an explicit move), or None if it saw no
+                pin. A pin made without seeing one does not replace an earlier pin
+                (``_pins``): the session is then only touched.
+            attributes: merged into the session's in the same write.
+
+        Returns:
+            True if the pin was written, False if an earlier pin stays.
         """
-        self._write_session(session_id, now=now, upstream=upstream, attributes=attributes)
+        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        expired = stored is not None and self.get(session_id, now=now) is None
+        stamp = next_pin(
+            stored, moved_from=moved_from, expired=expired, at=self._hlc.now(now), by=self.writer_id
+        )
+        if stamp is None:
+            self._write_session(session_id, now=now, attributes=attributes)
+            return False
+        self._write_session(
+            session_id, now=now, upstream=upstream, attributes=attributes, pin=stamp
+        )
+        return True
 
     def touch(self, session_id: str, *, now: float) -> None:
         """Record activity; creates the session unpinned if absent. Cheap: see module doc."""
@@ -186,11 +209,12 @@ class SessionStore:
         now: float,
         upstream: str | None = None,
         attributes: dict[str, str] | None = None,
+        pin: PinStamp | None = None,
     ) -> None:
         current = self.get(session_id, now=now)
         attrs = dict(current.attributes) if current is not None else {}
         attrs.update(attributes or {})
-        value = {
+        value: dict[str, Any] = {
             "upstream": upstream if upstream is not None else (current and current.upstream),
             "created": current.created if current is not None else now,
             "last_seen": now,
@@ -198,6 +222,11 @@ class SessionStore:
             "ts": now,
             "by": self.writer_id,
         }
+        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        if pin is not None:
+            value["pin"] = pin.to_wire()
+        elif current is not None and isinstance(stored, dict) and "pin" in stored:
+            value["pin"] = stored["pin"]  # a touch keeps the pin's stamp as it is
         self._touched.pop(session_id, None)
         self._sessions.doc.maps["sessions"][session_id] = value
 
@@ -423,13 +452,15 @@ class SessionStore:
     def _on_session_change(self, keys: dict[str, Any]) -> None:
         for session_id, change in keys.items():
             old, new = change.get("oldValue"), change.get("newValue")
-            if not (isinstance(old, dict) and isinstance(new, dict)):
-                continue
-            old_ts, new_ts = old.get("ts"), new.get("ts")
-            if not (isinstance(old_ts, int | float) and isinstance(new_ts, int | float)):
-                continue  # a foreign client's write: accept it as is
-            if (old_ts, str(old.get("by", ""))) > (new_ts, str(new.get("by", ""))):
-                self._repairs[session_id] = old
+            stamp = PinStamp.of(new)
+            if stamp is not None:
+                self._hlc.observe(stamp.at)  # our next pin is stamped after this one
+            old_stamp = PinStamp.of(old)
+            if old_stamp is not None and stamp is not None and old["upstream"] != new["upstream"]:
+                self._metrics.pin_conflicts.inc()  # settled by the rule, whichever way
+            repaired = merged(old, new)
+            if repaired is not None:
+                self._repairs[session_id] = repaired
                 self._log.debug("sync_session_repaired", session=session_id)
 
 

@@ -18,12 +18,15 @@ Rules / theory of operation
   A peer link states its epoch in the handshake (``?epoch=N``). The side with the
   older epoch rotates to the newer one (the server at once, the client after a 409
   carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
-  even with skewed clocks. Rotating rebuilds each document from its live entries
-  and closes every connection of the old one; links then reconnect at once and
-  SYNC_STEP1/2 merges the peers' rebuilt documents of the *same* epoch. Updates
-  are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
-  app) get the current epoch; one that comes back holding an older document is
-  refused with close code 4409 and must start a fresh ``Y.Doc``.
+  even with skewed clocks. Rotating rebuilds each document from its live entries.
+  Peer links that speak the control frames stay open: the rotating side sends
+  ``{"epoch": N}`` and a SYNC_STEP1 on each, a peer still in an older epoch rotates
+  on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
+  without a reconnect, so writes around a rotation wait only for the wire (see
+  ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
+  and reconnect. Updates are never exchanged between different epochs. Clients
+  without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
+  an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
   are written atomically to ``snapshot_path``; ``start`` loads it (same epoch: as
   is; older epoch: rebuilt into the current one) before any link is opened.
@@ -47,6 +50,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from skyroute.routing import Sleep
 
+from ._control import Liveness, hello_frame
 from ._discovery import DnsDiscovery, Resolve, resolve_addresses
 from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
 from ._links import (
@@ -54,7 +58,6 @@ from ._links import (
     HEARTBEAT_S,
     SELF_HEADER,
     LinkSupervisor,
-    hello_frame,
     pump,
 )
 from ._metrics import SyncMetrics, get_logger
@@ -104,6 +107,8 @@ class StateSync:
         self._hubs = {
             name: DocHub(EpochDoc(name, self.epoch), metrics=self._metrics) for name in DOC_NAMES
         }
+        for hub in self._hubs.values():
+            hub.on_epoch_request = self._rotate_to  # a peer rotated in-band ahead of us
         self.store = SessionStore(
             settings=settings,
             writer_id=self.writer_id,
@@ -229,12 +234,24 @@ class StateSync:
         hub = self._hubs[doc]
         log = self._log.bind(peer=request.remote, doc=doc)
         instance = request.query.get("instance")  # the dialling process's writer id
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        interval = self.settings.ping_interval_s
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT_S if instance is None else None,
+            timeout=interval if instance is not None else 10.0,  # close handshake wait
+            max_msg_size=MAX_MESSAGE_BYTES,
+        )
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
+            live = None
             if instance is not None:
                 await ws.send_str(hello_frame(self.writer_id))
+                live = Liveness(
+                    interval_s=interval,
+                    misses=self.settings.ping_misses,
+                    now=asyncio.get_running_loop().time(),
+                    armed=request.query.get("ping") == "1",
+                )
             conn = await pump(
                 ws,
                 hub,
@@ -242,6 +259,7 @@ class StateSync:
                 external=instance is None,
                 metrics=self._metrics,
                 peer=instance,
+                liveness=live,
             )
             log.info("sync_connection_closed", reason=conn.close_reason)
         finally:

@@ -86,6 +86,10 @@ class SyncSettings:
     rotate_every_s: float = 3600.0
     flush_interval_s: float = 0.05
     snapshot_path: str | None = None
+    ping_interval_s: float = 1.0
+    """Each side of a peer link pings this often (``_control``)."""
+    ping_misses: int = 3
+    """A link silent for this many ping intervals is dead: closed and redialled."""
     #: How long usage counts: ``usage`` sums this much past, and older counts are
     #: dropped. The owner of the limits (``routing``'s per-minute rpm/tpm) sets it.
     usage_window_s: float = 60.0
@@ -102,9 +106,16 @@ class SyncSettings:
         if self.discovery is not None:
             self.discovery_target()  # validates
         for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s",
-                     "discovery_interval_s", "usage_window_s"):
+                     "discovery_interval_s", "usage_window_s", "ping_interval_s"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
+        if self.ping_misses < 1:
+            raise SyncConfigError("sync.ping_misses: must be at least 1")
+
+    @property
+    def dead_after_s(self) -> float:
+        """How long a peer link may stay silent (or a handshake take) before it is dead."""
+        return self.ping_interval_s * self.ping_misses
 
     @property
     def is_shared(self) -> bool:

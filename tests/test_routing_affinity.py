@@ -9,7 +9,8 @@ CASES = [
     # (pinned, served_by, status, fallback, decision)
     (None, "a", 200, False, Pin(upstream="a")),
     ("a", "a", 200, False, Touch()),
-    ("a", "b", 200, False, Pin(upstream="b")),  # moved: re-pin where the answer came from
+    # moved: re-pin where the answer came from, saying which pin it moves away from
+    ("a", "b", 200, False, Pin(upstream="b", moved_from="a")),
     ("a", "gpu", 200, True, None),  # a fallback model's answer never pins
     (None, "gpu", 200, True, None),
     ("a", "a", 400, False, None),  # the client's mistake passed on: nothing changes

@@ -291,6 +291,20 @@ def test_fallback_models_that_loop_are_refused():
         "fallbacks loop: chat-small -> chat -> chat-small;")
 
 
+def test_sync_ping_keys_set_how_fast_a_cut_is_seen():
+    """sync.ping_every and dead_after_missed_pings reach SyncPolicy; defaults are 1 s and 3."""
+    base = CONTRACT + "sync:\n  token: t0k\n"
+    default = parse_config(base, env=ENV).sync
+    assert default is not None and (default.ping_interval_s, default.ping_misses) == (1.0, 3)
+    tuned = parse_config(base + "  ping_every: 250ms\n  dead_after_missed_pings: 4\n", env=ENV)
+    assert tuned.sync is not None
+    assert (tuned.sync.ping_interval_s, tuned.sync.ping_misses) == (0.25, 4)
+    with pytest.raises(ConfigError, match="dead_after_missed_pings"):
+        parse_config(base + "  dead_after_missed_pings: 0\n", env=ENV)
+    with pytest.raises(ConfigError, match="ping_every"):
+        parse_config(base + "  ping_every: 0s\n", env=ENV)
+
+
 REFUSED_VALUES = [
     # (edit to CONTRACT, expected path, expected line, fragment of the message)
     (("    region: us-east\n", "    region: us-east\n    first_token_timeout: -5\n"),

@@ -7,6 +7,7 @@ conversation until both inboxes are empty.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -184,11 +185,19 @@ def test_snapshot_round_trips_and_rejects_garbage() -> None:
         decode_snapshot(b"not json")
 
 
+def test_link_backoff_is_jittered_and_capped_under_two_seconds() -> None:
+    """Redial delays are jittered and never exceed the cap (<= 2 s, the issue's bound)."""
+    delays = list(itertools.islice(link_backoff(random.Random(7)), 200))
+    assert BACKOFF_CAP_S <= 2.0
+    assert all(0.0 <= d <= BACKOFF_CAP_S for d in delays)
+    assert max(delays[50:]) > BACKOFF_CAP_S / 2  # it does grow to the cap
+
+
 def test_link_backoff_grows_with_jitter_up_to_cap() -> None:
     """Redial delays double from 50 ms, each within [d/2, d] of its ceiling, and stay at the
-    5 s cap (routing's generator with equal jitter)."""
+    1 s cap (routing's generator with equal jitter)."""
     delays = link_backoff(random.Random(5))
-    ceilings = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    ceilings = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
     for ceiling in ceilings:
         assert ceiling / 2 <= next(delays) <= ceiling
     assert ceilings[-1] == BACKOFF_CAP_S
@@ -337,20 +346,50 @@ def test_SessionStore_writer_deletes_its_entries_once_no_peer_counts_them() -> N
         assert sp.stores[n].usage("k", now=clock.now()) == Usage(1, 0)
 
 
-def test_SessionStore_newer_session_write_wins_after_partition() -> None:
-    """Concurrent pins during a cut converge on the later timestamp on both replicas."""
+def test_SessionStore_earliest_pin_wins_after_partition() -> None:
+    """Two first pins during a cut converge on the earlier one on both replicas."""
     clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     for pair in sp.pairs:
         pair.cut()
-    sp.stores["a"].pin("s", "old-choice", now=clock.now())
-    sp.stores["b"].pin("s", "new-choice", now=clock.now() + 1)
+    sp.stores["a"].pin("s", "first-choice", now=clock.now())
+    sp.stores["b"].pin("s", "later-choice", now=clock.now() + 1)
     for pair in sp.pairs:
         pair.connect()
     sp.sync()
     for store in sp.stores.values():
         got = store.get("s", now=clock.now() + 2)
-        assert got is not None and got.upstream == "new-choice"
+        assert got is not None and got.upstream == "first-choice"
+
+
+def test_SessionStore_move_made_knowing_the_pin_replaces_it() -> None:
+    """A move (moved_from the pin it saw) wins over that pin, and over a concurrent first pin."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    a, b = sp.stores["a"], sp.stores["b"]
+    a.pin("s", "first", now=clock.now())
+    sp.sync()
+    for pair in sp.pairs:
+        pair.cut()
+    assert b.pin("s", "moved", now=clock.now() + 5, moved_from="first")
+    a.touch("s", now=clock.now() + 60)  # later by wall clock, but not a pin
+    for pair in sp.pairs:
+        pair.connect()
+    sp.sync()
+    for store in sp.stores.values():
+        got = store.get("s", now=clock.now() + 61)
+        assert got is not None and got.upstream == "moved"
+
+
+def test_SessionStore_pin_without_seeing_one_does_not_replace_it() -> None:
+    """A pin by a caller that saw no pin keeps the earlier pin and only touches the session."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].pin("s", "first", now=clock.now())
+    sp.sync()
+    assert not sp.stores["b"].pin("s", "second", now=clock.now() + 1, moved_from=None)
+    got = sp.stores["b"].get("s", now=clock.now() + 1)
+    assert got is not None and got.upstream == "first" and got.last_seen == clock.now() + 1
 
 
 def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:

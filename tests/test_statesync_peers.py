@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from skyroute.statesync import LinkState, Resolve, StateSync, SyncSettings, Usage
 from skyroute.statesync._doc import DocHub, EpochDoc
-from skyroute.statesync._links import CONNECT_TIMEOUT_S, LinkSupervisor, link_backoff
+from skyroute.statesync._links import LinkSupervisor, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 
 from .conftest import eventually
@@ -216,8 +216,8 @@ async def test_StateSync_rotation_keeps_live_entries_and_sync(cluster: list[Inst
     now = time.time()
     for i in range(200):  # idle for longer than the TTL: dropped by the rotation
         s1.sync.store.pin(f"old-{i}", "u", now=now - 86400.0 - 10)
-    for i in range(50):
-        s1.sync.store.pin("churn", f"u{i}", now=now)
+    for i in range(50):  # moves: each made knowing the pin before it
+        s1.sync.store.pin("churn", f"u{i}", now=now, moved_from=f"u{i - 1}" if i else None)
     s2.sync.store.add_usage("k", requests=5, now=now)
     await eventually(lambda: all(upstream_of(i, "churn") == "u49" for i in cluster))
     await eventually(lambda: s3.sync.store.usage("k", now=time.time()).requests == 5)
@@ -411,7 +411,7 @@ async def test_LinkSupervisor_waits_the_backoff_through_its_injected_sleep() -> 
             on_peer_epoch=lambda epoch: asyncio.sleep(0), sleep=sleep, rng=random.Random(9))
         supervisor.start()
         try:
-            await asyncio.wait_for(enough.wait(), timeout=CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(enough.wait(), timeout=5.0)
         finally:
             await supervisor.aclose()
     refusing.close()
