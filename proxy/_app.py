@@ -54,6 +54,7 @@ from ._state import (
     Runtime,
     Serving,
 )
+from ._workers import WorkerSpec
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -135,11 +136,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                     **({"cut": summary.cut} if summary.cut else {}),
-                     **({"fallback": summary.fallback} if summary.fallback else {}),
-                     **({"endpoint": summary.endpoint} if summary.endpoint else {}),
-                     **({"upstream_request_id": summary.upstream_request_id}
-                        if summary.upstream_request_id else {}))
+                     **summary.set_fields())
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp
@@ -183,7 +180,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
-              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep) -> web.Application:
+              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep,
+              worker: WorkerSpec | None = None) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
@@ -192,6 +190,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
         watch_interval_s: how often the file is checked for changes.
         sleep: what backoff delays are waited out through (between a request's
             attempts, and between a sync link's attempts to reach a peer).
+        worker: set in a ``--workers`` worker process: its sibling workers are sync peers.
     """
     register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
@@ -203,8 +202,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app[UPSTREAM_SLOTS] = UpstreamSlots()
     app[CLIENT_CONCURRENCY] = ClientConcurrency()
     app[SLEEP] = sleep
-    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep)
-    if config.sync is not None:
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep, worker=worker)
+    if config.sync is not None or worker is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))

@@ -83,9 +83,10 @@ class CacheMetrics:
             "upstream failed).", ["route", "result"], registry=registry)
         self.bytes = Gauge("skyroute_cache_bytes",
                            "Bytes the in-process level holds (compressed entries and their "
-                           "bookkeeping).", ["level"], registry=registry)
+                           "bookkeeping).", ["level"], multiprocess_mode="livesum",
+                           registry=registry)
         self.entries = Gauge("skyroute_cache_entries", "Entries the in-process level holds.",
-                             ["level"], registry=registry)
+                             ["level"], multiprocess_mode="livesum", registry=registry)
         self.evictions = Counter("skyroute_cache_evictions",
                                  "Entries dropped from the in-process level to make room.",
                                  ["level"], registry=registry)

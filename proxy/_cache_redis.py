@@ -47,7 +47,7 @@ class RedisMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.up = Gauge("skyroute_cache_redis_up",
                         "1 while the cache's Redis answers, 0 while skyroute goes on without it.",
-                        registry=registry)
+                        multiprocess_mode="livemin", registry=registry)
         self.errors = Counter("skyroute_cache_redis_errors",
                               "Failed or slow Redis commands of the cache, by operation "
                               "(get, set, ping) and kind (timeout, error, dropped).",

@@ -46,6 +46,7 @@ from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
 from ._paths import upstream_url
+from ._rename import rename_model
 from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
 from ._state import STREAM_TAP
@@ -82,7 +83,9 @@ class UpstreamCall:
         """The body with the client's model alias replaced by the upstream's name."""
         if self.payload is None or self.alias is None or target.model == self.alias:
             return self.body
-        return json.dumps({**self.payload, "model": target.model}).encode()
+        if self.body is None:
+            return json.dumps({**self.payload, "model": target.model}).encode()
+        return rename_model(self.body, self.payload, target.model)
 
     def data_for(self, target: Target, headers: CIMultiDict[str]
                  ) -> bytes | AsyncIterator[bytes] | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import time
 from typing import Any
@@ -58,7 +57,7 @@ from ._state import (
 )
 
 
-def authenticate(request: web.Request, config: Config) -> ApiKey | None:
+def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
     """The client key the request carries (None when auth is off).
 
     The key is looked for in ``auth.key_headers`` (default ``Authorization: Bearer``,
@@ -67,25 +66,21 @@ def authenticate(request: web.Request, config: Config) -> ApiKey | None:
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
-    if config.api_keys is None:
+    keys = runtime.client_keys
+    if keys is None:
         return None
+    config = runtime.config
     given = client_key(request, config.key_headers)
     if given is None:
         where = ", ".join("'Authorization: Bearer <key>'" if h == "authorization" else f"'{h}'"
                           for h in config.key_headers)
         raise InvalidApiKey(f"missing API key: send it as one of {where} "
                             "(the OpenAI SDK's api_key)")
-    key = _key_digests(config.api_keys).get(hashlib.sha256(given.encode()).digest())
+    key = keys.find(given)
     if key is not None:
         return key
     raise InvalidApiKey("incorrect API key provided; check the key configured for this "
                         "client in skyroute's auth.api_keys")
-
-
-@functools.lru_cache(maxsize=4)
-def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, ApiKey]:
-    # Comparing digests, not keys, keeps the lookup's timing independent of the key.
-    return {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
 
 
 async def read_body(request: web.Request, limit: int, *, idle_timeout_s: float) -> bytes:
@@ -189,7 +184,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                               "GET, POST and DELETE")
     path_qs = upstream_path(request.raw_path)
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
-    client = authenticate(request, runtime.config)
+    client = authenticate(request, runtime)
     with request.app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
         return await _serve_api(request, runtime, client, path_qs)
 
@@ -280,7 +275,7 @@ def _model_entry(alias: str, created: int) -> dict[str, Any]:
 async def handle_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every alias this skyroute routes, in OpenAI's list shape."""
     runtime = request.app[SERVING].runtime
-    authenticate(request, runtime.config)
+    authenticate(request, runtime)
     created = int(runtime.loaded_at)
     data = [_model_entry(alias, created) for alias in runtime.router.models]
     return web.json_response({"object": "list", "data": data})
@@ -289,7 +284,7 @@ async def handle_models(request: web.Request) -> web.Response:
 async def handle_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}``: one alias, or 404 naming it."""
     runtime = request.app[SERVING].runtime
-    authenticate(request, runtime.config)
+    authenticate(request, runtime)
     alias = request.match_info["model"]
     if runtime.router.route_for(alias) is None:
         raise ModelNotFound(f"The model '{alias}' does not exist on this skyroute", param="model")

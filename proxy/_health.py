@@ -185,7 +185,7 @@ def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics
     """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
     routes = router.config.routes
     traffic.forget({route.model for route in routes})
-    metrics.routing_share.clear()  # drops routes and targets a reload removed
+    metrics.clear_routing_share()  # drops routes and targets a reload removed
     for route in routes:
         shares = traffic.share(route.model, now=now)
         for name in route.targets:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ class Server:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  host: str | None = None, port: int | None = None,
                  grace_s: float = DEFAULT_GRACE_S, app: web.Application | None = None,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, reuse_port: bool = False,
+                 also_on: Sequence[socket.socket] = ()) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.app = app if app is not None else build_app(config, config_path=config_path)
         self.host = host if host is not None else config.listen.host
@@ -60,6 +61,9 @@ class Server:
         if sock is not None:
             self.host, self.port = sock.getsockname()[:2]
         self._site: web.BaseSite | None = None
+        # SO_REUSEPORT: worker processes (``--workers``) listen on one port.
+        self._reuse_port = reuse_port
+        self._also_on = tuple(also_on)  # more listening sockets (a worker's sync port)
 
     @property
     def url(self) -> str:
@@ -81,8 +85,11 @@ class Server:
                 self._site = web.SockSite(self._runner, self._sock)
                 await self._site.start()
             else:
-                self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+                self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                                         reuse_port=self._reuse_port or None)
                 await self._site.start()
+            for extra in self._also_on:
+                await web.SockSite(self._runner, extra).start()
         except BaseException as exc:
             # Stop what setup started (tickers, sessions, sync), so a failed start
             # leaves no task or client session behind to complain at exit.
@@ -113,14 +120,22 @@ class Server:
         await self.aclose()
 
 
-async def serve_forever(server: Server) -> None:
-    """Run ``server`` until SIGINT/SIGTERM; SIGHUP reloads the routing file."""
+async def serve_forever(server: Server, *, stop: asyncio.Event | None = None,
+                        on_started: Callable[[], None] | None = None) -> None:
+    """Run ``server`` until SIGINT/SIGTERM; SIGHUP reloads the routing file.
+
+    Args:
+        stop: set it to drain and return, as SIGTERM does.
+        on_started: called once the server listens.
+    """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = stop if stop is not None else asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: request_reload(server.app))
     await server.start()
+    if on_started is not None:
+        on_started()
     try:
         await stop.wait()
         log.info("shutdown_started", grace_s=server.grace_s)

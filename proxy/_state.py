@@ -11,6 +11,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 from skyroute.statesync import StateSync
 
+from ._client_keys import ClientKeys
 from ._connections import UpstreamSessions
 from ._metrics import Metrics
 from ._redact import config_secrets, register_secrets
@@ -28,6 +29,12 @@ class Runtime:
     config: Config
     router: Router
     loaded_at: float = field(default_factory=time.time)
+    #: The client keys by digest (None: auth is off), built once per config.
+    client_keys: ClientKeys | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = self.config.api_keys
+        self.client_keys = ClientKeys(keys) if keys is not None else None
 
 
 @dataclass(slots=True)
@@ -61,6 +68,19 @@ class RequestSummary:
     endpoint: str | None = None  # the pool server that answered, for a pool upstream
     upstream_request_id: str | None = None  # the upstream's x-request-id, for support tickets
     stream_head: bytes | None = None  # a stream's first bytes (a Responses stream's id)
+
+    def set_fields(self) -> dict[str, str]:
+        """The access log's optional fields that are set (one dict, built once)."""
+        fields = {}
+        if self.cut:
+            fields["cut"] = self.cut
+        if self.fallback:
+            fields["fallback"] = self.fallback
+        if self.endpoint:
+            fields["endpoint"] = self.endpoint
+        if self.upstream_request_id:
+            fields["upstream_request_id"] = self.upstream_request_id
+        return fields
 
 
 SERVING = web.AppKey("serving", Serving)
