@@ -22,7 +22,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, TrafficShare
 
 from ._admin import add_admin_routes
-from ._errors import NotFound, ProxyError
+from ._errors import ClientRequestError, NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
@@ -82,7 +82,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as exc:
         status = exc.status
         resp = exc.to_response(request_id)
-        if exc.status < 500:
+        if isinstance(exc, ClientRequestError):  # not an upstream 429: that one was routed
             metrics.client_errors.labels(exc.code or "invalid_request").inc()
     except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)
         status = exc.status

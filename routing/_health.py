@@ -17,7 +17,15 @@ healthy    none of the above
 
 ``is_available`` is "may get a normal request now": not bad_key, not down, and
 the breaker's cool-down has passed (a half-open breaker admits a probe). Slow
-upstreams are available but ordered last by the router.
+upstreams are available but ordered last by the router. ``is_sound`` is
+stricter: available with a closed breaker, so a request that moves there after
+a failure elsewhere is failover, not a retry against a failing upstream.
+
+``admit`` takes a request for an available upstream. With ``panic`` (the
+router's panic rule: nothing else is left for the route) it also takes one for
+an upstream that is out: an open breaker admits it as a panic probe (one at a
+time), whose success closes the breaker, so that ``state`` says what requests
+see.
 
 Outcomes map to the breaker as: SUCCESS and CLIENT_ERROR (the upstream
 answered) are successes; BAD_KEY sets ``bad_key_until``; RATE_LIMITED and a
@@ -31,13 +39,11 @@ it and update metrics. Time is the ``now`` argument; nothing here reads a clock.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from dataclasses import dataclass
 from typing import final
 
 from ._breaker import BreakerState, CircuitBreaker, Outcome
-from ._errors import RoutingStateError
 from ._latency import LatencyTracker, SlowDetector, SlowState
 from ._router_types import AttemptOutcome, Result
 from .config import BreakerPolicy, LatencyPolicy, RetryPolicy
@@ -133,16 +139,27 @@ class UpstreamHealth:
         """Traffic share from slowness: 0 while slow, ramping back after recovery."""
         return self.slow.share(now=now)
 
-    def admit(self, *, now: float) -> bool:
-        """Take one request (reserving a half-open probe slot if the breaker needs one)."""
-        admitted = bool(self.breaker.allows(now=now))
+    def is_sound(self, *, now: float) -> bool:
+        """True if available with a closed breaker: nothing says it is failing."""
+        return self.is_available(now=now) and \
+            self.breaker.state(now=now) is BreakerState.CLOSED
+
+    def admit(self, *, now: float, panic: bool = False) -> bool:
+        """Take one request (reserving a probe slot if the breaker needs one).
+
+        Args:
+            panic: the route has nothing else left: take it even though this
+                upstream is out (an open breaker admits one panic probe at a time).
+
+        Returns:
+            True if the request may go; the caller then records its outcome or cancels.
+        """
+        if not panic and self.state(now=now) in (UpstreamState.BAD_KEY, UpstreamState.DOWN):
+            return False
+        admitted = bool(self.breaker.allows(now=now, panic=panic))
         if admitted:
             self.outstanding += 1
         return admitted
-
-    def force_admit(self) -> None:
-        """Take a request regardless of state (the panic rule: never refuse a route)."""
-        self.outstanding += 1
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
@@ -153,6 +170,8 @@ class UpstreamHealth:
         if result in _BREAKER_SUCCESS:
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None
+            if result is Result.SUCCESS:  # a panic try got an answer: the key works again
+                self.bad_key_until = None
         elif result is Result.BAD_KEY:
             self.bad_key_until = now + self._retry.bad_key_cooldown_s
         elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
@@ -169,9 +188,8 @@ class UpstreamHealth:
     def cancel(self, *, now: float) -> None:
         """An admitted request ended without an outcome (the client went away)."""
         self.outstanding = max(0, self.outstanding - 1)
-        if self.breaker.state(now=now) is BreakerState.HALF_OPEN:
-            with contextlib.suppress(RoutingStateError):  # no probe out: nothing to return
-                self.breaker.abandon_probe(now=now)
+        if self.breaker.has_probe_out():
+            self.breaker.abandon_probe(now=now)
 
     def feed_estimate(self, estimate: Estimate, *, now: float) -> HealthChange | None:
         """Feed a latency estimate (one per evaluation interval)."""

@@ -56,7 +56,7 @@ class BreakerPolicy:
     min_requests: int = 10
     window_s: float = 30.0
     cooldown_s: float = 5.0
-    max_cooldown_s: float = 300.0
+    max_cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.failure_rate <= 1:

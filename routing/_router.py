@@ -36,6 +36,7 @@ Rules / theory of operation
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Iterator
 from typing import Any, final
@@ -63,19 +64,38 @@ from .config import Config, Route, Upstream
 STALE_INTERVALS = 3
 
 
+#: The longest Retry-After skyroute sends. Past it clients give up (the openai SDK waits at
+#: most 60 s), while skyroute is still probing and would likely answer sooner.
+MAX_RETRY_AFTER_S = 30
+
+
+def retry_after_seconds(seconds: float) -> int:
+    """Whole seconds for a ``Retry-After`` header: at least 1, at most ``MAX_RETRY_AFTER_S``."""
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
+
+
 @final
 class AttemptPlan:
-    """The attempts for one client request over one route."""
+    """The attempts for one client request over one route.
 
-    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health",
-                 "_hedge_budget", "_index", "_panicked", "_pools", "attempts", "hedged",
-                 "outcomes", "route")
+    Budget rule: a retry that moves to a target not yet tried for this request
+    and sound (``UpstreamHealth.is_sound``: nothing says it is failing) is
+    failover, and costs no retry budget and no backoff. Any other retry (to an
+    upstream that is out, which may only admit a probe, or the panic try) is
+    paid from the route's retry budget and waits a full-jitter backoff.
+    """
+
+    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_failover", "_health",
+                 "_hedge_budget", "_panicked", "_pools", "_tried", "_untried", "attempts",
+                 "hedged", "outcomes", "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
                  health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
                  hedge_budget: RetryBudget, backoff: Iterator[float], now: float) -> None:
         self.route = route
         self._candidates = candidates
+        self._untried = list(candidates)  # not yet offered an attempt, in plan order
+        self._tried: set[str] = set()  # upstreams that took an attempt of this request
         self._health = health
         self._pools = pools
         self._budget = budget
@@ -83,8 +103,8 @@ class AttemptPlan:
         self._backoff = backoff
         self.hedged = 0
         self._deadline = now + route.timeout_s
-        self._index = 0
         self._panicked = False
+        self._failover = False  # the retry decided last was free: it goes to a sound target
         self.attempts = 0
         self.outcomes: list[AttemptOutcome] = []
 
@@ -107,27 +127,57 @@ class AttemptPlan:
             return self._give_up(now)
         if now >= self._deadline:
             return self._give_up(now, timed_out=True)
-        while self._index < len(self._candidates):
-            target = self._candidates[self._index]
-            self._index += 1
+        failover, self._failover = self._failover, False
+        target = self._take(now, sound_only=failover)
+        if target is None and failover:
+            # What was sound a moment ago is not now: going on is a paid retry.
+            if not self._budget.try_acquire(now):
+                return self._give_up(now, budget_exhausted=True)
+            target = self._take(now, sound_only=False)
+        target = target or self._panic(now)
+        if target is None:
+            return self._give_up(now)
+        self.attempts += 1
+        return self._pools.admit(target, now=now)
+
+    def _take(self, now: float, *, sound_only: bool) -> Target | None:
+        """The first untried target that admits the attempt (``sound_only``: sound ones)."""
+        for target in list(self._untried):
             health = self._health[target.name]
+            if sound_only and not health.is_sound(now=now):
+                continue  # kept for a paid retry
+            self._untried.remove(target)
             if health.admit(now=now):
-                self.attempts += 1
-                return self._pools.admit(target, now=now)
-        if self.attempts == 0 and not self._panicked and self._candidates:
-            # Panic rule: every target is out; try the one expected back soonest.
-            self._panicked = True
-            target = min(self._candidates,
-                         key=lambda t: self._health[t.name].available_at(now=now))
-            self._health[target.name].force_admit()
-            self.attempts += 1
-            return self._pools.admit(target, now=now)
-        return self._give_up(now)
+                self._tried.add(target.name)
+                return target
+        return None
+
+    def _panic(self, now: float) -> Target | None:
+        """The panic rule: no target admits, so the least bad one not tried yet goes, once.
+
+        A route never has all its upstreams ejected (Envoy's ``max_ejection_percent``):
+        the one expected back soonest is tried anyway, as a panic probe of its breaker.
+        """
+        if self._panicked:
+            return None
+        left = sorted((t for t in self._candidates if t.name not in self._tried),
+                      key=lambda t: self._health[t.name].available_at(now=now))
+        for target in left:
+            if self._health[target.name].admit(now=now, panic=True):
+                self._panicked = True
+                self._tried.add(target.name)
+                return target
+        return None
+
+    def _can_go_on(self) -> bool:
+        """Whether any target is left for another attempt (untried, or the panic try)."""
+        return bool(self._untried) or (
+            not self._panicked and any(t.name not in self._tried for t in self._candidates))
 
     def hedge_delay(self, target: Target, *, now: float) -> float | None:
         """How long to wait for ``target``'s first token before hedging; None: never."""
         hedge_after = self.route.hedge_after
-        if hedge_after is None or self.hedged or self._index >= len(self._candidates):
+        if hedge_after is None or self.hedged or not self._untried:
             return None
         if hedge_after == "p95":
             return self._health[target.name].latency.p95(now=now) \
@@ -143,14 +193,12 @@ class AttemptPlan:
         """
         if self.attempts >= self.route.max_attempts or not self._hedge_budget.try_acquire(now):
             return None
-        while self._index < len(self._candidates):
-            target = self._candidates[self._index]
-            self._index += 1
-            if self._health[target.name].admit(now=now):
-                self.attempts += 1
-                self.hedged += 1
-                return self._pools.admit(target, now=now)
-        return None
+        target = self._take(now, sound_only=False)
+        if target is None:
+            return None
+        self.attempts += 1
+        self.hedged += 1
+        return self._pools.admit(target, now=now)
 
     def cancel(self, target: Target) -> None:
         """An admitted attempt lost a hedge race and was cancelled; it has no outcome."""
@@ -167,43 +215,46 @@ class AttemptPlan:
         self.outcomes.append(outcome)
         if outcome.result not in RETRYABLE:
             return Respond()
-        if self.attempts >= self.route.max_attempts or (
-                self._index >= len(self._candidates) and self._panicked):
+        if self.attempts >= self.route.max_attempts or not self._can_go_on():
             return self._give_up(now)
         if now >= self._deadline:
             return self._give_up(now, timed_out=True)
+        reason = f"{outcome.target.name}: {outcome.detail or outcome.result.value}"
+        if any(self._health[t.name].is_sound(now=now) for t in self._untried):
+            self._failover = True  # failover to a sound upstream: free, and at once
+            return Retry(reason=reason)
         if not self._budget.try_acquire(now):
             return self._give_up(now, budget_exhausted=True)
-        return Retry(reason=f"{outcome.target.name}: {outcome.detail or outcome.result.value}",
+        return Retry(reason=reason,
                      delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
 
     def _give_up(self, now: float, *, timed_out: bool = False,
                  budget_exhausted: bool = False) -> GiveUp:
+        """503 with Retry-After; 504 at the route's deadline; 429 if every attempt was."""
         model = self.route.model
-        back = min(self._health[t.name].available_at(now=now) for t in self._candidates) \
-            if self._candidates else now + 1.0
-        retry_after = max(1.0, back - now)
-        if not self.outcomes:
-            return GiveUp(status=503, retry_after_s=retry_after,
-                          message=f"no upstream is available for model '{model}'; "
-                                  f"retry after {retry_after:.0f}s")
-        tried = "; ".join(f"{o.target.name}: {o.detail or o.result.value}" for o in self.outcomes)
+        back = min((self._health[t.name].available_at(now=now) for t in self._candidates),
+                   default=now)
+        retry_after = retry_after_seconds(back - now)
         results = {o.result for o in self.outcomes}
-        status = 504 if timed_out or results <= {Result.TIMEOUT, Result.BUSY} else 502
-        if budget_exhausted or results <= {Result.RATE_LIMITED, Result.SERVER_ERROR,
-                                           Result.BUSY, Result.BAD_KEY}:
-            status = 503
-        hints = [o.retry_after_s for o in self.outcomes if o.retry_after_s is not None]
-        if hints:
-            retry_after = max(retry_after, min(hints))
-        why = ("the retry budget is spent (too many retries across requests)" if budget_exhausted
+        status = 504 if timed_out else 429 if results == {Result.RATE_LIMITED} else 503
+        if not self.outcomes:
+            states = ", ".join(f"{t.name} {self._health[t.name].state(now=now)}"
+                               for t in self._candidates) or "no targets"
+            why = "the request deadline passed" if timed_out else "no upstream is available"
+            return GiveUp(status=status, retry_after_s=retry_after,
+                          message=f"model '{model}': {why} ({states}). Retry after "
+                                  f"{retry_after}s; skyroute's /health shows each upstream's "
+                                  "state.")
+        tried = "; ".join(f"{o.target.name}: {o.detail or o.result.value}" for o in self.outcomes)
+        why = ("the retry budget is spent (the upstreams left are failing and recent requests "
+               "have retried them too often)" if budget_exhausted
                else "the request deadline passed" if timed_out
+               else "every upstream attempt was rate-limited" if status == 429
                else "every upstream attempt failed")
         return GiveUp(
-            status=status, retry_after_s=retry_after if status in (503, 504) else None,
-            budget_exhausted=budget_exhausted,
-            message=(f"model '{model}': {why} ({self.attempts} attempt(s): {tried}). "
-                     f"Retry after {retry_after:.0f}s; skyroute's /health shows each "
+            status=status, retry_after_s=retry_after, budget_exhausted=budget_exhausted,
+            message=(f"model '{model}': {why} ({len(self.outcomes)} attempt(s): {tried}). "
+                     f"Retry after {retry_after}s; skyroute's /health shows each "
                      "upstream's state."),
         )
 
@@ -445,7 +496,7 @@ class Router:
         view = self._levels(now)
         out = [h.available_at(now=now) for h in self._health.values()
                if view.minimal.active and not h.is_available(now=now)]
-        retry_after = max(1.0, min(out) - now) if out else 1.0  # only refusals need it
+        retry_after = retry_after_seconds(min(out) - now) if out else 1  # for refusals only
         return view.serving(route, n=n, retry_after_s=retry_after)
 
     def fallbacks(self, *, now: float) -> dict[str, str]:
