@@ -75,13 +75,18 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
     """Set every upstream's state/estimate gauges and every route's level gauge.
 
     Levels also change with time alone (a cool-down ending), so level changes
-    are reported here too.
+    are reported here too. Every configured upstream's TTFB histogram series
+    exists from the start, at zero: a series born with its first requests would
+    lose them to Prometheus's ``rate()``.
     """
     for name, entry in router.snapshot(now=now).items():
         _set_state_gauges(metrics, name, entry["state"])
-        if "latency_ms" in entry:
-            metrics.latency_estimate.labels(name, entry["latency_source"]).set(
-                entry["latency_ms"] / 1000)
+    metrics.latency_estimate.clear()  # a source that went stale leaves no old value behind
+    for name, estimates in router.exported_estimates(now=now).items():
+        for source, seconds in estimates.items():
+            metrics.latency_estimate.labels(name, source).set(seconds)
+    for upstream in router.config.upstreams:
+        metrics.ttfb.labels(upstream.name, upstream.region)
     report_level_changes(router, metrics, now=now)
     for model, level in router.route_levels(now=now).items():
         metrics.degradation_level.labels(model).set(LEVELS.index(level))

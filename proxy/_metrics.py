@@ -86,7 +86,10 @@ class Metrics:
             ["route"], registry=r)
         self.latency_estimate = Gauge(
             "skyroute_upstream_latency_estimate_seconds",
-            "The latency estimate routing uses, by upstream and source.",
+            "Latency estimates per upstream, by source: passive (this instance's own p95 "
+            "time to first token, kept for 10 passive windows after its traffic there "
+            "stops; the default latency query takes the max over instances) and prometheus "
+            "(what that query returned, while fresh). /health says which one routing uses.",
             ["upstream", "source"], registry=r)
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",

@@ -104,8 +104,9 @@ class UpstreamHealth:
                                  ramp_s=latency.ramp_s)
         self.bad_key_until: float | None = None
         self.down_until: float | None = None  # no answer at all, or a peer's report
-        self.estimate: Estimate | None = None
+        self.estimate: Estimate | None = None  # the one routing uses
         self.external: Estimate | None = None  # the latest Prometheus reading
+        self.passive: Estimate | None = None  # this instance's own, for the others to read
         self.outstanding = 0
         self.last_change: HealthChange | None = None
         self._last_state = "healthy"
@@ -190,6 +191,28 @@ class UpstreamHealth:
         self.outstanding = max(0, self.outstanding - 1)
         if self.breaker.has_probe_out():
             self.breaker.abandon_probe(now=now)
+
+    def update_passive(self, *, now: float, hold_s: float) -> Estimate | None:
+        """Refresh ``passive``, this instance's own estimate, from its samples.
+
+        Args:
+            hold_s: how long the last estimate is kept once the window has no samples
+                (the upstream gets no traffic here), so other instances still read it.
+
+        Returns:
+            the new estimate while the window has samples, else None.
+        """
+        p95 = self.latency.p95(now=now)
+        if p95 is not None:
+            self.passive = Estimate(seconds=p95, source="passive", at=now)
+            return self.passive
+        if self.passive is not None and now - self.passive.at > hold_s:
+            self.passive = None
+        return None
+
+    def has_estimate(self) -> bool:
+        """Whether any latency is known: an estimate, or at least one sample of its own."""
+        return self.estimate is not None or self.latency.ewma is not None
 
     def feed_estimate(self, estimate: Estimate, *, now: float) -> HealthChange | None:
         """Feed a latency estimate (one per evaluation interval)."""

@@ -65,8 +65,11 @@ class BreakerPolicy:
             raise ValueError("cooldown must not be above max_cooldown")
 
 
-#: skyroute's own TTFB histogram, aggregated across every instance Prometheus scrapes.
+#: The slowest of every instance's own (passive) estimate, which each exports as a gauge and
+#: keeps after its traffic moved away; for upstreams no instance has one of, the p95 of
+#: skyroute's own TTFB histogram across instances.
 DEFAULT_PROMETHEUS_QUERY = (
+    'max by (upstream) (skyroute_upstream_latency_estimate_seconds{source="passive"}) or '
     "histogram_quantile(0.95, sum by (le, upstream) "
     "(rate(skyroute_upstream_ttfb_seconds_bucket[1m])))"
 )

@@ -6,15 +6,19 @@ Rules / theory of operation
   configuration and keeps what it learnt about upstreams whose names stay, so a
   reload forgets no open circuit or latency history.
 * ``plan(route, now)`` orders the route's targets for one request:
-  available and not slow first, ordered by the route's ``strategy``; then the
-  slow ones, least slow first; then the unavailable ones, soonest back first.
-  With probability ``latency.probe_share`` the least slow upstream goes first so
+  available and not slow first, ordered by the route's ``strategy``; then, under
+  ``lowest-latency``, those with no latency known from any source (fewest
+  requests in flight first, so a cold start spreads out), never taken for the
+  fastest; then the slow ones, least slow first; then the unavailable ones,
+  soonest back first. With probability ``latency.probe_share`` the first
+  unknown one (else the least slow) goes first so it gets measured and
   recovery is seen, and an upstream just back from slow yields its place with
   probability ``1 - share`` while its recovery ramp runs.
 * ``AttemptPlan`` hands out targets in that order. Each is *admitted* by its
   upstream (a half-open breaker admits only its probes). The panic rule: when no
-  upstream of the route is available, the least bad one is tried anyway, once,
-  rather than failing fast with nothing tried.
+  target left admits the request, the least bad one not yet tried goes anyway,
+  once, as a panic probe of its breaker (one at a time per upstream, and a
+  success closes it): a route never has all its upstreams ejected.
 * A pool upstream (several ``endpoints``) is one candidate; which of its
   servers takes an attempt is decided when the attempt is admitted, from the
   servers' scraped load and health (``PoolPickers``, fed by ``feed_pool_*``).
@@ -23,8 +27,13 @@ Rules / theory of operation
   the client's and go back untouched; 401/402 are the key's or balance's, so the
   upstream leaves rotation and another is tried; 429, 5xx, connect errors,
   timeouts, busy keep-alives and cut answers are transient and another is tried.
-  Every retry is paid from the route's retry budget and waits a full-jitter
-  backoff; an empty budget gives up with 503 instead of storming.
+  Moving on to a target this request has not tried and that is sound (nothing
+  says it is failing) is failover: at once and free. A retry that goes back to
+  failing upstreams (a probe, the panic try) is paid from the route's retry
+  budget and waits a full-jitter backoff; an empty budget gives up with 503
+  instead of storming. Every give-up is 503 with ``Retry-After`` (the soonest
+  upstream back, at most ``MAX_RETRY_AFTER_S``), 504 once the route's deadline
+  passed, or 429 when every attempt was rate-limited.
 * Degradation levels, and which route serves a request (its own, its fallback,
   or a refusal in minimal mode), come from ``_degradation.LevelView`` over every
   upstream's state. With ``degradation.reduced.hedging: false``, ``plan`` drops
@@ -45,7 +54,7 @@ from ._backoff import full_jitter_delays
 from ._budget import RetryBudget
 from ._degradation import LEVELS, LevelChange, LevelView, LevelWatch, MinimalTrigger, Refuse, Serve
 from ._errors import RoutingStateError
-from ._health import Estimate, HealthChange, UpstreamHealth
+from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._pool import EndpointView, ServerLoad
 from ._pool_set import EndpointChange, PoolPickers
 from ._router_types import (
@@ -62,6 +71,10 @@ from .config import Config, Route, Upstream
 
 #: A Prometheus reading older than this many intervals is stale: passive wins.
 STALE_INTERVALS = 3
+#: An instance keeps exporting its last passive estimate of an upstream it stopped sending
+#: to for this many passive windows (10 minutes by default): the other instances read it
+#: through Prometheus, and a slow region stays known to all after traffic moved away.
+PASSIVE_HOLD_WINDOWS = 10
 
 
 #: The longest Retry-After skyroute sends. Past it clients give up (the openai SDK waits at
@@ -347,16 +360,25 @@ class Router:
                            now=now)
 
     def _order(self, route: Route, now: float) -> list[str]:
-        fast, slow, out = [], [], []
+        fast, unknown, slow, out = [], [], [], []
+        by_latency = route.strategy == "lowest-latency"
         for name in route.targets:
-            state = self._health[name].state(now=now)
-            (fast if state == "healthy" else slow if state == "slow" else out).append(name)
+            health = self._health[name]
+            state = health.state(now=now)
+            if state == UpstreamState.HEALTHY:
+                # With no latency known from any source it is no fastest: it gets the probe
+                # share until it has an estimate.
+                (fast if health.has_estimate() or not by_latency else unknown).append(name)
+            else:
+                (slow if state == UpstreamState.SLOW else out).append(name)
         fast = self._by_strategy(route, fast, now)
+        unknown.sort(key=lambda n: self._health[n].outstanding)  # a cold start spreads out
         slow.sort(key=lambda n: self._estimate(n))
-        if slow and fast and self._rng.random() < self.config.latency.probe_share:
-            fast.insert(0, slow.pop(0))  # a probe keeps measuring the slow one
+        probed = unknown or slow
+        if probed and fast and self._rng.random() < self.config.latency.probe_share:
+            fast.insert(0, probed.pop(0))  # a probe keeps measuring what is unknown or slow
         out.sort(key=lambda n: self._health[n].available_at(now=now))
-        return fast + slow + out
+        return fast + unknown + slow + out
 
     def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
         if route.strategy == "lowest-latency":
@@ -451,20 +473,39 @@ class Router:
         changes = []
         stale_after = STALE_INTERVALS * (self.config.latency.prometheus.interval_s
                                          if self.config.latency.prometheus else 0.0)
+        hold_s = PASSIVE_HOLD_WINDOWS * self.config.latency.passive_window_s
         for health in self._health.values():
+            passive = health.update_passive(now=now, hold_s=hold_s)
             external = health.external
             change = None
             if external is not None and now - external.at <= stale_after:
                 change = health.feed_estimate(external, now=now)
-            else:
-                p95 = health.latency.p95(now=now)
-                if p95 is not None:
-                    change = health.feed_estimate(
-                        Estimate(seconds=p95, source="passive", at=now), now=now)
+            elif passive is not None:
+                change = health.feed_estimate(passive, now=now)
             change = change or health.refresh(now=now)
             if change is not None:
                 changes.append(change)
         return changes
+
+    def exported_estimates(self, *, now: float) -> dict[str, dict[str, float]]:
+        """Per upstream, the latency estimates to export, in seconds, by source.
+
+        ``passive`` is this instance's own (held after its traffic there stops; see
+        ``PASSIVE_HOLD_WINDOWS``), the one the default Prometheus query aggregates;
+        ``prometheus`` is the reading from Prometheus while it is fresh. Never an
+        estimate that came back from Prometheus under ``passive``: instances that
+        re-exported what they read would keep one another's old readings alive.
+        """
+        stale_after = STALE_INTERVALS * (self.config.latency.prometheus.interval_s
+                                         if self.config.latency.prometheus else 0.0)
+        result: dict[str, dict[str, float]] = {}
+        for name, health in self._health.items():
+            entry = result[name] = {}
+            if health.passive is not None:
+                entry["passive"] = health.passive.seconds
+            if health.external is not None and now - health.external.at <= stale_after:
+                entry["prometheus"] = health.external.seconds
+        return result
 
     def _levels(self, now: float) -> LevelView:
         states = {name: health.state(now=now) for name, health in self._health.items()}
