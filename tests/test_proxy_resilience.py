@@ -84,11 +84,54 @@ async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin, skyro
                 error = exc
             assert loop.time() - started < 5
     assert error.status_code == 503
-    assert int(error.response.headers["Retry-After"]) >= 1
+    retry_after = int(error.response.headers["Retry-After"])
+    assert 1 <= retry_after <= 30
+    assert f"Retry after {retry_after}s" in error.message
     assert error.code == "upstream_unavailable"
     health = await _health(server)
     assert health["level"] == "unavailable"
     assert {u["state"] for u in health["upstreams"].values()} == {"open"}
+
+
+async def test_route_is_back_with_the_first_request_that_succeeds_after_an_outage(standin,
+                                                                                  skyroute):
+    """Every breaker open, then the upstreams answer: the next request is served (the panic
+    probe) and /health says so at once, not when the cool-downs end."""
+    ups, server = await _three(standin, skyroute, extra="breaker:\n  cooldown: 30s\n")
+    for up in ups:
+        up.behaviour.mode = "error"
+    async with client_for(server) as client:
+        for _ in range(8):
+            try:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and "Retry-After" in exc.response.headers
+        assert (await _health(server))["level"] == "unavailable"
+        for up in ups:
+            up.behaviour.mode = "ok"
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    served_by = reply.choices[0].message.content.split()[2]
+    health = await _health(server)
+    assert health["upstreams"][served_by]["state"] == "healthy"
+    assert health["level"] != "unavailable"
+
+
+async def test_every_upstream_rate_limited_is_a_429_with_the_soonest_retry_after(standin,
+                                                                                 skyroute):
+    """All upstreams answering 429: the client gets 429 with the soonest upstream's wait."""
+    ups, server = await _three(standin, skyroute)
+    for up, seconds in zip(ups, (20, 7, 12), strict=True):
+        up.behaviour.mode = "rate_limited"
+        up.behaviour.retry_after_s = seconds
+    async with client_for(server) as client:
+        try:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+        except openai.RateLimitError as exc:
+            error = exc
+    assert error.code == "upstream_rate_limited"
+    retry_after = int(error.response.headers["Retry-After"])
+    assert retry_after in (6, 7)  # 7 s from the upstream's answer, less the time since
+    assert f"Retry after {retry_after}s" in error.message
 
 
 async def test_bad_key_takes_the_upstream_out_of_rotation(standin, skyroute, captured_logs):
