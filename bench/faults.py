@@ -92,7 +92,11 @@ SCENARIOS: dict[str, Setup] = {
     "a, c dead, b busy": _dead_and("a", "c", b={"mode": "busy"}),
     "a slow first byte 3s": _modes(a={"ttft_s": 3.0}),
     "a bad key (401)": _modes(a={"mode": "bad_key"}),
+    # Not a default: a stream cut after content reached the client goes on elsewhere.
+    "a cuts streams, resume: true": _modes(a={"mode": "reset_midstream"}),
 }
+#: Route keys a scenario adds to skyroute's routing file.
+ROUTE_EXTRA = {"a cuts streams, resume: true": "    resume: true\n"}
 
 
 @dataclass(slots=True)
@@ -161,7 +165,7 @@ async def run_load(base_url: str, model: str, args: argparse.Namespace) -> list[
     return samples
 
 
-def routing_file(ups: dict[str, StandinUpstream]) -> str:
+def routing_file(ups: dict[str, StandinUpstream], route_extra: str = "") -> str:
     """skyroute's defaults, but for a 2 s first-token deadline and one route over a, b, c."""
     upstreams = "".join(
         f"  - name: {name}\n    url: http://127.0.0.1:{up.port}/v1\n    api_key: {KEY}\n"
@@ -169,7 +173,8 @@ def routing_file(ups: dict[str, StandinUpstream]) -> str:
         f"    first_token_timeout: {FIRST_TOKEN_TIMEOUT}\n"
         for name, up in ups.items())
     return (f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - name: bench\n      key: {KEY}\n"
-            f"upstreams:\n{upstreams}routes:\n  - model: chat\n    targets: [a, b, c]\n")
+            f"upstreams:\n{upstreams}routes:\n  - model: chat\n    targets: [a, b, c]\n"
+            f"{route_extra}")
 
 
 async def upstream_calls(server: Server) -> float:
@@ -187,8 +192,8 @@ async def upstream_calls(server: Server) -> float:
     return calls
 
 
-async def run_scenario(setup: Setup, *, via_skyroute: bool, args: argparse.Namespace
-                       ) -> RunResult:
+async def run_scenario(setup: Setup, *, via_skyroute: bool, args: argparse.Namespace,
+                       route_extra: str = "") -> RunResult:
     ups = {name: StandinUpstream(name, api_key=KEY, behaviour=Behaviour(
         ttft_s=TTFT_S[name], tokens=TOKENS, token_delay_s=TOKEN_DELAY_S)) for name in NAMES}
     for up in ups.values():
@@ -200,7 +205,7 @@ async def run_scenario(setup: Setup, *, via_skyroute: bool, args: argparse.Names
             samples = await run_load(f"http://127.0.0.1:{ups['a'].port}/v1", "deepseek-chat",
                                      args)
             return RunResult(samples=samples, calls=float(len(samples)))
-        server = Server(parse_config(routing_file(ups)), port=0, grace_s=1.0)
+        server = Server(parse_config(routing_file(ups, route_extra)), port=0, grace_s=1.0)
         await server.start()
         samples = await run_load(f"{server.url}/v1", "chat", args)
         return RunResult(samples=samples, calls=await upstream_calls(server))
@@ -260,7 +265,10 @@ async def main(args: argparse.Namespace) -> int:
             continue
         for via_skyroute in (True, False):
             target = "skyroute" if via_skyroute else "direct"
-            result = await run_scenario(setup, via_skyroute=via_skyroute, args=args)
+            if not via_skyroute and scenario in ROUTE_EXTRA:
+                continue  # the same as without the route key
+            result = await run_scenario(setup, via_skyroute=via_skyroute, args=args,
+                                        route_extra=ROUTE_EXTRA.get(scenario, ""))
             print(row(scenario, target, result), flush=True)
             kinds = Counter(s.error for s in result.samples if s.error is not None)
             for kind, n in kinds.most_common():

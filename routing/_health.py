@@ -108,6 +108,7 @@ class UpstreamHealth:
         self.external: Estimate | None = None  # the latest Prometheus reading
         self.passive: Estimate | None = None  # this instance's own, for the others to read
         self.outstanding = 0
+        self.last_failure_at: float | None = None  # of an attempt of this instance's
         self.last_change: HealthChange | None = None
         self._last_state = "healthy"
 
@@ -168,6 +169,8 @@ class UpstreamHealth:
         result = outcome.result
         if result is Result.SUCCESS and outcome.ttfb_s is not None:
             self.latency.record(outcome.ttfb_s, now=now)
+        if result not in _BREAKER_SUCCESS:
+            self.last_failure_at = now
         if result in _BREAKER_SUCCESS:
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None

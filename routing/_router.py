@@ -169,12 +169,19 @@ class AttemptPlan:
         """The panic rule: no target admits, so the least bad one not tried yet goes, once.
 
         A route never has all its upstreams ejected (Envoy's ``max_ejection_percent``):
-        the one expected back soonest is tried anyway, as a panic probe of its breaker.
+        one is tried anyway, as a panic probe of its breaker. The least bad is the one
+        that failed here longest ago (never is longest): it has had the most time to come
+        back, whatever cool-down its trip streak gave it; then the one back soonest.
         """
         if self._panicked:
             return None
-        left = sorted((t for t in self._candidates if t.name not in self._tried),
-                      key=lambda t: self._health[t.name].available_at(now=now))
+
+        def badness(target: Target) -> tuple[float, float]:
+            health = self._health[target.name]
+            failed = health.last_failure_at
+            return (-math.inf if failed is None else failed, health.available_at(now=now))
+
+        left = sorted((t for t in self._candidates if t.name not in self._tried), key=badness)
         for target in left:
             if self._health[target.name].admit(now=now, panic=True):
                 self._panicked = True

@@ -14,6 +14,7 @@ from skyroute.routing import (
     Retry,
     Router,
     RoutingStateError,
+    Target,
     classify_status,
     parse_config,
 )
@@ -285,6 +286,29 @@ def test_AttemptPlan_panic_probe_is_tried_when_every_upstream_is_out_and_closes_
     assert tried == ["b"] and isinstance(decision, Respond)
     assert router.health("b").state(now=clock.now()) == "healthy"
     assert router.route_level(route, now=clock.now()) != "unavailable"
+
+
+def test_AttemptPlan_panic_try_goes_to_the_upstream_that_failed_longest_ago():
+    """c failed 20 s ago and is told to wait 30 s; a and b failed just now: c is tried."""
+    clock = FakeClock()
+    router = Router(parse_config(THREE, env={}))
+
+    def fail(name: str, result: Result, retry_after_s: float | None = None) -> None:
+        target = Target(upstream=router.config.upstream(name), endpoint=f"http://{name}/v1",
+                        model=f"m-{name}")
+        router.record(AttemptOutcome(target=target, result=result,
+                                     retry_after_s=retry_after_s), now=clock.now())
+
+    fail("c", Result.RATE_LIMITED, retry_after_s=30.0)
+    clock.advance(20.0)
+    for _ in range(5):
+        fail("a", Result.SERVER_ERROR)
+        fail("b", Result.SERVER_ERROR)
+    assert {router.health(n).state(now=clock.now()) for n in "abc"} == {"open"}
+    assert router.health("c").available_at(now=clock.now()) > \
+        router.health("a").available_at(now=clock.now())
+    tried, decision = _serve(router, clock, {})
+    assert tried == ["c"] and isinstance(decision, Respond)
 
 
 def test_AttemptPlan_panic_probes_go_one_at_a_time_then_fail_fast():
