@@ -17,8 +17,9 @@ Rules / theory of operation
 * ``AttemptPlan`` hands out targets in that order. Each is *admitted* by its
   upstream (a half-open breaker admits only its probes). The panic rule: when no
   target left admits the request, the least bad one not yet tried goes anyway,
-  once, as a panic probe of its breaker (one at a time per upstream, and a
-  success closes it): a route never has all its upstreams ejected.
+  as a panic probe of its breaker (one at a time per upstream, and a success
+  closes it): a route never has all its upstreams ejected. No upstream takes
+  two attempts of one request.
 * A pool upstream (several ``endpoints``) is one candidate; which of its
   servers takes an attempt is decided when the attempt is admitted, from the
   servers' scraped load and health (``PoolPickers``, fed by ``feed_pool_*``).
@@ -99,8 +100,8 @@ class AttemptPlan:
     """
 
     __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_failover", "_health",
-                 "_hedge_budget", "_panicked", "_pools", "_tried", "_untried", "attempts",
-                 "hedged", "outcomes", "route")
+                 "_hedge_budget", "_pools", "_tried", "_untried", "attempts", "hedged",
+                 "outcomes", "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
                  health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
@@ -116,7 +117,6 @@ class AttemptPlan:
         self._backoff = backoff
         self.hedged = 0
         self._deadline = now + route.timeout_s
-        self._panicked = False
         self._failover = False  # the retry decided last was free: it goes to a sound target
         self.attempts = 0
         self.outcomes: list[AttemptOutcome] = []
@@ -166,16 +166,13 @@ class AttemptPlan:
         return None
 
     def _panic(self, now: float) -> Target | None:
-        """The panic rule: no target admits, so the least bad one not tried yet goes, once.
+        """The panic rule: no target admits, so the least bad one not tried yet goes.
 
         A route never has all its upstreams ejected (Envoy's ``max_ejection_percent``):
         one is tried anyway, as a panic probe of its breaker. The least bad is the one
         that failed here longest ago (never is longest): it has had the most time to come
         back, whatever cool-down its trip streak gave it; then the one back soonest.
         """
-        if self._panicked:
-            return None
-
         def badness(target: Target) -> tuple[float, float]:
             health = self._health[target.name]
             failed = health.last_failure_at
@@ -184,15 +181,13 @@ class AttemptPlan:
         left = sorted((t for t in self._candidates if t.name not in self._tried), key=badness)
         for target in left:
             if self._health[target.name].admit(now=now, panic=True):
-                self._panicked = True
                 self._tried.add(target.name)
                 return target
         return None
 
     def _can_go_on(self) -> bool:
-        """Whether any target is left for another attempt (untried, or the panic try)."""
-        return bool(self._untried) or (
-            not self._panicked and any(t.name not in self._tried for t in self._candidates))
+        """Whether any target has not taken an attempt yet (in turn, or by the panic rule)."""
+        return any(t.name not in self._tried for t in self._candidates)
 
     def hedge_delay(self, target: Target, *, now: float) -> float | None:
         """How long to wait for ``target``'s first token before hedging; None: never."""
