@@ -101,7 +101,7 @@ class AttemptPlan:
 
     __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_failover", "_health",
                  "_hedge_budget", "_pools", "_tried", "_untried", "attempts", "hedged",
-                 "outcomes", "route")
+                 "outcomes", "paid_retries", "panics", "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
                  health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
@@ -119,6 +119,8 @@ class AttemptPlan:
         self._deadline = now + route.timeout_s
         self._failover = False  # the retry decided last was free: it goes to a sound target
         self.attempts = 0
+        self.paid_retries = 0  # retries paid from the route's retry budget
+        self.panics = 0  # attempts made by the panic rule
         self.outcomes: list[AttemptOutcome] = []
 
     def __repr__(self) -> str:
@@ -146,6 +148,7 @@ class AttemptPlan:
             # What was sound a moment ago is not now: going on is a paid retry.
             if not self._budget.try_acquire(now):
                 return self._give_up(now, budget_exhausted=True)
+            self.paid_retries += 1
             target = self._take(now, sound_only=False)
         target = target or self._panic(now)
         if target is None:
@@ -182,6 +185,7 @@ class AttemptPlan:
         for target in left:
             if self._health[target.name].admit(now=now, panic=True):
                 self._tried.add(target.name)
+                self.panics += 1
                 return target
         return None
 
@@ -240,7 +244,8 @@ class AttemptPlan:
             return Retry(reason=reason)
         if not self._budget.try_acquire(now):
             return self._give_up(now, budget_exhausted=True)
-        return Retry(reason=reason,
+        self.paid_retries += 1
+        return Retry(reason=reason, paid=True,
                      delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
 
     def _give_up(self, now: float, *, timed_out: bool = False,

@@ -91,6 +91,10 @@ async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin, skyro
     health = await _health(server)
     assert health["level"] == "unavailable"
     assert {u["state"] for u in health["upstreams"].values()} == {"open"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        metrics = await (await h.get(f"{server.url}/metrics")).text()
+    assert 'skyroute_panic_attempts_total{route="chat",upstream=' in metrics
+    assert 'skyroute_retries_paid_total{route="chat"}' in metrics
 
 
 async def test_route_is_back_with_the_first_request_that_succeeds_after_an_outage(standin,

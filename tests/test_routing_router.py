@@ -232,7 +232,7 @@ def test_AttemptPlan_failover_to_untried_healthy_upstreams_spends_no_budget():
             router.record(outcome, now=now)
             decision = plans[i].record(outcome, now=now)
             if isinstance(decision, Retry):
-                assert decision.delay_s == 0.0  # failover waits for nothing
+                assert decision.delay_s == 0.0 and not decision.paid  # failover: free, at once
                 step.append((i, plans[i].next_attempt(now=now)))
             else:
                 decisions[i] = decision
