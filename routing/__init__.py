@@ -7,6 +7,7 @@ with ``now`` and carries out the decisions it returns.
 from ._degradation import Level, LevelChange, MinimalTrigger, Refuse, Serve
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._plan import AttemptPlan
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -16,7 +17,7 @@ from ._pool import (
     parse_server_load,
 )
 from ._pool_set import EndpointChange
-from ._router import LEVELS, AttemptPlan, Router
+from ._router import LEVELS, Router
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
