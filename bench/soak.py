@@ -23,8 +23,12 @@ the whole answer), p50/p95/max latency, upstream calls per request (from both in
 the end, and the fault changes made. ``--json`` prints the same as one JSON object, for
 ``tests/test_soak.py``. The exit status is 1 if there was any client error or truncation.
 
+With ``--keep DIR`` the instances' routing files and logs (warning level), and a line per
+fault change and per client error (``events.log``, seconds since the load began), stay in
+DIR for a look at what happened.
+
 Usage: python bench/soak.py [--duration 600] [--rate 10] [--change-every 2 6] [--seed N]
-                            [--json]
+                            [--json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -122,7 +126,8 @@ class Instance:
     log: Path
 
 
-async def start_instances(ups: dict[str, StandinUpstream], workdir: Path) -> list[Instance]:
+async def start_instances(ups: dict[str, StandinUpstream], workdir: Path,
+                          log_level: str = "error") -> list[Instance]:
     """Two ``skyroute run`` processes peered with each other; returns once both are peered."""
     ports = [free_port(), free_port()]
     instances = []
@@ -132,7 +137,7 @@ async def start_instances(ups: dict[str, StandinUpstream], workdir: Path) -> lis
         log = workdir / f"skyroute-{i}.log"
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "skyroute.proxy.cli", "--log-level", "error",
+                sys.executable, "-m", "skyroute.proxy.cli", "--log-level", log_level,
                 "--log-format", "json", "run", "-c", str(path),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
         instances.append(Instance(url=f"http://127.0.0.1:{port}", proc=proc, log=log))
@@ -176,8 +181,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def one(client: openai.AsyncOpenAI, *, stream: bool) -> Sample:
-    """One request; a client-visible error is recorded, never raised."""
+async def one(client: openai.AsyncOpenAI, *, stream: bool, events: list[str],
+              began: float) -> Sample:
+    """One request; a client-visible error is recorded (and noted in ``events``), never raised."""
+    sample = await _one(client, stream=stream)
+    if sample.error is not None:
+        events.append(f"{time.monotonic() - began:8.2f} {client.base_url} error "
+                      f"{sample.error}: {sample.message}")
+    return sample
+
+
+async def _one(client: openai.AsyncOpenAI, *, stream: bool) -> Sample:
     started = time.perf_counter()
     try:
         if stream:
@@ -202,7 +216,8 @@ async def one(client: openai.AsyncOpenAI, *, stream: bool) -> Sample:
 
 
 async def change_faults(ups: dict[str, StandinUpstream], rng: random.Random,
-                        every: tuple[float, float], until: float, seen: Counter[str]) -> None:
+                        every: tuple[float, float], began: float, until: float,
+                        seen: Counter[str], events: list[str]) -> None:
     """Every few seconds, give one upstream a new fault; always leave one answering normally."""
     current = {name: "ok" for name in ups}
     names, weights = list(FAULTS), [weight for weight, _ in FAULTS.values()]
@@ -214,6 +229,8 @@ async def change_faults(ups: dict[str, StandinUpstream], rng: random.Random,
             fault = "ok"  # never all down at once
         current[name] = fault
         seen[fault] += 1
+        events.append(f"{time.monotonic() - began:8.2f} {name} -> {fault}  "
+                      f"({', '.join(f'{n} {f}' for n, f in current.items())})")
         fields = {"mode": "ok", "ttft_s": TTFT_S[name], **FAULTS[fault][1]}
         if fault == "429":
             fields["retry_after_s"] = float(rng.randint(1, 3))
@@ -245,10 +262,14 @@ async def soak(args: argparse.Namespace) -> Summary:
     seen: Counter[str] = Counter()
     for up in ups.values():
         await up.start()
+    events: list[str] = []
     with tempfile.TemporaryDirectory(prefix="skyroute-soak-") as tmp:
-        instances = await start_instances(ups, Path(tmp))
+        workdir = Path(args.keep or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        instances = await start_instances(ups, workdir,
+                                          log_level="warning" if args.keep else "error")
         try:
-            samples = await _load(instances, ups, rng, args, summary, seen)
+            samples = await _load(instances, ups, rng, args, summary, seen, events)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
                 calls = sum([await upstream_calls(http, i) for i in instances])
             summary.rss_end_mib = [round(rss_mib(i.proc.pid), 1) for i in instances]
@@ -258,6 +279,8 @@ async def soak(args: argparse.Namespace) -> Summary:
             await stop_instances(instances)
             for up in ups.values():
                 await up.aclose()
+            if args.keep:
+                (workdir / "events.log").write_text("".join(f"{e}\n" for e in sorted(events)))
     latencies = [s.latency_s * 1000 for s in samples]
     kinds = Counter(s.error for s in samples if s.error is not None)
     summary.requests = len(samples)
@@ -277,19 +300,20 @@ async def soak(args: argparse.Namespace) -> Summary:
 
 async def _load(instances: list[Instance], ups: dict[str, StandinUpstream],
                 rng: random.Random, args: argparse.Namespace, summary: Summary,
-                seen: Counter[str]) -> list[Sample]:
+                seen: Counter[str], events: list[str]) -> list[Sample]:
     """The fixed-rate load while the faults change; returns every request's sample."""
     clients = [openai.AsyncOpenAI(base_url=f"{i.url}/v1", api_key=KEY, max_retries=0,
                                   timeout=CLIENT_TIMEOUT_S) for i in instances]
     summary.rss_start_mib = [round(rss_mib(i.proc.pid), 1) for i in instances]
     began = time.monotonic()
-    changer = asyncio.create_task(change_faults(ups, rng, tuple(args.change_every),
-                                                began + args.duration, seen))
+    changer = asyncio.create_task(change_faults(ups, rng, tuple(args.change_every), began,
+                                                began + args.duration, seen, events))
     tasks: list[asyncio.Task[Sample]] = []
     try:
         for i in range(int(args.duration * args.rate)):
             await asyncio.sleep(max(0.0, began + i / args.rate - time.monotonic()))
-            tasks.append(asyncio.create_task(one(clients[i % 2], stream=bool(i // 2 % 2))))
+            tasks.append(asyncio.create_task(one(clients[i % 2], stream=bool(i // 2 % 2),
+                                                 events=events, began=began)))
         return list(await asyncio.gather(*tasks))
     finally:
         changer.cancel()
@@ -326,6 +350,8 @@ def main() -> int:
                         metavar=("MIN", "MAX"), help="seconds between fault changes")
     parser.add_argument("--seed", type=int, default=None, help="for the fault sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="keep routing files, instance logs and events.log in DIR")
     args = parser.parse_args()
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "big")

@@ -77,7 +77,7 @@ def test_AttemptPlan_failover_to_untried_healthy_upstreams_spends_no_budget():
         pending = step
     assert all(isinstance(d, Respond) for d in decisions.values()), decisions
     assert tried == [["a", "b", "c"]] * 12
-    assert router._budgets["chat"].stats(now).retries == 0
+    assert all(plan.paid_retries == 0 for plan in plans)
 
 
 def test_AttemptPlan_retries_to_failing_upstreams_are_paid_down_to_the_floor():
