@@ -99,8 +99,10 @@ GOSSIPED = ("bad_key", "down")
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    The store speaks wall-clock time and the router loop time; ``until`` is
-    carried across as "seconds from now".
+    A report about an upstream that has answered here since (a panic try got an
+    answer) is withdrawn rather than taken: it is out of date. The store speaks
+    wall-clock time and the router loop time; ``until`` is carried across as
+    "seconds from now".
     """
     wall = time.time()
     snapshot = router.snapshot(now=now)
@@ -112,6 +114,9 @@ def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthCha
     changes = []
     for name, report in reports.items():
         if name not in snapshot or report.state not in GOSSIPED:
+            continue
+        if router.health(name).is_answering():  # it answered here since: the report is old
+            store.report_upstream(name, "healthy", until=None, now=wall)
             continue
         left = (report.until - wall) if report.until is not None else 60.0
         if left > 0 and snapshot[name]["state"] != report.state:

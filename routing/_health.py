@@ -109,6 +109,8 @@ class UpstreamHealth:
         self.passive: Estimate | None = None  # this instance's own, for the others to read
         self.outstanding = 0
         self.last_failure_at: float | None = None  # of an attempt of this instance's
+        self.last_success_at: float | None = None  # of an attempt of this instance's
+        self.reported_at: float | None = None  # when a peer's report last marked it
         self.last_change: HealthChange | None = None
         self._last_state = "healthy"
 
@@ -171,6 +173,8 @@ class UpstreamHealth:
             self.latency.record(outcome.ttfb_s, now=now)
         if result not in _BREAKER_SUCCESS:
             self.last_failure_at = now
+        elif result is Result.SUCCESS:
+            self.last_success_at = now
         if result in _BREAKER_SUCCESS:
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None
@@ -223,8 +227,17 @@ class UpstreamHealth:
         transition = self.slow.feed(estimate.seconds, source=estimate.source, now=now)
         return self._changed(now, transition.reason) if transition else None
 
+    def is_answering(self) -> bool:
+        """True if the latest news of it here is an answer: a success after any failure here
+        and after any peer's report. A bad_key or down report older than that is out of date.
+        """
+        bad_news = [t for t in (self.last_failure_at, self.reported_at) if t is not None]
+        return self.last_success_at is not None and self.last_success_at > max(
+            bad_news, default=float("-inf"))
+
     def mark(self, state: str, *, until: float, reason: str, now: float) -> HealthChange | None:
         """Take an outside report (a peer found it down or its key bad)."""
+        self.reported_at = now
         if state == "bad_key":
             self.bad_key_until = max(until, self.bad_key_until or 0.0)
         elif state == "down":
