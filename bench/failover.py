@@ -241,7 +241,7 @@ async def main(args: argparse.Namespace) -> int:
                         "deepseek-chat")
         report(direct.name, await run_load(direct, ups[BUSY], args), flip_at, "")
         for name, budget in runs:
-            server = Server(parse_config(routing_file(ups, hedge_budget=budget)), port=0,
+            server = Server(parse_config(routing_file(ups, hedge_budget=budget), env={}), port=0,
                             grace_s=1.0)
             await server.start()
             try:

@@ -91,7 +91,7 @@ async def run(ups: dict[str, StandinUpstream], strategy: str, *, seconds: float,
               degrade: tuple[float, float]) -> list[Sample]:
     for name, up in ups.items():
         up.behaviour.ttft_s = REGIONS[name]
-    server = Server(parse_config(routing_file(ups, strategy)), port=0, grace_s=1.0)
+    server = Server(parse_config(routing_file(ups, strategy), env={}), port=0, grace_s=1.0)
     await server.start()
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=30)
@@ -185,7 +185,7 @@ async def main(seconds: float, rate: float) -> None:
 
 
 def _drop_request_lines(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    if event.get("event") in ("request", "skyroute listening"):
+    if event.get("event") in ("request_finished", "server_started"):
         raise structlog.DropEvent
     return event
 

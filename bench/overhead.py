@@ -127,7 +127,7 @@ def free_port() -> int:
 
 
 def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | None) -> str:
-    """skyroute logs ``{"url": ..., "event": "skyroute listening"}`` on stderr (a file here);
+    """skyroute logs ``{"url": ..., "event": "server_started"}`` on stderr (a file here);
     with ``port`` (log level above info: no such line), wait until it accepts connections."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -140,10 +140,10 @@ def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | Non
         for line in log.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == "skyroute listening":
+                if isinstance(event, dict) and event.get("event") == "server_started":
                     return str(event["url"])
         time.sleep(0.05)
-    raise RuntimeError("skyroute did not log 'skyroute listening' in time:\n"
+    raise RuntimeError("skyroute did not log 'server_started' in time:\n"
                        + log.read_text()[-3000:])
 
 

@@ -5,7 +5,11 @@ Prints, for a run without rotation and a run with rotation:
 * CPU per update (process CPU time / updates; all three instances share this
   process, so it is the whole cluster's cost of one update: one write, two applies,
   the relays and the heartbeats),
-* document size over time (sessions + usage docs on instance s1).
+* document size over time (sessions + usage docs on instance s1),
+* with rotation: the p99 of writes made within 0.3 s of a rotation against the rest.
+
+``--delay-ms`` puts a one-way delay line (``TcpForwarder``) on every link, a WAN on
+one machine.
 
 Traffic: every update pins a session on a round-robin instance; half are new
 sessions, half re-pin a recent one, and every update also counts usage for a client
@@ -13,7 +17,7 @@ key (batched by the flush loop). Sessions idle past the TTL (set to the rotation
 period) are dropped only by rotation, so without rotation the documents grow and
 with it they stay bounded.
 
-Usage: python bench/statesync.py [--seconds 60] [--rate 200]
+Usage: python bench/statesync.py [--seconds 60] [--rate 200] [--delay-ms 0]
 """
 
 from __future__ import annotations
@@ -35,13 +39,31 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from skyroute.proxy.demo import TcpForwarder
 from skyroute.statesync import StateSync, SyncSettings
 from skyroute.statesync._doc import EpochDoc
 
 TOKEN = "bench-token"
+NEAR_ROTATION_S = 0.3
+"""Writes this close to a rotation (before or after) are reported apart."""
 
 
-async def start_cluster(rotate_every_s: float, ttl_s: float) -> list[tuple[StateSync, Any, Any]]:
+FORWARDERS: list[TcpForwarder] = []
+
+
+async def peer_port(port: int, delay_s: float) -> int:
+    """``port`` itself, or a delay line in front of it when ``delay_s`` > 0."""
+    if delay_s <= 0:
+        return port
+    line = TcpForwarder(port, delay_s=delay_s)
+    await line.start()
+    FORWARDERS.append(line)
+    return line.port
+
+
+async def start_cluster(
+    rotate_every_s: float, ttl_s: float, delay_s: float = 0.0
+) -> list[tuple[StateSync, Any, Any]]:
     socks = []
     for _ in range(3):
         sock = socket.socket()
@@ -50,13 +72,14 @@ async def start_cluster(rotate_every_s: float, ttl_s: float) -> list[tuple[State
     ports = [s.getsockname()[1] for s in socks]
     out = []
     for i, sock in enumerate(socks):
+        peers = [await peer_port(p, delay_s) for p in ports if p != ports[i]]
         sync = StateSync(
             SyncSettings(
                 instance_id=f"s{i + 1}",
                 token=TOKEN,
                 rotate_every_s=rotate_every_s,
                 session_ttl_s=ttl_s,
-                peers=tuple(f"ws://127.0.0.1:{p}/sync" for p in ports if p != ports[i]),
+                peers=tuple(f"ws://127.0.0.1:{p}/sync" for p in peers),
             ),
             registry=CollectorRegistry(),
         )
@@ -81,6 +104,10 @@ class Watcher:
     def __init__(self, syncs: list[StateSync]) -> None:
         self.pending: dict[str, tuple[float, set[int]]] = {}
         self.latencies: list[float] = []
+        self.samples: list[tuple[float, float]] = []  # (written at, latency)
+        self.rotations: list[float] = []
+        first = syncs[0]._hubs["sessions"]
+        first.on_new_doc(lambda doc: self.rotations.append(time.perf_counter()))
         for index, sync in enumerate(syncs):
             hub = sync._hubs["sessions"]
             self._watch(hub.doc, index)
@@ -100,6 +127,7 @@ class Watcher:
                 entry[1].discard(index)
                 if not entry[1]:
                     self.latencies.append(now - entry[0])
+                    self.samples.append((entry[0], now - entry[0]))
                     del self.pending[f"{key}#{tag}"]
 
         doc.on_map_change(on_change)
@@ -108,10 +136,17 @@ class Watcher:
         self.pending[f"{key}#{tag}"] = (time.perf_counter(), {0, 1, 2} - {writer})
 
 
-async def run(seconds: float, rate: float, rotate_every_s: float | None) -> dict[str, Any]:
+def p99_ms(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000 if ordered else float("nan")
+
+
+async def run(
+    seconds: float, rate: float, rotate_every_s: float | None, delay_s: float = 0.0
+) -> dict[str, Any]:
     period = rotate_every_s or 1e9
     ttl = rotate_every_s or seconds / 4
-    cluster = await start_cluster(period, ttl)
+    cluster = await start_cluster(period, ttl, delay_s)
     syncs = [c[0] for c in cluster]
     watcher = Watcher(syncs)
     sizes: list[tuple[float, int]] = []
@@ -136,7 +171,9 @@ async def run(seconds: float, rate: float, rotate_every_s: float | None) -> dict
             key = f"sess-{n}"
             recent.append(key)
         watcher.expect(key, n, writer)
-        store.pin(key, f"upstream-{n % 7}", now=now, attributes={"n": str(n)})  # n: the tag
+        seen = store.get(key, now=now)  # a re-pin is a move from the pin this instance sees
+        store.pin(key, f"upstream-{n % 7}", now=now, attributes={"n": str(n)},  # n: the tag
+                  moved_from=seen.upstream if seen is not None else None)
         store.add_usage("team-a", requests=1, tokens=100, now=now)
         n += 1
         next_at += interval
@@ -154,6 +191,17 @@ async def run(seconds: float, rate: float, rotate_every_s: float | None) -> dict
         await sync.aclose()
         await runner.cleanup()
         sock.close()
+    for line in FORWARDERS:
+        await line.aclose()
+    FORWARDERS.clear()
+    near = [
+        lat for at, lat in watcher.samples
+        if any(abs(at - rotated) <= NEAR_ROTATION_S for rotated in watcher.rotations)
+    ]
+    far = [
+        lat for at, lat in watcher.samples
+        if all(abs(at - rotated) > NEAR_ROTATION_S for rotated in watcher.rotations)
+    ]
     lat = sorted(watcher.latencies)
     return {
         "updates": n,
@@ -166,6 +214,7 @@ async def run(seconds: float, rate: float, rotate_every_s: float | None) -> dict
         "usage": usage,
         "epochs": syncs[0].epoch,
         "diverged": diverged,
+        "near_rotation": (len(near), p99_ms(near), len(far), p99_ms(far)),
     }
 
 
@@ -176,9 +225,15 @@ def report(title: str, r: dict[str, Any]) -> None:
         f"superseded by a newer write of the same session before seen {r['lost']}"
     )
     print(f"time until all peers see an update: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
+    near_n, near_p99, far_n, far_p99 = r["near_rotation"]
+    if near_n:
+        print(
+            f"p99 for writes within {NEAR_ROTATION_S} s of a rotation: {near_p99:.2f} ms "
+            f"({near_n} writes); the others: {far_p99:.2f} ms ({far_n})"
+        )
     print(f"CPU per update (whole 3-instance cluster): {r['cpu_us']:.0f} us")
     print(f"sessions differing between instances at the end: {r['diverged']}")
-    print(f"usage counter (last 60-70 s) on s1/s2/s3: {r['usage']}")
+    print(f"usage counter (last 60 s) on s1/s2/s3: {r['usage']}")
     print("document size on s1 (sessions + usage docs):")
     for at, size in r["sizes"]:
         print(f"  t={at:6.1f} s  {size / 1024:8.1f} KiB")
@@ -188,15 +243,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="duration of each run")
     parser.add_argument("--rate", type=float, default=200.0, help="session updates per second")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="one-way delay on every link (a TcpForwarder delay line)")
     args = parser.parse_args()
+    delay = args.delay_ms / 1000
     logging.disable(logging.CRITICAL)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     rotate = args.seconds / 4
-    print(f"3 instances on loopback, {args.rate:.0f} updates/s, {args.seconds:.0f} s per run")
-    report("without rotation (sessions never dropped)", await run(args.seconds, args.rate, None))
+    print(f"3 instances on loopback, {args.rate:.0f} updates/s, {args.seconds:.0f} s per run, "
+          f"{args.delay_ms:g} ms one-way delay")
+    report("without rotation (sessions never dropped)",
+           await run(args.seconds, args.rate, None, delay))
     report(
         f"with rotation every {rotate:.1f} s (TTL {rotate:.1f} s)",
-        await run(args.seconds, args.rate, rotate),
+        await run(args.seconds, args.rate, rotate, delay),
     )
 
 

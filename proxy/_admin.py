@@ -16,10 +16,10 @@ import hmac
 from typing import Any
 
 from aiohttp import web
-from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth
+from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth, UpstreamState
 
 from ._errors import AdminDisabled, InvalidApiKey
-from ._handlers import bearer_token
+from ._headers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
 from ._state import SERVING, TRAFFIC
 
@@ -97,8 +97,8 @@ def _upstream(health: UpstreamHealth, entry: dict[str, Any], served: int, total:
     change = health.last_change
     return {
         "state": entry["state"],
-        "slow": entry["state"] == "slow",
-        "healthy": entry["state"] == "healthy",
+        "slow": entry["state"] is UpstreamState.SLOW,
+        "healthy": entry["state"] is UpstreamState.HEALTHY,
         "region": entry["region"],
         "latency_ms": entry.get("latency_ms"),
         "latency_source": entry.get("latency_source"),

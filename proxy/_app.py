@@ -19,9 +19,12 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
-from skyroute.routing import Config, Router, TrafficShare
+from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
+from ._cache import install_cache
+from ._compress import install_compression
+from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import ClientRequestError, NotFound, ProxyError
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
@@ -32,12 +35,15 @@ from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
 from ._state import (
     METRICS,
+    RATE_LIMIT_HEADERS,
     REQUEST_ID,
     SERVING,
     SESSION,
+    SLEEP,
     STATE_SYNC,
     SUMMARY,
     TRAFFIC,
+    UPSTREAM_SESSIONS,
     RequestSummary,
     Runtime,
     Serving,
@@ -45,10 +51,9 @@ from ._state import (
 
 log = structlog.get_logger("skyroute.proxy")
 
-#: Connections kept open to each upstream host (aiohttp pools per host:port).
+#: Connections kept open to each pool server for scrapes and health checks (requests
+#: go through each upstream's own pool, sized by its max_connections).
 POOL_LIMIT_PER_HOST = 256
-#: Idle keep-alive connections are reused for this long.
-KEEPALIVE_S = 30.0
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,15 +116,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if is_api:
             metrics.in_flight.dec()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
-            log.info("request", method=request.method, path=request.path, status=status,
+            log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
                      **({"cut": summary.cut} if summary.cut else {}),
                      **({"fallback": summary.fallback} if summary.fallback else {}),
-                     **({"endpoint": summary.endpoint} if summary.endpoint else {}))
+                     **({"endpoint": summary.endpoint} if summary.endpoint else {}),
+                     **({"upstream_request_id": summary.upstream_request_id}
+                        if summary.upstream_request_id else {}))
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp
+
+
+async def _rate_limit_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Every answer to a client with rpm/tpm limits carries OpenAI's x-ratelimit-* headers."""
+    headers = request.get(RATE_LIMIT_HEADERS)
+    if headers:
+        resp.headers.update(headers)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -138,35 +152,46 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """The shared session (pool scrapes) and the per-upstream pools requests go through."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=POOL_LIMIT_PER_HOST,
                                      keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
     # auto_decompress off: bodies are relayed byte for byte (we ask for identity anyway).
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      skip_auto_headers=("User-Agent",)) as session:
         app[SESSION] = session
-        yield
+        app[UPSTREAM_SESSIONS] = UpstreamSessions()
+        try:
+            yield
+        finally:
+            await app[UPSTREAM_SESSIONS].aclose()
 
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
-              watch_interval_s: float = 0.5) -> web.Application:
+              watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
         config_path: the routing file to watch and reload (and reload on SIGHUP,
             when run by ``proxy.serve``); None serves ``config`` unchanged.
         watch_interval_s: how often the file is checked for changes.
+        sleep: what backoff delays are waited out through (between a request's
+            attempts, and between a sync link's attempts to reach a peer).
     """
     app = web.Application(middlewares=[error_middleware])
+    app.on_response_prepare.append(_rate_limit_headers)
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
     app[TRAFFIC] = TrafficShare()
-    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry)
+    app[SLEEP] = sleep
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep)
     if config.sync is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))
     app.cleanup_ctx.append(_client_session)
+    install_cache(app)
+    install_compression(app)
     app.cleanup_ctx.append(health_ticker)
     app.cleanup_ctx.append(prometheus_source)
     app.cleanup_ctx.append(pool_scraper)  # after _client_session: it scrapes through it
@@ -180,6 +205,6 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:
-        log.warning("no auth section: skyroute accepts requests without a client key; "
-                    "add auth.api_keys to the routing file to require one")
+        log.warning("auth_disabled", source=config.source,
+                    hint="add auth.api_keys to the routing file to require a client key")
     return app

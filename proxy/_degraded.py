@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from skyroute.routing import Refuse, Route, Router, Serve
+from skyroute.routing import Refuse, Route, Router, Serve, capped_payload
 
 from ._errors import DegradedRefusal, UpstreamError
 from ._metrics import Metrics
@@ -45,7 +45,7 @@ def decide(router: Router, route: Route, payload: dict[str, Any] | None, metrics
     decision = router.serving(route, n=n if type(n) is int else None, now=now)
     if isinstance(decision, Refuse):
         metrics.degraded_refusals.labels(route.model, decision.reason).inc()
-        log.warning("request refused in minimal mode", route=route.model,
+        log.warning("request_refused", route=route.model, level="minimal",
                     reason=decision.reason)
         raise DegradedRefusal(decision.message, param=decision.param,
                               retry_after_s=decision.retry_after_s)
@@ -54,27 +54,14 @@ def decide(router: Router, route: Route, payload: dict[str, Any] | None, metrics
 
 def cap_max_tokens(body: bytes, payload: dict[str, Any] | None, decision: Serve,
                    metrics: Metrics) -> tuple[bytes, dict[str, Any] | None]:
-    """The body with its token limit capped as ``decision`` says (minimal mode).
-
-    Only generation requests (with ``messages`` or ``prompt``) are touched:
-    ``max_tokens`` and ``max_completion_tokens`` above the cap are lowered, and
-    ``max_tokens`` is added when neither is set. A value that is not a number
-    is left for the upstream to refuse.
-    """
-    cap = decision.max_tokens
-    if cap is None or payload is None or not ("messages" in payload or "prompt" in payload):
-        return body, payload
-    keys = [k for k in ("max_tokens", "max_completion_tokens") if payload.get(k) is not None]
-    capped = dict(payload)
-    for key in keys or ["max_tokens"]:
-        value = payload.get(key)
-        if value is None or (type(value) is int and value > cap):
-            capped[key] = cap
-    if capped == payload:
+    """The body with its token limit capped as ``decision`` says (minimal mode;
+    ``routing.capped_payload`` says which fields and how)."""
+    capped = capped_payload(payload, decision.max_tokens)
+    if capped is None:
         return body, payload
     route = decision.fallback_for or decision.route.model
     metrics.max_tokens_capped.labels(route).inc()
-    log.info("max_tokens capped in minimal mode", route=route, max_tokens=cap)
+    log.info("max_tokens_capped", route=route, level="minimal", max_tokens=decision.max_tokens)
     return json.dumps(capped).encode(), capped
 
 
@@ -117,7 +104,7 @@ async def serve_decided(serve: ServeRoute, decision: Serve, *, asked: Route, rou
 
 async def _serve_fallback(serve: ServeRoute, asked: Route, fallback: Route, metrics: Metrics,
                           summary: RequestSummary, *, why: str) -> web.StreamResponse:
-    log.warning("serving from fallback model", route=asked.model, fallback=fallback.model,
+    log.warning("fallback_model_used", route=asked.model, fallback=fallback.model,
                 reason=why)
     attempts = summary.attempts
     headers = {DEGRADED_HEADER: "fallback", FALLBACK_MODEL_HEADER: fallback.model}

@@ -23,19 +23,21 @@ class ProxyError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
     def to_response(self, request_id: str | None = None) -> web.Response:
         """An OpenAI-shaped JSON error response for this error."""
         body = {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
-        headers = {}
+        headers = dict(self.headers)
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         if request_id:
@@ -82,7 +84,10 @@ class BodyTooLarge(ClientRequestError):
     code = "request_too_large"
 
 
-class RateLimited(ClientRequestError):
+class RateLimitExceeded(ClientRequestError):
+    """A client key is over its rpm/tpm (429, with Retry-After and OpenAI's rate-limit
+    headers for the limit that was hit)."""
+
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"

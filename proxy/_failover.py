@@ -13,7 +13,6 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 from skyroute.routing import (
@@ -27,8 +26,11 @@ from skyroute.routing import (
     Route,
     Router,
     Target,
+    is_resumable,
+    streamed_tokens,
 )
 
+from ._connections import UpstreamSessions
 from ._errors import UpstreamError
 from ._forward import (
     Failed,
@@ -39,13 +41,13 @@ from ._forward import (
     open_attempt,
     read_rest,
     relay_stream,
-    response_headers,
     stream_response,
 )
+from ._headers import response_headers
 from ._health import report_changes
 from ._metrics import Metrics
 from ._sse import StreamTranscript
-from ._state import TRAFFIC, RequestSummary
+from ._state import SLEEP, SUMMARY, TRAFFIC, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -61,13 +63,15 @@ class _Interrupted:
 
 
 async def serve_route(request: web.Request, *, router: Router, route: Route, call: UpstreamCall,
-                      session: aiohttp.ClientSession, metrics: Metrics, request_id: str,
+                      session: UpstreamSessions, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
-                      count_usage: bool = False,
+                      pinned: str | None = None, count_usage: bool = False,
                       extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
 
     Args:
+        prefer: the upstream the request's session is pinned to, while healthy.
+        pinned: the only upstream to try (it holds an object the request names).
         count_usage: read streamed answers for their token usage (into
             ``summary.stream_tokens``), for a client with a ``tpm`` limit.
         extra_headers: added to the response's headers (before a stream starts).
@@ -76,7 +80,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
     loop = asyncio.get_running_loop()
-    plan = router.plan(route, now=loop.time(), prefer=prefer)
+    plan = router.plan(route, now=loop.time(), prefer=prefer, pinned=pinned)
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
@@ -114,7 +118,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             return web.Response(status=answer.status or 502, body=answer.body,
                                 headers=response_headers(answer.headers or {}, request_id,
                                                          target, extra_headers))
-        log.warning("upstream attempt failed", upstream=target.name, region=target.upstream.region,
+        log.warning("upstream_attempt_failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
                     paid=decision.paid if isinstance(decision, Retry) else None,
@@ -127,7 +131,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         if decision.paid:
             metrics.retries_paid.labels(route.model).inc()
         if decision.delay_s > 0:
-            await asyncio.sleep(decision.delay_s)
+            await request.app[SLEEP](decision.delay_s)
 
 
 def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | GiveUp:
@@ -139,14 +143,14 @@ def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | Gi
         metrics.retries_paid.labels(route).inc()
     if plan.panics > panics and not isinstance(target, GiveUp):
         metrics.panic_attempts.labels(route, target.name).inc()
-        log.warning(f"trying upstream {target.name} although it is out: nothing else of route "
-                    f"{route} can take the request (panic rule)", upstream=target.name,
-                    route=route)
+        # The panic rule: nothing else of the route can take the request.
+        log.warning("panic_attempt_started", upstream=target.name, route=route,
+                    attempt=plan.attempts)
     return target
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
-                   session: aiohttp.ClientSession, metrics: Metrics, router: Router,
+                   session: UpstreamSessions, metrics: Metrics, router: Router,
                    plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
                    track: bool, extra_headers: Mapping[str, str] | None = None,
                    ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
@@ -182,14 +186,17 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
     transcript: StreamTranscript | None = None
     if opened.is_sse:
+        if resuming is None:  # a Responses stream's opening names the stored response
+            request[SUMMARY].stream_head = opened.prefix[:4096]
         resp = resuming.resp if resuming is not None \
             else stream_response(opened, request_id, extra_headers)
         transcript = resuming.transcript if resuming is not None \
             else StreamTranscript() if track else None
         cut = await relay_stream(request, resp, opened, transcript=transcript,
                                  continuation=resuming is not None)
-        if cut is not None and transcript is not None and _can_resume(plan.route, call,
-                                                                      transcript):
+        if cut is not None and transcript is not None and is_resumable(
+                resume=plan.route.resume, payload=call.payload,
+                text_only=transcript.text_only, finished=transcript.finished):
             outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,
                                      status=opened.response.status, detail=cut,
                                      ttfb_s=opened.ttfb_s)
@@ -210,14 +217,6 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
     return resp, outcome, transcript
 
 
-def _can_resume(route: Route, call: UpstreamCall, transcript: StreamTranscript) -> bool:
-    """Whether a cut stream can go on elsewhere: a one-choice chat answer, not finished."""
-    payload = call.payload
-    return (route.resume and payload is not None and isinstance(payload.get("messages"), list)
-            and payload.get("n") in (None, 1) and transcript.resumable
-            and not transcript.finished)
-
-
 async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
                    call: UpstreamCall, why: str | None = None, *,
                    gave_up: GiveUp | None = None) -> web.StreamResponse:
@@ -235,15 +234,12 @@ async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
 
 
 def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
-    """Tokens a streamed answer used: as the upstream reported, else estimated.
-
-    Upstreams report usage in a stream only when asked (``stream_options``); the
-    estimate is a token per 4 bytes of request plus one per content chunk.
-    """
-    return transcript.usage_tokens or len(call.body or b"") // 4 + transcript.content_chunks
+    """Tokens a streamed answer used (``routing.streamed_tokens`` says how they count)."""
+    return streamed_tokens(reported=transcript.usage_tokens, request_bytes=len(call.body or b""),
+                           content_chunks=transcript.content_chunks)
 
 
-async def _open_hedged(target: Target, call: UpstreamCall, session: aiohttp.ClientSession,
+async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSessions,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
                        ) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.

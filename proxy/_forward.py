@@ -11,9 +11,14 @@ Theory of operation:
   body first, so a connection cut half-way is an attempt failure and never a
   shorter answer passed on as a whole one.
 * ``relay_stream`` commits: it sends the headers and relays bytes as they arrive
-  (no buffering; the StreamReader's high-water mark gives backpressure). If the
-  upstream breaks off after that, the client gets an SSE error event and the
-  stream ends without ``[DONE]``.
+  (no buffering; the StreamReader's high-water mark gives backpressure). Whether
+  the stream ended whole, and what counts as its first content, is its protocol's
+  call (``proxy._streams``: ``[DONE]``, a Responses terminal event, or a clean end
+  of body). If the upstream breaks off, the client gets an error event in that
+  protocol's shape and never a clean end.
+* Headers follow ``proxy._headers``; an upstream that compresses although asked
+  for identity is decoded (``proxy._encoding``); uploads stream from their spool
+  (``proxy._bodies``).
 * Either way the upstream response is closed on every exit path, so a client that
   goes away cancels the upstream request.
 """
@@ -24,8 +29,9 @@ import asyncio
 import email.utils
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -33,20 +39,16 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
+from ._bodies import Upload
+from ._connections import UpstreamSessions
+from ._encoding import Decoder, accepts, content_coding, decoder_for
+from ._headers import response_headers, upstream_headers
 from ._sse import StreamTranscript, complete_events
+from ._state import STREAM_TAP
+from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
 
-#: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
-#: ones skyroute sets itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-})
-_DROP_REQUEST = HOP_BY_HOP | {"authorization", "api-key", "x-api-key", "accept-encoding",
-                              "x-request-id"}
-_DROP_RESPONSE = HOP_BY_HOP | {"content-encoding", "date", "server", "set-cookie"}
 #: An error body from an upstream is read up to this size to pass on or log.
 MAX_ERROR_BODY = 1 << 20
-_SSE_TAIL = 64
 
 
 @dataclass(slots=True, kw_only=True)
@@ -59,12 +61,30 @@ class UpstreamCall:
     body: bytes | None
     payload: dict[str, Any] | None  # the parsed JSON body, when there is one
     alias: str | None  # the model name the client asked for
+    #: The client's OpenAI-Organization/-Project, for upstreams that forward them.
+    billing: Mapping[str, str] = field(default_factory=dict)
+    upload: Upload | None = None  # a streamed body (multipart, binary) instead of ``body``
+    accept_encoding: str = ""  # the client's, for a coding skyroute cannot decode
+    kind: StreamKind = field(init=False, default=StreamKind.DONE)  # of a streamed answer
+
+    def __post_init__(self) -> None:
+        self.kind = stream_kind(self.path_qs)
 
     def body_for(self, target: Target) -> bytes | None:
         """The body with the client's model alias replaced by the upstream's name."""
         if self.payload is None or self.alias is None or target.model == self.alias:
             return self.body
         return json.dumps({**self.payload, "model": target.model}).encode()
+
+    def data_for(self, target: Target, headers: CIMultiDict[str]
+                 ) -> bytes | AsyncIterator[bytes] | None:
+        """What to send as the body of one attempt (a fresh stream for an upload)."""
+        if self.upload is None:
+            return self.body_for(target)
+        renamed = target.model if self.alias is not None else None
+        size, chunks = self.upload.sized_for(renamed)
+        headers["Content-Length"] = str(size)
+        return chunks
 
     def continuing(self, partial: str, used_tokens: int) -> UpstreamCall:
         """This chat request, asking the next upstream to go on from ``partial``.
@@ -93,6 +113,8 @@ class Opened:
     is_sse: bool
     started: float
     ttfb_s: float
+    end: StreamEnd  # whether a streamed answer ended whole, by its protocol
+    decoder: Decoder | None = None  # the upstream compressed although asked not to
 
 
 @dataclass(slots=True, kw_only=True)
@@ -103,21 +125,6 @@ class Failed:
     status: int | None = None
     headers: CIMultiDictProxy[str] | None = None
     body: bytes = b""
-
-
-def client_headers(request: web.Request) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones and the client's credentials."""
-    return CIMultiDict((k, v) for k, v in request.headers.items()
-                       if k.lower() not in _DROP_REQUEST)
-
-
-def response_headers(upstream: Mapping[str, str], request_id: str, target: Target,
-                     extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
-    headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE)
-    headers["X-Request-ID"] = request_id
-    headers["X-Skyroute-Upstream"] = target.name
-    headers.update(extra or {})  # e.g. X-Skyroute-Degraded for a fallback answer
-    return headers
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -134,27 +141,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def first_content_offset(buf: bytes, *, sse: bool) -> int | None:
-    """Where real content starts in ``buf``, skipping keep-alives; None if not yet.
-
-    Blank lines are skipped in both formats; in SSE, comment lines (``:`` ...) too.
-    """
-    i, n = 0, len(buf)
-    while i < n:
-        byte = buf[i]
-        if byte in b"\r\n \t":
-            i += 1
-        elif sse and byte == 0x3A:  # ':' starts an SSE comment such as ": keep-alive"
-            end = buf.find(b"\n", i)
-            if end < 0:
-                return None
-            i = end + 1
-        else:
-            return i
-    return None
-
-
-async def open_attempt(session: aiohttp.ClientSession, target: Target, call: UpstreamCall,
+async def open_attempt(session: UpstreamSessions, target: Target, call: UpstreamCall,
                        *, request_id: str, deadline: float) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
@@ -167,23 +154,30 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    headers = CIMultiDict(call.headers)
-    headers["X-Request-ID"] = request_id
-    if target.upstream.api_key:
-        headers["Authorization"] = f"Bearer {target.upstream.api_key}"
+    headers = upstream_headers(call.headers, call.billing, target, request_id=request_id)
+    data = call.data_for(target, headers)
     upstream = target.upstream
     timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
                                     sock_read=upstream.idle_timeout_s)
     response: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
-                call.method, target.endpoint + call.path_qs, data=call.body_for(target),
+            response = await session.for_upstream(upstream).request(
+                call.method, target.endpoint + call.path_qs, data=data,
                 headers=headers, timeout=timeout, allow_redirects=False)
+            coding = content_coding(response.headers)
+            decoder = decoder_for(coding) if coding else None
             if response.status >= 400:
-                return await _failed_status(target, response)
+                return await _failed_status(target, response, decoder)
+            if coding and decoder is None and not accepts(call.accept_encoding, coding):
+                response.close()
+                return _failure(target, Result.SERVER_ERROR,
+                                f"answered with Content-Encoding {coding}, which skyroute "
+                                "cannot decode and the client did not accept")
             is_sse = response.content_type == "text/event-stream"
-            prefix = await _read_first_content(response, sse=is_sse)
+            kind = call.kind if coding == "" or decoder is not None else StreamKind.PLAIN
+            prefix = await _read_first_content(response, sse=is_sse, kind=kind,
+                                               decoder=decoder)
     except TimeoutError:
         _close(response)
         waited = loop.time() - started
@@ -194,7 +188,7 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
                         ttfb_s=waited)
     except aiohttp.ClientConnectorError as exc:
         return _failure(target, Result.CONNECT_ERROR, f"cannot connect: {exc.os_error}")
-    except (aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientError, OSError, zlib.error) as exc:
         _close(response)
         return _failure(target, Result.CONNECT_ERROR,
                         f"connection failed before the answer: {type(exc).__name__}: {exc}")
@@ -206,27 +200,31 @@ async def open_attempt(session: aiohttp.ClientSession, target: Target, call: Ups
         return _failure(target, Result.STREAM_CUT, "the upstream closed with an empty answer")
     now = loop.time()
     return Opened(target=target, response=response, prefix=prefix, is_sse=is_sse,
-                  started=started, ttfb_s=now - started)
+                  started=started, ttfb_s=now - started, end=StreamEnd(kind), decoder=decoder)
 
 
-async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool) -> bytes | None:
+async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool,
+                              kind: StreamKind, decoder: Decoder | None) -> bytes | None:
     buf = b""
     while True:
         chunk = await response.content.readany()
         if not chunk:
             return None
-        buf += chunk
-        offset = first_content_offset(buf, sse=sse)
-        if offset is not None:
-            return buf[offset:]
+        buf += decoder.decompress(chunk) if decoder is not None else chunk
+        prefix = content_start(buf, sse=sse, kind=kind)
+        if prefix is not None:
+            return prefix
         if not sse:  # all whitespace so far: nothing worth keeping
             buf = b""
 
 
-async def _failed_status(target: Target, response: aiohttp.ClientResponse) -> Failed:
+async def _failed_status(target: Target, response: aiohttp.ClientResponse,
+                         decoder: Decoder | None) -> Failed:
     try:
         body = await response.content.read(MAX_ERROR_BODY)
-    except (aiohttp.ClientError, OSError):
+        if decoder is not None:
+            body = decoder.decompress(body) + decoder.flush()
+    except (aiohttp.ClientError, OSError, zlib.error):
         body = b""
     finally:
         response.release()
@@ -236,7 +234,11 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse) -> Fa
     outcome = AttemptOutcome(target=target, result=result, status=status,
                              detail=f"HTTP {status}{_error_message(body)}",
                              retry_after_s=retry_after)
-    return Failed(outcome=outcome, status=status, headers=response.headers, body=body)
+    headers = response.headers
+    if decoder is not None:  # the body passed on is decoded: so must its headers say
+        headers = CIMultiDictProxy(CIMultiDict(
+            (k, v) for k, v in headers.items() if k.lower() != "content-encoding"))
+    return Failed(outcome=outcome, status=status, headers=headers, body=body)
 
 
 def _error_message(body: bytes) -> str:
@@ -263,7 +265,9 @@ async def read_rest(opened: Opened) -> bytes | Failed:
     """The whole non-streaming answer, or ``Failed`` if it broke off part-way."""
     try:
         rest = await opened.response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if opened.decoder is not None:
+            rest = opened.decoder.decompress(rest) + opened.decoder.flush()
+    except (aiohttp.ClientError, OSError, TimeoutError, zlib.error) as exc:
         opened.response.close()
         return _failure(opened.target, Result.STREAM_CUT,
                         f"answer cut part-way: {type(exc).__name__}: {exc}")
@@ -277,7 +281,7 @@ def buffered_response(opened: Opened, body: bytes, request_id: str,
                       extra_headers: Mapping[str, str] | None = None) -> web.Response:
     """The response for a non-streaming answer read whole by ``read_rest``."""
     headers = response_headers(opened.response.headers, request_id, opened.target,
-                               extra_headers)
+                               extra_headers, decoded=opened.decoder is not None)
     return web.Response(status=opened.response.status, body=body, headers=headers)
 
 
@@ -286,7 +290,8 @@ def stream_response(opened: Opened, request_id: str,
     """The client's streamed response for ``opened`` (not yet prepared)."""
     return web.StreamResponse(status=opened.response.status,
                               headers=response_headers(opened.response.headers, request_id,
-                                                       opened.target, extra_headers))
+                                                       opened.target, extra_headers,
+                                                       decoded=opened.decoder is not None))
 
 
 async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: Opened, *,
@@ -301,12 +306,13 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     events are those of a resumed attempt and are rewritten to continue the
     stream the client already has.
     """
-    upstream = opened.response
+    upstream, end, decoder = opened.response, opened.end, opened.decoder
+    tap = request.get(STREAM_TAP)  # the response cache keeps what the client got
     cut: str | None = None
     try:
         if not resp.prepared:
             await resp.prepare(request)
-        pending, tail = opened.prefix, b""
+        pending = opened.prefix
         chunks = upstream.content.iter_any()
         while True:
             whole = complete_events(pending)
@@ -322,22 +328,30 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                     # Outside the try below: a client that went away is not the
                     # upstream's fault; its error ends the attempt with no outcome.
                     await resp.write(events)
-                    tail = (tail + events)[-_SSE_TAIL:]
+                    end.feed(events)
+                    if tap is not None:
+                        tap.append(events)
             try:
                 chunk = await anext(chunks, None)
+                if chunk is not None and decoder is not None:
+                    chunk = decoder.decompress(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
-                    TimeoutError) as exc:
+                    TimeoutError, zlib.error) as exc:
                 cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 break
             if chunk is None:
+                end.eof()
                 break
             if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
                 chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
             pending += chunk
-        if cut is None and b"[DONE]" not in tail + pending:
-            cut = "the upstream ended the stream without [DONE]"
         if cut is None and pending.strip():
-            await resp.write(pending)  # a last event without its blank line
+            end.feed(pending)  # a last event without its blank line
+            await resp.write(pending)
+            if tap is not None:
+                tap.append(pending)
+        if cut is None and not end.complete:
+            cut = end.missing
     finally:
         upstream.close()
     return cut
@@ -346,14 +360,5 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
 async def end_stream(resp: web.StreamResponse, opened: Opened, cut: str | None) -> None:
     """Finish the client's stream: after a cut, an SSE error event and no ``[DONE]``."""
     if cut is not None:
-        await resp.write(sse_error_event(opened.target.name, cut))
+        await resp.write(opened.end.error_event(opened.target.name, cut))
     await resp.write_eof()
-
-
-def sse_error_event(upstream: str, reason: str) -> bytes:
-    """An OpenAI-shaped error as one SSE event, for a stream that broke off."""
-    error = {"error": {
-        "message": (f"the upstream '{upstream}' broke off the stream part-way ({reason}); "
-                    "the answer above is incomplete, retry the request"),
-        "type": "upstream_error", "param": None, "code": "stream_interrupted"}}
-    return b"data: " + json.dumps(error).encode() + b"\n\n"

@@ -3,9 +3,11 @@
 A handler parses and validates the request, asks the router for the route, and
 hands the rest to the attempt loop (``proxy._failover``), through the
 degradation decision (``proxy._degraded``). Only the ``model``, ``stream``, ``n``
-and token-limit fields of the body are interpreted; the body goes upstream as the
+and token-limit fields of a JSON body are interpreted; the body goes upstream as the
 client sent it unless the model alias has to be renamed or, in minimal mode, its
-``max_tokens`` capped.
+``max_tokens`` capped. Uploads (multipart, binary) are streamed, not parsed
+(``proxy._bodies``). A request that names a stored object (a file, a stored
+response) goes to the upstream holding it (``proxy._objects``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import time
 from typing import Any
 
 from aiohttp import web
-from skyroute.routing import ApiKey, Config, Route, Router
+from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
+from ._bodies import Upload, is_upload
+from ._cache import serve_cached
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -30,29 +34,42 @@ from ._errors import (
     NotFound,
 )
 from ._failover import serve_route
-from ._forward import UpstreamCall, client_headers
-from ._sessions import count_tokens, enforce_limits, remember_session, session_id_of
-from ._state import METRICS, REQUEST_ID, SERVING, SESSION, STATE_SYNC, SUMMARY
-
-
-def bearer_token(request: web.Request) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if there is one."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    given = given.strip()
-    return given if scheme.lower() == "bearer" and given else None
+from ._forward import UpstreamCall
+from ._headers import client_key, request_headers
+from ._objects import creates_object, holder_of, named_ids, remember_created
+from ._sessions import (
+    count_tokens,
+    enforce_limits,
+    remember_session,
+    session_id_of,
+)
+from ._state import (
+    METRICS,
+    RATE_LIMIT_HEADERS,
+    REQUEST_ID,
+    SERVING,
+    STATE_SYNC,
+    SUMMARY,
+    UPSTREAM_SESSIONS,
+)
 
 
 def authenticate(request: web.Request, config: Config) -> ApiKey | None:
     """The client key the request carries (None when auth is off).
+
+    The key is looked for in ``auth.key_headers`` (default ``Authorization: Bearer``,
+    ``api-key``, ``x-api-key``), and compared by digest in constant time.
 
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
     if config.api_keys is None:
         return None
-    given = bearer_token(request)
+    given = client_key(request, config.key_headers)
     if given is None:
-        raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer <key>' "
+        where = ", ".join("'Authorization: Bearer <key>'" if h == "authorization" else f"'{h}'"
+                          for h in config.key_headers)
+        raise InvalidApiKey(f"missing API key: send it as one of {where} "
                             "(the OpenAI SDK's api_key)")
     key = _key_digests(config.api_keys).get(hashlib.sha256(given.encode()).digest())
     if key is not None:
@@ -131,37 +148,78 @@ def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route,
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Any ``/v1/...`` request that goes to an upstream."""
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
-    store = request.app[STATE_SYNC].store
-    client = authenticate(request, runtime.config)
+    config, store = runtime.config, request.app[STATE_SYNC].store
+    client = authenticate(request, config)
     if client is not None:
-        enforce_limits(store, client, now=time.time())
-    body = await read_body(request, runtime.config.limits.max_body_bytes)
-    payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
-    route, alias = choose_route(runtime.router, payload)
+        request[RATE_LIMIT_HEADERS] = enforce_limits(store, client, request.app[METRICS],
+                                                     now=time.time())
+    call = await _read_call(request, config)
+    try:
+        route, alias = choose_route(runtime.router, call.payload if call.upload is None
+                                    else {"model": call.upload.model} if call.upload.model
+                                    else None)
+        call.alias = alias
+        resp = await serve_cached(request, route, call, client, functools.partial(
+            _serve, request, runtime.router, route, call, client))
+    finally:
+        if call.upload is not None:
+            call.upload.close()
+    summary = request[SUMMARY]
+    summary.upstream_request_id = resp.headers.get("X-Upstream-Request-ID")
+    body = resp.body if isinstance(resp, web.Response) else None
+    body = body if isinstance(body, bytes) else None
+    if resp.status < 300 and creates_object(call.method, call.path_qs):
+        remember_created(request.app[STATE_SYNC].objects, body or summary.stream_head,
+                         summary.upstream, config, request.app[METRICS])
+    if client is not None and client.tpm is not None:
+        count_tokens(store, client, body, streamed=summary.stream_tokens)
+    return resp
+
+
+async def _read_call(request: web.Request, config: Config) -> UpstreamCall:
+    """The request as it goes upstream: headers by the rules, a JSON body or an upload."""
+    headers, billing = request_headers(request, config.trusted_proxies)
+    upload: Upload | None = None
+    body, payload = b"", None
+    if is_upload(request):
+        upload = await Upload.read(request, config.limits.max_upload_bytes)
+    else:
+        body = await read_body(request, config.limits.max_body_bytes)
+        payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
+    return UpstreamCall(method=request.method, path_qs=request.raw_path[len("/v1"):],
+                        headers=headers, billing=billing, body=body or None, payload=payload,
+                        upload=upload, alias=None,
+                        accept_encoding=request.headers.get("Accept-Encoding", ""))
+
+
+async def _serve(request: web.Request, router: Router, route: Route, call: UpstreamCall,
+                 client: ApiKey | None) -> web.StreamResponse:
+    """Route and serve ``call``: to the holder of an object it names, else by degradation."""
+    config, store = router.config, request.app[STATE_SYNC].store
     metrics, now = request.app[METRICS], asyncio.get_running_loop().time()
-    decision = decide(runtime.router, route, payload, metrics, now=now)
-    body, payload = cap_max_tokens(body, payload, decision, metrics)
-    session_id = session_id_of(request, payload, runtime.config.sessions)
+    summary = request[SUMMARY]
+    serve = functools.partial(serve_route, request, router=router, call=call,
+                              session=request.app[UPSTREAM_SESSIONS], metrics=metrics,
+                              request_id=request[REQUEST_ID], summary=summary,
+                              count_usage=client is not None and client.tpm is not None)
+    ids = named_ids(call.path_qs, call.payload)
+    holder = holder_of(request.app[STATE_SYNC].objects, ids, router, metrics,
+                       now=now) if ids else None
+    if holder is not None:  # only that upstream has the object: no fallback, no session
+        return await serve(route=route, pinned=holder)
+    decision = decide(router, route, call.payload, metrics, now=now)
+    if call.body is not None:
+        call.body, call.payload = cap_max_tokens(call.body, call.payload, decision, metrics)
+    session_id = session_id_of(request, call.payload, config.sessions)
     session = store.get(session_id, now=time.time()) if session_id else None
     pinned = session.upstream if session else None
-    tail = request.raw_path[len("/v1"):]
-    call = UpstreamCall(method=request.method, path_qs=tail, headers=client_headers(request),
-                        body=body or None, payload=payload, alias=alias)
-    summary = request[SUMMARY]
-    serve = functools.partial(serve_route, request, router=runtime.router, call=call,
-                              session=request.app[SESSION], metrics=metrics,
-                              request_id=request[REQUEST_ID], summary=summary, prefer=pinned,
-                              count_usage=client is not None and client.tpm is not None)
-    resp = await serve_decided(serve, decision, asked=route, router=runtime.router,
-                               metrics=metrics, summary=summary,
+    resp = await serve_decided(functools.partial(serve, prefer=pinned), decision, asked=route,
+                               router=router, metrics=metrics, summary=summary,
                                deadline=now + route.timeout_s)
-    # A fallback's answer must not pin the session to the fallback's upstream.
-    if session_id and resp.status < 400 and summary.fallback is None:
-        remember_session(store, session_id, summary.upstream, pinned)
-    if client is not None and client.tpm is not None:
-        body = resp.body if isinstance(resp, web.Response) else None
-        count_tokens(store, client, body if isinstance(body, bytes) else None,
-                     streamed=summary.stream_tokens)
+    if session_id:
+        remember_session(store, session_id, affinity_after(
+            pinned=pinned, served_by=summary.upstream, status=resp.status,
+            fallback=summary.fallback is not None))
     return resp
 
 

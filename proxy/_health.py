@@ -1,7 +1,8 @@
 """Reporting upstream health: state-change log lines, gauges, ``/health``, the ticker.
 
-``routing`` decides states and degradation levels; this module only tells the
-outside world about them. Every state change is one log line (``bad_key`` at
+``routing`` decides states, degradation levels and what health is gossiped
+between instances; this module only tells the outside world about them and
+carries the gossip to and from the shared store. Every state change is one log line (``bad_key`` at
 error level, since only a human can fix a key or a balance), every route level
 change too, and the gauges in ``/metrics`` follow.
 """
@@ -14,9 +15,22 @@ from collections.abc import AsyncIterator, Iterable
 
 import structlog
 from aiohttp import web
-from skyroute.routing import LEVELS, STATES, HealthChange, Router, TrafficShare
+from skyroute.routing import (
+    LEVELS,
+    STATES,
+    Finding,
+    HealthChange,
+    Level,
+    Publish,
+    Router,
+    TrafficShare,
+    UpstreamState,
+    Withdraw,
+    gossip_decisions,
+)
 from skyroute.statesync import SessionStore
 
+from ._cache import CACHE
 from ._metrics import Metrics
 from ._state import METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
@@ -39,14 +53,11 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
             region = router.config.upstream(change.upstream).region
         except KeyError:  # removed by a reload since
             region = "-"
-        level = "error" if change.new == "bad_key" else "warning" if change.new != "healthy" \
-            else "info"
-        message = (f"upstream {change.upstream} (region {region}) {change.new}: {change.reason}"
-                   if change.new != "bad_key" else
-                   f"upstream {change.upstream} has a bad API key or no balance "
-                   f"({change.reason}); it is out of rotation until the key is fixed")
-        getattr(log, level)(message, upstream=change.upstream, region=region, old=change.old,
-                            new=change.new)
+        # bad_key at error level: only a human can fix a key or a balance.
+        level = "error" if change.new is UpstreamState.BAD_KEY else "warning" \
+            if change.new is not UpstreamState.HEALTHY else "info"
+        getattr(log, level)("upstream_state_changed", upstream=change.upstream, region=region,
+                            **{"from": change.old, "to": change.new}, reason=change.reason)
         metrics.health_changes.labels(change.upstream, change.new).inc()
         _set_state_gauges(metrics, change.upstream, change.new)
     if last is not None:
@@ -56,19 +67,18 @@ def report_changes(changes: Iterable[HealthChange | None], router: Router, metri
 def report_level_changes(router: Router, metrics: Metrics, *, now: float) -> None:
     """Log each route level change once; set the level and minimal-mode gauges."""
     for change in router.level_changes(now=now):
-        level = "info" if change.new == "normal" else "error" if change.new == "unavailable" \
-            else "warning"
-        getattr(log, level)(f"route {change.route} degradation level {change.old} -> "
-                            f"{change.new}: {change.reason}", route=change.route,
-                            old=change.old, new=change.new, reason=change.reason)
+        level = "info" if change.new is Level.NORMAL else "error" \
+            if change.new is Level.UNAVAILABLE else "warning"
+        getattr(log, level)("route_level_changed", route=change.route,
+                            **{"from": change.old, "to": change.new}, reason=change.reason)
         metrics.degradation_changes.labels(change.route, change.new).inc()
         metrics.degradation_level.labels(change.route).set(LEVELS.index(change.new))
     metrics.minimal_mode.set(1 if router.minimal(now=now).active else 0)
 
 
-def _set_state_gauges(metrics: Metrics, upstream: str, current: str) -> None:
+def _set_state_gauges(metrics: Metrics, upstream: str, current: UpstreamState) -> None:
     for state in STATES:
-        metrics.upstream_state.labels(upstream, state).set(1 if state == current else 0)
+        metrics.upstream_state.labels(upstream, state).set(1 if state is current else 0)
 
 
 def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
@@ -92,36 +102,29 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
         metrics.degradation_level.labels(model).set(LEVELS.index(level))
 
 
-#: States worth telling other instances about: they cost every instance a failed call.
-GOSSIPED = ("bad_key", "down")
-
-
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    A report about an upstream that has answered here since (a panic try got an
-    answer) is withdrawn rather than taken: it is out of date. The store speaks
-    wall-clock time and the router loop time; ``until`` is carried across as
-    "seconds from now".
+    ``routing.gossip_decisions`` decides (a report about an upstream that has answered
+    here since is withdrawn, not taken); the store speaks wall-clock time and the router
+    loop time, so findings and adopted reports cross as "seconds from now".
     """
     wall = time.time()
-    snapshot = router.snapshot(now=now)
-    reports = store.upstream_reports(now=wall)
-    for name, entry in snapshot.items():
-        if entry["state"] in GOSSIPED and name not in reports:
-            store.report_upstream(name, entry["state"], until=wall + entry.get("until_s", 60.0),
-                                  now=wall)
+    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"),
+                              answering=router.health(name).is_answering())
+                for name, entry in router.snapshot(now=now).items()}
     changes = []
-    for name, report in reports.items():
-        if name not in snapshot or report.state not in GOSSIPED:
-            continue
-        if router.health(name).is_answering():  # it answered here since: the report is old
-            store.report_upstream(name, "healthy", until=None, now=wall)
-            continue
-        left = (report.until - wall) if report.until is not None else 60.0
-        if left > 0 and snapshot[name]["state"] != report.state:
-            changes.append(router.mark(name, report.state, until=now + left, now=now,
-                                       reason=f"reported by instance {report.reporter}"))
+    for decision in gossip_decisions(findings, store.upstream_reports(now=wall), now=wall):
+        if isinstance(decision, Publish):
+            store.report_upstream(decision.upstream, decision.state, until=decision.until,
+                                  now=wall)
+        elif isinstance(decision, Withdraw):
+            store.report_upstream(decision.upstream, UpstreamState.HEALTHY, until=None,
+                                  now=wall)
+        else:
+            changes.append(router.mark(decision.upstream, decision.state,
+                                       until=now + decision.for_s, reason=decision.reason,
+                                       now=now))
     return changes
 
 
@@ -143,6 +146,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
         "peers": request.app[STATE_SYNC].peer_states(),
+        "cache": request.app[CACHE].state(),
     })
 
 

@@ -101,9 +101,18 @@ class Metrics:
             "stops; the default latency query takes the max over instances) and prometheus "
             "(what that query returned, while fresh). /health says which one routing uses.",
             ["upstream", "source"], registry=r)
+        self.object_affinity = Counter(
+            "skyroute_object_affinity",
+            "Stateful objects (files, batches, responses, ...): remembered (an upstream "
+            "created one), routed (a request naming one went to its upstream), unavailable "
+            "(its upstream was out: 503).", ["result"], registry=r)
         self.client_errors = Counter(
             "skyroute_client_errors", "Requests refused before routing, by reason.",
             ["reason"], registry=r)
+        self.rate_limited = Counter(
+            "skyroute_rate_limited",
+            "Requests refused (429) by a client key's limit, by key name and limit: "
+            "requests (rpm) or tokens (tpm).", ["key", "limit"], registry=r)
         self.degradation_changes = Counter(
             "skyroute_degradation_level_changes",
             "Route degradation level changes, by new level.", ["route", "level"], registry=r)

@@ -128,15 +128,13 @@ class _Books:
         if self.has_metrics.get(key) == has:
             return
         self.has_metrics[key] = has
-        if has:
-            log.info(f"pool {upstream}: {endpoint} reports its load; it is picked by queue "
-                     "depth, KV-cache use and running requests", upstream=upstream,
-                     endpoint=endpoint)
+        if has:  # picked by queue depth, KV-cache use and running requests
+            log.info("pool_load_source_changed", upstream=upstream, endpoint=endpoint,
+                     source="metrics")
         else:
-            log.info(f"pool {upstream}: {endpoint} exports none of the configured load metrics "
-                     f"({check.metrics_error or 'none found'}); it is picked by skyroute's own "
-                     "in-flight count (set latency.scrape.metrics if it uses other names)",
-                     upstream=upstream, endpoint=endpoint)
+            log.info("pool_load_source_changed", upstream=upstream, endpoint=endpoint,
+                     source="in_flight", reason=check.metrics_error or "none found",
+                     hint="set latency.scrape.metrics if the server uses other metric names")
 
     def forget_except(self, keep: set[tuple[str, str]]) -> None:
         self.has_metrics = {k: v for k, v in self.has_metrics.items() if k in keep}
@@ -156,13 +154,11 @@ def _feed(router: Router, metrics: Metrics, books: _Books, upstream: Upstream, e
     if change is None:
         return
     if change.healthy:
-        log.info(f"pool {name}: {endpoint} passes its health check again and is back in the "
-                 "pool", upstream=name, endpoint=endpoint)
-    else:
-        log.warning(f"pool {name}: {endpoint} failed {change.failed_checks} health checks in a "
-                    f"row ({check.health_error or check.metrics_error}); it gets no requests "
-                    "until a check passes",
-                    upstream=name, endpoint=endpoint, failed_checks=change.failed_checks)
+        log.info("pool_endpoint_health_changed", upstream=name, endpoint=endpoint, healthy=True)
+    else:  # it gets no requests until a check passes
+        log.warning("pool_endpoint_health_changed", upstream=name, endpoint=endpoint,
+                    healthy=False, failed_checks=change.failed_checks,
+                    reason=check.health_error or check.metrics_error)
 
 
 async def scrape_round(app: web.Application, books: _Books) -> None:
@@ -189,7 +185,7 @@ async def _scrape_forever(app: web.Application) -> None:
         try:
             await scrape_round(app, books)
         except Exception:  # a bug here must not stop pool scraping for good
-            log.exception("pool scrape round failed")
+            log.exception("pool_scrape_crashed")
         interval = app[SERVING].runtime.config.latency.scrape.interval_s
         due = next_round(due, interval, loop.time())
         await asyncio.sleep(due - loop.time())

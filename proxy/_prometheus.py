@@ -168,9 +168,9 @@ async def _round(app: web.Application, session: aiohttp.ClientSession,
         metrics.prometheus_queries.labels(exc.result).inc()
         metrics.set_prometheus_up(False)
         if status.up is not False:
-            log.warning(f"latency Prometheus at {source.url} is not answering ({exc}); "
-                        "routing uses passive latency from skyroute's own traffic until it "
-                        "answers again", url=source.url, result=exc.result)
+            # routing uses passive latency from skyroute's own traffic until it answers
+            log.warning("latency_prometheus_failed", url=source.url, result=exc.result,
+                        reason=str(exc))
         status.up, status.last_error, status.readings = False, str(exc), {}
         return
     now = asyncio.get_running_loop().time()
@@ -178,12 +178,10 @@ async def _round(app: web.Application, session: aiohttp.ClientSession,
     metrics.prometheus_queries.labels("ok" if matched else "empty").inc()
     metrics.set_prometheus_up(True)
     if status.up is False:
-        log.info(f"latency Prometheus at {source.url} answers again; routing uses its "
-                 f"latency ({len(matched)} upstream(s) in the answer)", url=source.url)
+        log.info("latency_prometheus_recovered", url=source.url, upstreams=len(matched))
     if not matched and (status.up is None or status.readings):
-        log.info(f"latency Prometheus at {source.url} returned no series for any upstream "
-                 f"(label '{source.label}'); passive latency is used until it does",
-                 url=source.url, series=len(readings))
+        log.info("latency_prometheus_unmatched", url=source.url, label=source.label,
+                 series=len(readings))
     status.up, status.last_ok_at, status.last_error = True, now, None
     status.readings = matched
 
@@ -196,7 +194,7 @@ async def _poll_forever(app: web.Application, session: aiohttp.ClientSession,
         source = app[SERVING].runtime.config.latency.prometheus
         if source is None:
             if status.url is not None:
-                log.info("latency.prometheus removed from the routing file; passive latency only")
+                log.info("latency_prometheus_removed")
             status.url, status.up, status.readings = None, None, {}
             app[METRICS].set_prometheus_up(None)
             await asyncio.sleep(DISABLED_RECHECK_S)
@@ -207,7 +205,7 @@ async def _poll_forever(app: web.Application, session: aiohttp.ClientSession,
         try:
             await _round(app, session, source, status)
         except Exception:  # a bug here must not stop the source for good
-            log.exception("latency Prometheus round failed", url=source.url)
+            log.exception("latency_prometheus_crashed", url=source.url)
         due = next_round(due, source.interval_s, loop.time())
         await asyncio.sleep(due - loop.time())
 

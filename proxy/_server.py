@@ -21,7 +21,8 @@ from aiohttp import web
 from skyroute.routing import Config
 
 from ._app import build_app
-from ._reload import reload_config
+from ._reload import request_reload
+from ._startup import listen_error
 from ._state import SERVING
 
 log = structlog.get_logger("skyroute.server")
@@ -41,6 +42,7 @@ class Server:
         self.app = app if app is not None else build_app(config, config_path=config_path)
         self.host = host if host is not None else config.listen.host
         self.port = port if port is not None else config.listen.port
+        self.grace_s = grace_s
         # handler_cancellation: a client that goes away cancels its handler, and so
         # the upstream request it was waiting on.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
@@ -57,17 +59,32 @@ class Server:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
-        await self._runner.setup()
-        if self._sock is not None:
-            self._site = web.SockSite(self._runner, self._sock)
-            await self._site.start()
-        else:
-            self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-            await self._site.start()
+        """Start the app's background work, then listen.
+
+        Raises:
+            StartupError: the address cannot be listened on (in use, not this
+                machine's, a name that does not resolve); nothing is left running.
+        """
+        try:
+            await self._runner.setup()
+            if self._sock is not None:
+                self._site = web.SockSite(self._runner, self._sock)
+                await self._site.start()
+            else:
+                self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+                await self._site.start()
+        except BaseException as exc:
+            # Stop what setup started (tickers, sessions, sync), so a failed start
+            # leaves no task or client session behind to complain at exit.
+            await self._runner.cleanup()
+            if isinstance(exc, OSError):
+                raise listen_error(self.host, self.port, exc) from exc
+            raise
+        if self._sock is None:
             server = self._site._server  # aiohttp exposes no public bound-port accessor
             if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
                 self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("skyroute listening", url=self.url)
+        log.info("server_started", url=self.url)
 
     async def aclose(self) -> None:
         self.app[SERVING].draining = True
@@ -87,11 +104,11 @@ async def serve_forever(server: Server) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_config(server.app))
+    loop.add_signal_handler(signal.SIGHUP, lambda: request_reload(server.app))
     await server.start()
     try:
         await stop.wait()
-        log.info("shutting down: draining requests in flight")
+        log.info("shutdown_started", grace_s=server.grace_s)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(ValueError, RuntimeError):

@@ -1,33 +1,47 @@
 """Sessions and client limits, kept in ``statesync`` and shared by every instance.
 
 The proxy side of state sync: it maps the routing file onto ``SyncSettings``,
-runs ``StateSync`` for the app's lifetime, finds a request's session id, applies
-``rpm``/``tpm`` limits across all instances, and gossips upstream health. Every
+runs ``StateSync`` for the app's lifetime, finds a request's session id, and
+carries out ``routing``'s decisions about the store: ``rpm``/``tpm`` limits across
+all instances (``check_rate``) and session pins (``affinity_after``). Every
 instance has a store: without a ``sync`` section it is simply not shared.
 Times here are wall-clock (``time.time()``), the only clock instances share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from skyroute.routing import ApiKey, Config, SessionPolicy
+from skyroute.routing import (
+    RATE_WINDOW_S,
+    ApiKey,
+    Config,
+    Pin,
+    RateLimited,
+    SessionPolicy,
+    Sleep,
+    Touch,
+    check_rate,
+)
 from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
-from ._errors import RateLimited
+from ._errors import RateLimitExceeded
+from ._metrics import Metrics
 
-#: Usage is counted in buckets of this many seconds over the last minute; a client
-#: over its limit may retry once the oldest bucket has left the window.
-USAGE_BUCKET_S = 10
+log = structlog.get_logger("skyroute.limits")
+
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
-def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
+def state_sync_for(config: Config, registry: CollectorRegistry, *,
+                   sleep: Sleep = asyncio.sleep) -> StateSync:
     """The ``StateSync`` for ``config`` (shared if it has a ``sync`` section)."""
     sync = config.sync
     settings = SyncSettings(
@@ -36,8 +50,10 @@ def state_sync_for(config: Config, registry: CollectorRegistry) -> StateSync:
         discovery_interval_s=sync.discovery_interval_s if sync else 10.0,
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
-        snapshot_path=sync.snapshot_path if sync else None)
-    return StateSync(settings, registry=registry)
+        snapshot_path=sync.snapshot_path if sync else None, usage_window_s=RATE_WINDOW_S,
+        ping_interval_s=sync.ping_interval_s if sync else 1.0,
+        ping_misses=sync.ping_misses if sync else 3)
+    return StateSync(settings, registry=registry, sleep=sleep)
 
 
 def state_sync_lifecycle(key: web.AppKey[StateSync]) -> Any:
@@ -73,25 +89,46 @@ def session_id_of(request: web.Request, payload: dict[str, Any] | None,
     return given[:200] if given else None
 
 
-def enforce_limits(store: SessionStore, client: ApiKey, *, now: float) -> None:
-    """Count one request for ``client``, or refuse it if over its rpm/tpm across instances.
+def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
+                   now: float) -> dict[str, str]:
+    """Count one request for ``client``, or refuse it if over its rpm/tpm across instances
+    (``routing.check_rate`` decides, from the store's counts).
+
+    Returns:
+        OpenAI's ``x-ratelimit-*`` headers for the key's own limits, this request
+        counted (SDKs pace themselves by them); empty for a key without limits.
 
     Raises:
-        RateLimited: with ``Retry-After`` and which limit was hit.
+        RateLimitExceeded: with ``Retry-After`` and which limit was hit.
     """
     if client.rpm is None and client.tpm is None:
-        return
-    usage = store.usage(client.name, now=now)
-    retry_after = USAGE_BUCKET_S - (now % USAGE_BUCKET_S) + 0.001
-    if client.rpm is not None and usage.requests >= client.rpm:
-        raise RateLimited(
-            f"rate limit for key '{client.name}': {client.rpm} requests per minute across all "
-            f"skyroute instances; retry after {retry_after:.0f}s", retry_after_s=retry_after)
-    if client.tpm is not None and usage.tokens >= client.tpm:
-        raise RateLimited(
-            f"token limit for key '{client.name}': {client.tpm} tokens per minute across all "
-            f"skyroute instances; retry after {retry_after:.0f}s", retry_after_s=retry_after)
+        return {}
+    decision = check_rate(key=client.name, rpm=client.rpm, tpm=client.tpm,
+                          usage=store.usage_buckets(client.name, now=now), now=now)
+    if isinstance(decision, RateLimited):
+        metrics.rate_limited.labels(client.name, decision.limit).inc()
+        log.info("request_rate_limited", key=client.name, limit=decision.limit,
+                 allowed=decision.allowed, used=decision.used,
+                 retry_after_s=decision.retry_after_s)
+        raise RateLimitExceeded(decision.message, retry_after_s=decision.retry_after_s, headers={
+            f"x-ratelimit-limit-{decision.limit}": str(decision.allowed),
+            f"x-ratelimit-remaining-{decision.limit}": str(decision.remaining),
+            f"x-ratelimit-reset-{decision.limit}": f"{decision.retry_after_s}s"})
     store.add_usage(client.name, requests=1, now=now)
+    headers = {}
+    for status in decision.status:
+        headers[f"x-ratelimit-limit-{status.limit}"] = str(status.allowed)
+        headers[f"x-ratelimit-remaining-{status.limit}"] = str(status.remaining)
+        headers[f"x-ratelimit-reset-{status.limit}"] = _duration(status.reset_s)
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in rate-limit headers: ``6m0s``, ``1s``, ``20ms``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
@@ -110,11 +147,14 @@ def count_tokens(store: SessionStore, client: ApiKey, body: bytes | None, *,
         store.add_usage(client.name, tokens=tokens, now=time.time())
 
 
-def remember_session(store: SessionStore, session_id: str, served_by: str,
-                     pinned: str | None) -> None:
-    """Pin the session to the upstream that answered (re-pin if it moved), or touch it."""
-    now = time.time()
-    if served_by != pinned:
-        store.pin(session_id, served_by, now=now)
-    else:
-        store.touch(session_id, now=now)
+def remember_session(store: SessionStore, session_id: str, update: Pin | Touch | None) -> None:
+    """Carry out ``routing.affinity_after``'s decision for the session.
+
+    A pin passes the pin its request saw as ``moved_from``: one made without having
+    seen a pin does not replace an earlier pin made at another instance (statesync's
+    pin rule), so the session stays where it was first answered.
+    """
+    if isinstance(update, Pin):
+        store.pin(session_id, update.upstream, now=time.time(), moved_from=update.moved_from)
+    elif isinstance(update, Touch):
+        store.touch(session_id, now=time.time())

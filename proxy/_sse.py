@@ -8,6 +8,10 @@ relayed piece is fed to a ``StreamTranscript``, which keeps the first chunk's
 came (one token each on the servers we know), the ``usage`` the upstream reported
 (only with ``stream_options.include_usage``) and whether ``[DONE]`` arrived.
 
+A Responses stream is read the same way: its ``response.output_text.delta`` events
+are the content chunks and the terminal event's ``response.usage`` the usage; it is
+never resumable (its events carry sequence numbers and item ids of one upstream).
+
 The stream of a resumed attempt goes through ``continue_with``, which rewrites its
 events to carry the original ``id``/``created``/``model`` and drops its role-only
 opening chunk, so the client reads one stream.
@@ -42,7 +46,7 @@ def _data_of(event: bytes) -> bytes | None:
 class StreamTranscript:
     """The answer so far of one streamed completion, possibly over several upstreams."""
 
-    __slots__ = ("content_chunks", "done", "finished", "head", "parts", "resumable",
+    __slots__ = ("content_chunks", "done", "finished", "head", "parts", "text_only",
                  "usage_tokens")
 
     def __init__(self) -> None:
@@ -52,13 +56,13 @@ class StreamTranscript:
         self.usage_tokens = 0  # total_tokens the upstreams reported
         self.done = False  # [DONE] arrived
         self.finished = False  # a choice carried a finish_reason
-        #: False once the stream has more than one choice or calls tools: a text
-        #: prefix cannot carry those over to another upstream.
-        self.resumable = True
+        #: False once the stream has more than one choice or calls tools (a text
+        #: prefix cannot carry those over to another upstream: ``routing.is_resumable``).
+        self.text_only = True
 
     def __repr__(self) -> str:
         return (f"<StreamTranscript chunks={self.content_chunks} done={self.done} "
-                f"resumable={self.resumable}>")
+                f"text_only={self.text_only}>")
 
     @property
     def text(self) -> str:
@@ -107,6 +111,10 @@ class StreamTranscript:
             and set(c.get("delta") or {}) <= {"role", "content"} for c in choices)
 
     def _take(self, chunk: dict[str, Any]) -> None:
+        kind = chunk.get("type")
+        if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
+            self._take_responses_event(kind, chunk)
+            return
         if self.head is None and "id" in chunk:
             self.head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
         usage = chunk.get("usage")
@@ -114,13 +122,26 @@ class StreamTranscript:
             self.usage_tokens += usage["total_tokens"]
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
-                self.resumable = False
+                self.text_only = False
             delta = choice.get("delta") or {}
             if delta.get("tool_calls") or delta.get("function_call"):
-                self.resumable = False
+                self.text_only = False
             content = delta.get("content") if "delta" in choice else choice.get("text")
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.content_chunks += 1
             if choice.get("finish_reason"):
                 self.finished = True
+
+    def _take_responses_event(self, kind: str, event: dict[str, Any]) -> None:
+        self.text_only = False
+        delta = event.get("delta")
+        if kind == "response.output_text.delta" and isinstance(delta, str) and delta:
+            self.parts.append(delta)
+            self.content_chunks += 1
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            self.usage_tokens = usage["total_tokens"]  # the terminal event's, once
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.finished = True

@@ -1,18 +1,25 @@
-"""Retry delays as a pure generator ("full jitter" exponential backoff).
+"""Delays between tries as one pure generator (jittered exponential backoff).
 
 Rules / Theory of operation
 ---------------------------
-When many clients retry against the same upstream, plain exponential backoff
-keeps them in lock-step: they all come back at 1 s, 2 s, 4 s... and hit the
-upstream together each time. AWS's "Exponential Backoff and Jitter" study shows
-that drawing each delay uniformly from the whole interval ("full jitter")
-spreads them out best, for the least total work:
+When many clients retry against the same server, plain exponential backoff
+keeps them in lock-step: they all come back at 1 s, 2 s, 4 s... and hit it
+together each time. AWS's "Exponential Backoff and Jitter" study shows that
+drawing each delay at random from the interval spreads them out:
 
-    delay(n) = uniform(0, min(cap_s, base_s * 2**n))      n = 0, 1, 2, ...
+    ceiling(n) = min(cap_s, base_s * 2**n)                    n = 0, 1, 2, ...
+    FULL:   delay(n) = uniform(0, ceiling(n))
+    EQUAL:  delay(n) = uniform(ceiling(n) / 2, ceiling(n))
 
-* The generator is infinite and pure: it never sleeps and never reads a clock.
-  The retry policy decides how many delays to take (``itertools.islice``) and
-  the proxy sleeps through an injected ``sleep``, so tests run in zero time.
+* ``Jitter.FULL`` spreads clients best for the least total work; the proxy
+  uses it between attempts of one request (``retry.backoff_base``/``_cap``).
+* ``Jitter.EQUAL`` never waits less than half the ceiling; statesync uses it to
+  redial a peer, where a near-zero delay after a refused connection would only
+  be refused again.
+* This is the only backoff in skyroute: the generator is infinite and pure. It
+  never sleeps and never reads a clock; the caller takes as many delays as it
+  allows tries and sleeps through an injected ``sleep``, so tests run a whole
+  retry policy in zero wall time.
 * All randomness comes from the ``rng`` argument; a seeded ``random.Random``
   makes a sequence reproducible.
 * Arguments are checked when the function is called, not at the first
@@ -23,23 +30,38 @@ spreads them out best, for the least total work:
 
 from __future__ import annotations
 
+import enum
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
-__all__ = ["full_jitter_delays"]
+__all__ = ["Jitter", "Sleep", "backoff_delays"]
+
+Sleep = Callable[[float], Awaitable[None]]
+"""What the shells wait through (``asyncio.sleep`` in production); injected so a test
+can take the delays without waiting them."""
 
 
-def full_jitter_delays(*, base_s: float, cap_s: float, rng: random.Random) -> Iterator[float]:
-    """Return an infinite iterator of full-jitter backoff delays in seconds.
+class Jitter(enum.Enum):
+    """How a delay is drawn below its ceiling (see the module docstring)."""
 
-    Attempt ``n`` (from 0) yields ``rng.uniform(0, min(cap_s, base_s * 2**n))``.
+    FULL = "full"
+    EQUAL = "equal"
+
+
+def backoff_delays(*, base_s: float, cap_s: float, rng: random.Random,
+                   jitter: Jitter = Jitter.FULL) -> Iterator[float]:
+    """Return an infinite iterator of jittered exponential backoff delays in seconds.
+
+    Attempt ``n`` (from 0) draws below the ceiling ``min(cap_s, base_s * 2**n)``:
+    from all of it with ``Jitter.FULL``, from its upper half with ``Jitter.EQUAL``.
 
     Args:
         base_s: ceiling of the first delay, in seconds (> 0).
         cap_s: largest ceiling any delay may have, in seconds (>= base_s).
         rng: the source of randomness; pass a seeded ``random.Random`` to
             make the sequence reproducible.
+        jitter: how a delay is drawn below its ceiling.
 
     Returns:
         An iterator that never ends; take as many delays as attempts allowed.
@@ -49,18 +71,19 @@ def full_jitter_delays(*, base_s: float, cap_s: float, rng: random.Random) -> It
             not finite or smaller than ``base_s``.
     """
     if not (math.isfinite(base_s) and base_s > 0):
-        raise ValueError(f"full_jitter_delays: base_s must be a finite number > 0, got {base_s!r}")
+        raise ValueError(f"backoff_delays: base_s must be a finite number > 0, got {base_s!r}")
     if not (math.isfinite(cap_s) and cap_s >= base_s):
         raise ValueError(
-            f"full_jitter_delays: cap_s must be a finite number >= base_s ({base_s!r}),"
+            f"backoff_delays: cap_s must be a finite number >= base_s ({base_s!r}),"
             f" got {cap_s!r}"
         )
-    return _delays(base_s, cap_s, rng)
+    return _delays(base_s, cap_s, rng, 0.0 if jitter is Jitter.FULL else 0.5)
 
 
-def _delays(base_s: float, cap_s: float, rng: random.Random) -> Iterator[float]:
+def _delays(base_s: float, cap_s: float, rng: random.Random, floor: float) -> Iterator[float]:
     ceiling = base_s
     while True:
-        yield rng.uniform(0.0, min(cap_s, ceiling))
+        top = min(cap_s, ceiling)
+        yield rng.uniform(top * floor, top)
         if ceiling < cap_s:
             ceiling *= 2.0

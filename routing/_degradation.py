@@ -33,6 +33,9 @@ unavailable  none of its targets is available and no fallback can serve
   config validation guarantees it never loops (a guard stops it anyway).
 * ``LevelWatch`` turns successive evaluations into ``LevelChange`` values, one
   per change, so the shell logs each change once (as with ``HealthChange``).
+* In ``minimal`` mode a served request's token limits are capped
+  (``capped_payload``): only generation requests, only limits above the cap, and
+  ``max_tokens`` added when the request sets none.
 * Nothing here reads a clock or holds health: ``LevelView`` is one instant's
   picture, built from the states the router passes in.
 """
@@ -42,8 +45,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
+from ._health import AVAILABLE, UpstreamState
 from ._policies import DegradationPolicy
 from .config import Route
 
@@ -60,8 +64,6 @@ class Level(enum.StrEnum):
 
 #: Degradation levels, best first.
 LEVELS = tuple(Level)
-#: Upstream states that may take a normal request.
-AVAILABLE = frozenset({"healthy", "slow"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,7 +92,7 @@ class Serve:
     """Serve the request over ``route``: the one asked for, or its fallback."""
 
     route: Route
-    level: str  # the level of the route asked for
+    level: Level  # the level of the route asked for
     fallback_for: str | None = None  # the model asked for, when ``route`` is its fallback
     max_tokens: int | None = None  # cap max_tokens / max_completion_tokens to this
 
@@ -107,11 +109,11 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LevelChange:
-    """A route's level changed; ``reason`` is one log-ready sentence."""
+    """A route's level changed; ``reason`` is short (the ``reason`` field of the log event)."""
 
     route: str
-    old: str
-    new: str
+    old: Level
+    new: Level
     reason: str
     at: float
 
@@ -123,7 +125,7 @@ class LevelView:
     __slots__ = ("_policy", "_routes", "_states", "minimal")
 
     def __init__(self, policy: DegradationPolicy, routes: Mapping[str, Route],
-                 states: Mapping[str, str]) -> None:
+                 states: Mapping[str, UpstreamState]) -> None:
         self._policy = policy
         self._routes = routes
         self._states = states
@@ -134,10 +136,10 @@ class LevelView:
             available=available, upstreams=len(states), below=policy.minimal_below,
             essential=essential)
 
-    def level(self, route: Route) -> str:
+    def level(self, route: Route) -> Level:
         """The route's level (see the table in the module docstring)."""
         own = self._own_level(route)
-        return "minimal" if self.minimal.active and own != "unavailable" else own
+        return Level.MINIMAL if self.minimal.active and own is not Level.UNAVAILABLE else own
 
     def fallback(self, route: Route) -> Route | None:
         """The first route along ``route``'s fallback chain with an available target."""
@@ -182,23 +184,23 @@ class LevelView:
 
     def serving_route(self, route: Route) -> Route:
         """The route whose targets serve ``route``'s requests now: itself, or its fallback."""
-        fallback = self.fallback(route) if self._own_level(route) == "fallback" else None
+        fallback = self.fallback(route) if self._own_level(route) is Level.FALLBACK else None
         return fallback if fallback is not None else route
 
-    def reason(self, route: Route, level: str) -> str:
+    def reason(self, route: Route, level: Level) -> str:
         """Why ``route`` is at ``level``, as one sentence."""
-        states = [(name, self._states.get(name, "down")) for name in route.targets]
+        states = [(name, self._states.get(name, UpstreamState.DOWN)) for name in route.targets]
         listed = ", ".join(f"{name} {state}" for name, state in states)
-        if level == "normal":
+        if level is Level.NORMAL:
             return f"first target {states[0][0]} is healthy" if states else "no targets"
-        if level == "reduced":
+        if level is Level.REDUCED:
             serving = ", ".join(name for name, state in states if state in AVAILABLE)
             return f"first target {states[0][0]} is {states[0][1]}; serving from {serving}"
-        if level == "fallback":
+        if level is Level.FALLBACK:
             fallback = self.fallback(route)
             return (f"no target is available ({listed}); serving fallback model "
                     f"{fallback.model if fallback else '-'}")
-        if level == "minimal":
+        if level is Level.MINIMAL:
             return (f"{self.minimal.describe()}; "
                     + ("served capped (essential)" if route.essential
                        else "refused (not essential)"))
@@ -206,19 +208,39 @@ class LevelView:
             not self._policy.fallback_enabled else "no fallback model can serve"
         return f"no target is available ({listed}) and {why}"
 
-    def _own_level(self, route: Route) -> str:
+    def _own_level(self, route: Route) -> Level:
         """The route's level from its own targets and fallbacks, before ``minimal``."""
-        states = [self._states.get(name, "down") for name in route.targets]
-        if states and states[0] == "healthy":
-            return "normal"
+        states = [self._states.get(name, UpstreamState.DOWN) for name in route.targets]
+        if states and states[0] is UpstreamState.HEALTHY:
+            return Level.NORMAL
         if any(state in AVAILABLE for state in states):
-            return "reduced"
+            return Level.REDUCED
         if self.fallback(route) is not None:
-            return "fallback"
-        return "unavailable"
+            return Level.FALLBACK
+        return Level.UNAVAILABLE
 
     def _has_available(self, route: Route) -> bool:
         return any(self._states.get(name) in AVAILABLE for name in route.targets)
+
+
+def capped_payload(payload: Mapping[str, Any] | None, cap: int | None) -> dict[str, Any] | None:
+    """A request body with its token limits capped to ``cap`` (``Serve.max_tokens`` in
+    minimal mode); None when nothing changes.
+
+    Only generation requests (with ``messages`` or ``prompt``) are touched:
+    ``max_tokens`` and ``max_completion_tokens`` above the cap are lowered, and
+    ``max_tokens`` is added when neither is set. A value that is not a whole
+    number is left for the upstream to refuse.
+    """
+    if cap is None or payload is None or not ("messages" in payload or "prompt" in payload):
+        return None
+    keys = [k for k in ("max_tokens", "max_completion_tokens") if payload.get(k) is not None]
+    capped = dict(payload)
+    for key in keys or ["max_tokens"]:
+        value = payload.get(key)
+        if value is None or (type(value) is int and value > cap):
+            capped[key] = cap
+    return capped if capped != payload else None
 
 
 @final
@@ -228,7 +250,7 @@ class LevelWatch:
     __slots__ = ("_last",)
 
     def __init__(self) -> None:
-        self._last: dict[str, str] = {}
+        self._last: dict[str, Level] = {}
 
     def __repr__(self) -> str:
         return f"<LevelWatch {self._last}>"
@@ -239,7 +261,7 @@ class LevelWatch:
         result, last = [], {}
         for route in routes:
             new = view.level(route)
-            old = self._last.get(route.model, "normal")
+            old = self._last.get(route.model, Level.NORMAL)
             if new != old:
                 result.append(LevelChange(route=route.model, old=old, new=new,
                                           reason=view.reason(route, new), at=now))

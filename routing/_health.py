@@ -60,6 +60,8 @@ class UpstreamState(enum.StrEnum):
 
 
 STATES = tuple(UpstreamState)
+#: States that may take a normal request (slow ones are ordered last).
+AVAILABLE = frozenset({UpstreamState.HEALTHY, UpstreamState.SLOW})
 
 _BREAKER_SUCCESS = frozenset({Result.SUCCESS, Result.CLIENT_ERROR})
 _NO_ANSWER = frozenset({Result.CONNECT_ERROR})
@@ -67,11 +69,11 @@ _NO_ANSWER = frozenset({Result.CONNECT_ERROR})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthChange:
-    """An upstream's state changed; ``reason`` is one log-ready sentence."""
+    """An upstream's state changed; ``reason`` is short (the ``reason`` field of the log event)."""
 
     upstream: str
-    old: str
-    new: str
+    old: UpstreamState
+    new: UpstreamState
     reason: str
     at: float
 
@@ -112,26 +114,26 @@ class UpstreamHealth:
         self.last_success_at: float | None = None  # of an attempt of this instance's
         self.reported_at: float | None = None  # when a peer's report last marked it
         self.last_change: HealthChange | None = None
-        self._last_state = "healthy"
+        self._last_state = UpstreamState.HEALTHY
 
     def __repr__(self) -> str:
         return f"<UpstreamHealth {self.name} {self._last_state} outstanding={self.outstanding}>"
 
-    def state(self, *, now: float) -> str:
-        """One of ``STATES``; see the module docstring for the order."""
+    def state(self, *, now: float) -> UpstreamState:
+        """The upstream's state now; see the module docstring for the order."""
         if self.bad_key_until is not None and now < self.bad_key_until:
-            return "bad_key"
+            return UpstreamState.BAD_KEY
         if self.down_until is not None and now < self.down_until:
-            return "down"
+            return UpstreamState.DOWN
         if self.breaker.state(now=now) is BreakerState.OPEN:
-            return "open"
+            return UpstreamState.OPEN
         if self.slow.state is SlowState.SLOW:
-            return "slow"
-        return "healthy"
+            return UpstreamState.SLOW
+        return UpstreamState.HEALTHY
 
     def is_available(self, *, now: float) -> bool:
         """True if a normal request may go here now (slow upstreams included)."""
-        return self.state(now=now) in ("healthy", "slow")
+        return self.state(now=now) in AVAILABLE
 
     def available_at(self, *, now: float) -> float:
         """When this upstream is next expected to take requests (``now`` if already)."""
@@ -235,12 +237,14 @@ class UpstreamHealth:
         return self.last_success_at is not None and self.last_success_at > max(
             bad_news, default=float("-inf"))
 
-    def mark(self, state: str, *, until: float, reason: str, now: float) -> HealthChange | None:
-        """Take an outside report (a peer found it down or its key bad)."""
+    def mark(self, state: UpstreamState, *, until: float, reason: str,
+             now: float) -> HealthChange | None:
+        """Take an outside report (a peer found it down or its key bad); other states
+        are not reported from outside and change nothing."""
         self.reported_at = now
-        if state == "bad_key":
+        if state is UpstreamState.BAD_KEY:
             self.bad_key_until = max(until, self.bad_key_until or 0.0)
-        elif state == "down":
+        elif state is UpstreamState.DOWN:
             self.down_until = max(until, self.down_until or 0.0)
         return self._changed(now, reason)
 

@@ -1,18 +1,62 @@
 """Policy sections of the routing file: retries, breakers, latency, sessions, sync, degradation.
 
-Frozen dataclasses with their defaults and the reasoning behind them; each
-``__post_init__`` rejects values that cannot work. ``routing.config`` reads the
-YAML into them.
+Each section is declared once, here, as a frozen pydantic dataclass: its fields with
+their kinds (``_values``), defaults, limits and a description. The field name is what
+the code reads (``cooldown_s``); the ``validation_alias`` is the YAML key a user
+writes (``cooldown``). Validation, the JSON Schema (``skyroute schema``), the Helm
+chart's schema and the README's settings table all come from these declarations.
+Checks that span two fields are ``model_validator``s. Per-route overrides are made
+with ``dataclasses.replace``, which validates again.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
+from ._values import (
+    SECTION,
+    Count,
+    Duration,
+    Flag,
+    HttpUrl,
+    Kind,
+    Name,
+    RedisUrl,
+    Share,
+    Size,
+    Text,
+    UrlPath,
+    WsUrl,
+    invalid,
+    is_metric_name,
+)
+
+__all__ = [
+    "DEFAULT_PROMETHEUS_QUERY",
+    "STALE_SCRAPES",
+    "BreakerPolicy",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
+    "DegradationPolicy",
+    "FallbackLevel",
+    "LatencyPolicy",
+    "MinimalLevel",
+    "PoolScrape",
+    "PrometheusSource",
+    "ReducedLevel",
+    "RetryPolicy",
+    "SessionPolicy",
+    "Strategy",
+    "SyncPolicy",
+    "is_metric_name",
+]
 
 
 class Strategy(enum.StrEnum):
@@ -24,45 +68,163 @@ class Strategy(enum.StrEnum):
     LEAST_OUTSTANDING = "least-outstanding"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheMode(enum.StrEnum):
+    """Whether a route's answers are cached (``routes[].cache``)."""
+
+    OFF = "off"
+    #: Deterministic requests only (``temperature: 0`` or a ``seed``).
+    EXACT = "exact"
+    #: Every cacheable request, sampled ones too (the first answer is replayed).
+    ALWAYS = "always"
+    #: ``exact``, plus near-identical prompts answered from the cache under degradation.
+    APPROXIMATE = "approximate"
+
+
+def _cache_mode(value: object) -> object:
+    # YAML 1.1 reads a bare ``off`` as false; the user wrote ``off``.
+    return "off" if value is False else value
+
+
+#: ``routes[].cache``: off, exact, always or approximate (a bare YAML ``off`` included).
+CacheModeValue = Annotated[CacheMode, BeforeValidator(_cache_mode)]
+
+
+class CacheScope(enum.StrEnum):
+    """Who may be served an entry (``routes[].cache_scope``)."""
+
+    #: Only the client key that stored it: the key's name is part of the cache key.
+    KEY = "key"
+    #: Every client of the route.
+    SHARED = "shared"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class MemoryCache:
+    """The in-process level of the response cache."""
+
+    # A chat answer is a few KiB compressed: 256 MiB holds tens of thousands.
+    max_bytes: Size = Field(
+        default=256 * 1024 * 1024, gt=0,
+        description="Compressed bytes kept per instance; the least recently used go first.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class RedisCache:
+    """The shared level of the response cache: a Redis every instance names."""
+
+    url: RedisUrl = Field(
+        description="The Redis server, e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS).")
+    # A lookup on the same network answers in well under a millisecond; past a few ms
+    # Redis is slower than the miss it would save, and a request must not wait on it.
+    timeout_s: Duration = Field(
+        default=0.005, validation_alias="timeout", gt=0,
+        description="Longest wait for Redis on the request path; slower counts as down, and "
+                    "the request goes on without it.")
+    prefix: Name = Field(
+        default="skyroute:cache:",
+        description="Key prefix of the entries in Redis.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class ApproximateCache:
+    """Approximate matches (MinHash LSH) for routes with ``cache: approximate``."""
+
+    threshold: Share = Field(
+        default=0.9,
+        description="Least estimated Jaccard similarity of the last user message's word "
+                    "shingles for a near-identical prompt.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class CachePolicy:
+    """The response cache (used by routes with a ``cache`` mode other than off)."""
+
+    # The seed's figure: hot answers kept ten minutes.
+    ttl_s: Duration = Field(
+        default=600.0, validation_alias="ttl", gt=0,
+        description="How long an entry is served.")
+    stale_if_error_s: Duration = Field(
+        default=3600.0, validation_alias="stale_if_error",
+        description="When every upstream fails, an entry expired less than this long ago is "
+                    "served, marked stale; 0 turns it off.")
+    memory: MemoryCache = Field(
+        default_factory=MemoryCache,
+        description="The in-process level.")
+    redis: RedisCache | None = Field(
+        default=None,
+        description="The shared level; without it each instance caches on its own.")
+    # A burst of identical requests beyond this many waiters is not a cache workload.
+    max_waiters: Count = Field(
+        default=1000,
+        description="Identical requests that may wait for one in flight (coalescing); more go "
+                    "upstream on their own.")
+    approximate: ApproximateCache = Field(
+        default_factory=ApproximateCache,
+        description="Near-identical prompts, for routes with cache: approximate.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class RetryPolicy:
     """Backoff between attempts and the retry budget that stops retry storms."""
 
-    backoff_base_s: float = 0.025
-    backoff_cap_s: float = 1.0
-    #: Retries allowed as a share of requests over ``budget_window_s`` (Envoy's retry budget).
-    budget: float = 0.2
-    budget_window_s: float = 10.0
-    #: Hedged requests allowed as a share of requests (extra upstream calls).
-    hedge_budget: float = 0.05
-    #: How long an upstream answering 401/402 (bad key, no balance) stays out of rotation.
-    bad_key_cooldown_s: float = 600.0
-    #: How long a 429/503 without Retry-After keeps an upstream out.
-    default_retry_after_s: float = 1.0
+    backoff_base_s: Duration = Field(
+        default=0.025, validation_alias="backoff_base", gt=0,
+        description="First backoff between attempts (full-jitter exponential backoff).")
+    backoff_cap_s: Duration = Field(
+        default=1.0, validation_alias="backoff_cap", gt=0,
+        description="Longest backoff between attempts.")
+    budget: Share = Field(
+        default=0.2,
+        description="Retries allowed, as a share of requests over budget_window (Envoy's retry "
+                    "budget).")
+    budget_window_s: Duration = Field(
+        default=10.0, validation_alias="budget_window", gt=0,
+        description="The window the retry and hedge budgets count over.")
+    hedge_budget: Share = Field(
+        default=0.05,
+        description="Hedged (extra) upstream calls allowed, as a share of requests.")
+    bad_key_cooldown_s: Duration = Field(
+        default=600.0, validation_alias="bad_key_cooldown",
+        description="How long an upstream answering 401/402 (bad key, no balance) stays out.")
+    default_retry_after_s: Duration = Field(
+        default=1.0, validation_alias="default_retry_after",
+        description="How long a 429/503 without Retry-After keeps an upstream out.")
 
-    def __post_init__(self) -> None:
-        if not 0 < self.backoff_base_s <= self.backoff_cap_s:
-            raise ValueError("backoff_base must be > 0 and not above backoff_cap")
-        if not 0 <= self.budget <= 1:
-            raise ValueError("budget must be a share between 0% and 100%")
+    @model_validator(mode="after")
+    def _base_within_cap(self) -> RetryPolicy:
+        if self.backoff_base_s > self.backoff_cap_s:
+            raise invalid("backoff_base must not be above backoff_cap")
+        return self
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class BreakerPolicy:
     """Circuit breaking per upstream (Envoy's outlier detection)."""
 
-    consecutive_failures: int = 5
-    failure_rate: float = 0.5
-    min_requests: int = 10
-    window_s: float = 30.0
-    cooldown_s: float = 5.0
-    max_cooldown_s: float = 30.0
+    consecutive_failures: Count = Field(
+        default=5,
+        description="Open the breaker after this many failures in a row.")
+    failure_rate: Share = Field(
+        default=0.5, gt=0,
+        description="... or after this share of failures over window.")
+    min_requests: Count = Field(
+        default=10,
+        description="Requests in window before failure_rate is judged.")
+    window_s: Duration = Field(
+        default=30.0, validation_alias="window", gt=0,
+        description="The window failure_rate counts over.")
+    cooldown_s: Duration = Field(
+        default=5.0, validation_alias="cooldown", gt=0,
+        description="How long an open breaker stays open; doubles on each repeated trip.")
+    max_cooldown_s: Duration = Field(
+        default=30.0, validation_alias="max_cooldown", gt=0,
+        description="The longest cooldown; then half-open lets one probe through.")
 
-    def __post_init__(self) -> None:
-        if not 0 < self.failure_rate <= 1:
-            raise ValueError("failure_rate must be a share above 0% and at most 100%")
+    @model_validator(mode="after")
+    def _cooldown_within_max(self) -> BreakerPolicy:
         if self.cooldown_s > self.max_cooldown_s:
-            raise ValueError("cooldown must not be above max_cooldown")
+            raise invalid("cooldown must not be above max_cooldown")
+        return self
 
 
 #: The slowest of every instance's own (passive) estimate, which each exports as a gauge and
@@ -75,36 +237,39 @@ DEFAULT_PROMETHEUS_QUERY = (
 )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class PrometheusSource:
     """Where to read upstream latency (seconds, one series per upstream) from Prometheus."""
 
-    url: str
-    query: str = DEFAULT_PROMETHEUS_QUERY
-    interval_s: float = 5.0
-    timeout_s: float = 2.0
-    label: str = "upstream"  # the series label that holds the upstream name
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url {self.url!r} must start with http:// or https://")
-        object.__setattr__(self, "url", self.url.rstrip("/"))
+    url: HttpUrl = Field(description="The Prometheus server, e.g. http://prometheus:9090.")
+    query: Name = Field(
+        default=DEFAULT_PROMETHEUS_QUERY,
+        description="PromQL giving each upstream's latency in seconds (default: the slowest of "
+                    "every instance's own passive estimate, else the p95 time to first token "
+                    "from skyroute's own histogram over all instances).")
+    interval_s: Duration = Field(
+        default=5.0, validation_alias="interval", gt=0,
+        description="How often the query runs.")
+    timeout_s: Duration = Field(
+        default=2.0, validation_alias="timeout", gt=0,
+        description="How long one query may take.")
+    label: Name = Field(
+        default="upstream",
+        description="The series label that holds the upstream name.")
 
 
 #: A pool server's scraped load counts for this many scrape intervals (plus the scrape
 #: timeout, as long as a round may take); after that the picker goes back to skyroute's
 #: own in-flight counts. One lost or slow scrape is not enough.
 STALE_SCRAPES = 3
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_DNS_DISCOVERY = re.compile(r"dns:[^\s:/]+(?::(\d+))?")
 
 
-def is_metric_name(name: str) -> bool:
-    """Whether ``name`` is a valid Prometheus metric name."""
-    return _METRIC_NAME.match(name) is not None
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class PoolScrape:
     """How skyroute watches the servers of each local GPU pool (``latency.scrape``).
 
@@ -113,32 +278,28 @@ class PoolScrape:
     ``/health`` at the root.
     """
 
-    #: The Gateway API Inference Extension scrapes every 1-2 s; queues change that fast.
-    interval_s: float = 1.0
-    #: A model server answers /health and /metrics in milliseconds even when busy.
-    timeout_s: float = 0.5
-    metrics_path: str = "/metrics"
-    #: ``/v1/models`` works on every OpenAI-compatible server (Ollama has no /health).
-    health_path: str = "/health"
-    #: Failed checks in a row that take an endpoint out; one passing check brings it back.
-    unhealthy_after: int = 2
-    metrics: PoolMetricNames = DEFAULT_METRIC_NAMES
-
-    def __post_init__(self) -> None:
-        if not 0 < self.interval_s < float("inf"):
-            raise ValueError("interval must be above 0 (1s to 2s is usual)")
-        if not 0 < self.timeout_s < float("inf"):
-            raise ValueError("timeout must be above 0 (e.g. 500ms)")
-        for key in ("metrics_path", "health_path"):
-            if not getattr(self, key).startswith("/"):
-                raise ValueError(f"{key} {getattr(self, key)!r} must start with / "
-                                 "(it is taken from each endpoint's scheme://host:port)")
-        if self.unhealthy_after < 1:
-            raise ValueError("unhealthy_after must be at least 1")
-        for names in (self.metrics.waiting, self.metrics.running, self.metrics.kv_cache_usage):
-            for name in names:
-                if not is_metric_name(name):
-                    raise ValueError(f"{name!r} is not a Prometheus metric name")
+    # The Gateway API Inference Extension scrapes every 1-2 s; queues change that fast.
+    interval_s: Duration = Field(
+        default=1.0, validation_alias="interval", gt=0,
+        description="How often each pool server's /metrics and health path are read.")
+    # A model server answers /health and /metrics in milliseconds even when busy.
+    timeout_s: Duration = Field(
+        default=0.5, validation_alias="timeout", gt=0,
+        description="How long one scrape may take.")
+    metrics_path: UrlPath = Field(
+        default="/metrics",
+        description="Where a pool server's metrics are.")
+    # /v1/models works on every OpenAI-compatible server (Ollama has no /health).
+    health_path: UrlPath = Field(
+        default="/health",
+        description="Where a pool server is health-checked (e.g. /v1/models).")
+    unhealthy_after: Count = Field(
+        default=2,
+        description="Failed checks in a row that take a server out; one pass brings it back.")
+    metrics: PoolMetricNames = Field(
+        default=DEFAULT_METRIC_NAMES,
+        description="Metric names per load quantity, first found wins; a list given replaces that "
+                    "quantity's default (vLLM, SGLang and TGI names).")
 
     @property
     def stale_after_s(self) -> float:
@@ -154,88 +315,189 @@ class PoolScrape:
         return _origin(endpoint) + self.metrics_path
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class LatencyPolicy:
     """Latency sources and how a slow upstream is left and taken back."""
 
-    prometheus: PrometheusSource | None = None
-    passive_window_s: float = 60.0
-    #: How often estimates are re-evaluated (the passive source's "interval").
-    interval_s: float = 1.0
-    #: Share of requests sent to slow upstreams anyway, so recovery is seen.
-    probe_share: float = 0.02
-    recover_ratio: float = 0.8
-    recover_intervals: int = 3
-    #: After recovery, traffic returns linearly over this long (Envoy's slow start).
-    ramp_s: float = 10.0
-    #: Scraping and health-checking the servers of local GPU pools.
-    scrape: PoolScrape = field(default_factory=PoolScrape)
+    prometheus: PrometheusSource | None = Field(
+        default=None,
+        description="Read upstream latency from Prometheus as well (all instances' view); without "
+                    "it, each instance uses what it measures itself.")
+    passive_window_s: Duration = Field(
+        default=60.0, validation_alias="passive_window", gt=0,
+        description="How far back an instance's own latency samples count.")
+    interval_s: Duration = Field(
+        default=1.0, validation_alias="interval", gt=0,
+        description="How often latency estimates are evaluated again.")
+    probe_share: Share = Field(
+        default=0.02,
+        description="Share of requests sent to slow upstreams anyway, so recovery is seen.")
+    recover_ratio: Share = Field(
+        default=0.8,
+        description="A slow upstream recovers below this share of the threshold.")
+    recover_intervals: Count = Field(
+        default=3,
+        description="Intervals in a row below recover_ratio before it recovers.")
+    ramp_s: Duration = Field(
+        default=10.0, validation_alias="ramp",
+        description="After recovery, traffic returns linearly over this long (slow start).")
+    scrape: PoolScrape = Field(
+        default_factory=PoolScrape,
+        description="Scraping and health-checking the servers of local GPU pools.")
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.probe_share <= 1:
-            raise ValueError("probe_share must be a share between 0% and 100%")
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class SessionPolicy:
     """Where a request's session id comes from, and how long a session lives."""
 
-    header: str = "X-Session-ID"  # else the OpenAI ``user`` field of the body
-    ttl_s: float = 86400.0
+    header: Name = Field(
+        default="X-Session-ID",
+        description="Request header holding the session id (else the OpenAI `user` field of the "
+                    "body).")
+    ttl_s: Duration = Field(
+        default=86400.0, validation_alias="ttl", gt=0,
+        description="How long an idle session is kept.")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class ObjectPolicy:
+    """How long skyroute remembers which upstream holds a stateful object, and how many.
+
+    Files, batches, stored responses, vector stores, assistants and threads live at
+    one provider; a later call naming one must go back there (``proxy._objects``).
+    """
+
+    ttl_s: Duration = Field(
+        default=30 * 86400.0, validation_alias="ttl", gt=0,
+        description="How long skyroute remembers which upstream holds a file, batch, stored "
+                    "response, ... (OpenAI keeps stored responses 30 days).")
+    max_entries: Count = Field(
+        default=100_000,
+        description="Objects remembered, all instances together; the oldest are forgotten first.")
+
+
+_DNS_DISCOVERY = r"^dns:[^\s:/]+(?::([0-9]+))?$"
+
+
+def _discovery(name: str) -> str:
+    found = re.fullmatch(_DNS_DISCOVERY, name)
+    if found is None or not 0 < int(found[1] or 8080) < 65536:
+        raise invalid(f"discovery {name!r} must look like dns:<service name>[:port], "
+                      "e.g. dns:skyroute-headless.ns.svc:8080")
+    return name
+
+
+#: ``dns:<service name>[:port]``: peers are the addresses that name resolves to.
+Discovery = Annotated[str, AfterValidator(_discovery), Kind("dns name", pattern=_DNS_DISCOVERY)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class SyncPolicy:
     """State sync with peer instances (the ``/sync/{doc}`` endpoint and peer links)."""
 
-    token: str = field(repr=False)
-    peers: tuple[str, ...] = ()
-    discovery: str | None = None  # dns:<headless service name>[:port]
-    #: How often the discovery name is resolved again: pods come and go, and a new
-    #: one is peered within this long. 10 s is cheap for any resolver.
-    discovery_interval_s: float = 10.0
-    rotate_every_s: float = 3600.0
-    snapshot_path: str | None = None
+    token: Text = Field(
+        repr=False,
+        description="The shared secret peers authenticate with, from the environment, e.g. "
+                    "${SKYROUTE_SYNC_TOKEN}.")
+    peers: tuple[WsUrl, ...] = Field(
+        default=(),
+        description="Other instances' sync URLs, e.g. wss://sync.eu.example.com/sync.")
+    discovery: Discovery | None = Field(
+        default=None,
+        description="Find peers through DNS: dns:<headless service name>[:port] (port 8080 if not "
+                    "given).")
+    # Pods come and go, and a new one is peered within this long; 10 s is cheap for
+    # any resolver.
+    discovery_interval_s: Duration = Field(
+        default=10.0, validation_alias="discovery_interval", gt=0,
+        description="How often the discovery name is resolved again.")
+    rotate_every_s: Duration = Field(
+        default=3600.0, validation_alias="rotate_every", gt=0,
+        description="How often the shared state documents start a new epoch (and shrink).")
+    snapshot_path: Text | None = Field(
+        default=None, validation_alias="snapshot",
+        description="A file to keep the shared state in across restarts.")
+    # With ping_misses this is how fast a cut shows in /health, even one that closes
+    # nothing: 1 s x 3 = within 4 s. A ping is a few bytes, so every second is cheap.
+    ping_interval_s: Duration = Field(
+        default=1.0, validation_alias="ping_every", gt=0, le=60,
+        description="How often each side of a peer link pings the other.")
+    ping_misses: Count = Field(
+        default=3, validation_alias="dead_after_missed_pings", le=100,
+        description="A peer link silent for this many ping intervals is closed and redialled.")
 
-    def __post_init__(self) -> None:
-        for peer in self.peers:
-            if not peer.startswith(("ws://", "wss://")):
-                raise ValueError(f"peer {peer!r} must start with ws:// or wss://")
-        found = _DNS_DISCOVERY.fullmatch(self.discovery or "")
-        if self.discovery is not None and not (found and 0 < int(found[1] or 8080) < 65536):
-            raise ValueError(f"discovery {self.discovery!r} must look like "
-                             "dns:<service name>[:port], e.g. dns:skyroute-headless.ns.svc:8080")
-        if not self.discovery_interval_s > 0:
-            raise ValueError("discovery_interval must be more than 0s")
+    @model_validator(mode="after")
+    def _usable(self) -> SyncPolicy:
+        if not self.token:
+            raise invalid("token is required: a shared secret from the environment, e.g. "
+                          "token: ${SKYROUTE_SYNC_TOKEN}")
+        return self
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class ReducedLevel:
+    """The ``reduced`` level: the route's first target is down, others serve."""
+
+    # A hedge doubles the load on the targets that are left.
+    hedging: Flag = Field(
+        default=True,
+        description="false: no hedged requests while a route is reduced or worse.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class FallbackLevel:
+    """The ``fallback`` level: no target is available, the fallback model serves."""
+
+    enabled: Flag = Field(
+        default=True,
+        description="false: never switch a route to its fallback_model.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class MinimalLevel:
+    """The ``minimal`` level: only essential routes are served, with short answers."""
+
+    # Half means a real outage, not one region having a bad minute.
+    when_available_below: Share = Field(
+        default=0.5,
+        description="Enter minimal when fewer than this share of all upstreams is available "
+                    "(healthy or slow); 0 turns minimal off.")
+    # Short answers keep more clients served by the capacity that is left.
+    max_tokens: Count = Field(
+        default=256,
+        description="In minimal, max_tokens / max_completion_tokens are capped to this (and "
+                    "max_tokens added when a request sets neither).")
+    max_n: Count = Field(
+        default=1,
+        description="In minimal, requests asking for more choices (n) than this are refused.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class DegradationPolicy:
     """What each degradation level switches off (the ``degradation`` section)."""
 
-    #: False: no hedged requests while a route is ``reduced`` or worse, since a hedge
-    #: doubles the load on the targets that are left.
-    reduced_hedging: bool = True
-    #: False: never switch a route to its ``fallback_model``.
-    fallback_enabled: bool = True
-    #: Enter ``minimal`` when fewer than this share of all upstreams is available
-    #: (healthy or slow); 0 turns ``minimal`` off. Half means a real outage, not one
-    #: region having a bad minute.
-    minimal_below: float = 0.5
-    #: In ``minimal``, ``max_tokens`` / ``max_completion_tokens`` are capped to this (and
-    #: ``max_tokens`` added when the request sets neither): short answers keep more
-    #: clients served by the capacity that is left.
-    minimal_max_tokens: int = 256
-    #: In ``minimal``, requests asking for more choices (``n``) than this are refused.
-    minimal_max_n: int = 1
+    reduced: ReducedLevel = Field(default_factory=ReducedLevel, description="The reduced level.")
+    fallback: FallbackLevel = Field(
+        default_factory=FallbackLevel,
+        description="The fallback level.")
+    minimal: MinimalLevel = Field(default_factory=MinimalLevel, description="The minimal level.")
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.minimal_below <= 1:
-            raise ValueError("when_available_below must be a share between 0% and 100%")
-        if self.minimal_max_tokens < 1 or self.minimal_max_n < 1:
-            raise ValueError("max_tokens and max_n must be at least 1")
+    @property
+    def reduced_hedging(self) -> bool:
+        return self.reduced.hedging
+
+    @property
+    def fallback_enabled(self) -> bool:
+        return self.fallback.enabled
+
+    @property
+    def minimal_below(self) -> float:
+        return self.minimal.when_available_below
+
+    @property
+    def minimal_max_tokens(self) -> int:
+        return self.minimal.max_tokens
+
+    @property
+    def minimal_max_n(self) -> int:
+        return self.minimal.max_n

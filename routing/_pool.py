@@ -52,9 +52,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import final
 
+import pydantic
+import pydantic.dataclasses
 from prometheus_client.parser import text_string_to_metric_families
 
 from ._errors import RoutingStateError
+from ._values import SECTION, MetricName
 
 __all__ = [
     "DEFAULT_METRIC_NAMES",
@@ -67,25 +70,26 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class PoolMetricNames:
-    """Prometheus names for each load quantity, in order of preference."""
+    """Prometheus names for each load quantity, in order of preference
+    (``latency.scrape.metrics`` in the routing file)."""
 
-    waiting: tuple[str, ...] = (
+    waiting: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:num_requests_waiting",
         "sglang:num_queue_reqs",
         "tgi_queue_size",
-    )
-    running: tuple[str, ...] = (
+    ), description="Requests queued on a server.")
+    running: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:num_requests_running",
         "sglang:num_running_reqs",
         "tgi_batch_current_size",
-    )
-    kv_cache_usage: tuple[str, ...] = (
+    ), description="Requests a server is running.")
+    kv_cache_usage: tuple[MetricName, ...] = pydantic.Field(default=(
         "vllm:kv_cache_usage_perc",  # vLLM >= 0.10, a fraction despite the name
         "vllm:gpu_cache_usage_perc",  # older vLLM
         "sglang:token_usage",
-    )
+    ), description="The share of a server's KV cache in use (0..1).")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

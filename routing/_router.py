@@ -34,14 +34,24 @@ import dataclasses
 import random
 from typing import Any, final
 
-from ._backoff import full_jitter_delays
+from ._backoff import backoff_delays
 from ._budget import RetryBudget
-from ._degradation import LEVELS, LevelChange, LevelView, LevelWatch, MinimalTrigger, Refuse, Serve
+from ._degradation import (
+    LEVELS,
+    Level,
+    LevelChange,
+    LevelView,
+    LevelWatch,
+    MinimalTrigger,
+    Refuse,
+    Serve,
+)
 from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._plan import AttemptPlan, retry_after_seconds
+from ._policies import Strategy
 from ._pool import EndpointView, ServerLoad
 from ._pool_set import EndpointChange, PoolPickers
-from ._router_types import AttemptOutcome, Target
+from ._router_types import AttemptOutcome, GiveUp, Target
 from .config import Config, Route, Upstream
 
 #: A Prometheus reading older than this many intervals is stale: passive wins.
@@ -115,42 +125,66 @@ class Router:
     def health(self, name: str) -> UpstreamHealth:
         return self._health[name]
 
-    def plan(self, route: Route, *, now: float, prefer: str | None = None) -> AttemptPlan:
+    def plan(self, route: Route, *, now: float, prefer: str | None = None,
+             pinned: str | None = None) -> AttemptPlan:
         """An ``AttemptPlan`` for one request over ``route``.
 
         Args:
             prefer: the upstream the request's session is pinned to (affinity keeps a
                 conversation where its prompt cache is); honoured while it is healthy.
+            pinned: the upstream holding an object the request names (a file, a
+                stored response): the only candidate, since no other upstream has
+                the object. It need not be one of the route's targets.
         """
         if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
-                and self.route_level(route, now=now) != "normal":
+                and self.route_level(route, now=now) is not Level.NORMAL:
             route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
         self._budgets[route.model].record_request(now)
         self._hedge_budgets[route.model].record_request(now)
-        order = self._order(route, now)
-        if prefer in order and self._health[prefer].state(now=now) == "healthy":
+        order = [pinned] if pinned in self._upstreams else self._order(route, now)
+        if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
         candidates = [self._target(self._upstreams[name], route.model) for name in order]
-        backoff = full_jitter_delays(base_s=self.config.retry.backoff_base_s,
-                                     cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
+        backoff = backoff_delays(base_s=self.config.retry.backoff_base_s,
+                                 cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=self._budgets[route.model],
                            hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
                            now=now)
 
+    def pinned_unavailable(self, upstream: str, object_id: str, *,
+                           now: float) -> GiveUp | None:
+        """A 503 when the upstream holding ``object_id`` is out; None while it is available.
+
+        No other upstream has the object, so failing over would only turn the outage
+        into the other provider's 404.
+        """
+        health = self._health.get(upstream)
+        if health is None or health.is_available(now=now):
+            return None
+        retry_after = retry_after_seconds(health.available_at(now=now) - now)
+        return GiveUp(status=503, retry_after_s=retry_after,
+                      message=f"'{object_id}' is held by upstream '{upstream}', which is "
+                              f"{health.state(now=now)} now; only that upstream has it, so "
+                              f"retry after {retry_after}s (skyroute's /health shows "
+                              "its state)")
+
     def _order(self, route: Route, now: float) -> list[str]:
-        fast, unknown, slow, out = [], [], [], []
-        by_latency = route.strategy == "lowest-latency"
+        fast: list[str] = []
+        unknown: list[str] = []
+        slow: list[str] = []
+        out: list[str] = []
+        by_latency = route.strategy == Strategy.LOWEST_LATENCY
         for name in route.targets:
             health = self._health[name]
             state = health.state(now=now)
-            if state == UpstreamState.HEALTHY:
+            if state is UpstreamState.HEALTHY:
                 # With no latency known from any source it is no fastest: it gets the probe
                 # share until it has an estimate.
                 (fast if health.has_estimate() or not by_latency else unknown).append(name)
             else:
-                (slow if state == UpstreamState.SLOW else out).append(name)
+                (slow if state is UpstreamState.SLOW else out).append(name)
         fast = self._by_strategy(route, fast, now)
         unknown.sort(key=lambda n: self._health[n].outstanding)  # a cold start spreads out
         slow.sort(key=lambda n: self._estimate(n))
@@ -161,11 +195,11 @@ class Router:
         return fast + unknown + slow + out
 
     def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
-        if route.strategy == "lowest-latency":
+        if route.strategy == Strategy.LOWEST_LATENCY:
             names = sorted(names, key=self._estimate)
-        elif route.strategy == "least-outstanding":
+        elif route.strategy == Strategy.LEAST_OUTSTANDING:
             names = sorted(names, key=lambda n: self._health[n].outstanding)
-        elif route.strategy == "weighted":
+        elif route.strategy == Strategy.WEIGHTED:
             names = self._weighted_order(names, now)
         # An upstream back from slow yields its place while its ramp runs.
         ramping = [n for n in names if self._rng.random() >= self._health[n].share(now=now)]
@@ -242,7 +276,7 @@ class Router:
         """Every pool upstream's endpoints as its picker sees them."""
         return self._pools.snapshot(now=now)
 
-    def mark(self, upstream: str, state: str, *, until: float, reason: str,
+    def mark(self, upstream: str, state: UpstreamState, *, until: float, reason: str,
              now: float) -> HealthChange | None:
         """An outside report about an upstream (a peer found it down or its key bad)."""
         health = self._health.get(upstream)
@@ -294,18 +328,18 @@ class Router:
         states = {name: health.state(now=now) for name, health in self._health.items()}
         return LevelView(self.config.degradation, self._routes, states)
 
-    def route_level(self, route: Route, *, now: float) -> str:
+    def route_level(self, route: Route, *, now: float) -> Level:
         """One of ``LEVELS`` for one route (see ``routing._degradation``)."""
         return self._levels(now).level(route)
 
-    def route_levels(self, *, now: float) -> dict[str, str]:
+    def route_levels(self, *, now: float) -> dict[str, Level]:
         """Every route's level (model -> level), from one look at upstream states."""
         view = self._levels(now)
         return {route.model: view.level(route) for route in self.config.routes}
 
-    def level(self, *, now: float) -> str:
+    def level(self, *, now: float) -> Level:
         """The worst level over every route."""
-        return max(self.route_levels(now=now).values(), key=LEVELS.index, default="normal")
+        return max(self.route_levels(now=now).values(), key=LEVELS.index, default=Level.NORMAL)
 
     def minimal(self, *, now: float) -> MinimalTrigger:
         """Whether the instance is in ``minimal`` mode, and why."""

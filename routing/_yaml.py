@@ -1,300 +1,315 @@
-"""Reading a routing YAML file so that every value still knows its line.
+"""Reading a routing YAML file into plain values that still know their lines.
 
 Rules / theory of operation:
 
-* The file is parsed with PyYAML's safe loader; mappings and sequences come back
-  as ``LinedDict`` / ``LinedList`` that remember the line of each key and item, so
-  a problem can be reported as ``line 12: upstreams[1].url: ...``.
-* ``${VAR}`` and ``${VAR:-default}`` in string scalars expand from the environment
-  after parsing, so an expanded value can never change the YAML structure.
-  A ``${VAR}`` with no default whose variable is unset is a problem, reported with
-  its path and line, not an empty string sent to an upstream.
-* ``Fields`` reads one mapping: typed getters record problems instead of raising,
-  so ``validate`` can list every fault in one pass; ``finish()`` reports keys that
-  nobody asked for, with a did-you-mean. ``section`` reads a whole optional
-  section into a frozen dataclass from a table of (key, attribute, converter).
+* Only YAML's safe subset is read: PyYAML's parser (libyaml where installed) gives
+  the events, a bounded composer here builds the node graph, and ``_Tree`` turns nodes
+  into plain dicts, lists and scalars (PyYAML's safe constructor reads each scalar).
+* A hostile file is one problem with a line, never a traceback or a stall: text over
+  ``MAX_TEXT_BYTES``, bytes that are not UTF-8, characters YAML forbids, nesting deeper
+  than ``MAX_DEPTH``, aliases that expand to more than ``MAX_ALIAS_NODES`` nodes (a
+  "billion laughs" file), an alias inside its own anchor, a number beyond Python's
+  4,300-digit limit, a key that is not plain text, and a key given twice (at any depth).
+* A key whose value is null (``key:`` with nothing after it) is left out: it means
+  "use the default", as it always has.
+* ``${VAR}`` and ``${VAR:-default}`` in string values expand from the given
+  environment mapping after parsing, so an expanded value never changes the structure.
+  An unset ``${VAR}`` without a default is a problem at its path and line.
+* ``Document`` keeps, for every path (a tuple of keys and list indexes), the line of
+  its key (or list item) and the line where its value starts.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import Event
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from ._errors import ConfigProblem
 
-T = TypeVar("T")
-
+#: Far above any real routing file (a few KiB), far below what would hurt to parse.
+MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
+#: A routing file nests 6 levels at most (latency.scrape.metrics.waiting[0]).
+MAX_DEPTH: Final = 32
+#: Aliases may repeat a shared block (say a models map) across many upstreams; a
+#: billion-laughs file expands to millions of nodes.
+MAX_ALIAS_NODES: Final = 10_000
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_MAP_TAG: Final = "tag:yaml.org,2002:map"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
-               "GB": 1000**3, "GiB": 1024**3}
-_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+
+YamlPath = tuple[str | int, ...]
 
 
-class LinedDict(dict[str, Any]):
-    """A YAML mapping that remembers its own line and the line of each key."""
-
-    line: int | None = None
-    key_lines: dict[str, int]
-
-
-class LinedList(list[Any]):
-    """A YAML sequence that remembers its own line and the line of each item."""
-
-    line: int | None = None
-    item_lines: list[int]
+def format_path(path: YamlPath) -> str:
+    """``("upstreams", 0, "url")`` as ``upstreams[0].url``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
-class _LineLoader(yaml.SafeLoader):
-    pass
+@dataclass(slots=True)
+class Document:
+    """A parsed routing file: plain values, and where each one was written."""
+
+    data: dict[str, Any]
+    key_lines: dict[YamlPath, int] = field(default_factory=dict)
+    value_lines: dict[YamlPath, int] = field(default_factory=dict)
+    #: Paths of strings that came out of a ``${VAR}`` expansion.
+    from_env: set[YamlPath] = field(default_factory=set)
+    #: Paths of strings with an unset ``${VAR}`` (already a problem; nothing more is said).
+    unset_env: set[YamlPath] = field(default_factory=set)
+
+    def line_of(self, path: YamlPath, *, value: bool = False) -> int | None:
+        """The line of ``path`` (its key's, or with ``value`` where its value starts);
+        for a path that was not written, the line of the closest enclosing value."""
+        if value and path in self.value_lines:
+            return self.value_lines[path]
+        if path in self.key_lines:
+            return self.key_lines[path]
+        for end in range(len(path) - 1, -1, -1):
+            if path[:end] in self.value_lines:
+                return self.value_lines[path[:end]]
+        return 1
 
 
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LinedDict:
-    result = LinedDict(loader.construct_mapping(node, deep=True))
-    result.line = node.start_mark.line + 1
-    result.key_lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-    return result
+class _Refused(Exception):
+    """Reading stops: the file is hostile or broken in a way that hides the rest."""
+
+    def __init__(self, line: int | None, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
 
 
-def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> LinedList:
-    result = LinedList(loader.construct_sequence(node, deep=True))
-    result.line = node.start_mark.line + 1
-    result.item_lines = [item.start_mark.line + 1 for item in node.value]
-    return result
+class _BoundedComposer(Composer):
+    """PyYAML's composer with a nesting limit (its recursion would otherwise overflow)."""
+
+    depth = 0
+    peek_event: Callable[[], Event]  # the parser's, which the loader mixes in
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(mark.line + 1 if mark else None,
+                               f"nested deeper than {MAX_DEPTH} levels; a routing file "
+                               "needs about 6")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+if yaml.__with_libyaml__:
+    from yaml.cyaml import CParser as _Parser  # type: ignore[attr-defined]
+
+    class _Loader(_BoundedComposer, _Parser, SafeConstructor, Resolver):
+        def __init__(self, text: str) -> None:
+            _Parser.__init__(self, text)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+else:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Loader(_BoundedComposer, Reader, Scanner, Parser,  # type: ignore[no-redef]
+                  SafeConstructor, Resolver):
+        def __init__(self, text: str) -> None:
+            Reader.__init__(self, text)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
 
 
-def parse_yaml(text: str, source: str) -> tuple[LinedDict | None, list[ConfigProblem]]:
-    """Parse ``text``; return the top-level mapping, or None and the syntax problem."""
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class _Tree:
+    """Turns a node graph into plain values, recording lines, env expansions and problems."""
+
+    def __init__(self, loader: _Loader, env: Mapping[str, str],
+                 problems: list[ConfigProblem]) -> None:
+        self.loader = loader
+        self.env = env
+        self.problems = problems
+        self.doc = Document(data={})
+        self.seen: set[int] = set()  # nodes already turned into values once
+        self.open: set[int] = set()  # nodes being turned into values (an alias loop)
+        self.alias_nodes = 0
+
+    def value(self, node: Node, path: YamlPath, via_alias: bool) -> Any:
+        key = id(node)
+        if key in self.open:
+            raise _Refused(_line(node), "an alias refers to the anchor it is inside of")
+        via_alias = via_alias or key in self.seen
+        self.seen.add(key)
+        if via_alias:
+            self.alias_nodes += 1
+            if self.alias_nodes > MAX_ALIAS_NODES:
+                raise _Refused(_line(node), f"aliases expand to more than {MAX_ALIAS_NODES} "
+                                            "values; write the repeated part out, or share less")
+        self.doc.value_lines[path] = _line(node)
+        if isinstance(node, ScalarNode):
+            return self.scalar(node, path)
+        if node.tag not in (_MAP_TAG, _SEQ_TAG):  # !!set, !!omap, !!python/...
+            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
+                                               f"cannot read this value: tag {node.tag!r} is "
+                                               "not allowed; write a plain list or mapping"))
+            return None
+        self.open.add(key)
+        try:
+            if isinstance(node, MappingNode):
+                return self.mapping(node, path, via_alias)
+            assert isinstance(node, SequenceNode)
+            items = []
+            for index, item in enumerate(node.value):
+                self.doc.key_lines[(*path, index)] = _line(item)
+                items.append(self.value(item, (*path, index), via_alias))
+            return items
+        finally:
+            self.open.discard(key)
+
+    def mapping(self, node: MappingNode, path: YamlPath, via_alias: bool) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        written: dict[str, int] = {}
+        merged: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # ``<<: *defaults``: keys written here win
+                for extra in self._merge_sources(value_node, path, via_alias):
+                    merged.update((k, v) for k, v in extra.items() if k not in merged)
+                continue
+            if not isinstance(key_node, ScalarNode):
+                self.problems.append(ConfigProblem(
+                    format_path(path) or "(file)", _line(key_node),
+                    "a key must be plain text, not a list or mapping"))
+                continue
+            name = str(key_node.value)
+            if name in written:
+                self.problems.append(ConfigProblem(
+                    format_path((*path, name)), _line(key_node),
+                    f"key '{name}' is given twice (first on line {written[name]}); "
+                    "keep one"))
+                continue
+            written[name] = _line(key_node)
+            self.doc.key_lines[(*path, name)] = _line(key_node)
+            value = self.value(value_node, (*path, name), via_alias)
+            if value is not None:
+                result[name] = value
+        for name, value in merged.items():
+            result.setdefault(name, value)
+        return result
+
+    def _merge_sources(self, node: Node, path: YamlPath,
+                       via_alias: bool) -> list[dict[str, Any]]:
+        nodes = node.value if isinstance(node, SequenceNode) else [node]
+        sources = []
+        for source in nodes:
+            value = self.value(source, path, via_alias)
+            if not isinstance(value, dict):
+                raise _Refused(_line(source), "'<<' merges only mappings")
+            sources.append(value)
+        return sources
+
+    def scalar(self, node: ScalarNode, path: YamlPath) -> Any:
+        try:
+            value = self.loader.construct_object(node)
+        except ConstructorError as exc:
+            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
+                                               f"cannot read this value: {exc.problem}"))
+            return None
+        except ValueError:  # an integer past Python's 4,300-digit limit
+            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
+                                               "this number has too many digits"))
+            return None
+        if isinstance(value, str) and "${" in value:
+            value = self.expand(value, path, _line(node))
+        return value
+
+    def expand(self, text: str, path: YamlPath, line: int) -> str:
+        """``${VAR}`` and ``${VAR:-default}`` in ``text``, from the environment mapping."""
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            self.problems.append(ConfigProblem(
+                format_path(path), line,
+                f"environment variable {name} is not set; export it or write "
+                f"${{{name}:-default}}"))
+            self.doc.unset_env.add(path)
+            return ""
+
+        self.doc.from_env.add(path)
+        return _ENV_REF.sub(substitute, text)
+
+
+def decode(raw: bytes) -> tuple[str | None, list[ConfigProblem]]:
+    """UTF-8 ``raw`` as text, or the problem naming the line of the first bad byte."""
     try:
-        data = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
+        return raw.decode("utf-8"), []
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return None, [ConfigProblem("(file)", line, f"byte 0x{raw[exc.start]:02x} is not "
+                                                    "UTF-8 text; save the file as UTF-8")]
+
+
+def read_document(text: str, env: Mapping[str, str]) -> tuple[Document | None,
+                                                              list[ConfigProblem]]:
+    """Parse ``text`` and expand ``${VAR}`` from ``env``.
+
+    Returns:
+        The document (None if nothing could be read) and every problem found so far.
+    """
+    if len(text) > MAX_TEXT_BYTES or len(text.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
+        return None, [ConfigProblem("(file)", None, f"the file is larger than "
+                                                    f"{MAX_TEXT_BYTES // 1024 // 1024} MiB; a "
+                                                    "routing file is a few KiB")]
+    problems: list[ConfigProblem] = []
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, [ConfigProblem("(file)", 1, "the file is empty; see the README "
+                                                     "example")]
+        if not isinstance(root, MappingNode):
+            return None, [ConfigProblem("(file)", _line(root),
+                                        "the top level must be a mapping of keys")]
+        tree = _Tree(loader, env, problems)
+        tree.doc.data = tree.mapping(root, (), False)
+        tree.doc.value_lines[()] = _line(root)
+    except _Refused as exc:
+        return None, [ConfigProblem("(file)", exc.line, exc.message)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        line = mark.line + 1 if mark is not None else None
-        return None, [ConfigProblem("(file)", line, f"invalid YAML: {exc.problem}")]
+        return None, [ConfigProblem("(file)", mark.line + 1 if mark is not None else None,
+                                    f"invalid YAML: {exc.problem}")]
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return None, [ConfigProblem("(file)", line, f"invalid YAML: {exc.reason} "
+                                                    f"(character 0x{char:02x})")]
     except yaml.YAMLError as exc:
         return None, [ConfigProblem("(file)", None, f"invalid YAML: {exc}")]
-    if data is None:
-        return None, [ConfigProblem("(file)", 1, "the file is empty; see the README example")]
-    if not isinstance(data, LinedDict):
-        return None, [ConfigProblem("(file)", 1, "the top level must be a mapping of keys")]
-    return data, []
+    finally:
+        loader.dispose()
+    return tree.doc, problems
 
 
-def parse_duration(value: object) -> float:
-    """``250ms``, ``2s``, ``10m``, ``1h`` or a bare number of seconds, as seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 250ms, 2s or 10m")
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if match is None:
-        raise ValueError(f"{value!r} is not a duration; write it like 250ms, 2s or 10m")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parse_size(value: object) -> int:
-    """``10MiB``, ``512KB`` or a bare number of bytes, as bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    match = _SIZE.match(str(value))
-    if match is None:
-        raise ValueError(f"{value!r} is not a size; write it like 10MiB, 512KB or 1048576")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-
-
-class Fields:
-    """Typed, problem-collecting access to one YAML mapping at ``path``."""
-
-    def __init__(
-        self,
-        data: Mapping[str, Any],
-        path: str,
-        problems: list[ConfigProblem],
-        env: Mapping[str, str],
-    ) -> None:
-        self.data = data
-        self.path = path
-        self.problems = problems
-        self.env = env
-        self._seen: set[str] = set()
-
-    def line_of(self, key: str | None = None) -> int | None:
-        if key is not None and isinstance(self.data, LinedDict):
-            line = self.data.key_lines.get(key)
-            if line is not None:
-                return line
-        return getattr(self.data, "line", None)
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def problem(self, key: str | None, message: str) -> None:
-        path = self.at(key) if key else (self.path or "(file)")
-        self.problems.append(ConfigProblem(path, self.line_of(key), message))
-
-    def raw(self, key: str, default: object = None, *, required: bool = False) -> Any:
-        """The value under ``key`` with ``${VAR}`` expanded, or ``default``."""
-        self._seen.add(key)
-        if key not in self.data or self.data[key] is None:
-            if required:
-                self.problem(None, f"missing required key '{key}'")
-            return default
-        return expand_env(self.data[key], self.env, self.at(key), self.line_of(key), self.problems)
-
-    def get(self, key: str, convert: Callable[[Any], T], default: T, *, what: str) -> T:
-        """The value under ``key`` converted by ``convert``; a failure is a problem."""
-        value = self.raw(key)
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except (TypeError, ValueError) as exc:
-            self.problem(key, f"expected {what}: {exc}")
-            return default
-
-    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        value = self.raw(key, default, required=required)
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        self.problem(key, f"expected a string, got {type(value).__name__}")
-        return default
-
-    def mapping(self, key: str) -> Fields | None:
-        value = self.raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            self.problem(key, f"expected a mapping, got {type(value).__name__}")
-            return None
-        return Fields(value, self.at(key), self.problems, self.env)
-
-    def items(self, key: str) -> list[tuple[str, int | None, Any]]:
-        """The list under ``key`` as (path, line, item) triples; a non-list is a problem."""
-        value = self.raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.problem(key, f"expected a list, got {type(value).__name__}")
-            return []
-        lines = getattr(value, "item_lines", [])
-        out = []
-        for i, item in enumerate(value):
-            path, line = f"{self.at(key)}[{i}]", lines[i] if i < len(lines) else self.line_of(key)
-            out.append((path, line, expand_env(item, self.env, path, line, self.problems)))
-        return out
-
-    def child(self, path: str, line: int | None, item: Any) -> Fields | None:
-        """Fields for one list item that must itself be a mapping."""
-        if not isinstance(item, Mapping):
-            self.problems.append(ConfigProblem(path, line, "expected a mapping"))
-            return None
-        return Fields(item, path, self.problems, self.env)
-
-    def finish(self, *, allowed: set[str] | None = None) -> None:
-        """Report every key that was never read, with the closest known key."""
-        known = allowed if allowed is not None else self._seen
-        for key in self.data:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            choices = ", ".join(sorted(known))
-            self.problem(str(key), f"unknown key '{key}'{hint} (known keys here: {choices})")
-
-
-def expand_env(
-    value: Any,
-    env: Mapping[str, str],
-    path: str,
-    line: int | None,
-    problems: list[ConfigProblem],
-) -> Any:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` in a string; other values pass unchanged.
-
-    Mappings and lists are left alone: their scalars expand when they are read, so
-    a missing variable is reported once, at its own path.
-    """
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(ConfigProblem(
-            path, line,
-            f"environment variable {name} is not set; export it or write ${{{name}:-default}}",
-        ))
-        return ""
-
-    return _ENV_REF.sub(substitute, value)
-
-
-#: What a value should look like, for problems ("expected a duration like ...").
-DURATION = "a duration like 250ms, 2s or 10m"
-SHARE = "a share like 20% or 0.2"
-COUNT = "a positive whole number"
-
-
-def parse_share(value: object) -> float:
-    """``20%`` or ``0.2`` as 0.2."""
-    text = str(value).strip()
-    share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if not 0 <= share <= 1:
-        raise ValueError(f"{value!r} is not between 0% and 100%")
-    return share
-
-
-def parse_bool(value: Any) -> bool:
-    """``true`` / ``false``; also as strings, which is what ``${VAR}`` expands to."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not true or false")
-    return value
-
-
-def parse_count(value: Any) -> int:
-    """A whole number of at least 1."""
-    number = int(value)
-    if number < 1 or isinstance(value, bool | float):
-        raise ValueError(f"{value!r} is not a positive whole number")
-    return number
-
-
-def keywords(fields: Fields, spec: dict[str, tuple[str, Any, str]]) -> dict[str, Any]:
-    """Read ``spec`` (yaml key -> (attribute, converter, what)) into constructor kwargs."""
-    kwargs: dict[str, Any] = {}
-    for key, (attr, convert, what) in spec.items():
-        value = fields.get(key, convert, None, what=what)
-        if value is not None:
-            kwargs[attr] = value
-    return kwargs
-
-
-def section(top: Fields, key: str, cls: Any, spec: dict[str, tuple[str, Any, str]],
-            more_keys: tuple[str, ...] = (), **extra: Any) -> Any:
-    """A whole optional section as ``cls``; problems are recorded, defaults kept."""
-    fields = top.mapping(key)
-    if fields is None:
-        return cls(**extra)
-    kwargs = keywords(fields, spec)
-    fields.finish(allowed=set(spec) | set(more_keys))
-    try:
-        return cls(**kwargs, **extra)
-    except ValueError as exc:
-        fields.problem(None, str(exc))
-        return cls(**extra)

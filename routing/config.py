@@ -1,11 +1,12 @@
-"""The routing configuration: frozen, validated, typed.
+"""The routing configuration: one declared model, frozen, validated, typed.
 
-``load_config(path)`` reads a routing YAML file and returns a ``Config`` or raises
-``ConfigError`` listing every problem with its YAML path and line. Decision code
-never sees a raw dict: every section becomes a frozen dataclass whose
-``__post_init__`` rejects what cannot work. Per-route overrides are made with
-``dataclasses.replace``. This module reads the file's shape (listen, instance,
-auth, upstreams, routes); the policy sections are read by ``routing._sections``.
+``parse_config(text, env=...)`` reads routing YAML given as text (the caller reads the
+file and passes the environment; this module does neither) and returns a ``Config``,
+or raises ``ConfigError`` listing every problem with its line and YAML path. Each
+section of the file is declared once as a frozen pydantic dataclass (here and in
+``_policies``): the declaration gives validation, the JSON Schema
+(``routing.schema``), the Helm chart's schema and the README's settings table.
+Decision code never sees a raw dict.
 
 Vocabulary follows Envoy: an *upstream* is a cluster (one provider account in one
 region, or a pool of self-hosted servers = its *endpoints*); a *route* maps a model
@@ -14,20 +15,27 @@ alias the client asks for to an ordered list of upstream *targets*.
 
 from __future__ import annotations
 
-import difflib
-import os
+import dataclasses
+import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Final
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import SkipJsonSchema
 
 from ._errors import ConfigError, ConfigProblem
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
+    CacheMode,
+    CacheModeValue,
+    CachePolicy,
+    CacheScope,
     DegradationPolicy,
     LatencyPolicy,
+    ObjectPolicy,
     PoolScrape,
     PrometheusSource,
     RetryPolicy,
@@ -35,123 +43,244 @@ from ._policies import (
     Strategy,
     SyncPolicy,
 )
-from ._sections import (
-    read_breaker,
-    read_degradation,
-    read_latency,
-    read_retry,
-    read_sessions,
-    read_sync,
-)
-from ._yaml import (
-    COUNT,
-    DURATION,
-    Fields,
-    keywords,
-    parse_bool,
-    parse_count,
+from ._problems import cross_reference_problems, validation_problems
+from ._values import (
+    SECTION,
+    Count,
+    Duration,
+    Flag,
+    HttpUrl,
+    Kind,
+    Name,
+    Size,
+    Text,
+    invalid,
     parse_duration,
-    parse_size,
-    parse_yaml,
-    section,
 )
+from ._yaml import decode, read_document
 
 #: Request bodies above this are refused with 413; chat payloads with long contexts
 #: and a few images stay well under it.
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 #: A busy DeepSeek keeps a connection open for ~10 minutes with keep-alives only;
 #: 30 s is long enough for a cold large model and far shorter than that.
-DEFAULT_FIRST_TOKEN_TIMEOUT_S = 30.0
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_FIRST_TOKEN_TIMEOUT_S: Final = 30.0
+DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
 #: Longest silence between two bytes once an answer has started.
-DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_IDLE_TIMEOUT_S: Final = 60.0
 #: Overall deadline for one client request, all attempts together.
-DEFAULT_ROUTE_TIMEOUT_S = 600.0
-DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_ROUTE_TIMEOUT_S: Final = 600.0
+DEFAULT_MAX_ATTEMPTS: Final = 3
+#: Connections kept open to one upstream (all its endpoints together).
+DEFAULT_MAX_CONNECTIONS: Final = 256
+#: File uploads, audio and image edits are streamed through, so they may be far
+#: bigger than JSON bodies; OpenAI's own file limit is 512 MB.
+DEFAULT_MAX_UPLOAD_BYTES: Final = 512 * 1024 * 1024
+#: Where clients may put their key: the OpenAI SDKs, Azure SDKs, several others.
+DEFAULT_KEY_HEADERS: Final = ("authorization", "api-key", "x-api-key")
+#: Never forwarded from a client, whatever ``forward_headers`` says.
+_UNFORWARDABLE: Final = frozenset({
+    "authorization", "api-key", "x-api-key", "x-goog-api-key", "cookie", "connection",
+    "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization",
+    "host", "content-length"})
 
 __all__ = [
     "DEFAULT_PROMETHEUS_QUERY",
+    "Admin",
     "ApiKey",
+    "Auth",
     "BreakerPolicy",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
     "Config",
     "DegradationPolicy",
+    "Instance",
     "LatencyPolicy",
     "Limits",
     "Listen",
+    "ObjectPolicy",
     "PoolScrape",
     "PrometheusSource",
     "RetryPolicy",
     "Route",
     "SessionPolicy",
+    "Strategy",
     "SyncPolicy",
     "Upstream",
-    "load_config",
     "parse_config",
 ]
 
-STRATEGIES = tuple(Strategy)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    """Where skyroute listens."""
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is outside 0..65535")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
 
     @classmethod
     def parse(cls, value: object) -> Listen:
         """``host:port``, ``:port`` or a bare port number."""
+        if isinstance(value, Listen):
+            return value
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise invalid(f"{value!r} is not host:port (e.g. 127.0.0.1:8080)")
         text = str(value)
         host, sep, port = text.rpartition(":")
         if not sep:
             host, port = "127.0.0.1", text
-        if not port.isdigit():
-            raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:8080)")
+        if not port.isdigit() or int(port) > 65535:
+            raise invalid(f"{text!r} is not host:port (e.g. 127.0.0.1:8080)")
         return cls(host=host.strip("[]") or "0.0.0.0", port=int(port))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_LISTEN_FORMS = r"^((\[[0-9A-Fa-f:.]+\]|[^:\s]*):)?[0-9]{1,5}$"
+#: The ``listen`` key: ``host:port``, ``:port`` (all interfaces) or a port.
+ListenAddress = Annotated[Listen, BeforeValidator(Listen.parse), Kind(
+    "host:port", show=lambda v: f"{v.host}:{v.port}", json_schema={"anyOf": [
+        {"type": "string", "pattern": _LISTEN_FORMS},
+        {"type": "integer", "minimum": 0, "maximum": 65535}]})]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class ApiKey:
     """A client key: who may call skyroute, and (with state sync) their limits."""
 
-    name: str
-    key: str
-    rpm: int | None = None
-    tpm: int | None = None
+    name: Name = Field(description="Who the key belongs to (shown in logs and metrics).")
+    key: Text = Field(
+        repr=False,
+        description="The key a client sends as its OpenAI API key; write it as ${ENV_NAME}.")
+    rpm: Count | None = Field(
+        default=None,
+        description="Requests per minute for this key, across all instances.")
+    tpm: Count | None = Field(
+        default=None,
+        description="Tokens per minute for this key, across all instances.")
 
-    def __repr__(self) -> str:  # never print the key itself
-        return f"ApiKey(name={self.name!r}, rpm={self.rpm}, tpm={self.tpm})"
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class Auth:
+    """Client keys. Without an ``auth`` section skyroute accepts any caller."""
+
+    api_keys: tuple[ApiKey, ...] = Field(
+        default=(),
+        description="The client keys; a key whose ${VAR} is set but empty is left out.")
+    key_headers: tuple[Name, ...] = Field(
+        default=DEFAULT_KEY_HEADERS, min_length=1,
+        description="Request headers a client key is read from: authorization (as Bearer), "
+                    "api-key (Azure SDKs), x-api-key.")
+
+    @model_validator(mode="after")
+    def _drop_empty_keys(self) -> Auth:
+        # A blank key written in the file is refused by cross_reference_problems; one
+        # that came from an empty variable is an unused slot (a chart's optional key).
+        object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys if k.key))
+        object.__setattr__(self, "key_headers", tuple(h.lower() for h in self.key_headers))
+        return self
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class Admin:
+    """The admin API (``/admin/*``)."""
+
+    key: Text | None = Field(
+        default=None, repr=False,
+        description="Bearer key for /admin/*; write it as ${ENV_NAME}. Unset or empty: no admin "
+                    "API.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class Instance:
+    """This instance's identity."""
+
+    id: Text = Field(
+        default="skyroute",
+        description="Names this instance in /metrics, /health and state sync.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class Limits:
+    """Limits on what clients send."""
+
+    max_body_bytes: Size = Field(
+        default=DEFAULT_MAX_BODY_BYTES, gt=0,
+        description="Bigger JSON request bodies get 413.")
+    max_upload_bytes: Size = Field(
+        default=DEFAULT_MAX_UPLOAD_BYTES, gt=0,
+        description="Bigger uploads (multipart and binary bodies, streamed through) get 413.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Upstream:
     """One upstream cluster: a provider region, or a pool of self-hosted servers."""
 
-    name: str
-    endpoints: tuple[str, ...]
-    api_key: str | None = field(default=None, repr=False)
-    region: str = "default"
-    models: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    max_connections: int = 256
-    weight: int = 1  # share of traffic under the 'weighted' strategy
-    #: For a pool: scrape and health-check its servers (``latency.scrape``). Off, the
-    #: pool picks by skyroute's own in-flight counts alone.
-    scrape: bool = True
+    name: Name = Field(description="The upstream's name, used by routes' targets.")
+    url: HttpUrl | None = Field(
+        default=None,
+        description="The OpenAI base URL, as an SDK's base_url (give url or endpoints).")
+    endpoints: tuple[HttpUrl, ...] = Field(
+        default=(),
+        description="A local GPU pool: several OpenAI-compatible servers' base URLs.")
+    api_key: Text | None = Field(
+        default=None, repr=False,
+        description="Sent upstream instead of the client's key; write it as ${ENV_NAME}.")
+    region: Text = Field(
+        default="default",
+        description="Where the upstream is (in metrics and /health).")
+    models: Mapping[str, str] = Field(
+        default_factory=lambda: MappingProxyType({}),
+        description="Model alias a client asks for -> the upstream's own model name. An alias "
+                    "named by no route goes to every upstream offering it.")
+    first_token_timeout_s: Duration = Field(
+        default=DEFAULT_FIRST_TOKEN_TIMEOUT_S, validation_alias="first_token_timeout", gt=0,
+        description="Busy detection: no first token by then fails the attempt (keep-alives do not "
+                    "count).")
+    connect_timeout_s: Duration = Field(
+        default=DEFAULT_CONNECT_TIMEOUT_S, validation_alias="connect_timeout", gt=0,
+        description="How long connecting may take.")
+    idle_timeout_s: Duration = Field(
+        default=DEFAULT_IDLE_TIMEOUT_S, validation_alias="idle_timeout", gt=0,
+        description="Longest silence once an answer has started.")
+    max_connections: Count = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        description="Connections kept open to this upstream, all its endpoints together; more "
+                    "requests wait.")
+    weight: Count = Field(default=1, description="Share of traffic under the weighted strategy.")
+    scrape: Flag = Field(
+        default=True,
+        description="For a pool: scrape and health-check its servers (latency.scrape); false "
+                    "picks by in-flight counts alone.")
+    organization: Text | None = Field(
+        default=None,
+        description="Sent as OpenAI-Organization (who is billed on this key).")
+    project: Text | None = Field(default=None, description="Sent as OpenAI-Project.")
+    forward_headers: tuple[Name, ...] = Field(
+        default=(),
+        description="Client headers passed to this upstream as sent that skyroute would "
+                    "otherwise set itself (OpenAI-Organization, OpenAI-Project); never "
+                    "credentials.")
 
-    def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ValueError("needs 'url' or 'endpoints'")
-        for url in self.endpoints:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
-        object.__setattr__(self, "endpoints", tuple(u.rstrip("/") for u in self.endpoints))
+    @model_validator(mode="after")
+    def _forwardable(self) -> Upstream:
+        for header in self.forward_headers:
+            if header.lower() in _UNFORWARDABLE:
+                raise invalid(f"forward_headers: {header!r} is a credential or hop-by-hop "
+                              "header; skyroute never forwards it from a client")
+        return self
+
+    @model_validator(mode="after")
+    def _one_address(self) -> Upstream:
+        if self.url is not None and self.endpoints not in ((), (self.url,)):
+            raise invalid("give either 'url' or 'endpoints', not both")
+        if self.url is None and not self.endpoints:
+            raise invalid("needs 'url' (one server) or 'endpoints' (a pool)")
+        if self.url is not None:
+            object.__setattr__(self, "endpoints", (self.url,))
         object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+        object.__setattr__(self, "api_key", self.api_key or None)
+        object.__setattr__(self, "region", self.region or "default")
+        return self
 
     @property
     def is_pool(self) -> bool:
@@ -162,61 +291,156 @@ class Upstream:
         return self.models.get(alias, alias)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise invalid(f"{value!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8)") \
+            from None
+
+
+#: An address or CIDR block (``10.0.0.0/8``, ``127.0.0.1``, ``fd00::/8``).
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network),
+                    Kind("address or CIDR block", json_schema={"type": "string"})]
+
+
+def _hedge_after(value: object) -> float | str | None:
+    if value is None or (isinstance(value, str) and value.strip() == "p95"):
+        return None if value is None else "p95"
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise invalid(f"{exc}; or p95") from None
+
+
+_HEDGE_FORMS = r"^\s*(p95|[0-9]+(\.[0-9]+)?\s*(ms|s|m|h)?)\s*$"
+#: ``hedge_after``: a duration, or ``p95`` for the first target's own p95 time to first token.
+HedgeAfter = Annotated[float | str | None, BeforeValidator(_hedge_after), Kind(
+    "duration or p95", json_schema={"anyOf": [
+        {"type": "number", "minimum": 0}, {"type": "string", "pattern": _HEDGE_FORMS},
+        {"type": "null"}]})]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Route:
     """Which upstreams serve a model alias, in preference order."""
 
-    model: str
-    targets: tuple[str, ...]
-    strategy: Strategy = Strategy.LOWEST_LATENCY
-    latency_threshold_s: float = 0.2
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
-    #: Start the same request on the next upstream if no first token came by then:
-    #: a fixed delay, or ``"p95"`` for the first upstream's current p95 TTFB.
-    hedge_after: float | str | None = None
-    #: Continue a stream cut after its first content byte on the next upstream, sending
-    #: the partial answer back as an assistant prefix (chat completions only).
-    resume: bool = False
-    #: Another route's model alias that serves this route's requests when none of its
-    #: targets is available (or all its attempts failed), e.g. a small distilled model.
-    fallback_model: str | None = None
-    #: Still served when skyroute is in ``minimal`` mode (other routes are refused then).
-    essential: bool = False
-    implicit: bool = False  # made from upstreams' model maps, not written in YAML
+    model: Name = Field(description="The model alias clients ask for.")
+    targets: tuple[Name, ...] = Field(
+        min_length=1,
+        description="Upstream names, in preference order.")
+    strategy: Strategy = Field(
+        default=Strategy.LOWEST_LATENCY,
+        description="How the healthy targets are ordered.")
+    latency_threshold_s: Duration = Field(
+        default=0.2, validation_alias="latency_threshold",
+        description="A target slower than this (time to first token) counts as slow.")
+    max_attempts: Count = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        description="Attempts over the targets per request.")
+    timeout_s: Duration = Field(
+        default=DEFAULT_ROUTE_TIMEOUT_S, validation_alias="timeout", gt=0,
+        description="Overall deadline for a request, all attempts together.")
+    hedge_after: HedgeAfter = Field(
+        default=None,
+        description="Race the next target if no first token by then: a duration, or p95 for the "
+                    "first target's own p95 time to first token.")
+    resume: Flag = Field(
+        default=False,
+        description="Continue a stream cut after its first content byte on the next target (chat "
+                    "completions).")
+    fallback_model: Name | None = Field(
+        default=None,
+        description="Another route's model alias that serves this route's requests when none of "
+                    "its targets can (e.g. a small model on a pool).")
+    essential: Flag = Field(
+        default=False,
+        description="Still served in minimal mode (other routes are refused then).")
+    cache: CacheModeValue = Field(
+        default=CacheMode.OFF,
+        description="Serve repeated requests from the response cache: off, exact "
+                    "(deterministic requests: temperature 0 or a seed), always, or approximate "
+                    "(exact, plus near-identical prompts under degradation).")
+    cache_scope: CacheScope = Field(
+        default=CacheScope.KEY,
+        description="key: an entry is served only to the client key that stored it; shared: "
+                    "to every client of the route.")
+    #: Made from upstreams' model maps, not written in YAML.
+    implicit: SkipJsonSchema[bool] = dataclasses.field(default=False, init=False)
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if isinstance(self.hedge_after, str) and self.hedge_after != "p95":
-            raise ValueError("hedge_after must be a duration such as 2s, or p95")
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Limits:
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Config:
     """A whole, validated routing file."""
 
-    listen: Listen = field(default_factory=Listen)
-    instance_id: str = "skyroute"
-    api_keys: tuple[ApiKey, ...] | None = None  # None: no auth section, skyroute runs open
-    admin_key: str | None = field(default=None, repr=False)
-    limits: Limits = field(default_factory=Limits)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
-    latency: LatencyPolicy = field(default_factory=LatencyPolicy)
-    sessions: SessionPolicy = field(default_factory=SessionPolicy)
-    sync: SyncPolicy | None = None  # None: state stays on this instance
-    degradation: DegradationPolicy = field(default_factory=DegradationPolicy)
-    upstreams: tuple[Upstream, ...] = ()
-    routes: tuple[Route, ...] = ()
-    source: str = "<memory>"
+    listen: ListenAddress = Field(
+        default_factory=Listen,
+        description="host:port to serve on (:port for all interfaces; port 0 picks a free one).")
+    instance: Instance = Field(default_factory=Instance, description="This instance.")
+    auth: Auth | None = Field(
+        default=None,
+        description="Client keys; with no auth section skyroute runs open and warns at start.")
+    admin: Admin | None = Field(default=None, description="The admin API.")
+    limits: Limits = Field(default_factory=Limits, description="Limits on requests.")
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description="Backoff between attempts and the retry budget.")
+    breaker: BreakerPolicy = Field(
+        default_factory=BreakerPolicy,
+        description="Circuit breaking per upstream.")
+    latency: LatencyPolicy = Field(
+        default_factory=LatencyPolicy,
+        description="Latency sources and slow upstreams.")
+    sessions: SessionPolicy = Field(
+        default_factory=SessionPolicy,
+        description="Session ids and how long sessions live.")
+    sync: SyncPolicy | None = Field(
+        default=None,
+        description="State sync with peer instances; without it state stays on this instance.")
+    degradation: DegradationPolicy = Field(
+        default_factory=DegradationPolicy,
+        description="What each degradation level switches off.")
+    trusted_proxies: tuple[Network, ...] = Field(
+        default=(),
+        description="Load balancers in front (addresses or CIDR blocks) whose X-Forwarded-For "
+                    "and X-Forwarded-Proto are kept.")
+    cache: CachePolicy = Field(
+        default_factory=CachePolicy,
+        description="The response cache: lifetime, memory and Redis levels.")
+    objects: ObjectPolicy = Field(
+        default_factory=ObjectPolicy,
+        description="Stateful objects (files, batches, responses, ...) stay with their upstream.")
+    upstreams: tuple[Upstream, ...] = Field(
+        min_length=1,
+        description="Where requests go: cloud regions, providers, GPU pools.")
+    routes: tuple[Route, ...] = Field(
+        default=(),
+        description="Model aliases and their targets; aliases in upstreams' models that no route "
+                    "names get a route of their own.")
+    #: Where the file came from (a path, or ``<memory>``).
+    source: SkipJsonSchema[str] = dataclasses.field(default="<memory>", init=False)
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.id or "skyroute"
+
+    @property
+    def api_keys(self) -> tuple[ApiKey, ...] | None:
+        """The client keys; None when there is no ``auth`` section (skyroute runs open)."""
+        return None if self.auth is None else self.auth.api_keys
+
+    @property
+    def key_headers(self) -> tuple[str, ...]:
+        """Where a client key is read from."""
+        return DEFAULT_KEY_HEADERS if self.auth is None else self.auth.key_headers
+
+    @property
+    def upstream_names(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.upstreams)
+
+    @property
+    def admin_key(self) -> str | None:
+        return self.admin.key or None if self.admin is not None else None
 
     def upstream(self, name: str) -> Upstream:
         for upstream in self.upstreams:
@@ -231,238 +455,57 @@ class Config:
         return None
 
 
-_TOP_KEYS = {"listen", "instance", "auth", "admin", "limits", "retry", "breaker", "latency",
-             "sessions", "sync", "upstreams", "routes", "degradation"}
+_CONFIG: Final = TypeAdapter(Config)
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a routing file.
+def parse_config(text: str | bytes, *, env: Mapping[str, str],
+                 source: str = "<memory>") -> Config:
+    """Validate a routing file given as text (bytes are read as UTF-8).
+
+    Args:
+        env: where ``${VAR}`` and ``${VAR:-default}`` expand from (the CLI passes
+            ``os.environ``).
+        source: the file's name, for messages.
 
     Raises:
-        ConfigError: listing every problem found (file unreadable, YAML syntax,
-            unknown keys, bad values, dangling route targets, unset ``${VAR}``).
+        ConfigError: listing every problem found (YAML syntax, hostile input, unknown
+            or duplicate keys, bad values, dangling route targets, unset ``${VAR}``),
+            sorted by line.
     """
-    source = str(path)
+    problems: list[ConfigProblem] = []
+    if isinstance(text, bytes):
+        decoded, problems = decode(text)
+        if decoded is None:
+            raise ConfigError(source, problems)
+        text = decoded
+    document, problems = read_document(text, env)
+    if document is None:
+        raise ConfigError(source, problems)
+    config: Config | None = None
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [ConfigProblem("(file)", None, f"cannot read: {exc}")]) from exc
-    return parse_config(text, source=source, env=env)
-
-
-def parse_config(text: str, *, source: str = "<memory>",
-                 env: Mapping[str, str] | None = None) -> Config:
-    """Validate routing YAML given as text; see ``load_config``."""
-    data, problems = parse_yaml(text, source)
-    if data is None:
-        raise ConfigError(source, problems)
-    top = Fields(data, "", problems, os.environ if env is None else env)
-    config = _build(top, source)
-    top.finish(allowed=_TOP_KEYS)
-    if problems:
-        raise ConfigError(source, problems)
+        config = _CONFIG.validate_python(document.data, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        problems += validation_problems(exc, document, Config)
+    problems += cross_reference_problems(document)
+    if problems or config is None:
+        raise ConfigError(source, sorted(problems, key=lambda p: p.line or 0))
+    object.__setattr__(config, "routes", config.routes + _implicit_routes(config))
+    object.__setattr__(config, "source", source)
     return config
 
 
-def _build(top: Fields, source: str) -> Config:
-    listen = top.get("listen", Listen.parse, Listen(), what="host:port")
-    instance = top.mapping("instance")
-    instance_id = "skyroute"
-    if instance is not None:
-        instance_id = instance.text("id", "skyroute") or "skyroute"
-        instance.finish()
-    api_keys = _auth(top)
-    admin_key = None
-    admin = top.mapping("admin")
-    if admin is not None:
-        admin_key = admin.text("key") or None
-        admin.finish()
-    limits = section(top, "limits", Limits, {
-        "max_body_bytes": ("max_body_bytes", parse_size, "a size like 16MiB")})
-    retry, breaker = read_retry(top), read_breaker(top)
-    latency = read_latency(top)
-    sessions = read_sessions(top)
-    sync = read_sync(top)
-    upstreams = _upstreams(top)
-    routes = _routes(top, upstreams)
-    return Config(listen=listen, instance_id=instance_id, api_keys=api_keys,
-                  admin_key=admin_key, limits=limits, retry=retry, breaker=breaker,
-                  latency=latency, sessions=sessions, sync=sync, upstreams=upstreams,
-                  routes=routes, degradation=read_degradation(top), source=source)
-
-
-def _hedge_after(value: Any) -> float | str:
-    return "p95" if str(value).strip() == "p95" else parse_duration(value)
-
-
-def _auth(top: Fields) -> tuple[ApiKey, ...] | None:
-    auth = top.mapping("auth")
-    if auth is None:
-        return None
-    keys = []
-    for path, line, item in auth.items("api_keys"):
-        entry = auth.child(path, line, item)
-        if entry is None:
-            continue
-        name = entry.text("name", required=True)
-        key = entry.text("key", required=True)
-        rpm = entry.get("rpm", parse_count, None, what="requests per minute, e.g. 60")
-        tpm = entry.get("tpm", parse_count, None, what="tokens per minute, e.g. 100000")
-        entry.finish()
-        if name and key:
-            keys.append(ApiKey(name=name, key=key, rpm=rpm, tpm=tpm))
-        elif key == "" and "${" not in str(entry.data.get("key")):
-            entry.problem("key", "is empty; a client key must not be blank")
-    auth.finish()
-    return tuple(keys)
-
-
-def _upstreams(top: Fields) -> tuple[Upstream, ...]:
-    result: list[Upstream] = []
-    items = top.items("upstreams")
-    if not items and "upstreams" not in top.data:
-        top.problem(None, "missing required key 'upstreams' (at least one upstream to send to)")
-    for path, line, item in items:
-        entry = top.child(path, line, item)
-        if entry is None:
-            continue
-        upstream = _upstream(entry)
-        if upstream is None:
-            continue
-        if any(u.name == upstream.name for u in result):
-            entry.problem("name", f"upstream name '{upstream.name}' is used twice")
-        result.append(upstream)
-    return tuple(result)
-
-
-def _upstream(entry: Fields) -> Upstream | None:
-    name = entry.text("name", required=True)
-    url = entry.text("url")
-    endpoints = [e for _, _, e in entry.items("endpoints") if isinstance(e, str)]
-    if url and endpoints:
-        entry.problem("endpoints", "give either 'url' or 'endpoints', not both")
-    if url:
-        endpoints = [url]
-    api_key = entry.text("api_key")
-    region = entry.text("region", "default") or "default"
-    models: dict[str, str] = {}
-    models_fields = entry.mapping("models")
-    if models_fields is not None:
-        for alias in list(models_fields.data):
-            target = models_fields.text(str(alias))
-            if target:
-                models[str(alias)] = target
-    kwargs = keywords(entry, {
-        "first_token_timeout": ("first_token_timeout_s", parse_duration, DURATION),
-        "connect_timeout": ("connect_timeout_s", parse_duration, DURATION),
-        "idle_timeout": ("idle_timeout_s", parse_duration, DURATION),
-        "max_connections": ("max_connections", parse_count, COUNT),
-        "weight": ("weight", parse_count, COUNT),
-        "scrape": ("scrape", parse_bool, "true or false (for a pool)")})
-    entry.finish()
-    if not name:
-        return None
-    try:
-        return Upstream(name=name, endpoints=tuple(endpoints), api_key=api_key or None,
-                        region=region, models=models, **kwargs)
-    except ValueError as exc:
-        entry.problem("url" if url else "endpoints", str(exc))
-        return None
-
-
-def _routes(top: Fields, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
-    names = {u.name for u in upstreams}
-    routes: list[Route] = []
-    written: list[tuple[Fields, Route]] = []  # for fallback checks, which need every route
-    for path, line, item in top.items("routes"):
-        entry = top.child(path, line, item)
-        if entry is None:
-            continue
-        route = _route(entry, upstreams, names)
-        if route is None:
-            continue
-        if any(r.model == route.model for r in routes):
-            entry.problem("model", f"model '{route.model}' has two routes; merge their targets")
-        routes.append(route)
-        written.append((entry, route))
-    # An alias offered by upstreams but named by no route goes to every upstream
-    # that offers it, in file order.
-    routed = {r.model for r in routes}
-    for upstream in upstreams:
+def _implicit_routes(config: Config) -> tuple[Route, ...]:
+    """A route for each alias offered by upstreams but named by no route: to every
+    upstream that offers it, in file order."""
+    routed = {r.model for r in config.routes}
+    implicit: list[Route] = []
+    for upstream in config.upstreams:
         for alias in upstream.models:
             if alias not in routed:
                 routed.add(alias)
-                offering = tuple(u.name for u in upstreams if alias in u.models)
-                routes.append(Route(model=alias, targets=offering, implicit=True))
-    _check_fallbacks(written, routes)
-    return tuple(routes)
+                offering = tuple(u.name for u in config.upstreams if alias in u.models)
+                route = Route(model=alias, targets=offering)
+                object.__setattr__(route, "implicit", True)
+                implicit.append(route)
+    return tuple(implicit)
 
-
-def _check_fallbacks(written: list[tuple[Fields, Route]], routes: list[Route]) -> None:
-    """Each ``fallback_model`` names another route, and following them never loops."""
-    by_model = {r.model: r for r in routes}
-    for entry, route in written:
-        name = route.fallback_model
-        if name is None:
-            continue
-        if name == route.model:
-            entry.problem("fallback_model",
-                          f"'{name}' is this route's own model; name another route's model, "
-                          "e.g. a small model on the local pool")
-            continue
-        if name not in by_model:
-            close = difflib.get_close_matches(name, sorted(by_model), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            entry.problem("fallback_model", f"'{name}' names no route{hint} "
-                                            f"(models: {', '.join(sorted(by_model))})")
-            continue
-        chain = [route.model, name]
-        while (after := by_model[chain[-1]].fallback_model) in by_model \
-                and after not in chain[1:]:
-            chain.append(after)
-            if after == route.model:
-                entry.problem("fallback_model",
-                              f"fallbacks loop: {' -> '.join(chain)}; the last route of a "
-                              "chain must have no fallback_model")
-                break
-
-
-def _route(entry: Fields, upstreams: tuple[Upstream, ...], names: set[str]) -> Route | None:
-    model = entry.text("model", required=True)
-    targets: list[str] = []
-    for path, line, target in entry.items("targets"):
-        if not isinstance(target, str) or target not in names:
-            known = ", ".join(sorted(names)) or "none defined"
-            entry.problems.append(ConfigProblem(
-                path, line, f"target {target!r} names no upstream (upstreams: {known})"))
-            continue
-        upstream = next(u for u in upstreams if u.name == target)
-        if model and upstream.models and model not in upstream.models:
-            entry.problems.append(ConfigProblem(
-                path, line,
-                f"upstream '{target}' has no model for alias '{model}'; add "
-                f"'{model}: <its model name>' to its models"))
-        targets.append(target)
-    if "targets" not in entry.data:
-        entry.problem(None, "missing required key 'targets' (upstream names, in preference order)")
-    kwargs = keywords(entry, {
-        "latency_threshold": ("latency_threshold_s", parse_duration, DURATION),
-        "timeout": ("timeout_s", parse_duration, DURATION),
-        "max_attempts": ("max_attempts", parse_count, COUNT),
-        "hedge_after": ("hedge_after", _hedge_after, "a duration like 2s, or p95"),
-        "resume": ("resume", parse_bool, "true or false"),
-        "essential": ("essential", parse_bool, "true or false"),
-        "fallback_model": ("fallback_model", str, "another route's model alias")})
-    strategy = entry.text("strategy")
-    if strategy is not None:
-        if strategy not in STRATEGIES:
-            close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            entry.problem("strategy",
-                          f"'{strategy}' is not one of {', '.join(STRATEGIES)}{hint}")
-        else:
-            kwargs["strategy"] = Strategy(strategy)
-    entry.finish()
-    if not model or not targets:
-        return None
-    return Route(model=model, targets=tuple(targets), **kwargs)

@@ -1,10 +1,12 @@
 """Session state shared by all skyroute instances, synced over the Yjs protocol.
 
 ``proxy/`` builds one ``StateSync``, mounts its ``/sync/{doc}`` route, starts it and
-uses ``StateSync.store`` (a ``SessionStore``). No pycrdt type crosses this boundary.
+uses ``StateSync.store`` (a ``SessionStore``) and ``StateSync.objects`` (an
+``ObjectDirectory``). No pycrdt type crosses this boundary.
 """
 
 from ._discovery import Resolve
+from ._objects import ObjectDirectory
 from ._store import SessionStore
 from ._sync import StateSync
 from ._types import (
@@ -19,11 +21,13 @@ from ._types import (
     SyncSettings,
     UpstreamReport,
     Usage,
+    UsageBucket,
 )
 
 __all__ = [
     "DOC_NAMES",
     "LinkState",
+    "ObjectDirectory",
     "PeerLinkError",
     "Resolve",
     "Session",
@@ -36,4 +40,5 @@ __all__ = [
     "SyncSettings",
     "UpstreamReport",
     "Usage",
+    "UsageBucket",
 ]

@@ -109,7 +109,7 @@ class DnsDiscovery:
             try:
                 urls.add(peer_url(address, self.port))
             except ValueError:  # a resolver answer that is not an IP address: skip it
-                self._log.warning("sync_discovery_bad_address", address=address)
+                self._log.warning("sync_discovery_address_skipped", address=address)
         if urls != self.last_answer:
             before = self.last_answer or set()
             self._log.info(

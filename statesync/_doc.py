@@ -8,15 +8,25 @@ Rules / theory of operation
   have no origin and go to every connection.
 * A ``DocHub`` serves one document name (``sessions``, ``usage``) and owns the
   current ``EpochDoc``, the connections attached to it and the awareness states of
-  external Yjs clients. ``install`` swaps in the next epoch's document: every
-  connection of the old one is closed first, so a rebuilt document is never merged
-  into an old one (nor an old one into it).
+  external Yjs clients. ``install`` swaps in the next epoch's document, and a
+  rebuilt document is never merged into an old one (nor an old one into it):
+  Yjs clients and older instances are closed; a peer that rotates in-band keeps
+  its connection and gets ``{"epoch": N}`` then our SYNC_STEP1 on it. Whatever
+  that peer sends after our rotation and before its own ``{"epoch": N}`` belongs
+  to its old document and is dropped (``is_stale``): its rebuild carries those
+  writes, and its answer to our SYNC_STEP1 brings them. So a rotation costs no
+  reconnect, and no write waits for one.
 * ``rebuild`` copies the live entries of a document into a fresh one (new client
   id, no tombstones, no history): this is what bounds the size. Which entries are
   live is the caller's decision (``keep``).
 * Client ids of retired documents are remembered for two epochs: a Yjs client that
   reconnects still holding an old document announces them in its SYNC_STEP1 and
   is refused (close code 4409) instead of pouring the old history back in.
+* Relaying follows ``_relay``: each change once per peer instance, never to an
+  instance that says it is linked to the one the change came from. The hub tells
+  its peers its own links (``links_frame``) whenever the set of instances it holds
+  a connection with changes; when that set loses an instance, it also asks every
+  remaining peer for what it lacks (SYNC_STEP1), since they may have skipped it.
 * The snapshot format is JSON: ``{"epoch": n, "docs": {name: base64(update)}}``.
 """
 
@@ -42,12 +52,14 @@ from pycrdt import (
 )
 from pycrdt import create_sync_message as _create_step1
 
+from ._control import epoch_frame, links_frame
 from ._metrics import SyncMetrics
 from ._protocol import YConnection, decode_state_vector, update_message
+from ._relay import relay_targets
 from ._types import SnapshotError, SyncProtocolError
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
-    "sessions": ("sessions", "upstreams", "meta"),
+    "sessions": ("sessions", "upstreams", "objects", "meta"),
     "usage": ("usage", "meta"),
 }
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
@@ -135,7 +147,7 @@ class EpochDoc:
         # One positional parameter only: pycrdt passes the transaction as a second
         # argument to callbacks that accept two.
         def observer(event: MapEvent) -> None:
-            self._on_map_event(map_name, event.keys)
+            self._on_map_event(map_name, _changed_keys(event))
 
         return observer
 
@@ -143,6 +155,16 @@ class EpochDoc:
         remote = self._origin is not None
         for listener in self._map_listeners:
             listener(map_name, keys, remote)
+
+
+def _changed_keys(event: MapEvent) -> dict[str, Any]:
+    """The keys a map event changed, each with its action and old/new value."""
+    # pycrdt fills MapEvent's slots by name and does not annotate ``keys``, so read it by
+    # name too and check what came back rather than let an unknown type spread.
+    keys = getattr(event, "keys", None)
+    if not isinstance(keys, dict):
+        raise TypeError(f"pycrdt MapEvent.keys is {type(keys).__name__}, expected dict")
+    return keys
 
 
 def rebuild(old: EpochDoc, epoch: int, keep: Callable[[str, str, Any], bool]) -> EpochDoc:
@@ -201,6 +223,9 @@ class DocHub:
         self._metrics = metrics
         self.connections: set[YConnection] = set()
         self._retired: list[set[int]] = []
+        self._linked: frozenset[str] = frozenset()
+        self.on_epoch_request: Callable[[int], None] | None = None
+        """Called with a newer epoch a peer announced in-band (StateSync rotates to it)."""
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self.doc = doc
         self._awareness = self._new_awareness(doc)
@@ -214,24 +239,75 @@ class DocHub:
         self._doc_listeners.append(listener)
 
     def install(self, doc: EpochDoc) -> None:
-        """Make ``doc`` current: close every connection of the old one, then swap."""
-        for conn in list(self.connections):
+        """Make ``doc`` current; connections that cannot follow in-band are closed first."""
+        kept = {c for c in self.connections if c.rotates_in_band and not c.external}
+        for conn in self.connections - kept:
             conn.close("epoch rotated")
-        self.connections.clear()
+        self.connections = kept
         self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
         self.doc = doc
         self._awareness = self._new_awareness(doc)
         doc.on_update(self._relay)
         for listener in self._doc_listeners:
             listener(doc)
+        if kept:
+            frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
+            for conn in kept:
+                conn.push_control(frame)
+                conn.push(step1)
+        self._announce_links()  # after the epoch frame: anything it sends is of the new doc
+
+    def is_stale(self, conn: YConnection) -> bool:
+        """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""
+        return conn.peer_epoch is not None and conn.peer_epoch < self.doc.epoch
+
+    def on_peer_epoch(self, conn: YConnection, epoch: int) -> None:
+        """``conn``'s peer rotated into ``epoch``; follow it if that is newer than ours."""
+        conn.peer_epoch = max(epoch, conn.peer_epoch or 0)
+        if epoch > self.doc.epoch and self.on_epoch_request is not None:
+            self.on_epoch_request(epoch)
 
     def attach(self, conn: YConnection) -> None:
         """Start relaying document changes to ``conn``."""
         self.connections.add(conn)
+        self.on_peer_identified(conn)
 
     def detach(self, conn: YConnection) -> None:
         """Stop relaying to ``conn`` (idempotent)."""
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._announce_links()
+
+    def on_peer_identified(self, conn: YConnection) -> None:
+        """``conn.peer`` became known: tell it (and, if the set grew, everyone) our links."""
+        if conn.peer is None or conn.external or conn not in self.connections:
+            return
+        if not self._announce_links():
+            conn.push_control(links_frame(self._linked))
+
+    def on_peer_links(self, conn: YConnection, links: frozenset[str]) -> None:
+        """Record the instances ``conn``'s peer says it is directly linked to."""
+        conn.peer_links = links
+
+    def linked_peers(self) -> frozenset[str]:
+        """Instances this document is exchanged with directly now (writer ids)."""
+        return self._linked
+
+    def _announce_links(self) -> bool:
+        """Send our links to every peer if they changed; True if they did."""
+        linked = frozenset(c.peer for c in self.connections if c.peer is not None)
+        if linked == self._linked:
+            return False
+        lost = self._linked - linked
+        self._linked = linked
+        frame = links_frame(linked)
+        step1 = self.sync_step1() if lost else None
+        for conn in self.connections:
+            if conn.peer is not None:
+                conn.push_control(frame)
+                if step1 is not None:
+                    conn.push(step1)  # they may have skipped changes for the lost link's sake
+        return True
 
     # -- DocEndpoint -------------------------------------------------------------
 
@@ -266,20 +342,11 @@ class DocHub:
     # -- internals ---------------------------------------------------------------
 
     def _relay(self, update: bytes, origin: object | None) -> None:
-        # Two instances that both list each other hold two links (one dialled by
-        # each). An update goes out on one connection per peer instance, and never
-        # back to the instance it came from.
-        message = update_message(update)
-        origin_peer = origin.peer if isinstance(origin, YConnection) else None
-        sent: set[str] = set()
-        for conn in self.connections:
-            if conn is origin:
-                continue
-            if conn.peer is not None:
-                if conn.peer == origin_peer or conn.peer in sent:
-                    continue
-                sent.add(conn.peer)
-            conn.push(message)
+        targets = relay_targets(self.connections, origin=origin)
+        if targets:
+            message = update_message(update)
+            for conn in targets:
+                conn.push(message)
 
     @staticmethod
     def _new_awareness(doc: EpochDoc) -> Awareness:

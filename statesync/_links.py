@@ -8,11 +8,19 @@ Rules / theory of operation
   (protocol error, epoch rotation, send-queue overflow) the socket is closed with a
   code that says why (``CLOSE_*``). A slow peer is dropped rather than buffered
   without bound; it catches up with SYNC_STEP1/2 when it reconnects.
+* On instance-to-instance connections (both directions) ``pump`` also speaks the
+  control frames of ``_control``: it answers pings, pings every
+  ``ping_interval_s`` itself, records the peer's links for ``_relay``, and closes a
+  link whose peer stayed silent for ``ping_interval_s * ping_misses`` (a black hole
+  keeps a TCP connection "open" for minutes). Closing waits at most one ping
+  interval for the peer's close frame, then the socket is dropped.
 * A ``PeerLink`` is one attempt to talk to one peer about one document:
   CONNECTING -> CONNECTED -> CLOSED, and then it is finished for good. A
   ``LinkSupervisor`` owns the retry policy: it makes a new ``PeerLink`` per attempt,
-  sleeps between attempts with ``exponential_backoff`` (equal jitter), and reports a
-  ``LinkState`` for ``/health``.
+  waits between attempts as ``routing``'s one backoff generator says (equal jitter,
+  ``link_backoff``: 50 ms doubling, capped at ``BACKOFF_CAP_S``) through an injected
+  ``sleep``, and reports a ``LinkState`` for ``/health``. An attempt whose handshake
+  takes longer than the silence that kills a link fails.
 * Handshake: ``GET {peer}/{doc}?epoch=N&instance=WRITER`` with ``Authorization: Bearer``.
   WRITER is the process's writer id (``instance.id`` plus a random suffix), so it
   names this very process: two processes never share it, even when misconfigured
@@ -27,14 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, final
 
 import aiohttp
 from aiohttp import web
+from skyroute.routing import Jitter, Sleep, backoff_delays
 
+from ._control import Liveness, ping_frame, pong_frame, read_control
 from ._doc import DocHub
 from ._metrics import SyncMetrics, get_logger
 from ._protocol import ConnState, YConnection, message_kind
@@ -47,27 +56,21 @@ EPOCH_HEADER: Final = "X-Skyroute-Epoch"
 SELF_HEADER: Final = "X-Skyroute-Self"
 MAX_QUEUED_MESSAGES: Final = 10_000
 """About 50 s of a busy instance's writes; beyond that a resync is cheaper."""
-CONNECT_TIMEOUT_S: Final = 5.0
 HEARTBEAT_S: Final = 15.0
-"""WebSocket ping interval: a silently dead peer is noticed within ~2 heartbeats."""
+"""WebSocket ping interval for Yjs clients; instances also ping each other (``_control``)."""
 BACKOFF_BASE_S: Final = 0.05
-BACKOFF_CAP_S: Final = 5.0
+"""A peer restarting or a link rotated is back within milliseconds: redial quickly."""
+BACKOFF_CAP_S: Final = 1.0
+"""Under 1 s: after a partition heals the link is back (and caught up) within about a
+second, and the jitter keeps a fleet redialling one peer from arriving in step."""
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-def exponential_backoff(
-    *,
-    base: float = BACKOFF_BASE_S,
-    factor: float = 2.0,
-    cap: float = BACKOFF_CAP_S,
-    rng: Callable[[], float] = random.random,
-) -> Iterator[float]:
-    """Yield delays base, base*factor, ... up to ``cap``, each jittered into [d/2, d]."""
-    delay = base
-    while True:
-        yield delay * (0.5 + 0.5 * rng())
-        delay = min(cap, delay * factor)
+def link_backoff(rng: random.Random) -> Iterator[float]:
+    """Delays between attempts to reach one peer: 0.05 s doubling to 1 s, in [d/2, d]."""
+    return backoff_delays(base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng,
+                          jitter=Jitter.EQUAL)
 
 
 async def pump(
@@ -78,18 +81,20 @@ async def pump(
     external: bool,
     metrics: SyncMetrics,
     peer: str | None = None,
+    liveness: Liveness | None = None,
 ) -> YConnection:
     """Run a y-protocols conversation on ``ws`` until either side closes it.
 
     ``peer`` is the remote process's writer id when known. Between instances the
-    server sends one TEXT frame first, ``{"instance": writer id}`` (the hello), so the
-    dialling side learns it too; Yjs clients never get one.
+    server sends one TEXT frame first, the hello (``_control``), so the dialling
+    side learns it too; Yjs clients never get one. ``liveness`` (peer connections
+    only) turns on pinging and closes the link when the peer falls silent.
 
     Returns the (CLOSED) connection, whose ``close_reason`` says why it ended.
     """
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
 
-    def on_send(message: bytes) -> None:
+    def on_send(message: bytes | str) -> None:
         if queue.qsize() >= MAX_QUEUED_MESSAGES:
             conn.close("send queue overflow")
         else:
@@ -103,56 +108,130 @@ async def pump(
         on_close=lambda: queue.put_nowait(None),
     )
     conn.peer = peer
-    log = get_logger().bind(peer=name, doc=hub.name)
+    if not external:
+        conn.peer_epoch = hub.doc.epoch  # the handshake settled on one epoch
+        # The dialler said ?ping=1: it speaks the control frames, in-band rotation included.
+        conn.rotates_in_band = liveness is not None and liveness.is_armed
     for message in conn.initial_messages():
         queue.put_nowait(message)
     hub.attach(conn)
     sender = asyncio.create_task(_send_loop(ws, conn, queue, metrics))
+    tasks = [asyncio.create_task(_receive_loop(ws, conn, hub, metrics, liveness))]
+    if liveness is not None:
+        tasks.append(asyncio.create_task(_ping_loop(conn, liveness, metrics)))
     try:
-        async for frame in ws:
-            if frame.type is aiohttp.WSMsgType.TEXT and not external:
-                conn.peer = _read_hello(frame.data) or conn.peer
-                continue
-            if frame.type is not aiohttp.WSMsgType.BINARY:
-                continue  # y-websocket sends only binary frames; pings are handled below us
-            data: bytes = frame.data
-            metrics.count_message("in", message_kind(data), len(data))
-            try:
-                for reply in conn.receive_message(data):
-                    queue.put_nowait(reply)
-            except SyncProtocolError as exc:
-                log.warning("sync_protocol_error", error=str(exc))
-                break
-            if conn.state is ConnState.CLOSED:
-                break
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         hub.detach(conn)
         conn.close("socket closed")
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(sender, timeout=CONNECT_TIMEOUT_S)
+        # asyncio.wait, not wait_for: on 3.11 wait_for can swallow our own cancellation.
+        # A silent peer will not answer our close frame: do not wait for it.
+        silent = liveness is not None and liveness.is_dead(now=asyncio.get_running_loop().time())
+        await asyncio.wait([sender], timeout=0.0 if silent else _close_wait_s(liveness))
         sender.cancel()
     return conn
 
 
-def hello_frame(writer_id: str) -> str:
-    """The TEXT frame a server sends first on a peer (instance-to-instance) connection."""
-    return json.dumps({"instance": writer_id})
+def _close_wait_s(liveness: Liveness | None) -> float:
+    return liveness.interval_s if liveness is not None else 5.0
 
 
-def _read_hello(data: str) -> str | None:
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        instance = json.loads(data).get("instance")
-        return instance if isinstance(instance, str) else None
-    return None
+async def _receive_loop(
+    ws: WebSocket, conn: YConnection, hub: DocHub, metrics: SyncMetrics, live: Liveness | None
+) -> None:
+    log = get_logger().bind(peer=conn.name, doc=hub.name)
+    loop = asyncio.get_running_loop()
+    async for frame in ws:
+        if live is not None:
+            live.on_frame(now=loop.time())
+        if frame.type is aiohttp.WSMsgType.TEXT and not conn.external:
+            metrics.count_message("in", "control", len(frame.data))
+            _on_control(frame.data, conn, hub, metrics, live, now=loop.time())
+            continue
+        if frame.type is not aiohttp.WSMsgType.BINARY:
+            continue  # y-websocket sends only binary frames; pings are handled below us
+        data: bytes = frame.data
+        metrics.count_message("in", message_kind(data), len(data))
+        if hub.is_stale(conn):
+            continue  # from the peer's old epoch; its next SYNC_STEP2 carries it
+        try:
+            for reply in conn.receive_message(data):
+                conn.push(reply)
+        except SyncProtocolError as exc:
+            log.warning("sync_message_rejected", error=str(exc))
+            return
+        if conn.state is ConnState.CLOSED:
+            return
+
+
+def _on_control(
+    data: str,
+    conn: YConnection,
+    hub: DocHub,
+    metrics: SyncMetrics,
+    live: Liveness | None,
+    *,
+    now: float,
+) -> None:
+    control = read_control(data)
+    if control is None:
+        return
+    if control.instance is not None and conn.peer is None:
+        conn.peer = control.instance
+        hub.on_peer_identified(conn)
+    if control.ping is not None:
+        conn.push_control(pong_frame(control.ping))
+    if live is not None and (control.speaks_ping or control.ping is not None):
+        live.arm()
+    if control.pong is not None and live is not None:
+        rtt = live.on_pong(control.pong, now=now)
+        if rtt is not None:
+            metrics.ping_seconds.observe(rtt)
+    if control.speaks_ping:
+        conn.rotates_in_band = True
+    if control.links is not None:
+        hub.on_peer_links(conn, control.links)
+    if control.epoch is not None:
+        hub.on_peer_epoch(conn, control.epoch)
+
+
+async def _ping_loop(conn: YConnection, live: Liveness, metrics: SyncMetrics) -> None:
+    """Ping every interval; return (closing ``conn``) once the peer is silent too long."""
+    loop = asyncio.get_running_loop()
+    next_ping = loop.time()
+    while conn.state is ConnState.OPEN:
+        now = loop.time()
+        if live.is_dead(now=now):
+            metrics.links_silent.inc()
+            get_logger().warning(
+                "sync_peer_silent", peer=conn.name, seconds=round(live.dead_after_s, 3),
+                hint="no frame from the peer for that long: the link is cut and redialled",
+            )
+            conn.close(f"peer silent for {live.dead_after_s:g}s")
+            return
+        if now >= next_ping:
+            conn.push_control(ping_frame(live.next_ping(now=now)))
+            next_ping = now + live.interval_s
+        # Wake for the next ping or the moment silence would kill the link, whichever
+        # is first: a cut shows at interval x misses, not up to one interval later.
+        await asyncio.sleep(max(0.001, min(next_ping - now, live.seconds_left(now=now))))
 
 
 async def _send_loop(
-    ws: WebSocket, conn: YConnection, queue: asyncio.Queue[bytes | None], metrics: SyncMetrics
+    ws: WebSocket, conn: YConnection, queue: asyncio.Queue[bytes | str | None],
+    metrics: SyncMetrics,
 ) -> None:
     try:
         while (message := await queue.get()) is not None:
-            await ws.send_bytes(message)
-            metrics.count_message("out", message_kind(message), len(message))
+            if isinstance(message, str):
+                await ws.send_str(message)
+                metrics.count_message("out", "control", len(message))
+            else:
+                await ws.send_bytes(message)
+                metrics.count_message("out", message_kind(message), len(message))
     except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
         conn.close(f"send failed: {exc!r}")
     reason = conn.close_reason or ""
@@ -189,8 +268,12 @@ class PeerLink:
         headers: dict[str, str],
         params: dict[str, str],
         metrics: SyncMetrics,
+        settings: SyncSettings,
     ) -> None:
         """Connect and pump until the link ends; never called twice.
+
+        The handshake may take as long as the silence that kills a link
+        (``settings.dead_after_s``); closing waits one ping interval for the peer.
 
         Raises:
             aiohttp.WSServerHandshakeError: the peer refused the upgrade.
@@ -198,25 +281,36 @@ class PeerLink:
         """
         if self.state is not LinkState.CONNECTING:
             raise RuntimeError(f"run() called on a finished link ({self.state.name})")
+        interval = settings.ping_interval_s
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(settings.dead_after_s):
                 ws = await session.ws_connect(
                     self.url,
                     headers=headers,
-                    params=params,
-                    heartbeat=HEARTBEAT_S,
+                    params={**params, "ping": "1"},
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=interval),
                     max_msg_size=64 * 1024 * 1024,
                 )
             self.state = LinkState.CONNECTED
             metrics.peers_connected.inc()
+            live = Liveness(
+                interval_s=interval,
+                misses=settings.ping_misses,
+                now=asyncio.get_running_loop().time(),
+            )
             try:
-                conn = await pump(ws, self.hub, name=self.url, external=False, metrics=metrics)
+                conn = await pump(
+                    ws, self.hub, name=self.url, external=False, metrics=metrics, liveness=live
+                )
                 self.close_reason = conn.close_reason
                 if ws.close_code == CLOSE_ROTATED:
                     self.close_reason = "epoch rotated"
             finally:
+                self.state = LinkState.CLOSED  # before the close handshake: /health is prompt
                 metrics.peers_connected.dec()
-                await ws.close()
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+                    async with asyncio.timeout(interval):
+                        await ws.close()
         finally:
             self.state = LinkState.CLOSED
 
@@ -236,7 +330,11 @@ class LinkSupervisor:
         metrics: SyncMetrics,
         epoch: Callable[[], int],
         on_peer_epoch: Callable[[int], Awaitable[None]],
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
+        """Args (besides the link's own): ``sleep`` waits out each backoff delay and
+        ``rng`` draws their jitter (a seeded one makes the delays reproducible)."""
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/{hub.name}"
         self._hub = hub
@@ -246,6 +344,8 @@ class LinkSupervisor:
         self._metrics = metrics
         self._epoch = epoch
         self._on_peer_epoch = on_peer_epoch
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
         self._state = LinkState.CONNECTING
         self.link: PeerLink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -276,7 +376,7 @@ class LinkSupervisor:
         self._state = LinkState.CLOSED
 
     async def _run(self) -> None:
-        delays = exponential_backoff()
+        delays = link_backoff(self._rng)
         token = self._settings.token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         while True:
@@ -286,38 +386,43 @@ class LinkSupervisor:
             retry_now = False
             try:
                 await self.link.run(
-                    self._session, headers=headers, params=params, metrics=self._metrics
+                    self._session,
+                    headers=headers,
+                    params=params,
+                    metrics=self._metrics,
+                    settings=self._settings,
                 )
-                delays = exponential_backoff()  # it connected: start the backoff afresh
+                delays = link_backoff(self._rng)  # it connected: start the backoff afresh
                 retry_now = self.link.close_reason == "epoch rotated"
-                self._log.info("peer_link_closed", reason=self.link.close_reason)
+                self._log.info("sync_peer_disconnected", reason=self.link.close_reason)
             except aiohttp.WSServerHandshakeError as exc:
                 retry_now = await self._on_refused(exc)
                 if self._state is LinkState.SELF:
                     return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._log.debug("peer_connect_failed", error=repr(exc))
+                self._log.debug("sync_peer_connect_failed", error=repr(exc))
             if not retry_now:
                 if self._state is not LinkState.UNAUTHORIZED:
                     self._state = LinkState.BACKOFF
-                await asyncio.sleep(next(delays))
+                await self._sleep(next(delays))
 
     async def _on_refused(self, exc: aiohttp.WSServerHandshakeError) -> bool:
         headers: Any = exc.headers or {}
         if exc.status == 409 and headers.get(SELF_HEADER):
             self._state = LinkState.SELF
-            self._log.info("peer_is_self")
+            self._log.info("sync_peer_parked", reason="this address is this instance itself")
             return False
         if exc.status == 409 and headers.get(EPOCH_HEADER, "").isdigit():
             theirs = int(headers[EPOCH_HEADER])
             if theirs <= self._epoch():
                 return False  # we moved on meanwhile; the next attempt carries our epoch
-            self._log.info("peer_epoch_newer", epoch=theirs)
+            self._log.info("sync_epoch_adopted", epoch=theirs)
             await self._on_peer_epoch(theirs)
             return True
         if exc.status == 401:
             self._state = LinkState.UNAUTHORIZED
-            self._log.warning("peer_refused_token")
+            self._log.warning("sync_peer_refused", status=exc.status,
+                              hint="the peer's sync.token differs from this instance's")
             return False
-        self._log.warning("peer_handshake_refused", status=exc.status)
+        self._log.warning("sync_peer_refused", status=exc.status)
         return False

@@ -23,6 +23,7 @@ MESSAGE_TYPES: Final = (
     "awareness",
     "query_awareness",
     "auth",
+    "control",
     "unknown",
 )
 
@@ -64,6 +65,12 @@ class SyncMetrics:
             buckets=_APPLY_BUCKETS,
             registry=registry,
         )
+        self.objects = Gauge(
+            "skyroute_sync_objects",
+            "Stateful objects (files, batches, responses, ...) whose upstream is known, in "
+            "the shared map.",
+            registry=registry,
+        )
         self.document_bytes = Gauge(
             "skyroute_sync_document_bytes",
             "Encoded size of the current epoch's document.",
@@ -100,6 +107,25 @@ class SyncMetrics:
         self.discovered_peers = Gauge(
             "skyroute_sync_discovered_peers",
             "Addresses in the last successful DNS discovery answer (this instance's included).",
+            registry=registry,
+        )
+
+        self.links_silent = Counter(
+            "skyroute_sync_links_silent_total",
+            "Peer links closed because the peer answered no ping for ping_misses intervals.",
+            registry=registry,
+        )
+        self.ping_seconds = Histogram(
+            "skyroute_sync_ping_seconds",
+            "Round trip of application-level pings on peer links.",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
+
+        self.pin_conflicts = Counter(
+            "skyroute_sync_pin_conflicts_total",
+            "Remote session writes that pinned another upstream than the one held here; the "
+            "pin rule keeps the later move, else the earliest pin (a follow-up raced a pin).",
             registry=registry,
         )
 

@@ -118,7 +118,8 @@ class YConnection:
         name: a label for logs (peer URL or remote address).
         external: True for a Yjs client (awareness is relayed to it), False for a
             peer instance.
-        on_send: called with every message to send that was not a direct reply.
+        on_send: called with every message to send that was not a direct reply
+            (bytes: y-protocols; str: a control frame, see ``_control``).
         on_close: called once when the connection moves to CLOSED (the shell then
             closes its socket).
     """
@@ -131,6 +132,9 @@ class YConnection:
         "external",
         "name",
         "peer",
+        "peer_epoch",
+        "peer_links",
+        "rotates_in_band",
         "state",
     )
 
@@ -140,7 +144,7 @@ class YConnection:
         *,
         name: str,
         external: bool,
-        on_send: Callable[[bytes], None],
+        on_send: Callable[[bytes | str], None],
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self._hub = hub
@@ -152,6 +156,12 @@ class YConnection:
         self.close_reason: str | None = None
         self.peer: str | None = None
         """Peer instance id once known (inbound: ``?instance``; outbound: the hello)."""
+        self.peer_links: frozenset[str] | None = None
+        """The instances the peer says it is directly linked to (``_relay``); None: unknown."""
+        self.peer_epoch: int | None = None
+        """The epoch the peer's messages on this connection belong to (peer connections)."""
+        self.rotates_in_band = False
+        """The peer follows a rotation on the open connection (``{"epoch": N}`` frames)."""
 
     def __repr__(self) -> str:
         kind = "external" if self.external else "peer"
@@ -216,6 +226,11 @@ class YConnection:
         """Queue a message produced elsewhere (relay or local write); dropped if CLOSED."""
         if self.state is ConnState.OPEN:
             self._on_send(message)
+
+    def push_control(self, frame: str) -> None:
+        """Queue a control frame (peer connections only); dropped if CLOSED."""
+        if self.state is ConnState.OPEN and not self.external:
+            self._on_send(frame)
 
     def close(self, reason: str) -> None:
         """Move to CLOSED (idempotent); the first reason is kept."""

@@ -8,52 +8,74 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
 * ``sessions`` doc, map ``sessions``: ``id -> {upstream, created, last_seen,
   attributes, ts, by}``. ``ts``/``by`` are the write time and writer; see repair.
 * ``sessions`` doc, map ``upstreams``: ``name -> {state, until, reporter, ts}``.
-* ``usage`` doc, map ``usage``: ``"{writer}|{bucket}|{key}" -> {key, b, w, r, t}``.
-  One entry per *writer* (instance id + a random incarnation suffix) per 10 s bucket
-  per client key, holding that writer's net counts: a PN-counter whose value is the
+* ``usage`` doc, map ``usage``: ``"{writer}|{bucket}|{key}" -> {key, b, s, w, r, t}``.
+  One entry per *writer* (instance id + a random incarnation suffix) per bucket of
+  ``s`` seconds (``b`` is its index: it holds ``[b*s, (b+1)*s)``) per client key,
+  holding that writer's net counts: a PN-counter whose value is the
   sum of the entries. Deltas may be negative (a corrected estimate); no separate
   P and N halves are needed because only its writer ever sets an entry, so the
   entry never has to be merged with another writer's copy. A flush is a
   read-modify-write of our own entry only, never of a shared number. The
   incarnation suffix keeps a restarted process from fighting its previous life.
+* ``sessions`` doc, map ``objects``: object id -> upstream (``_objects``).
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for
   ``skyroute_sync_lag_seconds`` (origin write time to local apply).
 
-Usage window: the sum of the 10 s buckets that overlap the last 60 s, so the window
-spans 60-70 s and never under-counts (an ``rpm`` limit errs on the strict side).
-Our own pending deltas count at once, before they are flushed.
+Usage window: a bucket counts until ``usage_window_s`` (60 s) after it ends, so a
+request counts for 60 to 61 s with 1 s buckets: never less than the window (a limit
+errs on the strict side), and at most a second more. ``usage_buckets`` gives each
+bucket with its end, so a refusal can say exactly when enough of the oldest counts
+leave the window. Entries without ``s`` come from writers that used 10 s buckets and
+count as such. Our own pending deltas count at once, before they are flushed.
 
 Batching: ``add_usage`` only adds to a dict; ``flush`` (every ``flush_interval_s``)
-writes all pending deltas and a heartbeat in one transaction. ``touch`` writes only
-when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and keeps the exact time
-in a local overlay; ``pin`` and ``report_upstream`` write at once (they are rare and
-their latency is what peers wait for).
+writes all pending deltas and a heartbeat in one transaction, and deletes our own
+entries ``USAGE_DELETE_AFTER_S`` after they left the window (rotation drops the rest).
+``touch`` writes only when the stored ``last_seen`` is ``TOUCH_WRITE_EVERY_S`` old, and
+keeps the exact time in a local overlay; ``pin`` and ``report_upstream`` write at once
+(they are rare and their latency is what peers wait for).
 
 Repair after merges (rotation carries, restarts): when a remote change sets one of
 our own usage entries to something other than our total, we rewrite it on the next
-flush (the owner re-asserts). When a remote change replaces a session whose
-``(ts, by)`` was newer, the newer value is written back: sessions are last-writer-wins
-by timestamp, not by Yjs client-id order.
+flush (the owner re-asserts). When a remote change replaces a session, the value both
+should hold is written back if it differs (``_pins.merged``): the pin by ``_pins``'
+rule (a later move wins, else the earliest pin by hybrid logical clock), the rest
+last-writer-wins by ``(ts, by)``, never by Yjs client-id order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from typing import Any, Final, final
+
+from skyroute.routing import UpstreamState
 
 from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
-from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage
+from ._objects import object_entry_is_live
+from ._pins import HybridClock, PinStamp, merged, next_pin
+from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
-USAGE_BUCKET_S: Final = 10.0
-USAGE_WINDOW_S: Final = 60.0
+USAGE_BUCKET_S: Final = 1.0
+"""How finely usage is counted: a request counts at most this much longer than the
+window, and a refusal's Retry-After is exact to it. One entry per second per busy
+key and writer is the cost, small next to the flushes that rewrite it."""
+USAGE_DELETE_AFTER_S: Final = 30.0
+"""A writer deletes its own usage entry this long after the entry left the window, so a
+peer whose clock is up to 30 s behind still counts it for the whole window; the document
+then holds about a window's worth of entries per key and writer, not an epoch's."""
+LEGACY_BUCKET_S: Final = 10.0
+"""Bucket size of entries written without ``s`` (by an older skyroute)."""
 TOUCH_WRITE_EVERY_S: Final = 30.0
 """``last_seen`` only matters against a TTL of hours; 30 s keeps touches cheap."""
-CLEAR_STATES: Final = frozenset({"up", "ok", "healthy"})
-"""Reporting one of these removes the upstream's report."""
+CLEAR_STATES: Final = frozenset({UpstreamState.HEALTHY, "up", "ok"})
+"""Reporting one of these removes the upstream's report (``healthy`` is routing's word;
+``up`` and ``ok`` are what other writers of the document may say)."""
 
 _BucketKey = tuple[str, int]  # (client key name, bucket index)
+_Slot = tuple[int, float, str]  # (bucket index, bucket seconds, writer) of a usage entry
 
 
 def bucket_of(now: float) -> int:
@@ -61,8 +83,14 @@ def bucket_of(now: float) -> int:
     return math.floor(now / USAGE_BUCKET_S)
 
 
-def _in_window(bucket: int, now: float) -> bool:
-    return (bucket + 1) * USAGE_BUCKET_S > now - USAGE_WINDOW_S
+def _slot_of(value: Any) -> _Slot | None:
+    """Where a usage entry counts, or None when it is malformed."""
+    try:
+        size = float(value.get("s", LEGACY_BUCKET_S))
+        slot = (int(value["b"]), size, str(value["w"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return slot if size > 0 else None
 
 
 @final
@@ -86,12 +114,18 @@ class SessionStore:
         self._clock = clock
         self._metrics = metrics
         self._log = get_logger().bind(instance=settings.instance_id)
-        self._pending: dict[_BucketKey, list[int]] = {}
-        self._own: dict[_BucketKey, tuple[int, int]] = {}
+        self._window_s = settings.usage_window_s
+        # Per client key: bucket -> counts. Pending deltas are not yet flushed; own
+        # totals are what our entries say; the view is every writer's entries.
+        self._pending: dict[str, dict[int, list[int]]] = {}
+        self._own: dict[str, dict[int, tuple[int, int]]] = {}
         self._dirty: set[_BucketKey] = set()
-        self._view: dict[str, dict[tuple[int, str], tuple[int, int]]] = {}
+        self._view: dict[str, dict[_Slot, tuple[int, int]]] = {}
+        self._pruned_at = 0.0
+        self._expiry: deque[tuple[float, str]] = deque()  # (delete at, our entry's map key)
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
+        self._hlc = HybridClock()
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
             self._attach(hub.doc)
@@ -127,13 +161,33 @@ class SessionStore:
         upstream: str,
         *,
         now: float,
+        moved_from: str | None = None,
         attributes: dict[str, str] | None = None,
-    ) -> None:
+    ) -> bool:
         """Pin the session to ``upstream`` (creating it), visible to peers at once.
 
-        ``attributes``, if given, are merged into the session's in the same write.
+        Args:
+            moved_from: the upstream the caller saw the session pinned to when it
+                chose ``upstream`` instead (an explicit move), or None if it saw no
+                pin. A pin made without seeing one does not replace an earlier pin
+                (``_pins``): the session is then only touched.
+            attributes: merged into the session's in the same write.
+
+        Returns:
+            True if the pin was written, False if an earlier pin stays.
         """
-        self._write_session(session_id, now=now, upstream=upstream, attributes=attributes)
+        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        expired = stored is not None and self.get(session_id, now=now) is None
+        stamp = next_pin(
+            stored, moved_from=moved_from, expired=expired, at=self._hlc.now(now), by=self.writer_id
+        )
+        if stamp is None:
+            self._write_session(session_id, now=now, attributes=attributes)
+            return False
+        self._write_session(
+            session_id, now=now, upstream=upstream, attributes=attributes, pin=stamp
+        )
+        return True
 
     def touch(self, session_id: str, *, now: float) -> None:
         """Record activity; creates the session unpinned if absent. Cheap: see module doc."""
@@ -155,11 +209,12 @@ class SessionStore:
         now: float,
         upstream: str | None = None,
         attributes: dict[str, str] | None = None,
+        pin: PinStamp | None = None,
     ) -> None:
         current = self.get(session_id, now=now)
         attrs = dict(current.attributes) if current is not None else {}
         attrs.update(attributes or {})
-        value = {
+        value: dict[str, Any] = {
             "upstream": upstream if upstream is not None else (current and current.upstream),
             "created": current.created if current is not None else now,
             "last_seen": now,
@@ -167,6 +222,11 @@ class SessionStore:
             "ts": now,
             "by": self.writer_id,
         }
+        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        if pin is not None:
+            value["pin"] = pin.to_wire()
+        elif current is not None and isinstance(stored, dict) and "pin" in stored:
+            value["pin"] = stored["pin"]  # a touch keeps the pin's stamp as it is
         self._touched.pop(session_id, None)
         self._sessions.doc.maps["sessions"][session_id] = value
 
@@ -174,59 +234,102 @@ class SessionStore:
 
     def add_usage(self, key_name: str, *, requests: int = 0, tokens: int = 0, now: float) -> None:
         """Count usage for ``key_name``; batched, written by the next ``flush``."""
-        delta = self._pending.setdefault((key_name, bucket_of(now)), [0, 0])
+        delta = self._pending.setdefault(key_name, {}).setdefault(bucket_of(now), [0, 0])
         delta[0] += requests
         delta[1] += tokens
 
     def usage(self, key_name: str, *, now: float) -> Usage:
-        """Usage of ``key_name`` over all instances in the buckets overlapping the last 60 s."""
-        requests = tokens = 0
-        for (bucket, writer), (r, t) in self._view.get(key_name, {}).items():
-            if writer != self.writer_id and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        for (key, bucket), (r, t) in self._own.items():
-            if key == key_name and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        for (key, bucket), (r, t) in self._pending.items():
-            if key == key_name and _in_window(bucket, now):
-                requests += r
-                tokens += t
-        return Usage(requests, tokens)
+        """Usage of ``key_name`` over all instances, in the buckets still in the window."""
+        buckets = self.usage_buckets(key_name, now=now)
+        return Usage(sum(b.requests for b in buckets), sum(b.tokens for b in buckets))
+
+    def usage_buckets(self, key_name: str, *, now: float) -> list[UsageBucket]:
+        """Usage of ``key_name`` over all instances per bucket still in the window, oldest
+        first (a bucket is in the window until ``usage_window_s`` after its ``end``)."""
+        since = now - self._window_s
+        spans: dict[tuple[float, float], list[int]] = {}
+
+        def add(bucket: int, size: float, r: int, t: int) -> None:
+            if (bucket + 1) * size > since:
+                counts = spans.setdefault((bucket * size, (bucket + 1) * size), [0, 0])
+                counts[0] += r
+                counts[1] += t
+
+        for (bucket, size, writer), (r, t) in self._view.get(key_name, {}).items():
+            if writer != self.writer_id:
+                add(bucket, size, r, t)
+        for source in (self._own, self._pending):
+            for bucket, (r, t) in source.get(key_name, {}).items():
+                add(bucket, USAGE_BUCKET_S, r, t)
+        return [UsageBucket(start=start, end=end, requests=r, tokens=t)
+                for (start, end), (r, t) in sorted(spans.items())]
+
+    def _in_window(self, bucket: int, size: float, now: float) -> bool:
+        return (bucket + 1) * size > now - self._window_s
 
     def flush(self) -> bool:
         """Write pending counter deltas, repairs and a heartbeat; True if anything was written."""
         now = self._clock()
         pending, self._pending = self._pending, {}
-        for bkey, (r, t) in pending.items():
-            old_r, old_t = self._own.get(bkey, (0, 0))
-            self._own[bkey] = (old_r + r, old_t + t)
-            self._dirty.add(bkey)
+        for key_name, buckets in pending.items():
+            own = self._own.setdefault(key_name, {})
+            for bucket, (r, t) in buckets.items():
+                if bucket not in own:  # a new entry: delete it once nobody counts it
+                    self._expiry.append((
+                        (bucket + 1) * USAGE_BUCKET_S + self._window_s + USAGE_DELETE_AFTER_S,
+                        f"{self.writer_id}|{bucket}|{key_name}"))
+                old_r, old_t = own.get(bucket, (0, 0))
+                own[bucket] = (old_r + r, old_t + t)
+                self._dirty.add((key_name, bucket))
         repairs, self._repairs = self._repairs, {}
         if repairs:
             smap = self._sessions.doc.maps["sessions"]
             with self._sessions.doc.doc.transaction():
                 for session_id, value in repairs.items():
                     smap[session_id] = value
-        if not self._dirty:
+        expired = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expired.append(self._expiry.popleft()[1])
+        if not self._dirty and not expired:
             return bool(repairs)
         doc = self._usage.doc
         with doc.doc.transaction():
             umap = doc.maps["usage"]
+            for map_key in expired:
+                if map_key in umap:
+                    del umap[map_key]
             for key_name, bucket in self._dirty:
-                r, t = self._own.get((key_name, bucket), (0, 0))
+                r, t = self._own.get(key_name, {}).get(bucket, (0, 0))
                 umap[f"{self.writer_id}|{bucket}|{key_name}"] = {
                     "key": key_name,
                     "b": bucket,
+                    "s": USAGE_BUCKET_S,
                     "w": self.writer_id,
                     "r": r,
                     "t": t,
                 }
             self._heartbeat(doc, now)
         self._dirty.clear()
-        self._own = {k: v for k, v in self._own.items() if _in_window(k[1], now)}
+        self._prune(now)
         return True
+
+    def _prune(self, now: float) -> None:
+        """Forget counts that left the window (once per bucket: usage reads stay short)."""
+        if now - self._pruned_at < USAGE_BUCKET_S:
+            return
+        self._pruned_at = now
+        for key_name, own in list(self._own.items()):
+            own = {b: v for b, v in own.items() if self._in_window(b, USAGE_BUCKET_S, now)}
+            if own:
+                self._own[key_name] = own
+            else:
+                del self._own[key_name]
+        for key_name, view in list(self._view.items()):
+            view = {slot: v for slot, v in view.items() if self._in_window(slot[0], slot[1], now)}
+            if view:
+                self._view[key_name] = view
+            else:
+                del self._view[key_name]
 
     def heartbeat(self) -> None:
         """Write a heartbeat into both documents (keeps lag measured when idle)."""
@@ -286,7 +389,10 @@ class SessionStore:
             ts = value.get("ts", now)
             return isinstance(ts, int | float) and now - ts <= self._settings.session_ttl_s
         if map_name == "usage":
-            return isinstance(value, dict) and _in_window(int(value.get("b", 0)), now)
+            slot = _slot_of(value) if isinstance(value, dict) else None
+            return slot is not None and self._in_window(slot[0], slot[1], now)
+        if map_name == "objects":
+            return object_entry_is_live(value, now)
         return False  # meta: fresh heartbeats are written into the new document
 
     def _attach(self, doc: EpochDoc) -> None:
@@ -294,7 +400,8 @@ class SessionStore:
             self._view = {}
             for value in doc.maps["usage"].values():
                 self._view_set(value)
-            self._dirty.update(self._own)  # re-assert our entries in the new document
+            # Re-assert our entries in the new document.
+            self._dirty.update((k, b) for k, own in self._own.items() for b in own)
             cutoff = self._clock() - self._settings.session_ttl_s
             self._touched = {k: v for k, v in self._touched.items() if v >= cutoff}
         doc.on_map_change(self._on_change)
@@ -318,41 +425,43 @@ class SessionStore:
             value = change.get("newValue")
             if change.get("action") == "delete" or not isinstance(value, dict):
                 old = change.get("oldValue")
-                if isinstance(old, dict):
-                    self._view.get(str(old.get("key")), {}).pop(
-                        (int(old.get("b", 0)), str(old.get("w"))), None
-                    )
+                slot = _slot_of(old) if isinstance(old, dict) else None
+                if slot is not None:
+                    self._view.get(str(old.get("key")), {}).pop(slot, None)
                 continue
             self._view_set(value)
             if remote and value.get("w") == self.writer_id:
-                bkey = (str(value.get("key")), int(value.get("b", 0)))
-                if bkey in self._own and self._own[bkey] != (
+                key_name, bucket = str(value.get("key")), int(value.get("b", 0))
+                own = self._own.get(key_name, {})
+                if bucket in own and own[bucket] != (
                     int(value.get("r", 0)),
                     int(value.get("t", 0)),
                 ):
-                    self._dirty.add(bkey)
+                    self._dirty.add((key_name, bucket))
 
     def _view_set(self, value: Any) -> None:
-        if not isinstance(value, dict):
+        slot = _slot_of(value) if isinstance(value, dict) else None
+        if slot is None:
             return
         try:
-            slot = (int(value["b"]), str(value["w"]))
             counts = (int(value.get("r", 0)), int(value.get("t", 0)))
-        except (KeyError, TypeError, ValueError):
+        except (TypeError, ValueError):
             return
         self._view.setdefault(str(value.get("key")), {})[slot] = counts
 
     def _on_session_change(self, keys: dict[str, Any]) -> None:
         for session_id, change in keys.items():
             old, new = change.get("oldValue"), change.get("newValue")
-            if not (isinstance(old, dict) and isinstance(new, dict)):
-                continue
-            old_ts, new_ts = old.get("ts"), new.get("ts")
-            if not (isinstance(old_ts, int | float) and isinstance(new_ts, int | float)):
-                continue  # a foreign client's write: accept it as is
-            if (old_ts, str(old.get("by", ""))) > (new_ts, str(new.get("by", ""))):
-                self._repairs[session_id] = old
-                self._log.debug("session_repair", session=session_id)
+            stamp = PinStamp.of(new)
+            if stamp is not None:
+                self._hlc.observe(stamp.at)  # our next pin is stamped after this one
+            old_stamp = PinStamp.of(old)
+            if old_stamp is not None and stamp is not None and old["upstream"] != new["upstream"]:
+                self._metrics.pin_conflicts.inc()  # settled by the rule, whichever way
+            repaired = merged(old, new)
+            if repaired is not None:
+                self._repairs[session_id] = repaired
+                self._log.debug("sync_session_repaired", session=session_id)
 
 
 async def run_flush_loop(store: SessionStore, interval_s: float, heartbeat_s: float) -> None:

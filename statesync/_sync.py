@@ -3,7 +3,8 @@
 Rules / theory of operation
 ---------------------------
 * One ``DocHub`` per document name; ``store`` (a ``SessionStore``) reads and writes
-  them. Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
+  them, and ``objects`` (an ``ObjectDirectory``) the object id -> upstream map.
+  Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
   one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
   discovery (``_discovery``: peers that leave the DNS answer are dropped; static
   peers never are). The peer identity on the wire is the writer id, unique per
@@ -17,12 +18,15 @@ Rules / theory of operation
   A peer link states its epoch in the handshake (``?epoch=N``). The side with the
   older epoch rotates to the newer one (the server at once, the client after a 409
   carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
-  even with skewed clocks. Rotating rebuilds each document from its live entries
-  and closes every connection of the old one; links then reconnect at once and
-  SYNC_STEP1/2 merges the peers' rebuilt documents of the *same* epoch. Updates
-  are never exchanged between different epochs. Clients without ``?epoch`` (a Yjs
-  app) get the current epoch; one that comes back holding an older document is
-  refused with close code 4409 and must start a fresh ``Y.Doc``.
+  even with skewed clocks. Rotating rebuilds each document from its live entries.
+  Peer links that speak the control frames stay open: the rotating side sends
+  ``{"epoch": N}`` and a SYNC_STEP1 on each, a peer still in an older epoch rotates
+  on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
+  without a reconnect, so writes around a rotation wait only for the wire (see
+  ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
+  and reconnect. Updates are never exchanged between different epochs. Clients
+  without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
+  an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
   are written atomically to ``snapshot_path``; ``start`` loads it (same epoch: as
   is; older epoch: rebuilt into the current one) before any link is opened.
@@ -44,7 +48,9 @@ from typing import Any, Final, final
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from skyroute.routing import Sleep
 
+from ._control import Liveness, hello_frame
 from ._discovery import DnsDiscovery, Resolve, resolve_addresses
 from ._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, load_update, rebuild
 from ._links import (
@@ -52,10 +58,10 @@ from ._links import (
     HEARTBEAT_S,
     SELF_HEADER,
     LinkSupervisor,
-    hello_frame,
     pump,
 )
 from ._metrics import SyncMetrics, get_logger
+from ._objects import ObjectDirectory
 from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
@@ -77,6 +83,7 @@ class StateSync:
         registry: CollectorRegistry,
         clock: Clock = time.time,
         resolve: Resolve = resolve_addresses,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         """Build the documents and the store; nothing runs until ``start``.
 
@@ -86,10 +93,12 @@ class StateSync:
             clock: wall-clock epoch seconds (epochs, TTLs, heartbeats).
             resolve: the DNS lookup behind ``settings.discovery``; the system resolver
                 unless a test stands in for the DNS server.
+            sleep: what peer links wait through between attempts to reconnect.
         """
         self.settings = settings
         self._clock = clock
         self._resolve = resolve
+        self._sleep = sleep
         self._metrics = SyncMetrics(registry)
         self._log = get_logger().bind(instance=settings.instance_id)
         self.writer_id = f"{settings.instance_id}.{secrets.token_hex(3)}"
@@ -98,6 +107,8 @@ class StateSync:
         self._hubs = {
             name: DocHub(EpochDoc(name, self.epoch), metrics=self._metrics) for name in DOC_NAMES
         }
+        for hub in self._hubs.values():
+            hub.on_epoch_request = self._rotate_to  # a peer rotated in-band ahead of us
         self.store = SessionStore(
             settings=settings,
             writer_id=self.writer_id,
@@ -105,6 +116,9 @@ class StateSync:
             usage=self._hubs["usage"],
             clock=clock,
             metrics=self._metrics,
+        )
+        self.objects = ObjectDirectory(
+            self._hubs["sessions"], writer_id=self.writer_id, metrics=self._metrics
         )
         self._links: dict[str, list[LinkSupervisor]] = {}
         self._discovered: set[str] = set()
@@ -220,12 +234,24 @@ class StateSync:
         hub = self._hubs[doc]
         log = self._log.bind(peer=request.remote, doc=doc)
         instance = request.query.get("instance")  # the dialling process's writer id
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+        interval = self.settings.ping_interval_s
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT_S if instance is None else None,
+            timeout=interval if instance is not None else 10.0,  # close handshake wait
+            max_msg_size=MAX_MESSAGE_BYTES,
+        )
         await ws.prepare(request)
         self._inbound.add(ws)
         try:
+            live = None
             if instance is not None:
                 await ws.send_str(hello_frame(self.writer_id))
+                live = Liveness(
+                    interval_s=interval,
+                    misses=self.settings.ping_misses,
+                    now=asyncio.get_running_loop().time(),
+                    armed=request.query.get("ping") == "1",
+                )
             conn = await pump(
                 ws,
                 hub,
@@ -233,6 +259,7 @@ class StateSync:
                 external=instance is None,
                 metrics=self._metrics,
                 peer=instance,
+                liveness=live,
             )
             log.info("sync_connection_closed", reason=conn.close_reason)
         finally:
@@ -266,7 +293,7 @@ class StateSync:
             return _refuse(409, "this address is the dialling instance itself", SELF_HEADER, "1")
         if instance is not None and instance.rpartition(".")[0] == self.settings.instance_id:
             log.warning(
-                "sync_duplicate_instance_id",
+                "sync_instance_id_duplicated",
                 peer_writer=instance,
                 hint="another running process has the same instance.id; give each its own "
                 "so logs, metrics and health gossip can tell them apart",
@@ -313,7 +340,9 @@ class StateSync:
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
-        self._log.info("sync_rotated", epoch=epoch, seconds=round(time.perf_counter() - started, 4))
+        if self.settings.is_shared:
+            self._log.info("sync_rotated", epoch=epoch,
+                           seconds=round(time.perf_counter() - started, 4))
 
     async def _on_peer_epoch(self, epoch: int) -> None:
         self._rotate_to(epoch)
@@ -340,6 +369,7 @@ class StateSync:
                 metrics=self._metrics,
                 epoch=lambda: self.epoch,
                 on_peer_epoch=self._on_peer_epoch,
+                sleep=self._sleep,
             )
             for hub in self._hubs.values()
         ]
@@ -380,7 +410,7 @@ class StateSync:
             self._metrics.epoch.set(self.epoch)
             self._log.info("sync_snapshot_loaded", path=path, epoch=epoch)
         except (OSError, SnapshotError) as exc:
-            self._log.error("sync_snapshot_unreadable", path=path, error=str(exc))
+            self._log.error("sync_snapshot_load_failed", path=path, error=str(exc))
 
     async def _write_snapshot(self) -> None:
         path = self.settings.snapshot_path
@@ -400,6 +430,7 @@ class StateSync:
         while True:
             for name, size in self.document_sizes().items():
                 self._metrics.document_bytes.labels(name).set(size)
+            self._metrics.objects.set(len(self.objects))  # peers' writes count too
             await asyncio.sleep(SIZE_METRIC_EVERY_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -1,7 +1,8 @@
 """Plain values and errors shared by every statesync module.
 
 Nothing here touches pycrdt or aiohttp: these are the types that cross the package
-boundary (``SyncSettings``, ``Session``, ``Usage``, ``UpstreamReport``, ``LinkState``)
+boundary (``SyncSettings``, ``Session``, ``Usage``, ``UsageBucket``, ``UpstreamReport``,
+``LinkState``)
 and the exception tree rooted at ``StateSyncError``. Numbers read back from a Yjs
 document are floats whatever the writer meant, so every value type here converts
 explicitly (``int(...)``/``float(...)``) in its ``from_wire`` constructor.
@@ -85,6 +86,13 @@ class SyncSettings:
     rotate_every_s: float = 3600.0
     flush_interval_s: float = 0.05
     snapshot_path: str | None = None
+    ping_interval_s: float = 1.0
+    """Each side of a peer link pings this often (``_control``)."""
+    ping_misses: int = 3
+    """A link silent for this many ping intervals is dead: closed and redialled."""
+    #: How long usage counts: ``usage`` sums this much past, and older counts are
+    #: dropped. The owner of the limits (``routing``'s per-minute rpm/tpm) sets it.
+    usage_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.instance_id or "|" in self.instance_id:
@@ -97,9 +105,26 @@ class SyncSettings:
                 raise SyncConfigError(f"sync.peers: {peer!r} must start with ws:// or wss://")
         if self.discovery is not None:
             self.discovery_target()  # validates
-        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s", "discovery_interval_s"):
+        for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s",
+                     "discovery_interval_s", "usage_window_s", "ping_interval_s"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
+        if self.ping_misses < 1:
+            raise SyncConfigError("sync.ping_misses: must be at least 1")
+
+    @property
+    def dead_after_s(self) -> float:
+        """How long a peer link may stay silent (or a handshake take) before it is dead."""
+        return self.ping_interval_s * self.ping_misses
+
+    @property
+    def is_shared(self) -> bool:
+        """True when state is shared with other instances (a token, peers or discovery).
+
+        Without that the documents still rotate, to stay small, but nothing about
+        sync is logged: the instance is on its own.
+        """
+        return self.token is not None or bool(self.peers) or self.discovery is not None
 
     def discovery_target(self) -> tuple[str, int] | None:
         """Return ``(host, port)`` from ``discovery``, or None when it is unset.
@@ -160,6 +185,17 @@ class Usage:
 
     requests: int = 0
     tokens: int = 0
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageBucket:
+    """Requests and tokens counted for one client key in ``[start, end)``, all instances."""
+
+    start: float
+    end: float
+    requests: int
+    tokens: int
 
 
 @final

@@ -12,9 +12,8 @@ from typing import Any
 import openai
 import pytest
 import structlog
-from skyroute.proxy import Server
+from skyroute.proxy import Server, load_config
 from skyroute.proxy.demo import StandinUpstream
-from skyroute.routing import load_config
 
 CLIENT_KEY = "sk-client-test"
 UPSTREAM_KEY = "sk-upstream-test"

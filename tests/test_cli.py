@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import openai
+import pytest
+from skyroute.proxy.cli import _parser
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -109,7 +114,7 @@ async def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(standin, tmp_p
             assert "us-east" in reply.choices[0].message.content
             path.write_text(routing_yaml([entry(up, models="{chat: deepseek-chat, b: x}")]))
             proc.proc.send_signal(signal.SIGHUP)
-            await proc.wait_line(r'"event": "config reloaded"')
+            await proc.wait_line(r'"event": "config_reloaded"')
             assert sorted([m.id async for m in client.models.list()]) == ["b", "chat"]
         assert await proc.stop() == 0
     finally:
@@ -117,12 +122,187 @@ async def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(standin, tmp_p
 
 
 async def test_run_refuses_an_invalid_file_at_start(tmp_path):
-    """skyroute run with a broken file prints the problems and exits 1 without serving."""
+    """skyroute run with a broken file prints one line per problem and exits 1 unserved."""
     path = tmp_path / "routing.yaml"
     path.write_text(BROKEN)
-    code, _, err = await _run("run", "--config", str(path))
+    code, _, err = await _run("run", "--config", str(path), "--log-format", "console")
     assert code == 1
-    assert "unknown key 'regoin'" in err
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"skyroute: {path}:") for line in lines)
+    assert f"skyroute: {path}:6: upstreams[0].regoin: unknown key 'regoin'" in err
+
+
+#: A valid routing file whose upstream is never called (nothing is served in these tests).
+GOOD = """\
+listen: 127.0.0.1:0
+auth:
+  api_keys:
+    - name: tests
+      key: sk-client-test
+upstreams:
+  - name: a
+    url: http://127.0.0.1:9/v1
+    region: x
+    models: {chat: deepseek-chat}
+routes:
+  - model: chat
+    targets: [a]
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "-c", "f.yaml"], ["validate", "f.yaml"], ["demo", "--print-config"]])
+def test_global_options_go_before_or_after_the_command(command):
+    """--log-level and --log-format parse the same before and after run, validate and demo."""
+    options = ["--log-level", "debug", "--log-format", "json"]
+    before = _parser().parse_args([*options, *command])
+    after = _parser().parse_args([*command, *options])
+    assert before == after
+    assert (after.log_level, after.log_format) == ("debug", "json")
+    plain = _parser().parse_args(command)
+    assert (plain.log_level, plain.log_format) == ("info", None)
+
+
+async def test_run_takes_log_options_after_the_command(tmp_path):
+    """skyroute run -c f --log-format json --log-level debug serves and logs JSON lines."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(GOOD)
+    proc = await asyncio.create_subprocess_exec(
+        *SKYROUTE, "run", "-c", str(path), "--log-format", "json", "--log-level", "debug",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    server = _Background(proc)
+    try:
+        line = await server.wait_line(r'"event": "server_started"')
+        assert json.loads(line.string)["url"].startswith("http://127.0.0.1:")
+        assert await server.stop() == 0
+    finally:
+        await server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A 127.0.0.1 port another socket listens on while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+#: (what fails, the command, what the one line on stderr says); {path}, {port}, {dir} filled in.
+STARTUP_FAILURES = [
+    ("port in use", ["run", "-c", "{path}", "--port", "{port}"],
+     "skyroute: cannot listen on 127.0.0.1:{port}: address already in use; stop the other "
+     "process or pass --port (0 picks a free port)"),
+    ("demo port in use", ["demo", "--port", "{port}"],
+     "skyroute: cannot listen on 127.0.0.1:{port}: address already in use; stop the other "
+     "process or pass --port (0 picks a free port)"),
+    ("host not of this machine", ["run", "-c", "{path}", "--host", "192.0.2.1"],
+     "skyroute: cannot listen on 192.0.2.1:0: this machine has no such address; pass --host "
+     "with one of its addresses (127.0.0.1, or 0.0.0.0 for all)"),
+    ("no such file", ["run", "-c", "{dir}/missing.yaml"],
+     "skyroute: cannot read routing file {dir}/missing.yaml: no such file or directory; "
+     "check the path"),
+    ("a directory", ["run", "-c", "{dir}"],
+     "skyroute: cannot read routing file {dir}: is a directory; name the routing YAML file "
+     "itself"),
+    ("not UTF-8", ["run", "-c", "{dir}/latin1.yaml"],
+     "skyroute: {dir}/latin1.yaml:2: byte 0xe9 is not UTF-8 text; save the file as UTF-8"),
+    ("bad config", ["run", "-c", "{dir}/typo.yaml"],
+     "skyroute: {dir}/typo.yaml:9: upstreams[0].regoin: unknown key 'regoin'; did you mean "
+     "'region'?"),
+]
+
+
+@pytest.mark.parametrize(("what", "command", "expected"), STARTUP_FAILURES,
+                         ids=[case[0] for case in STARTUP_FAILURES])
+async def test_a_startup_failure_is_one_line_and_exit_1(tmp_path, busy_port, what, command,
+                                                        expected):
+    """Each way skyroute fails to start prints one line saying what, where and what to do."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(GOOD)
+    (tmp_path / "latin1.yaml").write_bytes(b"# routing\n# caf\xe9\n" + GOOD.encode())
+    (tmp_path / "typo.yaml").write_text(GOOD.replace("    region: x\n", "    regoin: x\n"))
+    fill = {"path": str(path), "port": str(busy_port), "dir": str(tmp_path)}
+    code, out, err = await _run(*[arg.format(**fill) for arg in command],
+                                "--log-format", "console")
+    assert code == 1 and "serving on" not in out
+    [line] = err.splitlines()
+    assert line.startswith(expected.format(**fill)), line
+
+
+async def test_a_startup_failure_in_a_JSON_log_is_one_startup_failed_event(tmp_path, busy_port):
+    """With JSON logs run's failure is a startup_failed event, so the log stays JSON."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(GOOD)
+    code, _, err = await _run("run", "-c", str(path), "--port", str(busy_port),
+                              "--log-format", "json")
+    assert code == 1
+    [line] = err.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "startup_failed" and event["level"] == "error"
+    assert event["error"].startswith(f"cannot listen on 127.0.0.1:{busy_port}: address "
+                                     "already in use")
+    code, _, err = await _run("validate", str(tmp_path / "missing.yaml"), "--log-format", "json")
+    assert code == 1  # validate's output is text for a person, never a log
+    assert err == f"skyroute: cannot read routing file {tmp_path}/missing.yaml: no such file " \
+                  "or directory; check the path\n"
+
+
+async def test_a_startup_failure_shows_its_traceback_only_at_debug_level(tmp_path, busy_port):
+    """--log-level debug adds the traceback above the same one line."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(GOOD)
+    code, _, err = await _run("run", "-c", str(path), "--port", str(busy_port),
+                              "--log-format", "console", "--log-level", "debug")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "Errno 98" in err
+    assert err.splitlines()[-1].startswith(f"skyroute: cannot listen on 127.0.0.1:{busy_port}")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["run", "-c", "f.yaml", "--port", "70000"],
+     "skyroute run: argument --port: '70000' is not a port: give 0-65535 (0 picks a free one); "
+     "see skyroute run --help"),
+    (["run", "-c", "f.yaml", "--bogus"],
+     "skyroute: unrecognized arguments: --bogus; see skyroute --help"),
+    (["validate", "f.yaml", "--log-level", "loud"],
+     "skyroute validate: argument --log-level: invalid choice: 'loud'"),
+])
+async def test_a_wrong_command_line_is_one_line_and_exit_2(args, expected):
+    """A usage error is one line naming the argument and where to read more, status 2."""
+    code, _, err = await _run(*args)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith(expected), line
+
+
+async def test_a_control_byte_in_a_header_is_one_safe_JSON_event(tmp_path):
+    """aiohttp's parse error for a header with a control byte is logged as one JSON
+    client_request_malformed event with the peer, without the header's value."""
+    path = tmp_path / "routing.yaml"
+    path.write_text(GOOD)
+    proc = await _start("run", "-c", str(path), "--port", "0")
+    try:
+        url = (await proc.wait_line(r'"url": "(http://[^"]+)"')).group(1)
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)),
+                                                CALL_TIMEOUT_S)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer sk-client-\x01SECRET\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)
+        writer.close()
+        assert b" 400 " in answer.split(b"\r\n", 1)[0]
+        line = await proc.wait_line(r'"event": "client_request_malformed"')
+        assert await proc.stop() == 0
+        rest = await asyncio.wait_for(proc.proc.stderr.read(), CALL_TIMEOUT_S)
+    finally:
+        await proc.stop(signal.SIGKILL)
+    event = json.loads(line.string)
+    assert event["peer"] == "127.0.0.1" and event["status"] == 400
+    assert event["reason"] == "Invalid header value char"
+    lines = [*proc.lines, *rest.decode().splitlines()]
+    assert all(isinstance(json.loads(entry), dict) for entry in lines), lines
+    assert not [entry for entry in lines if "SECRET" in entry or "\\u0001" in entry]
 
 
 async def test_demo_serves_the_embedded_default_without_keys():
@@ -179,9 +359,11 @@ async def test_demo_with_three_instances_peers_them():
 
 async def test_demo_prometheus_without_the_binary_says_how_to_get_one(tmp_path):
     """demo --prometheus with no prometheus on PATH names the package and the two overrides."""
-    code, out, err = await _run("demo", "--port", "0", "--prometheus",
+    code, out, err = await _run("demo", "--port", "0", "--prometheus", "--log-format", "console",
                                 env={"PATH": str(tmp_path), "SKYROUTE_PROMETHEUS_BIN": ""})
     assert code == 1 and "serving on" not in out
+    [line] = err.splitlines()
+    assert line.startswith("skyroute: demo --prometheus: the prometheus binary is not installed")
     assert "the prometheus binary is not installed" in err
     assert "apt-get install prometheus" in err
     assert "--prometheus-bin PATH or SKYROUTE_PROMETHEUS_BIN=PATH" in err
@@ -190,18 +372,22 @@ async def test_demo_prometheus_without_the_binary_says_how_to_get_one(tmp_path):
 async def test_demo_prometheus_bin_must_name_an_executable(tmp_path):
     """--prometheus-bin naming no executable file is refused before anything starts."""
     missing = tmp_path / "prometheus"
-    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(missing))
+    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(missing),
+                                "--log-format", "console")
     assert code == 1 and "serving on" not in out
     assert f"--prometheus-bin {missing}: no executable file there" in err
 
 
 async def test_demo_prometheus_that_fails_to_start_shows_its_log(tmp_path):
-    """A prometheus that exits at start fails the demo with its status and log, and exit 1."""
+    """A prometheus that exits at start fails the demo in one line: its status and last log
+    line, exit 1."""
     fake = tmp_path / "prometheus"
     fake.write_text("#!/bin/sh\necho 'err=\"opening storage failed: read-only file system\"'\n"
                     "exit 3\n")
     fake.chmod(0o755)
-    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(fake))
+    code, out, err = await _run("demo", "--port", "0", "--prometheus-bin", str(fake),
+                                "--log-format", "console")
     assert code == 1 and "serving on" not in out
-    assert f"prometheus ({fake}) exited with status 3 at start" in err
+    [line] = err.splitlines()
+    assert f"prometheus ({fake}) exited with status 3 at start" in line
     assert "opening storage failed: read-only file system" in err

@@ -1,6 +1,6 @@
-"""The Helm chart, rendered by the real ``helm`` and validated against strict
-Kubernetes schemas by ``../shared/tools/check-chart`` (offline after its first run,
-which installs helm from npm and the schemas from PyPI).
+"""The Helm chart, rendered by the real ``helm`` and validated against the strict
+Kubernetes schemas by tests/chart_check.py (helm and the schemas are installed by
+tests/run.sh, from npm and PyPI; nothing here uses the network).
 
 Every values file in helm/examples/ must render and validate; every file in
 helm/tests/ must FAIL, with each of its ``# expect:`` lines in the message.
@@ -8,9 +8,7 @@ helm/tests/ must FAIL, with each of its ``# expect:`` lines in the message.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -19,46 +17,40 @@ import pytest
 import yaml
 from skyroute.routing.config import Config, parse_config
 
+from .chart_check import ChartCheckFailed, check_chart, installed_helm
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm"
-CHECK_CHART = Path(
-    os.environ.get("SKYROUTE_CHECK_CHART", REPO.parent / "shared" / "tools" / "check-chart"))
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 BAD_VALUES = sorted((CHART / "tests").glob("*.yaml"))
-MONITORING_API = ["-a", "monitoring.coreos.com/v1"]
-
-# First use installs helm and the schemas; later runs take about a second.
-pytestmark = pytest.mark.timeout(900)
-
-
-def _check_chart(
-    *args: str | os.PathLike[str], timeout: float = 300
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(CHECK_CHART), *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )
+MONITORING_API = ["monitoring.coreos.com/v1"]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def check_chart_installed() -> None:
-    if not CHECK_CHART.is_file():
-        pytest.fail(
-            f"check-chart not found at {CHECK_CHART}: the chart tests need the shared tools "
-            "beside the repository (<repo>/../shared/tools/check-chart), or set "
-            "SKYROUTE_CHECK_CHART to its path", pytrace=False)
-    proc = _check_chart("--install-only", timeout=840)
-    if proc.returncode != 0:
-        pytest.fail(f"check-chart --install-only failed (exit {proc.returncode}):\n"
-                    f"{proc.stdout}\n{proc.stderr}", pytrace=False)
+def helm_installed() -> None:
+    try:
+        installed_helm()
+    except ChartCheckFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
-def _render(tmp_path: Path, *args: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    out = tmp_path / "rendered.yaml"
-    proc = _check_chart(CHART, "-o", out, *args)
-    assert proc.returncode == 0, f"check-chart failed:\n{proc.stdout}\n{proc.stderr}"
-    assert "OK: " in proc.stdout, proc.stdout
-    return [d for d in yaml.safe_load_all(out.read_text()) if d]
+def _render(*, values: list[Path] | None = None, sets: list[str] | None = None,
+            api_versions: list[str] | None = None, namespace: str = "default",
+            ) -> list[dict[str, Any]]:
+    try:
+        checked = check_chart(CHART, values=values or [], sets=sets or [],
+                              api_versions=api_versions or [], namespace=namespace)
+    except ChartCheckFailed as exc:
+        pytest.fail(f"the chart must render and validate:\n{exc}", pytrace=False)
+    return checked.objects
+
+
+def _failure(*, values: list[Path] | None = None, sets: list[str] | None = None,
+             api_versions: list[str] | None = None) -> str:
+    with pytest.raises(ChartCheckFailed) as failed:
+        check_chart(CHART, values=values or [], sets=sets or [],
+                    api_versions=api_versions or [])
+    return str(failed.value)
 
 
 def _one(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
@@ -87,8 +79,8 @@ def _loaded_config(objects: list[dict[str, Any]]) -> tuple[Config, dict[str, str
 # --------------------------------------------------------------------- render + validate
 
 
-def test_default_values_render_and_validate(tmp_path: Path) -> None:
-    objects = _render(tmp_path)
+def test_default_values_render_and_validate() -> None:
+    objects = _render()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
                             "PodDisruptionBudget", "Service", "Service", "ServiceAccount"])
@@ -96,8 +88,8 @@ def test_default_values_render_and_validate(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("values", EXAMPLES, ids=lambda p: p.name)
-def test_example_values_render_and_validate(values: Path, tmp_path: Path) -> None:
-    objects = _render(tmp_path, "-f", values, *MONITORING_API)
+def test_example_values_render_and_validate(values: Path) -> None:
+    objects = _render(values=[values], api_versions=MONITORING_API)
     assert _one(objects, "Deployment")
 
 
@@ -111,22 +103,19 @@ def test_examples_exist() -> None:
 def test_bad_values_fail_with_a_clear_message(values: Path) -> None:
     expected = re.findall(r"^# expect: (.+)$", values.read_text(), flags=re.MULTILINE)
     assert expected, f"{values.name} has no '# expect: <message>' line"
-    proc = _check_chart(CHART, "-f", values, *MONITORING_API)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, f"{values.name} rendered although it must fail:\n{output}"
+    output = _failure(values=[values], api_versions=MONITORING_API)
     for message in expected:
         assert message.strip() in output, f"{values.name}: {message!r} not in:\n{output}"
 
 
 def test_service_monitor_without_the_operator_api_fails_clearly() -> None:
-    proc = _check_chart(CHART, "--set", "serviceMonitor.enabled=true")
-    assert proc.returncode != 0
-    assert "no monitoring.coreos.com/v1 API" in proc.stderr, proc.stderr
+    output = _failure(sets=["serviceMonitor.enabled=true"])
+    assert "no monitoring.coreos.com/v1 API" in output, output
 
 
-def test_optional_objects_render_when_enabled(tmp_path: Path) -> None:
-    objects = _render(tmp_path, "--set", "networkPolicy.enabled=true",
-                      "--set", "serviceMonitor.enabled=true", *MONITORING_API)
+def test_optional_objects_render_when_enabled() -> None:
+    objects = _render(sets=["networkPolicy.enabled=true", "serviceMonitor.enabled=true"],
+                      api_versions=MONITORING_API)
     assert _one(objects, "NetworkPolicy")
     assert _one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["path"] == "/metrics"
 
@@ -134,8 +123,8 @@ def test_optional_objects_render_when_enabled(tmp_path: Path) -> None:
 # --------------------------------------------------------------------- what the pods get
 
 
-def test_deployment_is_hardened_and_drains(tmp_path: Path) -> None:
-    objects = _render(tmp_path)
+def test_deployment_is_hardened_and_drains() -> None:
+    objects = _render()
     deployment = _one(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = _container(objects)
@@ -173,8 +162,8 @@ def test_deployment_is_hardened_and_drains(tmp_path: Path) -> None:
     assert "checksum/secrets" in deployment["spec"]["template"]["metadata"]["annotations"]
 
 
-def test_routing_config_and_peer_discovery(tmp_path: Path) -> None:
-    objects = _render(tmp_path, "--namespace", "llm")
+def test_routing_config_and_peer_discovery() -> None:
+    objects = _render(namespace="llm")
     routing = _routing(objects)
     assert routing["listen"] == "0.0.0.0:8080"
     assert routing["instance"]["id"] == "${SKYROUTE_INSTANCE_ID}"
@@ -205,7 +194,7 @@ def test_sync_settings_and_route_keys_reach_skyroute(tmp_path: Path) -> None:
             - {model: deepseek-chat, targets: [deepseek], fallback_model: chat-small,
                essential: true, resume: true, hedge_after: p95}
         """))
-    objects = _render(tmp_path, "-f", values)
+    objects = _render(values=[values])
     headless = _one(objects, "Service", "-peers")
     assert headless["spec"]["ports"][0]["port"] == 9000
     config, _env = _loaded_config(objects)
@@ -218,9 +207,9 @@ def test_sync_settings_and_route_keys_reach_skyroute(tmp_path: Path) -> None:
     assert (route.fallback_model, route.essential, route.resume) == ("chat-small", True, True)
 
 
-def test_regions_peer_with_each_other(tmp_path: Path) -> None:
-    us = _render(tmp_path, "-f", CHART / "examples" / "region-us.yaml", *MONITORING_API)
-    eu = _render(tmp_path, "-f", CHART / "examples" / "region-eu.yaml", *MONITORING_API)
+def test_regions_peer_with_each_other() -> None:
+    us = _render(values=[CHART / "examples" / "region-us.yaml"], api_versions=MONITORING_API)
+    eu = _render(values=[CHART / "examples" / "region-eu.yaml"], api_versions=MONITORING_API)
 
     def sync_url(objects: list[dict[str, Any]]) -> str:
         ingress = _one(objects, "Ingress", "-sync")
@@ -234,11 +223,9 @@ def test_regions_peer_with_each_other(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("values", [None, *EXAMPLES],
                          ids=lambda p: "default" if p is None else p.name)
-def test_rendered_routing_is_accepted_by_skyroute(values: Path | None, tmp_path: Path) -> None:
+def test_rendered_routing_is_accepted_by_skyroute(values: Path | None) -> None:
     """The ConfigMap is a routing file skyroute itself loads, with the pod's env."""
-    args: list[str | os.PathLike[str]] = [*MONITORING_API]
-    if values is not None:
-        args += ["-f", values]
-    config, env = _loaded_config(_render(tmp_path, *args))
+    objects = _render(values=[values] if values else [], api_versions=MONITORING_API)
+    config, env = _loaded_config(objects)
     assert config.instance_id == env["SKYROUTE_INSTANCE_ID"]
     assert config.upstreams

@@ -73,9 +73,9 @@ async def test_primary_targets_failing_are_answered_by_the_fallback_model(
     assert gpu.last_json["model"] == "small-model"
     assert a.requests_total >= 1 and b.requests_total >= 1
     assert headers["x-skyroute-degraded"] == "fallback" and text.startswith("Hello from gpu")
-    served = [e for e in captured_logs if e["event"] == "serving from fallback model"]
+    served = [e for e in captured_logs if e["event"] == "fallback_model_used"]
     assert served and served[0]["fallback"] == "chat-small" and served[0]["request_id"]
-    access = [e for e in captured_logs if e["event"] == "request" and e["status"] == 200]
+    access = [e for e in captured_logs if e["event"] == "request_finished" and e["status"] == 200]
     assert access[0]["route"] == "chat" and access[0]["upstream"] == "gpu"
     _, metrics = await _get(f"{server.url}/metrics")
     assert 'skyroute_fallback_served_total{fallback="chat-small",route="chat"} 2.0' in metrics
@@ -99,8 +99,9 @@ async def test_route_at_level_fallback_is_served_by_its_fallback_at_once(
     assert headers["x-skyroute-fallback-model"] == "chat-small"
     assert text.startswith("Hello from gpu")
     assert a.requests_total + b.requests_total == tried  # not tried again
-    changes = [e for e in captured_logs if e.get("route") == "chat" and "new" in e]
-    assert ("reduced", "fallback") in {(e["old"], e["new"]) for e in changes}
+    changes = [e for e in captured_logs
+               if e["event"] == "route_level_changed" and e["route"] == "chat"]
+    assert ("reduced", "fallback") in {(e["from"], e["to"]) for e in changes}
     _, metrics = await _get(f"{server.url}/metrics")
     assert 'skyroute_degradation_level{route="chat"} 2.0' in metrics
     assert 'skyroute_degradation_level_changes_total{level="fallback",route="chat"} 1.0' \
@@ -153,10 +154,10 @@ async def test_minimal_mode_refuses_routes_not_marked_essential(standin, skyrout
     assert "minimal mode: 2 of 3 upstreams are available" in error.message
     assert "only essential models (chat)" in error.message
     assert b.requests_total == 0
-    refused = [e for e in captured_logs if e["event"] == "request refused in minimal mode"]
+    refused = [e for e in captured_logs if e["event"] == "request_refused"]
     assert refused[0]["route"] == "other" and refused[0]["request_id"]
-    assert any(e["event"].startswith("route chat degradation level normal -> minimal")
-               for e in captured_logs)
+    assert any(e["event"] == "route_level_changed" and e["route"] == "chat"
+               and (e["from"], e["to"]) == ("normal", "minimal") for e in captured_logs)
     _, metrics = await _get(f"{server.url}/metrics")
     assert 'skyroute_degraded_refusals_total{reason="not_essential",route="other"} 1.0' \
         in metrics

@@ -245,7 +245,7 @@ async def test_client_disconnect_cancels_the_upstream_request(standin, skyroute,
         await eventually(released)
         metrics = await (await http.get(f"{server.url}/metrics")).text()
     assert "stream_cut" not in metrics  # the client left; the upstream did nothing wrong
-    [line] = [e for e in captured_logs if e["event"] == "request"]
+    [line] = [e for e in captured_logs if e["event"] == "request_finished"]
     assert line["status"] == 499  # logged as the client's leaving, not a server error
 
 
@@ -309,7 +309,7 @@ async def test_one_log_line_per_request_with_request_id_and_no_secrets(standin, 
             model="chat", messages=[{"role": "user", "content": "secret prompt"}],
             extra_headers={"X-Request-ID": "rid-42"})
     logs = captured_logs
-    lines = [e for e in logs if e["event"] == "request"]
+    lines = [e for e in logs if e["event"] == "request_finished"]
     assert len(lines) == 1
     line = lines[0]
     assert (line["request_id"], line["route"], line["upstream"], line["status"],

@@ -103,10 +103,10 @@ async def test_slow_region_loses_traffic_and_gets_it_back_gradually(standin, sky
         first = await served_by(client, 20, concurrency=4)
         assert first["west"] <= 14, first  # ramping: far from its full (~100 %) share
         await eventually(lambda: _back_in_full(client), timeout=15)
-    slow_lines = [e for e in captured_logs
-                  if e.get("upstream") == "west" and e.get("new") == "slow"]
+    slow_lines = [e for e in captured_logs if e["event"] == "upstream_state_changed"
+                  and e["upstream"] == "west" and e["to"] == "slow"]
     assert len(slow_lines) == 1
-    assert "source passive" in slow_lines[0]["event"] and "> 200 ms" in slow_lines[0]["event"]
+    assert "source passive" in slow_lines[0]["reason"] and "> 200 ms" in slow_lines[0]["reason"]
 
 
 async def _back_in_full(client) -> bool:
@@ -197,10 +197,10 @@ async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, s
         assert sum((await served_by(client, 20)).values()) == 20
         _, metrics = await _get(f"{server.url}/metrics")
         assert "skyroute_prometheus_source_up 0.0" in metrics
-        warnings = [e for e in captured_logs if e["log_level"] == "warning"
-                    and "latency Prometheus" in e["event"]]
+        warnings = [e for e in captured_logs if e["event"] == "latency_prometheus_failed"]
         assert len(warnings) == 1, warnings
-        assert "passive latency" in warnings[0]["event"]
+        assert warnings[0]["log_level"] == "warning"
+        assert warnings[0]["url"] == f"http://127.0.0.1:{port}"
 
         # Prometheus comes back (a stand-in for its query API on the same port).
         async with _fake_prometheus(port, west=SLOW_S):
@@ -213,11 +213,10 @@ async def test_unreachable_prometheus_fails_no_request_and_warns_once(standin, s
             await eventually(west_slow, timeout=10)
             _, metrics = await _get(f"{server.url}/metrics")
             assert "skyroute_prometheus_source_up 1.0" in metrics
-            back = [e for e in captured_logs if e["log_level"] == "info"
-                    and "answers again" in e["event"]]
+            back = [e for e in captured_logs if e["event"] == "latency_prometheus_recovered"]
             assert len(back) == 1, back
-            assert len([e for e in captured_logs if e["log_level"] == "warning"
-                        and "latency Prometheus" in e["event"]]) == 1
+            assert len([e for e in captured_logs
+                        if e["event"] == "latency_prometheus_failed"]) == 1
 
 
 async def _at_least(value: Awaitable[float], minimum: float) -> bool:

@@ -54,10 +54,10 @@ async def test_invalid_edit_is_refused_and_old_config_keeps_serving(standin, sky
     broken_line = broken.splitlines().index("    targets: [nowhere]") + 1
 
     def refused() -> bool:
-        return any(e["event"].startswith("config reload refused") for e in captured_logs)
+        return any(e["event"] == "config_reload_refused" for e in captured_logs)
 
     await eventually(refused, timeout=5)
-    line = next(e for e in captured_logs if e["event"].startswith("config reload refused"))
+    line = next(e for e in captured_logs if e["event"] == "config_reload_refused")
     assert line["field"] == "routes[0].targets[0]"
     assert line["line"] == broken_line
     assert "nowhere" in line["problem"]
@@ -87,3 +87,42 @@ async def test_in_flight_request_finishes_on_the_old_config(standin, skyroute):
             return "eu-west" in reply.choices[0].message.content
 
         await eventually(moved, timeout=5)
+
+
+BILLION_LAUGHS = "".join(
+    ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)])
+
+
+@pytest.mark.parametrize("broken", [
+    pytest.param(lambda good: good.encode() + b"# caf\xe9\n", id="not-utf8"),
+    pytest.param(lambda good: (BILLION_LAUGHS + good).encode(), id="alias-bomb"),
+])
+async def test_hostile_edit_is_refused_and_a_later_edit_still_applies(standin, skyroute,
+                                                                      captured_logs, broken):
+    """A non-UTF-8 or alias-bomb file is refused as one problem with a line; the watch
+    goes on, and the next valid edit is served."""
+    a, b = await standin("us-east"), await standin("eu-west")
+    good = routing_yaml([entry(a, models="{chat: deepseek-chat}")])
+    server = await skyroute(good)
+    server.config_path.write_bytes(broken(good))
+
+    def refused() -> list[dict]:
+        return [e for e in captured_logs if e["event"] == "config_reload_refused"]
+
+    await eventually(lambda: bool(refused()), timeout=5)
+    assert len(refused()) == 1 and refused()[0]["line"] is not None
+    server.config_path.write_text(routing_yaml(
+        [entry(a, models="{chat: deepseek-chat}"), entry(b, models="{fast: deepseek-chat}")]))
+    async with client_for(server) as client:
+
+        async def fast_is_served() -> bool:
+            try:
+                await client.chat.completions.create(model="fast", messages=MESSAGES)
+            except openai.NotFoundError:
+                return False
+            return True
+
+        await eventually(fast_is_served, timeout=5)
+    assert await _metric(server, 'skyroute_config_reloads_total{result="error"}') == 1
+    assert await _metric(server, 'skyroute_config_reloads_total{result="success"}') == 1

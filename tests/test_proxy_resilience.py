@@ -6,6 +6,8 @@ import asyncio
 
 import aiohttp
 import openai
+from skyroute.proxy import Server, build_app
+from skyroute.routing import parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -151,7 +153,8 @@ async def test_bad_key_takes_the_upstream_out_of_rotation(standin, skyroute, cap
     assert health["upstreams"]["a"]["state"] == "bad_key"
     assert health["level"] == "reduced"
     errors = [e for e in captured_logs if e["log_level"] == "error"]
-    assert any("bad API key" in e["event"] and e["upstream"] == "a" for e in errors)
+    assert any(e["event"] == "upstream_state_changed" and e["upstream"] == "a"
+               and e["to"] == "bad_key" for e in errors)
 
 
 async def test_retry_after_keeps_the_upstream_out_until_then(standin, skyroute):
@@ -252,3 +255,33 @@ async def test_hedge_is_not_started_when_the_first_answers_in_time(standin, skyr
         for _ in range(3):
             await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert (a.requests_total, b.requests_total) == (3, 0)
+
+
+async def test_backoff_between_attempts_is_waited_through_the_app_sleep(standin):
+    """Failover to an untried sound upstream waits nothing; paid retries (back to upstreams
+    whose breakers are open, here by the panic rule) wait full-jitter delays (within the 2 s
+    and 4 s ceilings of `retry.backoff_base: 2s`) through the app's injected sleep, so the
+    request is served without waiting them in wall time."""
+    ups = [await standin(name) for name in ("a", "b", "c")]
+    ups[0].behaviour.mode = ups[1].behaviour.mode = "error"
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    config = parse_config(routing_yaml(
+        [entry(u) for u in ups], ROUTE,
+        extra="retry:\n  backoff_base: 2s\n  backoff_cap: 30s\n"
+              "breaker:\n  consecutive_failures: 1\n"), env={})
+    async with Server(config, app=build_app(config, sleep=sleep), port=0) as server, \
+            client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+        assert reply.choices[0].message.content.startswith("Hello from c")
+        assert waits == []  # a, then b failed: each move to a sound upstream is free
+        # a and b are open now; c fails too, a (the least bad) fails again, b answers.
+        ups[1].behaviour.mode, ups[2].behaviour.mode = "ok", "error"
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content.startswith("Hello from b")
+    assert len(waits) == 2
+    assert 0 <= waits[0] <= 2.0 and 0 <= waits[1] <= 4.0

@@ -73,7 +73,7 @@ async def test_a_cut_nobody_can_continue_ends_with_the_error_event(standin, skyr
             await _stream(client)
     assert 'skyroute_stream_resumes_total{result="cut",route="chat"} 1.0' in \
         await _metrics(server)
-    failed = [e for e in captured_logs if e["event"] == "upstream attempt failed"]
+    failed = [e for e in captured_logs if e["event"] == "upstream_attempt_failed"]
     assert [(e["upstream"], e["result"], e["resume"]) for e in failed][:2] == [
         ("a", "stream_cut", True), ("b", "server_error", True)]
 

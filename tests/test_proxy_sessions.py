@@ -209,3 +209,45 @@ async def test_instances_find_each_other_through_dns_discovery(standin):
         assert health["peers"][b_url] == "self"
         assert 'skyroute_sync_discovery_lookups_total{outcome="ok"}' in metrics
         assert "skyroute_sync_discovered_peers" in metrics
+
+
+async def test_client_that_waits_retry_after_is_admitted_by_the_sdk_retry(standin, skyroute,
+                                                                          captured_logs):
+    """rpm: 3 with two requests counted 56.5 s ago (as a peer instance would have) and one
+    now: the next call is refused with 429, a Retry-After that the message repeats and
+    OpenAI's rate-limit headers; the SDK (max_retries=2) waits as told and is admitted on
+    its first retry."""
+    up = await standin("a")
+    text = routing_yaml([entry(up)], "- model: chat\n  targets: [a]\n").replace(
+        "auth:\n  api_keys:\n",
+        f"auth:\n  api_keys:\n    - name: limited\n      key: {LIMITED_KEY}\n      rpm: 3\n")
+    server = await skyroute(text)
+    answers = []  # every HTTP answer the SDK got, retries included
+
+    async def seen(response) -> None:
+        await response.aread()
+        answers.append(response)
+
+    async with openai.DefaultAsyncHttpxClient(event_hooks={"response": [seen]},
+                                              timeout=CALL_TIMEOUT_S) as http, \
+            client_for(server, key=LIMITED_KEY, max_retries=2, http_client=http) as client:
+        await client.chat.completions.create(model="chat", messages=MESSAGES)
+        server.app[STATE_SYNC].store.add_usage("limited", requests=2, now=time.time() - 56.5)
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content.startswith("Hello from a")
+    assert [r.status_code for r in answers] == [200, 429, 200]
+    refused = answers[1]
+    wait = int(refused.headers["Retry-After"])
+    assert 1 <= wait <= 5
+    assert refused.json()["error"]["message"].endswith(f"retry after {wait}s")
+    assert "3 requests per minute" in refused.json()["error"]["message"]
+    assert refused.headers["x-ratelimit-limit-requests"] == "3"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"] == f"{wait}s"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        metrics = await (await h.get(f"{server.url}/metrics")).text()
+    assert 'skyroute_rate_limited_total{key="limited",limit="requests"} 1.0' in metrics
+    (logged,) = [e for e in captured_logs if e["event"] == "request_rate_limited"]
+    assert (logged["key"], logged["limit"], logged["retry_after_s"]) == ("limited", "requests",
+                                                                         wait)
+    assert logged["request_id"] == refused.headers["X-Request-ID"]

@@ -33,7 +33,7 @@ def test_the_transcript_keeps_text_head_usage_and_done():
     t.feed(_event(**HEAD, choices=[_delta(finish="stop")])
            + _event(**HEAD, choices=[], usage={"total_tokens": 7}) + b"data: [DONE]\n\n")
     assert (t.text, t.content_chunks, t.usage_tokens) == ("Hello", 2, 7)
-    assert t.head == HEAD and t.done and t.finished and t.resumable
+    assert t.head == HEAD and t.done and t.finished and t.text_only
 
 
 def test_crlf_framing_is_read_too():
@@ -54,7 +54,7 @@ def test_tool_calls_and_second_choices_cannot_be_resumed():
     tools.feed(_event(**HEAD, choices=[_delta(tool_calls=[{"index": 0, "id": "call_1"}])]))
     two = StreamTranscript()
     two.feed(_event(**HEAD, choices=[_delta("a", index=1)]))
-    assert not tools.resumable and not two.resumable
+    assert not tools.text_only and not two.text_only
 
 
 def test_a_continuation_takes_the_first_streams_identity_and_drops_its_opening():

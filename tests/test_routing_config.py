@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from skyroute.routing import (
     DEFAULT_METRIC_NAMES,
     ConfigError,
@@ -187,9 +189,9 @@ SCRAPE_BAD_CASES = [
     (("    interval: 2s", "    intervl: 2s"), "latency.scrape.intervl", 3,
      "did you mean 'interval'"),
     (("    timeout: 300ms", "    timeout: soon"), "latency.scrape.timeout", 4, "250ms"),
-    (("health_path: /v1/models", "health_path: v1/models"), "latency.scrape", 3,
+    (("health_path: /v1/models", "health_path: v1/models"), "latency.scrape.health_path", 5,
      "must start with /"),
-    (("    interval: 2s", "    interval: 0s"), "latency.scrape", 3, "interval must be above 0"),
+    (("    interval: 2s", "    interval: 0s"), "latency.scrape.interval", 3, "must be above 0"),
     (("[my_queue_depth]", "[my queue depth]"), "latency.scrape.metrics.waiting[0]", 8,
      "not a Prometheus metric name"),
     (("      kv_cache_usage: []", "      kv_cache: []"), "latency.scrape.metrics.kv_cache", 9,
@@ -287,3 +289,173 @@ def test_fallback_models_that_loop_are_refused():
         "fallbacks loop: chat -> chat-small -> chat;")
     assert problems[("routes[1].fallback_model", 25)].startswith(
         "fallbacks loop: chat-small -> chat -> chat-small;")
+
+
+def test_sync_ping_keys_set_how_fast_a_cut_is_seen():
+    """sync.ping_every and dead_after_missed_pings reach SyncPolicy; defaults are 1 s and 3."""
+    base = CONTRACT + "sync:\n  token: t0k\n"
+    default = parse_config(base, env=ENV).sync
+    assert default is not None and (default.ping_interval_s, default.ping_misses) == (1.0, 3)
+    tuned = parse_config(base + "  ping_every: 250ms\n  dead_after_missed_pings: 4\n", env=ENV)
+    assert tuned.sync is not None
+    assert (tuned.sync.ping_interval_s, tuned.sync.ping_misses) == (0.25, 4)
+    with pytest.raises(ConfigError, match="dead_after_missed_pings"):
+        parse_config(base + "  dead_after_missed_pings: 0\n", env=ENV)
+    with pytest.raises(ConfigError, match="ping_every"):
+        parse_config(base + "  ping_every: 0s\n", env=ENV)
+
+
+REFUSED_VALUES = [
+    # (edit to CONTRACT, expected path, expected line, fragment of the message)
+    (("    region: us-east\n", "    region: us-east\n    first_token_timeout: -5\n"),
+     "upstreams[0].first_token_timeout", 11, "negative"),
+    (("routes:", "latency:\n  interval: -1\nroutes:"), "latency.interval", 19, "negative"),
+    (("  - model: chat\n", "  - model: chat\n    timeout: .nan\n"), "routes[0].timeout", 20,
+     "finite"),
+    (("routes:", "limits:\n  max_body_bytes: -1\nroutes:"), "limits.max_body_bytes", 19,
+     "negative"),
+    (("  - model: chat\n", "  - model: chat\n    max_attempts: .inf\n"),
+     "routes[0].max_attempts", 20, "positive whole number"),
+    (("  - model: chat\n", "  - model: chat\n    hedge_after: .inf\n"),
+     "routes[0].hedge_after", 20, "finite"),
+    (("routes:", "retry:\n  budget: .nan\nroutes:"), "retry.budget", 19, "finite"),
+    (("    region: us-east\n", "    region: us-east\n    connect_timeout: 0s\n"),
+     "upstreams[0].connect_timeout", 11, "must be above 0"),
+    (("url: https://example.com/v1", "url: https://user:pw@example.com/v1"),
+     "upstreams[0].url", 8, "put the upstream's key in api_key"),
+    (("http://10.0.0.6:8000/v1]", "http://u:p@10.0.0.6:8000/v1]"), "upstreams[1].endpoints[1]",
+     15, "put the upstream's key in api_key"),
+    (("    region: onprem\n", "    region: onprem\n    region: cloud\n"), "upstreams[1].region",
+     17, "given twice (first on line 16)"),
+    (("listen: 127.0.0.1:8080\n", "listen: 127.0.0.1:8080\nlisten: :9090\n"), "listen", 2,
+     "given twice"),
+    (("{chat: deepseek-r1-distill-qwen-7b}", "{chat: a, chat: b}"), "upstreams[1].models.chat",
+     17, "given twice"),
+    (("    region: us-east\n", "    region: us-east\n    max_connections: 0\n"),
+     "upstreams[0].max_connections", 11, "positive whole number"),
+]
+
+
+@pytest.mark.parametrize(("edit", "path", "line", "fragment"), REFUSED_VALUES)
+def test_negative_non_finite_duplicate_and_credential_values_are_refused(edit, path, line,
+                                                                          fragment):
+    """Negative or non-finite durations, sizes and counts, duplicate keys at any depth and
+    a user or password in an upstream URL are each a problem at their path and line."""
+    assert_problem(CONTRACT.replace(*edit), path, line, fragment)
+
+
+@pytest.mark.parametrize("text", ["listen: :8080\n", "listen: :8080\nupstreams: []\n"])
+def test_a_file_without_upstreams_is_refused(text):
+    """A routing file must name at least one upstream."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={})
+    (problem,) = caught.value.problems
+    assert "upstreams" in f"{problem.path} {problem.message}"
+
+
+def test_a_bad_upstream_is_its_own_problem_not_an_empty_list():
+    """An upstream entry with a problem is reported at that entry only: the list it is in
+    is not also called empty."""
+    text = "upstreams:\n  - {name: a, url: http://127.0.0.1:1/v1, regoin: x}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={})
+    assert [(p.path, p.line) for p in caught.value.problems] == [("upstreams[0].regoin", 2)]
+
+
+def test_an_unset_variable_is_one_problem():
+    """An unset ${VAR} is reported once, not again as the empty value it left."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(CONTRACT.replace("https://example.com/v1", "${AWS_URL}"), env=ENV)
+    assert [(p.path, p.line) for p in caught.value.problems] == [("upstreams[0].url", 8)]
+    assert "AWS_URL is not set" in caught.value.problems[0].message
+
+
+def test_problems_are_sorted_by_line():
+    """Problems found by different checks come out in file order."""
+    text = CONTRACT.replace("region: us-east", "regon: us-east").replace(
+        "local-gpu]", "gcp]").replace("${WEB_APP_KEY}", "${NOPE}")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env=ENV)
+    lines = [p.line for p in caught.value.problems]
+    assert lines == sorted(lines) and len(lines) == 3
+
+
+def test_settings_keep_their_defaults_and_units():
+    """Durations are seconds, sizes bytes, shares fractions; unset sections keep defaults."""
+    config = parse_config(CONTRACT.replace("routes:", "limits: {max_body_bytes: 2MiB}\n"
+                                                      "retry: {budget: 10%, backoff_cap: 2s}\n"
+                                                      "routes:"), env=ENV)
+    assert config.limits.max_body_bytes == 2 * 1024 * 1024
+    assert (config.retry.budget, config.retry.backoff_cap_s) == (0.1, 2.0)
+    assert config.retry.backoff_base_s == 0.025 and config.breaker.max_cooldown_s > 0
+    aws = config.upstream("aws-us-east")
+    assert (aws.first_token_timeout_s, aws.max_connections, aws.weight) == (30.0, 256, 1)
+    assert config.instance_id == "skyroute" and config.admin_key is None
+
+
+def test_routes_are_replaced_with_validation():
+    """dataclasses.replace on a route validates again, as per-route overrides need."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    route = parse_config(CONTRACT, env=ENV).route_for("chat")
+    assert dataclasses.replace(route, timeout_s=5.0).timeout_s == 5.0
+    with pytest.raises(ValidationError):
+        dataclasses.replace(route, timeout_s=-1.0)
+
+
+BILLION_LAUGHS = "".join(
+    ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n']
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)]
+    + ["fallback_model: *l8\n"])
+
+HOSTILE = [
+    # (file content, fragment of the one problem)
+    (CONTRACT.encode() + b"# caf\xe9\n", "not UTF-8"),
+    (BILLION_LAUGHS, "aliases expand to more than"),
+    ("a: &a [*a]\n" + CONTRACT, "alias refers to the anchor it is inside of"),
+    ("routes: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than"),
+    (CONTRACT.replace("127.0.0.1:8080", "7" * 4_400), "too many digits"),
+    ("listen: .inf\n" + CONTRACT.replace("listen: 127.0.0.1:8080\n", ""), "host:port"),
+    ("upstreams: \x00\n", "invalid YAML"),
+    (b"\xff\xfe\x00", "not UTF-8"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("", "empty"),
+    ("a: !!python/object/apply:os.system [echo]\n" + CONTRACT, "cannot read this value"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), HOSTILE,
+                         ids=["not-utf8", "alias-bomb", "alias-loop", "deep-nesting",
+                              "huge-integer", "inf", "control-char", "bad-bytes",
+                              "not-a-mapping", "empty", "python-tag"])
+def test_hostile_file_is_one_problem_with_a_line(text, fragment):
+    """A hostile or broken file is one ConfigError problem with a line, never a traceback."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env=ENV, source="hostile.yaml")
+    (problem,) = caught.value.problems
+    assert problem.line is not None and fragment in problem.message, problem
+
+
+def test_text_over_the_size_cap_is_refused_before_parsing():
+    """Text over MAX_CONFIG_BYTES is refused without being parsed."""
+    from skyroute.routing import MAX_CONFIG_BYTES
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config("#" * (MAX_CONFIG_BYTES + 1), env={})
+    assert "larger than" in caught.value.problems[0].message
+
+
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
+                 st.sampled_from([CONTRACT, SCRAPE + CONTRACT, DEGRADED]).flatmap(
+                     lambda base: st.tuples(st.just(base), st.integers(0, len(base)),
+                                            st.text(max_size=12)).map(
+                         lambda t: t[0][:t[1]] + t[2] + t[0][t[1]:]))))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_input_gives_a_config_or_config_problems(text):
+    """Whatever the bytes, the loader returns a Config or raises ConfigError: no other error."""
+    try:
+        parse_config(text, env=ENV)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p.message, str) for p in exc.problems)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from skyroute.routing import LEVELS, Refuse, Router, Serve, parse_config
+from skyroute.routing import (
+    LEVELS,
+    Refuse,
+    Router,
+    Serve,
+    UpstreamState,
+    capped_payload,
+    parse_config,
+)
 
 from .fakes import FakeClock
 
@@ -29,7 +37,8 @@ def _router(text: str = CONFIG_TEXT) -> tuple[Router, FakeClock]:
 
 def _down(router: Router, clock: FakeClock, *names: str, for_s: float = 30.0) -> None:
     for name in names:
-        router.mark(name, "down", until=clock.now() + for_s, reason="test", now=clock.now())
+        router.mark(name, UpstreamState.DOWN, until=clock.now() + for_s, reason="test",
+                    now=clock.now())
 
 
 def _levels(router: Router, clock: FakeClock) -> dict[str, str]:
@@ -186,3 +195,25 @@ def test_Router_fallback_after_failure_gets_what_is_left_of_the_deadline():
     _down(router, clock, "gpu")
     assert router.fallback_after_failure(chat, deadline=clock.now() + 60, now=clock.now()) \
         is None
+
+
+CHAT = {"model": "chat", "messages": []}
+CAP_CASES = [
+    # (payload, cap, capped payload or None for unchanged)
+    ({**CHAT, "max_tokens": 1000}, 64, {**CHAT, "max_tokens": 64}),
+    (CHAT, 64, {**CHAT, "max_tokens": 64}),  # added when the request sets no limit
+    ({**CHAT, "max_completion_tokens": 10}, 64, None),  # already under the cap
+    ({**CHAT, "max_completion_tokens": 100}, 64, {**CHAT, "max_completion_tokens": 64}),
+    ({**CHAT, "max_tokens": "lots"}, 64, None),  # not a number: the upstream refuses it
+    ({"model": "e", "input": "x"}, 64, None),  # not a generation request
+    ({**CHAT, "max_tokens": 1000}, None, None),  # not in minimal mode
+    (None, 64, None),
+]
+
+
+@pytest.mark.parametrize(("payload", "cap", "expected"), CAP_CASES)
+def test_capped_payload_lowers_or_adds_token_limits_of_generation_requests(payload, cap,
+                                                                           expected):
+    """Minimal mode's cap lowers max_tokens/max_completion_tokens above it, adds max_tokens
+    when neither is set, and touches nothing else."""
+    assert capped_payload(payload, cap) == expected

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from skyroute.routing import AttemptOutcome, Result, Target, UpstreamHealth, parse_config
+from skyroute.routing import (
+    AttemptOutcome,
+    Result,
+    Target,
+    UpstreamHealth,
+    UpstreamState,
+    parse_config,
+)
 
 from .fakes import FakeClock
 
@@ -51,7 +58,7 @@ def test_UpstreamHealth_a_report_older_than_its_last_answer_is_out_of_date():
     health = _health()
     health.record(_outcome(Result.SUCCESS), now=clock.now())
     clock.advance(1.0)
-    health.mark("bad_key", until=clock.now() + 600.0, reason="peer", now=clock.now())
+    health.mark(UpstreamState.BAD_KEY, until=clock.now() + 600.0, reason="peer", now=clock.now())
     assert not health.is_answering()  # the report is newer than the last answer
     clock.advance(1.0)
     assert health.admit(now=clock.now(), panic=True)

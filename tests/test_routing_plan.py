@@ -11,6 +11,7 @@ from skyroute.routing import (
     Retry,
     Router,
     Target,
+    UpstreamState,
     parse_config,
 )
 
@@ -85,7 +86,8 @@ def test_AttemptPlan_retries_to_failing_upstreams_are_paid_down_to_the_floor():
     clock = FakeClock()
     router = Router(parse_config(THREE + NO_TRIPS, env={}))
     for name in ("b", "c"):
-        router.mark(name, "down", until=clock.now() + 60.0, reason="test", now=clock.now())
+        router.mark(name, UpstreamState.DOWN, until=clock.now() + 60.0, reason="test",
+                    now=clock.now())
     failing = {"a": Result.SERVER_ERROR, "b": Result.CONNECT_ERROR, "c": Result.CONNECT_ERROR}
     for _ in range(5):  # each: a fails, then two paid retries: the panic tries on b and c
         tried, decision = _serve(router, clock, failing)
@@ -102,8 +104,8 @@ def test_AttemptPlan_spent_budget_still_fails_over_to_a_healthy_upstream():
     """With the budget spent, a request still moves on to an untried healthy upstream."""
     clock = FakeClock()
     router = Router(parse_config(THREE + NO_TRIPS, env={}))
-    router.mark("b", "down", until=clock.now() + 60.0, reason="test", now=clock.now())
-    router.mark("c", "down", until=clock.now() + 2.0, reason="test", now=clock.now())
+    router.mark("b", UpstreamState.DOWN, until=clock.now() + 60.0, reason="test", now=clock.now())
+    router.mark("c", UpstreamState.DOWN, until=clock.now() + 2.0, reason="test", now=clock.now())
     failing = {"a": Result.SERVER_ERROR, "b": Result.CONNECT_ERROR, "c": Result.CONNECT_ERROR}
     while not _serve(router, clock, failing)[1].budget_exhausted:
         pass

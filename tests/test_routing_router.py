@@ -14,6 +14,7 @@ from skyroute.routing import (
     Retry,
     Router,
     RoutingStateError,
+    UpstreamState,
     classify_status,
     parse_config,
 )
@@ -154,7 +155,7 @@ def test_Router_plan_hedges_while_reduced_only_if_degradation_allows(hedging,
     route = config.route_for("chat")
     plan = router.plan(route, now=0.0)
     assert plan.hedge_delay(plan.next_attempt(now=0.0), now=0.0) == 1.0  # normal: hedges
-    router.mark("a", "down", until=30.0, reason="test", now=0.0)
+    router.mark("a", UpstreamState.DOWN, until=30.0, reason="test", now=0.0)
     plan = router.plan(route, now=1.0)
     assert plan.hedge_delay(plan.next_attempt(now=1.0), now=1.0) == delay_when_reduced
 

@@ -155,8 +155,8 @@ async def test_StandinUpstream_rejects_malformed_json_with_400(
 async def test_StandinUpstream_echoes_other_paths(
         up: StandinUpstream, http: aiohttp.ClientSession) -> None:
     """Any other /v1 path is echoed back so pass-through can be tested."""
-    async with http.delete(f"{up.base_url}/files/file-1") as r:
-        assert await r.json() == {"path": "/v1/files/file-1", "method": "DELETE",
+    async with http.delete(f"{up.base_url}/assistants/asst-1") as r:
+        assert await r.json() == {"path": "/v1/assistants/asst-1", "method": "DELETE",
                                   "upstream": "alpha"}
 
 
@@ -402,8 +402,8 @@ async def test_StandinUpstream_control_endpoint_logs_each_change(
             anonymous.post(up.control_url, json={"ttft_s": 0.4}) as r:
         assert r.status == 200
     [line] = [e for e in captured_logs if e.get("upstream") == "alpha"]
-    assert line["event"] == "stand-in alpha behaviour changed: ttft_s 0.0 -> 0.4"
-    assert line["ttft_s"] == 0.4
+    assert line["event"] == "standin_behaviour_changed"
+    assert line["changes"] == {"ttft_s": [0.0, 0.4]}
 
 
 async def test_StandinUpstream_control_endpoint_releases_a_held_busy_answer(

@@ -7,23 +7,27 @@ conversation until both inboxes are empty.
 
 from __future__ import annotations
 
+import itertools
+import random
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from pycrdt import Doc, Map, create_awareness_message, create_sync_message
+from skyroute.routing import UpstreamState
 from skyroute.statesync import (
     SnapshotError,
     SyncConfigError,
     SyncProtocolError,
     SyncSettings,
     Usage,
+    UsageBucket,
 )
 from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
-from skyroute.statesync._links import exponential_backoff
+from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 from skyroute.statesync._protocol import ConnState, YConnection, message_kind
-from skyroute.statesync._store import SessionStore
+from skyroute.statesync._store import USAGE_DELETE_AFTER_S, SessionStore
 
 from .fakes import FakeClock
 
@@ -181,12 +185,22 @@ def test_snapshot_round_trips_and_rejects_garbage() -> None:
         decode_snapshot(b"not json")
 
 
-def test_exponential_backoff_grows_with_jitter_up_to_cap() -> None:
-    """Delays double from the base, stay within [d/2, d] and never pass the cap."""
-    delays = exponential_backoff(base=0.1, cap=1.0, rng=lambda: 1.0)
-    assert [round(next(delays), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    low = exponential_backoff(base=0.1, cap=1.0, rng=lambda: 0.0)
-    assert next(low) == pytest.approx(0.05)
+def test_link_backoff_is_jittered_and_capped_under_two_seconds() -> None:
+    """Redial delays are jittered and never exceed the cap (<= 2 s, the issue's bound)."""
+    delays = list(itertools.islice(link_backoff(random.Random(7)), 200))
+    assert BACKOFF_CAP_S <= 2.0
+    assert all(0.0 <= d <= BACKOFF_CAP_S for d in delays)
+    assert max(delays[50:]) > BACKOFF_CAP_S / 2  # it does grow to the cap
+
+
+def test_link_backoff_grows_with_jitter_up_to_cap() -> None:
+    """Redial delays double from 50 ms, each within [d/2, d] of its ceiling, and stay at the
+    1 s cap (routing's generator with equal jitter)."""
+    delays = link_backoff(random.Random(5))
+    ceilings = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    for ceiling in ceilings:
+        assert ceiling / 2 <= next(delays) <= ceiling
+    assert ceilings[-1] == BACKOFF_CAP_S
 
 
 @pytest.mark.parametrize(
@@ -288,20 +302,94 @@ def test_SessionStore_counter_is_one_net_entry_per_writer() -> None:
     assert sorted((e["w"], e["t"]) for e in entries) == [("a.0", 40), ("b.0", 5)]
 
 
-def test_SessionStore_newer_session_write_wins_after_partition() -> None:
-    """Concurrent pins during a cut converge on the later timestamp on both replicas."""
+def test_SessionStore_usage_buckets_are_one_second_and_leave_the_window_whole() -> None:
+    """Usage comes back per 1 s bucket across replicas, oldest first, each counted until
+    60 s after it ends; a bucket written without ``s`` (an older writer) is 10 s long."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    start = clock.now()
+    sp.stores["a"].add_usage("k", requests=2, now=start + 0.3)
+    sp.stores["b"].add_usage("k", requests=1, tokens=7, now=start + 0.6)
+    sp.stores["b"].add_usage("k", requests=1, now=start + 5.2)
+    sp.sync()
+    assert sp.stores["a"].usage_buckets("k", now=start + 6) == [
+        UsageBucket(start=start, end=start + 1, requests=3, tokens=7),
+        UsageBucket(start=start + 5, end=start + 6, requests=1, tokens=0),
+    ]
+    assert sp.stores["a"].usage("k", now=start + 60.9) == Usage(4, 7)
+    assert sp.stores["a"].usage("k", now=start + 61.0) == Usage(1, 0)
+    legacy = {"key": "k", "b": int(start // 10), "w": "old.0", "r": 4, "t": 0}
+    sp.hubs["b"]["usage"].doc.maps["usage"][f"old.0|{legacy['b']}|k"] = legacy
+    sp.sync()
+    ten = int(start // 10) * 10.0
+    assert UsageBucket(start=ten, end=ten + 10, requests=4, tokens=0) in \
+        sp.stores["a"].usage_buckets("k", now=start + 6)
+
+
+def test_SessionStore_writer_deletes_its_entries_once_no_peer_counts_them() -> None:
+    """Each writer deletes its own usage entries 30 s after they left the 60 s window, on
+    every replica; entries still in the window (or in the grace) stay."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].add_usage("k", requests=1, now=clock.now())
+    sp.stores["b"].add_usage("k", requests=1, now=clock.now())
+    sp.sync()
+    clock.advance(61.0 + USAGE_DELETE_AFTER_S - 0.5)
+    sp.stores["a"].add_usage("k", requests=1, now=clock.now())
+    sp.sync()
+    assert len(sp.hubs["b"]["usage"].doc.maps["usage"]) == 3  # the old two: still in grace
+    clock.advance(1.0)
+    sp.sync()
+    for n in "ab":
+        entries = list(sp.hubs[n]["usage"].doc.maps["usage"].values())
+        assert [(e["w"], e["r"]) for e in entries] == [("a.0", 1)]
+        assert sp.stores[n].usage("k", now=clock.now()) == Usage(1, 0)
+
+
+def test_SessionStore_earliest_pin_wins_after_partition() -> None:
+    """Two first pins during a cut converge on the earlier one on both replicas."""
     clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     for pair in sp.pairs:
         pair.cut()
-    sp.stores["a"].pin("s", "old-choice", now=clock.now())
-    sp.stores["b"].pin("s", "new-choice", now=clock.now() + 1)
+    sp.stores["a"].pin("s", "first-choice", now=clock.now())
+    sp.stores["b"].pin("s", "later-choice", now=clock.now() + 1)
     for pair in sp.pairs:
         pair.connect()
     sp.sync()
     for store in sp.stores.values():
         got = store.get("s", now=clock.now() + 2)
-        assert got is not None and got.upstream == "new-choice"
+        assert got is not None and got.upstream == "first-choice"
+
+
+def test_SessionStore_move_made_knowing_the_pin_replaces_it() -> None:
+    """A move (moved_from the pin it saw) wins over that pin, and over a concurrent first pin."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    a, b = sp.stores["a"], sp.stores["b"]
+    a.pin("s", "first", now=clock.now())
+    sp.sync()
+    for pair in sp.pairs:
+        pair.cut()
+    assert b.pin("s", "moved", now=clock.now() + 5, moved_from="first")
+    a.touch("s", now=clock.now() + 60)  # later by wall clock, but not a pin
+    for pair in sp.pairs:
+        pair.connect()
+    sp.sync()
+    for store in sp.stores.values():
+        got = store.get("s", now=clock.now() + 61)
+        assert got is not None and got.upstream == "moved"
+
+
+def test_SessionStore_pin_without_seeing_one_does_not_replace_it() -> None:
+    """A pin by a caller that saw no pin keeps the earlier pin and only touches the session."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    sp.stores["a"].pin("s", "first", now=clock.now())
+    sp.sync()
+    assert not sp.stores["b"].pin("s", "second", now=clock.now() + 1, moved_from=None)
+    got = sp.stores["b"].get("s", now=clock.now() + 1)
+    assert got is not None and got.upstream == "first" and got.last_seen == clock.now() + 1
 
 
 def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:
@@ -322,7 +410,8 @@ def test_SessionStore_owner_reasserts_its_counter_after_a_stale_merge() -> None:
 
 
 def test_SessionStore_health_reports_expire() -> None:
-    """An upstream report is visible on the peer until its ``until`` and cleared by ``up``."""
+    """An upstream report is visible on the peer until its ``until`` and cleared by ``up``
+    or routing's ``healthy``."""
     clock = FakeClock(WALL_CLOCK_START)
     sp = StorePair(clock)
     sp.stores["a"].report_upstream("u1", "down", until=clock.now() + 30, now=clock.now())
@@ -334,6 +423,9 @@ def test_SessionStore_health_reports_expire() -> None:
     sp.stores["b"].report_upstream("u2", "up", until=None, now=clock.now())
     sp.sync()
     assert sp.stores["a"].upstream_reports(now=clock.now()) == {"u1": reports["u1"]}
+    sp.stores["a"].report_upstream("u1", UpstreamState.HEALTHY, until=None, now=clock.now())
+    sp.sync()
+    assert sp.stores["b"].upstream_reports(now=clock.now()) == {}
 
 
 def _varuint(n: int) -> bytes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from skyroute.statesync import Resolve, StateSync, SyncSettings, Usage
+from skyroute.statesync import LinkState, Resolve, StateSync, SyncSettings, Usage
+from skyroute.statesync._doc import DocHub, EpochDoc
+from skyroute.statesync._links import LinkSupervisor, link_backoff
+from skyroute.statesync._metrics import SyncMetrics
 
 from .conftest import eventually
 
@@ -210,8 +216,8 @@ async def test_StateSync_rotation_keeps_live_entries_and_sync(cluster: list[Inst
     now = time.time()
     for i in range(200):  # idle for longer than the TTL: dropped by the rotation
         s1.sync.store.pin(f"old-{i}", "u", now=now - 86400.0 - 10)
-    for i in range(50):
-        s1.sync.store.pin("churn", f"u{i}", now=now)
+    for i in range(50):  # moves: each made knowing the pin before it
+        s1.sync.store.pin("churn", f"u{i}", now=now, moved_from=f"u{i - 1}" if i else None)
     s2.sync.store.add_usage("k", requests=5, now=now)
     await eventually(lambda: all(upstream_of(i, "churn") == "u49" for i in cluster))
     await eventually(lambda: s3.sync.store.usage("k", now=time.time()).requests == 5)
@@ -373,7 +379,41 @@ async def test_StateSync_processes_sharing_an_instance_id_still_peer(
         await eventually(lambda: all_connected(a, b))
         a.sync.store.pin("twin", "u", now=time.time())
         await eventually(lambda: upstream_of(b, "twin") == "u")
-        assert any(e["event"] == "sync_duplicate_instance_id" for e in captured_logs)
+        assert any(e["event"] == "sync_instance_id_duplicated" for e in captured_logs)
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_LinkSupervisor_waits_the_backoff_through_its_injected_sleep() -> None:
+    """A peer that refuses connections is redialled after each delay of routing's backoff
+    (equal jitter, seeded), and every wait goes through the injected ``sleep``: eight
+    attempts take no wall time."""
+    refusing = bound_socket()  # bound, never listening: every connect is refused at once
+    port = refusing.getsockname()[1]
+    waits: list[float] = []
+    states: set[LinkState] = set()
+    enough = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        states.add(supervisor.state)
+        if len(waits) == 8:
+            enough.set()
+        await asyncio.sleep(0)
+
+    hub = DocHub(EpochDoc("sessions", 1), metrics=SyncMetrics(CollectorRegistry()))
+    async with aiohttp.ClientSession() as session:
+        supervisor = LinkSupervisor(
+            base_url=f"ws://127.0.0.1:{port}/sync", hub=hub,
+            settings=SyncSettings(instance_id="lonely", token=TOKEN), writer_id="lonely.1",
+            session=session, metrics=SyncMetrics(CollectorRegistry()), epoch=lambda: 1,
+            on_peer_epoch=lambda epoch: asyncio.sleep(0), sleep=sleep, rng=random.Random(9))
+        supervisor.start()
+        try:
+            await asyncio.wait_for(enough.wait(), timeout=5.0)
+        finally:
+            await supervisor.aclose()
+    refusing.close()
+    assert waits[:8] == list(itertools.islice(link_backoff(random.Random(9)), 8))
+    assert states == {LinkState.BACKOFF}

@@ -43,6 +43,7 @@ _READY_POLL_S: Final = 0.1
 _STOP_TIMEOUT_S: Final = 10.0
 _PORT_ATTEMPTS: Final = 3
 _LOG_TAIL_CHARS: Final = 2000
+_LAST_LINE_CHARS: Final = 300
 
 
 class PrometheusNotFound(RuntimeError):
@@ -50,7 +51,18 @@ class PrometheusNotFound(RuntimeError):
 
 
 class PrometheusStartError(RuntimeError):
-    """Prometheus exited or never became ready; the message ends with its log."""
+    """Prometheus exited or never became ready.
+
+    ``str()`` is one line ending with Prometheus's last log line (where it says
+    why); ``log`` holds the end of its log, also shown as a note in a traceback.
+    """
+
+    def __init__(self, what: str, log: str) -> None:
+        last = next((line.strip() for line in reversed(log.splitlines()) if line.strip()),
+                    "(empty)")
+        super().__init__(f"{what}; its last log line: {last[:_LAST_LINE_CHARS]}")
+        self.log = log
+        self.add_note(f"the end of its log:\n{log}")
 
 
 def find_prometheus(explicit: str | None = None) -> str:
@@ -137,7 +149,7 @@ class LocalPrometheus:
         """Write the config, start Prometheus and return once it is ready.
 
         Raises:
-            PrometheusStartError: it exited (the message has its log) or was not ready
+            PrometheusStartError: it exited (the message has its last log line) or was not ready
                 within ``timeout_s``; nothing is left running.
             RuntimeError: ``start()`` called twice.
         """
@@ -155,13 +167,13 @@ class LocalPrometheus:
                 break
             except PrometheusStartError as exc:
                 await self.aclose(keep_workdir=True)
-                if "address already in use" not in str(exc) or attempt == _PORT_ATTEMPTS:
+                if "address already in use" not in exc.log or attempt == _PORT_ATTEMPTS:
                     self._remove_workdir()
                     raise
             except BaseException:  # cancelled (Ctrl-C) while starting: leave nothing behind
                 await asyncio.shield(self.aclose())
                 raise
-        log.info("prometheus ready", url=self.url, pid=self.pid, jobs=self.jobs)
+        log.info("demo_prometheus_started", url=self.url, pid=self.pid, jobs=self.jobs)
 
     async def _start_once(self, config: Path, timeout_s: float) -> None:
         assert self._workdir is not None
@@ -181,11 +193,11 @@ class LocalPrometheus:
                 if self._proc.returncode is not None:
                     raise PrometheusStartError(
                         f"prometheus ({self.binary}) exited with status "
-                        f"{self._proc.returncode} at start; its log:\n{_tail(log_path)}")
+                        f"{self._proc.returncode} at start", _tail(log_path))
                 if loop.time() > deadline:
                     raise PrometheusStartError(
                         f"prometheus ({self.binary}) was not ready on {self.url} within "
-                        f"{timeout_s:g} s; its log:\n{_tail(log_path)}")
+                        f"{timeout_s:g} s", _tail(log_path))
                 await asyncio.sleep(_READY_POLL_S)
 
     async def _is_ready(self, http: aiohttp.ClientSession) -> bool:

@@ -22,6 +22,7 @@ from importlib import resources
 from skyroute.routing import Config, parse_config
 
 from .._server import Server
+from .._startup import listen_error
 from ._local_prometheus import LocalPrometheus
 from ._standin import Behaviour, StandinUpstream
 
@@ -174,12 +175,15 @@ async def run_demo(*, port: int = 8080, host: str = "127.0.0.1", instances: int 
 
     Raises:
         PrometheusStartError: Prometheus did not start (nothing is left running).
+        StartupError: a port cannot be listened on (nothing is left running).
     """
     standins = _standins()
     env: dict[str, str] = {"DEMO_UPSTREAM_KEY": UPSTREAM_KEY, "SKYROUTE_DEMO_KEY": DEMO_KEY}
-    socks = [_bind(host, port + i if port else 0) for i in range(instances)]
-    ports = [sock.getsockname()[1] for sock in socks]
+    socks: list[socket.socket] = []
     try:
+        for i in range(instances):
+            socks.append(_bind(host, port + i if port else 0))
+        ports = [sock.getsockname()[1] for sock in socks]
         for standin, var in zip(standins, [*[v for v, _ in _REGIONS.values()], *_GPU.values()],
                                 strict=True):
             await standin.start(host="127.0.0.1", port=0)
@@ -226,6 +230,13 @@ async def _until_stopped() -> None:
 
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        # Listen now, not when the server starts: a port another process listens on
+        # is refused here, before any stand-in starts.
+        sock.listen()
+    except OSError as exc:
+        sock.close()
+        raise listen_error(host, port, exc) from exc
     return sock

@@ -10,7 +10,7 @@ Rules
 * ``behaviour`` is read once per request, except that a request held "busy" is released as soon
   as the live mode is flipped away from "busy" (handy for deterministic tests).
 * aiohttp (3.9+) does not cancel handlers on disconnect by default, so a vanished client shows as
-  ``ConnectionResetError`` on a write, or as a closed transport while a handler waits (``_pause``
+  ``ConnectionResetError`` on a write, or as a closed transport while a handler waits (``pause``
   polls). Either one, or a ``CancelledError`` under ``handler_cancellation=True``, counts once in
   ``cancelled``. Every state change wakes ``wait_for``, so tests never sleep to synchronise.
 * ``GET /_standin/behaviour`` shows the behaviour and ``POST`` (a JSON object of ``Behaviour``
@@ -38,7 +38,10 @@ from typing import Any, Final, final
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web import ContentCoding
 from multidict import CIMultiDictProxy
+
+from ._standin_api import StandinApi
 
 __all__ = ["MODES", "Behaviour", "StandinUpstream", "behaviour_update"]
 
@@ -46,6 +49,12 @@ log = structlog.get_logger("skyroute.standin")
 
 MODES: Final = frozenset({"ok", "busy", "error", "rate_limited", "reset_before",
                           "reset_midstream", "bad_key", "no_balance", "bad_request"})
+ENCODINGS: Final = frozenset({"gzip", "deflate"})
+#: OpenAI's rate-limit headers, sent on every answer (they describe the stand-in's key).
+RATELIMIT_HEADERS: Final = {
+    "x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-requests": "6ms", "x-ratelimit-limit-tokens": "2000000",
+    "x-ratelimit-remaining-tokens": "1999990", "x-ratelimit-reset-tokens": "0s"}
 # DeepSeek closes a connection it has kept busy after about ten minutes.
 BUSY_MAX_S: Final = 600.0
 # How often a waiting handler looks for a vanished client: short enough that tests waiting on
@@ -86,10 +95,17 @@ class Behaviour:
     busy_for_s: float | None = None
     keepalive_interval_s: float = 0.05
     reset_after_chunks: int = 2
+    #: Compress non-streaming answers with this coding when the client accepts it ...
+    content_encoding: str | None = None
+    #: ... or even when it asked for identity, as some servers do.
+    force_encoding: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "mode" and value not in MODES:
             raise ValueError(f"Behaviour.mode must be one of {sorted(MODES)}, got {value!r}")
+        if name == "content_encoding" and value not in (None, *ENCODINGS):
+            raise ValueError(f"Behaviour.content_encoding must be null or one of "
+                             f"{sorted(ENCODINGS)}, got {value!r}")
         if name == "error_status" and value not in _SERVER_ERRORS:
             raise ValueError(f"Behaviour.error_status must be 500/502/503/504, got {value!r}")
         super().__setattr__(name, value)
@@ -111,8 +127,12 @@ def behaviour_update(body: Any) -> dict[str, Any]:
             raise ValueError(f"unknown field {name!r}; Behaviour fields: {', '.join(kinds)}")
         if value is None and "None" in kind:
             continue
-        if kind == "str":
+        if kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind == "str":
             ok, want = isinstance(value, str), f"one of {sorted(MODES)}"
+        elif kind.startswith("str"):
+            ok, want = value in ENCODINGS, f"one of {sorted(ENCODINGS)}"
         elif "float" in kind:
             ok, want = _is_amount(value), "a number of seconds >= 0"
         else:
@@ -271,6 +291,7 @@ class StandinUpstream:
         # An Event swapped on every change rather than an asyncio.Condition: state changes
         # happen in sync code (``finally`` blocks) where acquiring a Condition's lock can't wait.
         self._changed_event = asyncio.Event()
+        self.api = StandinApi(self)  # Responses, files, batches, audio, images, moderations
         self.app: web.Application = self._build_app()
 
     def __repr__(self) -> str:
@@ -334,7 +355,9 @@ class StandinUpstream:
         event.set()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._track])
+        # Uploads are streamed by the handlers that take them, never held whole.
+        app = web.Application(middlewares=[self._track], client_max_size=1 << 40)
+        app.on_response_prepare.append(self._openai_headers)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get(CONTROL_PATH, self._show_behaviour)
@@ -342,6 +365,7 @@ class StandinUpstream:
         app.router.add_post("/v1/{endpoint:chat/completions|completions|embeddings}", self._answer)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._models)
+        self.api.add_routes(app)
         app.router.add_route("*", "/v1/{tail:.*}", self._echo)
         return app
 
@@ -359,7 +383,13 @@ class StandinUpstream:
                     request.headers.get("Authorization") != f"Bearer {self.api_key}"):
                 return _error(401, "Incorrect API key provided", "invalid_request_error",
                               "invalid_api_key")
-            return await handler(request)
+            resp = await handler(request)
+            coding = self.behaviour.content_encoding
+            accepted = coding in request.headers.get("Accept-Encoding", "") if coding else False
+            if (coding and isinstance(resp, web.Response) and not resp.prepared
+                    and (accepted or self.behaviour.force_encoding)):
+                resp.enable_compression(ContentCoding(coding))
+            return resp
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             # Includes aiohttp's ClientConnectionResetError; CancelledError needs
             # handler_cancellation=True.
@@ -373,7 +403,7 @@ class StandinUpstream:
             self.in_flight -= 1
             self._changed()
 
-    async def _pause(self, request: web.Request, seconds: float) -> None:
+    async def pause(self, request: web.Request, seconds: float) -> None:
         """Sleep ``seconds``, raising ``ConnectionResetError`` as soon as the client disconnects."""
         deadline = time.monotonic() + seconds
         while True:
@@ -402,6 +432,16 @@ class StandinUpstream:
             return _error(404, f"The model `{model}` does not exist or you do not have access "
                           "to it.", "invalid_request_error", "model_not_found", param="model")
         b = dataclasses.replace(self.behaviour)  # this request's view; busy still reads live
+        refused = self.refusal(request, b)
+        if refused is not None:
+            return refused
+        answer = _Answer(kind=kind, model=model, upstream=self.name, body=body, tokens=b.tokens)
+        if kind != "embeddings" and body.get("stream") is True:
+            return await self._stream(request, answer, b)
+        return await self._json(request, answer, b)
+
+    def refusal(self, request: web.Request, b: Behaviour) -> web.StreamResponse | None:
+        """The error answer (or dropped connection) ``b.mode`` calls for; None to answer."""
         if b.mode == "error":
             return _error(b.error_status, _SERVER_ERRORS[b.error_status], "server_error", None)
         if b.mode in _ERROR_BODIES:
@@ -410,16 +450,13 @@ class StandinUpstream:
                           headers=retry_after if b.mode == "rate_limited" else None)
         if b.mode == "reset_before":
             return _abort(request, web.Response(), rst=True)
-        answer = _Answer(kind=kind, model=model, upstream=self.name, body=body, tokens=b.tokens)
-        if kind != "embeddings" and body.get("stream") is True:
-            return await self._stream(request, answer, b)
-        return await self._json(request, answer, b)
+        return None
 
     async def _json(self, request: web.Request, answer: _Answer, b: Behaviour
                     ) -> web.StreamResponse:
         payload = json.dumps(answer.as_json()).encode()
         if b.mode == "ok":
-            await self._pause(request, b.ttft_s)
+            await self.pause(request, b.ttft_s)
             return web.Response(body=payload, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         if b.mode == "reset_midstream":
@@ -429,8 +466,8 @@ class StandinUpstream:
             await request.writer.drain()
             return _abort(request, resp, rst=False)
         await resp.prepare(request)  # busy: 200 at once, then empty lines
-        if await self._keep_busy(request, resp, b, b"\n"):
-            await self._pause(request, b.ttft_s)
+        if await self.keep_busy(request, resp, b, b"\n"):
+            await self.pause(request, b.ttft_s)
             await resp.write(payload)
         await resp.write_eof()
         return resp
@@ -440,24 +477,24 @@ class StandinUpstream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)  # a StreamResponse sends its headers now
-        if b.mode == "busy" and not await self._keep_busy(request, resp, b, b": keep-alive\n\n"):
+        if b.mode == "busy" and not await self.keep_busy(request, resp, b, b": keep-alive\n\n"):
             await resp.write_eof()
             return resp
-        await self._pause(request, b.ttft_s)
+        await self.pause(request, b.ttft_s)
         sent = 0
         for is_content, event in answer.sse_events():
             if is_content:
                 if b.mode == "reset_midstream" and sent >= b.reset_after_chunks:
                     return _abort(request, resp, rst=False)
                 if sent:
-                    await self._pause(request, b.token_delay_s)
+                    await self.pause(request, b.token_delay_s)
                 sent += 1
             await resp.write(event)
             await request.writer.drain()
         await resp.write_eof()
         return resp
 
-    async def _keep_busy(self, request: web.Request, resp: web.StreamResponse, b: Behaviour,
+    async def keep_busy(self, request: web.Request, resp: web.StreamResponse, b: Behaviour,
                          keepalive: bytes) -> bool:
         """Send ``keepalive`` until ``busy_for_s`` passes or the live mode leaves "busy" (True:
         answer now); with ``busy_for_s`` None or > ``BUSY_MAX_S`` give up (False) as DeepSeek
@@ -471,7 +508,7 @@ class StandinUpstream:
                 return answers
             await resp.write(keepalive)
             await request.writer.drain()
-            await self._pause(request, min(b.keepalive_interval_s, remaining))
+            await self.pause(request, min(b.keepalive_interval_s, remaining))
         return True
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -484,6 +521,13 @@ class StandinUpstream:
             return _error(404, f"The model `{model}` does not exist", "invalid_request_error",
                           "model_not_found", param="model")
         return web.json_response(objects[model])
+
+    async def _openai_headers(self, request: web.Request, resp: web.StreamResponse) -> None:
+        """Every /v1 answer carries a request id and rate-limit headers, as OpenAI's do."""
+        if request.path.startswith("/v1/"):
+            resp.headers.setdefault("x-request-id", f"req_{uuid.uuid4().hex}")
+            for name, value in RATELIMIT_HEADERS.items():
+                resp.headers.setdefault(name, value)
 
     async def _echo(self, request: web.Request) -> web.Response:
         return web.json_response({"path": request.path, "method": request.method,
@@ -507,9 +551,8 @@ class StandinUpstream:
         for name, value in update.items():  # in place: tests may hold the same object
             setattr(self.behaviour, name, value)
         self._changed()
-        log.info(f"stand-in {self.name} behaviour changed: "
-                 + ", ".join(f"{k} {before[k]!r} -> {v!r}" for k, v in update.items()),
-                 upstream=self.name, **{k: v for k, v in update.items()})
+        log.info("standin_behaviour_changed", upstream=self.name,
+                 changes={k: [before[k], v] for k, v in update.items()})
         return await self._show_behaviour(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -1,0 +1,44 @@
+"""Connection pools to upstreams: one aiohttp session per upstream, sized by its
+``max_connections``.
+
+aiohttp's own per-host limit cannot tell two upstreams on one host apart (two keys to
+one provider), nor count a pool's servers together, so each upstream gets a connector
+of its own with ``limit=max_connections``: requests beyond it wait for a connection.
+A reload that changes an upstream's ``max_connections`` gets a new pool; requests in
+flight finish on the old one, which is closed with the others at shutdown.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from skyroute.routing import Upstream
+
+#: Idle keep-alive connections are reused for this long.
+KEEPALIVE_S = 30.0
+
+
+class UpstreamSessions:
+    """The HTTP session (and so the connection pool) of each upstream."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+
+    def for_upstream(self, upstream: Upstream) -> aiohttp.ClientSession:
+        """The session whose pool holds at most ``upstream.max_connections`` connections."""
+        key = (upstream.name, upstream.max_connections)
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0,
+                                             keepalive_timeout=KEEPALIVE_S,
+                                             enable_cleanup_closed=True)
+            # auto_decompress off: bodies are relayed byte for byte (we ask for identity).
+            session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                            skip_auto_headers=("User-Agent",))
+            self._sessions[key] = session
+        return session
+
+    async def aclose(self) -> None:
+        """Close every pool (at shutdown, after requests in flight have drained)."""
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()

@@ -1,0 +1,85 @@
+"""``ObjectDirectory``: which upstream holds each stateful object, for every instance.
+
+Rules / theory of operation
+---------------------------
+* Files, batches, stored responses, vector stores, assistants, threads and
+  fine-tuning jobs live at the provider that created them; a later call that names
+  one must go back there, whichever instance receives it. ``proxy._objects`` finds
+  the ids; this module remembers and shares where they live.
+* Schema: ``sessions`` document, map ``objects``: ``id -> {upstream, until, ts, by}``
+  (plain JSON, readable by a stock Yjs client). ``until`` is the write time plus the
+  TTL in force then (the object's lifetime at the provider); an expired entry is
+  never returned and is left out of the next rotation's rebuilt document.
+* Written once, when the object is created (ids are unique: no merge question); a
+  later write for the same id simply replaces it.
+* Bounded: past ``max_entries`` the oldest entries are deleted, down to
+  ``EVICT_TO`` of the cap in one transaction, so eviction runs once per tenth of
+  the cap's writes rather than on every write.
+* A value written by a foreign client that is not ``{upstream: str, until: number}``
+  is ignored, never raised on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, final
+
+from ._doc import DocHub
+from ._metrics import SyncMetrics
+
+EVICT_TO: Final = 0.9
+"""Share of ``max_entries`` left after an eviction."""
+
+
+def object_entry_is_live(value: Any, now: float) -> bool:
+    """Whether a map value is a well-formed entry that has not expired."""
+    if not isinstance(value, dict) or not isinstance(value.get("upstream"), str):
+        return False
+    until = value.get("until")
+    return isinstance(until, int | float) and until > now
+
+
+@final
+class ObjectDirectory:
+    """Object id -> the upstream that holds it, shared through the ``sessions`` document."""
+
+    def __init__(self, hub: DocHub, *, writer_id: str, metrics: SyncMetrics) -> None:
+        self._hub = hub
+        self._writer_id = writer_id
+        self._metrics = metrics
+
+    def __repr__(self) -> str:
+        return f"<ObjectDirectory entries={len(self)}>"
+
+    def __len__(self) -> int:
+        return len(self._hub.doc.maps["objects"])
+
+    def remember(self, object_id: str, upstream: str, *, now: float, ttl_s: float,
+                 max_entries: int) -> None:
+        """Record that ``upstream`` holds ``object_id`` for ``ttl_s``; visible to peers at once."""
+        objects = self._hub.doc.maps["objects"]
+        with self._hub.doc.doc.transaction():
+            objects[object_id] = {"upstream": upstream, "until": now + ttl_s, "ts": now,
+                                  "by": self._writer_id}
+            if len(objects) > max_entries:
+                self._evict(now, keep=int(max_entries * EVICT_TO))
+        self._metrics.objects.set(len(objects))
+
+    def upstream_of(self, object_id: str, *, now: float) -> str | None:
+        """The upstream holding ``object_id``; None if unknown or expired."""
+        value = self._hub.doc.maps["objects"].get(object_id)
+        return str(value["upstream"]) if value is not None and object_entry_is_live(value, now) \
+            else None
+
+    def _evict(self, now: float, *, keep: int) -> None:
+        objects = self._hub.doc.maps["objects"]
+        by_age = sorted(objects.items(), key=lambda kv: _written_at(kv[1], now))
+        for key, _ in by_age[:max(0, len(by_age) - keep)]:
+            del objects[key]
+
+
+def _written_at(value: Any, now: float) -> float:
+    """Eviction order: expired and malformed entries first, then oldest writes."""
+    if not object_entry_is_live(value, now):
+        return float("-inf")
+    ts = value.get("ts")
+    return float(ts) if isinstance(ts, int | float) else float("-inf")
