@@ -26,7 +26,7 @@ from ._cache import install_cache
 from ._client_guard import send_and_close
 from ._compress import install_compression
 from ._connections import KEEPALIVE_S, UpstreamSessions
-from ._errors import InternalError, NotFound, ProxyError, http_error
+from ._errors import ClientRequestError, InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
@@ -97,7 +97,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = exc.to_response(request_id)
         if exc.close_connection:  # the rest of the request will not come: do not wait for it
             await send_and_close(request, resp)
-        if exc.status < 500:
+        if isinstance(exc, ClientRequestError):  # not an upstream 429: that one was routed
             metrics.client_errors.labels(exc.code or "invalid_request").inc()
     except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)
         status = exc.status

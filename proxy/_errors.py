@@ -2,7 +2,7 @@
 
 One root, ``ProxyError``; split on who is at fault, as h11 does:
 ``ClientRequestError`` (4xx, the request was wrong) and ``UpstreamError``
-(502/503/504, the upstreams could not answer). Every error knows its status, the
+(503/504/429, the upstreams could not answer). Every error knows its status, the
 OpenAI ``type`` and ``code``, and a message that says what was wrong and what to
 do. Exactly one middleware (``proxy._app``) turns them into responses.
 """
@@ -122,17 +122,19 @@ class RateLimitExceeded(ClientRequestError):
 
 
 class UpstreamError(ProxyError):
-    """No upstream produced an answer; ``status`` is the hint (502/503/504)."""
+    """No upstream produced an answer: 503, 504 (the route's deadline passed) or 429 (every
+    attempt was rate-limited), always with ``Retry-After``."""
 
-    status = 502
+    status = 503
     type = "upstream_error"
-    code = "upstream_failed"
+    code = "upstream_unavailable"
 
-    def __init__(self, message: str, *, status: int = 502,
+    def __init__(self, message: str, *, status: int = 503,
                  retry_after_s: float | None = None) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         self.status = status
-        self.code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(status, self.code)
+        self.code = {429: "upstream_rate_limited", 504: "upstream_timeout"}.get(status,
+                                                                              self.code)
 
 
 class DegradedRefusal(ProxyError):

@@ -86,7 +86,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
-        target = plan.next_attempt(now=loop.time())
+        target = _next_target(plan, metrics, loop.time())
         if isinstance(target, GiveUp):
             if resuming is not None:
                 return await _end_cut(resuming, summary, metrics, call, gave_up=target)
@@ -123,14 +123,32 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         log.warning("upstream_attempt_failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
+                    paid=decision.paid if isinstance(decision, Retry) else None,
                     resume=resuming is not None or None)
         if isinstance(decision, GiveUp):
             if resuming is not None:
                 return await _end_cut(resuming, summary, metrics, call, gave_up=decision)
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
+        if decision.paid:
+            metrics.retries_paid.labels(route.model).inc()
         if decision.delay_s > 0:
             await request.app[SLEEP](decision.delay_s)
+
+
+def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | GiveUp:
+    """The plan's next target; an attempt the panic rule made is counted and logged."""
+    panics, paid = plan.panics, plan.paid_retries
+    target = plan.next_attempt(now=now)
+    route = plan.route.model
+    if plan.paid_retries > paid:  # the failover target went bad: the retry was paid after all
+        metrics.retries_paid.labels(route).inc()
+    if plan.panics > panics and not isinstance(target, GiveUp):
+        metrics.panic_attempts.labels(route, target.name).inc()
+        # The panic rule: nothing else of the route can take the request.
+        log.warning("panic_attempt_started", upstream=target.name, route=route,
+                    attempt=plan.attempts)
+    return target
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,

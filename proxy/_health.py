@@ -26,6 +26,7 @@ from skyroute.routing import (
     Router,
     TrafficShare,
     UpstreamState,
+    Withdraw,
     gossip_decisions,
 )
 from skyroute.statesync import SessionStore
@@ -86,13 +87,18 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
     """Set every upstream's state/estimate gauges and every route's level gauge.
 
     Levels also change with time alone (a cool-down ending), so level changes
-    are reported here too.
+    are reported here too. Every configured upstream's TTFB histogram series
+    exists from the start, at zero: a series born with its first requests would
+    lose them to Prometheus's ``rate()``.
     """
     for name, entry in router.snapshot(now=now).items():
         _set_state_gauges(metrics, name, entry["state"])
-        if "latency_ms" in entry:
-            metrics.latency_estimate.labels(name, entry["latency_source"]).set(
-                entry["latency_ms"] / 1000)
+    metrics.latency_estimate.clear()  # a source that went stale leaves no old value behind
+    for name, estimates in router.exported_estimates(now=now).items():
+        for source, seconds in estimates.items():
+            metrics.latency_estimate.labels(name, source).set(seconds)
+    for upstream in router.config.upstreams:
+        metrics.ttfb.labels(upstream.name, upstream.region)
     report_level_changes(router, metrics, now=now)
     for model, level in router.route_levels(now=now).items():
         metrics.degradation_level.labels(model).set(LEVELS.index(level))
@@ -101,16 +107,21 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    ``routing.gossip_decisions`` decides; the store speaks wall-clock time and the router
+    ``routing.gossip_decisions`` decides (a report about an upstream that has answered
+    here since is withdrawn, not taken); the store speaks wall-clock time and the router
     loop time, so findings and adopted reports cross as "seconds from now".
     """
     wall = time.time()
-    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"))
+    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"),
+                              answering=router.health(name).is_answering())
                 for name, entry in router.snapshot(now=now).items()}
     changes = []
     for decision in gossip_decisions(findings, store.upstream_reports(now=wall), now=wall):
         if isinstance(decision, Publish):
             store.report_upstream(decision.upstream, decision.state, until=decision.until,
+                                  now=wall)
+        elif isinstance(decision, Withdraw):
+            store.report_upstream(decision.upstream, UpstreamState.HEALTHY, until=None,
                                   now=wall)
         else:
             changes.append(router.mark(decision.upstream, decision.state,

@@ -118,6 +118,16 @@ class Metrics:
             "skyroute_retry_budget_exhausted",
             "Requests given up because the route's retry budget was spent.", ["route"],
             registry=r)
+        self.retries_paid = Counter(
+            "skyroute_retries_paid",
+            "Retries paid from the route's retry budget: back to upstreams already failing "
+            "(failover to an untried healthy upstream is free and not counted here).",
+            ["route"], registry=r)
+        self.panic_attempts = Counter(
+            "skyroute_panic_attempts",
+            "Attempts the panic rule made: an upstream tried although it is out, because "
+            "nothing else of the route could take the request.", ["route", "upstream"],
+            registry=r)
         self.upstream_state = Gauge(
             "skyroute_upstream_state",
             "1 for each upstream's current state (healthy, slow, open, bad_key, down).",
@@ -131,7 +141,10 @@ class Metrics:
             ["route"], multiprocess_mode="livemostrecent", registry=r)
         self.latency_estimate = Gauge(
             "skyroute_upstream_latency_estimate_seconds",
-            "The latency estimate routing uses, by upstream and source.",
+            "Latency estimates per upstream, by source: passive (this instance's own p95 "
+            "time to first token, kept for 10 passive windows after its traffic there "
+            "stops; the default latency query takes the max over instances) and prometheus "
+            "(what that query returned, while fresh). /health says which one routing uses.",
             ["upstream", "source"], multiprocess_mode="livemostrecent", registry=r)
         self.object_affinity = Counter(
             "skyroute_object_affinity",

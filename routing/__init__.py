@@ -28,9 +28,10 @@ from ._degradation import (
     capped_payload,
 )
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
-from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
+from ._gossip import GOSSIPED, Adopt, Finding, Publish, Withdraw, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
+from ._plan import AttemptPlan
 from ._policies import CacheMode, CachePolicy, CacheScope, Strategy
 from ._pool import (
     DEFAULT_METRIC_NAMES,
@@ -41,7 +42,7 @@ from ._pool import (
     parse_server_load,
 )
 from ._pool_set import EndpointChange
-from ._router import AttemptPlan, Router
+from ._router import Router
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
@@ -151,6 +152,7 @@ __all__ = [
     "UpstreamHealth",
     "UpstreamState",
     "UsageSlice",
+    "Withdraw",
     "affinity_after",
     "approximate_query",
     "backoff_delays",

@@ -217,7 +217,7 @@ class BreakerPolicy:
         default=5.0, validation_alias="cooldown", gt=0,
         description="How long an open breaker stays open; doubles on each repeated trip.")
     max_cooldown_s: Duration = Field(
-        default=300.0, validation_alias="max_cooldown", gt=0,
+        default=30.0, validation_alias="max_cooldown", gt=0,
         description="The longest cooldown; then half-open lets one probe through.")
 
     @model_validator(mode="after")
@@ -227,8 +227,11 @@ class BreakerPolicy:
         return self
 
 
-#: skyroute's own TTFB histogram, aggregated across every instance Prometheus scrapes.
+#: The slowest of every instance's own (passive) estimate, which each exports as a gauge and
+#: keeps after its traffic moved away; for upstreams no instance has one of, the p95 of
+#: skyroute's own TTFB histogram across instances.
 DEFAULT_PROMETHEUS_QUERY = (
+    'max by (upstream) (skyroute_upstream_latency_estimate_seconds{source="passive"}) or '
     "histogram_quantile(0.95, sum by (le, upstream) "
     "(rate(skyroute_upstream_ttfb_seconds_bucket[1m])))"
 )
@@ -241,8 +244,9 @@ class PrometheusSource:
     url: HttpUrl = Field(description="The Prometheus server, e.g. http://prometheus:9090.")
     query: Name = Field(
         default=DEFAULT_PROMETHEUS_QUERY,
-        description="PromQL giving each upstream's latency in seconds (default: the p95 time to "
-                    "first token from skyroute's own histogram).")
+        description="PromQL giving each upstream's latency in seconds (default: the slowest of "
+                    "every instance's own passive estimate, else the p95 time to first token "
+                    "from skyroute's own histogram over all instances).")
     interval_s: Duration = Field(
         default=5.0, validation_alias="interval", gt=0,
         description="How often the query runs.")

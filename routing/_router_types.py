@@ -78,10 +78,15 @@ class Respond:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retry:
-    """Wait ``delay_s`` (backoff), then try ``next_attempt()`` again."""
+    """Wait ``delay_s`` (backoff), then try ``next_attempt()`` again.
+
+    ``paid``: the retry goes back to upstreams already failing and was paid from the
+    route's retry budget; otherwise it is failover to an untried healthy upstream.
+    """
 
     reason: str
     delay_s: float = 0.0
+    paid: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
