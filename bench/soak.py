@@ -138,7 +138,7 @@ async def start_instances(ups: dict[str, StandinUpstream], workdir: Path,
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "skyroute.proxy.cli", "--log-level", log_level,
-                "--log-format", "json", "run", "-c", str(path),
+                "--log-format", "json", "run", "-c", str(path), "--workers", "1",
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
         instances.append(Instance(url=f"http://127.0.0.1:{port}", proc=proc, log=log))
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -156,8 +156,10 @@ async def start_instances(ups: dict[str, StandinUpstream], workdir: Path,
 async def _peered(http: aiohttp.ClientSession, instance: Instance) -> bool:
     with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
         async with http.get(f"{instance.url}/health") as resp:
-            peers = (await resp.json()).get("peers") or {}
-            return resp.status == 200 and "connected" in set(peers.values())
+            peers = (await resp.json()).get("peers") or []
+            # Public /health lists the peers' states only; with the admin key, by address.
+            states = peers.values() if isinstance(peers, dict) else peers
+            return resp.status == 200 and "connected" in set(states)
     return False
 
 
