@@ -3,10 +3,15 @@
 Starts three processes on 127.0.0.1 (each on a free port):
 * the stand-in upstream (``bench/_upstream.py``, ttft 0, token delay 0), pinned to core 0,
 * a bare 40-line aiohttp+uvloop pass-through proxy (``bench/_passthrough.py``), core 1,
-* skyroute (``skyroute run``, one upstream, one API key), core 1,
+* skyroute (``skyroute run --workers 1``, one upstream, one API key), core 1,
 and drives them from this process (pinned to core 0): an aiohttp+uvloop load generator with
 keep-alive connections at concurrency 1 and 64, non-streaming and streaming chat completions,
 against the upstream directly, through the bare pass-through and through skyroute.
+
+Then, in the same run, the scaling part (``--no-scaling`` skips it): nothing pinned (load
+generator, upstream and proxies share every core), skyroute ``--workers 1`` and
+``--workers 2`` at the highest concurrency, each measured the same way; printed: throughput
+of two workers over one, and CPU per request (supervisor and workers together) of two over one.
 
 Each phase (mode x concurrency x target) is warmed up, then bounded by ``--requests`` and
 ``--seconds``. Printed: requests/s, p50/p99 latency (to the last byte), the p50/p99 added by
@@ -18,7 +23,10 @@ Targets (see issue 2): added p50 <= 0.5 ms at concurrency 1; throughput at 64 co
 >= 70 % of the bare pass-through's (non-streaming), >= 80 % (streaming).
 
 Usage: python bench/overhead.py [--requests 6000] [--seconds 6] [--warmup 1]
-                                [--concurrency 1 64] [--json FILE]
+                                [--concurrency 1 64] [--json FILE] [--short] [--no-scaling]
+
+``--short`` (for CI: about a minute) measures far fewer requests per phase; its ratios are
+rougher but the same ones.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ CLIENT_KEY = "sk-bench-client"
 UPSTREAM_KEY = "sk-bench-upstream"
 LOAD_CORE, PROXY_CORE = 0, 1
 TARGETS = ("direct", "bare", "skyroute")
+#: The scaling part: skyroute with one and with two workers, nothing pinned.
+SCALING_TARGETS = ("sky-w1", "sky-w2")
+#: Goals from issue 14 for the scaling part: two workers' throughput over one worker's.
+WORKERS_THROUGHPUT_GOAL = 1.4
 MODES = ("json", "stream")
 START_TIMEOUT_S = 20.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -83,6 +95,7 @@ class Procs:
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopped: set[str] = set()
         self.tmp = Path(tempfile.mkdtemp(prefix="skyroute-bench-"))
 
     def spawn(self, name: str, argv: list[str], *, core: int | None, **kw: Any
@@ -95,6 +108,18 @@ class Procs:
                                 start_new_session=True, **kw)
         self.procs.append((name, proc))
         return proc
+
+    def stop_one(self, name: str) -> None:
+        """Stop the process ``name`` (SIGTERM; its drain is short: --grace 1)."""
+        for each, proc in self.procs:
+            if each == name and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.stopped.add(name)
 
     def stop(self) -> None:
         for _, proc in self.procs:
@@ -126,9 +151,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | None) -> str:
-    """skyroute logs ``{"url": ..., "event": "server_started"}`` on stderr (a file here);
-    with ``port`` (log level above info: no such line), wait until it accepts connections."""
+def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | None,
+                       event_name: str = "server_started") -> str:
+    """skyroute logs ``{"url": ..., "event": "server_started"}`` on stderr (a file here;
+    ``workers_started`` from a supervisor); with ``port`` (log level above info: no such
+    line), wait until it accepts connections."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -140,7 +167,7 @@ def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | Non
         for line in log.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == "server_started":
+                if isinstance(event, dict) and event.get("event") == event_name:
                     return str(event["url"])
         time.sleep(0.05)
     raise RuntimeError("skyroute did not log 'server_started' in time:\n"
@@ -155,11 +182,24 @@ def routing_yaml(upstream_url: str) -> str:
             f"    models: {{chat: deepseek-chat}}\n")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """utime + stime of processes (all their threads), from /proc/PID/stat."""
+    total = 0.0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of stat(5)
+    return total
+
+
+def worker_pids(log: Path) -> tuple[int, ...]:
+    """The worker pids a ``--workers N`` supervisor logged (``workers_started``)."""
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "workers_started":
+                return tuple(event["pids"])
+    return ()
 
 
 # ----------------------------------------------------------------------------- load
@@ -171,7 +211,7 @@ class Target:
     url: str  # ends in /v1/chat/completions
     key: str
     model: str
-    pid: int | None  # the proxy process whose CPU is measured
+    pids: tuple[int, ...]  # the proxy processes whose CPU is measured
 
 
 def body_for(model: str, stream: bool) -> bytes:
@@ -253,14 +293,14 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[Phase
                 for _ in range(rounds):
                     for t in targets:
                         a = acc[t.name]
-                        cpu0 = cpu_seconds(t.pid) if t.pid else 0.0
+                        cpu0 = cpu_seconds(t.pids)
                         own0 = time.process_time()
                         lat, errors, elapsed = await run_phase(
                             sessions[t.name], t, stream=stream, concurrency=conc,
                             max_requests=max(1, args.requests // rounds),
                             max_seconds=args.seconds / rounds)
                         a["own"] += time.process_time() - own0
-                        a["cpu"] += cpu_seconds(t.pid) - cpu0 if t.pid else 0.0
+                        a["cpu"] += cpu_seconds(t.pids) - cpu0
                         a["lat"] += lat
                         a["errors"] += errors
                         a["elapsed"] += elapsed
@@ -270,7 +310,7 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[Phase
             for t in targets:
                 a = acc[t.name]
                 lat, n, elapsed = sorted(a["lat"]), len(a["lat"]), a["elapsed"]
-                cpu = a["cpu"] if t.pid else None
+                cpu = a["cpu"] if t.pids else None
                 phase = Phase(
                     mode=mode, concurrency=conc, target=t.name, requests=n,
                     errors=a["errors"], seconds=round(elapsed, 3),
@@ -376,6 +416,64 @@ def report(phases: list[Phase], args: argparse.Namespace) -> dict[str, Any]:
     return {"phases": [asdict(p) for p in phases], "summary": summary, "verdicts": verdicts}
 
 
+def report_scaling(phases: list[Phase], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Two workers over one, measured the same way (nothing pinned)."""
+    by = {(p.mode, p.target): p for p in phases}
+    out = ["", "Scaling: skyroute --workers 2 over --workers 1 (nothing pinned; load generator "
+           "and upstream share the cores)",
+           f"{'mode':6} {'conc':>4} {'w1 req/s':>9} {'w2 req/s':>9} {'rps w2/w1':>10} "
+           f"{'CPU/req w1':>11} {'CPU/req w2':>11} {'CPU/req w2/w1':>14}", "-" * 82]
+    rows = []
+    for mode in args.modes:
+        one, two = by.get((mode, "sky-w1")), by.get((mode, "sky-w2"))
+        if not (one and two and one.rps and one.proxy_cpu_s_per_1k and two.proxy_cpu_s_per_1k):
+            continue
+        row = {"mode": mode, "concurrency": one.concurrency, "rps_w1": one.rps,
+               "rps_w2": two.rps, "throughput_ratio_w2_vs_w1": two.rps / one.rps,
+               "cpu_per_request_ratio_w2_vs_w1":
+                   two.proxy_cpu_s_per_1k / one.proxy_cpu_s_per_1k}
+        rows.append(row)
+        out.append(f"{mode:6} {one.concurrency:>4} {one.rps:>9.0f} {two.rps:>9.0f} "
+                   f"{row['throughput_ratio_w2_vs_w1']:>10.2f} "
+                   f"{one.proxy_cpu_s_per_1k:>11.3f} {two.proxy_cpu_s_per_1k:>11.3f} "
+                   f"{row['cpu_per_request_ratio_w2_vs_w1']:>14.2f}")
+        ok = row["throughput_ratio_w2_vs_w1"] >= WORKERS_THROUGHPUT_GOAL
+        out.append(f"{'PASS' if ok else 'FAIL'}  {mode:6} two workers serve "
+                   f"{row['throughput_ratio_w2_vs_w1']:.2f}x one worker "
+                   f"(goal >= {WORKERS_THROUGHPUT_GOAL}x)")
+    out.append("(CPU/req: CPU seconds per 1000 requests of the supervisor and its workers)")
+    print("\n".join(out), flush=True)
+    return rows
+
+
+def start_skyroute(procs: Procs, args: argparse.Namespace, config: Path, name: str, *,
+                   workers: int, core: int | None) -> Target:
+    """``skyroute run --workers N`` on ``config``; the Target measures all its processes."""
+    log = procs.tmp / f"{name}.log"
+    # Below info, skyroute does not log its URL: give it a free port instead of 0.
+    port = None if args.skyroute_log_level in ("debug", "info") else free_port()
+    with log.open("wb") as log_file:
+        sky = procs.spawn(name, [
+            *shlex.split(args.skyroute_cmd), "--log-format", "json", "--log-level",
+            args.skyroute_log_level, "run", "-c", str(config), "--port", str(port or 0),
+            "--grace", "1", "--workers", str(workers)], core=core,
+            stdout=subprocess.DEVNULL, stderr=log_file)
+    url = wait_for_listening(sky, log, port,
+                             "server_started" if workers == 1 else "workers_started")
+    if workers > 1 and port is not None:  # no log line to wait for: until every worker is up
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(worker_pids(log)) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    pids = (sky.pid, *worker_pids(log)) if workers > 1 else (sky.pid,)
+    return Target(name, url + "/v1/chat/completions", CLIENT_KEY, "chat", pids)
+
+
+def check_alive(procs: Procs) -> None:
+    for name, proc in procs.procs:
+        if proc.poll() is not None and name not in procs.stopped:
+            raise RuntimeError(f"{name} died during the run (status {proc.returncode})")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -409,7 +507,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skyroute --log-level (default info: one access line per request, "
                          "as in production)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    return ap.parse_args(argv)
+    ap.add_argument("--no-scaling", dest="scaling", action="store_false",
+                    help="skip the --workers 1 / --workers 2 comparison")
+    ap.add_argument("--short", action="store_true",
+                    help="a quick run for CI: 400 requests / 1 s per phase, one round, "
+                         "concurrency 1 and 16")
+    args = ap.parse_args(argv)
+    if args.short:
+        args.requests, args.seconds, args.rounds = 400, 1.0, 1
+        args.warmup, args.warmup_requests, args.concurrency = 0.3, 100, [1, 16]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,30 +542,35 @@ def main(argv: list[str] | None = None) -> int:
         bare_url = read_url_line(bare, "bare pass-through")
         config = procs.tmp / "routing.yaml"
         config.write_text(routing_yaml(upstream_url))
-        log = procs.tmp / "skyroute.log"
-        # Below info, skyroute does not log its URL: give it a free port instead of 0.
-        port = None if args.skyroute_log_level in ("debug", "info") else free_port()
-        with log.open("wb") as log_file:
-            sky = procs.spawn("skyroute", [
-                *shlex.split(args.skyroute_cmd), "--log-format", "json", "--log-level",
-                args.skyroute_log_level, "run", "-c", str(config), "--port", str(port or 0),
-                "--grace", "1"], core=PROXY_CORE if pinned else None,
-                stdout=subprocess.DEVNULL, stderr=log_file)
-        sky_url = wait_for_listening(sky, log, port)
+        sky = start_skyroute(procs, args, config, "skyroute", workers=1,
+                             core=PROXY_CORE if pinned else None)
+        path = "/v1/chat/completions"
         print(f"upstream {upstream_url} (pid {up.pid}); bare pass-through {bare_url} "
-              f"(pid {bare.pid}); skyroute {sky_url} (pid {sky.pid})", file=sys.stderr)
-        path = "/chat/completions"
+              f"(pid {bare.pid}); skyroute {sky.url.removesuffix(path)} (pid {sky.pids[0]})",
+              file=sys.stderr)
+        path = "/chat/completions"  # the upstream's base URL ends in /v1 already
         targets = [
-            Target("direct", upstream_url + path, UPSTREAM_KEY, "deepseek-chat", None),
-            Target("bare", bare_url + "/v1" + path, UPSTREAM_KEY, "deepseek-chat", bare.pid),
-            Target("skyroute", sky_url + "/v1" + path, CLIENT_KEY, "chat", sky.pid),
+            Target("direct", upstream_url + path, UPSTREAM_KEY, "deepseek-chat", ()),
+            Target("bare", bare_url + "/v1" + path, UPSTREAM_KEY, "deepseek-chat", (bare.pid,)),
+            sky,
         ]
         targets = [t for t in targets if t.name in args.targets]
         phases = uvloop.run(measure(targets, args))
-        for name, proc in procs.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} died during the run (status {proc.returncode})")
+        check_alive(procs)
         result = report(phases, args)
+        if args.scaling:
+            # Nothing pinned from here on: every process may use every core.
+            os.sched_setaffinity(0, cpus)
+            os.sched_setaffinity(up.pid, cpus)
+            procs.stop_one("skyroute")
+            procs.stop_one("bare")
+            scaling = [start_skyroute(procs, args, config, name, workers=n, core=None)
+                       for name, n in zip(SCALING_TARGETS, (1, 2), strict=True)]
+            top = max(args.concurrency)
+            scaled = uvloop.run(measure(scaling, argparse.Namespace(
+                **{**vars(args), "concurrency": [top]})))
+            check_alive(procs)
+            result["scaling"] = report_scaling(scaled, args)
         if args.json:
             result["config"] = {k: v for k, v in vars(args).items() if k != "json"}
             result["pinned"] = pinned

@@ -11,12 +11,12 @@ it says exactly what the router decides on.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from aiohttp import web
 from skyroute.routing import Route, Router, TrafficShare, UpstreamHealth, UpstreamState
 
+from ._auth import is_admin
 from ._errors import AdminDisabled, InvalidApiKey
 from ._headers import bearer_token
 from ._prometheus import PROMETHEUS_STATUS
@@ -41,7 +41,7 @@ def check_admin(request: web.Request, admin_key: str | None) -> None:
     given = bearer_token(request)
     if given is None:
         raise InvalidApiKey("missing admin key: send admin.key as 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(given.encode(), admin_key.encode()):
+    if not is_admin(request, admin_key):
         raise InvalidApiKey("incorrect admin key; it must equal admin.key in the routing file")
 
 

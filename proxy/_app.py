@@ -22,16 +22,23 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
+from ._cache import install_cache
+from ._client_guard import send_and_close
+from ._compress import install_compression
 from ._connections import KEEPALIVE_S, UpstreamSessions
-from ._errors import NotFound, ProxyError
+from ._errors import ClientRequestError, InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._metrics import Metrics
+from ._paths import check_target
 from ._pool_scrape import pool_scraper
 from ._prometheus import prometheus_source
+from ._redact import config_secrets, register_secrets
 from ._reload import config_watcher
 from ._sessions import close_sync_on_shutdown, state_sync_for, state_sync_lifecycle
+from ._slots import ClientConcurrency, UpstreamSlots
 from ._state import (
+    CLIENT_CONCURRENCY,
     CLOCK,
     METRICS,
     RATE_LIMIT_HEADERS,
@@ -43,11 +50,13 @@ from ._state import (
     SUMMARY,
     TRAFFIC,
     UPSTREAM_SESSIONS,
+    UPSTREAM_SLOTS,
     Clock,
     RequestSummary,
     Runtime,
     Serving,
 )
+from ._workers import WorkerSpec
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -82,12 +91,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.in_flight.inc()
     status = 500
     try:
+        check_target(request.raw_path)
         resp = await handler(request)
         status = resp.status
     except ProxyError as exc:
         status = exc.status
         resp = exc.to_response(request_id)
-        if exc.status < 500:
+        if exc.close_connection:  # the rest of the request will not come: do not wait for it
+            await send_and_close(request, resp)
+        if isinstance(exc, ClientRequestError):  # not an upstream 429: that one was routed
             metrics.client_errors.labels(exc.code or "invalid_request").inc()
     except web.HTTPException as exc:  # aiohttp's own (no such path, wrong method)
         status = exc.status
@@ -95,11 +107,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error: ProxyError = NotFound(f"{request.method} {request.path} is not served by "
                                          "skyroute; the OpenAI API is under /v1")
         elif exc.status == 405:
-            error = ProxyError(f"{request.method} is not allowed on {request.path}; use "
-                               f"{exc.headers.get('Allow', 'another method')}")
+            error = http_error(405, f"{request.method} is not allowed on {request.path}; use "
+                                    f"{exc.headers.get('Allow', 'another method')}")
         else:
-            error = ProxyError(exc.text or exc.reason)
-        error.status = exc.status
+            error = http_error(exc.status, exc.reason if exc.status < 500 else
+                               "skyroute could not answer this request")
         resp = error.to_response(request_id)
         for name, value in exc.headers.items():  # e.g. Allow on a 405
             if name.lower() not in ("content-type", "content-length"):
@@ -112,6 +124,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         status = 499  # the client went away; nginx's code for it
         raise
+    except Exception:  # a bug: still an OpenAI-shaped answer, and the traceback logged
+        log.exception("request_crashed", path=request.path)
+        status = 500
+        if request.writer.output_size > 0:
+            raise  # part of an answer is out: aiohttp closes the connection
+        resp = InternalError(f"skyroute failed to serve this request; its log has the "
+                             f"details under request id {request_id}").to_response(request_id)
     finally:
         if is_api:
             metrics.in_flight.dec()
@@ -119,11 +138,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
                      latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                     **({"cut": summary.cut} if summary.cut else {}),
-                     **({"fallback": summary.fallback} if summary.fallback else {}),
-                     **({"endpoint": summary.endpoint} if summary.endpoint else {}),
-                     **({"upstream_request_id": summary.upstream_request_id}
-                        if summary.upstream_request_id else {}))
+                     **summary.set_fields())
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
     return resp
@@ -168,7 +183,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(config: Config, *, config_path: str | Path | None = None,
               watch_interval_s: float = 0.5, sleep: Sleep = asyncio.sleep,
-              clock: Clock = time.monotonic) -> web.Application:
+              worker: WorkerSpec | None = None, clock: Clock = time.monotonic,
+              ) -> web.Application:
     """The skyroute application for ``config``.
 
     Args:
@@ -177,9 +193,11 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
         watch_interval_s: how often the file is checked for changes.
         sleep: what backoff delays are waited out through (between a request's
             attempts, and between a sync link's attempts to reach a peer).
+        worker: set in a ``--workers`` worker process: its sibling workers are sync peers.
         clock: the time routing decisions and latency samples are taken at; a test
             passes a fake clock to drive time itself. Timeouts stay real durations.
     """
+    register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
     app.on_response_prepare.append(_rate_limit_headers)
     app[CLOCK] = clock
@@ -187,13 +205,17 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
                            config_path=Path(config_path) if config_path else None)
     app[METRICS] = Metrics(instance=config.instance_id)
     app[TRAFFIC] = TrafficShare()
+    app[UPSTREAM_SLOTS] = UpstreamSlots()
+    app[CLIENT_CONCURRENCY] = ClientConcurrency()
     app[SLEEP] = sleep
-    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep)
-    if config.sync is not None:
+    app[STATE_SYNC] = state_sync_for(config, app[METRICS].registry, sleep=sleep, worker=worker)
+    if config.sync is not None or worker is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))
     app.cleanup_ctx.append(_client_session)
+    install_cache(app)
+    install_compression(app)
     app.cleanup_ctx.append(health_ticker)
     app.cleanup_ctx.append(prometheus_source)
     app.cleanup_ctx.append(pool_scraper)  # after _client_session: it scrapes through it

@@ -23,6 +23,7 @@ Rules
 
 from __future__ import annotations
 
+import asyncio
 import re
 import tempfile
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from typing import IO, Final, final
 
 from aiohttp import web
 
-from ._errors import BodyTooLarge, ClientRequestError
+from ._errors import BodyTooLarge, ClientRequestError, RequestTimeout
 
 #: Uploads up to this size stay in memory; bigger ones spill to a temporary file.
 SPOOL_MEMORY_BYTES: Final = 1 << 20
@@ -65,6 +66,29 @@ def _field_pattern(name: str) -> re.Pattern[bytes]:
 _MODEL_FIELD: Final = _field_pattern("model")
 
 
+
+async def body_chunks(request: web.Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; a pause over ``idle_timeout_s`` is a 408.
+
+    ``limits.body_timeout``: a client that stops sending part-way must not hold its
+    connection (and a slot of the connection cap) for as long as it likes.
+
+    Raises:
+        RequestTimeout: nothing arrived for ``idle_timeout_s`` (the connection is
+            closed after the answer).
+    """
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"the client sent no part of the request body for "
+                                 f"{idle_timeout_s:g}s (limits.body_timeout); send the "
+                                 "body without pauses") from None
+        if not chunk:
+            return
+        yield chunk
+
 @final
 @dataclass(slots=True, kw_only=True)
 class Upload:
@@ -77,7 +101,7 @@ class Upload:
     _model_span: tuple[int, int] | None = None
 
     @classmethod
-    async def read(cls, request: web.Request, limit: int) -> Upload:
+    async def read(cls, request: web.Request, limit: int, *, idle_timeout_s: float) -> Upload:
         """Spool the request's body, refusing anything over ``limit`` bytes.
 
         Raises:
@@ -91,7 +115,7 @@ class Upload:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
         head, size = bytearray(), 0
         try:
-            async for chunk in request.content.iter_any():
+            async for chunk in body_chunks(request, idle_timeout_s):
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge(f"upload is over the limit of {limit} bytes "

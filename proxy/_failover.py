@@ -46,8 +46,9 @@ from ._forward import (
 from ._headers import response_headers
 from ._health import report_changes
 from ._metrics import Metrics
+from ._slots import UpstreamSlots
 from ._sse import StreamTranscript
-from ._state import CLOCK, SLEEP, SUMMARY, TRAFFIC, Clock, RequestSummary
+from ._state import CLOCK, SLEEP, SUMMARY, TRAFFIC, UPSTREAM_SLOTS, Clock, RequestSummary
 
 log = structlog.get_logger("skyroute.proxy")
 
@@ -56,6 +57,7 @@ log = structlog.get_logger("skyroute.proxy")
 class _Interrupted:
     """A stream cut after the client got part of it, which the route may resume."""
 
+    request: web.Request
     resp: web.StreamResponse
     transcript: StreamTranscript
     opened: Opened  # the attempt that was cut
@@ -84,7 +86,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:
-        target = plan.next_attempt(now=clock())
+        target = _next_target(plan, metrics, clock())
         if isinstance(target, GiveUp):
             if resuming is not None:
                 return await _end_cut(resuming, summary, metrics, call, gave_up=target)
@@ -121,14 +123,32 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         log.warning("upstream_attempt_failed", upstream=target.name, region=target.upstream.region,
                     result=outcome.result.value, detail=outcome.detail, attempt=plan.attempts,
                     will_retry=isinstance(decision, Retry),
+                    paid=decision.paid if isinstance(decision, Retry) else None,
                     resume=resuming is not None or None)
         if isinstance(decision, GiveUp):
             if resuming is not None:
                 return await _end_cut(resuming, summary, metrics, call, gave_up=decision)
             raise _give_up(decision, route, metrics)
         metrics.failovers.labels(route.model).inc()
+        if decision.paid:
+            metrics.retries_paid.labels(route.model).inc()
         if decision.delay_s > 0:
             await request.app[SLEEP](decision.delay_s)
+
+
+def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | GiveUp:
+    """The plan's next target; an attempt the panic rule made is counted and logged."""
+    panics, paid = plan.panics, plan.paid_retries
+    target = plan.next_attempt(now=now)
+    route = plan.route.model
+    if plan.paid_retries > paid:  # the failover target went bad: the retry was paid after all
+        metrics.retries_paid.labels(route).inc()
+    if plan.panics > panics and not isinstance(target, GiveUp):
+        metrics.panic_attempts.labels(route, target.name).inc()
+        # The panic rule: nothing else of the route can take the request.
+        log.warning("panic_attempt_started", upstream=target.name, route=route,
+                    attempt=plan.attempts)
+    return target
 
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
@@ -146,7 +166,7 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
     if resuming is not None:
         call = call.continuing(resuming.transcript.text, resuming.transcript.content_chunks)
     target, opened = await _open_hedged(target, call, session, metrics, router, plan,
-                                        request_id, clock)
+                                        request_id, request.app[UPSTREAM_SLOTS], clock)
     if isinstance(opened, Failed):
         return opened
     try:
@@ -174,17 +194,24 @@ async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metr
             else stream_response(opened, request_id, extra_headers)
         transcript = resuming.transcript if resuming is not None \
             else StreamTranscript() if track else None
-        cut = await relay_stream(request, resp, opened, transcript=transcript,
-                                 continuation=resuming is not None)
+        try:
+            cut = await relay_stream(request, resp, opened, transcript=transcript,
+                                     continuation=resuming is not None)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: nothing more can reach it
+        except Exception as exc:  # a bug while relaying: the client must still see the cut
+            log.exception("stream_relay_crashed", upstream=target.name)
+            cut = f"skyroute failed relaying the stream ({type(exc).__name__})"
+            transcript = None  # nothing to resume from
         if cut is not None and transcript is not None and is_resumable(
                 resume=plan.route.resume, payload=call.payload,
                 text_only=transcript.text_only, finished=transcript.finished):
             outcome = AttemptOutcome(target=target, result=Result.STREAM_CUT,
                                      status=opened.response.status, detail=cut,
                                      ttfb_s=opened.ttfb_s)
-            return _Interrupted(resp=resp, transcript=transcript, opened=opened,
-                                outcome=outcome)
-        await end_stream(resp, opened, cut)
+            return _Interrupted(request=request, resp=resp, transcript=transcript,
+                                opened=opened, outcome=outcome)
+        await end_stream(request, resp, opened, cut)
     else:
         body = await read_rest(opened)
         if isinstance(body, Failed):
@@ -211,7 +238,7 @@ async def _end_cut(cut: _Interrupted, summary: RequestSummary, metrics: Metrics,
     summary.cut = reason
     summary.stream_tokens = _tokens_used(cut.transcript, call)
     metrics.stream_resumes.labels(summary.route, "cut").inc()
-    await end_stream(cut.resp, cut.opened, reason)
+    await end_stream(cut.request, cut.resp, cut.opened, reason)
     return cut.resp
 
 
@@ -223,7 +250,7 @@ def _tokens_used(transcript: StreamTranscript, call: UpstreamCall) -> int:
 
 async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSessions,
                        metrics: Metrics, router: Router, plan: AttemptPlan, request_id: str,
-                       clock: Clock) -> tuple[Target, Opened | Failed]:
+                       slots: UpstreamSlots, clock: Clock) -> tuple[Target, Opened | Failed]:
     """Open ``target``; if the route hedges and no first token came in time, race another.
 
     The first attempt to produce content wins and the other is cancelled (it has
@@ -233,7 +260,7 @@ async def _open_hedged(target: Target, call: UpstreamCall, session: UpstreamSess
     def opening(t: Target) -> Coroutine[Any, Any, Opened | Failed]:
         deadline = min(clock() + t.upstream.first_token_timeout_s, plan.deadline)
         return open_attempt(session, t, call, request_id=request_id, deadline=deadline,
-                            clock=clock)
+                            clock=clock, slots=slots)
 
     def start(t: Target) -> asyncio.Task[Opened | Failed]:
         return asyncio.create_task(opening(t))
@@ -282,7 +309,7 @@ async def _cancel_losers(tasks: dict[asyncio.Task[Opened | Failed], Target], rou
         plan.cancel(target)
     for result in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(result, Opened):  # finished in the same instant as the winner
-            result.response.close()
+            result.close()
 
 
 def _book(router: Router, plan: AttemptPlan, metrics: Metrics, outcome: AttemptOutcome,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import json
 import time
 import zlib
@@ -40,15 +41,23 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from skyroute.routing import AttemptOutcome, Result, Target, classify_status
 
 from ._bodies import Upload
+from ._client_guard import send_within
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
+from ._paths import upstream_url
+from ._rename import rename_model
+from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
-from ._state import Clock
+from ._state import STREAM_TAP, Clock
 from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
 
 #: An error body from an upstream is read up to this size to pass on or log.
 MAX_ERROR_BODY = 1 << 20
+#: Longest single SSE event relayed. Real chunks are a few hundred bytes (a big
+#: tool-call argument a few hundred KiB); an upstream sending endless bytes with no
+#: event end must not grow skyroute's memory without bound.
+MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True, kw_only=True)
@@ -74,7 +83,9 @@ class UpstreamCall:
         """The body with the client's model alias replaced by the upstream's name."""
         if self.payload is None or self.alias is None or target.model == self.alias:
             return self.body
-        return json.dumps({**self.payload, "model": target.model}).encode()
+        if self.body is None:
+            return json.dumps({**self.payload, "model": target.model}).encode()
+        return rename_model(self.body, self.payload, target.model)
 
     def data_for(self, target: Target, headers: CIMultiDict[str]
                  ) -> bytes | AsyncIterator[bytes] | None:
@@ -115,6 +126,17 @@ class Opened:
     ttfb_s: float
     end: StreamEnd  # whether a streamed answer ended whole, by its protocol
     decoder: Decoder | None = None  # the upstream compressed although asked not to
+    slot: Slot | None = None  # the upstream connection slot this attempt holds
+
+    def release(self) -> None:
+        """Give the connection slot back (the answer has been read whole)."""
+        if self.slot is not None:
+            self.slot.release()
+
+    def close(self) -> None:
+        """Close the upstream response and give its connection slot back."""
+        self.response.close()
+        self.release()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -142,17 +164,44 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 async def open_attempt(session: UpstreamSessions, target: Target, call: UpstreamCall,
-                       *, request_id: str, deadline: float, clock: Clock) -> Opened | Failed:
+                       *, request_id: str, deadline: float, clock: Clock,
+                       slots: UpstreamSlots | None = None) -> Opened | Failed:
     """Send ``call`` to ``target`` and wait for the first content byte.
 
     Args:
         deadline: ``clock`` time by which the first content byte must have arrived
             (the upstream's first-token timeout, capped by the request deadline).
         clock: the instance's clock; the time to first byte is measured on it.
+        slots: the connection slots per endpoint; the attempt first waits for one
+            (``Result.POOL_FULL`` if none frees up) and ``Opened`` holds it.
 
     Returns:
         ``Opened`` once content has begun, or ``Failed`` with the classified outcome.
     """
+    if slots is None:
+        return await _open(session, target, call, request_id=request_id, deadline=deadline,
+                           clock=clock)
+    slot = await slots.acquire(target, within_s=deadline - clock())
+    if slot is None:
+        upstream = target.upstream
+        return _failure(target, Result.POOL_FULL,
+                        f"all {upstream.max_connections} connections (max_connections) busy "
+                        f"for {upstream.pool_timeout_s:g}s (pool_timeout)")
+    try:
+        opened = await _open(session, target, call, request_id=request_id, deadline=deadline,
+                             clock=clock)
+    except BaseException:
+        slot.release()
+        raise
+    if isinstance(opened, Failed):
+        slot.release()
+    else:
+        opened.slot = slot
+    return opened
+
+
+async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
+                *, request_id: str, deadline: float, clock: Clock) -> Opened | Failed:
     started = clock()
     headers = upstream_headers(call.headers, call.billing, target, request_id=request_id)
     data = call.data_for(target, headers)
@@ -163,7 +212,7 @@ async def open_attempt(session: UpstreamSessions, target: Target, call: Upstream
     try:
         async with asyncio.timeout(deadline - started):
             response = await session.for_upstream(upstream).request(
-                call.method, target.endpoint + call.path_qs, data=data,
+                call.method, upstream_url(target.endpoint, call.path_qs), data=data,
                 headers=headers, timeout=timeout, allow_redirects=False)
             coding = content_coding(response.headers)
             decoder = decoder_for(coding) if coding else None
@@ -187,11 +236,11 @@ async def open_attempt(session: UpstreamSessions, target: Target, call: Upstream
                         f"no first token after {waited:.1f}s (only keep-alives: busy)",
                         ttfb_s=waited)
     except aiohttp.ClientConnectorError as exc:
-        return _failure(target, Result.CONNECT_ERROR, f"cannot connect: {exc.os_error}")
+        return _failure(target, Result.CONNECT_ERROR, f"cannot connect ({error_category(exc)})")
     except (aiohttp.ClientError, OSError, zlib.error) as exc:
         _close(response)
         return _failure(target, Result.CONNECT_ERROR,
-                        f"connection failed before the answer: {type(exc).__name__}: {exc}")
+                        f"connection failed before the answer ({error_category(exc)})")
     except BaseException:
         _close(response)
         raise
@@ -230,9 +279,9 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse,
     status = response.status
     result = classify_status(status)
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    # The upstream's own error text stops here: it may quote a key or an address.
     outcome = AttemptOutcome(target=target, result=result, status=status,
-                             detail=f"HTTP {status}{_error_message(body)}",
-                             retry_after_s=retry_after)
+                             detail=f"HTTP {status} {result.value}", retry_after_s=retry_after)
     headers = response.headers
     if decoder is not None:  # the body passed on is decoded: so must its headers say
         headers = CIMultiDictProxy(CIMultiDict(
@@ -240,13 +289,15 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse,
     return Failed(outcome=outcome, status=status, headers=headers, body=body)
 
 
-def _error_message(body: bytes) -> str:
-    """A short quote of the upstream's own error message, for logs and 502s."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return ""
-    return f" ({str(message)[:120]})"
+def error_category(exc: BaseException) -> str:
+    """What kind of network error ``exc`` is, without its text (which names hosts).
+
+    An ``OSError``'s errno name (``ECONNREFUSED``), else the exception's class name.
+    """
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.errno in errno.errorcode:
+        return errno.errorcode[os_error.errno]
+    return type(exc).__name__
 
 
 def _failure(target: Target, result: Result, detail: str, *,
@@ -267,12 +318,13 @@ async def read_rest(opened: Opened) -> bytes | Failed:
         if opened.decoder is not None:
             rest = opened.decoder.decompress(rest) + opened.decoder.flush()
     except (aiohttp.ClientError, OSError, TimeoutError, zlib.error) as exc:
-        opened.response.close()
+        opened.close()
         return _failure(opened.target, Result.STREAM_CUT,
-                        f"answer cut part-way: {type(exc).__name__}: {exc}")
+                        f"answer cut part-way ({error_category(exc)})")
     except BaseException:
-        opened.response.close()
+        opened.close()
         raise
+    opened.release()
     return opened.prefix + rest
 
 
@@ -306,6 +358,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
     stream the client already has.
     """
     upstream, end, decoder = opened.response, opened.end, opened.decoder
+    tap = request.get(STREAM_TAP)  # the response cache keeps what the client got
     cut: str | None = None
     try:
         if not resp.prepared:
@@ -325,15 +378,16 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                 if events:
                     # Outside the try below: a client that went away is not the
                     # upstream's fault; its error ends the attempt with no outcome.
-                    await resp.write(events)
+                    await send_within(request, resp, events)
                     end.feed(events)
+                    if tap is not None:
+                        tap.append(events)
             try:
                 chunk = await anext(chunks, None)
                 if chunk is not None and decoder is not None:
                     chunk = decoder.decompress(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
-                    TimeoutError, zlib.error) as exc:
-                cut = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, zlib.error) as exc:
+                cut = error_category(exc)
                 break
             if chunk is None:
                 end.eof()
@@ -341,18 +395,26 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
             if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
                 chunk = chunk[first_content_offset(chunk, sse=True) or len(chunk):]
             pending += chunk
+            if len(pending) > MAX_SSE_EVENT_BYTES:
+                cut = f"an event longer than {MAX_SSE_EVENT_BYTES} bytes"
+                pending = b""  # never relayed: half an event would corrupt the stream
+                break
         if cut is None and pending.strip():
             end.feed(pending)  # a last event without its blank line
-            await resp.write(pending)
+            await send_within(request, resp, pending)
+            if tap is not None:
+                tap.append(pending)
         if cut is None and not end.complete:
             cut = end.missing
     finally:
-        upstream.close()
-    return cut
+        opened.close()
+    # Once the stream's own end is out the answer is whole: a break after it loses nothing.
+    return None if end.complete else cut
 
 
-async def end_stream(resp: web.StreamResponse, opened: Opened, cut: str | None) -> None:
+async def end_stream(request: web.Request, resp: web.StreamResponse, opened: Opened,
+                     cut: str | None) -> None:
     """Finish the client's stream: after a cut, an SSE error event and no ``[DONE]``."""
     if cut is not None:
-        await resp.write(opened.end.error_event(opened.target.name, cut))
+        await send_within(request, resp, opened.end.error_event(opened.target.name, cut))
     await resp.write_eof()

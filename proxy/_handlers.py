@@ -12,9 +12,7 @@ response) goes to the upstream holding it (``proxy._objects``).
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import hashlib
 import json
 import time
 from typing import Any
@@ -22,7 +20,8 @@ from typing import Any
 from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
-from ._bodies import Upload, is_upload
+from ._bodies import Upload, body_chunks, is_upload
+from ._cache import serve_cached
 from ._degraded import cap_max_tokens, decide, serve_decided
 from ._errors import (
     BodyTooLarge,
@@ -31,11 +30,13 @@ from ._errors import (
     InvalidJSON,
     ModelNotFound,
     NotFound,
+    http_error,
 )
 from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
 from ._objects import creates_object, holder_of, named_ids, remember_created
+from ._paths import upstream_path
 from ._sessions import (
     count_tokens,
     enforce_limits,
@@ -43,6 +44,7 @@ from ._sessions import (
     session_id_of,
 )
 from ._state import (
+    CLIENT_CONCURRENCY,
     CLOCK,
     METRICS,
     RATE_LIMIT_HEADERS,
@@ -51,10 +53,11 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     UPSTREAM_SESSIONS,
+    Runtime,
 )
 
 
-def authenticate(request: web.Request, config: Config) -> ApiKey | None:
+def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
     """The client key the request carries (None when auth is off).
 
     The key is looked for in ``auth.key_headers`` (default ``Authorization: Bearer``,
@@ -63,68 +66,92 @@ def authenticate(request: web.Request, config: Config) -> ApiKey | None:
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
-    if config.api_keys is None:
+    keys = runtime.client_keys
+    if keys is None:
         return None
+    config = runtime.config
     given = client_key(request, config.key_headers)
     if given is None:
         where = ", ".join("'Authorization: Bearer <key>'" if h == "authorization" else f"'{h}'"
                           for h in config.key_headers)
         raise InvalidApiKey(f"missing API key: send it as one of {where} "
                             "(the OpenAI SDK's api_key)")
-    key = _key_digests(config.api_keys).get(hashlib.sha256(given.encode()).digest())
+    key = keys.find(given)
     if key is not None:
         return key
     raise InvalidApiKey("incorrect API key provided; check the key configured for this "
                         "client in skyroute's auth.api_keys")
 
 
-@functools.lru_cache(maxsize=4)
-def _key_digests(keys: tuple[ApiKey, ...]) -> dict[bytes, ApiKey]:
-    # Comparing digests, not keys, keeps the lookup's timing independent of the key.
-    return {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, *, idle_timeout_s: float) -> bytes:
     """The request body, refusing anything over ``limit`` bytes.
 
     A declared ``Content-Length`` over the limit is refused before reading; a
-    chunked body is refused as soon as it passes the limit.
+    chunked body is refused as soon as it passes the limit. A client that sends
+    nothing for ``idle_timeout_s`` (``limits.body_timeout``) gets a 408.
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the "
                            f"limit of {limit} bytes (limits.max_body_bytes)")
-    if request.content_length is not None:
-        try:
-            return await request.content.readexactly(request.content_length)
-        except asyncio.IncompleteReadError as exc:
-            raise ClientRequestError(
-                f"the request body ended after {len(exc.partial)} of the "
-                f"{request.content_length} bytes its Content-Length announced") from exc
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
+    async for chunk in body_chunks(request, idle_timeout_s):
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body is over the limit of {limit} bytes "
                                "(limits.max_body_bytes)")
         chunks.append(chunk)
+    if declared is not None and size < declared:
+        raise ClientRequestError(f"the request body ended after {size} of the {declared} "
+                                 "bytes its Content-Length announced")
     return b"".join(chunks)
+
+
+#: Deepest JSON nesting accepted in a request body. OpenAI payloads nest a few
+#: levels (messages, content parts, tool schemas of some depth); far deeper is an
+#: attack on the parser or on whoever re-encodes the body.
+MAX_JSON_DEPTH = 64
 
 
 def parse_payload(body: bytes) -> dict[str, Any] | None:
     """The JSON object in ``body``; None for an empty body.
 
     Raises:
-        InvalidJSON: the body is not a JSON object.
+        InvalidJSON: the body is not a JSON object, nests deeper than
+            ``MAX_JSON_DEPTH`` or holds NaN/Infinity (which no upstream accepts).
     """
     if not body.strip():
         return None
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") \
+            from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidJSON("the request body must be a JSON object")
+    # Only a body with that many brackets can be that deep: most skip the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(payload):
+        raise InvalidJSON(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     return payload
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
 
 
 def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route, str | None]:
@@ -145,21 +172,38 @@ def choose_route(router: Router, payload: dict[str, Any] | None) -> tuple[Route,
     return route, model
 
 
+#: Methods sent on to an upstream. TRACE (which echoes the request, skyroute's
+#: upstream key included) and CONNECT (a tunnel) never are.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Any ``/v1/...`` request that goes to an upstream."""
+    if request.method not in FORWARDED_METHODS:
+        raise http_error(405, f"{request.method} is not forwarded; the OpenAI API uses "
+                              "GET, POST and DELETE")
+    path_qs = upstream_path(request.raw_path)
     runtime = request.app[SERVING].runtime  # this request keeps this config to the end
+    client = authenticate(request, runtime)
+    with request.app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
+        return await _serve_api(request, runtime, client, path_qs)
+
+
+async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | None,
+                     path_qs: str) -> web.StreamResponse:
+    """The rest of ``handle_api`` once the client is known and admitted."""
     config, store = runtime.config, request.app[STATE_SYNC].store
-    client = authenticate(request, config)
     if client is not None:
         request[RATE_LIMIT_HEADERS] = enforce_limits(store, client, request.app[METRICS],
                                                      now=time.time())
-    call = await _read_call(request, config)
+    call = await _read_call(request, config, path_qs)
     try:
         route, alias = choose_route(runtime.router, call.payload if call.upload is None
                                     else {"model": call.upload.model} if call.upload.model
                                     else None)
         call.alias = alias
-        resp = await _serve(request, runtime.router, route, call, client)
+        resp = await serve_cached(request, route, call, client, functools.partial(
+            _serve, request, runtime.router, route, call, client))
     finally:
         if call.upload is not None:
             call.upload.close()
@@ -175,17 +219,19 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _read_call(request: web.Request, config: Config) -> UpstreamCall:
+async def _read_call(request: web.Request, config: Config, path_qs: str) -> UpstreamCall:
     """The request as it goes upstream: headers by the rules, a JSON body or an upload."""
     headers, billing = request_headers(request, config.trusted_proxies)
     upload: Upload | None = None
     body, payload = b"", None
     if is_upload(request):
-        upload = await Upload.read(request, config.limits.max_upload_bytes)
+        upload = await Upload.read(request, config.limits.max_upload_bytes,
+                                   idle_timeout_s=config.limits.body_timeout_s)
     else:
-        body = await read_body(request, config.limits.max_body_bytes)
+        body = await read_body(request, config.limits.max_body_bytes,
+                               idle_timeout_s=config.limits.body_timeout_s)
         payload = parse_payload(body) if request.method in ("POST", "PUT", "PATCH") else None
-    return UpstreamCall(method=request.method, path_qs=request.raw_path[len("/v1"):],
+    return UpstreamCall(method=request.method, path_qs=path_qs,
                         headers=headers, billing=billing, body=body or None, payload=payload,
                         upload=upload, alias=None,
                         accept_encoding=request.headers.get("Accept-Encoding", ""))
@@ -230,7 +276,7 @@ def _model_entry(alias: str, created: int) -> dict[str, Any]:
 async def handle_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every alias this skyroute routes, in OpenAI's list shape."""
     runtime = request.app[SERVING].runtime
-    authenticate(request, runtime.config)
+    authenticate(request, runtime)
     created = int(runtime.loaded_at)
     data = [_model_entry(alias, created) for alias in runtime.router.models]
     return web.json_response({"object": "list", "data": data})
@@ -239,7 +285,7 @@ async def handle_models(request: web.Request) -> web.Response:
 async def handle_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}``: one alias, or 404 naming it."""
     runtime = request.app[SERVING].runtime
-    authenticate(request, runtime.config)
+    authenticate(request, runtime)
     alias = request.match_info["model"]
     if runtime.router.route_for(alias) is None:
         raise ModelNotFound(f"The model '{alias}' does not exist on this skyroute", param="model")

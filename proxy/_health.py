@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -25,10 +26,13 @@ from skyroute.routing import (
     Router,
     TrafficShare,
     UpstreamState,
+    Withdraw,
     gossip_decisions,
 )
 from skyroute.statesync import SessionStore
 
+from ._auth import is_admin
+from ._cache import CACHE
 from ._metrics import Metrics
 from ._state import CLOCK, METRICS, SERVING, STATE_SYNC, TRAFFIC
 from ._tasks import running
@@ -83,13 +87,18 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
     """Set every upstream's state/estimate gauges and every route's level gauge.
 
     Levels also change with time alone (a cool-down ending), so level changes
-    are reported here too.
+    are reported here too. Every configured upstream's TTFB histogram series
+    exists from the start, at zero: a series born with its first requests would
+    lose them to Prometheus's ``rate()``.
     """
     for name, entry in router.snapshot(now=now).items():
         _set_state_gauges(metrics, name, entry["state"])
-        if "latency_ms" in entry:
-            metrics.latency_estimate.labels(name, entry["latency_source"]).set(
-                entry["latency_ms"] / 1000)
+    metrics.latency_estimate.clear()  # a source that went stale leaves no old value behind
+    for name, estimates in router.exported_estimates(now=now).items():
+        for source, seconds in estimates.items():
+            metrics.latency_estimate.labels(name, source).set(seconds)
+    for upstream in router.config.upstreams:
+        metrics.ttfb.labels(upstream.name, upstream.region)
     report_level_changes(router, metrics, now=now)
     for model, level in router.route_levels(now=now).items():
         metrics.degradation_level.labels(model).set(LEVELS.index(level))
@@ -98,16 +107,21 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
 def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthChange | None]:
     """Share this instance's bad_key/down findings and take the other instances'.
 
-    ``routing.gossip_decisions`` decides; the store speaks wall-clock time and the router
-    the instance's clock, so findings and adopted reports cross as "seconds from now".
+    ``routing.gossip_decisions`` decides (a report about an upstream that has answered
+    here since is withdrawn, not taken); the store speaks wall-clock time and the router the
+    instance's clock, so findings and adopted reports cross as "seconds from now".
     """
     wall = time.time()
-    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"))
+    findings = {name: Finding(state=entry["state"], for_s=entry.get("until_s"),
+                              answering=router.health(name).is_answering())
                 for name, entry in router.snapshot(now=now).items()}
     changes = []
     for decision in gossip_decisions(findings, store.upstream_reports(now=wall), now=wall):
         if isinstance(decision, Publish):
             store.report_upstream(decision.upstream, decision.state, until=decision.until,
+                                  now=wall)
+        elif isinstance(decision, Withdraw):
+            store.report_upstream(decision.upstream, UpstreamState.HEALTHY, until=None,
                                   now=wall)
         else:
             changes.append(router.mark(decision.upstream, decision.state,
@@ -117,12 +131,16 @@ def gossip(router: Router, store: SessionStore, *, now: float) -> list[HealthCha
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """``GET /health``: the degradation level and every upstream's state, as JSON."""
+    """``GET /health``: the degradation level and every upstream's state, as JSON.
+
+    Anyone may read levels and states; reasons, URLs, addresses and the config
+    file's path only go to a caller with the admin key (``"view": "admin"``).
+    """
     runtime = request.app[SERVING].runtime
     router = runtime.router
     now = request.app[CLOCK]()
     minimal = router.minimal(now=now)
-    return web.json_response({
+    body = {
         "level": router.level(now=now),
         "routes": router.route_levels(now=now),
         "fallbacks": router.fallbacks(now=now),
@@ -134,7 +152,23 @@ async def handle_health(request: web.Request) -> web.Response:
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
         "upstreams": router.snapshot(now=now),
         "peers": request.app[STATE_SYNC].peer_states(),
-    })
+        "cache": request.app[CACHE].state(),
+    }
+    if is_admin(request, runtime.config.admin_key):
+        return web.json_response({"view": "admin", **body})
+    return web.json_response({"view": "public", **public_health(body)})
+
+
+def public_health(body: dict[str, Any]) -> dict[str, Any]:
+    """``/health`` for anyone: levels and states, no reasons, URLs or addresses."""
+    upstreams = {}
+    for name, entry in body["upstreams"].items():
+        entry = {k: v for k, v in entry.items() if k != "last_change"}
+        if "endpoints" in entry:  # keyed by URL: keep the order, drop the addresses
+            entry["endpoints"] = list(entry["endpoints"].values())
+        upstreams[name] = entry
+    return {**body, "config": {"loaded_at": body["config"]["loaded_at"]},
+            "upstreams": upstreams, "peers": sorted(body["peers"].values())}
 
 
 async def health_ticker(app: web.Application) -> AsyncIterator[None]:
@@ -162,7 +196,7 @@ def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics
     """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
     routes = router.config.routes
     traffic.forget({route.model for route in routes})
-    metrics.routing_share.clear()  # drops routes and targets a reload removed
+    metrics.clear_routing_share()  # drops routes and targets a reload removed
     for route in routes:
         shares = traffic.share(route.model, now=now)
         for name in route.targets:

@@ -2,8 +2,9 @@
 
 Each request binds ``request_id`` into structlog's context variables, so every
 line logged while serving it carries the id without passing it around. Keys and
-request bodies are never logged. Every event has a stable snake_case name with the
-values as fields; README.md ("Log events") lists them all.
+request bodies are never logged, and anything that looks like a key is redacted
+(``proxy._redact``). Every event has a stable snake_case name with the values as
+fields; README.md ("Log events") lists them all.
 
 Libraries log through the standard ``logging`` module; those records are passed on
 to structlog, so they come out in the same format and never break a JSON log.
@@ -15,12 +16,19 @@ escaped reason, and the bytes are dropped.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
 import re
 import sys
+import threading
+from typing import TextIO
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
+
+from ._redact import redact_processor
 
 #: Longest reason taken from a parse error: enough for the parser's description.
 _REASON_CHARS = 80
@@ -30,7 +38,8 @@ _MESSAGE_CHARS = 2000
 _CLIENT_BYTES_START = re.compile(r"[:'\"]")
 
 
-def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
+def configure_logging(*, level: str = "info", json: bool | None = None,
+                      pid: bool = False) -> bool:
     """Set up structlog, and the standard library's logging, for the process.
 
     Call once, at start-up.
@@ -38,6 +47,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
     Args:
         level: minimum level name (debug, info, warning, error).
         json: force JSON (True) or console (False) output; default: console on a TTY.
+        pid: add the process id to every line (a ``--workers`` worker: which one served).
 
     Returns:
         Whether the output is JSON.
@@ -49,14 +59,16 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_add_pid(os.getpid())] if pid else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_processor,  # last before rendering: tracebacks are redacted too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=BatchedLines(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
@@ -68,6 +80,69 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> bool:
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)
     return json
+
+
+#: Writes up to this size are atomic on a pipe: lines of ``--workers`` processes that
+#: share stderr never interleave.
+PIPE_BUF = 4096
+
+
+class BatchedLines:
+    """A text file stand-in: the lines logged in one event-loop iteration, one write.
+
+    A write waits only for the end of the loop iteration it happens in (``call_soon``),
+    so a quiet server's line comes out at once, and a busy one's lines go out together,
+    one system call per iteration instead of one per line. Lines written outside an
+    event loop (start-up, worker threads, exit), a batch reaching ``PIPE_BUF``, and
+    whatever is pending at interpreter exit are written at once: no line is dropped.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        self._lock = threading.Lock()
+        atexit.register(self.write_out)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            if self._size < PIPE_BUF and self._schedule():
+                return
+        self.write_out()
+
+    def _schedule(self) -> bool:
+        """Flush at the end of this loop iteration; False outside a running loop."""
+        if self._scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(self.write_out)
+        self._scheduled = True
+        return True
+
+    def flush(self) -> None:
+        """Nothing: structlog's logger flushes after every line; the batch goes out in
+        ``write_out`` at the end of the loop iteration."""
+
+    def write_out(self) -> None:
+        """Write every pending line now."""
+        with self._lock:
+            self._scheduled = False
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except (OSError, ValueError):  # stderr closed (a client that went away, exit)
+            pass
 
 
 class StdlibBridge(logging.Handler):
@@ -92,6 +167,15 @@ class StdlibBridge(logging.Handler):
             getattr(log, _method(record.levelno))("library_logged", **fields)
         except Exception:
             self.handleError(record)
+
+
+def _add_pid(pid: int) -> structlog.typing.Processor:
+    def add(logger: object, method: str, event: structlog.typing.EventDict
+            ) -> structlog.typing.EventDict:
+        event["pid"] = pid
+        return event
+
+    return add
 
 
 def _method(levelno: int) -> str:

@@ -8,7 +8,9 @@ routing decisions are made.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import (
@@ -20,8 +22,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from skyroute.routing import EndpointView
+
+M = TypeVar("M", Counter, Histogram)
 
 #: Pool upstream name -> its endpoints as routing sees them now.
 PoolViews = Callable[[], Mapping[str, Sequence[EndpointView]]]
@@ -31,21 +36,52 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0
                    0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+class Children(Generic[M]):
+    """A labelled metric whose children are kept by their label values.
+
+    prometheus_client's ``labels()`` checks and converts every value and takes a lock
+    on each call; on the per-request path (requests, attempts, time to first byte,
+    latency) the child is looked up in a dict instead, made once per label values
+    (names from the routing file and status codes: a small, closed set). Only for
+    metrics that are never cleared, or the dict would keep children no longer exported.
+    """
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        """The child for ``values`` (positional, in the metric's label order)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 class Metrics:
     """Every metric the data plane reports, registered on one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, instance: str) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # Set by the ``--workers`` supervisor: every worker's values live in files
+        # there (prometheus_client's multiprocess mode), and a scrape sums them all.
+        self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._scrape_collectors: list[Collector] = []
         info = Gauge("skyroute_instance_info", "This skyroute instance (value is always 1).",
-                     ["instance_id"], registry=r)
+                     ["instance_id"], multiprocess_mode="livemax", registry=r)
         info.labels(instance).set(1)
-        self.requests = Counter(
+        self.requests = Children(Counter(
             "skyroute_requests", "Client requests by route, serving upstream and status.",
-            ["route", "upstream", "status"], registry=r)
-        self.attempts = Counter(
+            ["route", "upstream", "status"], registry=r))
+        self.attempts = Children(Counter(
             "skyroute_attempts", "Upstream attempts by upstream and outcome.",
-            ["upstream", "outcome"], registry=r)
+            ["upstream", "outcome"], registry=r))
         self.failovers = Counter(
             "skyroute_failovers", "Requests that moved on to another upstream after a failure.",
             ["route"], registry=r)
@@ -57,15 +93,24 @@ class Metrics:
             "Streams cut part-way on a route with resume: on, by result: resumed (the "
             "client got one whole answer) or cut (no upstream could continue it).",
             ["route", "result"], registry=r)
-        self.ttfb = Histogram(
+        self.ttfb = Children(Histogram(
             "skyroute_upstream_ttfb_seconds",
             "Upstream time to first content byte (keep-alives excluded).",
-            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram(
+            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r))
+        self.latency = Children(Histogram(
             "skyroute_upstream_latency_seconds", "Upstream total time of successful attempts.",
-            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r)
+            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r))
         self.in_flight = Gauge(
-            "skyroute_in_flight_requests", "Client requests being served now.", registry=r)
+            "skyroute_in_flight_requests", "Client requests being served now.",
+            multiprocess_mode="livesum", registry=r)
+        self.client_connections = Gauge(
+            "skyroute_client_connections", "Client connections open now.",
+            multiprocess_mode="livesum", registry=r)
+        self.client_connections_closed = Counter(
+            "skyroute_client_connections_closed",
+            "Client connections closed by skyroute's limits, by reason: head_timeout, "
+            "keepalive_timeout, send_timeout, evicted (room made at max_client_connections) or "
+            "refused (at the cap with every connection busy).", ["reason"], registry=r)
         self.config_reloads = Counter(
             "skyroute_config_reloads", "Routing file reloads by result (success or error).",
             ["result"], registry=r)
@@ -73,21 +118,34 @@ class Metrics:
             "skyroute_retry_budget_exhausted",
             "Requests given up because the route's retry budget was spent.", ["route"],
             registry=r)
+        self.retries_paid = Counter(
+            "skyroute_retries_paid",
+            "Retries paid from the route's retry budget: back to upstreams already failing "
+            "(failover to an untried healthy upstream is free and not counted here).",
+            ["route"], registry=r)
+        self.panic_attempts = Counter(
+            "skyroute_panic_attempts",
+            "Attempts the panic rule made: an upstream tried although it is out, because "
+            "nothing else of the route could take the request.", ["route", "upstream"],
+            registry=r)
         self.upstream_state = Gauge(
             "skyroute_upstream_state",
             "1 for each upstream's current state (healthy, slow, open, bad_key, down).",
-            ["upstream", "state"], registry=r)
+            ["upstream", "state"], multiprocess_mode="livemostrecent", registry=r)
         self.health_changes = Counter(
             "skyroute_upstream_state_changes", "Upstream state changes, by new state.",
             ["upstream", "state"], registry=r)
         self.degradation_level = Gauge(
             "skyroute_degradation_level",
             "Per route: 0 normal, 1 reduced, 2 fallback, 3 minimal, 4 unavailable.",
-            ["route"], registry=r)
+            ["route"], multiprocess_mode="livemostrecent", registry=r)
         self.latency_estimate = Gauge(
             "skyroute_upstream_latency_estimate_seconds",
-            "The latency estimate routing uses, by upstream and source.",
-            ["upstream", "source"], registry=r)
+            "Latency estimates per upstream, by source: passive (this instance's own p95 "
+            "time to first token, kept for 10 passive windows after its traffic there "
+            "stops; the default latency query takes the max over instances) and prometheus "
+            "(what that query returned, while fresh). /health says which one routing uses.",
+            ["upstream", "source"], multiprocess_mode="livemostrecent", registry=r)
         self.object_affinity = Counter(
             "skyroute_object_affinity",
             "Stateful objects (files, batches, responses, ...): remembered (an upstream "
@@ -106,7 +164,7 @@ class Metrics:
         self.minimal_mode = Gauge(
             "skyroute_minimal_mode",
             "1 while the instance is in minimal mode (too few upstreams available), else 0.",
-            registry=r)
+            multiprocess_mode="livemax", registry=r)
         self.fallback_served = Counter(
             "skyroute_fallback_served",
             "Requests for a route answered by its fallback_model's route.",
@@ -123,14 +181,14 @@ class Metrics:
         self.routing_share = Gauge(
             "skyroute_routing_share",
             "Share (0..1) of each route's recent requests served by each upstream.",
-            ["route", "upstream"], registry=r)
+            ["route", "upstream"], multiprocess_mode="livemostrecent", registry=r)
         # Registered only while a latency Prometheus is configured (see set_prometheus_up):
         # a constant 0 on instances that use none would fire SkyrouteLatencySourceDown.
         self.prometheus_up = Gauge(
             "skyroute_prometheus_source_up",
             "1 while the latency Prometheus answers queries, 0 while it does not "
             "(routing then uses passive latency); absent when none is configured.",
-            registry=None)
+            multiprocess_mode="livemostrecent", registry=None)
         self._prometheus_up_registered = False
         self.prometheus_queries = Counter(
             "skyroute_prometheus_queries",
@@ -151,7 +209,22 @@ class Metrics:
         """
         collector = _PoolCollector(views)
         self.registry.register(collector)
-        return lambda: self.registry.unregister(collector)
+        self._scrape_collectors.append(collector)
+
+        def stop() -> None:
+            self.registry.unregister(collector)
+            self._scrape_collectors.remove(collector)
+
+        return stop
+
+    def clear_routing_share(self) -> None:
+        """Drop every ``skyroute_routing_share`` series (they are set again at once).
+
+        prometheus_client cannot drop series in multiprocess mode (``--workers``):
+        there, series of routes a reload removed stay until the workers restart.
+        """
+        if self._multiprocess_dir is None:
+            self.routing_share.clear()
 
     def set_prometheus_up(self, up: bool | None) -> None:
         """Set ``skyroute_prometheus_source_up``; None removes it (no source configured)."""
@@ -166,8 +239,15 @@ class Metrics:
         self.prometheus_up.set(1 if up else 0)
 
     def render(self) -> web.Response:
-        """The ``/metrics`` response."""
-        resp = web.Response(body=generate_latest(self.registry))
+        """The ``/metrics`` response (every worker's, under ``--workers``)."""
+        registry = self.registry
+        if self._multiprocess_dir is not None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)
+            # Read at scrape time from this worker's router: this worker's view.
+            for collector in self._scrape_collectors:
+                registry.register(collector)
+        resp = web.Response(body=generate_latest(registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 

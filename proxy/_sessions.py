@@ -34,6 +34,7 @@ from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
 from ._errors import RateLimitExceeded
 from ._metrics import Metrics
+from ._workers import WorkerSpec
 
 log = structlog.get_logger("skyroute.limits")
 
@@ -41,12 +42,19 @@ _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
 def state_sync_for(config: Config, registry: CollectorRegistry, *,
-                   sleep: Sleep = asyncio.sleep) -> StateSync:
-    """The ``StateSync`` for ``config`` (shared if it has a ``sync`` section)."""
+                   sleep: Sleep = asyncio.sleep, worker: WorkerSpec | None = None) -> StateSync:
+    """The ``StateSync`` for ``config`` (shared if it has a ``sync`` section).
+
+    A ``--workers`` worker is also a peer of its sibling workers (``worker``), with the
+    supervisor's token (the file's ``sync.token``, or a generated one).
+    """
     sync = config.sync
+    token = worker.token if worker else sync.token if sync else None
+    peers = (*(sync.peers if sync else ()), *(worker.peers if worker else ()))
     settings = SyncSettings(
-        instance_id=config.instance_id, token=sync.token if sync else None,
-        peers=tuple(sync.peers) if sync else (), discovery=sync.discovery if sync else None,
+        instance_id=worker.sync_instance_id(config.instance_id) if worker
+        else config.instance_id, token=token,
+        peers=peers, discovery=sync.discovery if sync else None,
         discovery_interval_s=sync.discovery_interval_s if sync else 10.0,
         session_ttl_s=config.sessions.ttl_s,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,

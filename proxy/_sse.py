@@ -15,6 +15,10 @@ never resumable (its events carry sequence numbers and item ids of one upstream)
 The stream of a resumed attempt goes through ``continue_with``, which rewrites its
 events to carry the original ``id``/``created``/``model`` and drops its role-only
 opening chunk, so the client reads one stream.
+
+Upstream bytes are not trusted: a data line that is not JSON, a ``null`` choice, a
+``delta`` that is a string, deep nesting: each is skipped as "not a chunk we read"
+and never raises, so a relayed stream can only end as the upstream ended it.
 """
 
 from __future__ import annotations
@@ -98,17 +102,17 @@ class StreamTranscript:
             return _DONE
         try:
             chunk = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
         return chunk if isinstance(chunk, dict) else None
 
     @staticmethod
     def _opens_only(chunk: dict[str, Any]) -> bool:
         """A chunk that only says ``role: assistant`` (how every stream opens)."""
-        choices = chunk.get("choices") or []
+        choices = _choices(chunk)
         return bool(choices) and not chunk.get("usage") and all(
-            not c.get("finish_reason") and not (c.get("delta") or {}).get("content")
-            and set(c.get("delta") or {}) <= {"role", "content"} for c in choices)
+            not c.get("finish_reason") and not _delta(c).get("content")
+            and set(_delta(c)) <= {"role", "content"} for c in choices)
 
     def _take(self, chunk: dict[str, Any]) -> None:
         kind = chunk.get("type")
@@ -120,10 +124,13 @@ class StreamTranscript:
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
             self.usage_tokens += usage["total_tokens"]
-        for choice in chunk.get("choices") or []:
+        raw_choices = chunk.get("choices")
+        if raw_choices is not None and not isinstance(raw_choices, list):
+            self.text_only = False  # not OpenAI's shape: nothing to continue from
+        for choice in _choices(chunk):
             if choice.get("index", 0) != 0:
                 self.text_only = False
-            delta = choice.get("delta") or {}
+            delta = _delta(choice)
             if delta.get("tool_calls") or delta.get("function_call"):
                 self.text_only = False
             content = delta.get("content") if "delta" in choice else choice.get("text")
@@ -145,3 +152,15 @@ class StreamTranscript:
             self.usage_tokens = usage["total_tokens"]  # the terminal event's, once
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             self.finished = True
+
+def _choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunk's choices that are objects (an upstream may send ``null`` or junk)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [c for c in choices if isinstance(c, dict)]
+
+
+def _delta(choice: dict[str, Any]) -> dict[str, Any]:
+    delta = choice.get("delta")
+    return delta if isinstance(delta, dict) else {}

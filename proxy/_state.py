@@ -12,8 +12,11 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 from skyroute.statesync import StateSync
 
+from ._client_keys import ClientKeys
 from ._connections import UpstreamSessions
 from ._metrics import Metrics
+from ._redact import config_secrets, register_secrets
+from ._slots import ClientConcurrency, UpstreamSlots
 
 #: Seconds on a monotonic scale: the time every routing decision and latency sample is
 #: taken at. ``time.monotonic`` in service; a test passes its own clock to drive time.
@@ -31,6 +34,12 @@ class Runtime:
     config: Config
     router: Router
     loaded_at: float = field(default_factory=time.time)
+    #: The client keys by digest (None: auth is off), built once per config.
+    client_keys: ClientKeys | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = self.config.api_keys
+        self.client_keys = ClientKeys(keys) if keys is not None else None
 
 
 @dataclass(slots=True)
@@ -46,6 +55,7 @@ class Serving:
 
         The router is shared, so upstream health survives the reload.
         """
+        register_secrets(config_secrets(config))
         self.runtime.router.update(config)
         self.runtime = Runtime(config=config, router=self.runtime.router)
 
@@ -64,6 +74,19 @@ class RequestSummary:
     upstream_request_id: str | None = None  # the upstream's x-request-id, for support tickets
     stream_head: bytes | None = None  # a stream's first bytes (a Responses stream's id)
 
+    def set_fields(self) -> dict[str, str]:
+        """The access log's optional fields that are set (one dict, built once)."""
+        fields = {}
+        if self.cut:
+            fields["cut"] = self.cut
+        if self.fallback:
+            fields["fallback"] = self.fallback
+        if self.endpoint:
+            fields["endpoint"] = self.endpoint
+        if self.upstream_request_id:
+            fields["upstream_request_id"] = self.upstream_request_id
+        return fields
+
 
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", Metrics)
@@ -72,11 +95,15 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM_SESSIONS = web.AppKey("upstream_sessions", UpstreamSessions)
 STATE_SYNC = web.AppKey("state_sync", StateSync)
 TRAFFIC = web.AppKey("traffic_share", TrafficShare)
+UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
+CLIENT_CONCURRENCY = web.AppKey("client_concurrency", ClientConcurrency)
 #: What the attempt loop waits out a backoff delay through (``asyncio.sleep``).
 SLEEP: web.AppKey[Sleep] = web.AppKey("sleep")
 #: What routing reads the time from (``time.monotonic``).
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
+#: Where a streamed answer's relayed bytes are also appended, for the response cache.
+STREAM_TAP = web.RequestKey("stream_tap", list)
 #: OpenAI's x-ratelimit-* headers for the client key's own limits, on every answer.
 RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)

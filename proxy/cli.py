@@ -11,8 +11,10 @@ JSON); a traceback is shown only with ``--log-level debug``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Sequence
@@ -25,6 +27,15 @@ from skyroute.routing import Config, ConfigError, ConfigProblem
 from ._config_file import load_config
 from ._logging import configure_logging
 from ._startup import StartupError
+from ._workers import (
+    Supervisor,
+    WorkerSpec,
+    auto_workers,
+    check_workers,
+    raise_if_unusable,
+    stop_when_supervisor_exits,
+    worker_started,
+)
 
 #: Exit status when skyroute could not start or the routing file is invalid.
 EXIT_FAILED = 1
@@ -72,6 +83,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _workers(text: str) -> int | None:
+    try:
+        return check_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="skyroute",
@@ -87,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
                      default=float(os.environ.get("SKYROUTE_SHUTDOWN_GRACE_SECONDS", "30")),
                      help="seconds requests in flight get to finish on SIGTERM "
                           "(env SKYROUTE_SHUTDOWN_GRACE_SECONDS; default 30)")
+    run.add_argument("--workers", type=_workers, default="auto", metavar="N",
+                     help="worker processes sharing the port (SO_REUSEPORT) under one "
+                          "supervisor, peered over state sync; auto (default): one per "
+                          "core this process may use; 1: no supervisor")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
     commands.add_parser("schema", help="print the routing file's JSON Schema (for editors)")
@@ -120,8 +142,10 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skyroute`` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    args.worker = WorkerSpec.pop_from_env() if args.command == "run" else None
     json_logs = None if args.log_format is None else args.log_format == "json"
-    json_logs = configure_logging(level=args.log_level, json=json_logs)
+    json_logs = configure_logging(level=args.log_level, json=json_logs,
+                                  pid=args.worker is not None)
     # Serving commands keep a JSON log JSON to its last line; the others print plain text.
     json_logs = json_logs and args.command in SERVING_COMMANDS
     debug = args.log_level == "debug"
@@ -198,17 +222,52 @@ def _schema() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ._app import build_app
     from ._server import Server, run_event_loop, serve_forever
 
     config = _load(args.config)
+    workers = args.workers if args.workers is not None else auto_workers()
+    if workers > 1 and args.worker is None:
+        return _supervise(args, config, workers)
+    spec: WorkerSpec | None = args.worker
 
     async def main() -> None:
-        server = Server(config, config_path=args.config, host=args.host, port=args.port,
-                        grace_s=args.grace)
-        await serve_forever(server)
+        if spec is None:
+            server = Server(config, config_path=args.config, host=args.host, port=args.port,
+                            grace_s=args.grace)
+            await serve_forever(server)
+            return
+        app = build_app(config, config_path=args.config, worker=spec)
+        server = Server(config, app=app, host=args.host, port=args.port, grace_s=args.grace,
+                        reuse_port=True, also_on=[socket.socket(fileno=spec.sync_fd)])
+        stop = asyncio.Event()
+        stop_when_supervisor_exits(spec, stop, grace_s=args.grace)
+        await serve_forever(server, stop=stop, on_started=lambda: worker_started(spec))
 
     run_event_loop(main())
     return 0
+
+
+def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
+    from ._server import run_event_loop
+
+    raise_if_unusable(workers)
+    log_options = ["--log-level", args.log_level]
+    if args.log_format is not None:
+        log_options += ["--log-format", args.log_format]
+    supervisor = Supervisor(
+        config=config, config_path=args.config, workers=workers,
+        host=args.host if args.host is not None else config.listen.host,
+        port=args.port if args.port is not None else config.listen.port,
+        grace_s=args.grace, log_options=log_options)
+    status = 0
+
+    async def main() -> None:
+        nonlocal status
+        status = await supervisor.run()
+
+    run_event_loop(main())
+    return status
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -5,7 +5,19 @@ with ``now`` and carries out the decisions it returns.
 """
 
 from ._affinity import Pin, Touch, affinity_after
+from ._approximate import ApproximateIndex, ApproximateQuery, approximate_query
 from ._backoff import Jitter, Sleep, backoff_delays
+from ._cache import (
+    CACHE_PATHS,
+    CacheDirectives,
+    CacheLookup,
+    Freshness,
+    NotCacheable,
+    cache_directives,
+    cache_lookup,
+    freshness,
+    is_storable,
+)
 from ._degradation import (
     LEVELS,
     Level,
@@ -16,10 +28,11 @@ from ._degradation import (
     capped_payload,
 )
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
-from ._gossip import GOSSIPED, Adopt, Finding, Publish, gossip_decisions
+from ._gossip import GOSSIPED, Adopt, Finding, Publish, Withdraw, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
-from ._policies import Strategy
+from ._plan import AttemptPlan
+from ._policies import CacheMode, CachePolicy, CacheScope, Strategy
 from ._pool import (
     DEFAULT_METRIC_NAMES,
     EndpointPicker,
@@ -29,7 +42,7 @@ from ._pool import (
     parse_server_load,
 )
 from ._pool_set import EndpointChange
-from ._router import AttemptPlan, Router
+from ._router import Router
 from ._router_types import (
     RETRYABLE,
     AttemptOutcome,
@@ -65,6 +78,7 @@ from .config import (
 )
 
 __all__ = [
+    "CACHE_PATHS",
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
     "GOSSIPED",
@@ -76,9 +90,16 @@ __all__ = [
     "Admit",
     "Adopt",
     "ApiKey",
+    "ApproximateIndex",
+    "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
     "BreakerPolicy",
+    "CacheDirectives",
+    "CacheLookup",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -89,6 +110,7 @@ __all__ = [
     "EndpointView",
     "Estimate",
     "Finding",
+    "Freshness",
     "GiveUp",
     "HealthChange",
     "Jitter",
@@ -100,6 +122,7 @@ __all__ = [
     "Limits",
     "Listen",
     "MinimalTrigger",
+    "NotCacheable",
     "ObjectPolicy",
     "Pin",
     "PoolMetricNames",
@@ -129,13 +152,19 @@ __all__ = [
     "UpstreamHealth",
     "UpstreamState",
     "UsageSlice",
+    "Withdraw",
     "affinity_after",
+    "approximate_query",
     "backoff_delays",
+    "cache_directives",
+    "cache_lookup",
     "capped_payload",
     "check_rate",
     "classify_status",
+    "freshness",
     "gossip_decisions",
     "is_resumable",
+    "is_storable",
     "parse_config",
     "parse_duration",
     "parse_server_load",

@@ -4,12 +4,13 @@ Rules / Theory of operation
 ---------------------------
 States (``BreakerState``) and the events that move between them::
 
-    CLOSED    --TRIPPED------> OPEN        too many failures (see triggers)
-    CLOSED    --FORCED-------> OPEN        trip(): Retry-After, 401/402 bad key
-    OPEN      --COOLED_DOWN--> HALF_OPEN   first allows() at/after open_until
-    HALF_OPEN --PROBE_OK-----> CLOSED      a probe succeeded
-    HALF_OPEN --PROBE_FAILED-> OPEN        a probe failed; longer cool-down
-    HALF_OPEN --FORCED-------> OPEN
+    CLOSED    --TRIPPED--------> OPEN        too many failures (see triggers)
+    CLOSED    --FORCED---------> OPEN        trip(): Retry-After, 401/402 bad key
+    OPEN      --COOLED_DOWN----> HALF_OPEN   first allows() at/after open_until
+    OPEN      --PANIC_PROBE_OK-> CLOSED      a panic probe succeeded (see below)
+    HALF_OPEN --PROBE_OK-------> CLOSED      a probe succeeded
+    HALF_OPEN --PROBE_FAILED---> OPEN        a probe failed; longer cool-down
+    HALF_OPEN --FORCED---------> OPEN
 
 Anything else is not in ``_TRANSITIONS``; asking for it raises
 ``RoutingStateError`` and changes nothing.
@@ -20,11 +21,15 @@ Triggers (checked on every ``record`` while CLOSED):
     of which a share >= ``failure_rate`` failed.
 
 Cool-down: trip number ``k`` in a streak keeps the breaker OPEN for
-``min(max_cooldown_s, base_cooldown_s * 2**(k-1))``. ``trips`` is that streak.
-It is *not* reset the moment a probe succeeds: an upstream that flaps (closes,
-then fails again at once) would otherwise be retried at the base cool-down
-forever. Instead the streak is forgotten once the breaker has stayed CLOSED
-for ``quiet_s`` seconds. ``total_trips`` counts every trip, for metrics.
+``min(max_cooldown_s, base_cooldown_s * 2**(k-1))``, so half-open probes come
+at a growing but capped interval. ``trips`` is that streak. It is *not* reset
+the moment a probe succeeds: an upstream that flaps (closes, then fails again
+at once) would otherwise be retried at the base cool-down forever. Instead the
+streak is forgotten once the breaker has stayed CLOSED for ``quiet_s``
+seconds. A trip with an explicit ``until`` (the upstream's own Retry-After)
+keeps the breaker open until then and does not lengthen the streak: the
+upstream said when to come back, which is no sign of sickness. ``total_trips``
+counts every trip, for metrics.
 
 Probes: in HALF_OPEN, ``allows`` reserves one of ``half_open_probes`` slots
 and answers ``True``; when the slots are full it answers ``False``. The
@@ -33,9 +38,17 @@ probe's) or by ``abandon_probe`` (client went away: no verdict). A slot that
 hears nothing for ``probe_timeout_s`` is freed by itself so a lost probe can
 never wedge the breaker.
 
+Panic probes (the router's panic rule: a route never has every upstream
+ejected): ``allows(panic=True)`` on an OPEN breaker reserves a probe slot
+before the cool-down has passed, without changing state. A success closes the
+breaker at once (requests are being served, so the breaker says so); a failure
+only frees the slot: the cool-down and the streak stay as they were, since
+panic probes come with the traffic and not on the breaker's schedule.
+
 Late outcomes: a request admitted while CLOSED may finish after the breaker
-opened. Its outcome is ignored while OPEN, and while HALF_OPEN with no probe
-out, so it can neither lengthen a cool-down nor close the breaker.
+opened. Its outcome is ignored while OPEN with no panic probe out, and while
+HALF_OPEN with no probe out, so it can neither lengthen a cool-down nor close
+the breaker. (With a probe out, the next outcome is taken to be the probe's.)
 
 Every state change is returned as a ``BreakerTransition`` value from the call
 that caused it (``allows``, ``record`` or ``trip``), for the caller to log and
@@ -80,6 +93,7 @@ class _Event(enum.Enum):
     TRIPPED = "tripped"
     FORCED = "forced"
     COOLED_DOWN = "cooled_down"
+    PANIC_PROBE_OK = "panic_probe_ok"
     PROBE_OK = "probe_ok"
     PROBE_FAILED = "probe_failed"
 
@@ -88,6 +102,7 @@ _TRANSITIONS: dict[tuple[BreakerState, _Event], BreakerState] = {
     (BreakerState.CLOSED, _Event.TRIPPED): BreakerState.OPEN,
     (BreakerState.CLOSED, _Event.FORCED): BreakerState.OPEN,
     (BreakerState.OPEN, _Event.COOLED_DOWN): BreakerState.HALF_OPEN,
+    (BreakerState.OPEN, _Event.PANIC_PROBE_OK): BreakerState.CLOSED,
     (BreakerState.HALF_OPEN, _Event.PROBE_OK): BreakerState.CLOSED,
     (BreakerState.HALF_OPEN, _Event.PROBE_FAILED): BreakerState.OPEN,
     (BreakerState.HALF_OPEN, _Event.FORCED): BreakerState.OPEN,
@@ -96,6 +111,9 @@ _TRANSITIONS: dict[tuple[BreakerState, _Event], BreakerState] = {
 # Longer than any sane first-token deadline plus a full stream: a probe that
 # has said nothing for this long was lost (cancelled, crashed task).
 DEFAULT_PROBE_TIMEOUT_S = 120.0
+# An upstream back after a short outage must be probed within seconds, and a
+# long outage costs one probe per half minute per instance: cheap either way.
+DEFAULT_MAX_COOLDOWN_S = 30.0
 
 _SUCCESSES = 0
 _FAILURES = 1
@@ -131,6 +149,7 @@ class Admission:
 
 _DENIED = Admission(allowed=False)
 _ADMITTED = Admission(allowed=True)
+_PANIC_PROBE = Admission(allowed=True, probe=True)
 
 
 def _check_args(
@@ -191,7 +210,7 @@ class CircuitBreaker:
         min_requests: int = 10,
         window_s: float = 30.0,
         base_cooldown_s: float = 5.0,
-        max_cooldown_s: float = 300.0,
+        max_cooldown_s: float = DEFAULT_MAX_COOLDOWN_S,
         half_open_probes: int = 1,
         quiet_s: float = 60.0,
         probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
@@ -266,16 +285,27 @@ class CircuitBreaker:
         )
 
     def _cooldown(self) -> float:
-        exponent = min(self.trips - 1, 62)  # 2**62 s dwarfs any max_cooldown_s
+        exponent = min(max(self.trips, 1) - 1, 62)  # 2**62 s dwarfs any max_cooldown_s
         return min(self.max_cooldown_s, self.base_cooldown_s * 2.0**exponent)
 
     def _open(
         self, event: _Event, reason: str, now: float, until: float | None
     ) -> BreakerTransition:
-        self.trips += 1
         self.total_trips += 1
-        self.open_until = now + self._cooldown() if until is None else max(until, now)
+        if until is None:
+            self.trips += 1
+            self.open_until = now + self._cooldown()
+        else:  # the upstream said when: no sign of sickness, the streak stays
+            self.open_until = max(until, now)
         return self._move(event, reason, now)
+
+    def _reserve_probe(self, now: float) -> bool:
+        while self._probes and now - self._probes[0] >= self.probe_timeout_s:
+            self._probes.popleft()
+        if len(self._probes) >= self.half_open_probes:
+            return False
+        self._probes.append(now)
+        return True
 
     def _forget_old_trips(self, now: float) -> None:
         if (
@@ -304,7 +334,7 @@ class CircuitBreaker:
                 return BreakerState.HALF_OPEN
         return self._state
 
-    def allows(self, *, now: float) -> Admission:
+    def allows(self, *, now: float, panic: bool = False) -> Admission:
         """Ask whether a request may be sent to this target now.
 
         In HALF_OPEN a ``True`` answer reserves a probe slot: the caller must
@@ -312,6 +342,9 @@ class CircuitBreaker:
 
         Args:
             now: the current time in seconds.
+            panic: the route has no other upstream left (the router's panic
+                rule): an OPEN breaker still in its cool-down admits a panic
+                probe if a probe slot is free.
 
         Returns:
             An ``Admission``, truthy if the request may go. Its ``transition``
@@ -324,15 +357,16 @@ class CircuitBreaker:
         if self._state is BreakerState.OPEN:
             assert self.open_until is not None
             if now < self.open_until:
-                return _DENIED
+                return _PANIC_PROBE if panic and self._reserve_probe(now) else _DENIED
             reason = f"cool-down to {self.open_until:g} passed (trip {self.trips})"
             transition = self._move(_Event.COOLED_DOWN, reason, now)
-        while self._probes and now - self._probes[0] >= self.probe_timeout_s:
-            self._probes.popleft()
-        if len(self._probes) >= self.half_open_probes:
+        if not self._reserve_probe(now):
             return _DENIED
-        self._probes.append(now)
         return Admission(allowed=True, probe=True, transition=transition)
+
+    def has_probe_out(self) -> bool:
+        """Whether a probe (half-open or panic) holds a slot, waiting for its outcome."""
+        return bool(self._probes)
 
     def record(self, outcome: Outcome, *, now: float) -> BreakerTransition | None:
         """Report how a request to this target ended.
@@ -353,9 +387,13 @@ class CircuitBreaker:
         self._forget_old_trips(now)
         if self._state is BreakerState.CLOSED:
             return self._record_closed(outcome, now)
-        if self._state is BreakerState.OPEN or not self._probes:
+        if not self._probes:
             return None  # a late outcome from before the trip: no verdict
         self._probes.popleft()
+        if self._state is BreakerState.OPEN:  # a panic probe's outcome
+            if outcome is Outcome.SUCCESS:
+                return self._move(_Event.PANIC_PROBE_OK, "a panic probe succeeded", now)
+            return None  # the cool-down and the streak stay as they were
         if outcome is Outcome.SUCCESS:
             return self._move(_Event.PROBE_OK, "probe succeeded", now)
         return self._open(_Event.PROBE_FAILED, "probe failed", now, None)
@@ -389,7 +427,7 @@ class CircuitBreaker:
         Raises:
             RoutingStateError: if no probe slot is reserved; nothing changes.
         """
-        if self.state(now=now) is not BreakerState.HALF_OPEN or not self._probes:
+        if self._state is BreakerState.CLOSED or not self._probes:
             raise RoutingStateError(
                 f"breaker {self.target!r}: abandon_probe() called with no probe out"
             )
@@ -408,8 +446,8 @@ class CircuitBreaker:
 
         Returns:
             The transition to OPEN, or ``None`` if it was already OPEN (then
-            ``open_until`` is only ever pushed later, never earlier, and the
-            trip streak does not grow).
+            ``open_until`` is only ever pushed later, never earlier, the
+            trip streak does not grow, and a panic probe's slot is freed).
 
         Raises:
             ValueError: if ``until`` is not a finite number.
@@ -421,6 +459,8 @@ class CircuitBreaker:
             assert self.open_until is not None
             new_until = now + self._cooldown() if until is None else until
             self.open_until = max(self.open_until, new_until)
+            if self._probes:  # a panic probe was told to wait: its slot is free again
+                self._probes.popleft()
             return None
         return self._open(_Event.FORCED, reason, now, until)
 

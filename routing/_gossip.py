@@ -16,6 +16,11 @@ the load and the network path of each instance.
   is taken over for the time it has left, unless this instance already sees the
   upstream in that state. Reports in any other state (a foreign writer may store
   anything) are ignored.
+* **Withdraw**: a report about an upstream that has answered here since
+  (``Finding.answering``: its latest news here is an answer, after any failure and
+  after any peer's report, e.g. a panic try that got one) is out of date. It is
+  removed from the store rather than adopted, so a recovered upstream is not kept
+  out for the rest of the report's time, nor adopted again every round.
 
 Times: reports carry the store's clock (wall-clock seconds, the only clock
 instances share); ``now`` is that clock. What this instance knows comes in as
@@ -56,6 +61,9 @@ class Finding:
 
     state: UpstreamState
     for_s: float | None = None  # how long it expects the state to last; None: cannot tell
+    #: it answered here after its last failure here and after the last peer report taken
+    #: (``UpstreamHealth.is_answering``): a report about it is older than that answer.
+    answering: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,8 +85,18 @@ class Adopt:
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Withdraw:
+    """Remove the report about ``upstream`` from the store: it answered here since."""
+
+    upstream: str
+
+
+Decision = Publish | Adopt | Withdraw
+
+
 def gossip_decisions(findings: Mapping[str, Finding], reports: Mapping[str, Report], *,
-           now: float) -> list[Publish | Adopt]:
+                     now: float) -> list[Decision]:
     """What to publish and what to adopt, from this instance's findings and the reports.
 
     Args:
@@ -87,9 +105,10 @@ def gossip_decisions(findings: Mapping[str, Finding], reports: Mapping[str, Repo
         now: the store's clock (the clock of ``Report.until``).
 
     Returns:
-        ``Publish`` values first, then ``Adopt`` values, each at most once per upstream.
+        ``Publish`` values first, then ``Adopt`` or ``Withdraw`` values, at most one
+        decision per upstream.
     """
-    decisions: list[Publish | Adopt] = [
+    decisions: list[Decision] = [
         Publish(upstream=name, state=finding.state,
                 until=now + (finding.for_s if finding.for_s is not None else DEFAULT_REPORT_S))
         for name, finding in findings.items()
@@ -97,6 +116,9 @@ def gossip_decisions(findings: Mapping[str, Finding], reports: Mapping[str, Repo
     for name, report in reports.items():
         state = _gossiped(report.state)
         if name not in findings or state is None:
+            continue
+        if findings[name].answering:  # it answered here since: the report is out of date
+            decisions.append(Withdraw(upstream=name))
             continue
         left = report.until - now if report.until is not None else DEFAULT_REPORT_S
         if left > 0 and findings[name].state is not state:

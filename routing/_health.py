@@ -17,7 +17,15 @@ healthy    none of the above
 
 ``is_available`` is "may get a normal request now": not bad_key, not down, and
 the breaker's cool-down has passed (a half-open breaker admits a probe). Slow
-upstreams are available but ordered last by the router.
+upstreams are available but ordered last by the router. ``is_sound`` is
+stricter: available with a closed breaker, so a request that moves there after
+a failure elsewhere is failover, not a retry against a failing upstream.
+
+``admit`` takes a request for an available upstream. With ``panic`` (the
+router's panic rule: nothing else is left for the route) it also takes one for
+an upstream that is out: an open breaker admits it as a panic probe (one at a
+time), whose success closes the breaker, so that ``state`` says what requests
+see.
 
 Outcomes map to the breaker as: SUCCESS and CLIENT_ERROR (the upstream
 answered) are successes; BAD_KEY sets ``bad_key_until``; RATE_LIMITED and a
@@ -31,13 +39,11 @@ it and update metrics. Time is the ``now`` argument; nothing here reads a clock.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from dataclasses import dataclass
 from typing import final
 
 from ._breaker import BreakerState, CircuitBreaker, Outcome
-from ._errors import RoutingStateError
 from ._latency import LatencyTracker, SlowDetector, SlowState
 from ._router_types import AttemptOutcome, Result
 from .config import BreakerPolicy, LatencyPolicy, RetryPolicy
@@ -100,9 +106,13 @@ class UpstreamHealth:
                                  ramp_s=latency.ramp_s)
         self.bad_key_until: float | None = None
         self.down_until: float | None = None  # no answer at all, or a peer's report
-        self.estimate: Estimate | None = None
+        self.estimate: Estimate | None = None  # the one routing uses
         self.external: Estimate | None = None  # the latest Prometheus reading
+        self.passive: Estimate | None = None  # this instance's own, for the others to read
         self.outstanding = 0
+        self.last_failure_at: float | None = None  # of an attempt of this instance's
+        self.last_success_at: float | None = None  # of an attempt of this instance's
+        self.reported_at: float | None = None  # when a peer's report last marked it
         self.last_change: HealthChange | None = None
         self._last_state = UpstreamState.HEALTHY
 
@@ -135,26 +145,46 @@ class UpstreamHealth:
         """Traffic share from slowness: 0 while slow, ramping back after recovery."""
         return self.slow.share(now=now)
 
-    def admit(self, *, now: float) -> bool:
-        """Take one request (reserving a half-open probe slot if the breaker needs one)."""
-        admitted = bool(self.breaker.allows(now=now))
+    def is_sound(self, *, now: float) -> bool:
+        """True if available with a closed breaker: nothing says it is failing."""
+        return self.is_available(now=now) and \
+            self.breaker.state(now=now) is BreakerState.CLOSED
+
+    def admit(self, *, now: float, panic: bool = False) -> bool:
+        """Take one request (reserving a probe slot if the breaker needs one).
+
+        Args:
+            panic: the route has nothing else left: take it even though this
+                upstream is out (an open breaker admits one panic probe at a time).
+
+        Returns:
+            True if the request may go; the caller then records its outcome or cancels.
+        """
+        if not panic and self.state(now=now) in (UpstreamState.BAD_KEY, UpstreamState.DOWN):
+            return False
+        admitted = bool(self.breaker.allows(now=now, panic=panic))
         if admitted:
             self.outstanding += 1
         return admitted
 
-    def force_admit(self) -> None:
-        """Take a request regardless of state (the panic rule: never refuse a route)."""
-        self.outstanding += 1
-
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
-        self.outstanding = max(0, self.outstanding - 1)
         result = outcome.result
+        if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
+            self.cancel(now=now)
+            return None
+        self.outstanding = max(0, self.outstanding - 1)
         if result is Result.SUCCESS and outcome.ttfb_s is not None:
             self.latency.record(outcome.ttfb_s, now=now)
+        if result not in _BREAKER_SUCCESS:
+            self.last_failure_at = now
+        elif result is Result.SUCCESS:
+            self.last_success_at = now
         if result in _BREAKER_SUCCESS:
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None
+            if result is Result.SUCCESS:  # a panic try got an answer: the key works again
+                self.bad_key_until = None
         elif result is Result.BAD_KEY:
             self.bad_key_until = now + self._retry.bad_key_cooldown_s
         elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
@@ -171,9 +201,30 @@ class UpstreamHealth:
     def cancel(self, *, now: float) -> None:
         """An admitted request ended without an outcome (the client went away)."""
         self.outstanding = max(0, self.outstanding - 1)
-        if self.breaker.state(now=now) is BreakerState.HALF_OPEN:
-            with contextlib.suppress(RoutingStateError):  # no probe out: nothing to return
-                self.breaker.abandon_probe(now=now)
+        if self.breaker.has_probe_out():
+            self.breaker.abandon_probe(now=now)
+
+    def update_passive(self, *, now: float, hold_s: float) -> Estimate | None:
+        """Refresh ``passive``, this instance's own estimate, from its samples.
+
+        Args:
+            hold_s: how long the last estimate is kept once the window has no samples
+                (the upstream gets no traffic here), so other instances still read it.
+
+        Returns:
+            the new estimate while the window has samples, else None.
+        """
+        p95 = self.latency.p95(now=now)
+        if p95 is not None:
+            self.passive = Estimate(seconds=p95, source="passive", at=now)
+            return self.passive
+        if self.passive is not None and now - self.passive.at > hold_s:
+            self.passive = None
+        return None
+
+    def has_estimate(self) -> bool:
+        """Whether any latency is known: an estimate, or at least one sample of its own."""
+        return self.estimate is not None or self.latency.ewma is not None
 
     def feed_estimate(self, estimate: Estimate, *, now: float) -> HealthChange | None:
         """Feed a latency estimate (one per evaluation interval)."""
@@ -181,10 +232,19 @@ class UpstreamHealth:
         transition = self.slow.feed(estimate.seconds, source=estimate.source, now=now)
         return self._changed(now, transition.reason) if transition else None
 
+    def is_answering(self) -> bool:
+        """True if the latest news of it here is an answer: a success after any failure here
+        and after any peer's report. A bad_key or down report older than that is out of date.
+        """
+        bad_news = [t for t in (self.last_failure_at, self.reported_at) if t is not None]
+        return self.last_success_at is not None and self.last_success_at > max(
+            bad_news, default=float("-inf"))
+
     def mark(self, state: UpstreamState, *, until: float, reason: str,
              now: float) -> HealthChange | None:
         """Take an outside report (a peer found it down or its key bad); other states
         are not reported from outside and change nothing."""
+        self.reported_at = now
         if state is UpstreamState.BAD_KEY:
             self.bad_key_until = max(until, self.bad_key_until or 0.0)
         elif state is UpstreamState.DOWN:

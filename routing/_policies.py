@@ -15,7 +15,7 @@ import enum
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from ._pool import DEFAULT_METRIC_NAMES, PoolMetricNames
@@ -27,7 +27,9 @@ from ._values import (
     HttpUrl,
     Kind,
     Name,
+    RedisUrl,
     Share,
+    Size,
     Text,
     UrlPath,
     WsUrl,
@@ -39,6 +41,9 @@ __all__ = [
     "DEFAULT_PROMETHEUS_QUERY",
     "STALE_SCRAPES",
     "BreakerPolicy",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
     "DegradationPolicy",
     "FallbackLevel",
     "LatencyPolicy",
@@ -61,6 +66,101 @@ class Strategy(enum.StrEnum):
     PRIORITY = "priority"
     WEIGHTED = "weighted"
     LEAST_OUTSTANDING = "least-outstanding"
+
+
+class CacheMode(enum.StrEnum):
+    """Whether a route's answers are cached (``routes[].cache``)."""
+
+    OFF = "off"
+    #: Deterministic requests only (``temperature: 0`` or a ``seed``).
+    EXACT = "exact"
+    #: Every cacheable request, sampled ones too (the first answer is replayed).
+    ALWAYS = "always"
+    #: ``exact``, plus near-identical prompts answered from the cache under degradation.
+    APPROXIMATE = "approximate"
+
+
+def _cache_mode(value: object) -> object:
+    # YAML 1.1 reads a bare ``off`` as false; the user wrote ``off``.
+    return "off" if value is False else value
+
+
+#: ``routes[].cache``: off, exact, always or approximate (a bare YAML ``off`` included).
+CacheModeValue = Annotated[CacheMode, BeforeValidator(_cache_mode)]
+
+
+class CacheScope(enum.StrEnum):
+    """Who may be served an entry (``routes[].cache_scope``)."""
+
+    #: Only the client key that stored it: the key's name is part of the cache key.
+    KEY = "key"
+    #: Every client of the route.
+    SHARED = "shared"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class MemoryCache:
+    """The in-process level of the response cache."""
+
+    # A chat answer is a few KiB compressed: 256 MiB holds tens of thousands.
+    max_bytes: Size = Field(
+        default=256 * 1024 * 1024, gt=0,
+        description="Compressed bytes kept per instance; the least recently used go first.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class RedisCache:
+    """The shared level of the response cache: a Redis every instance names."""
+
+    url: RedisUrl = Field(
+        description="The Redis server, e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS).")
+    # A lookup on the same network answers in well under a millisecond; past a few ms
+    # Redis is slower than the miss it would save, and a request must not wait on it.
+    timeout_s: Duration = Field(
+        default=0.005, validation_alias="timeout", gt=0,
+        description="Longest wait for Redis on the request path; slower counts as down, and "
+                    "the request goes on without it.")
+    prefix: Name = Field(
+        default="skyroute:cache:",
+        description="Key prefix of the entries in Redis.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class ApproximateCache:
+    """Approximate matches (MinHash LSH) for routes with ``cache: approximate``."""
+
+    threshold: Share = Field(
+        default=0.9,
+        description="Least estimated Jaccard similarity of the last user message's word "
+                    "shingles for a near-identical prompt.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class CachePolicy:
+    """The response cache (used by routes with a ``cache`` mode other than off)."""
+
+    # The seed's figure: hot answers kept ten minutes.
+    ttl_s: Duration = Field(
+        default=600.0, validation_alias="ttl", gt=0,
+        description="How long an entry is served.")
+    stale_if_error_s: Duration = Field(
+        default=3600.0, validation_alias="stale_if_error",
+        description="When every upstream fails, an entry expired less than this long ago is "
+                    "served, marked stale; 0 turns it off.")
+    memory: MemoryCache = Field(
+        default_factory=MemoryCache,
+        description="The in-process level.")
+    redis: RedisCache | None = Field(
+        default=None,
+        description="The shared level; without it each instance caches on its own.")
+    # A burst of identical requests beyond this many waiters is not a cache workload.
+    max_waiters: Count = Field(
+        default=1000,
+        description="Identical requests that may wait for one in flight (coalescing); more go "
+                    "upstream on their own.")
+    approximate: ApproximateCache = Field(
+        default_factory=ApproximateCache,
+        description="Near-identical prompts, for routes with cache: approximate.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -117,7 +217,7 @@ class BreakerPolicy:
         default=5.0, validation_alias="cooldown", gt=0,
         description="How long an open breaker stays open; doubles on each repeated trip.")
     max_cooldown_s: Duration = Field(
-        default=300.0, validation_alias="max_cooldown", gt=0,
+        default=30.0, validation_alias="max_cooldown", gt=0,
         description="The longest cooldown; then half-open lets one probe through.")
 
     @model_validator(mode="after")
@@ -127,8 +227,11 @@ class BreakerPolicy:
         return self
 
 
-#: skyroute's own TTFB histogram, aggregated across every instance Prometheus scrapes.
+#: The slowest of every instance's own (passive) estimate, which each exports as a gauge and
+#: keeps after its traffic moved away; for upstreams no instance has one of, the p95 of
+#: skyroute's own TTFB histogram across instances.
 DEFAULT_PROMETHEUS_QUERY = (
+    'max by (upstream) (skyroute_upstream_latency_estimate_seconds{source="passive"}) or '
     "histogram_quantile(0.95, sum by (le, upstream) "
     "(rate(skyroute_upstream_ttfb_seconds_bucket[1m])))"
 )
@@ -141,8 +244,9 @@ class PrometheusSource:
     url: HttpUrl = Field(description="The Prometheus server, e.g. http://prometheus:9090.")
     query: Name = Field(
         default=DEFAULT_PROMETHEUS_QUERY,
-        description="PromQL giving each upstream's latency in seconds (default: the p95 time to "
-                    "first token from skyroute's own histogram).")
+        description="PromQL giving each upstream's latency in seconds (default: the slowest of "
+                    "every instance's own passive estimate, else the p95 time to first token "
+                    "from skyroute's own histogram over all instances).")
     interval_s: Duration = Field(
         default=5.0, validation_alias="interval", gt=0,
         description="How often the query runs.")

@@ -6,25 +6,20 @@ Rules / theory of operation
   configuration and keeps what it learnt about upstreams whose names stay, so a
   reload forgets no open circuit or latency history.
 * ``plan(route, now)`` orders the route's targets for one request:
-  available and not slow first, ordered by the route's ``strategy``; then the
-  slow ones, least slow first; then the unavailable ones, soonest back first.
-  With probability ``latency.probe_share`` the least slow upstream goes first so
+  available and not slow first, ordered by the route's ``strategy``; then, under
+  ``lowest-latency``, those with no latency known from any source (fewest
+  requests in flight first, so a cold start spreads out), never taken for the
+  fastest; then the slow ones, least slow first; then the unavailable ones,
+  soonest back first. With probability ``latency.probe_share`` the first
+  unknown one (else the least slow) goes first so it gets measured and
   recovery is seen, and an upstream just back from slow yields its place with
   probability ``1 - share`` while its recovery ramp runs.
-* ``AttemptPlan`` hands out targets in that order. Each is *admitted* by its
-  upstream (a half-open breaker admits only its probes). The panic rule: when no
-  upstream of the route is available, the least bad one is tried anyway, once,
-  rather than failing fast with nothing tried.
+* ``AttemptPlan`` (``routing._plan``) hands out targets in that order and decides
+  after each attempt: failover, a paid retry, or giving up.
 * A pool upstream (several ``endpoints``) is one candidate; which of its
   servers takes an attempt is decided when the attempt is admitted, from the
   servers' scraped load and health (``PoolPickers``, fed by ``feed_pool_*``).
   ``record`` and ``cancel`` end the attempt's count there.
-* Who is at fault decides retries (DeepSeek's documented errors): 400/422 are
-  the client's and go back untouched; 401/402 are the key's or balance's, so the
-  upstream leaves rotation and another is tried; 429, 5xx, connect errors,
-  timeouts, busy keep-alives and cut answers are transient and another is tried.
-  Every retry is paid from the route's retry budget and waits a full-jitter
-  backoff; an empty budget gives up with 503 instead of storming.
 * Degradation levels, and which route serves a request (its own, its fallback,
   or a refusal in minimal mode), come from ``_degradation.LevelView`` over every
   upstream's state. With ``degradation.reduced.hedging: false``, ``plan`` drops
@@ -37,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator
 from typing import Any, final
 
 from ._backoff import backoff_delays
@@ -52,170 +46,22 @@ from ._degradation import (
     Refuse,
     Serve,
 )
-from ._errors import RoutingStateError
 from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._plan import AttemptPlan, retry_after_seconds
 from ._policies import Strategy
 from ._pool import EndpointView, ServerLoad
 from ._pool_set import EndpointChange, PoolPickers
-from ._router_types import (
-    RETRYABLE,
-    AttemptOutcome,
-    Decision,
-    GiveUp,
-    Respond,
-    Result,
-    Retry,
-    Target,
-)
+from ._router_types import AttemptOutcome, GiveUp, Target
 from .config import Config, Route, Upstream
 
 #: A Prometheus reading older than this many intervals is stale: passive wins.
 STALE_INTERVALS = 3
 
 
-@final
-class AttemptPlan:
-    """The attempts for one client request over one route."""
-
-    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_health",
-                 "_hedge_budget", "_index", "_panicked", "_pools", "attempts", "hedged",
-                 "outcomes", "route")
-
-    def __init__(self, route: Route, candidates: list[Target], *,
-                 health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
-                 hedge_budget: RetryBudget, backoff: Iterator[float], now: float) -> None:
-        self.route = route
-        self._candidates = candidates
-        self._health = health
-        self._pools = pools
-        self._budget = budget
-        self._hedge_budget = hedge_budget
-        self._backoff = backoff
-        self.hedged = 0
-        self._deadline = now + route.timeout_s
-        self._index = 0
-        self._panicked = False
-        self.attempts = 0
-        self.outcomes: list[AttemptOutcome] = []
-
-    def __repr__(self) -> str:
-        tried = ", ".join(f"{o.target.name}:{o.result.value}" for o in self.outcomes)
-        return f"<AttemptPlan route={self.route.model} attempts={self.attempts} [{tried}]>"
-
-    @property
-    def deadline(self) -> float:
-        return self._deadline
-
-    def next_attempt(self, *, now: float) -> Target | GiveUp:
-        """The target for the next attempt, or ``GiveUp`` when none is left.
-
-        The returned target has been admitted (for a pool, with the endpoint
-        chosen now): feed its outcome to ``Router.record`` and ``record`` (or
-        ``Router.cancel`` if the client went away).
-        """
-        if self.attempts >= self.route.max_attempts:
-            return self._give_up(now)
-        if now >= self._deadline:
-            return self._give_up(now, timed_out=True)
-        while self._index < len(self._candidates):
-            target = self._candidates[self._index]
-            self._index += 1
-            health = self._health[target.name]
-            if health.admit(now=now):
-                self.attempts += 1
-                return self._pools.admit(target, now=now)
-        if self.attempts == 0 and not self._panicked and self._candidates:
-            # Panic rule: every target is out; try the one expected back soonest.
-            self._panicked = True
-            target = min(self._candidates,
-                         key=lambda t: self._health[t.name].available_at(now=now))
-            self._health[target.name].force_admit()
-            self.attempts += 1
-            return self._pools.admit(target, now=now)
-        return self._give_up(now)
-
-    def hedge_delay(self, target: Target, *, now: float) -> float | None:
-        """How long to wait for ``target``'s first token before hedging; None: never."""
-        hedge_after = self.route.hedge_after
-        if hedge_after is None or self.hedged or self._index >= len(self._candidates):
-            return None
-        if hedge_after == "p95":
-            return self._health[target.name].latency.p95(now=now) \
-                or target.upstream.first_token_timeout_s / 2
-        return float(hedge_after)
-
-    def hedge(self, *, now: float) -> Target | None:
-        """A second target for the same request, if the hedge budget allows one.
-
-        Returns:
-            an admitted target (feed its outcome, or ``Router.cancel`` it if it
-            loses), or None when the budget is spent or no other upstream admits.
-        """
-        if self.attempts >= self.route.max_attempts or not self._hedge_budget.try_acquire(now):
-            return None
-        while self._index < len(self._candidates):
-            target = self._candidates[self._index]
-            self._index += 1
-            if self._health[target.name].admit(now=now):
-                self.attempts += 1
-                self.hedged += 1
-                return self._pools.admit(target, now=now)
-        return None
-
-    def cancel(self, target: Target) -> None:
-        """An admitted attempt lost a hedge race and was cancelled; it has no outcome."""
-        self.attempts -= 1
-
-    def record(self, outcome: AttemptOutcome, *, now: float) -> Decision:
-        """Take the outcome of the attempt just made and say what to do next.
-
-        Raises:
-            RoutingStateError: if no attempt is outstanding; nothing changes.
-        """
-        if len(self.outcomes) >= self.attempts:
-            raise RoutingStateError("record() called with no attempt outstanding") from None
-        self.outcomes.append(outcome)
-        if outcome.result not in RETRYABLE:
-            return Respond()
-        if self.attempts >= self.route.max_attempts or (
-                self._index >= len(self._candidates) and self._panicked):
-            return self._give_up(now)
-        if now >= self._deadline:
-            return self._give_up(now, timed_out=True)
-        if not self._budget.try_acquire(now):
-            return self._give_up(now, budget_exhausted=True)
-        return Retry(reason=f"{outcome.target.name}: {outcome.detail or outcome.result.value}",
-                     delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
-
-    def _give_up(self, now: float, *, timed_out: bool = False,
-                 budget_exhausted: bool = False) -> GiveUp:
-        model = self.route.model
-        back = min(self._health[t.name].available_at(now=now) for t in self._candidates) \
-            if self._candidates else now + 1.0
-        retry_after = max(1.0, back - now)
-        if not self.outcomes:
-            return GiveUp(status=503, retry_after_s=retry_after,
-                          message=f"no upstream is available for model '{model}'; "
-                                  f"retry after {retry_after:.0f}s")
-        tried = "; ".join(f"{o.target.name}: {o.detail or o.result.value}" for o in self.outcomes)
-        results = {o.result for o in self.outcomes}
-        status = 504 if timed_out or results <= {Result.TIMEOUT, Result.BUSY} else 502
-        if budget_exhausted or results <= {Result.RATE_LIMITED, Result.SERVER_ERROR,
-                                           Result.BUSY, Result.BAD_KEY}:
-            status = 503
-        hints = [o.retry_after_s for o in self.outcomes if o.retry_after_s is not None]
-        if hints:
-            retry_after = max(retry_after, min(hints))
-        why = ("the retry budget is spent (too many retries across requests)" if budget_exhausted
-               else "the request deadline passed" if timed_out
-               else "every upstream attempt failed")
-        return GiveUp(
-            status=status, retry_after_s=retry_after if status in (503, 504) else None,
-            budget_exhausted=budget_exhausted,
-            message=(f"model '{model}': {why} ({self.attempts} attempt(s): {tried}). "
-                     f"Retry after {retry_after:.0f}s; skyroute's /health shows each "
-                     "upstream's state."),
-        )
+#: An instance keeps exporting its last passive estimate of an upstream it stopped sending
+#: to for this many passive windows (10 minutes by default): the other instances read it
+#: through Prometheus, and a slow region stays known to all after traffic moved away.
+PASSIVE_HOLD_WINDOWS = 10
 
 
 @final
@@ -319,27 +165,36 @@ class Router:
         health = self._health.get(upstream)
         if health is None or health.is_available(now=now):
             return None
-        retry_after = max(1.0, health.available_at(now=now) - now)
+        retry_after = retry_after_seconds(health.available_at(now=now) - now)
         return GiveUp(status=503, retry_after_s=retry_after,
                       message=f"'{object_id}' is held by upstream '{upstream}', which is "
                               f"{health.state(now=now)} now; only that upstream has it, so "
-                              f"retry after {retry_after:.0f}s (skyroute's /health shows "
+                              f"retry after {retry_after}s (skyroute's /health shows "
                               "its state)")
 
     def _order(self, route: Route, now: float) -> list[str]:
         fast: list[str] = []
+        unknown: list[str] = []
         slow: list[str] = []
         out: list[str] = []
+        by_latency = route.strategy == Strategy.LOWEST_LATENCY
         for name in route.targets:
-            state = self._health[name].state(now=now)
-            (fast if state is UpstreamState.HEALTHY else slow if state is UpstreamState.SLOW
-             else out).append(name)
+            health = self._health[name]
+            state = health.state(now=now)
+            if state is UpstreamState.HEALTHY:
+                # With no latency known from any source it is no fastest: it gets the probe
+                # share until it has an estimate.
+                (fast if health.has_estimate() or not by_latency else unknown).append(name)
+            else:
+                (slow if state is UpstreamState.SLOW else out).append(name)
         fast = self._by_strategy(route, fast, now)
+        unknown.sort(key=lambda n: self._health[n].outstanding)  # a cold start spreads out
         slow.sort(key=lambda n: self._estimate(n))
-        if slow and fast and self._rng.random() < self.config.latency.probe_share:
-            fast.insert(0, slow.pop(0))  # a probe keeps measuring the slow one
+        probed = unknown or slow
+        if probed and fast and self._rng.random() < self.config.latency.probe_share:
+            fast.insert(0, probed.pop(0))  # a probe keeps measuring what is unknown or slow
         out.sort(key=lambda n: self._health[n].available_at(now=now))
-        return fast + slow + out
+        return fast + unknown + slow + out
 
     def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
         if route.strategy == Strategy.LOWEST_LATENCY:
@@ -432,22 +287,44 @@ class Router:
     def tick(self, *, now: float) -> list[HealthChange]:
         """Re-evaluate every upstream's latency estimate; call once per interval."""
         changes = []
-        stale_after = STALE_INTERVALS * (self.config.latency.prometheus.interval_s
-                                         if self.config.latency.prometheus else 0.0)
+        stale_after = self._stale_after()
+        hold_s = PASSIVE_HOLD_WINDOWS * self.config.latency.passive_window_s
         for health in self._health.values():
+            passive = health.update_passive(now=now, hold_s=hold_s)
             external = health.external
             change = None
             if external is not None and now - external.at <= stale_after:
                 change = health.feed_estimate(external, now=now)
-            else:
-                p95 = health.latency.p95(now=now)
-                if p95 is not None:
-                    change = health.feed_estimate(
-                        Estimate(seconds=p95, source="passive", at=now), now=now)
+            elif passive is not None:
+                change = health.feed_estimate(passive, now=now)
             change = change or health.refresh(now=now)
             if change is not None:
                 changes.append(change)
         return changes
+
+    def _stale_after(self) -> float:
+        """Age past which a Prometheus reading no longer counts."""
+        source = self.config.latency.prometheus
+        return STALE_INTERVALS * (source.interval_s if source else 0.0)
+
+    def exported_estimates(self, *, now: float) -> dict[str, dict[str, float]]:
+        """Per upstream, the latency estimates to export, in seconds, by source.
+
+        ``passive`` is this instance's own (held after its traffic there stops; see
+        ``PASSIVE_HOLD_WINDOWS``), the one the default Prometheus query aggregates;
+        ``prometheus`` is the reading from Prometheus while it is fresh. Never an
+        estimate that came back from Prometheus under ``passive``: instances that
+        re-exported what they read would keep one another's old readings alive.
+        """
+        stale_after = self._stale_after()
+        result: dict[str, dict[str, float]] = {}
+        for name, health in self._health.items():
+            entry = result[name] = {}
+            if health.passive is not None:
+                entry["passive"] = health.passive.seconds
+            if health.external is not None and now - health.external.at <= stale_after:
+                entry["prometheus"] = health.external.seconds
+        return result
 
     def _levels(self, now: float) -> LevelView:
         states = {name: health.state(now=now) for name, health in self._health.items()}
@@ -479,7 +356,7 @@ class Router:
         view = self._levels(now)
         out = [h.available_at(now=now) for h in self._health.values()
                if view.minimal.active and not h.is_available(now=now)]
-        retry_after = max(1.0, min(out) - now) if out else 1.0  # only refusals need it
+        retry_after = retry_after_seconds(min(out) - now) if out else 1  # for refusals only
         return view.serving(route, n=n, retry_after_s=retry_after)
 
     def fallbacks(self, *, now: float) -> dict[str, str]:

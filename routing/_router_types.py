@@ -24,11 +24,15 @@ class Result(enum.Enum):
     TIMEOUT = "timeout"            # no bytes for too long once the answer had started
     BUSY = "busy"                  # no first token before the deadline (keep-alives only)
     STREAM_CUT = "stream_cut"      # the answer broke off part-way
+    #: skyroute's own connection limit to the upstream (max_connections) stayed full:
+    #: the request never reached it, so this says nothing about its health.
+    POOL_FULL = "pool_full"
 
 
 #: Results after which the next target is tried.
 RETRYABLE = frozenset({Result.BAD_KEY, Result.RATE_LIMITED, Result.SERVER_ERROR,
-                       Result.CONNECT_ERROR, Result.TIMEOUT, Result.BUSY, Result.STREAM_CUT})
+                       Result.CONNECT_ERROR, Result.TIMEOUT, Result.BUSY, Result.STREAM_CUT,
+                       Result.POOL_FULL})
 
 
 def classify_status(status: int) -> Result:
@@ -74,10 +78,15 @@ class Respond:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retry:
-    """Wait ``delay_s`` (backoff), then try ``next_attempt()`` again."""
+    """Wait ``delay_s`` (backoff), then try ``next_attempt()`` again.
+
+    ``paid``: the retry goes back to upstreams already failing and was paid from the
+    route's retry budget; otherwise it is failover to an untried healthy upstream.
+    """
 
     reason: str
     delay_s: float = 0.0
+    paid: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

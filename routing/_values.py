@@ -225,6 +225,7 @@ Flag = Annotated[bool, _converted(parse_flag), Kind("true/false", show=show_flag
 _HTTP_URL = r"^https?://"
 _WS_URL = r"^wss?://"
 _URL_PATH = r"^/"
+_REDIS_URL = r"^(rediss?|unix)://"
 _METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 
 
@@ -242,6 +243,13 @@ def _http_url(url: str) -> str:
 def _ws_url(url: str) -> str:
     if re.match(_WS_URL, url) is None:
         raise invalid(f"peer {url!r} must start with ws:// or wss://")
+    return url
+
+
+def _redis_url(url: str) -> str:
+    if re.match(_REDIS_URL, url) is None:
+        raise invalid(f"{url!r} must start with redis://, rediss:// or unix:// "
+                      "(e.g. redis://127.0.0.1:6379/0)")
     return url
 
 
@@ -267,6 +275,9 @@ def _metric_name(name: str) -> str:
 HttpUrl = Annotated[str, AfterValidator(_http_url), Kind("URL", pattern=_HTTP_URL)]
 #: A peer's WebSocket URL.
 WsUrl = Annotated[str, AfterValidator(_ws_url), Kind("URL", pattern=_WS_URL)]
+#: A Redis server: ``redis://host:port/db``, ``rediss://`` (TLS) or ``unix://`` (a socket).
+#: A password in it is allowed (Redis has no other place for one): /health never shows it.
+RedisUrl = Annotated[str, AfterValidator(_redis_url), Kind("URL", pattern=_REDIS_URL)]
 #: A URL path, taken from each pool endpoint's ``scheme://host:port``.
 UrlPath = Annotated[str, AfterValidator(_url_path), Kind("path", pattern=_URL_PATH)]
 #: A Prometheus metric name.

@@ -39,6 +39,7 @@ from ._errors import ConfigProblem
 MAX_TEXT_BYTES: Final = 4 * 1024 * 1024
 #: A routing file nests 6 levels at most (latency.scrape.metrics.waiting[0]).
 MAX_DEPTH: Final = 32
+_TOO_DEEP: Final = f"nested deeper than {MAX_DEPTH} levels; a routing file needs about 6"
 #: Aliases may repeat a shared block (say a models map) across many upstreams; a
 #: billion-laughs file expands to millions of nodes.
 MAX_ALIAS_NODES: Final = 10_000
@@ -103,9 +104,7 @@ class _BoundedComposer(Composer):
         try:
             if self.depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
-                raise _Refused(mark.line + 1 if mark else None,
-                               f"nested deeper than {MAX_DEPTH} levels; a routing file "
-                               "needs about 6")
+                raise _Refused(mark.line + 1 if mark else None, _TOO_DEEP)
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -299,8 +298,10 @@ def read_document(text: str, env: Mapping[str, str]) -> tuple[Document | None,
         return None, [ConfigProblem("(file)", exc.line, exc.message)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        return None, [ConfigProblem("(file)", mark.line + 1 if mark is not None else None,
-                                    f"invalid YAML: {exc.problem}")]
+        line = mark.line + 1 if mark is not None else None
+        if "nesting depth" in str(exc.problem):  # newer PyYAML's own limit, met before ours
+            return None, [ConfigProblem("(file)", line, _TOO_DEEP)]
+        return None, [ConfigProblem("(file)", line, f"invalid YAML: {exc.problem}")]
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)

@@ -29,6 +29,10 @@ from ._errors import ConfigError, ConfigProblem
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
+    CacheMode,
+    CacheModeValue,
+    CachePolicy,
+    CacheScope,
     DegradationPolicy,
     LatencyPolicy,
     ObjectPolicy,
@@ -80,12 +84,27 @@ _UNFORWARDABLE: Final = frozenset({
     "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization",
     "host", "content-length"})
 
+#: Client-side limits default to nginx's own defaults or stricter:
+#: ``client_header_timeout`` 60s, ``client_body_timeout`` 60s, ``keepalive_timeout``
+#: 75s, ``send_timeout`` 60s, ``worker_connections`` 512.
+DEFAULT_HEAD_TIMEOUT_S: Final = 60.0
+DEFAULT_BODY_TIMEOUT_S: Final = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_S: Final = 75.0
+DEFAULT_SEND_TIMEOUT_S: Final = 60.0
+DEFAULT_MAX_CLIENT_CONNECTIONS: Final = 512
+#: Longest wait for a free connection to an upstream (its ``max_connections``)
+#: before the next target is tried; the wait is not held against the upstream.
+DEFAULT_POOL_TIMEOUT_S: Final = 2.0
+
 __all__ = [
     "DEFAULT_PROMETHEUS_QUERY",
     "Admin",
     "ApiKey",
     "Auth",
     "BreakerPolicy",
+    "CacheMode",
+    "CachePolicy",
+    "CacheScope",
     "Config",
     "DegradationPolicy",
     "Instance",
@@ -150,6 +169,9 @@ class ApiKey:
     tpm: Count | None = Field(
         default=None,
         description="Tokens per minute for this key, across all instances.")
+    max_concurrent: Count | None = Field(
+        default=None,
+        description="Requests in flight at once for this key, on one instance (429 past it).")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -194,7 +216,7 @@ class Instance:
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class Limits:
-    """Limits on what clients send."""
+    """Limits on what clients send and hold (defaults: nginx's or stricter)."""
 
     max_body_bytes: Size = Field(
         default=DEFAULT_MAX_BODY_BYTES, gt=0,
@@ -202,6 +224,24 @@ class Limits:
     max_upload_bytes: Size = Field(
         default=DEFAULT_MAX_UPLOAD_BYTES, gt=0,
         description="Bigger uploads (multipart and binary bodies, streamed through) get 413.")
+    head_timeout_s: Duration = Field(
+        default=DEFAULT_HEAD_TIMEOUT_S, validation_alias="head_timeout", gt=0,
+        description="A request head not complete this long after its first byte (or the "
+                    "connection) gets 408 and the connection is closed.")
+    body_timeout_s: Duration = Field(
+        default=DEFAULT_BODY_TIMEOUT_S, validation_alias="body_timeout", gt=0,
+        description="Longest pause while a request body arrives (408, connection closed).")
+    keepalive_timeout_s: Duration = Field(
+        default=DEFAULT_KEEPALIVE_TIMEOUT_S, validation_alias="keepalive_timeout", gt=0,
+        description="An idle kept-alive client connection is closed after this.")
+    send_timeout_s: Duration = Field(
+        default=DEFAULT_SEND_TIMEOUT_S, validation_alias="send_timeout", gt=0,
+        description="A client that reads nothing of a streamed answer for this long is cut off "
+                    "(its upstream connection is freed).")
+    max_client_connections: Count = Field(
+        default=DEFAULT_MAX_CLIENT_CONNECTIONS,
+        description="Client connections open at once; at the cap a new one closes the one "
+                    "waiting longest for a request head (503 if all are busy).")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -238,7 +278,11 @@ class Upstream:
     max_connections: Count = Field(
         default=DEFAULT_MAX_CONNECTIONS,
         description="Connections kept open to this upstream, all its endpoints together; more "
-                    "requests wait.")
+                    "requests wait (see pool_timeout).")
+    pool_timeout_s: Duration = Field(
+        default=DEFAULT_POOL_TIMEOUT_S, validation_alias="pool_timeout", gt=0,
+        description="Longest wait for one of max_connections before the next target is tried; "
+                    "the wait is not held against the upstream.")
     weight: Count = Field(default=1, description="Share of traffic under the weighted strategy.")
     scrape: Flag = Field(
         default=True,
@@ -349,6 +393,15 @@ class Route:
     essential: Flag = Field(
         default=False,
         description="Still served in minimal mode (other routes are refused then).")
+    cache: CacheModeValue = Field(
+        default=CacheMode.OFF,
+        description="Serve repeated requests from the response cache: off, exact "
+                    "(deterministic requests: temperature 0 or a seed), always, or approximate "
+                    "(exact, plus near-identical prompts under degradation).")
+    cache_scope: CacheScope = Field(
+        default=CacheScope.KEY,
+        description="key: an entry is served only to the client key that stored it; shared: "
+                    "to every client of the route.")
     #: Made from upstreams' model maps, not written in YAML.
     implicit: SkipJsonSchema[bool] = dataclasses.field(default=False, init=False)
 
@@ -388,6 +441,9 @@ class Config:
         default=(),
         description="Load balancers in front (addresses or CIDR blocks) whose X-Forwarded-For "
                     "and X-Forwarded-Proto are kept.")
+    cache: CachePolicy = Field(
+        default_factory=CachePolicy,
+        description="The response cache: lifetime, memory and Redis levels.")
     objects: ObjectPolicy = Field(
         default_factory=ObjectPolicy,
         description="Stateful objects (files, batches, responses, ...) stay with their upstream.")

@@ -56,7 +56,13 @@ from ._control import epoch_frame, links_frame
 from ._metrics import SyncMetrics
 from ._protocol import YConnection, decode_state_vector, update_message
 from ._relay import relay_targets
-from ._types import SnapshotError, SyncProtocolError
+from ._types import (
+    DEFAULT_MAX_DOCUMENT_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+    SnapshotError,
+    SyncProtocolError,
+)
+from ._validate import UpdateGate, UpdateRejected
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
     "sessions": ("sessions", "upstreams", "objects", "meta"),
@@ -218,9 +224,13 @@ def decode_snapshot(data: bytes) -> tuple[int, dict[str, bytes]]:
 class DocHub:
     """Serves one document name: current epoch doc, its connections, awareness."""
 
-    def __init__(self, doc: EpochDoc, *, metrics: SyncMetrics) -> None:
+    def __init__(self, doc: EpochDoc, *, metrics: SyncMetrics,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> None:
         self.name = doc.name
         self._metrics = metrics
+        self._limits = {"max_value_bytes": max_value_bytes,
+                        "max_document_bytes": max_document_bytes}
         self.connections: set[YConnection] = set()
         self._retired: list[set[int]] = []
         self._linked: frozenset[str] = frozenset()
@@ -229,6 +239,7 @@ class DocHub:
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self.doc = doc
         self._awareness = self._new_awareness(doc)
+        self._gate = self._new_gate(doc)
         doc.on_update(self._relay)
 
     def __repr__(self) -> str:
@@ -247,6 +258,7 @@ class DocHub:
         self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
         self.doc = doc
         self._awareness = self._new_awareness(doc)
+        self._gate = self._new_gate(doc)
         doc.on_update(self._relay)
         for listener in self._doc_listeners:
             listener(doc)
@@ -321,7 +333,19 @@ class DocHub:
         return _STEP2_HEADER + write_message(self.doc.diff(state_vector))
 
     def apply_remote(self, update: bytes, origin: YConnection) -> None:
+        """Check ``update`` against the schema, then apply it.
+
+        Raises:
+            UpdateRejected: the update breaks the schema or a size limit; nothing
+                of it was applied (the connection is then closed).
+            SyncProtocolError: the update does not decode.
+        """
         started = time.perf_counter()
+        try:
+            self._gate.check(update, self.doc.doc)
+        except UpdateRejected as exc:
+            self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+            raise
         self.doc.apply_remote(update, origin)
         self._metrics.apply_seconds.observe(time.perf_counter() - started)
 
@@ -339,7 +363,16 @@ class DocHub:
         states = list(self._awareness.states)
         return self._awareness.encode_awareness_update(states) if states else None
 
+    def measured(self, size: int) -> None:
+        """The current document's encoded size, just measured (bounds later updates)."""
+        self._gate.measured(size)
+
     # -- internals ---------------------------------------------------------------
+
+    def _new_gate(self, doc: EpochDoc) -> UpdateGate:
+        gate = UpdateGate(doc.doc, DOC_MAPS[doc.name], **self._limits)
+        doc.on_update(lambda update, _origin: gate.follow(update))
+        return gate
 
     def _relay(self, update: bytes, origin: object | None) -> None:
         targets = relay_targets(self.connections, origin=origin)

@@ -39,12 +39,18 @@ def get_logger() -> structlog.stdlib.BoundLogger:
 
 @final
 class SyncMetrics:
-    """The sync metrics, registered once per ``StateSync`` on its registry."""
+    """The sync metrics, registered once per ``StateSync`` on its registry.
+
+    Each gauge names how ``--workers`` processes combine (prometheus_client's
+    multiprocess mode): links add up, the shared document's figures are the same
+    on every worker (the largest is shown).
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.peers_connected = Gauge(
             "skyroute_sync_peers_connected",
             "Outbound peer links currently connected (one per peer and document).",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.messages = Counter(
@@ -69,12 +75,14 @@ class SyncMetrics:
             "skyroute_sync_objects",
             "Stateful objects (files, batches, responses, ...) whose upstream is known, in "
             "the shared map.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.document_bytes = Gauge(
             "skyroute_sync_document_bytes",
             "Encoded size of the current epoch's document.",
             ["doc"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.lag_seconds = Histogram(
@@ -91,6 +99,24 @@ class SyncMetrics:
         self.epoch = Gauge(
             "skyroute_sync_epoch",
             "Current document epoch (documents are rebuilt when it changes).",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.updates_rejected = Counter(
+            "skyroute_sync_updates_rejected",
+            "Remote updates dropped whole (and their connection closed), by document and "
+            "reason: schema, value_size, document_size or unknown_root.",
+            ["doc", "reason"],
+            registry=registry,
+        )
+        self.sessions_evicted = Counter(
+            "skyroute_sync_sessions_evicted",
+            "Sessions removed, oldest first, to keep the sessions map under max_sessions.",
+            registry=registry,
+        )
+        self.rotation_failures = Counter(
+            "skyroute_sync_rotation_failures",
+            "Epoch rotations that failed and left every document in the old epoch.",
             registry=registry,
         )
         self.rotations = Counter(
@@ -107,6 +133,7 @@ class SyncMetrics:
         self.discovered_peers = Gauge(
             "skyroute_sync_discovered_peers",
             "Addresses in the last successful DNS discovery answer (this instance's included).",
+            multiprocess_mode="livemax",
             registry=registry,
         )
 

@@ -46,6 +46,7 @@ last-writer-wins by ``(ts, by)``, never by Yjs client-id order.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from collections import deque
 from typing import Any, Final, final
@@ -268,8 +269,12 @@ class SessionStore:
         return (bucket + 1) * size > now - self._window_s
 
     def flush(self) -> bool:
-        """Write pending counter deltas, repairs and a heartbeat; True if anything was written."""
+        """Write pending counter deltas, repairs and a heartbeat; True if anything was written.
+
+        Also keeps the sessions map under ``max_sessions`` (see ``_evict_sessions``).
+        """
         now = self._clock()
+        evicted = self._evict_sessions(now)
         pending, self._pending = self._pending, {}
         for key_name, buckets in pending.items():
             own = self._own.setdefault(key_name, {})
@@ -291,7 +296,7 @@ class SessionStore:
         while self._expiry and self._expiry[0][0] <= now:
             expired.append(self._expiry.popleft()[1])
         if not self._dirty and not expired:
-            return bool(repairs)
+            return bool(repairs) or evicted
         doc = self._usage.doc
         with doc.doc.transaction():
             umap = doc.maps["usage"]
@@ -313,6 +318,31 @@ class SessionStore:
         self._prune(now)
         return True
 
+    def _evict_sessions(self, now: float) -> bool:
+        """Delete the least recently seen sessions while there are over ``max_sessions``.
+
+        A tenth of the cap more than needed goes at once, so a stream of new
+        session ids costs one scan per that many sessions, not one per session.
+        """
+        smap = self._sessions.doc.maps["sessions"]
+        cap = self._settings.max_sessions
+        over = len(smap) - cap
+        if over <= 0:
+            return False
+
+        def last_seen(item: tuple[str, Any]) -> float:
+            session = Session.from_wire(item[0], item[1], observed_at=now)
+            seen = session.last_seen if session is not None else -math.inf
+            return max(seen, self._touched.get(item[0], -math.inf))
+
+        victims = heapq.nsmallest(over + cap // 10, list(smap.items()), key=last_seen)
+        with self._sessions.doc.doc.transaction():
+            for session_id, _ in victims:
+                del smap[session_id]
+                self._touched.pop(session_id, None)
+        self._metrics.sessions_evicted.inc(len(victims))
+        self._log.warning("sync_sessions_evicted", count=len(victims), max_sessions=cap)
+        return True
     def _prune(self, now: float) -> None:
         """Forget counts that left the window (once per bucket: usage reads stay short)."""
         if now - self._pruned_at < USAGE_BUCKET_S:
@@ -374,7 +404,16 @@ class SessionStore:
     # -- rotation and observers -------------------------------------------------------
 
     def keep(self, map_name: str, key: str, value: Any) -> bool:
-        """Whether an entry is carried into the next epoch's document."""
+        """Whether an entry is carried into the next epoch's document (False if malformed).
+
+        Never raises: one odd entry must not stop a rotation.
+        """
+        try:
+            return self._keep(map_name, key, value)
+        except (ValueError, TypeError, OverflowError, AttributeError):
+            return False
+
+    def _keep(self, map_name: str, key: str, value: Any) -> bool:
         now = self._clock()
         if map_name == "sessions":
             session = Session.from_wire(key, value, observed_at=now)

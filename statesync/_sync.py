@@ -105,7 +105,13 @@ class StateSync:
         self.epoch = self._epoch_at(clock())
         self._metrics.epoch.set(self.epoch)
         self._hubs = {
-            name: DocHub(EpochDoc(name, self.epoch), metrics=self._metrics) for name in DOC_NAMES
+            name: DocHub(
+                EpochDoc(name, self.epoch),
+                metrics=self._metrics,
+                max_value_bytes=settings.max_value_bytes,
+                max_document_bytes=settings.max_document_bytes,
+            )
+            for name in DOC_NAMES
         }
         for hub in self._hubs.values():
             hub.on_epoch_request = self._rotate_to  # a peer rotated in-band ahead of us
@@ -289,6 +295,10 @@ class StateSync:
         if self._closed or self._paused:
             return _refuse(503, "sync is paused or shutting down here; retry with backoff")
         instance = request.query.get("instance")
+        theirs = request.query.get("epoch", "")
+        bad = _bad_query(instance, theirs)
+        if bad is not None:
+            return _refuse(400, bad)
         if instance == self.writer_id:
             return _refuse(409, "this address is the dialling instance itself", SELF_HEADER, "1")
         if instance is not None and instance.rpartition(".")[0] == self.settings.instance_id:
@@ -298,10 +308,9 @@ class StateSync:
                 hint="another running process has the same instance.id; give each its own "
                 "so logs, metrics and health gossip can tell them apart",
             )
-        theirs = request.query.get("epoch", "")
-        if theirs.isdigit() and int(theirs) > self.epoch:
+        if theirs and int(theirs) > self.epoch:
             self._rotate_to(int(theirs))
-        elif theirs.isdigit() and int(theirs) < self.epoch:
+        elif theirs and int(theirs) < self.epoch:
             return _refuse(
                 409,
                 f"epoch {theirs} is older than this instance's {self.epoch}: "
@@ -330,13 +339,27 @@ class StateSync:
         return math.floor(now / self.settings.rotate_every_s)
 
     def _rotate_to(self, epoch: int) -> None:
+        """Rotate every document into ``epoch``, or (on any error) none of them.
+
+        The new documents are all built before any is installed; a failure is
+        logged and counted, and the old epoch keeps serving (the next rotation
+        check tries again).
+        """
         if epoch <= self.epoch:
             return
         started = time.perf_counter()
-        self.store.flush()
+        try:
+            self.store.flush()
+            rebuilt = {name: rebuild(hub.doc, epoch, self.store.keep)
+                       for name, hub in self._hubs.items()}
+        except Exception as exc:
+            self._metrics.rotation_failures.inc()
+            self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
+                            error=repr(exc)[:200])
+            return
         self.epoch = epoch
-        for hub in self._hubs.values():
-            hub.install(rebuild(hub.doc, epoch, self.store.keep))
+        for name, hub in self._hubs.items():
+            hub.install(rebuilt[name])
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
@@ -430,6 +453,7 @@ class StateSync:
         while True:
             for name, size in self.document_sizes().items():
                 self._metrics.document_bytes.labels(name).set(size)
+                self._hubs[name].measured(size)
             self._metrics.objects.set(len(self.objects))  # peers' writes count too
             await asyncio.sleep(SIZE_METRIC_EVERY_S)
 
@@ -437,8 +461,33 @@ class StateSync:
         self._tasks.append(asyncio.create_task(coro))
 
 
+#: Longest ``?instance=`` accepted: an instance id plus its writer suffix.
+MAX_INSTANCE_CHARS: Final = 200
+#: Epochs are ``wall clock / rotate_every_s``: 20 digits is far beyond any real one.
+MAX_EPOCH_DIGITS: Final = 20
+
+
+def _bad_query(instance: str | None, epoch: str) -> str | None:
+    """What is wrong with a sync request's query parameters, or None."""
+    if epoch and not (epoch.isascii() and epoch.isdigit() and len(epoch) <= MAX_EPOCH_DIGITS):
+        return "the 'epoch' query parameter must be a whole number (the sender's epoch)"
+    if instance is not None and not (0 < len(instance) <= MAX_INSTANCE_CHARS
+                                     and instance.isascii() and instance.isprintable()):
+        return (f"the 'instance' query parameter must be 1 to {MAX_INSTANCE_CHARS} printable "
+                "ASCII characters (the sender's writer id)")
+    return None
+
+
+_REFUSAL_CODES: Final = {400: "invalid_request", 401: "invalid_sync_token", 404: "not_found",
+                          409: "conflict", 503: "unavailable"}
+
+
 def _refuse(status: int, text: str, header: str | None = None, value: str = "") -> web.Response:
-    return web.Response(status=status, text=text, headers={header: value} if header else None)
+    """A refusal in the OpenAI error shape every skyroute error has."""
+    error = {"message": text, "type": "invalid_request_error" if status < 500 else "server_error",
+             "param": None, "code": _REFUSAL_CODES.get(status)}
+    return web.json_response({"error": error}, status=status,
+                             headers={header: value} if header else None)
 
 
 def _write_atomic(path: str, data: bytes) -> None:

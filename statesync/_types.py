@@ -61,6 +61,13 @@ class LinkState(enum.Enum):
     CLOSED = "closed"  # terminal: aclose() was called
 
 
+DEFAULT_MAX_VALUE_BYTES: Final = 16 * 1024
+"""One map value, JSON-encoded (a session with its attributes is a few hundred bytes)."""
+DEFAULT_MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
+"""One document, encoded; 100,000 sessions take about 20 MiB."""
+DEFAULT_MAX_SESSIONS: Final = 100_000
+"""Sessions kept; past it the least recently seen go first (client-chosen ids are free)."""
+
 _DNS_PREFIX: Final = "dns:"
 DEFAULT_SYNC_PORT: Final = 8080
 
@@ -93,6 +100,9 @@ class SyncSettings:
     #: How long usage counts: ``usage`` sums this much past, and older counts are
     #: dropped. The owner of the limits (``routing``'s per-minute rpm/tpm) sets it.
     usage_window_s: float = 60.0
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+    max_sessions: int = DEFAULT_MAX_SESSIONS
 
     def __post_init__(self) -> None:
         if not self.instance_id or "|" in self.instance_id:
@@ -106,7 +116,8 @@ class SyncSettings:
         if self.discovery is not None:
             self.discovery_target()  # validates
         for name in ("session_ttl_s", "rotate_every_s", "flush_interval_s",
-                     "discovery_interval_s", "usage_window_s", "ping_interval_s"):
+                     "discovery_interval_s", "usage_window_s", "ping_interval_s",
+                     "max_value_bytes", "max_document_bytes", "max_sessions"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
         if self.ping_misses < 1:

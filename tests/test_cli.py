@@ -344,7 +344,7 @@ async def test_demo_with_three_instances_peers_them():
 
             async def peers_connected() -> bool:
                 health = await (await http.get(f"{other}/health")).json()
-                return bool(health["peers"]) and set(health["peers"].values()) == {"connected"}
+                return bool(health["peers"]) and set(health["peers"]) == {"connected"}
 
             await eventually(peers_connected, timeout=10)
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-skyroute-limited",

@@ -144,7 +144,8 @@ def test_deployment_is_hardened_and_drains() -> None:
 
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["args"] == ["run", "--config", "/etc/skyroute/routing.yaml"]
+    assert container["args"] == ["run", "--config", "/etc/skyroute/routing.yaml",
+                                 "--workers", "1"]
 
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     drain = int(next(e["value"] for e in container["env"]

@@ -147,7 +147,7 @@ async def _served(client: openai.AsyncOpenAI, n: int, *, concurrency: int = 4) -
 async def _peers_connected(http: aiohttp.ClientSession, demo: Demo) -> bool:
     for url in (demo.a, demo.b):
         peers = (await _json(http, f"{url}/health"))["peers"]
-        if not peers or set(peers.values()) != {"connected"}:
+        if not peers or set(peers) != {"connected"}:
             return False
     return True
 

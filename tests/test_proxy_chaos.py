@@ -46,14 +46,11 @@ ROUTE = f"""\
 # * breaker cool-down: how soon a restarted upstream is back in rotation. The default (5 s,
 #   doubling on each repeated trip) outlasts this whole run; a restarted process is back
 #   within a fraction of a second.
-# * retry budget: a kill fails every answer open on that upstream at once, and each one
-#   retries (cut streams resume, JSON retries, connections are refused until the upstream is
-#   marked down): 6-12 failovers here, up to the concurrency when one upstream carries all
-#   the traffic. The default 20 % (floor 10 per 10 s) was spent by one such burst early in a
-#   run (503 "the retry budget is spent", cut streams not resumed); 50 % covers it.
+# The default retry budget is enough: a kill fails every answer open on that upstream at
+# once, and each one moves on to another upstream (cut streams resume, JSON retries), which
+# is failover to an untried healthy upstream and costs no budget. (When every move was paid,
+# one such burst spent the default 20 % early in a run and this needed 50 %.)
 RESILIENCE = """\
-retry:
-  budget: 50%
 breaker:
   cooldown: 250ms
   max_cooldown: 2s

@@ -299,8 +299,9 @@ async def test_object_whose_upstream_is_down_is_a_503_naming_it(standin, skyrout
         await b.aclose()
         with pytest.raises(openai.APIStatusError) as failed:  # b is tried, and named
             await client.files.content(created.id)
-        assert failed.value.status_code == 502
+        assert failed.value.status_code == 503  # a give-up is 503 with Retry-After
         assert "b: cannot connect" in failed.value.message
+        assert failed.value.response.headers["Retry-After"]
         with pytest.raises(openai.InternalServerError) as refused:  # b's breaker is open
             await client.files.retrieve(created.id)
     assert refused.value.status_code == 503

@@ -177,8 +177,8 @@ async def test_chunked_body_over_limit_is_refused(standin, skyroute):
     assert "max_body_bytes" in payload["error"]["message"]
 
 
-async def test_dead_upstream_is_502_naming_it(standin, skyroute):
-    """With the only upstream refusing connections, the client gets a 502 naming it."""
+async def test_dead_upstream_is_503_with_retry_after_naming_it(standin, skyroute):
+    """With the only upstream refusing connections, the client gets a 503 naming it."""
     up = await standin("us-east")
     text = routing_yaml([entry(up)])
     await up.aclose()
@@ -186,20 +186,23 @@ async def test_dead_upstream_is_502_naming_it(standin, skyroute):
     async with client_for(server) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert caught.value.status_code == 502
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["Retry-After"] == "1"
     assert "us-east" in caught.value.message
     assert "cannot connect" in caught.value.message
+    assert "Retry after 1s" in caught.value.message
 
 
-async def test_busy_upstream_past_first_token_deadline_is_504(standin, skyroute):
-    """An upstream sending only keep-alives past its first-token deadline gives a 504."""
+async def test_busy_upstream_past_first_token_deadline_is_503(standin, skyroute):
+    """An upstream sending only keep-alives past its first-token deadline gives a 503."""
     up = await standin("us-east")
     up.behaviour.mode = "busy"
     server = await skyroute(routing_yaml([entry(up, extra="first_token_timeout: 300ms\n")]))
     async with client_for(server) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert caught.value.status_code in (503, 504)
+    assert caught.value.status_code == 503
+    assert "Retry-After" in caught.value.response.headers
     assert "busy" in caught.value.message
     await up.wait_for(lambda u: u.in_flight == 0)
 

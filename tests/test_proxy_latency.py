@@ -330,3 +330,50 @@ async def test_admin_routing_shows_state_latency_share_and_last_change(standin, 
         return bool(line) and float(line.split()[-1]) > 0.3
 
     await eventually(share_gauge, timeout=5)
+
+
+async def test_fresh_instance_learns_a_region_the_others_moved_away_from(standin, skyroute,
+                                                                         prometheus):
+    """Instance 1 sends 30 requests to a 400 ms region and moves away; instance 2, which has
+    sent nothing (no warm-up), marks it slow from Prometheus and sends it at most 1 of 20.
+
+    The default query reads every instance's own exported estimate, which instance 1 keeps
+    after its traffic moved away; a ``rate()`` over its TTFB histogram would see nothing.
+    """
+    ups = await _regions(standin)
+    ups["west"].behaviour.ttft_s = SLOW_S
+    one = await skyroute(_yaml(ups, extra="latency:\n  interval: 1s\n"))
+    url = await prometheus([f"127.0.0.1:{one.port}"])
+    # probe_share 0 %: "at most 1 of 20" must not depend on the dice.
+    two = await skyroute(_yaml(ups, route=ROUTE.replace("  strategy: priority\n", ""),
+                               extra=f"latency:\n  interval: 1s\n  probe_share: 0%\n"
+                                     f"  prometheus:\n    url: {url}\n    interval: 1s\n"))
+    async with client_for(one) as client_one, client_for(two) as client_two:
+        assert (await served_by(client_one, 30, concurrency=30))["west"] == 30
+
+        async def moved_away() -> bool:
+            return (await served_by(client_one, 4))["east"] >= 3
+
+        await eventually(moved_away, timeout=30, interval=0.25)
+
+        async def west_slow_on_two() -> bool:
+            west = (await _health(two))["upstreams"]["west"]
+            return west["state"] == "slow" and west["latency_source"] == "prometheus"
+
+        await eventually(west_slow_on_two, timeout=60, interval=0.25)
+        served = await served_by(client_two, 20, concurrency=1)
+    assert served["west"] <= 1, served
+    assert (await _health(two))["upstreams"]["west"]["state"] == "slow"
+    _, metrics = await _get(f"{one.url}/metrics")
+    assert 'skyroute_upstream_latency_estimate_seconds{source="passive",upstream="west"}' \
+        in metrics
+
+
+async def test_every_upstream_has_a_ttfb_series_from_the_start(standin, skyroute):
+    """A fresh instance exports each upstream's TTFB histogram at zero, before any request."""
+    ups = await _regions(standin)
+    server = await skyroute(_yaml(ups))
+    _, metrics = await _get(f"{server.url}/metrics")
+    for name in REGIONS:
+        assert (f'skyroute_upstream_ttfb_seconds_count{{region="r-{name}",upstream="{name}"}} '
+                "0.0") in metrics

@@ -54,7 +54,9 @@ async def _get(url: str, **kwargs) -> dict | str:
 
 
 async def _endpoints(server) -> dict[str, dict]:
-    return (await _get(f"{server.url}/health"))["upstreams"]["local-gpu"]["endpoints"]
+    # Keyed by URL only in the admin view of /health.
+    health = await _get(f"{server.url}/health", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    return health["upstreams"]["local-gpu"]["endpoints"]
 
 
 async def _samples(server) -> dict[tuple[str, str], float]:

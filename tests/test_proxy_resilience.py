@@ -23,7 +23,7 @@ FAST = "first_token_timeout: 500ms\n"
 
 
 async def _three(standin, skyroute, *, extra: str = "", **server_kwargs):
-    """Upstreams a, b, c in that priority; the tests make a misbehave."""
+    """Upstreams a, b, c in that priority; a is the one a test makes misbehave alone."""
     ups = [await standin(name) for name in ("a", "b", "c")]
     entries = [entry(u, extra=FAST if u.name == "a" else "") for u in ups]
     server = await skyroute(routing_yaml(entries, ROUTE, extra=extra), **server_kwargs)
@@ -77,32 +77,90 @@ async def test_busy_upstream_is_abandoned_after_first_token_deadline(standin, sk
     await ups[0].wait_for(lambda u: u.cancelled == 1 and u.in_flight == 0)
 
 
-async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin, skyroute):
+async def test_every_upstream_down_is_a_fast_503_with_retry_after(standin):
     """With all upstreams failing, the client gets an OpenAI-shaped 503 with Retry-After.
 
-    It is fast because once every breaker is open a request makes one attempt (the panic
-    rule's) and no retries; that is what is checked, on a fake clock so that no breaker's
-    cool-down ends during the test.
+    It is fast because, once every breaker is open, a request tries each upstream at most
+    once (the panic rule's probes, paid from the retry budget) and waits nothing longer
+    than ``retry.backoff_cap`` in between. That is what is checked, with the waits taken
+    through the app's injected sleep and on a fake clock, so that no breaker's cool-down
+    ends during the test.
     """
-    clock = FakeClock()
-    ups, server = await _three(standin, skyroute, clock=clock.now)
+    ups = [await standin(name) for name in ("a", "b", "c")]
     for up in ups:
         up.behaviour.mode = "error"
-    async with client_for(server) as client:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    config = parse_config(routing_yaml([entry(u) for u in ups], ROUTE), env={})
+    app = build_app(config, sleep=sleep, clock=FakeClock().now)
+    async with Server(config, app=app, port=0) as server, client_for(server) as client:
         for _ in range(8):  # enough to open every breaker
             with pytest.raises(openai.APIStatusError):
                 await client.chat.completions.create(model="chat", messages=MESSAGES)
         tried = sum(up.requests_total for up in ups)
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert sum(up.requests_total for up in ups) == tried + 1  # one try, no failover
+        health = await _health(server)
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+            metrics = await (await h.get(f"{server.url}/metrics")).text()
+    assert tried < sum(up.requests_total for up in ups) <= tried + len(ups)
+    assert all(0 <= wait <= config.retry.backoff_cap_s for wait in waits), waits
     error = caught.value
     assert error.status_code == 503
-    assert int(error.response.headers["Retry-After"]) >= 1
+    retry_after = int(error.response.headers["Retry-After"])
+    assert 1 <= retry_after <= 30
+    assert f"Retry after {retry_after}s" in error.message
     assert error.code == "upstream_unavailable"
-    health = await _health(server)
     assert health["level"] == "unavailable"
     assert {u["state"] for u in health["upstreams"].values()} == {"open"}
+    assert 'skyroute_panic_attempts_total{route="chat",upstream=' in metrics
+    assert 'skyroute_retries_paid_total{route="chat"}' in metrics
+
+
+async def test_route_is_back_with_the_first_request_that_succeeds_after_an_outage(standin,
+                                                                                  skyroute):
+    """Every breaker open, then the upstreams answer: the next request is served (the panic
+    probe) and /health says so at once, not when the cool-downs end."""
+    ups, server = await _three(standin, skyroute, extra="breaker:\n  cooldown: 30s\n")
+    for up in ups:
+        up.behaviour.mode = "error"
+    async with client_for(server) as client:
+        for _ in range(8):
+            try:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and "Retry-After" in exc.response.headers
+        assert (await _health(server))["level"] == "unavailable"
+        for up in ups:
+            up.behaviour.mode = "ok"
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    served_by = reply.choices[0].message.content.split()[2]
+    health = await _health(server)
+    assert health["upstreams"][served_by]["state"] == "healthy"
+    assert health["level"] != "unavailable"
+
+
+async def test_every_upstream_rate_limited_is_a_429_with_the_soonest_retry_after(standin,
+                                                                                 skyroute):
+    """All upstreams answering 429: the client gets 429 with the soonest upstream's wait."""
+    ups, server = await _three(standin, skyroute)
+    for up, seconds in zip(ups, (20, 7, 12), strict=True):
+        up.behaviour.mode = "rate_limited"
+        up.behaviour.retry_after_s = seconds
+    async with client_for(server) as client:
+        try:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+        except openai.RateLimitError as exc:
+            error = exc
+    assert error.code == "upstream_rate_limited"
+    retry_after = int(error.response.headers["Retry-After"])
+    assert retry_after in (6, 7)  # 7 s from the upstream's answer, less the time since
+    assert f"Retry after {retry_after}s" in error.message
 
 
 async def test_bad_key_takes_the_upstream_out_of_rotation(standin, skyroute, captured_logs):
@@ -223,9 +281,10 @@ async def test_hedge_is_not_started_when_the_first_answers_in_time(standin, skyr
 
 
 async def test_backoff_between_attempts_is_waited_through_the_app_sleep(standin):
-    """a and b answer 503, c answers: the attempt loop waits two full-jitter delays (within
-    the 2 s and 4 s ceilings of `retry.backoff_base: 2s`) through the app's injected sleep,
-    so the request is served without waiting them in wall time."""
+    """Failover to an untried sound upstream waits nothing; paid retries (back to upstreams
+    whose breakers are open, here by the panic rule) wait full-jitter delays (within the 2 s
+    and 4 s ceilings of `retry.backoff_base: 2s`) through the app's injected sleep, so the
+    request is served without waiting them in wall time."""
     ups = [await standin(name) for name in ("a", "b", "c")]
     ups[0].behaviour.mode = ups[1].behaviour.mode = "error"
     waits: list[float] = []
@@ -236,10 +295,16 @@ async def test_backoff_between_attempts_is_waited_through_the_app_sleep(standin)
 
     config = parse_config(routing_yaml(
         [entry(u) for u in ups], ROUTE,
-        extra="retry:\n  backoff_base: 2s\n  backoff_cap: 30s\n"), env={})
+        extra="retry:\n  backoff_base: 2s\n  backoff_cap: 30s\n"
+              "breaker:\n  consecutive_failures: 1\n"), env={})
     async with Server(config, app=build_app(config, sleep=sleep), port=0) as server, \
             client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert reply.choices[0].message.content.startswith("Hello from c")
+        assert reply.choices[0].message.content.startswith("Hello from c")
+        assert waits == []  # a, then b failed: each move to a sound upstream is free
+        # a and b are open now; c fails too, a (the least bad) fails again, b answers.
+        ups[1].behaviour.mode, ups[2].behaviour.mode = "ok", "error"
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content.startswith("Hello from b")
     assert len(waits) == 2
     assert 0 <= waits[0] <= 2.0 and 0 <= waits[1] <= 4.0

@@ -131,7 +131,7 @@ async def test_sync_endpoint_refuses_requests_without_the_token(cluster):
         assert "send this deployment's sync.token as 'Authorization: Bearer" in await refused.text()
         assert "serves sessions, usage" in await unknown.text()
     assert len(health["peers"]) >= 2
-    assert set(health["peers"].values()) == {"connected"}
+    assert set(health["peers"]) == {"connected"}
 
 
 async def test_bad_key_found_by_one_instance_is_learnt_by_the_others(cluster):
@@ -206,7 +206,7 @@ async def test_instances_find_each_other_through_dns_discovery(standin):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
             health = await (await h.get(f"{b.url}/health")).json()
             metrics = await (await h.get(f"{a.url}/metrics")).text()
-        assert health["peers"][b_url] == "self"
+        assert "self" in health["peers"]  # public /health: states, no URLs
         assert 'skyroute_sync_discovery_lookups_total{outcome="ok"}' in metrics
         assert "skyroute_sync_discovered_peers" in metrics
 

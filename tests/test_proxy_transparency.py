@@ -181,8 +181,10 @@ CASES: list[Call | Any] = [
     files_delete, batches_create, batches_retrieve, transcription, transcription_text, speech,
     image, models_list, models_retrieve, moderation, unknown_previous_response, upstream_400,
     pytest.param(upstream_429, marks=pytest.mark.xfail(
-        strict=True, reason="issue 11 (the resilience branch): a client whose upstreams all "
-                            "answered 429 gets 429; until then skyroute answers 503")),
+        strict=True, reason="the class and status now match (RateLimitError, 429: see "
+                            "test_upstream_429_is_a_429_both_ways), but the body is skyroute's "
+                            "own give-up (code upstream_rate_limited, 'Retry after Ns' as in "
+                            "Retry-After), not the upstream's")),
 ]
 
 
@@ -215,3 +217,22 @@ async def test_transparency_same_result_directly_and_through_skyroute(
     async with client_for(server) as through:
         got = await outcome(call, through, up)
     assert got == expected
+
+
+async def test_upstream_429_is_a_429_both_ways(standin, skyroute) -> None:
+    """An upstream answering 429 is the SDK's RateLimitError with status 429 directly and
+    through skyroute, which adds a Retry-After."""
+    up = await standin("us-east", models=MODELS)
+    models = "{" + ", ".join(f"{m}: {m}" for m in MODELS) + "}"
+    entry = (f"  - name: us-east\n    url: {up.base_url}\n    api_key: {UPSTREAM_KEY}\n"
+             f"    models: {models}\n")
+    server = await skyroute(routing_yaml([entry]))
+    errors = []
+    async with openai.AsyncOpenAI(base_url=up.base_url, api_key=UPSTREAM_KEY, max_retries=0,
+                                  timeout=CALL_TIMEOUT_S) as direct, client_for(server) as through:
+        for client in (direct, through):
+            with pytest.raises(openai.RateLimitError) as caught:
+                await upstream_429(client, up)
+            errors.append(caught.value)
+    assert [e.status_code for e in errors] == [429, 429]
+    assert int(errors[1].response.headers["Retry-After"]) >= 1

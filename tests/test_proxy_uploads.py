@@ -60,7 +60,8 @@ async def test_200MB_upload_passes_with_memory_growth_under_32MB(standin, tmp_pa
     config.write_text(routing_yaml([entry(up)]))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
-        "--config", str(config), "--port", "0", stdout=asyncio.subprocess.DEVNULL,
+        "--config", str(config), "--port", "0", "--workers", "1",  # this pid serves
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp_path)})
     drain: asyncio.Task[bytes] | None = None
     try:

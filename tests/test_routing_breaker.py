@@ -267,14 +267,14 @@ def test_CircuitBreaker_trip_streak_forgotten_after_quiet_period() -> None:
 
 
 def test_CircuitBreaker_trip_forces_open_until_given_time() -> None:
-    """trip(until=...) opens for exactly that long, as a Retry-After asks."""
+    """trip(until=...) opens for exactly that long, as a Retry-After asks, streak unchanged."""
     clock = FakeClock()
     breaker = CircuitBreaker("a")
     transition = breaker.trip(now=clock.now(), until=clock.now() + 30.0, reason="429 Retry-After")
     assert transition == BreakerTransition(
         target="a", old=CLOSED, new=OPEN, reason="429 Retry-After", at=100.0, open_until=130.0
     )
-    assert repr(breaker) == "<CircuitBreaker target=a OPEN until=130 trips=1>"
+    assert repr(breaker) == "<CircuitBreaker target=a OPEN until=130 trips=0>"
     run(breaker, clock, [("wait", 29.9, None), ("allows", None, False), ("wait", 0.1, None)])
     run(breaker, clock, [("allows", None, True)])
 
@@ -285,7 +285,7 @@ def test_CircuitBreaker_trip_while_open_only_extends() -> None:
     breaker = CircuitBreaker("a")
     run(breaker, clock, [("trip", 30.0, OPEN), ("trip", 10.0, None), ("trip", 60.0, None)])
     assert breaker.open_until == 160.0
-    assert breaker.trips == 1
+    assert (breaker.trips, breaker.total_trips) == (0, 1)
 
 
 def test_CircuitBreaker_trip_in_half_open_reopens() -> None:
@@ -414,10 +414,11 @@ def test_CircuitBreaker_transition_table() -> None:
     assert {(old, new) for (old, _), new in _TRANSITIONS.items()} == {
         (CLOSED, OPEN),
         (OPEN, HALF),
+        (OPEN, CLOSED),
         (HALF, CLOSED),
         (HALF, OPEN),
     }
-    assert len(_TRANSITIONS) == 6
+    assert len(_TRANSITIONS) == 7
 
 
 @pytest.mark.parametrize(
@@ -445,3 +446,80 @@ def test_CircuitBreaker_trip_rejects_non_finite_until() -> None:
     with pytest.raises(ValueError, match="until"):
         breaker.trip(now=0.0, until=float("inf"))
     assert breaker.state(now=0.0) is CLOSED
+
+
+def test_CircuitBreaker_default_cooldowns_stay_within_half_a_minute() -> None:
+    """With the defaults, failed probes re-open for 5, 10, 20, then at most 30 s."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    breaker.record(F, now=clock.now())
+    cooldowns = []
+    for _ in range(6):
+        assert breaker.open_until is not None
+        cooldowns.append(breaker.open_until - clock.now())
+        clock.advance(cooldowns[-1])
+        assert breaker.allows(now=clock.now())
+        breaker.record(F, now=clock.now())
+    assert cooldowns == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+
+
+def test_CircuitBreaker_retry_after_trips_do_not_lengthen_the_streak() -> None:
+    """Repeated Retry-After trips keep the base cool-down for the next real failure."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    for _ in range(5):  # a burst of 429s, each closed again by a successful probe
+        run(breaker, clock, [("trip", 2.0, OPEN), ("wait", 2.0, None), ("allows", None, True),
+                             ("record", S, CLOSED)])
+    run(breaker, clock, [("record", F, OPEN)])
+    assert breaker.trips == 1
+    assert breaker.open_until == clock.now() + 5.0
+
+
+def test_CircuitBreaker_panic_probe_success_closes_before_the_cooldown_ends() -> None:
+    """An OPEN breaker admits one panic probe; its success closes the breaker at once."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    run(breaker, clock, [("record", F, OPEN), ("wait", 1.0, None), ("allows", None, False)])
+    assert breaker.allows(now=clock.now(), panic=True) == Admission(allowed=True, probe=True)
+    assert not breaker.allows(now=clock.now(), panic=True)  # one probe slot
+    assert breaker.has_probe_out()
+    transition = breaker.record(S, now=clock.now())
+    assert transition is not None
+    assert (transition.old, transition.new, transition.reason) == (
+        OPEN, CLOSED, "a panic probe succeeded")
+    assert breaker.allows(now=clock.now())
+
+
+def test_CircuitBreaker_panic_probe_failure_changes_no_schedule() -> None:
+    """A failed panic probe frees its slot; cool-down and streak stay as they were."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    run(breaker, clock, [("record", F, OPEN), ("wait", 1.0, None)])
+    until = breaker.open_until
+    for _ in range(3):
+        assert breaker.allows(now=clock.now(), panic=True)
+        assert breaker.record(F, now=clock.now()) is None
+    assert (breaker.open_until, breaker.trips) == (until, 1)
+    run(breaker, clock, [("wait", 4.0, None), ("allows", None, True), ("record", S, CLOSED)])
+
+
+def test_CircuitBreaker_retry_after_on_a_panic_probe_frees_its_slot() -> None:
+    """A panic probe answered with Retry-After extends the cool-down and frees the slot."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    run(breaker, clock, [("record", F, OPEN)])
+    assert breaker.allows(now=clock.now(), panic=True)
+    breaker.trip(now=clock.now(), until=clock.now() + 8.0)
+    assert not breaker.has_probe_out()
+    assert breaker.open_until == clock.now() + 8.0
+    assert breaker.allows(now=clock.now(), panic=True)
+
+
+def test_CircuitBreaker_abandoned_panic_probe_frees_its_slot() -> None:
+    """A panic probe whose client went away frees the slot for the next one."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("a", consecutive_failures=1)
+    run(breaker, clock, [("record", F, OPEN)])
+    assert breaker.allows(now=clock.now(), panic=True)
+    breaker.abandon_probe(now=clock.now())
+    assert breaker.allows(now=clock.now(), panic=True)

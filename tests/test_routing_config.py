@@ -459,3 +459,21 @@ def test_any_input_gives_a_config_or_config_problems(text):
         parse_config(text, env=ENV)
     except ConfigError as exc:
         assert exc.problems and all(isinstance(p.message, str) for p in exc.problems)
+def test_limits_and_connection_keys_parse_and_are_checked():
+    """limits (timeouts, connection cap), upstream max_connections/pool_timeout and a key's
+    max_concurrent are read; a zero or a wrong type is a problem naming the field."""
+    text = ("limits: {head_timeout: 5s, body_timeout: 250ms, keepalive_timeout: 1m, "
+            "max_client_connections: 100}\n"
+            "auth: {api_keys: [{name: a, key: sk-a-123456, max_concurrent: 3}]}\n"
+            "upstreams: [{name: u, url: 'http://u/v1', max_connections: 8, pool_timeout: 1s}]\n")
+    config = parse_config(text, env={})
+    limits = config.limits
+    assert (limits.head_timeout_s, limits.body_timeout_s, limits.keepalive_timeout_s,
+            limits.max_client_connections) == (5.0, 0.25, 60.0, 100)
+    assert config.api_keys[0].max_concurrent == 3
+    assert (config.upstreams[0].max_connections, config.upstreams[0].pool_timeout_s) == (8, 1.0)
+    with pytest.raises(ConfigError) as bad:
+        parse_config("limits: {max_client_connections: 0, head_timeout: soon}\n"
+                     "upstreams: [{name: u, url: 'http://u/v1'}]\n", env={})
+    text = str(bad.value)
+    assert "max_client_connections" in text and "head_timeout" in text

@@ -8,10 +8,15 @@ import pytest
 from skyroute.routing import (
     GOSSIPED,
     Adopt,
+    AttemptOutcome,
     Finding,
     Publish,
+    Result,
     Router,
+    Target,
+    UpstreamHealth,
     UpstreamState,
+    Withdraw,
     gossip_decisions,
     parse_config,
 )
@@ -56,6 +61,16 @@ CASES = [
     ({"a": Finding(state=HEALTHY)}, {"zz": Report("down", NOW + 30)}, []),
     ({"a": Finding(state=HEALTHY)}, {"a": Report("slow", NOW + 30)}, []),
     ({"a": Finding(state=HEALTHY)}, {"a": Report("on fire", NOW + 30)}, []),
+    # A report about an upstream that has answered here since is out of date: withdrawn,
+    # not adopted, whatever time it has left...
+    ({"a": Finding(state=HEALTHY, answering=True)}, {"a": Report("bad_key", NOW + 600)},
+     [Withdraw(upstream="a")]),
+    ({"a": Finding(state=HEALTHY, answering=True)}, {"a": Report("down", None)},
+     [Withdraw(upstream="a")]),
+    # ...but only a report of a gossiped state about a configured upstream is touched.
+    ({"a": Finding(state=HEALTHY, answering=True)}, {"a": Report("slow", NOW + 30)}, []),
+    ({"a": Finding(state=HEALTHY, answering=True)}, {"zz": Report("down", NOW + 30)}, []),
+    ({"a": Finding(state=HEALTHY, answering=True)}, {}, []),
     # Publishing one upstream and adopting another in the same round.
     ({"a": Finding(state=DOWN, for_s=1.0), "b": Finding(state=HEALTHY)},
      {"b": Report("down", NOW + 2, reporter="peer-2")},
@@ -67,7 +82,7 @@ CASES = [
 @pytest.mark.parametrize(("findings", "reports", "decisions"), CASES)
 def test_gossip_decisions_follow_the_rules(findings, reports, decisions):
     """bad_key and down are published unless a report stands, and peers' reports of them
-    are adopted for the time they have left unless already known here."""
+    are adopted for the time they have left unless already known here or out of date."""
     assert gossip_decisions(findings, reports, now=NOW) == decisions
 
 
@@ -93,3 +108,37 @@ def test_an_adopted_report_takes_the_upstream_out_for_its_time_left():
     assert router.health("a").state(now=clock.now()) is DOWN
     clock.advance(0.2)
     assert router.health("a").state(now=clock.now()) is HEALTHY
+
+
+def test_a_report_is_withdrawn_once_the_upstream_answers_here_after_it():
+    """A peer's bad_key report is adopted; a panic try that gets an answer afterwards makes
+    it out of date (withdrawn, not adopted again every round); once the latest news here is
+    a failure again, a report in force counts (a fake clock)."""
+    config = parse_config(
+        "upstreams:\n  - {name: a, url: 'http://a/v1', models: {chat: m}}\n", env={})
+    health = UpstreamHealth("a", breaker=config.breaker, latency=config.latency,
+                            retry=config.retry, threshold_s=0.2)
+    target = Target(upstream=config.upstream("a"), endpoint="http://a/v1", model="m")
+    clock = FakeClock()
+    reports = {"a": Report("bad_key", NOW + 600)}
+
+    def decide() -> list[Publish | Adopt | Withdraw]:
+        finding = Finding(state=health.state(now=clock.now()), answering=health.is_answering())
+        return gossip_decisions({"a": finding}, reports, now=NOW + clock.now())
+
+    (adopt,) = decide()  # no answer here yet: the report is taken
+    assert isinstance(adopt, Adopt) and adopt.state is BAD_KEY
+    health.mark(adopt.state, until=clock.now() + adopt.for_s, reason=adopt.reason,
+                now=clock.now())
+    assert decide() == []  # known here now
+    clock.advance(1.0)
+    assert health.admit(now=clock.now(), panic=True)  # the panic rule tries it anyway
+    health.record(AttemptOutcome(target=target, result=Result.SUCCESS, ttfb_s=0.05),
+                  now=clock.now())
+    assert health.state(now=clock.now()) is HEALTHY
+    assert decide() == [Withdraw(upstream="a")]
+    clock.advance(1.0)
+    health.record(AttemptOutcome(target=target, result=Result.SERVER_ERROR, ttfb_s=0.05),
+                  now=clock.now())
+    assert not health.is_answering()  # the latest news here is a failure: a report counts
+    assert isinstance(decide()[0], Adopt)

@@ -21,7 +21,8 @@ upstreams:
   - {{name: cloud, url: "http://cloud/v1", models: {{chat: m-c}}}}
   - {{name: gpu, endpoints: ["{P1}", "{P2}", "{P3}"], models: {{chat: m-g}}}}
 routes:
-  - {{model: chat, targets: [gpu, cloud], max_attempts: 3}}
+  # priority: the pool first, so every request here exercises its endpoint picker
+  - {{model: chat, targets: [gpu, cloud], max_attempts: 3, strategy: priority}}
 """
 
 

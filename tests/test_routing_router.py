@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 from skyroute.routing import (
     AttemptOutcome,
@@ -15,6 +18,8 @@ from skyroute.routing import (
     classify_status,
     parse_config,
 )
+
+from .fakes import FakeClock
 
 CONFIG = parse_config("""\
 upstreams:
@@ -77,10 +82,19 @@ def test_AttemptPlan_give_up_is_503_when_every_upstream_was_busy_or_overloaded()
     assert "a: rate_limited" in decision.message and "pool: busy" in decision.message
 
 
-def test_AttemptPlan_give_up_is_502_for_connect_errors():
-    """Connection failures everywhere give a 502."""
+def test_AttemptPlan_give_up_is_503_with_retry_after_for_connect_errors():
+    """Connection failures everywhere give a 503 with Retry-After, never a bare 502."""
     _, decision = _run([Result.CONNECT_ERROR] * 3)
-    assert isinstance(decision, GiveUp) and decision.status == 502
+    assert isinstance(decision, GiveUp) and decision.status == 503
+    assert decision.retry_after_s == 1 and "Retry after 1s" in decision.message
+
+
+def test_AttemptPlan_busy_everywhere_is_503_and_the_route_deadline_504():
+    """Busy or timed-out upstreams give 503; only the route's own deadline gives 504."""
+    _, busy = _run([Result.BUSY, Result.TIMEOUT, Result.BUSY])
+    assert isinstance(busy, GiveUp) and busy.status == 503
+    _, late = _run([Result.BUSY, Result.BUSY], step=11.0)
+    assert isinstance(late, GiveUp) and late.status == 504 and late.retry_after_s is not None
 
 
 def test_AttemptPlan_stops_at_the_request_deadline():
@@ -168,3 +182,86 @@ routes:
     router.tick(now=1.0)
     assert router.health("a").latency.p95(now=1.0) == pytest.approx(0.2)
     assert router.plan(route, now=1.0).next_attempt(now=1.0).name == "b"
+
+
+def test_POOL_FULL_moves_on_and_is_not_held_against_the_upstream():
+    """A full connection pool tries the next target and leaves the upstream's health alone."""
+    router = Router(CONFIG)
+    plan = router.plan(CONFIG.route_for("chat"), now=100.0)
+    for _ in range(10):  # far more than the breaker's consecutive-failure threshold
+        target = plan.next_attempt(now=100.0)
+        assert target.name == "a"
+        outcome = AttemptOutcome(target=target, result=Result.POOL_FULL)
+        assert router.record(outcome, now=100.0) is None  # no health change
+        decision = plan.record(outcome, now=100.0)
+        assert isinstance(decision, Retry)
+        plan = router.plan(CONFIG.route_for("chat"), now=100.0)
+    snapshot = router.snapshot(now=100.0)["a"]
+    assert snapshot["state"] == "healthy" and snapshot["breaker"] == "CLOSED"
+    assert snapshot["outstanding"] == 0
+
+
+def test_AttemptPlan_give_up_is_503_when_every_pool_was_full():
+    """Every target's pool full: 503 with Retry-After (not 502: no upstream failed)."""
+    tried, decision = _run([Result.POOL_FULL] * 3)
+    assert [name for name, _ in tried] == ["a", "b", "pool"]
+    assert isinstance(decision, GiveUp) and decision.status == 503
+    assert decision.retry_after_s is not None
+
+
+# -- latency that is not known yet, and the estimates shared through Prometheus -------------
+
+LOWEST = """\
+upstreams:
+  - {name: a, url: "http://a/v1", models: {chat: m-a}}
+  - {name: b, url: "http://b/v1", models: {chat: m-b}}
+  - {name: c, url: "http://c/v1", models: {chat: m-c}}
+routes:
+  - {model: chat, targets: [b, a, c]}
+latency:
+  prometheus: {url: "http://prometheus:9090", interval: 1s}
+"""
+
+
+def test_Router_upstream_with_no_estimate_gets_only_the_probe_share():
+    """Under lowest-latency, an upstream with no latency known is not taken for the fastest."""
+    clock = FakeClock()
+    router = Router(parse_config(LOWEST, env={}), rng=random.Random(7))
+    for name, seconds in (("a", 0.30), ("c", 0.05)):
+        router.feed_external(name, seconds, source="prometheus", now=clock.now())
+    router.tick(now=clock.now())
+    route = router.config.route_for("chat")
+    firsts = Counter(router.plan(route, now=clock.now()).next_attempt(now=clock.now()).name
+                     for _ in range(2000))
+    assert firsts["b"] / 2000 == pytest.approx(0.02, abs=0.01)  # latency.probe_share
+    assert firsts["c"] > 1900 and firsts["a"] == 0  # known and fastest first
+
+
+def test_Router_cold_start_spreads_requests_over_unknown_upstreams():
+    """With nothing known, requests in flight together go to different upstreams."""
+    router = Router(parse_config(LOWEST, env={}))
+    route = router.config.route_for("chat")
+    firsts = [router.plan(route, now=0.0).next_attempt(now=0.0).name for _ in range(3)]
+    assert firsts == ["b", "a", "c"]
+
+
+def test_Router_exports_its_own_estimate_and_holds_it_after_traffic_moves_away():
+    """The passive estimate stays exported after its window empties, for 10 windows."""
+    clock = FakeClock()
+    router = Router(parse_config(LOWEST, env={}))
+    route = router.config.route_for("chat")
+    plan = router.plan(route, now=clock.now())
+    target = plan.next_attempt(now=clock.now())
+    router.record(AttemptOutcome(target=target, result=Result.SUCCESS, ttfb_s=0.4),
+                  now=clock.now())
+    router.feed_external("a", 0.9, source="prometheus", now=clock.now())
+    router.tick(now=clock.now())
+    assert router.exported_estimates(now=clock.now())[target.name] == {"passive": 0.4}
+    assert router.exported_estimates(now=clock.now())["a"] == {"prometheus": 0.9}
+    clock.advance(61.0)  # the 60 s passive window is empty now
+    router.tick(now=clock.now())
+    assert router.exported_estimates(now=clock.now())[target.name] == {"passive": 0.4}
+    assert router.exported_estimates(now=clock.now())["a"] == {}  # the reading is stale
+    clock.advance(540.0)
+    router.tick(now=clock.now())
+    assert router.exported_estimates(now=clock.now())[target.name] == {}

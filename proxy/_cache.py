@@ -1,0 +1,385 @@
+"""The response cache's I/O: two levels, coalescing, and serving a request through them.
+
+``routing`` decides what is cacheable, under which key, and what may be stored
+(``routing._cache``); this module keeps the entries and serves requests with them.
+
+Theory of operation:
+
+* Level 1 is in-process: a ``cachetools.TLRUCache`` sized in bytes (each entry's
+  compressed size plus its bookkeeping), least recently used out first, each entry
+  leaving at the end of its stale-if-error window. Level 2 is Redis
+  (``proxy._cache_redis``), when ``cache.redis`` names one; a level-2 hit is copied
+  into level 1.
+* ``serve_cached`` wraps the call that serves a route. A fresh entry is a hit:
+  JSON as stored, or replayed as SSE for ``stream: true``. A miss joins an identical
+  request already in flight (coalescing: one upstream call for all of them, at most
+  ``cache.max_waiters`` waiting) or leads its own; a leader's answer is stored when
+  ``routing.is_storable`` says so (a streamed one is read from the bytes relayed to
+  its client, through ``STREAM_TAP``) and handed to its waiters. A waiter whose
+  leader got no storable answer serves itself, failover included. When every
+  upstream fails, an expired entry within ``cache.stale_if_error`` is served, marked
+  ``stale``; failing that, on a ``cache: approximate`` route, a near-identical prompt's
+  entry (``routing._approximate``), marked ``approximate``, which is also served at
+  once while the instance is in minimal mode.
+* Every cached-route answer says ``x-skyroute-cache: hit|miss|bypass|stale|approximate``; hits
+  carry ``Age``. The access log line carries ``cache=...`` (bound to the request's
+  log context) and ``skyroute_cache_*`` counts it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cachetools
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from skyroute.routing import (
+    ApiKey,
+    ApproximateIndex,
+    CacheLookup,
+    CacheMode,
+    CachePolicy,
+    Freshness,
+    NotCacheable,
+    Route,
+    cache_lookup,
+    freshness,
+    is_storable,
+)
+
+from ._cache_entry import CachedAnswer, assemble_stream, parse_answer, replay_sse
+from ._cache_redis import RedisLevel, RedisMetrics
+from ._coalesce import Flight, LiveStream, follow_live
+from ._errors import UpstreamError
+from ._forward import UpstreamCall
+from ._state import CLOCK, METRICS, SERVING, STREAM_TAP, SUMMARY
+
+log = structlog.get_logger("skyroute.cache")
+
+CACHE_HEADER: Final = "x-skyroute-cache"
+#: Bookkeeping per level-1 entry besides its blob: the key string, the holder, the
+#: cache's own links (measured with tracemalloc at about 330 bytes).
+ENTRY_OVERHEAD: Final = 330
+#: Prompts the approximate index remembers per instance (~1 KiB each: a signature and
+#: its bucket keys); older ones are forgotten, their entries stay exact-only.
+APPROXIMATE_ENTRIES: Final = 50_000
+
+
+class CacheMetrics:
+    """The cache's series on one application's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "skyroute_cache_requests",
+            "Requests on routes with a cache, by result: hit, miss, bypass (the client's "
+            "Cache-Control or an uncacheable request), stale (served expired after every "
+            "upstream failed).", ["route", "result"], registry=registry)
+        self.bytes = Gauge("skyroute_cache_bytes",
+                           "Bytes the in-process level holds (compressed entries and their "
+                           "bookkeeping).", ["level"], multiprocess_mode="livesum",
+                           registry=registry)
+        self.entries = Gauge("skyroute_cache_entries", "Entries the in-process level holds.",
+                             ["level"], multiprocess_mode="livesum", registry=registry)
+        self.evictions = Counter("skyroute_cache_evictions",
+                                 "Entries dropped from the in-process level to make room.",
+                                 ["level"], registry=registry)
+        self.stores = Counter("skyroute_cache_stores",
+                              "Answers stored, by kind: json or stream.", ["route", "kind"],
+                              registry=registry)
+        self.coalesced = Counter("skyroute_cache_coalesced",
+                                 "Requests that waited for an identical one in flight instead "
+                                 "of calling an upstream.", ["route"], registry=registry)
+        self.redis = RedisMetrics(registry)
+
+
+@dataclass(slots=True)
+class _Held:
+    stored_at: float
+    blob: bytes
+
+
+class _MemoryLevel(cachetools.TLRUCache[str, _Held]):
+    """Level 1: byte-bounded LRU whose entries expire at the end of their stale window."""
+
+    def __init__(self, policy: CachePolicy, metrics: CacheMetrics) -> None:
+        lifetime = policy.ttl_s + policy.stale_if_error_s
+        super().__init__(maxsize=policy.memory.max_bytes,
+                         ttu=lambda _key, held, _now: held.stored_at + lifetime,
+                         timer=time.time, getsizeof=lambda held: len(held.blob) + ENTRY_OVERHEAD)
+        self._metrics = metrics
+
+    def popitem(self) -> tuple[str, _Held]:
+        # Called only to make room (cachetools' documented hook for evictions).
+        item = super().popitem()
+        self._metrics.evictions.labels("memory").inc()
+        return item
+
+
+@dataclass(slots=True)
+class ResponseCache:
+    """Both levels and the requests in flight, for one ``cache`` policy."""
+
+    policy: CachePolicy
+    metrics: CacheMetrics
+    memory: _MemoryLevel = field(init=False)
+    redis: RedisLevel | None = field(init=False)
+    near: ApproximateIndex = field(init=False)
+    flights: dict[str, Flight] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.memory = _MemoryLevel(self.policy, self.metrics)
+        self.near = ApproximateIndex(threshold=self.policy.approximate.threshold,
+                                     max_entries=APPROXIMATE_ENTRIES)
+        self.redis = RedisLevel(self.policy, self.metrics.redis) \
+            if self.policy.redis is not None else None
+        self.metrics.redis.up.set(1 if self.redis is not None else 0)
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        """The entry for ``key`` from level 1, else level 2 (fresh or stale)."""
+        held = self.memory.get(key)
+        if held is None and self.redis is not None:
+            blob = await self.redis.get(key)
+            if blob is not None:
+                entry = CachedAnswer.decode(blob)
+                if entry is not None:
+                    self._keep(key, _Held(entry.stored_at, blob))
+                return entry
+        return CachedAnswer.decode(held.blob) if held is not None else None
+
+    def put(self, key: str, entry: CachedAnswer) -> None:
+        blob = entry.encode()
+        self._keep(key, _Held(entry.stored_at, blob))
+        if self.redis is not None:
+            self.redis.set(key, blob, age_s=time.time() - entry.stored_at)
+
+    def _keep(self, key: str, held: _Held) -> None:
+        with contextlib.suppress(ValueError):  # bigger than the whole level: level 2 only
+            self.memory[key] = held
+        self.metrics.bytes.labels("memory").set(self.memory.currsize)
+        self.metrics.entries.labels("memory").set(len(self.memory))
+
+    def state(self) -> dict[str, Any]:
+        """For ``/health``."""
+        return {"memory": {"entries": len(self.memory), "bytes": self.memory.currsize,
+                           "max_bytes": self.memory.maxsize},
+                "redis": None if self.redis is None else ("up" if self.redis.up else "down"),
+                "in_flight": len(self.flights)}
+
+    async def aclose(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+class CacheHolder:
+    """The instance's cache; rebuilt when a reload changes the ``cache`` section."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.metrics = CacheMetrics(registry)
+        self._current: ResponseCache | None = None
+        self._retired: list[ResponseCache] = []
+
+    def for_policy(self, policy: CachePolicy) -> ResponseCache:
+        current = self._current
+        if current is None or current.policy != policy:
+            if current is not None:
+                self._retired.append(current)
+            current = self._current = ResponseCache(policy, self.metrics)
+        return current
+
+    def state(self) -> dict[str, Any] | None:
+        return None if self._current is None else self._current.state()
+
+    async def aclose(self) -> None:
+        for cache in [*self._retired, *([self._current] if self._current else [])]:
+            await cache.aclose()
+        self._retired, self._current = [], None
+
+
+CACHE = web.AppKey("response_cache", CacheHolder)
+#: The ``x-skyroute-cache`` (and ``Age``) headers for a request's answer, set when it is prepared.
+_CACHE_HEADERS = web.RequestKey("cache_headers", dict)
+
+Serve = Callable[[], Awaitable[web.StreamResponse]]
+
+
+async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
+                       client: ApiKey | None, serve: Serve) -> web.StreamResponse:
+    """Serve ``call`` through the cache when its route has one; else just ``serve()``."""
+    if route.cache is CacheMode.OFF:
+        return await serve()
+    lookup = cache_lookup(route=route.model, mode=route.cache, scope=route.cache_scope,
+                          method=call.method, path=call.path_qs, payload=call.payload,
+                          client=client.name if client is not None else None,
+                          cache_control=request.headers.get("Cache-Control"))
+    cache = request.app[CACHE].for_policy(request.app[SERVING].runtime.config.cache)
+    if isinstance(lookup, NotCacheable):
+        cache.metrics.requests.labels(route.model, "bypass").inc()
+        _mark(request, route.model, "bypass")
+        return await serve()
+    assert call.payload is not None  # cacheable requests have a JSON body
+    stream = call.payload.get("stream") is True
+    now = time.time()
+    entry = await cache.get(lookup.key) if lookup.read else None
+    fresh = entry is not None and freshness(stored_at=entry.stored_at, policy=cache.policy,
+                                            now=now) is Freshness.FRESH
+    if entry is not None and fresh:
+        return await _answer_from(request, cache, route.model, entry, stream, call, "hit")
+    if lookup.approximate is not None and lookup.read:
+        router = request.app[SERVING].runtime.router
+        if router.minimal(now=request.app[CLOCK]()).active:
+            near = await _near(cache, lookup)
+            if near is not None:
+                return await _answer_from(request, cache, route.model, near, stream, call,
+                                          "approximate")
+    flight = cache.flights.get(lookup.key) if lookup.read else None
+    if flight is not None and flight.waiters < cache.policy.max_waiters:
+        flight.waiters += 1
+        cache.metrics.coalesced.labels(route.model).inc()
+        if stream and flight.live is not None:
+            _mark(request, route.model, "hit", age="0")  # a leader that fails: marked again
+            resp = await follow_live(request, flight.live, headers={})
+            if resp is not None:
+                request[SUMMARY].route, request[SUMMARY].upstream = route.model, "cache"
+                cache.metrics.requests.labels(route.model, "hit").inc()
+                return resp
+        else:
+            shared = await asyncio.shield(flight.answer)
+            if shared is not None:
+                return await _answer_from(request, cache, route.model, shared, stream, call,
+                                          "hit")
+    return await _lead(request, cache, lookup, call, stream, serve, stale=entry)
+
+
+async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
+                call: UpstreamCall, stream: bool, serve: Serve, *,
+                stale: CachedAnswer | None) -> web.StreamResponse:
+    """Serve a miss upstream, store what may be stored, and hand it to any waiters."""
+    flight: Flight | None = None
+    tap = LiveStream()
+    if lookup.key not in cache.flights:
+        flight = cache.flights[lookup.key] = Flight(
+            answer=asyncio.get_running_loop().create_future(), live=tap if stream else None)
+    stored: CachedAnswer | None = None
+    if stream and (lookup.write or flight is not None):
+        request[STREAM_TAP] = tap
+    body_before = call.body
+    _mark(request, lookup.route, "miss")  # the header, before a stream is prepared
+    try:
+        try:
+            resp = await serve()
+        except UpstreamError:
+            if stale is not None and freshness(stored_at=stale.stored_at, policy=cache.policy,
+                                               now=time.time()) is Freshness.STALE:
+                return await _answer_from(request, cache, lookup.route, stale, stream, call,
+                                          "stale")
+            near = await _near(cache, lookup) if lookup.read else None
+            if near is None:
+                cache.metrics.requests.labels(lookup.route, "miss").inc()
+                raise
+            return await _answer_from(request, cache, lookup.route, near, stream, call,
+                                      "approximate")
+        cache.metrics.requests.labels(lookup.route, "miss").inc()
+        if lookup.write:
+            stored = _store(request, cache, lookup, resp, b"".join(tap) if stream else None,
+                            as_asked=call.body is body_before)
+        return resp
+    finally:
+        if flight is not None:
+            del cache.flights[lookup.key]
+            # In finally: a leader that fails or is cancelled releases its waiters too.
+            flight.answer.set_result(stored)
+            tap.finish()
+
+
+async def _near(cache: ResponseCache, lookup: CacheLookup) -> CachedAnswer | None:
+    """A fresh entry for a near-identical prompt (``cache: approximate``), if one is kept."""
+    if lookup.approximate is None:
+        return None
+    found = cache.near.find(lookup.approximate)
+    if found is None:
+        return None
+    entry = await cache.get(found[0])
+    if entry is None or freshness(stored_at=entry.stored_at, policy=cache.policy,
+                                  now=time.time()) is Freshness.GONE:
+        return None
+    log.info("cache_approximate_served", route=lookup.route, similarity=round(found[1], 3))
+    return entry
+
+
+def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
+           resp: web.StreamResponse, streamed: bytes | None, *,
+           as_asked: bool) -> CachedAnswer | None:
+    """Store the answer ``resp`` (or the ``streamed`` bytes) if routing says it may be."""
+    summary = request[SUMMARY]
+    body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) \
+        else None
+    answer = assemble_stream(streamed) if streamed is not None else parse_answer(body)
+    as_asked = as_asked and summary.fallback is None and not summary.cut
+    if not is_storable(status=resp.status, answer=answer, as_asked=as_asked):
+        return None
+    entry = CachedAnswer(stored_at=time.time(), upstream=summary.upstream,
+                         body=body if body is not None else json.dumps(answer).encode())
+    cache.put(lookup.key, entry)
+    if lookup.approximate is not None:
+        cache.near.add(lookup.approximate, lookup.key)
+    cache.metrics.stores.labels(lookup.route, "json" if streamed is None else "stream").inc()
+    return entry
+
+
+async def _answer_from(request: web.Request, cache: ResponseCache, route: str,
+                       entry: CachedAnswer, stream: bool, call: UpstreamCall,
+                       result: str) -> web.StreamResponse:
+    """A hit (or a stale answer): the entry as JSON, or replayed as SSE."""
+    summary = request[SUMMARY]
+    summary.route, summary.upstream = route, "cache"
+    age = str(max(0, int(time.time() - entry.stored_at)))
+    cache.metrics.requests.labels(route, result).inc()
+    _mark(request, route, result, age=age)
+    if not stream:
+        return web.Response(body=entry.body, content_type="application/json")
+    options = (call.payload or {}).get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    events = replay_sse(entry.body, include_usage=include_usage)
+    if events is None:  # unreadable entry: never expected, but not the client's problem
+        raise UpstreamError("the cached answer could not be read", status=502)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(events)
+    await resp.write_eof()
+    return resp
+
+
+def _mark(request: web.Request, route: str, result: str, *, age: str | None = None) -> None:
+    """Say ``result`` in the answer's headers and the request's log line."""
+    headers = {CACHE_HEADER: result}
+    if age is not None:
+        headers["Age"] = age
+    request[_CACHE_HEADERS] = headers
+    structlog.contextvars.bind_contextvars(cache=result)
+
+
+async def _cache_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    headers = request.get(_CACHE_HEADERS)
+    if headers:
+        resp.headers.update(headers)
+
+
+def install_cache(app: web.Application) -> None:
+    """Give ``app`` a response cache: its app key, headers, and lifecycle."""
+    app[CACHE] = CacheHolder(app[METRICS].registry)
+    app.on_response_prepare.append(_cache_headers)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        app[CACHE].for_policy(app[SERVING].runtime.config.cache)  # connect at start
+        yield
+        await app[CACHE].aclose()
+
+    app.cleanup_ctx.append(lifecycle)

@@ -1,0 +1,131 @@
+"""Keeping secrets out of logs: redaction of anything that looks like a key.
+
+Rules / theory of operation
+---------------------------
+Two nets, both applied to every string value of every structured log event
+(``redact_processor``, installed by ``configure_logging``):
+
+* **Known secrets.** Every secret the running configuration holds (client keys,
+  upstream keys, the admin key, the sync token) is registered with
+  ``register_secrets`` when an app is built or a config reloaded, and replaced by
+  ``[redacted]`` wherever it appears. The registry is process-wide, as the log
+  configuration it serves is.
+* **Key-shaped text.** ``Bearer <token>``, ``sk-...``-style API keys, JWTs,
+  ``token=``/``key=`` query values, URL userinfo (``://user:pw@``) and long
+  random-looking tokens are replaced even when skyroute has never seen them
+  (an upstream that echoes someone's key in its error text, say).
+
+Redaction is a net, not the plan: upstream error text is never logged in the
+first place (``proxy._forward`` reduces it to a category and a status).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from skyroute.routing import Config
+
+REDACTED = "[redacted]"
+_FLAT = (str, int, float, bool, type(None))
+#: Secrets shorter than this are not registered: replacing "a" everywhere would
+#: garble the log while protecting nothing (config validation asks for real keys).
+MIN_SECRET_LENGTH = 6
+
+_PATTERNS = (
+    (re.compile(r"\b([Bb]earer|[Bb]asic|BEARER)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
+    (re.compile(r"\b(sk|pk|rk)[-_][A-Za-z0-9._-]{6,}"), rf"\1-{REDACTED}"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"([?&;](?:token|key|api[-_]?key|access_token|secret|password)=)[^&#\s\"']+"),
+     rf"\1{REDACTED}"),
+    (re.compile(r"(://)[^/@\s:]*:[^/@\s]*@"), rf"\1{REDACTED}@"),
+)
+#: Substrings every match of ``_PATTERNS`` contains: checking them is far cheaper than
+#: the patterns (which Python's ``re`` tries at every word boundary), and most log
+#: lines contain none.
+_MARKERS = ("earer", "EARER", "asic", "sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "eyJ", "=",
+            "://")
+#: A run of token characters long enough to be a key; ``_is_random`` decides.
+_RUN = re.compile(r"[A-Za-z0-9_-]{32,}")
+
+_known: set[str] = set()
+_known_pattern: re.Pattern[str] | None = None
+
+
+def register_secrets(secrets: Iterable[str | None]) -> None:
+    """Redact each of ``secrets`` from every log line from now on."""
+    global _known_pattern
+    new = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH} - _known
+    if not new:
+        return
+    _known.update(new)
+    # Longest first, so a secret that contains another is replaced whole.
+    ordered = sorted(_known, key=len, reverse=True)
+    _known_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def config_secrets(config: Config) -> list[str | None]:
+    """Every secret ``config`` holds: keys, tokens, and passwords written into URLs."""
+    secrets: list[str | None] = [config.admin_key, config.sync.token if config.sync else None]
+    secrets += [key.key for key in config.api_keys or ()]
+    for upstream in config.upstreams:
+        secrets.append(upstream.api_key)
+        secrets += [urlsplit(url).password for url in upstream.endpoints]
+    return secrets
+
+
+def redact(text: str) -> str:
+    """``text`` with known secrets and key-shaped strings replaced by ``[redacted]``."""
+    if _known_pattern is not None:
+        text = _known_pattern.sub(REDACTED, text)
+    if any(marker in text for marker in _MARKERS):
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+    return _RUN.sub(_token, text)
+
+
+def _is_random(run: str) -> bool:
+    """Upper case, lower case and digits mixed: a random token, not a word, a number or a
+    hex id (request ids are lower-case hex and stay readable)."""
+    return run.lower() != run and run.upper() != run and any(c.isdigit() for c in run)
+
+
+def _token(match: re.Match[str]) -> str:
+    return REDACTED if _is_random(match.group()) else match.group()
+
+
+def _needs_redaction(text: str) -> bool:
+    if _known_pattern is not None and _known_pattern.search(text) is not None:
+        return True
+    if any(marker in text for marker in _MARKERS):
+        return True
+    return any(_is_random(m.group()) for m in _RUN.finditer(text))
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: _redact_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v, depth + 1) for v in value)
+    if isinstance(value, BaseException):
+        return redact(f"{type(value).__name__}: {value}")
+    return value
+
+
+def redact_processor(logger: Any, method: str,
+                     event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: redact every value of the event (run it last before rendering)."""
+    # Fast path, taken by almost every line: one search over all the flat string values.
+    flat = all(isinstance(v, _FLAT) for v in event_dict.values())
+    if flat and not _needs_redaction("\n".join(v for v in event_dict.values()
+                                               if isinstance(v, str))):
+        return event_dict
+    for key, value in event_dict.items():
+        event_dict[key] = _redact_value(value)
+    return event_dict
