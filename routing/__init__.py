@@ -30,6 +30,15 @@ from ._degradation import (
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, Withdraw, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._limit_shares import (
+    SHARE_LIVE_S,
+    Gift,
+    LimitShares,
+    PeerShares,
+    base_shares,
+    check_share,
+    fair_targets,
+)
 from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
 from ._plan import AttemptPlan
 from ._policies import CacheMode, CachePolicy, CacheScope, Strategy
@@ -86,6 +95,7 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "RATE_WINDOW_S",
     "RETRYABLE",
+    "SHARE_LIVE_S",
     "STATES",
     "Admit",
     "Adopt",
@@ -111,6 +121,7 @@ __all__ = [
     "Estimate",
     "Finding",
     "Freshness",
+    "Gift",
     "GiveUp",
     "HealthChange",
     "Jitter",
@@ -118,12 +129,14 @@ __all__ = [
     "Level",
     "LevelChange",
     "Limit",
+    "LimitShares",
     "LimitStatus",
     "Limits",
     "Listen",
     "MinimalTrigger",
     "NotCacheable",
     "ObjectPolicy",
+    "PeerShares",
     "Pin",
     "PoolMetricNames",
     "PoolScrape",
@@ -156,11 +169,14 @@ __all__ = [
     "affinity_after",
     "approximate_query",
     "backoff_delays",
+    "base_shares",
     "cache_directives",
     "cache_lookup",
     "capped_payload",
     "check_rate",
+    "check_share",
     "classify_status",
+    "fair_targets",
     "freshness",
     "gossip_decisions",
     "is_resumable",

@@ -1,0 +1,89 @@
+"""The proxy side of rate-limit shares: feeds ``routing.LimitShares`` from statesync.
+
+``routing.LimitShares`` decides (budgets, gifts; see its module doc); this module
+reads the live writers and their published entries from the ``SessionStore`` every
+``SHARE_TICK_S``, lets the shares rebalance each key that has an ``rpm``, publishes
+this instance's entry, and sets ``skyroute_rate_limit_share`` (this instance's
+budget per key). ``enforce_limits`` asks ``budget`` on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Final
+
+import structlog
+from aiohttp import web
+from skyroute.routing import SHARE_LIVE_S, ApiKey, LimitShares, PeerShares
+from skyroute.statesync import SessionStore
+
+from ._metrics import Metrics
+from ._state import METRICS, SERVING, STATE_SYNC
+from ._tasks import running
+
+log = structlog.get_logger("skyroute.limits")
+
+SHARE_TICK_S: Final = 0.1
+"""How often shares are rebalanced and published: a gift waits at most this long here,
+then one sync delay on its way."""
+
+
+class SharedLimits:
+    """This instance's ``LimitShares`` and its latest view of the other writers."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.shares = LimitShares(store.writer_id)
+        self._live: frozenset[str] = frozenset({store.writer_id})
+        self._peers: dict[str, PeerShares] = {}
+
+    def __repr__(self) -> str:
+        return f"<SharedLimits {self.shares.writer} live={len(self._live)}>"
+
+    def budget(self, key: str, rpm: int) -> int:
+        """This instance's budget of ``key``'s ``rpm`` now."""
+        return self.shares.budget(key, rpm, self._live, self._peers)
+
+    def refresh(self, store: SessionStore, *, now: float) -> None:
+        """Read the live writers and their entries from ``store``."""
+        self._live = frozenset({store.writer_id} | {
+            w for w, at in store.heard_from().items() if now - at <= SHARE_LIVE_S})
+        peers = {}
+        for writer, value in store.peer_shares().items():
+            parsed = PeerShares.from_wire(value)
+            if parsed is not None and writer in self._live:
+                peers[writer] = parsed
+        self._peers = peers
+
+    def tick(self, store: SessionStore, keys: Mapping[str, ApiKey], metrics: Metrics, *,
+             now: float) -> None:
+        """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry."""
+        self.refresh(store, now=now)
+        limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
+        for name, rpm in limits.items():
+            used = sum(b.requests for b in store.own_usage_buckets(name, now=now))
+            for gift in self.shares.rebalance(name, rpm, live=self._live, peers=self._peers,
+                                              used=used, now=now):
+                metrics.rate_share_given.labels(name).inc(gift.units)
+                log.info("rate_share_given", key=name, to=gift.to, units=gift.units,
+                         live_instances=len(self._live))
+            metrics.rate_share.labels(name).set(max(0, self.budget(name, rpm)))
+        store.publish_shares(self.shares.wire(now, limits))
+
+
+LIMIT_SHARES = web.AppKey("limit_shares", SharedLimits)
+
+
+async def limit_share_loop(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: rebalance and publish rate-limit shares every ``SHARE_TICK_S``
+    (``app[LIMIT_SHARES]`` is set where the app is built)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(SHARE_TICK_S)
+            keys = {k.name: k for k in app[SERVING].runtime.config.api_keys or ()}
+            app[LIMIT_SHARES].tick(app[STATE_SYNC].store, keys, app[METRICS], now=time.time())
+
+    async with running(loop(), name="skyroute-limit-shares"):
+        yield
