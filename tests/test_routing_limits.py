@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from skyroute.routing import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, check_rate
+from skyroute.routing import (
+    RATE_WINDOW_S,
+    Admit,
+    Gift,
+    Limit,
+    LimitShares,
+    LimitStatus,
+    PeerShares,
+    RateLimited,
+    base_shares,
+    check_rate,
+    check_share,
+    fair_targets,
+)
 
 from .fakes import FakeClock
 
@@ -140,3 +154,155 @@ def test_check_rate_never_counts_more_than_the_window_plus_a_bucket():
     window.count(100.9, requests=1)
     assert isinstance(window.check(100.9 + RATE_WINDOW_S - 0.1, rpm=1), RateLimited)
     assert isinstance(window.check(101.0 + RATE_WINDOW_S, rpm=1), Admit)
+
+
+# -- shares of an rpm across instances (routing.LimitShares) ------------------------------
+
+
+def test_base_shares_split_the_limit_evenly_in_writer_order():
+    """The remainder goes to the first writers by id, so every instance computes the same."""
+    assert base_shares(60, ["s3", "s1", "s2"]) == {"s1": 20, "s2": 20, "s3": 20}
+    assert base_shares(7, ["b", "a", "c"]) == {"a": 3, "b": 2, "c": 2}
+    assert base_shares(5, []) == {}
+
+
+@pytest.mark.parametrize(("limit", "demand", "targets"), [
+    # Saturated: max-min fair, adding up to the limit.
+    (60, {"a": 60, "b": 60, "c": 60}, {"a": 20, "b": 20, "c": 20}),
+    (60, {"a": 5, "b": 60, "c": 60}, {"a": 5, "b": 28, "c": 27}),
+    (60, {"a": 0, "b": 60, "c": 0}, {"a": 0, "b": 60, "c": 0}),
+    # Under the limit: demand plus an even whole part of what is left.
+    (4, {"a": 1, "b": 0, "c": 0}, {"a": 2, "b": 1, "c": 1}),
+    (6, {"a": 0, "b": 0}, {"a": 3, "b": 3}),
+])
+def test_fair_targets(limit, demand, targets):
+    """Max-min fair over demand; whole units, the same on every instance."""
+    assert fair_targets(limit, demand) == targets
+
+
+def test_PeerShares_reads_what_a_writer_published_and_refuses_the_malformed():
+    """Counts may arrive as floats (sync carries JSON numbers); anything else is None."""
+    parsed = PeerShares.from_wire({"w": "s1", "k": {"team": {"d": 12.0, "g": {"s2": 3}}}})
+    assert parsed is not None
+    assert parsed.demand == {"team": 12} and parsed.given == {"team": {"s2": 3}}
+    for bad in (None, {"k": []}, {"k": {"team": {"d": -1}}}, {"k": {"team": {"g": {"x": 0.5}}}}):
+        assert PeerShares.from_wire(bad) is None
+
+
+def test_a_single_instance_owns_the_whole_limit():
+    """Alone, the share is the rpm: the limit is exact, as it always was."""
+    shares = LimitShares("s1")
+    assert shares.budget("team", 60, live={"s1"}, peers={}) == 60
+    assert shares.rebalance("team", 60, live={"s1"}, peers={}, used=60, now=100.0) == []
+
+
+def test_a_writer_gives_only_what_it_has_not_used():
+    """s1 holds 20 of 60 and used 15; s2 wants all: s1 gives 5 now, and the rest only as
+    its own requests leave the window (here: none, so nothing more)."""
+    s1, s2 = LimitShares("s1"), LimitShares("s2")
+    live = {"s1", "s2", "s3"}
+    for _ in range(200):
+        s2.arrived("team", 100.0)
+    peers = {"s2": PeerShares.from_wire(s2.wire(100.0, {"team": 60}))}
+    gifts = s1.rebalance("team", 60, live=live, peers=peers, used=15, now=100.0)
+    assert gifts == [Gift(key="team", to="s2", units=5)]
+    assert s1.budget("team", 60, live=live, peers=peers) == 15
+    assert s1.rebalance("team", 60, live=live, peers=peers, used=15, now=100.1) == []
+    # s2 counts the gift once it has seen s1's entry, and not before.
+    assert s2.budget("team", 60, live=live, peers={}) == 20
+    seen = {"s1": PeerShares.from_wire(s1.wire(100.0, {"team": 60}))}
+    assert s2.budget("team", 60, live=live, peers=seen) == 25
+
+
+def test_check_share_refuses_at_the_budget_and_says_when_it_frees():
+    """Own count at the budget: refused until the oldest own counts leave the window;
+    with no budget at all, until the key's oldest count anywhere leaves it."""
+    own = [Slice(100.0, requests=2)]
+    everywhere = [Slice(90.0, requests=3), Slice(100.0, requests=2)]
+    assert check_share(key="team", rpm=6, budget=3, own=own, usage=everywhere, now=100.5) is None
+    refused = check_share(key="team", rpm=6, budget=2, own=own, usage=everywhere, now=100.5)
+    assert isinstance(refused, RateLimited)
+    assert refused.retry_after_s == 61  # [100, 101) leaves at 161
+    assert refused.message.endswith("this instance's share (2) is used; retry after 61s")
+    none = check_share(key="team", rpm=6, budget=0, own=[], usage=everywhere, now=100.5)
+    assert none is not None and none.retry_after_s == 51  # [90, 91) leaves at 151
+
+
+class Fleet:
+    """Writers that talk only through delayed copies of each other's published entries
+    (the sync documents' role), on a fake clock; each admits by its own count and budget."""
+
+    def __init__(self, limit: int, delays: dict[tuple[int, int], float]) -> None:
+        self.limit = limit
+        self.names = ["s1", "s2", "s3"]
+        self.shares = [LimitShares(n) for n in self.names]
+        self.delays = delays
+        self.own: list[list[Slice]] = [[] for _ in self.names]
+        self.views: list[dict[str, PeerShares]] = [{} for _ in self.names]
+        self.in_flight: list[tuple[float, int, str, Any]] = []  # (due, to, from, entry)
+        self.admitted: list[tuple[float, int]] = []
+
+    def used(self, i: int, now: float) -> int:
+        return sum(s.requests for s in self.own[i] if s.end + RATE_WINDOW_S > now)
+
+    def request(self, i: int, now: float) -> bool:
+        shares = self.shares[i]
+        shares.arrived("team", now)
+        budget = shares.budget("team", self.limit, self.names, self.views[i])
+        if check_share(key="team", rpm=self.limit, budget=budget, own=self.own[i], usage=[],
+                       now=now) is not None:
+            return False
+        self.own[i] = [s for s in self.own[i] if s.end + RATE_WINDOW_S > now]
+        self.own[i].append(Slice(float(int(now)), requests=1))
+        self.admitted.append((now, i))
+        return True
+
+    def tick(self, now: float) -> None:
+        arrived = [m for m in self.in_flight if m[0] <= now]
+        self.in_flight = [m for m in self.in_flight if m[0] > now]
+        for _, to, sender, entry in sorted(arrived, key=lambda m: m[0]):
+            self.views[to][sender] = PeerShares.from_wire(entry)
+        for i, shares in enumerate(self.shares):
+            shares.rebalance("team", self.limit, live=self.names, peers=self.views[i],
+                             used=self.used(i, now), now=now)
+            entry = shares.wire(now, {"team": self.limit})
+            for j in range(3):
+                if j != i:
+                    delay = self.delays[(min(i, j), max(i, j))]
+                    self.in_flight.append((now + delay, j, self.names[i], entry))
+
+    def most_in_any_window(self) -> int:
+        times = sorted(t for t, _ in self.admitted)
+        best, lo = 0, 0
+        for hi, t in enumerate(times):
+            while times[lo] <= t - RATE_WINDOW_S:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 20.0])
+def test_shares_never_admit_more_than_the_limit_in_any_window_whatever_the_delay(scale):
+    """Three writers 40/150/122 ms apart (times ``scale``: 0 to 3 s) under traffic that
+    moves between them every 70 s, after a writer has used all it holds (all on one, on
+    another, spread, two of three, a trickle): no 60 s window holds more than the rpm
+    (giving away budget still in use would: 109 here), and the budget follows the
+    traffic (the writer that is alone gets the whole rpm within a window)."""
+    rng = random.Random(7)
+    fleet = Fleet(60, {(0, 1): 0.040 * scale, (0, 2): 0.150 * scale, (1, 2): 0.122 * scale})
+    clock = FakeClock(start=1000.0)
+    step, next_tick = 0.01, clock.now()
+    for rates in [(150, 0, 0), (0, 150, 0), (50, 50, 50), (0, 0, 150), (5, 145, 0),
+                  (150, 150, 0), (0, 0, 1), (0, 150, 0), (0, 150, 0)]:
+        end = clock.now() + 70.0
+        while clock.now() < end:
+            now = clock.advance(step)
+            for i, rate in enumerate(rates):
+                if rng.random() < rate * step:
+                    fleet.request(i, now)
+            if now >= next_tick:
+                fleet.tick(now)
+                next_tick = now + 0.1
+    assert fleet.most_in_any_window() == 60
+    last = [i for t, i in fleet.admitted if t > clock.now() - RATE_WINDOW_S]
+    assert last.count(1) == 60  # s2 alone for 140 s: all shares moved to it
