@@ -41,14 +41,23 @@ class SharedLimits:
     def __repr__(self) -> str:
         return f"<SharedLimits {self.shares.writer} live={len(self._live)}>"
 
+    @property
+    def live(self) -> frozenset[str]:
+        """The writers (this one included) that own a base share now."""
+        return self._live
+
     def budget(self, key: str, rpm: int) -> int:
         """This instance's budget of ``key``'s ``rpm`` now."""
         return self.shares.budget(key, rpm, self._live, self._peers)
 
     def refresh(self, store: SessionStore, *, now: float) -> None:
         """Read the live writers and their entries from ``store``."""
-        self._live = frozenset({store.writer_id} | {
+        live = frozenset({store.writer_id} | {
             w for w, at in store.heard_from().items() if now - at <= SHARE_LIVE_S})
+        if live != self._live:
+            log.info("rate_share_instances", live_instances=len(live),
+                     joined=sorted(live - self._live), left=sorted(self._live - live))
+        self._live = live
         peers = {}
         for writer, value in store.peer_shares().items():
             parsed = PeerShares.from_wire(value)
