@@ -16,7 +16,7 @@ from typing import Final
 
 import structlog
 from aiohttp import web
-from skyroute.routing import SHARE_LIVE_S, ApiKey, LimitShares, PeerShares
+from skyroute.routing import SHARE_LIVE_S, ApiKey, LimitShares, PeerShares, live_limit
 from skyroute.statesync import SessionStore
 
 from ._metrics import Metrics
@@ -37,6 +37,7 @@ class SharedLimits:
         self.shares = LimitShares(store.writer_id)
         self._live: frozenset[str] = frozenset({store.writer_id})
         self._peers: dict[str, PeerShares] = {}
+        self._limits: dict[str, int] = {}  # key -> what the live writers share of its rpm
 
     def __repr__(self) -> str:
         return f"<SharedLimits {self.shares.writer} live={len(self._live)}>"
@@ -48,7 +49,8 @@ class SharedLimits:
 
     def budget(self, key: str, rpm: int) -> int:
         """This instance's budget of ``key``'s ``rpm`` now."""
-        return self.shares.budget(key, rpm, self._live, self._peers)
+        return self.shares.budget(key, min(rpm, self._limits.get(key, rpm)), self._live,
+                                  self._peers)
 
     def refresh(self, store: SessionStore, *, now: float) -> None:
         """Read the live writers and their entries from ``store``."""
@@ -70,10 +72,12 @@ class SharedLimits:
         """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry."""
         self.refresh(store, now=now)
         limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
+        self._limits = {name: live_limit(rpm, store.usage_by_writer(name, now=now), self._live)
+                        for name, rpm in limits.items()}
         for name, rpm in limits.items():
             used = sum(b.requests for b in store.own_usage_buckets(name, now=now))
-            for gift in self.shares.rebalance(name, rpm, live=self._live, peers=self._peers,
-                                              used=used, now=now):
+            for gift in self.shares.rebalance(name, self._limits[name], live=self._live,
+                                              peers=self._peers, used=used, now=now):
                 metrics.rate_share_given.labels(name).inc(gift.units)
                 log.info("rate_share_given", key=name, to=gift.to, units=gift.units,
                          live_instances=len(self._live))

@@ -38,6 +38,7 @@ from ._limit_shares import (
     base_shares,
     check_share,
     fair_targets,
+    live_limit,
 )
 from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
 from ._plan import AttemptPlan
@@ -181,6 +182,7 @@ __all__ = [
     "gossip_decisions",
     "is_resumable",
     "is_storable",
+    "live_limit",
     "parse_config",
     "parse_duration",
     "parse_server_load",

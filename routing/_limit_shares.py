@@ -24,10 +24,14 @@ Rules / Theory of operation
   using all of it): budget stays where it is while every writer has room, so a writer
   with no traffic yet still admits at once. Targets only steer gifts; views of demand
   that differ (they travel with a delay) cost a gift that bounces, never the limit.
-* Where the bound does not hold: when writers join or leave (their base moves to the
-  others without the give-only-unused rule; a writer's count then may exceed its new
-  budget for up to a window), and through a partition (each side counts the other
-  out after ``SHARE_LIVE_S``). Those are the moments, not the steady state.
+* A writer counted out (silent ``SHARE_LIVE_S``: gone, restarted under a new id, or cut
+  off) still holds what it used in the window, as its own counters say
+  (``live_limit``): the live writers share only the rest, which grows as those counts
+  leave the window. So a leaving writer costs nothing. A joining one does: its base
+  comes out of the others' at once, not out of their unused budget, so in the window
+  it joins the fleet may admit up to ``rpm / n`` more (n writers after the join). And
+  through a partition each side shares what it last heard the other had not used,
+  while the other goes on using it: each side keeps to ``rpm`` on its own.
 * Nothing here reads a clock or the store: ``proxy`` feeds arrivals, the live
   writers and their published entries, and publishes ``wire()``.
 """
@@ -79,6 +83,13 @@ def _count(value: Any) -> bool:
     """A whole number >= 0 (sync may carry it as a float)."""
     return isinstance(value, int | float) and not isinstance(value, bool) \
         and math.isfinite(value) and float(value).is_integer() and value >= 0
+
+
+def live_limit(limit: int, used: Mapping[str, int], live: Iterable[str]) -> int:
+    """What the ``live`` writers share: ``limit`` less what writers counted out used in
+    the window (``used``: requests per writer, from the usage counters)."""
+    alive = set(live)
+    return max(0, limit - sum(n for w, n in used.items() if w not in alive))
 
 
 def base_shares(limit: int, writers: Iterable[str]) -> dict[str, int]:

@@ -285,6 +285,14 @@ class SessionStore:
         return [UsageBucket(start=b * USAGE_BUCKET_S, end=(b + 1) * USAGE_BUCKET_S,
                             requests=r, tokens=t) for b, (r, t) in sorted(spans.items())]
 
+    def usage_by_writer(self, key_name: str, *, now: float) -> dict[str, int]:
+        """Requests of ``key_name`` in the window per other writer (what its counters say)."""
+        used: dict[str, int] = {}
+        for (bucket, size, writer), (r, _) in self._view.get(key_name, {}).items():
+            if writer != self.writer_id and self._in_window(bucket, size, now):
+                used[writer] = used.get(writer, 0) + r
+        return used
+
     # -- rate-limit shares ---------------------------------------------------------------
 
     def publish_shares(self, entry: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from skyroute.routing import (
     check_rate,
     check_share,
     fair_targets,
+    live_limit,
 )
 
 from .fakes import FakeClock
@@ -187,6 +188,16 @@ def test_PeerShares_reads_what_a_writer_published_and_refuses_the_malformed():
     assert parsed.demand == {"team": 12} and parsed.given == {"team": {"s2": 3}}
     for bad in (None, {"k": []}, {"k": {"team": {"d": -1}}}, {"k": {"team": {"g": {"x": 0.5}}}}):
         assert PeerShares.from_wire(bad) is None
+
+
+def test_a_writer_counted_out_keeps_what_it_used_until_that_leaves_the_window():
+    """s3 fell silent having used 15 of 60: s1 and s2 share the other 45, and all 60 once
+    its counts have left the window (its usage counters say so)."""
+    s1 = LimitShares("s1")
+    assert live_limit(60, {"s2": 10, "s3": 15}, live={"s1", "s2"}) == 45
+    assert s1.budget("team", 45, live={"s1", "s2"}, peers={}) == 23
+    assert live_limit(60, {"s2": 10}, live={"s1", "s2"}) == 60
+    assert live_limit(6, {"old": 9}, live={"s1"}) == 0
 
 
 def test_a_single_instance_owns_the_whole_limit():
