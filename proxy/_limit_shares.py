@@ -38,6 +38,7 @@ class SharedLimits:
         self._live: frozenset[str] = frozenset({store.writer_id})
         self._peers: dict[str, PeerShares] = {}
         self._limits: dict[str, int] = {}  # key -> what the live writers share of its rpm
+        self._unused: dict[str, int] = {}  # key -> budget others hold and have not used
 
     def __repr__(self) -> str:
         return f"<SharedLimits {self.shares.writer} live={len(self._live)}>"
@@ -51,6 +52,10 @@ class SharedLimits:
         """This instance's budget of ``key``'s ``rpm`` now."""
         return self.shares.budget(key, min(rpm, self._limits.get(key, rpm)), self._live,
                                   self._peers)
+
+    def unused_elsewhere(self, key: str) -> int:
+        """Budget of ``key`` the other live instances hold unused (as of the last tick)."""
+        return self._unused.get(key, 0)
 
     def refresh(self, store: SessionStore, *, now: float) -> None:
         """Read the live writers and their entries from ``store``."""
@@ -72,16 +77,21 @@ class SharedLimits:
         """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry."""
         self.refresh(store, now=now)
         limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
-        self._limits = {name: live_limit(rpm, store.usage_by_writer(name, now=now), self._live)
-                        for name, rpm in limits.items()}
         for name, rpm in limits.items():
+            by_writer = store.usage_by_writer(name, now=now)
+            self._limits[name] = limit = live_limit(rpm, by_writer, self._live)
             used = sum(b.requests for b in store.own_usage_buckets(name, now=now))
-            for gift in self.shares.rebalance(name, self._limits[name], live=self._live,
+            for gift in self.shares.rebalance(name, limit, live=self._live,
                                               peers=self._peers, used=used, now=now):
                 metrics.rate_share_given.labels(name).inc(gift.units)
                 log.info("rate_share_given", key=name, to=gift.to, units=gift.units,
                          live_instances=len(self._live))
+            self._unused[name] = self.shares.unused_elsewhere(name, limit, self._live,
+                                                              self._peers, by_writer)
             metrics.rate_share.labels(name).set(max(0, self.budget(name, rpm)))
+        for gone in set(self._limits) - set(limits):  # keys a reload removed
+            del self._limits[gone]
+            self._unused.pop(gone, None)
         store.publish_shares(self.shares.wire(now, limits))
 
 

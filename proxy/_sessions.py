@@ -124,8 +124,9 @@ def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
         budget = shares.budget(client.name, client.rpm)
         if isinstance(decision, Admit):
             decision = check_share(key=client.name, rpm=client.rpm, budget=budget, usage=usage,
-                                   own=store.own_usage_buckets(client.name, now=now),
-                                   now=now) or decision
+                                   own=store.own_usage_buckets(client.name, now=now), now=now,
+                                   unused_elsewhere=shares.unused_elsewhere(client.name)
+                                   ) or decision
     if isinstance(decision, RateLimited):
         metrics.rate_limited.labels(client.name, decision.limit).inc()
         log.info("request_rate_limited", key=client.name, limit=decision.limit,

@@ -19,11 +19,11 @@ Rules / Theory of operation
 * Targets say where budget should go: the key's ``rpm`` shared max-min fairly over the
   writers' demand (requests that arrived in the last window, admitted or not, capped
   at ``rpm``); with less demand than ``rpm``, each writer's demand plus an even whole
-  part of the spare (headroom, so a busy writer gets enough in one gift). A writer receives
-  only while it is below its target and its demand has reached its budget (it is
-  using all of it): budget stays where it is while every writer has room, so a writer
-  with no traffic yet still admits at once. Targets only steer gifts; views of demand
-  that differ (they travel with a delay) cost a gift that bounces, never the limit.
+  part of the spare (headroom, so a busy writer gets more before it runs out; what does
+  not divide evenly stays where it is, so targets agree and budget does not churn). A
+  writer with no traffic yet keeps a part and admits at once. Targets only steer gifts;
+  views of demand that differ (they travel with a delay) cost a gift that bounces,
+  never the limit.
 * A writer counted out (silent ``SHARE_LIVE_S``: gone, restarted under a new id, or cut
   off) still holds what it used in the window, as its own counters say
   (``live_limit``): the live writers share only the rest, which grows as those counts
@@ -172,6 +172,13 @@ class LimitShares:
         writers joined or left: then nothing is admitted)."""
         return self._budgets(key, limit, live, peers)[self.writer]
 
+    def unused_elsewhere(self, key: str, limit: int, live: Iterable[str],
+                         peers: Mapping[str, PeerShares], used: Mapping[str, int]) -> int:
+        """Budget the other live writers hold beyond what they used (``used``: requests per
+        writer in the window), as far as this writer has heard: what could move here."""
+        budgets = self._budgets(key, limit, live, peers)
+        return sum(max(0, b - used.get(w, 0)) for w, b in budgets.items() if w != self.writer)
+
     def rebalance(self, key: str, limit: int, *, live: Iterable[str],
                   peers: Mapping[str, PeerShares], used: int, now: float) -> list[Gift]:
         """Give away what this writer holds beyond ``max(used, its target)`` to the live
@@ -184,7 +191,7 @@ class LimitShares:
         excess = budgets[self.writer] - max(used, targets[self.writer])
         gifts = []
         needy = sorted((budgets[w] - targets[w], w) for w in budgets  # furthest below first
-                       if w != self.writer and demand[w] >= budgets[w] < targets[w])
+                       if w != self.writer and budgets[w] < targets[w])
         for shortfall, to in needy:
             if excess <= 0:
                 break
@@ -220,24 +227,30 @@ class LimitShares:
 
 
 def check_share(*, key: str, rpm: int, budget: int, own: Sequence[UsageSlice],
-                usage: Sequence[UsageSlice], now: float) -> RateLimited | None:
+                usage: Sequence[UsageSlice], now: float,
+                unused_elsewhere: int = 0) -> RateLimited | None:
     """Refuse a request of ``key`` when this instance's own count is at its ``budget``.
 
     Args:
         own: this instance's counted slices of the key; ``usage``: every instance's.
+        unused_elsewhere: budget other instances hold and have not used
+            (``LimitShares.unused_elsewhere``).
 
     Returns:
-        None to admit; else a refusal whose Retry-After is when enough of this
-        instance's oldest counts leave the window to fall under its budget, or, with no
-        budget here, when the key's oldest count anywhere leaves it (a peer can give
-        only what has left its window).
+        None to admit; else a refusal whose Retry-After is 1 s when others hold unused
+        budget (this instance's demand moves it here within a tick and a round trip),
+        else when enough of this instance's oldest counts leave the window to fall
+        under its budget, or, with no budget here, when the key's oldest count anywhere
+        leaves it (a peer can give only what has left its window).
     """
     live = sorted((s for s in own if s.end + RATE_WINDOW_S > now), key=lambda s: s.end)
     used = sum(s.requests for s in live)
     if used < budget:
         return None
     at = now
-    if budget > 0:
+    if unused_elsewhere > 0:
+        pass  # at least a second: the soonest a client is told to come back
+    elif budget > 0:
         left = used
         for s in live:
             left -= s.requests

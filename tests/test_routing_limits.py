@@ -190,6 +190,13 @@ def test_PeerShares_reads_what_a_writer_published_and_refuses_the_malformed():
         assert PeerShares.from_wire(bad) is None
 
 
+def test_unused_elsewhere_is_what_the_others_hold_beyond_their_use():
+    """s1 sees s2 and s3 with 20 each, having used 20 and 5: 15 could move to s1."""
+    s1 = LimitShares("s1")
+    assert s1.unused_elsewhere("team", 60, ["s1", "s2", "s3"], {},
+                               {"s2": 20, "s3": 5}) == 15
+
+
 def test_a_writer_counted_out_keeps_what_it_used_until_that_leaves_the_window():
     """s3 fell silent having used 15 of 60: s1 and s2 share the other 45, and all 60 once
     its counts have left the window (its usage counters say so)."""
@@ -237,6 +244,10 @@ def test_check_share_refuses_at_the_budget_and_says_when_it_frees():
     assert refused.message.endswith("this instance's share (2) is used; retry after 61s")
     none = check_share(key="team", rpm=6, budget=0, own=[], usage=everywhere, now=100.5)
     assert none is not None and none.retry_after_s == 51  # [90, 91) leaves at 151
+    # Others hold budget they have not used: it moves here within a tick and a round trip.
+    soon = check_share(key="team", rpm=6, budget=2, own=own, usage=everywhere, now=100.5,
+                       unused_elsewhere=1)
+    assert soon is not None and soon.retry_after_s == 1
 
 
 class Fleet:
