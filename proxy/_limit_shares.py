@@ -10,9 +10,10 @@ budget per key). ``enforce_limits`` asks ``budget`` on every request.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -28,6 +29,9 @@ log = structlog.get_logger("skyroute.limits")
 SHARE_TICK_S: Final = 0.1
 """How often shares are rebalanced and published: a gift waits at most this long here,
 then one sync delay on its way."""
+DEMAND_PUBLISH_S: Final = 0.25
+"""A change of demand alone is published at most this often (gifts at once): demand
+below the limit changes with every request, and each write is a document update."""
 
 
 class SharedLimits:
@@ -39,6 +43,8 @@ class SharedLimits:
         self._peers: dict[str, PeerShares] = {}
         self._limits: dict[str, int] = {}  # key -> what the live writers share of its rpm
         self._unused: dict[str, int] = {}  # key -> budget others hold and have not used
+        self._published: dict[str, Any] = {}
+        self._published_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<SharedLimits {self.shares.writer} live={len(self._live)}>"
@@ -52,6 +58,10 @@ class SharedLimits:
         """This instance's budget of ``key``'s ``rpm`` now."""
         return self.shares.budget(key, min(rpm, self._limits.get(key, rpm)), self._live,
                                   self._peers)
+
+    def arrived(self, key: str, now: float) -> None:
+        """A request of ``key`` arrived here (admitted or not): it counts as demand."""
+        self.shares.arrived(key, now)
 
     def unused_elsewhere(self, key: str) -> int:
         """Budget of ``key`` the other live instances hold unused (as of the last tick)."""
@@ -92,7 +102,15 @@ class SharedLimits:
         for gone in set(self._limits) - set(limits):  # keys a reload removed
             del self._limits[gone]
             self._unused.pop(gone, None)
-        store.publish_shares(self.shares.wire(now, limits))
+        self._publish(store, self.shares.wire(now, limits), now=now)
+
+    def _publish(self, store: SessionStore, entry: dict[str, Any], *, now: float) -> None:
+        gifts = {k: v["g"] for k, v in entry["k"].items()}
+        published = {k: v["g"] for k, v in self._published.get("k", {}).items()}
+        if gifts != published or (entry != self._published
+                                  and now - self._published_at >= DEMAND_PUBLISH_S):
+            store.publish_shares(entry)
+            self._published, self._published_at = entry, now
 
 
 LIMIT_SHARES = web.AppKey("limit_shares", SharedLimits)

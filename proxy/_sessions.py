@@ -120,7 +120,7 @@ def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
                                                usage=usage, now=now)
     budget = None
     if shares is not None and client.rpm is not None:
-        shares.shares.arrived(client.name, now)  # demand counts refused requests too
+        shares.arrived(client.name, now)  # demand counts refused requests too
         budget = shares.budget(client.name, client.rpm)
         if isinstance(decision, Admit):
             decision = check_share(key=client.name, rpm=client.rpm, budget=budget, usage=usage,
