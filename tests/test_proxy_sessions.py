@@ -256,11 +256,10 @@ async def test_client_that_waits_retry_after_is_admitted_by_the_sdk_retry(standi
     assert logged["request_id"] == refused.headers["X-Request-ID"]
 
 
-async def test_rpm_holds_for_a_burst_at_three_instances_behind_delay_lines(standin):
-    """rpm: 6 at three instances whose sync links are delay lines (5/20/15 ms one-way): 30
-    requests at once, 10 at each, admit at most 6 in all. Each instance keeps to its share
-    (2 here); counting alone, each would admit up to 6 before the others' counts arrive.
-    The refusals say the share, and /metrics shows it."""
+@pytest.fixture
+async def distant(standin):
+    """Three instances whose sync links are delay lines (5/20/15 ms one-way), a key with
+    rpm 6; yields once every instance has heard from the two others (each owns 2)."""
     up = await standin("a")
     socks = [_bound_socket() for _ in range(3)]
     ports = [s.getsockname()[1] for s in socks]
@@ -284,25 +283,46 @@ async def test_rpm_holds_for_a_burst_at_three_instances_behind_delay_lines(stand
             server = Server(parse_config(text, env={}), sock=sock, grace_s=1.0)
             await stack.enter_async_context(server)
             servers.append(server)
-        # Every instance has heard from the two others: each owns a third of the rpm.
         await eventually(lambda: all(len(s.app[LIMIT_SHARES].live) == 3 for s in servers),
                          timeout=10)
+        yield servers
 
-        async def one(server: Server) -> str:
-            async with client_for(server, key=LIMITED_KEY) as client:
-                try:
-                    await client.chat.completions.create(model="chat", messages=MESSAGES)
-                except openai.RateLimitError as refused:
-                    return refused.message
-            return "admitted"
 
-        outcomes = await asyncio.gather(*(one(servers[n % 3]) for n in range(30)))
-        assert outcomes.count("admitted") <= 6
-        assert outcomes.count("admitted") >= 3  # each instance admitted within its share
-        refusals = [o for o in outcomes if o != "admitted"]
-        assert all("6 requests per minute" in o for o in refusals)
-        assert any("this instance's share (2) is used" in o for o in refusals)
-        async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
-            metrics = await (await h.get(f"{servers[0].url}/metrics")).text()
-        assert 'skyroute_rate_limit_share{key="limited"}' in metrics
+async def test_rpm_holds_for_a_burst_at_three_instances_behind_delay_lines(distant):
+    """30 requests at once, 10 at each instance, admit at most 6 in all: each instance keeps
+    to its share (2 here); counting alone, each would admit up to 6 before the others' counts
+    arrive (18 were). The refusals say the share, and /metrics shows it."""
+    servers = distant
+
+    async def one(server: Server) -> str:
+        async with client_for(server, key=LIMITED_KEY) as client:
+            try:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+            except openai.RateLimitError as refused:
+                return refused.message
+        return "admitted"
+
+    outcomes = await asyncio.gather(*(one(servers[n % 3]) for n in range(30)))
+    assert outcomes.count("admitted") <= 6
+    assert outcomes.count("admitted") >= 3  # each instance admitted within its share
+    refusals = [o for o in outcomes if o != "admitted"]
+    assert all("6 requests per minute" in o for o in refusals)
+    assert any("this instance's share (2) is used" in o for o in refusals)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        metrics = await (await h.get(f"{servers[0].url}/metrics")).text()
+    assert 'skyroute_rate_limit_share{key="limited"}' in metrics
+
+
+async def test_a_key_used_at_one_instance_gets_the_whole_rpm_by_retrying_as_told(distant):
+    """Six requests one after another at one instance: the shares of the two idle instances
+    move to it. A request that finds this instance's share used while the others hold unused
+    budget is told Retry-After 1s, and the SDK's own retries (it waits as told) get all six
+    through; the seventh is refused once nothing is left anywhere."""
+    servers = distant
+    async with client_for(servers[0], key=LIMITED_KEY, max_retries=8) as client:
+        for _ in range(6):
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    async with client_for(servers[0], key=LIMITED_KEY) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert int(caught.value.response.headers["Retry-After"]) > 1
