@@ -43,6 +43,7 @@ class SharedLimits:
         self._peers: dict[str, PeerShares] = {}
         self._limits: dict[str, int] = {}  # key -> what the live writers share of its rpm
         self._unused: dict[str, int] = {}  # key -> budget others hold and have not used
+        self._used: dict[str, dict[str, int]] = {}  # key -> other writer -> its count
         self._published: dict[str, Any] = {}
         self._published_at = -math.inf
 
@@ -57,7 +58,7 @@ class SharedLimits:
     def budget(self, key: str, rpm: int) -> int:
         """This instance's budget of ``key``'s ``rpm`` now."""
         return self.shares.budget(key, min(rpm, self._limits.get(key, rpm)), self._live,
-                                  self._peers)
+                                  self._peers, self._used.get(key))
 
     def arrived(self, key: str, now: float) -> None:
         """A request of ``key`` arrived here (admitted or not): it counts as demand."""
@@ -88,7 +89,7 @@ class SharedLimits:
         self.refresh(store, now=now)
         limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
         for name, rpm in limits.items():
-            by_writer = store.usage_by_writer(name, now=now)
+            self._used[name] = by_writer = store.usage_by_writer(name, now=now)
             self._limits[name] = limit = live_limit(rpm, by_writer, self._live)
             used = sum(b.requests for b in store.own_usage_buckets(name, now=now))
             for gift in self.shares.rebalance(name, limit, live=self._live,
@@ -102,6 +103,7 @@ class SharedLimits:
         for gone in set(self._limits) - set(limits):  # keys a reload removed
             del self._limits[gone]
             self._unused.pop(gone, None)
+            self._used.pop(gone, None)
         self._publish(store, self.shares.wire(now, limits), now=now)
 
     def _publish(self, store: SessionStore, entry: dict[str, Any], *, now: float) -> None:

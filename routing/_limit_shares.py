@@ -27,11 +27,14 @@ Rules / Theory of operation
 * A writer counted out (silent ``SHARE_LIVE_S``: gone, restarted under a new id, or cut
   off) still holds what it used in the window, as its own counters say
   (``live_limit``): the live writers share only the rest, which grows as those counts
-  leave the window. So a leaving writer costs nothing. A joining one does: its base
-  comes out of the others' at once, not out of their unused budget, so in the window
-  it joins the fleet may admit up to ``rpm / n`` more (n writers after the join). And
-  through a partition each side shares what it last heard the other had not used,
-  while the other goes on using it: each side keeps to ``rpm`` on its own.
+  leave the window. So a leaving writer costs nothing. When one joins, bases move at
+  once, not out of unused budget; so a budget is also capped by the room the others
+  leave: the limit less, per other writer, the larger of its budget and its count in
+  the window (``budget(used=...)``). The joiner waits until the others' old requests
+  have left; their counts travel with a delay, but only ever grow within a budget
+  (which the cap counts anyway) or shrink. Through a partition each side shares what
+  it last heard the other had not used, while the other goes on using it: each side
+  keeps to ``rpm`` on its own.
 * Nothing here reads a clock or the store: ``proxy`` feeds arrivals, the live
   writers and their published entries, and publishes ``wire()``.
 """
@@ -167,10 +170,17 @@ class LimitShares:
         return sum(n for _, n in seconds)
 
     def budget(self, key: str, limit: int, live: Iterable[str],
-               peers: Mapping[str, PeerShares]) -> int:
-        """This writer's budget of ``key``'s ``limit`` now (may be below 0 just after
-        writers joined or left: then nothing is admitted)."""
-        return self._budgets(key, limit, live, peers)[self.writer]
+               peers: Mapping[str, PeerShares], used: Mapping[str, int] | None = None) -> int:
+        """This writer's budget of ``key``'s ``limit`` now, and no more than what the others
+        leave: ``limit`` less, for each other live writer, the larger of its budget and
+        what it used in the window (``used``: requests per writer, from the usage
+        counters). That room only binds after writers joined: a base that moved still
+        holds its old requests there. Below 0: nothing is admitted."""
+        budgets = self._budgets(key, limit, live, peers)
+        used = used or {}
+        room = limit - sum(max(b, used.get(w, 0)) for w, b in budgets.items()
+                           if w != self.writer)
+        return min(budgets[self.writer], room)
 
     def unused_elsewhere(self, key: str, limit: int, live: Iterable[str],
                          peers: Mapping[str, PeerShares], used: Mapping[str, int]) -> int:

@@ -263,19 +263,39 @@ class Fleet:
         self.views: list[dict[str, PeerShares]] = [{} for _ in self.names]
         self.in_flight: list[tuple[float, int, str, Any]] = []  # (due, to, from, entry)
         self.admitted: list[tuple[float, int]] = []
+        self.running = [True, True, True]
+        self.live: list[set[str]] = [set(self.names) for _ in self.names]  # each one's view
 
     def used(self, i: int, now: float) -> int:
         return sum(s.requests for s in self.own[i] if s.end + RATE_WINDOW_S > now)
 
+    def seen_used(self, i: int, now: float) -> dict[str, int]:
+        """The others' counts in the window as writer i has heard them (one delay late)."""
+        seen = {}
+        for j in range(3):
+            if j != i:
+                heard_until = now - self.delays[(min(i, j), max(i, j))]
+                seen[self.names[j]] = sum(s.requests for s in self.own[j]
+                                          if s.end + RATE_WINDOW_S > now
+                                          and s.start <= heard_until)
+        return seen
+
+    def shared(self, i: int, now: float) -> int:
+        """What writer i's live writers share (less what those it counted out used)."""
+        return live_limit(self.limit, self.seen_used(i, now), self.live[i])
+
     def request(self, i: int, now: float) -> bool:
+        if not self.running[i]:
+            return False
         shares = self.shares[i]
         shares.arrived("team", now)
-        budget = shares.budget("team", self.limit, self.names, self.views[i])
+        budget = shares.budget("team", self.shared(i, now), self.live[i], self.views[i],
+                               self.seen_used(i, now))
         if check_share(key="team", rpm=self.limit, budget=budget, own=self.own[i], usage=[],
                        now=now) is not None:
             return False
         self.own[i] = [s for s in self.own[i] if s.end + RATE_WINDOW_S > now]
-        self.own[i].append(Slice(float(int(now)), requests=1))
+        self.own[i].append(Slice(now, requests=1))  # (a slice per request: exact times)
         self.admitted.append((now, i))
         return True
 
@@ -285,8 +305,10 @@ class Fleet:
         for _, to, sender, entry in sorted(arrived, key=lambda m: m[0]):
             self.views[to][sender] = PeerShares.from_wire(entry)
         for i, shares in enumerate(self.shares):
-            shares.rebalance("team", self.limit, live=self.names, peers=self.views[i],
-                             used=self.used(i, now), now=now)
+            if not self.running[i]:
+                continue
+            shares.rebalance("team", self.shared(i, now), live=self.live[i],
+                             peers=self.views[i], used=self.used(i, now), now=now)
             entry = shares.wire(now, {"team": self.limit})
             for j in range(3):
                 if j != i:
@@ -328,3 +350,54 @@ def test_shares_never_admit_more_than_the_limit_in_any_window_whatever_the_delay
     assert fleet.most_in_any_window() == 60
     last = [i for t, i in fleet.admitted if t > clock.now() - RATE_WINDOW_S]
     assert last.count(1) == 60  # s2 alone for 140 s: all shares moved to it
+
+
+def drive(fleet: Fleet, clock: FakeClock, rates: tuple[float, ...], seconds: float,
+          rng: random.Random) -> None:
+    step = 0.01
+    end = clock.now() + seconds
+    while clock.now() < end:
+        now = clock.advance(step)
+        for i, rate in enumerate(rates):
+            if rng.random() < rate * step:
+                fleet.request(i, now)
+        if round(now * 100) % 10 == 0:
+            fleet.tick(now)
+
+
+def test_a_writer_that_leaves_costs_nothing():
+    """All three saturated; s3 stops, and s1 and s2 count it out 5 s later: they share the
+    rpm less what s3 used in the window, so no window holds more than the rpm."""
+    rng = random.Random(3)
+    fleet = Fleet(60, {(0, 1): 0.040, (0, 2): 0.150, (1, 2): 0.122})
+    clock = FakeClock(start=1000.0)
+    drive(fleet, clock, (50, 50, 50), 70.0, rng)
+    fleet.running[2] = False
+    drive(fleet, clock, (50, 50, 0), 5.0, rng)
+    fleet.live[0] = fleet.live[1] = {"s1", "s2"}
+    drive(fleet, clock, (50, 50, 0), 130.0, rng)
+    assert fleet.most_in_any_window() == 60
+    last = [i for t, i in fleet.admitted if t > clock.now() - RATE_WINDOW_S]
+    assert len(last) == 60  # s3's part came back to the two others
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_a_writer_that_joins_costs_nothing(scale):
+    """s1 and s2 saturated with 30 each; s3 joins and the bases move at once (20 each). s3's
+    budget is capped by the room the others leave (their counts travel a delay late), so
+    it admits only as their old requests leave: no window holds more than the rpm (with
+    bases alone, 66 did), and s3 gets its part within a window."""
+    rng = random.Random(5)
+    delays = {(0, 1): 0.040 * scale, (0, 2): 0.150 * scale, (1, 2): 0.122 * scale}
+    fleet = Fleet(60, delays)
+    fleet.running[2] = False
+    fleet.live = [{"s1", "s2"}, {"s1", "s2"}, {"s1", "s2", "s3"}]
+    clock = FakeClock(start=1000.0)
+    drive(fleet, clock, (50, 50, 0), 70.0, rng)
+    fleet.running[2] = True
+    drive(fleet, clock, (50, 50, 50), max(delays.values()), rng)  # s1 and s2 hear from s3
+    fleet.live[0] = fleet.live[1] = {"s1", "s2", "s3"}
+    drive(fleet, clock, (50, 50, 50), 130.0, rng)
+    assert fleet.most_in_any_window() == 60
+    last = [i for t, i in fleet.admitted if t > clock.now() - RATE_WINDOW_S]
+    assert last.count(2) == 20
