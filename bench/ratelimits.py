@@ -17,10 +17,12 @@ says at most rpm), and the admissions per second around the moments the first on
 leave the window (t = 0 and one and two windows later), per instance: a synchronised
 burst is all three admitting in the same second past their part. ``--delay-scale``
 multiplies every delay (0 gives loopback), so runs at several scales show whether the
-error grows with distance. ``--short`` runs 20 s (CI: it shows the first window only).
+error grows with distance. ``--traffic shift`` sends everything to s1 for the first half
+and to s3 (the farthest from s1) for the second: the shares must follow the traffic.
+``--short`` runs 20 s (CI: it shows the first window only).
 
 Usage: python bench/ratelimits.py [--seconds 130] [--rate 150] [--rpm 60]
-                                  [--delay-scale 1.0] [--short]
+                                  [--delay-scale 1.0] [--traffic even|shift] [--short]
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def max_in_window(times: list[float]) -> tuple[int, float]:
     return best, at
 
 
-async def run(seconds: float, rate: float, rpm: int, scale: float,
-              with_shares: bool) -> dict[str, Any]:
+async def run(seconds: float, rate: float, rpm: int, scale: float, with_shares: bool,
+              traffic: str = "even") -> dict[str, Any]:
     client = ApiKey(name="team", key="sk-bench", rpm=rpm)
     instances, lines = await start(scale, with_shares, client)
     interval = 1.0 / rate
@@ -158,7 +160,9 @@ async def run(seconds: float, rate: float, rpm: int, scale: float,
     next_at = time.monotonic()
     sent = 0
     while time.time() - started < seconds:
-        instances[sent % 3].handle(client, time.time())
+        now = time.time()
+        at = sent % 3 if traffic == "even" else 0 if now - started < seconds / 2 else 2
+        instances[at].handle(client, now)
         sent += 1
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -202,6 +206,8 @@ async def main() -> None:
     parser.add_argument("--rpm", type=int, default=60, help="the key's rpm")
     parser.add_argument("--delay-scale", type=float, default=1.0,
                         help="multiplies the per-pair delays (40/150/122 ms one-way)")
+    parser.add_argument("--traffic", choices=("even", "shift"), default="even",
+                        help="even: a third at each; shift: all at s1, then all at s3")
     parser.add_argument("--short", action="store_true", help="20 s runs (the first window only)")
     args = parser.parse_args()
     seconds = 20.0 if args.short else args.seconds
@@ -209,11 +215,13 @@ async def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     delays = ", ".join(f"s{a + 1}-s{b + 1} {d * args.delay_scale:g} ms"
                        for (a, b), d in PAIR_DELAYS_MS.items())
-    print(f"3 instances, one-way delays {delays}; {args.rate:g} req/s in total (a third each) "
+    spread = ("a third each" if args.traffic == "even"
+              else f"all at s1 until t={seconds / 2:g} s, then all at s3")
+    print(f"3 instances, one-way delays {delays}; {args.rate:g} req/s in total ({spread}) "
           f"for {seconds:g} s; rpm {args.rpm}")
-    baseline = await run(seconds, args.rate, args.rpm, args.delay_scale, with_shares=False)
+    baseline = await run(seconds, args.rate, args.rpm, args.delay_scale, False, args.traffic)
     report("global count only (before shares)", baseline, args.rpm, seconds)
-    shares = await run(seconds, args.rate, args.rpm, args.delay_scale, with_shares=True)
+    shares = await run(seconds, args.rate, args.rpm, args.delay_scale, True, args.traffic)
     report("shares (routing.LimitShares)", shares, args.rpm, seconds)
     print(f"\nmost admitted in any 60 s window: {baseline['max_window']} before, "
           f"{shares['max_window']} with shares (rpm {args.rpm}: "

@@ -92,8 +92,8 @@ class SharedLimits:
             self._used[name] = by_writer = store.usage_by_writer(name, now=now)
             self._limits[name] = limit = live_limit(rpm, by_writer, self._live)
             used = sum(b.requests for b in store.own_usage_buckets(name, now=now))
-            for gift in self.shares.rebalance(name, limit, live=self._live,
-                                              peers=self._peers, used=used, now=now):
+            for gift in self.shares.rebalance(name, limit, live=self._live, peers=self._peers,
+                                              used=used, now=now, peer_used=by_writer):
                 metrics.rate_share_given.labels(name).inc(gift.units)
                 log.info("rate_share_given", key=name, to=gift.to, units=gift.units,
                          live_instances=len(self._live))

@@ -16,6 +16,9 @@ Rules / Theory of operation
   every window that still holds its past requests, and the receiver may spend the
   gift the moment it sees it. Budget in flight belongs to nobody: the delay costs
   admissions (a gift waits one delay), never the limit.
+* A writer with demand whose count is within one of its budget gets one more unit from
+  anyone holding some beyond its own target, before it runs out: near the limit the
+  targets leave no headroom, and a key used at one instance still gets the whole rpm.
 * Targets say where budget should go: the key's ``rpm`` shared max-min fairly over the
   writers' demand (requests that arrived in the last window, admitted or not, capped
   at ``rpm``); with less demand than ``rpm``, each writer's demand plus an even whole
@@ -190,9 +193,12 @@ class LimitShares:
         return sum(max(0, b - used.get(w, 0)) for w, b in budgets.items() if w != self.writer)
 
     def rebalance(self, key: str, limit: int, *, live: Iterable[str],
-                  peers: Mapping[str, PeerShares], used: int, now: float) -> list[Gift]:
+                  peers: Mapping[str, PeerShares], used: int, now: float,
+                  peer_used: Mapping[str, int] | None = None) -> list[Gift]:
         """Give away what this writer holds beyond ``max(used, its target)`` to the live
-        writers furthest below their targets; returns the gifts (added to ``wire()``)."""
+        writers that need it most: those below their targets, and those with demand whose
+        count (``peer_used``, per writer) is within one of their budget, which get one unit
+        before they run out. Returns the gifts (added to ``wire()``)."""
         budgets = self._budgets(key, limit, live, peers)
         demand = {w: min(limit, peers[w].demand.get(key, 0)) if w in peers else 0
                   for w in budgets}
@@ -200,8 +206,11 @@ class LimitShares:
         targets = fair_targets(limit, demand)
         excess = budgets[self.writer] - max(used, targets[self.writer])
         gifts = []
-        needy = sorted((budgets[w] - targets[w], w) for w in budgets  # furthest below first
-                       if w != self.writer and budgets[w] < targets[w])
+        peer_used = peer_used or {}
+        needs = {w: max(targets[w] - budgets[w],
+                        1 if demand[w] and peer_used.get(w, 0) >= budgets[w] - 1 else 0)
+                 for w in budgets if w != self.writer}
+        needy = sorted((-n, w) for w, n in needs.items() if n > 0)  # the most needed first
         for shortfall, to in needy:
             if excess <= 0:
                 break

@@ -308,7 +308,8 @@ class Fleet:
             if not self.running[i]:
                 continue
             shares.rebalance("team", self.shared(i, now), live=self.live[i],
-                             peers=self.views[i], used=self.used(i, now), now=now)
+                             peers=self.views[i], used=self.used(i, now), now=now,
+                             peer_used=self.seen_used(i, now))
             entry = shares.wire(now, {"team": self.limit})
             for j in range(3):
                 if j != i:
@@ -401,3 +402,19 @@ def test_a_writer_that_joins_costs_nothing(scale):
     assert fleet.most_in_any_window() == 60
     last = [i for t, i in fleet.admitted if t > clock.now() - RATE_WINDOW_S]
     assert last.count(2) == 20
+
+
+def test_a_key_used_at_one_instance_gets_the_whole_rpm_one_request_at_a_time():
+    """rpm 6 over three writers (2 each); a client sends to s1 only, a request every 0.5 s:
+    each time s1 is about to run out, an idle writer gives it a unit, so all six are
+    admitted and only the seventh is refused."""
+    fleet = Fleet(6, {(0, 1): 0.005, (0, 2): 0.020, (1, 2): 0.015})
+    clock = FakeClock(start=1000.0)
+    outcomes = []
+    for _ in range(7):
+        for _ in range(50):
+            now = clock.advance(0.01)
+            if round(now * 100) % 10 == 0:
+                fleet.tick(now)
+        outcomes.append(fleet.request(0, clock.now()))
+    assert outcomes == [True] * 6 + [False]
