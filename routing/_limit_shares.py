@@ -16,9 +16,11 @@ Rules / Theory of operation
   every window that still holds its past requests, and the receiver may spend the
   gift the moment it sees it. Budget in flight belongs to nobody: the delay costs
   admissions (a gift waits one delay), never the limit.
-* A writer with demand whose count is within one of its budget gets one more unit from
-  anyone holding some beyond its own target, before it runs out: near the limit the
-  targets leave no headroom, and a key used at one instance still gets the whole rpm.
+* A writer about to run out (its demand has reached its budget and its count is within
+  one of it) gets one more unit from each writer with no demand that holds some beyond
+  its target: near the limit the targets leave no headroom, and a key used at one
+  instance still gets the whole rpm, one request at a time. Writers with demand of
+  their own do not give that way, so a key spread over instances does not churn.
 * Targets say where budget should go: the key's ``rpm`` shared max-min fairly over the
   writers' demand (requests that arrived in the last window, admitted or not, capped
   at ``rpm``); with less demand than ``rpm``, each writer's demand plus an even whole
@@ -196,9 +198,10 @@ class LimitShares:
                   peers: Mapping[str, PeerShares], used: int, now: float,
                   peer_used: Mapping[str, int] | None = None) -> list[Gift]:
         """Give away what this writer holds beyond ``max(used, its target)`` to the live
-        writers that need it most: those below their targets, and those with demand whose
-        count (``peer_used``, per writer) is within one of their budget, which get one unit
-        before they run out. Returns the gifts (added to ``wire()``)."""
+        writers that need it most: those below their targets, and, from a writer with no
+        demand of its own, one unit to those about to run out (demand at least their
+        budget, count ``peer_used`` within one of it). Returns the gifts (added to
+        ``wire()``)."""
         budgets = self._budgets(key, limit, live, peers)
         demand = {w: min(limit, peers[w].demand.get(key, 0)) if w in peers else 0
                   for w in budgets}
@@ -207,8 +210,9 @@ class LimitShares:
         excess = budgets[self.writer] - max(used, targets[self.writer])
         gifts = []
         peer_used = peer_used or {}
-        needs = {w: max(targets[w] - budgets[w],
-                        1 if demand[w] and peer_used.get(w, 0) >= budgets[w] - 1 else 0)
+        idle = demand[self.writer] == 0
+        needs = {w: max(targets[w] - budgets[w], 1 if idle and demand[w] >= budgets[w] and
+                        peer_used.get(w, 0) >= budgets[w] - 1 else 0)
                  for w in budgets if w != self.writer}
         needy = sorted((-n, w) for w, n in needs.items() if n > 0)  # the most needed first
         for shortfall, to in needy:
