@@ -22,13 +22,13 @@ Rules / Theory of operation
   instance still gets the whole rpm, one request at a time. Writers with demand of
   their own do not give that way, so a key spread over instances does not churn.
 * Targets say where budget should go: the key's ``rpm`` shared max-min fairly over the
-  writers' demand (requests that arrived in the last window, admitted or not, capped
-  at ``rpm``); with less demand than ``rpm``, each writer's demand plus an even whole
-  part of the spare (headroom, so a busy writer gets more before it runs out; what does
-  not divide evenly stays where it is, so targets agree and budget does not churn). A
-  writer with no traffic yet keeps a part and admits at once. Targets only steer gifts;
-  views of demand that differ (they travel with a delay) cost a gift that bounces,
-  never the limit.
+  writers' demand (requests that arrived in the last window, admitted or not, or fewer
+  if the last 10 s were quieter, pro rata; capped at ``rpm``); with less demand than
+  ``rpm``, each writer's demand plus an even whole part of the spare (headroom, so a
+  busy writer gets more before it runs out; what does not divide evenly stays where it
+  is, so targets agree and budget does not churn). A writer with no traffic yet keeps
+  a part and admits at once. Targets only steer gifts; views of demand that differ
+  (they travel with a delay) cost a gift that bounces, never the limit.
 * A writer counted out (silent ``SHARE_LIVE_S``: gone, restarted under a new id, or cut
   off) still holds what it used in the window, as its own counters say
   (``live_limit``): the live writers share only the rest, which grows as those counts
@@ -54,6 +54,9 @@ from typing import Any, Final
 
 from ._limits import RATE_WINDOW_S, Limit, RateLimited, UsageSlice
 
+DEMAND_RECENT_S: Final = 10.0
+"""Demand follows the last this-many seconds of arrivals when they are fewer (pro rata)
+than the whole window's: see ``LimitShares.demand``."""
 SHARE_LIVE_S: Final = 5.0
 """A writer heard from (any sync write, or its 1 s heartbeat) within this long owns a
 base share; one silent longer is counted out and its base goes to the others."""
@@ -166,13 +169,17 @@ class LimitShares:
             seconds.append([second, 1])
 
     def demand(self, key: str, now: float) -> int:
-        """Requests of ``key`` that arrived here in the last window."""
+        """Requests of ``key`` that arrived here in the last window, or the last
+        ``DEMAND_RECENT_S`` of them at that pace if fewer: traffic that moved away stops
+        counting within seconds, and a request or two never looks like a stream."""
         seconds = self._arrivals.get(key)
         if not seconds:
             return 0
         while seconds and seconds[0][0] + 1 + RATE_WINDOW_S <= now:
             seconds.popleft()
-        return sum(n for _, n in seconds)
+        recent = sum(n for s, n in seconds if s + 1 + DEMAND_RECENT_S > now)
+        paced = math.ceil(recent * RATE_WINDOW_S / DEMAND_RECENT_S)
+        return min(sum(n for _, n in seconds), paced)
 
     def budget(self, key: str, limit: int, live: Iterable[str],
                peers: Mapping[str, PeerShares], used: Mapping[str, int] | None = None) -> int:
