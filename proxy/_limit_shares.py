@@ -86,8 +86,10 @@ class SharedLimits:
     def tick(self, store: SessionStore, keys: Mapping[str, ApiKey], metrics: Metrics, *,
              now: float) -> None:
         """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry."""
-        self.refresh(store, now=now)
         limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
+        if not limits and not self._published:
+            return  # no key has an rpm: nothing to share, nothing written
+        self.refresh(store, now=now)
         for name, rpm in limits.items():
             self._used[name] = by_writer = store.usage_by_writer(name, now=now)
             self._limits[name] = limit = live_limit(rpm, by_writer, self._live)
