@@ -119,6 +119,11 @@ class RefreshedCredential(Generic[T]):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    @property
+    def valid(self) -> bool:
+        """A credential is held and has not expired."""
+        return self._value is not None and self._now() < self._expires_at
+
     async def get(self) -> T:
         """The current credential; waits (bounded) only when none is valid yet.
 
@@ -476,8 +481,16 @@ class CloudAccess:
         for upstream in upstreams:
             self.for_upstream(upstream)
 
-    def credentials(self) -> list[RefreshedCredential[Any]]:
-        return [a.credential for a in self._access.values() if a.credential is not None]
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per cloud upstream: its provider and, for an identity, whether it is valid now."""
+        report: dict[str, dict[str, Any]] = {}
+        for name, access in self._access.items():
+            entry: dict[str, Any] = {"provider": access.upstream.provider.value}
+            if access.credential is not None:
+                entry["credential"] = {"auth": access.credential.kind,
+                                       "valid": access.credential.valid}
+            report[name] = entry
+        return report
 
     async def aclose(self) -> None:
         accesses = [*self._access.values(), *self._retired]

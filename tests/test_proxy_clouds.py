@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import openai
 import pytest
 from skyroute.proxy.demo._clouds import (
@@ -115,6 +116,26 @@ async def test_azure_wrong_key_is_a_bad_key_and_fails_over(standin, skyroute, st
     assert "wrong-key-123456" not in json.dumps(captured_logs, default=str)
 
 
+async def test_azure_content_filter_refusal_passes_through_as_sent(standin, skyroute, started):
+    """The client gets Azure's own 400 content_filter answer, as it would directly."""
+    inner = await standin("azure-inner")
+    azure = await started(AzureStandin(inner, api_key=AZURE_KEY,
+                                       deployments={"my-r1": "deepseek-chat"}))
+    server = await skyroute(routing_yaml([azure_yaml("azure-eastus", azure.url)]))
+    blocked = [{"role": "user", "content": "something forbidden"}]
+    async with client_for(server) as client:
+        with pytest.raises(openai.BadRequestError) as through:
+            await client.chat.completions.create(model="chat", messages=blocked)
+    async with openai.AsyncAzureOpenAI(azure_endpoint=azure.url, api_key=AZURE_KEY,
+                                       api_version="2024-10-21", max_retries=0,
+                                       timeout=10) as direct:
+        with pytest.raises(openai.BadRequestError) as directly:
+            await direct.chat.completions.create(model="my-r1", messages=blocked)
+    assert through.value.code == directly.value.code == "content_filter"
+    assert through.value.body == directly.value.body
+    assert len(azure.requests) == 2
+
+
 @pytest.fixture
 async def google_credentials(tmp_path, monkeypatch, started):
     """A local Google token endpoint and a service-account file google-auth finds (ADC)."""
@@ -150,7 +171,9 @@ async def test_vertex_uses_current_google_tokens_refreshed_in_the_background(
                 model="chat", messages=MESSAGES, stream=True)]
             assert "".join(c.choices[0].delta.content or "" for c in chunks
                            if c.choices).startswith("Hello from vertex-inner")
-        metrics = await client.get("/../metrics", cast_to=str)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get(f"{server.url}/metrics") as resp:
+        metrics = await resp.text()
     assert vertex.refused == 0  # every request carried a current token
     assert tokens.max_in_flight == 1  # never two refreshes at once
     assert ('skyroute_cloud_credential_fetches_total{provider="vertex",result="ok",'
@@ -176,6 +199,28 @@ async def test_vertex_without_credentials_is_a_bad_key_with_a_hint(
     failed = [e for e in captured_logs if e.get("event") == "credential_failed"]
     assert failed and failed[0]["provider"] == "vertex"
     assert "GOOGLE_APPLICATION_CREDENTIALS" in failed[0]["hint"]
+
+
+async def test_vertex_resource_exhausted_fails_over(standin, skyroute, started,
+                                                   google_credentials):
+    inner = await standin("vertex-inner")
+    vertex = await started(VertexStandin(inner, google_credentials, project="test-project",
+                                         location="us-central1"))
+    vertex.exhausted = True
+    backup = await standin("backup")
+    server = await skyroute(routing_yaml(
+        [vertex_yaml("vertex-us-central1", vertex.url), entry(backup)],
+        "- model: chat\n  strategy: priority\n  targets: [vertex-us-central1, backup]\n"))
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content.startswith("Hello from backup")
+    assert len(vertex.requests) == 1
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get(f"{server.url}/health") as resp:
+        vertex_health = (await resp.json())["upstreams"]["vertex-us-central1"]
+    assert vertex_health["state"] == "open"  # a 429 without Retry-After cools it off
+    assert vertex_health["provider"] == "vertex"
+    assert vertex_health["credential"] == {"auth": "google", "valid": True}
 
 
 @pytest.fixture
@@ -290,6 +335,26 @@ async def test_overloaded_bedrock_fails_over_to_another_cloud(standin, skyroute,
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.startswith("Hello from azure-inner")
     assert len(azure.requests) == 1
+
+
+async def test_bedrock_openai_compatible_endpoint_is_signed_too(standin, skyroute, started,
+                                                                aws_credentials):
+    inner = await standin("bedrock-openai")
+    cloud = await started(BedrockStandin("bedrock", access_key=AWS_KEY, secret_key=AWS_SECRET,
+                                         region="us-west-2", models=("openai.gpt-oss-120b-1:0",),
+                                         inner=inner))
+    server = await skyroute(routing_yaml([
+        "  - name: bedrock-openai\n    provider: bedrock\n"
+        f"    url: {cloud.url}\n    bedrock: {{region: us-west-2, api: openai}}\n"
+        "    auth: {aws: default}\n    models: {chat: openai.gpt-oss-120b-1:0}\n"]))
+    async with client_for(server) as client:
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+        chunks = [c async for c in await client.chat.completions.create(
+            model="chat", messages=MESSAGES, stream=True)]
+    assert reply.choices[0].message.content.startswith("Hello from bedrock-openai")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
+        .startswith("Hello from bedrock-openai")
+    assert not cloud.refused and cloud.requests[0]["model"] == "openai.gpt-oss-120b-1:0"
 
 
 async def test_unsupported_path_on_converse_is_a_clear_400(skyroute, started, aws_credentials):

@@ -96,8 +96,22 @@ async def _relay(request: web.Request, inner: StandinUpstream, path: str,
         return resp
 
 
+#: Azure's answer to a prompt its content filter blocks (HTTP 400).
+AZURE_CONTENT_FILTER = {"error": {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content "
+               "management policy.",
+    "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "violence": {"filtered": True, "severity": "high"}}}}}
+
+
 class AzureStandin(_Server):
-    """Azure OpenAI in front of ``inner``; ``deployments`` maps a deployment to a model."""
+    """Azure OpenAI in front of ``inner``; ``deployments`` maps a deployment to a model.
+
+    A prompt containing ``blocked_word`` gets Azure's content-filter 400.
+    """
+
+    blocked_word = "forbidden"
 
     API_VERSIONS = frozenset({"2024-10-21", "2024-06-01", "2025-01-01-preview"})
 
@@ -137,6 +151,8 @@ class AzureStandin(_Server):
                           "DeploymentNotFound")
         self.requests.append(request.path_qs)
         body = await request.json()
+        if self.blocked_word in json.dumps(body.get("messages")):
+            return web.json_response(AZURE_CONTENT_FILTER, status=400)
         return await _relay(request, self.inner, "/chat/completions", {**body, "model": model})
 
     async def _v1(self, request: web.Request) -> web.StreamResponse:
@@ -219,6 +235,7 @@ class VertexStandin(_Server):
         self.inner, self.tokens = inner, tokens
         self.requests: list[str] = []
         self.refused = 0
+        self.exhausted = False  # answer 429 RESOURCE_EXHAUSTED, as Vertex does over quota
         self.app.router.add_post(f"/v1/projects/{project}/locations/{location}/endpoints/"
                                  "openapi/chat/completions", self._chat)
 
@@ -230,6 +247,10 @@ class VertexStandin(_Server):
                 "code": 401, "status": "UNAUTHENTICATED",
                 "message": "Request had invalid authentication credentials."}}, status=401)
         self.requests.append(request.path)
+        if self.exhausted:
+            return web.json_response([{"error": {
+                "code": 429, "status": "RESOURCE_EXHAUSTED",
+                "message": "Resource exhausted. Please try again later."}}], status=429)
         return await _relay(request, self.inner, "/chat/completions", await request.json())
 
 
@@ -260,15 +281,17 @@ class BedrockStandin(_Server):
     """
 
     def __init__(self, name: str, *, access_key: str, secret_key: str, region: str,
-                 models: tuple[str, ...]) -> None:
+                 models: tuple[str, ...], inner: StandinUpstream | None = None) -> None:
         super().__init__()
-        self.name, self.region, self.models = name, region, models
+        self.name, self.region, self.models, self.inner = name, region, models, inner
         self.access_key, self.secret_key = access_key, secret_key
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []  # Converse bodies that passed the checks
         self.refused: list[str] = []  # why signature checks failed
         self.app.router.add_post("/model/{model}/converse", self._converse)
         self.app.router.add_post("/model/{model}/converse-stream", self._converse_stream)
+        # Bedrock's OpenAI-compatible endpoint (bedrock: {api: openai}), answered by ``inner``.
+        self.app.router.add_post("/openai/v1/chat/completions", self._openai)
 
     def _signature_problem(self, request: web.Request, body: bytes) -> str | None:
         from botocore.auth import SigV4Auth
@@ -315,7 +338,8 @@ class BedrockStandin(_Server):
             kind, _, message = problem.partition(": ")
             return web.json_response({"message": message or kind}, status=403,
                                      headers={"x-amzn-ErrorType": f"{kind}:http://internal"})
-        if request.match_info["model"] not in self.models:
+        model = request.match_info.get("model") or json.loads(body).get("model")
+        if model not in self.models:
             return web.json_response({"message": "The provided model identifier is invalid."},
                                      status=400,
                                      headers={"x-amzn-ErrorType": "ValidationException:"})
@@ -328,6 +352,14 @@ class BedrockStandin(_Server):
         converse = json.loads(body)
         self.requests.append(converse)
         return converse
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        checked = await self._checked(request)
+        if isinstance(checked, web.Response):
+            return checked
+        assert self.inner is not None, "BedrockStandin(inner=...) serves /openai/v1"
+        return await _relay(request, self.inner, "/chat/completions",
+                            {**checked, "model": self.inner.models[0]})
 
     def _blocks(self, converse: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
         tools = converse.get("toolConfig", {}).get("tools", [])
