@@ -79,6 +79,14 @@ CREDENTIAL_HINTS: Final = {
 T = TypeVar("T")
 
 
+def credential_hint(upstream: Upstream, error_type: str = "") -> str:
+    """What to check when a cloud upstream refuses our identity (401/403), never the secret."""
+    kind = upstream.auth.kinds[0] if upstream.auth is not None else "api_key"
+    hint = CREDENTIAL_HINTS.get(kind, "check the key in auth.api_key (or api_key)")
+    refused = f" ({error_type.partition(':')[0]})" if error_type else ""
+    return f"provider {upstream.provider.value} refused the {kind} credential{refused}: {hint}"
+
+
 class CredentialUnavailable(Exception):
     """No valid credential for an upstream right now; the message says what to check."""
 
@@ -506,4 +514,5 @@ __all__ = [
     "Prepared",
     "RefreshedCredential",
     "UpstreamAccess",
+    "credential_hint",
 ]

@@ -38,12 +38,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from skyroute.routing import AttemptOutcome, Result, Target, classify_provider_error
+from skyroute.routing import AttemptOutcome, Provider, Result, Target, classify_provider_error
 
 from ._bedrock import TranslationError
 from ._bodies import Upload
 from ._client_guard import send_within
-from ._clouds import ConverseAnswer, CredentialUnavailable
+from ._clouds import ConverseAnswer, CredentialUnavailable, credential_hint
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
@@ -305,11 +305,15 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse | Conv
     finally:
         response.release()
     status = response.status
-    result = classify_provider_error(status, response.headers.get("x-amzn-ErrorType", ""))
+    error_type = response.headers.get("x-amzn-ErrorType", "")
+    result = classify_provider_error(status, error_type)
     retry_after = _retry_after(response.headers)
     # The upstream's own error text stops here: it may quote a key or an address.
+    detail = f"HTTP {status} {result.value}"
+    if result is Result.BAD_KEY and target.upstream.provider is not Provider.OPENAI:
+        detail += f"; {credential_hint(target.upstream, error_type)}"
     outcome = AttemptOutcome(target=target, result=result, status=status,
-                             detail=f"HTTP {status} {result.value}", retry_after_s=retry_after)
+                             detail=detail, retry_after_s=retry_after)
     headers = response.headers
     if decoder is not None:  # the body passed on is decoded: so must its headers say
         headers = CIMultiDictProxy(CIMultiDict(

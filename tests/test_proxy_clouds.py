@@ -304,7 +304,7 @@ async def test_bedrock_tool_results_go_back_as_tool_result_blocks(skyroute, star
 
 
 async def test_bedrock_wrong_secret_is_refused_and_a_bad_key(skyroute, started, standin,
-                                                            aws_credentials):
+                                                            aws_credentials, captured_logs):
     cloud = await bedrock(started, secret="another-secret-entirely-000000")
     backup = await standin("backup")
     server = await skyroute(routing_yaml(
@@ -314,6 +314,12 @@ async def test_bedrock_wrong_secret_is_refused_and_a_bad_key(skyroute, started, 
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
     assert cloud.refused and "does not match" in cloud.refused[0]
+    (change,) = [e for e in captured_logs if e.get("event") == "upstream_state_changed"]
+    assert change["to"] == "bad_key"
+    assert "provider bedrock refused the aws credential (InvalidSignatureException)" \
+        in change["reason"]
+    assert "bedrock:InvokeModel" in change["reason"]
+    assert AWS_SECRET not in json.dumps(captured_logs, default=str)
 
 
 @pytest.mark.parametrize("mode", ["throttled", "unavailable", "stream_exception"])
