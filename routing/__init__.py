@@ -18,6 +18,12 @@ from ._cache import (
     freshness,
     is_storable,
 )
+from ._clouds import (
+    BedrockApi,
+    Provider,
+    UpstreamAuth,
+    provider_path,
+)
 from ._degradation import (
     LEVELS,
     Level,
@@ -62,6 +68,7 @@ from ._router_types import (
     Result,
     Retry,
     Target,
+    classify_provider_error,
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
@@ -105,6 +112,7 @@ __all__ = [
     "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
+    "BedrockApi",
     "BreakerPolicy",
     "CacheDirectives",
     "CacheLookup",
@@ -142,6 +150,7 @@ __all__ = [
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
+    "Provider",
     "Publish",
     "RateLimited",
     "Refuse",
@@ -163,6 +172,7 @@ __all__ = [
     "Touch",
     "TrafficShare",
     "Upstream",
+    "UpstreamAuth",
     "UpstreamHealth",
     "UpstreamState",
     "UsageSlice",
@@ -176,6 +186,7 @@ __all__ = [
     "capped_payload",
     "check_rate",
     "check_share",
+    "classify_provider_error",
     "classify_status",
     "fair_targets",
     "freshness",
@@ -187,5 +198,6 @@ __all__ = [
     "parse_duration",
     "parse_server_load",
     "parse_size",
+    "provider_path",
     "streamed_tokens",
 ]
