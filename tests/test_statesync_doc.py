@@ -236,8 +236,9 @@ def test_SyncSettings_parses_discovery_target() -> None:
 
 
 class StorePair:
-    def __init__(self, clock: FakeClock) -> None:
-        settings = {n: SyncSettings(instance_id=n, token="t", session_ttl_s=100.0) for n in "ab"}
+    def __init__(self, clock: FakeClock, **overrides: Any) -> None:
+        settings = {n: SyncSettings(instance_id=n, token="t", session_ttl_s=100.0, **overrides)
+                    for n in "ab"}
         self.hubs = {n: {d: make_hub(d) for d in ("sessions", "usage")} for n in "ab"}
         self.stores = {
             n: SessionStore(
@@ -270,6 +271,45 @@ def test_SessionStore_pin_on_one_replica_is_seen_on_the_other() -> None:
     got = sp.stores["b"].get("s1", now=clock.now())
     assert got is not None and got.upstream == "deepseek" and got.created == clock.now()
     assert sp.stores["b"].get("s1", now=clock.now() + 101) is None  # past the TTL
+
+
+def test_SessionStore_session_count_follows_local_remote_and_rotated_changes() -> None:
+    """The count kept from map events equals the map's size through writes, deletes,
+    a peer's writes and a rotation that drops expired sessions."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    a, b = sp.stores["a"], sp.stores["b"]
+    for i in range(5):
+        a.pin(f"a{i}", "up", now=clock.now())
+    for i in range(3):
+        b.pin(f"b{i}", "up", now=clock.now())
+    a.pin("a0", "other", now=clock.now(), moved_from="up")  # an update: no new entry
+    sp.sync()
+    hub_a = sp.hubs["a"]["sessions"]
+    assert a.session_count == b.session_count == len(hub_a.doc.maps["sessions"]) == 8
+    del sp.hubs["b"]["sessions"].doc.maps["sessions"]["a1"]  # a delete made at the peer
+    sp.sync()
+    assert a.session_count == len(hub_a.doc.maps["sessions"]) == 7
+    clock.advance(60)
+    a.touch("a2", now=clock.now())
+    clock.advance(60)  # every session but a2 is past the 100 s TTL now
+    hub_a.install(rebuild(hub_a.doc, 2, a.keep))
+    assert a.session_count == len(hub_a.doc.maps["sessions"]) == 1
+
+
+def test_SessionStore_evicts_sessions_that_arrived_from_a_peer() -> None:
+    """max_sessions holds for sessions another instance wrote, counted from remote changes."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock, max_sessions=10)
+    for i in range(25):
+        sp.stores["b"].pin(f"s{i:02}", "up", now=clock.now() + i)
+    for pair in sp.pairs:
+        pair.deliver()  # b has not flushed: the sessions reached a as remote writes
+    assert sp.stores["a"].session_count == 25
+    assert sp.stores["a"].flush()
+    sessions = sp.hubs["a"]["sessions"].doc.maps["sessions"]
+    assert sp.stores["a"].session_count == len(sessions) <= 10
+    assert "s24" in sessions and "s00" not in sessions
 
 
 def test_SessionStore_usage_adds_up_across_replicas_as_ints() -> None:
