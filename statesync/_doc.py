@@ -145,6 +145,8 @@ class EpochDoc:
         return set(decode_state_vector(self.doc.get_state()))
 
     def _on_transaction(self, event: TransactionEvent) -> None:
+        if not self._update_listeners:
+            return  # a document being built (rebuild, snapshot): encode no update for nobody
         update = event.update
         for listener in self._update_listeners:
             listener(update, self._origin)
@@ -153,7 +155,8 @@ class EpochDoc:
         # One positional parameter only: pycrdt passes the transaction as a second
         # argument to callbacks that accept two.
         def observer(event: MapEvent) -> None:
-            self._on_map_event(map_name, _changed_keys(event))
+            if self._map_listeners:  # reading the keys converts every changed value
+                self._on_map_event(map_name, _changed_keys(event))
 
         return observer
 
