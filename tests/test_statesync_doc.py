@@ -7,6 +7,7 @@ conversation until both inboxes are empty.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 from typing import Any
@@ -23,7 +24,15 @@ from skyroute.statesync import (
     Usage,
     UsageBucket,
 )
-from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
+from skyroute.statesync._doc import (
+    BULK_UPDATE_BYTES,
+    DocHub,
+    EpochDoc,
+    collector_paused,
+    decode_snapshot,
+    encode_snapshot,
+    rebuild,
+)
 from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 from skyroute.statesync._protocol import ConnState, YConnection, message_kind
@@ -162,6 +171,45 @@ def test_DocHub_install_refuses_client_holding_older_epoch_doc() -> None:
     conn = YConnection(hub, name="old", external=True, on_send=lambda m: None)
     with pytest.raises(SyncProtocolError, match="older epoch"):
         conn.receive_message(create_sync_message(old_client))
+
+
+def test_collector_paused_restores_the_collector_as_it_was() -> None:
+    """Paused only when asked, enabled again after an error, left off if it was off."""
+    assert gc.isenabled()
+    with collector_paused(False):
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_DocHub_bulk_update_is_checked_and_applied_whole() -> None:
+    """An update past BULK_UPDATE_BYTES (a catch-up) arrives whole, and a bad one not at all."""
+    a, b = make_hub(), make_hub()
+    with a.doc.doc.transaction():
+        for i in range(2000):
+            a.doc.maps["sessions"][f"s{i}"] = {"upstream": "up", "ts": 1.0, "by": "a"}
+    update = a.doc.full_update()
+    assert len(update) >= BULK_UPDATE_BYTES
+    pair = DocPair(a, b)
+    pair.deliver()
+    assert snapshot(b) == snapshot(a) and gc.isenabled()
+    bad = make_hub()
+    bad.doc.doc.apply_update(update)
+    with bad.doc.doc.transaction():
+        bad.doc.maps["sessions"]["evil"] = {"upstream": "up", "evil": 1}
+    fresh = make_hub()
+    with pytest.raises(SyncProtocolError):
+        fresh.apply_remote(bad.doc.full_update(), origin=pair.conn_b)
+    assert len(fresh.doc.maps["sessions"]) == 0 and gc.isenabled()
 
 
 def test_rebuild_drops_history_and_expired_entries() -> None:
