@@ -46,6 +46,7 @@ from pycrdt import (
     Doc,
     Map,
     MapEvent,
+    Subscription,
     TransactionEvent,
     YMessageType,
     YSyncMessageType,
@@ -96,9 +97,9 @@ class EpochDoc:
         self._update_listeners: list[UpdateListener] = []
         self._map_listeners: list[MapListener] = []
         # Subscriptions are held: pycrdt drops an observer whose subscription is collected.
-        self._subscriptions = [self.doc.observe(self._on_transaction)]
-        for map_name, ymap in self.maps.items():
-            self._subscriptions.append(ymap.observe(self._map_observer(map_name)))
+        # They are made with the first listener: pycrdt turns every change of an observed
+        # map into Python values, which a document being built (rebuild) needs for nothing.
+        self._subscriptions: list[Subscription] = []
 
     def __repr__(self) -> str:
         return f"<EpochDoc {self.name} epoch={self.epoch} client={self.doc.client_id}>"
@@ -110,10 +111,15 @@ class EpochDoc:
 
     def on_update(self, listener: UpdateListener) -> None:
         """Call ``listener(update, origin)`` for every committed change (origin None = local)."""
+        if not self._update_listeners:
+            self._subscriptions.append(self.doc.observe(self._on_transaction))
         self._update_listeners.append(listener)
 
     def on_map_change(self, listener: MapListener) -> None:
         """Call ``listener(map_name, keys, is_remote)`` for every root-map change."""
+        if not self._map_listeners:
+            for map_name, ymap in self.maps.items():
+                self._subscriptions.append(ymap.observe(self._map_observer(map_name)))
         self._map_listeners.append(listener)
 
     def apply_remote(self, update: bytes, origin: object) -> None:
@@ -150,8 +156,6 @@ class EpochDoc:
         return set(decode_state_vector(self.doc.get_state()))
 
     def _on_transaction(self, event: TransactionEvent) -> None:
-        if not self._update_listeners:
-            return  # a document being built (rebuild, snapshot): encode no update for nobody
         update = event.update
         for listener in self._update_listeners:
             listener(update, self._origin)
@@ -160,8 +164,7 @@ class EpochDoc:
         # One positional parameter only: pycrdt passes the transaction as a second
         # argument to callbacks that accept two.
         def observer(event: MapEvent) -> None:
-            if self._map_listeners:  # reading the keys converts every changed value
-                self._on_map_event(map_name, _changed_keys(event))
+            self._on_map_event(map_name, _changed_keys(event))
 
         return observer
 
