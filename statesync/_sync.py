@@ -70,7 +70,7 @@ HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
 SIZE_MEASURE_SHARE: Final = 0.01
-"""Measuring a document encodes all of it on the event loop (0.3 s at 100,000 sessions,
+"""Measuring a document encodes all of it on the event loop (0.1-0.3 s at 100,000 sessions,
 ``bench/sessions.py``): it is done every ``SIZE_METRIC_EVERY_S`` at most, and less often
 when it is slow, so that it takes at most this share of the time."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
