@@ -57,6 +57,7 @@ from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
 from ._objects import object_entry_is_live
 from ._pins import HybridClock, PinStamp, merged, next_pin
+from ._rotation import SETTLE_S, Carry, CarryPlan
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
 USAGE_BUCKET_S: Final = 1.0
@@ -77,6 +78,23 @@ CLEAR_STATES: Final = frozenset({UpstreamState.HEALTHY, "up", "ok"})
 
 _BucketKey = tuple[str, int]  # (client key name, bucket index)
 _Slot = tuple[int, float, str]  # (bucket index, bucket seconds, writer) of a usage entry
+
+
+def _written_at(map_name: str, value: Any) -> float | None:
+    """When an entry was last written, by its own fields; None if it does not say."""
+    if not isinstance(value, dict):
+        return None
+    if map_name == "usage":
+        slot = _slot_of(value)  # rewritten by its writer until its bucket ends
+        return (slot[0] + 1) * slot[1] if slot is not None else None
+    ts = value.get("ts")
+    return float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else None
+
+
+def _writer_of(map_name: str, value: Any) -> str | None:
+    """The writer id that wrote an entry last, if the entry names one."""
+    writer = value.get("w" if map_name == "usage" else "by") if isinstance(value, dict) else None
+    return writer if isinstance(writer, str) else None
 
 
 def bucket_of(now: float) -> int:
@@ -129,6 +147,7 @@ class SessionStore:
         self._hlc = HybridClock()
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
+            hub.on_overlap_end(self._reconcile)
             self._attach(hub.doc)
 
     def __repr__(self) -> str:
@@ -138,7 +157,7 @@ class SessionStore:
 
     def get(self, session_id: str, *, now: float) -> Session | None:
         """Return the session, or None if it is absent or idle longer than the TTL."""
-        value = self._sessions.doc.maps["sessions"].get(session_id)
+        value = self._sessions.value("sessions", session_id)
         session = Session.from_wire(session_id, value, observed_at=now)
         if session is None:
             return None
@@ -177,7 +196,7 @@ class SessionStore:
         Returns:
             True if the pin was written, False if an earlier pin stays.
         """
-        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        stored = self._sessions.value("sessions", session_id)
         expired = stored is not None and self.get(session_id, now=now) is None
         stamp = next_pin(
             stored, moved_from=moved_from, expired=expired, at=self._hlc.now(now), by=self.writer_id
@@ -223,7 +242,7 @@ class SessionStore:
             "ts": now,
             "by": self.writer_id,
         }
-        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        stored = self._sessions.value("sessions", session_id)
         if pin is not None:
             value["pin"] = pin.to_wire()
         elif current is not None and isinstance(stored, dict) and "pin" in stored:
@@ -409,16 +428,46 @@ class SessionStore:
         Never raises: one odd entry must not stop a rotation.
         """
         try:
-            return self._keep(map_name, key, value)
+            return self._keep(map_name, key, value, now=self._clock(), overlay=True)
         except (ValueError, TypeError, OverflowError, AttributeError):
             return False
 
-    def _keep(self, map_name: str, key: str, value: Any) -> bool:
-        now = self._clock()
+    def carry_plan(self, *, start: float, linked: frozenset[str]) -> CarryPlan:
+        """How a rotation starting at ``start`` carries each entry (``_rotation``).
+
+        Settled entries (written before ``start - SETTLE_S``, kept at ``start``) are
+        shared: the same decision from the same value on every instance. A recent
+        entry whose writer (``by``, or ``w`` for usage) is one of the ``linked``
+        instances is left to that writer (``WRITER`` if written after ``start``, when
+        the build began); every other entry this instance keeps now it writes itself.
+        """
+        settled_before = start - SETTLE_S
+
+        def plan(map_name: str, key: str, value: Any) -> Carry:
+            try:
+                written = _written_at(map_name, value)
+                if (written is None or written < settled_before) and self._keep(
+                    map_name, key, value, now=start, overlay=False
+                ):
+                    return Carry.SHARED
+                if not self._keep(map_name, key, value, now=self._clock(), overlay=True):
+                    return Carry.DROP
+                writer = _writer_of(map_name, value)
+                if written is not None and writer in linked and writer != self.writer_id:
+                    return Carry.WRITER if written >= start else Carry.WRITER_BEFORE
+                return Carry.OWN
+            except (ValueError, TypeError, OverflowError, AttributeError):
+                return Carry.DROP
+
+        return plan
+
+    def _keep(self, map_name: str, key: str, value: Any, *, now: float, overlay: bool) -> bool:
         if map_name == "sessions":
             session = Session.from_wire(key, value, observed_at=now)
-            last = max(session.last_seen, self._touched.get(key, 0.0)) if session else 0.0
-            return session is not None and now - last <= self._settings.session_ttl_s
+            if session is None:
+                return False
+            touched = self._touched.get(key, 0.0) if overlay else 0.0
+            return now - max(session.last_seen, touched) <= self._settings.session_ttl_s
         if map_name == "upstreams":
             report = UpstreamReport.from_wire(value)
             if report is None:
@@ -434,13 +483,42 @@ class SessionStore:
             return object_entry_is_live(value, now)
         return False  # meta: fresh heartbeats are written into the new document
 
+    def _reconcile(self, previous: EpochDoc, deleted: set[tuple[str, str]]) -> None:
+        """A rotation's overlap ended: carry what this instance keeps and nobody carried.
+
+        Entries left to their writer (``Carry.WRITER``) normally arrived with the
+        writer's own part; one that did not (the writer died, or was cut off just
+        then) is written here, once the writer had its chance.
+        """
+        hub = self._sessions if previous.name == "sessions" else self._usage
+        late = 0
+        with hub.doc.doc.transaction():
+            for map_name, old_map in previous.maps.items():
+                target = hub.doc.maps[map_name]
+                missing = set(old_map.keys()) - set(target.keys())
+                for key in sorted(missing):
+                    value = old_map.get(key)
+                    if (map_name, key) not in deleted and self.keep(map_name, key, value):
+                        target[key] = value
+                        late += 1
+        if late:
+            self._metrics.rotation_entries.labels("late").inc(late)
+            self._log.info("sync_rotation_carried_late", doc=previous.name, entries=late,
+                           hint="their writer's copy did not arrive during the overlap")
+
     def _attach(self, doc: EpochDoc) -> None:
         if doc.name == "usage":
-            self._view = {}
-            for value in doc.maps["usage"].values():
+            # The view is kept: a writer's recent entries reach the new document with
+            # its own part, and counting them meanwhile keeps limits exact.
+            umap = doc.maps["usage"]
+            for value in umap.values():
                 self._view_set(value)
-            # Re-assert our entries in the new document.
-            self._dirty.update((k, b) for k, own in self._own.items() for b in own)
+            # Re-assert our entries the new document lacks or holds otherwise.
+            for key_name, own in self._own.items():
+                for bucket, (r, t) in own.items():
+                    held = umap.get(f"{self.writer_id}|{bucket}|{key_name}")
+                    if not isinstance(held, dict) or (held.get("r"), held.get("t")) != (r, t):
+                        self._dirty.add((key_name, bucket))
             cutoff = self._clock() - self._settings.session_ttl_s
             self._touched = {k: v for k, v in self._touched.items() if v >= cutoff}
         doc.on_map_change(self._on_change)

@@ -62,6 +62,7 @@ from ._links import (
 )
 from ._metrics import SyncMetrics, get_logger
 from ._objects import ObjectDirectory
+from ._rotation import SLICE_S, Carry, EpochBuilder
 from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
@@ -69,6 +70,14 @@ SNAPSHOT_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
+BUILD_PAUSE_PER_SLICE: Final = 4
+"""A build rests four slices' time after each slice: it takes at most a fifth of the
+event loop, so a burst of peer messages is not queued behind it."""
+INSTALL_AFTER_S: Final = 1.0
+"""Instances install a new epoch this long after it starts by the clock: time to build it
+in slices (a build not done by then is finished at once)."""
+OVERLAP_MAX_S: Final = 10.0
+"""A rotation's overlap ends after this even if a peer never answered in the new epoch."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 
@@ -132,6 +141,9 @@ class StateSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._started = self._closed = self._paused = False
+        self._building: tuple[int, float, dict[str, EpochBuilder]] | None = None
+        """(epoch, started at, builder per document) while a rotation is being built."""
+        self._rotated_at = clock()
 
     def __repr__(self) -> str:
         return f"<StateSync {self.writer_id} epoch={self.epoch} peers={len(self._links)}>"
@@ -178,6 +190,7 @@ class StateSync:
         if self._closed:
             return
         self._closed = True
+        self._abandon_build()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -339,19 +352,45 @@ class StateSync:
         return math.floor(now / self.settings.rotate_every_s)
 
     def _rotate_to(self, epoch: int) -> None:
-        """Rotate every document into ``epoch``, or (on any error) none of them.
+        """Rotate every document into ``epoch`` now, or (on any error) none of them.
 
-        The new documents are all built before any is installed; a failure is
-        logged and counted, and the old epoch keeps serving (the next rotation
-        check tries again).
+        A build into that epoch already under way (``_rotation_loop``) is finished at
+        once; any other is abandoned and this one done in one go. The new documents
+        are all built before any is installed; a failure is logged and counted, and
+        the old epoch keeps serving (the next rotation check tries again).
         """
         if epoch <= self.epoch:
             return
-        started = time.perf_counter()
+        if self._building is not None and self._building[0] != epoch:
+            self._abandon_build()
+        if self._building is None:
+            self._start_build(epoch)
+        self._finish_build()
+
+    def _start_build(self, epoch: int) -> None:
+        """Start building every document of ``epoch`` beside the current ones."""
+        self.store.flush()
+        now = self._clock()
+        start = min(epoch * self.settings.rotate_every_s, now)
+        builders = {}
+        for name, hub in self._hubs.items():
+            plan = self.store.carry_plan(start=start, linked=hub.linked_peers())
+            builders[name] = EpochBuilder(hub.doc, hub.prepare(epoch), plan)
+        self._building = (epoch, time.perf_counter(), builders)
+
+    def _abandon_build(self) -> None:
+        if self._building is not None:
+            for builder in self._building[2].values():
+                builder.cancel()
+            self._building = None
+
+    def _finish_build(self) -> None:
+        """Finish the build under way and install its documents."""
+        assert self._building is not None
+        epoch, started, builders = self._building
+        self._building = None
         try:
-            self.store.flush()
-            rebuilt = {name: rebuild(hub.doc, epoch, self.store.keep)
-                       for name, hub in self._hubs.items()}
+            rebuilt = {name: builder.finish() for name, builder in builders.items()}
         except Exception as exc:
             self._metrics.rotation_failures.inc()
             self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
@@ -360,12 +399,17 @@ class StateSync:
         self.epoch = epoch
         for name, hub in self._hubs.items():
             hub.install(rebuilt[name])
+        self._rotated_at = self._clock()
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
+        counts = {how.value: sum(b.counts[how] for b in builders.values()) for how in Carry}
+        counts["writer"] += counts.pop("writer_before")
+        for how, count in counts.items():
+            self._metrics.rotation_entries.labels(how).inc(count)
         if self.settings.is_shared:
             self._log.info("sync_rotated", epoch=epoch,
-                           seconds=round(time.perf_counter() - started, 4))
+                           seconds=round(time.perf_counter() - started, 4), **counts)
 
     async def _on_peer_epoch(self, epoch: int) -> None:
         self._rotate_to(epoch)
@@ -374,8 +418,43 @@ class StateSync:
         while True:
             due = (self.epoch + 1) * self.settings.rotate_every_s - self._clock()
             await asyncio.sleep(min(max(due, 0.0), 1.0))
-            if self._epoch_at(self._clock()) > self.epoch:
-                self._rotate_to(self._epoch_at(self._clock()))
+            self._end_overlap_if_late()
+            epoch = self._epoch_at(self._clock())
+            if epoch <= self.epoch:
+                continue
+            # Build beside the live documents, a slice per turn of the event loop, so
+            # writes and peers are served meanwhile; a peer's {"epoch": N} may finish it.
+            # Every instance installs at the same moment by the clock (not when its own
+            # build is done), so nobody is in the new epoch while another still writes
+            # in the old one.
+            self._start_build(epoch)
+            install_at = epoch * self.settings.rotate_every_s + INSTALL_AFTER_S
+            while self._building is not None and self._building[0] == epoch:
+                try:
+                    # One slice per turn of the loop, document after document.
+                    todo = [b for b in self._building[2].values() if not b.step_done]
+                    if todo:
+                        todo[0].step()
+                except Exception as exc:  # one odd entry must not stop rotating for good
+                    self._abandon_build()
+                    self._metrics.rotation_failures.inc()
+                    self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
+                                    error=repr(exc)[:200])
+                    break
+                left = install_at - self._clock()
+                if left <= 0:
+                    self._finish_build()
+                    break
+                await asyncio.sleep(min(left, SLICE_S * BUILD_PAUSE_PER_SLICE))
+
+    def _end_overlap_if_late(self) -> None:
+        """End an overlap no peer finished within ``OVERLAP_MAX_S`` (a silent peer)."""
+        if self._clock() - self._rotated_at >= OVERLAP_MAX_S:
+            for hub in self._hubs.values():
+                if hub.previous is not None:
+                    self._log.info("sync_rotation_overlap_timeout", doc=hub.name,
+                                   seconds=OVERLAP_MAX_S)
+                    hub.end_overlap()
 
     # -- peers -----------------------------------------------------------------------
 
