@@ -1,0 +1,177 @@
+"""Rotation overlaps epochs: the next document is built beside the live one, settled
+entries are the same items on every instance, recent ones come from their writer, and
+reads fall back to the old document until they have arrived."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from skyroute.statesync import StateSync, SyncSettings
+from skyroute.statesync._doc import EpochDoc
+from skyroute.statesync._protocol import YConnection
+from skyroute.statesync._rotation import Carry, EpochBuilder, shared_client_id
+
+from .conftest import eventually
+from .test_statesync_peers import Instance, all_connected, bound_socket, start_instance, upstream_of
+
+SETTLED_TS = 100.0
+
+
+def by_ts(map_name: str, key: str, value: Any) -> Carry:
+    """A plan for the builder tests: values stamped before ``SETTLED_TS`` are settled."""
+    return Carry.SHARED if value["ts"] < SETTLED_TS else Carry.OWN
+
+
+def twin_docs(entries: dict[str, dict[str, Any]]) -> tuple[EpochDoc, EpochDoc]:
+    """Two documents of one epoch holding the same entries, as two instances would."""
+    a, b = EpochDoc("sessions", 1), EpochDoc("sessions", 1)
+    for key, value in entries.items():
+        a.maps["sessions"][key] = value
+    b.doc.apply_update(a.full_update())
+    return a, b
+
+
+def test_EpochBuilder_settled_entries_are_the_same_items_on_every_instance() -> None:
+    """Two instances holding the same settled entries build new documents that already
+    agree item for item: exchanging them adds nothing; recent entries stay their own."""
+    old_a, old_b = twin_docs({f"s{i}": {"upstream": f"u{i}", "ts": 1.0} for i in range(50)})
+    old_a.maps["sessions"]["recent"] = {"upstream": "ua", "ts": 500.0}
+    new_a = EpochBuilder(old_a, EpochDoc("sessions", 2), by_ts).finish()
+    new_b = EpochBuilder(old_b, EpochDoc("sessions", 2), by_ts).finish()
+
+    shared = new_a.client_ids() - {new_a.doc.client_id}
+    assert shared == new_b.client_ids() - {new_b.doc.client_id}
+    assert len(shared) == 50 and new_a.doc.client_id != new_b.doc.client_id
+    # b lacks only a's own part: the recent entry, and nothing of the shared ones.
+    assert new_a.diff(new_b.state_vector()) == new_a.own_update()
+    new_b.doc.apply_update(new_a.own_update())
+    assert dict(new_b.maps["sessions"].items()) == dict(old_a.maps["sessions"].items())
+
+
+def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
+    """Entries written while the build runs end up as they are at the end: one changed
+    before its slice (its old value is shared first), one after, one new, one deleted."""
+    old, _ = twin_docs({f"s{i}": {"upstream": "old", "ts": 1.0} for i in range(4)})
+    builder = EpochBuilder(old, EpochDoc("sessions", 2), by_ts)
+    old.maps["sessions"]["s0"] = {"upstream": "new0", "ts": 500.0}  # before any slice
+    while not builder.step(budget_s=1.0):
+        pass
+    old.maps["sessions"]["s1"] = {"upstream": "new1", "ts": 500.0}  # after its slice
+    old.maps["sessions"]["s9"] = {"upstream": "new9", "ts": 500.0}
+    del old.maps["sessions"]["s2"]
+    new = builder.finish()
+
+    assert dict(new.maps["sessions"].items()) == dict(old.maps["sessions"].items())
+    # s0's value at the start was shared like everyone's, then overwritten by our own.
+    first = shared_client_id("sessions", 2, "sessions", "s0", {"upstream": "old", "ts": 1.0})
+    assert first in new.client_ids()
+    assert builder.counts[Carry.SHARED] == 4 and builder.counts[Carry.OWN] == 1
+
+
+def test_SessionStore_carry_plan_shares_settled_and_leaves_recent_to_their_writer() -> None:
+    """Settled entries are shared, recent ones are left to a linked writer (or carried
+    by us if the writer is ours or unlinked), expired ones dropped."""
+    now = 10_000.0
+    sync = StateSync(SyncSettings(instance_id="me", token="t", session_ttl_s=600.0),
+                     registry=CollectorRegistry(), clock=lambda: now)
+    smap = sync._hubs["sessions"].doc.maps["sessions"]
+
+    def session(ts: float, by: str) -> dict[str, Any]:
+        return {"upstream": "u", "created": ts, "last_seen": ts, "attributes": {}, "ts": ts,
+                "by": by}
+
+    plan = sync.store.carry_plan(start=now, linked=frozenset({"peer.1"}))
+    assert plan("sessions", "a", session(now - 60, "peer.1")) is Carry.SHARED
+    assert plan("sessions", "b", session(now - 0.5, "peer.1")) is Carry.WRITER_BEFORE
+    assert plan("sessions", "c", session(now + 0.1, "peer.1")) is Carry.WRITER
+    assert plan("sessions", "d", session(now - 0.5, sync.writer_id)) is Carry.OWN
+    assert plan("sessions", "e", session(now - 0.5, "gone.2")) is Carry.OWN
+    assert plan("sessions", "f", session(now - 3600, "peer.1")) is Carry.DROP
+    assert smap.get("a") is None  # planning writes nothing
+
+
+async def test_StateSync_rotation_reads_an_entry_left_to_its_writer_and_carries_it_late() -> None:
+    """An entry left to a linked writer is read from the old document until it arrives;
+    when the overlap ends without it (the writer went away), this instance carries it."""
+    registry = CollectorRegistry()
+    sync = StateSync(SyncSettings(instance_id="me", token="t"), registry=registry)
+    hub = sync._hubs["sessions"]
+    peer = YConnection(hub, name="peer", external=False, on_send=lambda m: None)
+    peer.peer, peer.rotates_in_band = "peer.1", True
+    hub.attach(peer)
+    now = time.time()
+    hub.doc.maps["sessions"]["conv"] = {"upstream": "up-peer", "created": now, "last_seen": now,
+                                        "attributes": {}, "ts": now, "by": "peer.1"}
+
+    await sync.rotate()
+
+    assert hub.doc.maps["sessions"].get("conv") is None  # left to peer.1 ...
+    assert hub.previous is not None
+    got = sync.store.get("conv", now=now)
+    assert got is not None and got.upstream == "up-peer"  # ... and read meanwhile
+    hub.detach(peer)  # the writer is gone: the overlap ends without its copy
+    assert hub.previous is None
+    assert dict(hub.doc.maps["sessions"]["conv"])["upstream"] == "up-peer"
+    assert registry.get_sample_value("skyroute_sync_rotation_entries_total", {"how": "late"}) == 1
+
+
+async def test_StateSync_rotation_exchanges_only_what_differs() -> None:
+    """Three linked instances rotating together send each other their recent writes,
+    not their documents: far fewer bytes than one document, and they agree after."""
+    socks = [bound_socket() for _ in range(3)]
+    ports = [s.getsockname()[1] for s in socks]
+    mesh = [await start_instance(f"r{n}", sock, [p for p in ports if p != ports[n]])
+            for n, sock in enumerate(socks)]
+    try:
+        await eventually(lambda: all_connected(*mesh))
+        old = time.time() - 30  # settled by the time of the rotation
+        for n in range(300):
+            mesh[n % 3].sync.store.pin(f"old-{n}", f"up-{n % 5}", now=old,
+                                       attributes={"conversation": f"c-{n:04d}" * 8})
+        mesh[0].sync.store.pin("recent", "up-r", now=time.time())
+        await eventually(lambda: all(upstream_of(i, f"old-{n}") == f"up-{n % 5}"
+                                     for i in mesh for n in range(300))
+                         and all(upstream_of(i, "recent") == "up-r" for i in mesh))
+        size = mesh[0].sync.document_sizes()["sessions"]
+        received = [i.metric("skyroute_sync_bytes_total", direction="in") for i in mesh]
+        epoch = mesh[0].sync.epoch
+        for inst in mesh:  # the same turn of the event loop, as the clock would have it
+            await inst.sync.rotate(epoch + 1)
+
+        await eventually(lambda: all(h.previous is None for i in mesh
+                                     for h in i.sync._hubs.values()))
+        assert all(i.metric("skyroute_sync_rotation_entries_total", how="shared") >= 300
+                   for i in mesh)
+        views = [dict(i.sync._hubs["sessions"].doc.maps["sessions"].items()) for i in mesh]
+        assert views[0] == views[1] == views[2] and len(views[0]) == 301
+        for inst, before in zip(mesh, received, strict=True):
+            got = inst.metric("skyroute_sync_bytes_total", direction="in") - before
+            assert got < size / 4, (inst.name, got, size)  # before: the whole doc, twice
+    finally:
+        for inst in mesh:
+            await inst.stop()
+
+
+async def test_StateSync_write_after_rotation_reaches_a_peer_still_building() -> None:
+    """A write right after one instance rotates reaches its peer at once: the peer
+    finishes its own build on the epoch frame, and the write sits on a shared item."""
+    socks = [bound_socket(), bound_socket()]
+    ports = [s.getsockname()[1] for s in socks]
+    a = await start_instance("a", socks[0], [ports[1]])
+    b = await start_instance("b", socks[1], [ports[0]])
+    insts: list[Instance] = [a, b]
+    try:
+        await eventually(lambda: all_connected(a, b))
+        a.sync.store.pin("conv", "up-1", now=time.time() - 30)
+        await eventually(lambda: upstream_of(b, "conv") == "up-1")
+        await a.sync.rotate()
+        stored = a.sync.store.get("conv", now=time.time())
+        assert stored is not None
+        assert a.sync.store.pin("conv", "up-2", now=time.time(), moved_from="up-1")
+        await eventually(lambda: b.sync.epoch == a.sync.epoch and upstream_of(b, "conv") == "up-2")
+        assert b.metric("skyroute_sync_rotations_total") == 1
+    finally:
+        for inst in insts:
+            await inst.stop()
