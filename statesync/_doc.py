@@ -8,14 +8,18 @@ Rules / theory of operation
   have no origin and go to every connection.
 * A ``DocHub`` serves one document name (``sessions``, ``usage``) and owns the
   current ``EpochDoc``, the connections attached to it and the awareness states of
-  external Yjs clients. ``install`` swaps in the next epoch's document, and a
-  rebuilt document is never merged into an old one (nor an old one into it):
-  Yjs clients and older instances are closed; a peer that rotates in-band keeps
-  its connection and gets ``{"epoch": N}`` then our SYNC_STEP1 on it. Whatever
-  that peer sends after our rotation and before its own ``{"epoch": N}`` belongs
-  to its old document and is dropped (``is_stale``): its rebuild carries those
-  writes, and its answer to our SYNC_STEP1 brings them. So a rotation costs no
+  external Yjs clients. ``install`` swaps in the next epoch's document (built beside
+  the live one, ``_rotation``), and a rebuilt document is never merged into an old
+  one (nor an old one into it): Yjs clients and older instances are closed; a peer
+  that rotates in-band keeps its connection and gets ``{"epoch": N}``, our own part
+  of the new document, then our SYNC_STEP1. Whatever that peer sends after our
+  rotation and before its own ``{"epoch": N}`` belongs to its old document and is
+  dropped (``is_stale``): its own part carries those writes. So a rotation costs no
   reconnect, and no write waits for one.
+* Overlap: after ``install`` the previous document stays readable (``value``) for
+  entries the new one has not got yet (a recent entry comes with its writer's part),
+  until every peer connection has sent its SYNC_STEP1 in the new epoch or
+  ``end_overlap``; listeners then carry what never came (``on_overlap_end``).
 * ``rebuild`` copies the live entries of a document into a fresh one (new client
   id, no tombstones, no history): this is what bounds the size. Which entries are
   live is the caller's decision (``keep``).

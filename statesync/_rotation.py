@@ -49,8 +49,9 @@ SETTLE_S: Final = 1.0
 """Entries last written this long before an epoch starts are settled: every instance
 has them by then (a one-way delay of up to a few hundred milliseconds plus a flush)."""
 SLICE_S: Final = 0.0005
-"""Time one slice of a build may take before it yields to the event loop: a message
-waiting behind it is late by at most this much."""
+"""The shortest slice of a build before it yields to the event loop."""
+ENTRY_S_GUESS: Final = 0.0001
+"""CPU time to copy one entry, until a build has measured its own pace."""
 _CLIENT_BITS: Final = 53
 """Yjs client ids stay below 2**53: JavaScript reads them as numbers."""
 
@@ -109,6 +110,8 @@ class EpochBuilder:
         self._done: set[tuple[str, str]] = set()
         self._changed: set[tuple[str, str]] = set()
         self._shared: dict[tuple[str, str], int] = {}
+        self._spent_s = 0.0
+        self._copied = 0
         self.finished = False
         old.on_map_change(self._on_old_change)
 
@@ -119,13 +122,24 @@ class EpochBuilder:
     def step(self, budget_s: float = SLICE_S) -> bool:
         """Copy entries (and recopy changed ones) for up to ``budget_s``; True once all
         were copied and nothing changed since."""
-        until = time.perf_counter() + budget_s
+        started = time.perf_counter()
+        until = started + budget_s
+        copied = 0
         with self.new.doc.transaction():  # one commit (and one set of events) per slice
             while self._todo and time.perf_counter() < until:
                 self._copy(*self._todo.popleft())
+                copied += 1
             while not self._todo and self._changed and time.perf_counter() < until:
                 self._recopy(*self._changed.pop())
+                copied += 1
+        self._spent_s += time.perf_counter() - started
+        self._copied += copied
         return self.step_done
+
+    def work_left_s(self) -> float:
+        """An estimate of the CPU time the rest of the build takes (from the pace so far)."""
+        per_entry = self._spent_s / self._copied if self._copied else ENTRY_S_GUESS
+        return (len(self._todo) + len(self._changed)) * per_entry
 
     @property
     def step_done(self) -> bool:
@@ -211,5 +225,5 @@ class EpochBuilder:
             self.new.maps[map_name][key] = value
 
 
-__all__ = ["SETTLE_S", "SLICE_S", "Carry", "CarryPlan", "EpochBuilder", "shared_client_id",
-           "shared_item"]
+__all__ = ["ENTRY_S_GUESS", "SETTLE_S", "SLICE_S", "Carry", "CarryPlan", "EpochBuilder",
+           "shared_client_id", "shared_item"]

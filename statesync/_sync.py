@@ -19,11 +19,14 @@ Rules / theory of operation
   older epoch rotates to the newer one (the server at once, the client after a 409
   carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
   even with skewed clocks. Rotating rebuilds each document from its live entries.
-  Peer links that speak the control frames stay open: the rotating side sends
-  ``{"epoch": N}`` and a SYNC_STEP1 on each, a peer still in an older epoch rotates
-  on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
-  without a reconnect, so writes around a rotation wait only for the wire (see
-  ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
+  The clock-driven rotation builds epoch N's documents in slices from the moment N
+  starts and installs them ``INSTALL_AFTER_S`` later, the same moment on every
+  instance (``_rotation``: settled entries become identical items everywhere, recent
+  ones come from their writer). Peer links that speak the control frames stay open:
+  the rotating side sends ``{"epoch": N}``, its own part and a SYNC_STEP1 on each, a
+  peer still in an older epoch finishes its build on that frame, and SYNC_STEP1/2
+  brings whatever else differs without a reconnect (see ``DocHub.install``).
+  Other connections (Yjs clients, older instances) are closed
   and reconnect. Updates are never exchanged between different epochs. Clients
   without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
   an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
@@ -70,12 +73,14 @@ SNAPSHOT_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
-BUILD_PAUSE_PER_SLICE: Final = 4
-"""A build rests four slices' time after each slice: it takes at most a fifth of the
-event loop, so a burst of peer messages is not queued behind it."""
-INSTALL_AFTER_S: Final = 1.0
-"""Instances install a new epoch this long after it starts by the clock: time to build it
-in slices (a build not done by then is finished at once)."""
+BUILD_PAUSE_S: Final = 0.005
+"""A build rests this long after each slice, so peers and writes are served between."""
+SLICE_MAX_S: Final = 0.02
+"""The longest slice, when a build is late."""
+INSTALL_AFTER_S: Final = 2.0
+"""Instances install a new epoch this long after it starts by the clock (at most a quarter
+of ``rotate_every_s``): time to build it in slices (one not done by then is finished at
+once)."""
 OVERLAP_MAX_S: Final = 10.0
 """A rotation's overlap ends after this even if a peer never answered in the new epoch."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -428,24 +433,31 @@ class StateSync:
             # build is done), so nobody is in the new epoch while another still writes
             # in the old one.
             self._start_build(epoch)
-            install_at = epoch * self.settings.rotate_every_s + INSTALL_AFTER_S
+            period = self.settings.rotate_every_s
+            install_at = epoch * period + min(INSTALL_AFTER_S, period / 4)
+            loop = asyncio.get_running_loop()
+            last_turn = loop.time()
             while self._building is not None and self._building[0] == epoch:
+                left_s = install_at - self._clock()
+                if left_s <= 0:
+                    self._finish_build()
+                    break
+                # Each slice gets what keeps the build on time over the turns of the loop
+                # still to come (a busy loop turns slowly), at least SLICE_S.
+                turn_s, last_turn = max(loop.time() - last_turn, BUILD_PAUSE_S), loop.time()
+                builders = [b for b in self._building[2].values() if not b.step_done]
+                need_s = sum(b.work_left_s() for b in builders)
+                budget = min(max(SLICE_S, 2 * need_s * turn_s / left_s), SLICE_MAX_S)
                 try:
-                    # One slice per turn of the loop, document after document.
-                    todo = [b for b in self._building[2].values() if not b.step_done]
-                    if todo:
-                        todo[0].step()
+                    if builders:
+                        builders[0].step(budget)
                 except Exception as exc:  # one odd entry must not stop rotating for good
                     self._abandon_build()
                     self._metrics.rotation_failures.inc()
                     self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
                                     error=repr(exc)[:200])
                     break
-                left = install_at - self._clock()
-                if left <= 0:
-                    self._finish_build()
-                    break
-                await asyncio.sleep(min(left, SLICE_S * BUILD_PAUSE_PER_SLICE))
+                await asyncio.sleep(min(max(left_s, 0.0), BUILD_PAUSE_S))
 
     def _end_overlap_if_late(self) -> None:
         """End an overlap no peer finished within ``OVERLAP_MAX_S`` (a silent peer)."""
