@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 from skyroute.statesync import StateSync, SyncSettings
 from skyroute.statesync._doc import EpochDoc
 from skyroute.statesync._protocol import YConnection
-from skyroute.statesync._rotation import Carry, EpochBuilder, shared_client_id
+from pycrdt import Doc, Map
+from skyroute.statesync._rotation import Carry, EpochBuilder, shared_client_id, shared_item
 
 from .conftest import eventually
 from .test_statesync_peers import Instance, all_connected, bound_socket, start_instance, upstream_of
@@ -48,6 +49,23 @@ def test_EpochBuilder_settled_entries_are_the_same_items_on_every_instance() -> 
     assert new_a.diff(new_b.state_vector()) == new_a.own_update()
     new_b.doc.apply_update(new_a.own_update())
     assert dict(new_b.maps["sessions"].items()) == dict(old_a.maps["sessions"].items())
+
+
+def test_shared_item_is_what_pycrdt_writes_for_that_client() -> None:
+    """The one-item update (built through pycrdt's Rust classes) is the item a Doc with
+    that client id writes, whatever the value's shape; the id hangs on the content only."""
+    value = {"upstream": "u", "ts": 1.5, "attributes": {"n": "7", "a": "b"},
+             "pin": {"gen": 0, "at": [17, 0], "by": "w.1"}, "n": None, "ok": True}
+    client, update = shared_item("sessions", 3, "sessions", "k", value)
+    reordered = dict(reversed(list(value.items())))
+    assert client == shared_client_id("sessions", 3, "sessions", "k", reordered)
+    assert client != shared_client_id("sessions", 4, "sessions", "k", value)
+    ours, public = Doc(), Doc(client_id=client)
+    public.get("sessions", type=Map)["k"] = value
+    ours.get("sessions", type=Map)
+    ours.apply_update(update)
+    assert ours.get_state() == public.get_state()
+    assert dict(ours.get("sessions", type=Map).items()) == {"k": value}
 
 
 def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
