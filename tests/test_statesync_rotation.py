@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from pycrdt import Doc, Map
 from skyroute.statesync import StateSync, SyncSettings
 from skyroute.statesync._doc import EpochDoc
 from skyroute.statesync._protocol import YConnection
-from pycrdt import Doc, Map
 from skyroute.statesync._rotation import Carry, EpochBuilder, shared_client_id, shared_item
 
 from .conftest import eventually
