@@ -98,9 +98,6 @@ class EpochDoc:
         self._origin: object | None = None
         self.under_own: set[int] = set()
         """Client ids of other items that this document's own writes were put on top of."""
-        self.shared_items: dict[tuple[str, str], bytes] = {}
-        """The settled entries' items (``_rotation``) by (map, key), kept while the
-        rotation overlaps: a local write on top of one is sent with it."""
         self._update_listeners: list[UpdateListener] = []
         self._map_listeners: list[MapListener] = []
         # Subscriptions are held: pycrdt drops an observer whose subscription is collected.
@@ -358,7 +355,6 @@ class DocHub:
 
     def end_overlap(self) -> None:
         """Forget the previous epoch's document; listeners carry what never arrived."""
-        self.doc.shared_items.clear()
         previous, self.previous = self.previous, None
         deleted, self._deleted = self._deleted, set()
         if previous is not None:
@@ -377,19 +373,6 @@ class DocHub:
         for key, change in keys.items():
             if change.get("action") == "delete":
                 self._deleted.add((map_name, key))
-        if remote:
-            return
-        # A local write on top of a settled entry's item names that item as its origin;
-        # a peer that built the entry otherwise lacks it, and would hold every later
-        # write of ours until its SYNC_STEP2 arrived. So the item goes along (a no-op
-        # where it is known).
-        items = self.doc.shared_items
-        for key in keys:
-            item = items.pop((map_name, key), None)
-            if item is not None:
-                message = update_message(item)
-                for conn in relay_targets(self.connections, origin=None):
-                    conn.push(message)
 
     def is_stale(self, conn: YConnection) -> bool:
         """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""

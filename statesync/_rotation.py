@@ -12,13 +12,19 @@ the merge. Writes near a rotation waited for all of that. Now:
   old document keeps serving reads, writes and peers. An entry that changes after
   its slice was copied is copied again when the builder finishes (``finish``), which
   is cheap: only those entries. A peer that rotated first makes us finish at once.
-* **Settled entries are the same item everywhere.** An entry last written before
-  ``settled_before`` (the epoch's start minus ``SETTLE_S``) holds the same value on
-  every instance by then, so each instance writes it as the same Yjs item: its
-  client id is a hash of (document, epoch, map, key, value) (``shared_item``). The
-  new documents then agree item for item, the first exchange sends only what
-  differs, and nothing conflicts. Two instances that disagree on an entry write two
-  different items for it (a later write wins by the store's repair, as before).
+* **Settled entries are the same items everywhere.** An entry last written before
+  the epoch's start minus ``SETTLE_S`` holds the same value on every instance by
+  then. Such entries are grouped by a hash of their key into ``SHARED_BUCKETS``
+  buckets per map, and each bucket is written as the same Yjs items on every
+  instance: one client whose id is a hash of (document, epoch, map, bucket, its
+  entries), its entries in key order (``shared_bucket``). The new documents then
+  agree item for item, the first exchange sends only what differs, and nothing
+  conflicts. A bucket two instances see differently (a write in flight when the
+  build began) becomes two clients, whose entries the store's repair settles as
+  before. (One client per entry would agree even better, but every Yjs transaction
+  costs time in the number of clients.) What an entry held when the build began
+  decides (``EpochBuilder`` copies a changed entry's old value first), and the
+  build begins at the same moment by the clock on every instance.
 * **Recent entries are carried by their writer.** An entry written after that
   (or without a time) is written by the instance that wrote it last (``by`` / ``w``)
   as its own write, and left out by the others while that writer is linked to
@@ -28,7 +34,7 @@ the merge. Writes near a rotation waited for all of that. Now:
   and carried by this instance if it never does (``DocHub`` overlap, store
   ``reconcile``).
 
-Which of the three applies to an entry is the caller's decision (a ``CarryPlan``).
+Which applies to an entry is the caller's decision (``CarryRules``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, final
 
 from pycrdt import Doc, Map
@@ -53,6 +60,9 @@ SLICE_S: Final = 0.0005
 """The shortest slice of a build before it yields to the event loop."""
 ENTRY_S_GUESS: Final = 0.0001
 """CPU time to copy one entry, until a build has measured its own pace."""
+SHARED_BUCKETS: Final = 128
+"""Buckets of settled entries per map, one Yjs client each: few enough that a document's
+client count stays small, many enough that a bucket two instances disagree on is small."""
 _CLIENT_BITS: Final = 53
 """Yjs client ids stay below 2**53: JavaScript reads them as numbers."""
 
@@ -61,7 +71,7 @@ class Carry(enum.Enum):
     """What a rotation does with one entry of the old document."""
 
     SHARED = "shared"
-    """Settled: written as the item every instance writes for it (``shared_item``)."""
+    """Settled: written in its bucket's items, the same on every instance."""
     OWN = "own"
     """Written by this instance as its own write."""
     WRITER = "writer"
@@ -74,37 +84,52 @@ class Carry(enum.Enum):
     """Expired or malformed: not carried."""
 
 
-CarryPlan = Callable[[str, str, Any], Carry]
-"""``plan(map_name, key, value)``: what to do with an entry of the old document."""
+@final
+@dataclass(frozen=True, slots=True)
+class CarryRules:
+    """The caller's decisions for one build (the store's schema knowledge)."""
+
+    plan: Callable[[str, str, Any], Carry]
+    """``plan(map_name, key, value)``: what to do with an entry."""
+    early: Callable[[str, Any], bool]
+    """``early(map_name, value)``: the value was written before the build began."""
 
 
-def shared_client_id(doc: str, epoch: int, map_name: str, key: str, value: Any) -> int:
-    """The Yjs client id of the shared item for one settled entry."""
-    canonical = json.dumps([doc, epoch, map_name, key, value], sort_keys=True,
+def bucket_of_key(map_name: str, key: str) -> int:
+    """Which shared bucket an entry of ``map_name`` belongs to."""
+    digest = hashlib.blake2b(f"{map_name}\0{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % SHARED_BUCKETS
+
+
+def shared_bucket(doc: str, epoch: int, map_name: str, bucket: int,
+                  entries: dict[str, Any]) -> tuple[int, bytes]:
+    """The client id and Yjs update of one bucket of settled entries: the same items on
+    every instance that holds the same entries."""
+    ordered = sorted(entries.items())
+    canonical = json.dumps([doc, epoch, map_name, bucket, ordered], sort_keys=True,
                            separators=(",", ":"), default=str)
     digest = hashlib.blake2b(canonical.encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") & ((1 << _CLIENT_BITS) - 1)) or 1
-
-
-def shared_item(doc: str, epoch: int, map_name: str, key: str, value: Any) -> tuple[int, bytes]:
-    """The client id and Yjs update of the one item ``map_name[key] = value`` that every
-    instance writes for a settled entry."""
-    client = shared_client_id(doc, epoch, map_name, key, value)
+    client = (int.from_bytes(digest, "big") & ((1 << _CLIENT_BITS) - 1)) or 1
     try:
-        return client, _one_item_update(client, map_name, key, value)
-    except (AttributeError, TypeError):  # another pycrdt inside: the public way, 2x slower
+        return client, _items_update(client, map_name, ordered)
+    except (AttributeError, TypeError):  # another pycrdt inside: the public way, slower
         scratch: Doc[Any] = Doc(client_id=client)
-        scratch.get(map_name, type=Map)[key] = value
+        target = scratch.get(map_name, type=Map)
+        with scratch.transaction():
+            for key, value in ordered:
+                target[key] = value
         return client, scratch.get_update()
 
 
-def _one_item_update(client: int, map_name: str, key: str, value: Any) -> bytes:
-    """``shared_item``'s update through pycrdt's Rust classes: the Python ``Doc`` costs
-    more to build than the item itself, once per settled entry of every rotation."""
+def _items_update(client: int, map_name: str, ordered: list[tuple[str, Any]]) -> bytes:
+    """``shared_bucket``'s update through pycrdt's Rust classes: a Python ``Doc`` costs
+    more to build than a small bucket's items."""
     raw = _RustDoc(client, False, None)
     txn = raw.create_transaction()
     try:
-        raw.get_or_insert_map(txn, map_name).insert(txn, key, value)
+        target = raw.get_or_insert_map(txn, map_name)
+        for key, value in ordered:
+            target.insert(txn, key, value)
     finally:
         txn.commit()
         txn.drop()
@@ -118,18 +143,25 @@ def _one_item_update(client: int, map_name: str, key: str, value: Any) -> bytes:
 
 @final
 class EpochBuilder:
-    """Copies ``old`` into ``new`` (a fresh document of the next epoch) as ``plan`` says."""
+    """Copies ``old`` into ``new`` (a fresh document of the next epoch) as ``rules`` say.
 
-    def __init__(self, old: EpochDoc, new: EpochDoc, plan: CarryPlan) -> None:
+    Three passes, each in slices (``step``): plan every entry as it was when the build
+    began (own ones are written at once, settled ones gathered in their bucket); write
+    the buckets; then copy again what changed since. ``finish`` does what is left.
+    """
+
+    def __init__(self, old: EpochDoc, new: EpochDoc, rules: CarryRules) -> None:
         self.old = old
         self.new = new
-        self._plan = plan
+        self._rules = rules
         self.counts: dict[Carry, int] = dict.fromkeys(Carry, 0)
         self._todo: deque[tuple[str, str]] = deque(
             (name, key) for name, ymap in old.maps.items() for key in list(ymap.keys())
         )
         self._seen: set[tuple[str, str]] = set(self._todo)
         self._done: set[tuple[str, str]] = set()
+        self._buckets: dict[tuple[str, int], dict[str, Any]] = {}
+        self._unwritten: deque[tuple[str, int]] = deque()
         self._changed: set[tuple[str, str]] = set()
         self._shared: dict[tuple[str, str], int] = {}
         self._spent_s = 0.0
@@ -139,45 +171,46 @@ class EpochBuilder:
 
     def __repr__(self) -> str:
         return (f"<EpochBuilder {self.new.name} epoch={self.new.epoch} todo={len(self._todo)} "
-                f"changed={len(self._changed)}>")
+                f"buckets={len(self._unwritten)} changed={len(self._changed)}>")
 
     def step(self, budget_s: float = SLICE_S) -> bool:
-        """Copy entries (and recopy changed ones) for up to ``budget_s``; True once all
-        were copied and nothing changed since."""
+        """Work for up to ``budget_s``; True once the new document is as the old one is now."""
         started = time.perf_counter()
         until = started + budget_s
-        copied = 0
+        done = 0
         with self.new.doc.transaction():  # one commit (and one set of events) per slice
             while self._todo and time.perf_counter() < until:
                 self._copy(*self._todo.popleft())
-                copied += 1
-            while not self._todo and self._changed and time.perf_counter() < until:
+                done += 1
+            if not self._todo and not self._unwritten and self._buckets:
+                self._unwritten.extend(sorted(self._buckets))
+            while not self._todo and self._unwritten and time.perf_counter() < until:
+                done += self._write_bucket(*self._unwritten.popleft())
+            while (not self._todo and not self._unwritten and not self._buckets
+                   and self._changed and time.perf_counter() < until):
                 self._recopy(*self._changed.pop())
-                copied += 1
+                done += 1
         self._spent_s += time.perf_counter() - started
-        self._copied += copied
+        self._copied += done
         return self.step_done
 
     def work_left_s(self) -> float:
         """An estimate of the CPU time the rest of the build takes (from the pace so far)."""
         per_entry = self._spent_s / self._copied if self._copied else ENTRY_S_GUESS
-        return (len(self._todo) + len(self._changed)) * per_entry
+        bucketed = sum(len(e) for e in self._buckets.values())
+        return (len(self._todo) + bucketed + len(self._changed)) * per_entry
 
     @property
     def step_done(self) -> bool:
         """True while every entry is copied as it is now (``finish`` has nothing to do)."""
-        return not self._todo and not self._changed
+        return not self._todo and not self._buckets and not self._changed
 
     def finish(self) -> EpochDoc:
-        """Copy what is left and what changed since it was copied; return the new document."""
+        """Do what is left of the build; return the new document."""
         if self.finished:
             return self.new
-        with self.new.doc.transaction():
-            while self._todo:
-                self._copy(*self._todo.popleft())
-            changed, self._changed = self._changed, set()
-            for map_name, key in sorted(changed):
-                self._recopy(map_name, key)
+        while not self.step(budget_s=3600.0):
+            pass
         self.old.off_map_change(self._on_old_change)
         self.finished = True
         return self.new
@@ -186,47 +219,54 @@ class EpochBuilder:
         """Stop following the old document; the new one is dropped unfinished."""
         self.old.off_map_change(self._on_old_change)
         self._todo.clear()
+        self._buckets.clear()
+        self._changed.clear()
         self.finished = True
 
     def _on_old_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
         for key, change in keys.items():
             entry = (map_name, key)
-            if entry not in self._seen:  # written since the build started
+            if entry not in self._seen:  # written since the build began
                 self._seen.add(entry)
                 self._todo.append(entry)
                 continue
             if entry not in self._done:
-                # Copy it as it was when the build started, then again as it is now: so
-                # whether a settled entry is shared does not hang on when each instance
-                # got to it, only on what it held at the (clock-agreed) start.
+                # Plan it as it was when the build began, then copy it again as it is
+                # now: so whether a settled entry is shared (and its bucket) does not
+                # hang on when each instance got to it.
                 self._done.add(entry)
                 self._copy_value(map_name, key, change.get("oldValue"))
             self._changed.add(entry)
 
     def _copy(self, map_name: str, key: str) -> None:
         if (map_name, key) in self._done:
-            return  # copied early, when it changed
+            return  # planned early, when it changed
         self._done.add((map_name, key))
         self._copy_value(map_name, key, self.old.maps[map_name].get(key))
 
     def _copy_value(self, map_name: str, key: str, value: Any) -> None:
         if value is None:
             return
-        how = self._plan(map_name, key, value)
+        how = self._rules.plan(map_name, key, value)
         self.counts[how] += 1
         if how is Carry.SHARED:
-            self._share(map_name, key, value)
+            bucket = (map_name, bucket_of_key(map_name, key))
+            self._buckets.setdefault(bucket, {})[key] = value
         elif how is Carry.OWN:
             self.new.maps[map_name][key] = value
 
-    def _share(self, map_name: str, key: str, value: Any) -> None:
-        client, update = shared_item(self.new.name, self.new.epoch, map_name, key, value)
-        self._shared[map_name, key] = client
-        self.new.shared_items[map_name, key] = update
+    def _write_bucket(self, map_name: str, bucket: int) -> int:
+        entries = self._buckets.pop((map_name, bucket), {})
+        if not entries:
+            return 0
+        client, update = shared_bucket(self.new.name, self.new.epoch, map_name, bucket, entries)
+        for key in entries:
+            self._shared[map_name, key] = client
         self.new.doc.apply_update(update)
+        return len(entries)
 
     def _recopy(self, map_name: str, key: str) -> None:
-        """An entry changed after it was copied: make the new document hold its value now."""
+        """An entry changed after it was planned: make the new document hold its value now."""
         value = self.old.maps[map_name].get(key)
         target = self.new.maps[map_name]
         present = key in target
@@ -234,18 +274,18 @@ class EpochBuilder:
             if present:
                 del target[key]
             return
-        how = self._plan(map_name, key, value)
+        how = self._rules.plan(map_name, key, value)
         if present:
             if target[key] != value and how not in (Carry.DROP, Carry.WRITER):
                 target[key] = value  # on top of the stale copy, so it wins here at once
                 under = self._shared.get((map_name, key))
-                if under is not None:
-                    self.new.under_own.add(under)  # sent with our own part (``own_update``)
-        elif how is Carry.SHARED:
-            self._share(map_name, key, value)
-        elif how is Carry.OWN:
-            self.new.maps[map_name][key] = value
+                if under is not None and self._rules.early(map_name, value):
+                    # Written before the build began: a peer that had it then built this
+                    # bucket otherwise, so it goes along with our own part.
+                    self.new.under_own.add(under)
+        elif how in (Carry.SHARED, Carry.OWN):
+            target[key] = value  # its bucket is written already: as our own
 
 
-__all__ = ["ENTRY_S_GUESS", "SETTLE_S", "SLICE_S", "Carry", "CarryPlan", "EpochBuilder",
-           "shared_client_id", "shared_item"]
+__all__ = ["ENTRY_S_GUESS", "SETTLE_S", "SHARED_BUCKETS", "SLICE_S", "Carry", "CarryRules",
+           "EpochBuilder", "bucket_of_key", "shared_bucket"]

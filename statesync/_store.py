@@ -57,7 +57,7 @@ from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
 from ._objects import object_entry_is_live
 from ._pins import HybridClock, PinStamp, merged, next_pin
-from ._rotation import SETTLE_S, Carry, CarryPlan
+from ._rotation import SETTLE_S, Carry, CarryRules
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
 USAGE_BUCKET_S: Final = 1.0
@@ -432,7 +432,7 @@ class SessionStore:
         except (ValueError, TypeError, OverflowError, AttributeError):
             return False
 
-    def carry_plan(self, *, start: float, linked: frozenset[str]) -> CarryPlan:
+    def carry_rules(self, *, start: float, linked: frozenset[str]) -> CarryRules:
         """How a rotation starting at ``start`` carries each entry (``_rotation``).
 
         Settled entries (written before ``start - SETTLE_S``, kept at ``start``) are
@@ -459,7 +459,11 @@ class SessionStore:
             except (ValueError, TypeError, OverflowError, AttributeError):
                 return Carry.DROP
 
-        return plan
+        def early(map_name: str, value: Any) -> bool:
+            written = _written_at(map_name, value)
+            return written is not None and written < start
+
+        return CarryRules(plan, early)
 
     def _keep(self, map_name: str, key: str, value: Any, *, now: float, overlay: bool) -> bool:
         if map_name == "sessions":

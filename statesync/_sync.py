@@ -379,8 +379,8 @@ class StateSync:
         start = min(epoch * self.settings.rotate_every_s, now)
         builders = {}
         for name, hub in self._hubs.items():
-            plan = self.store.carry_plan(start=start, linked=hub.linked_peers())
-            builders[name] = EpochBuilder(hub.doc, hub.prepare(epoch), plan)
+            rules = self.store.carry_rules(start=start, linked=hub.linked_peers())
+            builders[name] = EpochBuilder(hub.doc, hub.prepare(epoch), rules)
         self._building = (epoch, time.perf_counter(), builders)
 
     def _abandon_build(self) -> None:

@@ -12,7 +12,13 @@ from pycrdt import Doc, Map
 from skyroute.statesync import StateSync, SyncSettings
 from skyroute.statesync._doc import EpochDoc
 from skyroute.statesync._protocol import YConnection
-from skyroute.statesync._rotation import Carry, EpochBuilder, shared_client_id, shared_item
+from skyroute.statesync._rotation import (
+    Carry,
+    CarryRules,
+    EpochBuilder,
+    bucket_of_key,
+    shared_bucket,
+)
 
 from .conftest import eventually
 from .test_statesync_peers import Instance, all_connected, bound_socket, start_instance, upstream_of
@@ -23,6 +29,9 @@ SETTLED_TS = 100.0
 def by_ts(map_name: str, key: str, value: Any) -> Carry:
     """A plan for the builder tests: values stamped before ``SETTLED_TS`` are settled."""
     return Carry.SHARED if value["ts"] < SETTLED_TS else Carry.OWN
+
+
+BY_TS = CarryRules(by_ts, lambda map_name, value: False)
 
 
 def twin_docs(entries: dict[str, dict[str, Any]]) -> tuple[EpochDoc, EpochDoc]:
@@ -39,40 +48,46 @@ def test_EpochBuilder_settled_entries_are_the_same_items_on_every_instance() -> 
     agree item for item: exchanging them adds nothing; recent entries stay their own."""
     old_a, old_b = twin_docs({f"s{i}": {"upstream": f"u{i}", "ts": 1.0} for i in range(50)})
     old_a.maps["sessions"]["recent"] = {"upstream": "ua", "ts": 500.0}
-    new_a = EpochBuilder(old_a, EpochDoc("sessions", 2), by_ts).finish()
-    new_b = EpochBuilder(old_b, EpochDoc("sessions", 2), by_ts).finish()
+    new_a = EpochBuilder(old_a, EpochDoc("sessions", 2), BY_TS).finish()
+    new_b = EpochBuilder(old_b, EpochDoc("sessions", 2), BY_TS).finish()
 
     shared = new_a.client_ids() - {new_a.doc.client_id}
     assert shared == new_b.client_ids() - {new_b.doc.client_id}
-    assert len(shared) == 50 and new_a.doc.client_id != new_b.doc.client_id
+    buckets = {bucket_of_key("sessions", f"s{i}") for i in range(50)}
+    assert len(shared) == len(buckets) and new_a.doc.client_id != new_b.doc.client_id
     # b lacks only a's own part: the recent entry, and nothing of the shared ones.
     assert new_a.diff(new_b.state_vector()) == new_a.own_update()
     new_b.doc.apply_update(new_a.own_update())
     assert dict(new_b.maps["sessions"].items()) == dict(old_a.maps["sessions"].items())
 
 
-def test_shared_item_is_what_pycrdt_writes_for_that_client() -> None:
-    """The one-item update (built through pycrdt's Rust classes) is the item a Doc with
-    that client id writes, whatever the value's shape; the id hangs on the content only."""
-    value = {"upstream": "u", "ts": 1.5, "attributes": {"n": "7", "a": "b"},
-             "pin": {"gen": 0, "at": [17, 0], "by": "w.1"}, "n": None, "ok": True}
-    client, update = shared_item("sessions", 3, "sessions", "k", value)
-    reordered = dict(reversed(list(value.items())))
-    assert client == shared_client_id("sessions", 3, "sessions", "k", reordered)
-    assert client != shared_client_id("sessions", 4, "sessions", "k", value)
+def test_shared_bucket_is_what_pycrdt_writes_for_that_client() -> None:
+    """A bucket's update (built through pycrdt's Rust classes) holds the items a Doc with
+    that client id writes in key order; its id hangs on the content only."""
+    entries = {
+        "k2": {"upstream": "u", "ts": 1.5, "attributes": {"n": "7", "a": "b"},
+               "pin": {"gen": 0, "at": [17, 0], "by": "w.1"}, "n": None, "ok": True},
+        "k1": {"upstream": "v", "ts": 2.5},
+    }
+    client, update = shared_bucket("sessions", 3, "sessions", 5, entries)
+    reordered = {k: dict(reversed(list(v.items()))) for k, v in reversed(list(entries.items()))}
+    assert shared_bucket("sessions", 3, "sessions", 5, reordered)[0] == client
+    assert shared_bucket("sessions", 4, "sessions", 5, entries)[0] != client
     ours, public = Doc(), Doc(client_id=client)
-    public.get("sessions", type=Map)["k"] = value
+    with public.transaction():
+        for key in sorted(entries):
+            public.get("sessions", type=Map)[key] = entries[key]
     ours.get("sessions", type=Map)
     ours.apply_update(update)
     assert ours.get_state() == public.get_state()
-    assert dict(ours.get("sessions", type=Map).items()) == {"k": value}
+    assert dict(ours.get("sessions", type=Map).items()) == entries
 
 
 def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
     """Entries written while the build runs end up as they are at the end: one changed
     before its slice (its old value is shared first), one after, one new, one deleted."""
     old, _ = twin_docs({f"s{i}": {"upstream": "old", "ts": 1.0} for i in range(4)})
-    builder = EpochBuilder(old, EpochDoc("sessions", 2), by_ts)
+    builder = EpochBuilder(old, EpochDoc("sessions", 2), BY_TS)
     old.maps["sessions"]["s0"] = {"upstream": "new0", "ts": 500.0}  # before any slice
     while not builder.step(budget_s=1.0):
         pass
@@ -82,9 +97,14 @@ def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
     new = builder.finish()
 
     assert dict(new.maps["sessions"].items()) == dict(old.maps["sessions"].items())
-    # s0's value at the start was shared like everyone's, then overwritten by our own.
-    first = shared_client_id("sessions", 2, "sessions", "s0", {"upstream": "old", "ts": 1.0})
-    assert first in new.client_ids()
+    # s0's value at the start was shared like everyone's (in its bucket), then
+    # overwritten by our own; so every bucket is what a build of the start would write.
+    start = {f"s{i}": {"upstream": "old", "ts": 1.0} for i in range(4)}
+    buckets: dict[int, dict[str, Any]] = {}
+    for key, value in start.items():
+        buckets.setdefault(bucket_of_key("sessions", key), {})[key] = value
+    expected = {shared_bucket("sessions", 2, "sessions", b, e)[0] for b, e in buckets.items()}
+    assert new.client_ids() - {new.doc.client_id} == expected
     assert builder.counts[Carry.SHARED] == 4 and builder.counts[Carry.OWN] == 1
 
 
@@ -100,7 +120,7 @@ def test_SessionStore_carry_plan_shares_settled_and_leaves_recent_to_their_write
         return {"upstream": "u", "created": ts, "last_seen": ts, "attributes": {}, "ts": ts,
                 "by": by}
 
-    plan = sync.store.carry_plan(start=now, linked=frozenset({"peer.1"}))
+    plan = sync.store.carry_rules(start=now, linked=frozenset({"peer.1"})).plan
     assert plan("sessions", "a", session(now - 60, "peer.1")) is Carry.SHARED
     assert plan("sessions", "b", session(now - 0.5, "peer.1")) is Carry.WRITER_BEFORE
     assert plan("sessions", "c", session(now + 0.1, "peer.1")) is Carry.WRITER
