@@ -96,8 +96,6 @@ class EpochDoc:
         self.doc: Doc[Any] = Doc()
         self.maps: dict[str, Map[Any]] = {m: self.doc.get(m, type=Map) for m in DOC_MAPS[name]}
         self._origin: object | None = None
-        self.under_own: set[int] = set()
-        """Client ids of other items that this document's own writes were put on top of."""
         self._update_listeners: list[UpdateListener] = []
         self._map_listeners: list[MapListener] = []
         # Subscriptions are held: pycrdt drops an observer whose subscription is collected.
@@ -163,12 +161,9 @@ class EpochDoc:
         return set(decode_state_vector(self.doc.get_state()))
 
     def own_update(self) -> bytes:
-        """This document's own writes (its client id's items), its deletions, and the
-        items in ``under_own`` (a peer may lack one, and a Yjs client's items after a
-        missing dependency all wait for it)."""
-        skip = {self.doc.client_id, *self.under_own}
+        """This document's own writes (its client id's items) and its deletions."""
         others = {c: n for c, n in decode_state_vector(self.doc.get_state()).items()
-                  if c not in skip}
+                  if c != self.doc.client_id}
         return self.diff(encode_state_vector(others))
 
     def _on_transaction(self, event: TransactionEvent) -> None:

@@ -75,11 +75,8 @@ class Carry(enum.Enum):
     OWN = "own"
     """Written by this instance as its own write."""
     WRITER = "writer"
-    """Written by a linked peer since the build began: that peer carries it, on top of
-    the same settled item (so a copy here that is now stale is left as it is)."""
-    WRITER_BEFORE = "writer_before"
-    """Recent, written by a linked peer before the build began: that peer carries it,
-    and a stale copy here is overwritten (the peer's copy may not sit on top of it)."""
+    """Recent and written by a linked peer: that peer carries it, on top of the same
+    settled item."""
     DROP = "drop"
     """Expired or malformed: not carried."""
 
@@ -89,10 +86,9 @@ class Carry(enum.Enum):
 class CarryRules:
     """The caller's decisions for one build (the store's schema knowledge)."""
 
-    plan: Callable[[str, str, Any], Carry]
-    """``plan(map_name, key, value)``: what to do with an entry."""
-    early: Callable[[str, Any], bool]
-    """``early(map_name, value)``: the value was written before the build began."""
+    split: Callable[[str, str, Any], tuple[Any, Carry]]
+    """``split(map_name, key, value)`` -> (the entry's settled value to share, or None;
+    what to do with ``value`` on top of it: ``SHARED`` when it is that value itself)."""
 
 
 def bucket_of_key(map_name: str, key: str) -> int:
@@ -163,7 +159,6 @@ class EpochBuilder:
         self._buckets: dict[tuple[str, int], dict[str, Any]] = {}
         self._unwritten: deque[tuple[str, int]] = deque()
         self._changed: set[tuple[str, str]] = set()
-        self._shared: dict[tuple[str, str], int] = {}
         self._spent_s = 0.0
         self._copied = 0
         self.finished = False
@@ -180,7 +175,7 @@ class EpochBuilder:
         done = 0
         with self.new.doc.transaction():  # one commit (and one set of events) per slice
             while self._todo and time.perf_counter() < until:
-                self._copy(*self._todo.popleft())
+                self._plan(*self._todo.popleft())
                 done += 1
             if not self._todo and not self._unwritten and self._buckets:
                 self._unwritten.extend(sorted(self._buckets))
@@ -188,7 +183,7 @@ class EpochBuilder:
                 done += self._write_bucket(*self._unwritten.popleft())
             while (not self._todo and not self._unwritten and not self._buckets
                    and self._changed and time.perf_counter() < until):
-                self._recopy(*self._changed.pop())
+                self._on_top(*self._changed.pop())
                 done += 1
         self._spent_s += time.perf_counter() - started
         self._copied += done
@@ -224,67 +219,47 @@ class EpochBuilder:
         self.finished = True
 
     def _on_old_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
-        for key, change in keys.items():
+        for key in keys:
             entry = (map_name, key)
             if entry not in self._seen:  # written since the build began
                 self._seen.add(entry)
                 self._todo.append(entry)
-                continue
-            if entry not in self._done:
-                # Plan it as it was when the build began, then copy it again as it is
-                # now: so whether a settled entry is shared (and its bucket) does not
-                # hang on when each instance got to it.
-                self._done.add(entry)
-                self._copy_value(map_name, key, change.get("oldValue"))
-            self._changed.add(entry)
+            elif entry in self._done:
+                self._changed.add(entry)  # planned already: copied again on top
 
-    def _copy(self, map_name: str, key: str) -> None:
-        if (map_name, key) in self._done:
-            return  # planned early, when it changed
+    def _plan(self, map_name: str, key: str) -> None:
         self._done.add((map_name, key))
-        self._copy_value(map_name, key, self.old.maps[map_name].get(key))
-
-    def _copy_value(self, map_name: str, key: str, value: Any) -> None:
+        value = self.old.maps[map_name].get(key)
         if value is None:
             return
-        how = self._rules.plan(map_name, key, value)
-        self.counts[how] += 1
-        if how is Carry.SHARED:
+        shared, how = self._rules.split(map_name, key, value)
+        if shared is not None:
+            self.counts[Carry.SHARED] += 1
             bucket = (map_name, bucket_of_key(map_name, key))
-            self._buckets.setdefault(bucket, {})[key] = value
-        elif how is Carry.OWN:
-            self.new.maps[map_name][key] = value
+            self._buckets.setdefault(bucket, {})[key] = shared
+        if how is not Carry.SHARED:
+            self.counts[how] += 1
+            if how is Carry.OWN:
+                self._changed.add((map_name, key))  # written after the buckets, on top
 
     def _write_bucket(self, map_name: str, bucket: int) -> int:
         entries = self._buckets.pop((map_name, bucket), {})
         if not entries:
             return 0
-        client, update = shared_bucket(self.new.name, self.new.epoch, map_name, bucket, entries)
-        for key in entries:
-            self._shared[map_name, key] = client
+        _, update = shared_bucket(self.new.name, self.new.epoch, map_name, bucket, entries)
         self.new.doc.apply_update(update)
         return len(entries)
 
-    def _recopy(self, map_name: str, key: str) -> None:
-        """An entry changed after it was planned: make the new document hold its value now."""
+    def _on_top(self, map_name: str, key: str) -> None:
+        """Make the new document hold the entry as it is now, if this instance carries it."""
         value = self.old.maps[map_name].get(key)
         target = self.new.maps[map_name]
-        present = key in target
         if value is None:
-            if present:
+            if key in target:
                 del target[key]
             return
-        how = self._rules.plan(map_name, key, value)
-        if present:
-            if target[key] != value and how not in (Carry.DROP, Carry.WRITER):
-                target[key] = value  # on top of the stale copy, so it wins here at once
-                under = self._shared.get((map_name, key))
-                if under is not None and self._rules.early(map_name, value):
-                    # Written before the build began: a peer that had it then built this
-                    # bucket otherwise, so it goes along with our own part.
-                    self.new.under_own.add(under)
-        elif how in (Carry.SHARED, Carry.OWN):
-            target[key] = value  # its bucket is written already: as our own
+        if self._rules.split(map_name, key, value)[1] is Carry.OWN and target.get(key) != value:
+            target[key] = value
 
 
 __all__ = ["ENTRY_S_GUESS", "SETTLE_S", "SHARED_BUCKETS", "SLICE_S", "Carry", "CarryRules",

@@ -64,6 +64,9 @@ USAGE_BUCKET_S: Final = 1.0
 """How finely usage is counted: a request counts at most this much longer than the
 window, and a refusal's Retry-After is exact to it. One entry per second per busy
 key and writer is the cost, small next to the flushes that rewrite it."""
+HISTORY_S: Final = 10.0
+"""Recent values of an entry are kept this long: a rotation asks what an entry held
+``SETTLE_S`` before its epoch began, while it builds (a few seconds)."""
 USAGE_DELETE_AFTER_S: Final = 30.0
 """A writer deletes its own usage entry this long after the entry left the window, so a
 peer whose clock is up to 30 s behind still counts it for the whole window; the document
@@ -145,6 +148,8 @@ class SessionStore:
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
         self._hlc = HybridClock()
+        self._history: dict[tuple[str, str], list[tuple[float, Any]]] = {}
+        self._history_pruned_at = 0.0
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
             hub.on_overlap_end(self._reconcile)
@@ -293,6 +298,9 @@ class SessionStore:
         Also keeps the sessions map under ``max_sessions`` (see ``_evict_sessions``).
         """
         now = self._clock()
+        if now - self._history_pruned_at >= 1.0:
+            self._history_pruned_at = now
+            self._prune_history(now)
         evicted = self._evict_sessions(now)
         pending, self._pending = self._pending, {}
         for key_name, buckets in pending.items():
@@ -435,35 +443,66 @@ class SessionStore:
     def carry_rules(self, *, start: float, linked: frozenset[str]) -> CarryRules:
         """How a rotation starting at ``start`` carries each entry (``_rotation``).
 
-        Settled entries (written before ``start - SETTLE_S``, kept at ``start``) are
-        shared: the same decision from the same value on every instance. A recent
-        entry whose writer (``by``, or ``w`` for usage) is one of the ``linked``
-        instances is left to that writer (``WRITER`` if written after ``start``, when
-        the build began); every other entry this instance keeps now it writes itself.
+        An entry's settled value is what it held at ``start - SETTLE_S`` (from its
+        write time, and the recent history for an entry written since): the same on
+        every instance. It is shared if it is still kept at ``start``. A value written
+        since goes on top, by its writer (``by``, or ``w`` for usage): left to that
+        writer if it is one of the ``linked`` instances, else written by us.
         """
-        settled_before = start - SETTLE_S
+        cutoff = start - SETTLE_S
 
-        def plan(map_name: str, key: str, value: Any) -> Carry:
+        def split(map_name: str, key: str, value: Any) -> tuple[Any, Carry]:
             try:
-                written = _written_at(map_name, value)
-                if (written is None or written < settled_before) and self._keep(
-                    map_name, key, value, now=start, overlay=False
-                ):
-                    return Carry.SHARED
+                settled = self._settled_value(map_name, key, value, cutoff)
+                shared = settled if settled is not None and self._keep(
+                    map_name, key, settled, now=start, overlay=False) else None
+                if shared is not None and shared == value:
+                    return shared, Carry.SHARED
                 if not self._keep(map_name, key, value, now=self._clock(), overlay=True):
-                    return Carry.DROP
+                    return shared, Carry.DROP
                 writer = _writer_of(map_name, value)
-                if written is not None and writer in linked and writer != self.writer_id:
-                    return Carry.WRITER if written >= start else Carry.WRITER_BEFORE
-                return Carry.OWN
+                written = _written_at(map_name, value)
+                if (written is not None and written >= cutoff and writer in linked
+                        and writer != self.writer_id):
+                    return shared, Carry.WRITER
+                return shared, Carry.OWN
             except (ValueError, TypeError, OverflowError, AttributeError):
-                return Carry.DROP
+                return None, Carry.DROP
 
-        def early(map_name: str, value: Any) -> bool:
-            written = _written_at(map_name, value)
-            return written is not None and written < start
+        return CarryRules(split)
 
-        return CarryRules(plan, early)
+    def _settled_value(self, map_name: str, key: str, value: Any, cutoff: float) -> Any:
+        """What the entry held at ``cutoff`` (None: nothing, or unknown)."""
+        written = _written_at(map_name, value)
+        if written is None or written < cutoff:
+            return value
+        best: tuple[float, Any] | None = None
+        for at, old in self._history.get((map_name, key), ()):
+            if at < cutoff and (best is None or at >= best[0]):
+                best = (at, old)
+        return best[1] if best is not None else None
+
+    def _remember(self, map_name: str, key: str, change: dict[str, Any]) -> None:
+        """Keep an entry's recent values (``_settled_value``), the one before them first."""
+        history = self._history.get((map_name, key))
+        if history is None:
+            old = change.get("oldValue")
+            written = _written_at(map_name, old) if old is not None else None
+            history = self._history[map_name, key] = [
+                (written if written is not None else -math.inf, old)]
+        new = change.get("newValue") if change.get("action") != "delete" else None
+        written = _written_at(map_name, new) if new is not None else None
+        history.append((written if written is not None else self._clock(), new))
+
+    def _prune_history(self, now: float) -> None:
+        """Forget values older than ``HISTORY_S`` but the last of them."""
+        horizon = now - HISTORY_S
+        for entry, history in list(self._history.items()):
+            older = [i for i, (at, _) in enumerate(history) if at < horizon]
+            if len(older) == len(history):
+                del self._history[entry]
+            elif older:
+                del history[:older[-1]]
 
     def _keep(self, map_name: str, key: str, value: Any, *, now: float, overlay: bool) -> bool:
         if map_name == "sessions":
@@ -528,6 +567,9 @@ class SessionStore:
         doc.on_map_change(self._on_change)
 
     def _on_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if map_name != "meta":
+            for key, change in keys.items():
+                self._remember(map_name, key, change)
         if map_name == "usage":
             self._on_usage_change(keys, remote)
         elif remote and map_name == "sessions":

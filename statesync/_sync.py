@@ -409,7 +409,6 @@ class StateSync:
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
         counts = {how.value: sum(b.counts[how] for b in builders.values()) for how in Carry}
-        counts["writer"] += counts.pop("writer_before")
         for how, count in counts.items():
             self._metrics.rotation_entries.labels(how).inc(count)
         if self.settings.is_shared:

@@ -26,12 +26,13 @@ from .test_statesync_peers import Instance, all_connected, bound_socket, start_i
 SETTLED_TS = 100.0
 
 
-def by_ts(map_name: str, key: str, value: Any) -> Carry:
-    """A plan for the builder tests: values stamped before ``SETTLED_TS`` are settled."""
-    return Carry.SHARED if value["ts"] < SETTLED_TS else Carry.OWN
+def by_ts(map_name: str, key: str, value: Any) -> tuple[Any, Carry]:
+    """Rules for the builder tests: values stamped before ``SETTLED_TS`` are settled (and
+    the test knows nothing older of an entry); the others are ours."""
+    return (value, Carry.SHARED) if value["ts"] < SETTLED_TS else (None, Carry.OWN)
 
 
-BY_TS = CarryRules(by_ts, lambda map_name, value: False)
+BY_TS = CarryRules(by_ts)
 
 
 def twin_docs(entries: dict[str, dict[str, Any]]) -> tuple[EpochDoc, EpochDoc]:
@@ -85,7 +86,7 @@ def test_shared_bucket_is_what_pycrdt_writes_for_that_client() -> None:
 
 def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
     """Entries written while the build runs end up as they are at the end: one changed
-    before its slice (its old value is shared first), one after, one new, one deleted."""
+    before its slice, one after (on top of its shared item), one new, one deleted."""
     old, _ = twin_docs({f"s{i}": {"upstream": "old", "ts": 1.0} for i in range(4)})
     builder = EpochBuilder(old, EpochDoc("sessions", 2), BY_TS)
     old.maps["sessions"]["s0"] = {"upstream": "new0", "ts": 500.0}  # before any slice
@@ -97,37 +98,40 @@ def test_EpochBuilder_in_slices_copies_what_changed_as_it_is_now() -> None:
     new = builder.finish()
 
     assert dict(new.maps["sessions"].items()) == dict(old.maps["sessions"].items())
-    # s0's value at the start was shared like everyone's (in its bucket), then
-    # overwritten by our own; so every bucket is what a build of the start would write.
-    start = {f"s{i}": {"upstream": "old", "ts": 1.0} for i in range(4)}
+    assert builder.counts[Carry.SHARED] == 3 and builder.counts[Carry.OWN] == 2  # s0, s9
+    # s1 (and s2) were shared as they were, then overwritten (deleted) by our own items.
+    shared = {f"s{i}": {"upstream": "old", "ts": 1.0} for i in (1, 2, 3)}
     buckets: dict[int, dict[str, Any]] = {}
-    for key, value in start.items():
+    for key, value in shared.items():
         buckets.setdefault(bucket_of_key("sessions", key), {})[key] = value
     expected = {shared_bucket("sessions", 2, "sessions", b, e)[0] for b, e in buckets.items()}
     assert new.client_ids() - {new.doc.client_id} == expected
-    assert builder.counts[Carry.SHARED] == 4 and builder.counts[Carry.OWN] == 1
 
 
-def test_SessionStore_carry_plan_shares_settled_and_leaves_recent_to_their_writer() -> None:
-    """Settled entries are shared, recent ones are left to a linked writer (or carried
-    by us if the writer is ours or unlinked), expired ones dropped."""
-    now = 10_000.0
+def test_SessionStore_carry_rules_share_what_an_entry_held_before_and_leave_the_rest() -> None:
+    """An entry's settled value is what it held SETTLE_S before the start (also when it
+    was rewritten since); a recent value goes on top: left to a linked writer, or ours."""
+    now = time.time()
     sync = StateSync(SyncSettings(instance_id="me", token="t", session_ttl_s=600.0),
                      registry=CollectorRegistry(), clock=lambda: now)
-    smap = sync._hubs["sessions"].doc.maps["sessions"]
+    store, smap = sync.store, sync._hubs["sessions"].doc.maps["sessions"]
 
-    def session(ts: float, by: str) -> dict[str, Any]:
-        return {"upstream": "u", "created": ts, "last_seen": ts, "attributes": {}, "ts": ts,
-                "by": by}
+    def session(ts: float, by: str, upstream: str = "u") -> dict[str, Any]:
+        return {"upstream": upstream, "created": ts, "last_seen": ts, "attributes": {},
+                "ts": ts, "by": by}
 
-    plan = sync.store.carry_rules(start=now, linked=frozenset({"peer.1"})).plan
-    assert plan("sessions", "a", session(now - 60, "peer.1")) is Carry.SHARED
-    assert plan("sessions", "b", session(now - 0.5, "peer.1")) is Carry.WRITER_BEFORE
-    assert plan("sessions", "c", session(now + 0.1, "peer.1")) is Carry.WRITER
-    assert plan("sessions", "d", session(now - 0.5, sync.writer_id)) is Carry.OWN
-    assert plan("sessions", "e", session(now - 0.5, "gone.2")) is Carry.OWN
-    assert plan("sessions", "f", session(now - 3600, "peer.1")) is Carry.DROP
-    assert smap.get("a") is None  # planning writes nothing
+    old, recent = session(now - 60, "peer.1"), session(now - 0.5, "peer.1", "v")
+    for key in "abcdef":
+        smap[key] = old
+    smap["b"] = recent  # rewritten since: its old value stays the shared one
+    smap["g"] = session(now - 0.5, "peer.1")  # new since
+    split = store.carry_rules(start=now, linked=frozenset({"peer.1"})).split
+    assert split("sessions", "a", old) == (old, Carry.SHARED)
+    assert split("sessions", "b", recent) == (old, Carry.WRITER)
+    assert split("sessions", "g", smap["g"]) == (None, Carry.WRITER)
+    assert split("sessions", "d", session(now - 0.5, sync.writer_id)) == (old, Carry.OWN)
+    assert split("sessions", "e", session(now - 0.5, "gone.2")) == (old, Carry.OWN)
+    assert split("sessions", "f", session(now - 3600, "peer.1")) == (None, Carry.DROP)
 
 
 async def test_StateSync_rotation_reads_an_entry_left_to_its_writer_and_carries_it_late() -> None:
