@@ -12,24 +12,21 @@ the merge. Writes near a rotation waited for all of that. Now:
   old document keeps serving reads, writes and peers. An entry that changes after
   its slice was copied is copied again when the builder finishes (``finish``), which
   is cheap: only those entries. A peer that rotated first makes us finish at once.
-* **Settled entries are the same items everywhere.** An entry last written before
-  the epoch's start minus ``SETTLE_S`` holds the same value on every instance by
-  then. Such entries are grouped by a hash of their key into ``SHARED_BUCKETS``
-  buckets per map, and each bucket is written as the same Yjs items on every
-  instance: one client whose id is a hash of (document, epoch, map, bucket, its
-  entries), its entries in key order (``shared_bucket``). The new documents then
-  agree item for item, the first exchange sends only what differs, and nothing
-  conflicts. A bucket two instances see differently (a write in flight when the
-  build began) becomes two clients, whose entries the store's repair settles as
-  before. (One client per entry would agree even better, but every Yjs transaction
-  costs time in the number of clients.) What an entry held when the build began
-  decides (``EpochBuilder`` copies a changed entry's old value first), and the
-  build begins at the same moment by the clock on every instance.
-* **Recent entries are carried by their writer.** An entry written after that
-  (or without a time) is written by the instance that wrote it last (``by`` / ``w``)
-  as its own write, and left out by the others while that writer is linked to
-  them: so a recent entry exists once, not once per instance, and a write right
-  after the rotation is not ordered before another instance's copy of it. What is
+* **Settled entries are the same items everywhere.** What an entry held at the
+  epoch's start minus ``SETTLE_S`` (its *settled value*: from its write time, or from
+  the recent values the store remembers when it was written since) is the same on
+  every instance by then. Settled values are grouped by a hash of their key into
+  ``SHARED_BUCKETS`` buckets per map, and each bucket is written as the same Yjs
+  items on every instance: one client whose id is a hash of (document, epoch, map,
+  bucket, its entries), its entries in key order (``shared_bucket``). The new
+  documents then agree item for item, the first exchange sends only what differs,
+  nothing conflicts, and a write on top of a shared item integrates on every peer.
+  (One client per entry would need no buckets, but every Yjs transaction costs time
+  in the number of clients in the document.)
+* **Recent values are carried by their writer.** A value written since (or without
+  a time) is written on top of the shared items by the instance that wrote it
+  (``by`` / ``w``), as its own write, and left out by the others while that writer is
+  linked to them: so it exists once, on top of the same item everywhere. What is
   left to a writer is read from the old document until it arrives (``DocHub.value``)
   and carried by this instance if it never does (``DocHub`` overlap, store
   ``reconcile``).
