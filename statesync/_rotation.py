@@ -48,7 +48,7 @@ from typing import Any, Final, final
 from pycrdt import Doc, Map
 from pycrdt._pycrdt import Doc as _RustDoc
 
-from ._doc import EpochDoc
+from ._doc import EpochDoc, collector_paused
 
 SETTLE_S: Final = 1.0
 """Entries last written this long before an epoch starts are settled: every instance
@@ -170,7 +170,8 @@ class EpochBuilder:
         started = time.perf_counter()
         until = started + budget_s
         done = 0
-        with self.new.doc.transaction():  # one commit (and one set of events) per slice
+        # One commit (and one set of events) per slice; no cyclic collection amid its copies.
+        with collector_paused(), self.new.doc.transaction():
             while self._todo and time.perf_counter() < until:
                 self._plan(*self._todo.popleft())
                 done += 1
