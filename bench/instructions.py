@@ -24,6 +24,7 @@ import contextlib
 import functools
 import http.client
 import json
+import os
 import re
 import shlex
 import shutil
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("needs valgrind (callgrind_control)", file=sys.stderr)
         return 2
+    # A fixed hash seed: dict and set layouts (and so instruction counts) the same each run.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
     results = measure(args, args.keep)
     print(f"\ninstructions per request (callgrind; {args.requests} requests in a row after "
           f"{args.warmup} warm-up, one keep-alive connection)")
