@@ -26,6 +26,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from ._errors import ConfigError, ConfigProblem
+from ._jobs_policy import JobsPolicy
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
@@ -447,6 +448,10 @@ class Config:
     objects: ObjectPolicy = Field(
         default_factory=ObjectPolicy,
         description="Stateful objects (files, batches, responses, ...) stay with their upstream.")
+    jobs: JobsPolicy | None = Field(
+        default=None,
+        description="Async requests and the Batch API run by skyroute from a durable queue; "
+                    "without it /v1/async is off and /v1/batches passes through.")
     upstreams: tuple[Upstream, ...] = Field(
         min_length=1,
         description="Where requests go: cloud regions, providers, GPU pools.")

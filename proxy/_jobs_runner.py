@@ -1,0 +1,243 @@
+"""The job runner: drains the queue through skyroute's own request path, in a low-priority lane.
+
+Each job is sent to this very instance over loopback HTTP, so it takes exactly the
+path a synchronous request takes (auth, limits, aliases, cache, failover, busy
+detection, degradation), with no routing code of its own. The call carries the
+instance's job token (a random secret in ``data_dir``, readable by the processes
+sharing that directory only) and the name of the client key that submitted it; the
+API authenticates it as that client (``job_caller``). Neither header ever goes
+upstream.
+
+The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window is
+halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
+grows back as tries succeed (AIMD, ``routing._jobs``). A try's answer decides the
+job (``after_try``): done, retried later with backoff, or given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+from skyroute.routing import (
+    BUSY_STATUSES,
+    LEVELS,
+    Finished,
+    GaveUp,
+    JobsPolicy,
+    LaneWindow,
+    Level,
+    after_try,
+)
+
+from ._forward import parse_retry_after
+from ._jobs_auth import JOB_CLIENT_HEADER, JOB_TOKEN_HEADER, JOBS_TOKEN
+from ._jobs_metrics import JobMetrics
+from ._jobs_store import Job, JobStore
+from ._state import CLOCK, SERVING
+
+log = structlog.get_logger("skyroute.jobs")
+
+#: How often an idle runner looks for due jobs (new local submissions wake it at once).
+POLL_INTERVAL_S: Final = 0.2
+#: A try may take the route's whole timeout; the loopback call allows a little more.
+LOOPBACK_MARGIN_S: Final = 30.0
+_RANK = {level: rank for rank, level in enumerate(LEVELS)}
+
+
+def job_token(data_dir: Path) -> str:
+    """The token loopback job calls carry, shared by the processes using ``data_dir``."""
+    path = data_dir / "job-token"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+class JobsService:
+    """One instance's queue, lane and runner (the ``JOBS`` app key)."""
+
+    def __init__(self, policy: JobsPolicy, *, metrics: JobMetrics) -> None:
+        self.policy = policy
+        self.data_dir = Path(policy.data_dir)
+        self.store = JobStore(self.data_dir)
+        self.metrics = metrics
+        self.lane = LaneWindow(policy.concurrency)
+        self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.token = ""
+        self.wake = asyncio.Event()
+        self.rng = random.Random()
+        self.running: set[asyncio.Task[None]] = set()
+
+    def lease_s(self) -> float:
+        return self.policy.visibility_timeout_s
+
+    def state(self) -> dict[str, object]:
+        """The lane as /health shows it."""
+        return {"lane": {"running": len(self.running), "window": self.lane.size,
+                         "limit": self.lane.limit},
+                "queue": "redis" if self.policy.redis is not None else "sqlite"}
+
+
+JOBS = web.AppKey("jobs", JobsService)
+
+
+async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: open the store, run the lane and its helpers, close on exit."""
+    service = app[JOBS]
+    await asyncio.to_thread(service.data_dir.mkdir, parents=True, exist_ok=True)
+    service.token = await asyncio.to_thread(job_token, service.data_dir)
+    app[JOBS_TOKEN].value = service.token
+    await service.store.start()
+    from ._jobs_batches import batch_driver  # the batch side needs the runner's key
+    from ._jobs_webhooks import webhook_sender
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+        tasks = [asyncio.create_task(coro, name=name) for coro, name in (
+            (_drain(app, service, session), "skyroute-jobs-lane"),
+            (_renew_leases(service), "skyroute-jobs-leases"),
+            (batch_driver(app, service), "skyroute-jobs-batches"),
+            (webhook_sender(service, session), "skyroute-jobs-webhooks"),
+            (_gauges(service), "skyroute-jobs-gauges"))]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in (*tasks, *service.running):
+                task.cancel()
+            await asyncio.gather(*tasks, *service.running, return_exceptions=True)
+            await service.store.aclose()
+
+
+async def _drain(app: web.Application, service: JobsService,
+                 session: aiohttp.ClientSession) -> None:
+    """Claim due jobs while the lane has room; run each as a task."""
+    slot_freed = asyncio.Event()
+    while True:
+        _watch_level(app, service)
+        free = service.lane.size - len(service.running)
+        base = app[SERVING].url
+        if free <= 0 or base is None:
+            slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot_freed.wait(), POLL_INTERVAL_S)
+            continue
+        service.wake.clear()
+        jobs = await service.store.claim(worker=service.worker, limit=free,
+                                         lease_s=service.lease_s(), now=time.time())
+        for job in jobs:
+            task = asyncio.create_task(_run_one(app, service, session, base, job))
+            service.running.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                service.running.discard(t)
+                slot_freed.set()
+
+            task.add_done_callback(done)
+        if not jobs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.wake.wait(), POLL_INTERVAL_S)
+
+
+def _watch_level(app: web.Application, service: JobsService) -> None:
+    """A route at ``reduced`` or worse slows the lane as a busy answer does."""
+    router = app[SERVING].runtime.router
+    now = app[CLOCK]()
+    if _RANK[router.level(now=now)] >= _RANK[Level.REDUCED] and service.lane.on_busy(
+            now=time.monotonic()):
+        service.metrics.lane_slowdowns.labels("degraded").inc()
+        service.metrics.lane_window.set(service.lane.size)
+
+
+async def _run_one(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
+                   base: str, job: Job) -> None:
+    policy, metrics = service.policy, service.metrics
+    kind = "line" if job.batch_id else "async"
+    headers = {JOB_TOKEN_HEADER: service.token, JOB_CLIENT_HEADER: job.owner,
+               "X-Request-ID": job.id, "Content-Type": "application/json"}
+    route_timeout = max(r.timeout_s for r in app[SERVING].runtime.config.routes) \
+        if app[SERVING].runtime.config.routes else 600.0
+    status: int | None = None
+    body: bytes | None = None
+    retry_after: float | None = None
+    started = time.perf_counter()
+    try:
+        async with session.request(
+                job.method, base + job.path, data=job.body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=route_timeout + LOOPBACK_MARGIN_S)) as resp:
+            body = await resp.read()
+            status = resp.status
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        error = "" if status < 400 else _error_text(status, body)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        error = f"no answer from skyroute itself: {exc!r}"
+    metrics.try_seconds.labels(kind).observe(time.perf_counter() - started)
+    if status is None or status in BUSY_STATUSES:
+        if service.lane.on_busy(now=time.monotonic()):
+            metrics.lane_slowdowns.labels("busy").inc()
+    else:
+        service.lane.on_success()
+    metrics.lane_window.set(service.lane.size)
+    decision = after_try(status, error=error, retries_done=job.tries,
+                         max_retries=policy.max_retries, base_s=policy.backoff_base_s,
+                         cap_s=policy.backoff_cap_s, rng=service.rng, retry_after_s=retry_after)
+    now = time.time()
+    if isinstance(decision, Finished | GaveUp):
+        final_error = decision.error if isinstance(decision, GaveUp) else (error or None)
+        if await service.store.finish(job, worker=service.worker, status=status, response=body,
+                                      error=final_error, now=now):
+            ok = status is not None and 200 <= status < 300 and isinstance(decision, Finished)
+            metrics.finished.labels(kind, "completed" if ok else "failed").inc()
+            log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
+                     tries=job.tries + 1, error=final_error)
+            service.wake.set()  # a webhook or a batch may be waiting on it
+        return
+    metrics.retries.labels(kind).inc()
+    log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
+             tries=job.tries + 1, delay_s=round(decision.delay_s, 3), error=decision.error)
+    await service.store.retry_later(job, worker=service.worker, at=now + decision.delay_s,
+                                    error=decision.error)
+
+
+def _error_text(status: int, body: bytes | None) -> str:
+    import json
+
+    try:
+        message = json.loads(body or b"")["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = (body or b"")[:200].decode("utf-8", "replace")
+    return f"HTTP {status}: {message}"
+
+
+async def _renew_leases(service: JobsService) -> None:
+    """Renew this worker's claims well before they run out (a third of the lease)."""
+    while True:
+        await asyncio.sleep(service.lease_s() / 3)
+        await service.store.renew(worker=service.worker, lease_s=service.lease_s(),
+                                  now=time.time())
+
+
+async def _gauges(service: JobsService) -> None:
+    """Queue gauges, from the store, once a second."""
+    while True:
+        counts = await service.store.counts()
+        for state in ("queued", "running", "done", "cancelled", "expired"):
+            service.metrics.jobs.labels(state).set(counts.get(state, 0))
+        oldest = await service.store.oldest_queued()
+        service.metrics.queue_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        service.metrics.lane_window.set(service.lane.size)
+        await asyncio.sleep(1.0)

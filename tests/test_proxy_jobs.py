@@ -1,0 +1,281 @@
+"""Durable jobs through skyroute: async requests, webhooks and the Batch API with the SDK."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from skyroute.proxy import Server
+
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
+from .conftest import upstream_yaml as entry
+
+WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+#: Generous: a loaded 2-core machine runs the suite beside other work.
+DONE_TIMEOUT_S = 60.0
+
+
+def jobs_yaml(data_dir: Path, **overrides: Any) -> str:
+    """A ``jobs`` section with test-friendly retry delays."""
+    settings = {"data_dir": str(data_dir), "backoff_base": "0.05s", "backoff_cap": "0.2s",
+                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET, **overrides}
+    return "jobs:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
+
+
+def chat_line(i: int, *, endpoint: str = "/v1/chat/completions") -> dict[str, Any]:
+    """Batch line ``i``: its prompt has i % 9 + 1 words, which the stand-in counts back."""
+    words = " ".join(["w"] * (i % 9 + 1))
+    return {"custom_id": f"req-{i}", "method": "POST", "url": endpoint,
+            "body": {"model": "chat", "messages": [{"role": "user", "content": words}]}}
+
+
+def jsonl(items: list[Any]) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+async def wait_batch(client: openai.AsyncOpenAI, batch_id: str, *statuses: str) -> Any:
+    """Poll until the batch reaches one of ``statuses``."""
+    seen: list[Any] = []
+
+    async def reached() -> bool:
+        seen.append(await client.batches.retrieve(batch_id))
+        return seen[-1].status in statuses
+
+    await eventually(reached, timeout=DONE_TIMEOUT_S, interval=0.1)
+    return seen[-1]
+
+
+async def read_lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = await client.files.content(file_id)
+    return [json.loads(line) for line in content.text.splitlines()]
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Callable[[Server], openai.AsyncOpenAI]]:
+    """Factory: the SDK pointed at a skyroute, closed after the test."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(server: Server) -> openai.AsyncOpenAI:
+        made.append(client_for(server))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+async def webhook_receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    """A server on port 0 keeping every webhook delivery it gets (headers, body)."""
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        got.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/hook", got
+    await runner.cleanup()
+
+
+def verify_signature(headers: dict[str, str], body: bytes) -> bool:
+    """Standard Webhooks' check, as a receiver writes it."""
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(WEBHOOK_SECRET.encode(), signed,
+                                         hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(expected, sig.partition(",")[2])
+               for sig in headers["webhook-signature"].split())
+
+
+async def test_async_request_with_idempotency_key_and_signed_webhook(
+        standin, skyroute, tmp_path, webhook_receiver):
+    """A repeated submit with one Idempotency-Key makes one job; its answer and a signed webhook
+    arrive; the same key with another body is refused with 409."""
+    up = await standin("a")
+    hook_url, deliveries = webhook_receiver
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi there"}]}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    headers = {**AUTH, "Idempotency-Key": "order-42", "X-Webhook-URL": hook_url}
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        answers = []
+        for _ in range(2):
+            async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                                 headers=headers) as resp:
+                assert resp.status == 202
+                answers.append(await resp.json())
+        assert answers[0]["id"] == answers[1]["id"]
+        assert answers[0]["status"] == "queued"
+        status_url = answers[0]["status_url"]
+        assert status_url == f"{server.url}/v1/async/jobs/{answers[0]['id']}"
+
+        async def done() -> bool:
+            async with http.get(status_url, headers=AUTH) as resp:
+                answers.append(await resp.json())
+            return answers[-1]["status"] == "completed"
+
+        await eventually(done, timeout=DONE_TIMEOUT_S)
+        job = answers[-1]
+        assert job["response"]["status_code"] == 200
+        assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+            "Hello from a")
+        async with http.post(f"{server.url}/v1/async/chat/completions",
+                             json={**body, "seed": 1}, headers=headers) as resp:
+            assert resp.status == 409
+            assert "Idempotency-Key" in (await resp.json())["error"]["message"]
+        async with http.get(status_url, headers={"Authorization": "Bearer nope"}) as resp:
+            assert resp.status == 401
+    await eventually(lambda: len(deliveries) >= 1, timeout=DONE_TIMEOUT_S)
+    hook_headers, hook_body = deliveries[0]
+    assert verify_signature(hook_headers, hook_body)
+    assert not verify_signature({**hook_headers, "webhook-timestamp": "1"}, hook_body)
+    delivered = json.loads(hook_body)
+    assert delivered["id"] == job["id"] and delivered["status"] == "completed"
+    assert up.requests_total == 1  # one job, one upstream call
+
+
+async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path):
+    """DELETE cancels a queued job; a model no route serves is refused at submit (404)."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.error_status = 503
+    up.behaviour.retry_after_s = 30
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            job = await resp.json()
+        await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+        async with http.delete(job["status_url"], headers=AUTH) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "cancelled"
+        async with http.post(f"{server.url}/v1/async/chat/completions",
+                             json={**body, "model": "nope"}, headers=AUTH) as resp:
+            assert resp.status == 404
+            assert "nope" in (await resp.json())["error"]["message"]
+
+
+async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk):
+    """A 500-line batch through the SDK: completed, one output line per custom_id, each the
+    answer to its own request."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    uploaded = await client.files.create(
+        file=("input.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(500)]))),
+        purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    batch = await client.batches.create(input_file_id=uploaded.id,
+                                        endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"run": "t"})
+    assert batch.status == "validating"
+    done = await wait_batch(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert done.request_counts.total == 500 and done.request_counts.completed == 500
+    assert done.error_file_id is None
+    lines = await read_lines(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"req-{i}" for i in range(500))
+    for line in lines:
+        i = int(line["custom_id"].removeprefix("req-"))
+        assert line["error"] is None
+        assert line["response"]["status_code"] == 200
+        assert line["response"]["body"]["usage"]["prompt_tokens"] == i % 9 + 1
+    listed = await client.batches.list()
+    assert [b.id for b in listed.data] == [batch.id]
+    assert any(f.id == uploaded.id for f in (await client.files.list()).data)
+
+
+async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
+        standin, skyroute, tmp_path, sdk):
+    """Bad lines are answered in the error file and the rest run; a file with no valid line
+    (or a custom_id twice) fails the batch with OpenAI's errors list."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    mixed = jsonl([chat_line(0), chat_line(1, endpoint="/v1/embeddings"), chat_line(2)])
+    mixed += b"{not json\n" + jsonl([{"method": "POST"}, {**chat_line(3), "body": "text"}])
+    f = await client.files.create(file=("mixed.jsonl", io.BytesIO(mixed)), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    done = await wait_batch(client, batch.id, "completed", "failed")
+    assert done.status == "completed"
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (6, 2, 4)
+    assert {line["custom_id"] for line in await read_lines(client, done.output_file_id)} == \
+        {"req-0", "req-2"}
+    errors = await read_lines(client, done.error_file_id)
+    codes = sorted(line["error"]["code"] for line in errors)
+    assert codes == ["invalid_json_line", "invalid_request", "mismatched_endpoint",
+                     "missing_required_parameter"]
+    assert all(line["response"] is None for line in errors)
+
+    bad = await client.files.create(file=("bad.jsonl", io.BytesIO(b"nope\n{]\n")),
+                                    purpose="batch")
+    batch = await client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    failed = await wait_batch(client, batch.id, "failed", "completed")
+    assert failed.status == "failed"
+    assert [e.line for e in failed.errors.data] == [1, 2]
+    assert failed.errors.data[0].code == "invalid_json_line"
+
+    twice = await client.files.create(
+        file=("twice.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(0)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=twice.id,
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+    failed = await wait_batch(client, batch.id, "failed", "completed")
+    assert failed.errors.data[0].code == "duplicate_custom_id"
+    assert failed.errors.data[0].line == 2
+
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                    completion_window="1h")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+
+
+async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_path, sdk):
+    """Cancelling a batch whose upstream is busy: cancelling, then cancelled, with the lines
+    not run in the error file as batch_cancelled."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.retry_after_s = 30
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=2)))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(20)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    await wait_batch(client, batch.id, "in_progress")
+    await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+    cancelling = await client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = await wait_batch(client, batch.id, "cancelled")
+    assert done.cancelled_at is not None and done.output_file_id is None
+    errors = await read_lines(client, done.error_file_id)
+    assert len(errors) == 20
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    with pytest.raises(openai.APIStatusError) as refused:
+        await client.batches.cancel(batch.id)
+    assert refused.value.status_code == 409
