@@ -84,11 +84,17 @@ class JobsService:
     def lease_s(self) -> float:
         return self.policy.visibility_timeout_s
 
-    def state(self) -> dict[str, object]:
-        """The lane as /health shows it."""
-        return {"lane": {"running": len(self.running), "window": self.lane.size,
-                         "limit": self.lane.limit},
-                "queue": "redis" if self.policy.redis is not None else "sqlite"}
+    async def health(self) -> dict[str, object]:
+        """The queue and the lane, as /health shows them."""
+        counts = await self.store.counts()
+        oldest = await self.store.oldest_queued()
+        return {"queue": "redis" if self.policy.redis is not None else "sqlite",
+                "batches": self.policy.batches.value,
+                "jobs": {state: counts.get(state, 0) for state in (
+                    "queued", "running", "done", "cancelled", "expired")},
+                "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
+                "lane": {"running": len(self.running), "window": self.lane.size,
+                         "limit": self.lane.limit}}
 
 
 JOBS = web.AppKey("jobs", JobsService)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import io
 import json
+import os
+import re
+import signal
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -279,3 +285,103 @@ async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_p
     with pytest.raises(openai.APIStatusError) as refused:
         await client.batches.cancel(batch.id)
     assert refused.value.status_code == 409
+
+
+async def lane(http: aiohttp.ClientSession, server: Server) -> dict[str, Any]:
+    async with http.get(f"{server.url}/health") as resp:
+        return (await resp.json())["jobs"]["lane"]
+
+
+async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
+        standin, skyroute, tmp_path, sdk):
+    """While the only upstream answers 503 the lane's window drops to 1 and lines wait in
+    backoff; once it recovers every line completes and the window grows again."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.error_status = 503
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=8, max_retries=100)))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(60)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        assert (await lane(http, server))["limit"] == 8
+
+        async def backed_off() -> bool:
+            return (await lane(http, server))["window"] == 1
+
+        await eventually(backed_off, timeout=DONE_TIMEOUT_S)
+        assert (await client.batches.retrieve(batch.id)).request_counts.completed == 0
+        up.behaviour.mode = "ok"
+        done = await wait_batch(client, batch.id, "completed", "failed")
+        assert done.status == "completed"
+        assert done.request_counts.completed == 60
+        assert (await lane(http, server))["window"] > 1
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert 'skyroute_jobs_lane_slowdowns_total{reason="busy"}' in metrics
+    assert 'skyroute_jobs_finished_total{kind="line",result="completed"} 60.0' in metrics
+
+
+async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str,
+                                                                 asyncio.Task[bytes]]:
+    """``skyroute run`` as its own process (one worker: this pid serves); its URL from the log."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
+        "--config", str(config), "--port", "0", "--workers", "1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.stderr is not None
+    async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+        while not (match := re.search(rb'"url": "(http://[^"]+)"', await proc.stderr.readline())):
+            pass
+    return proc, match.group(1).decode(), asyncio.create_task(proc.stderr.read())
+
+
+async def stop(proc: asyncio.subprocess.Process, drain: asyncio.Task[bytes]) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+    await asyncio.wait_for(proc.wait(), CALL_TIMEOUT_S * 3)
+    await drain
+
+
+async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standin, tmp_path):
+    """skyroute is killed with SIGKILL while 1,000 batch lines are in flight; a new process on
+    the same data_dir finishes the batch, every custom_id in the output exactly once."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.01
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=16, visibility_timeout="1s")))
+    proc, url, drain = await start_skyroute(config, tmp_path)
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
+                [chat_line(i) for i in range(1000)]))), purpose="batch")
+            batch = await client.batches.create(input_file_id=f.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
+        proc.kill()
+        await stop(proc, drain)
+        assert proc.returncode == -signal.SIGKILL
+        called_before = up.requests_total
+        assert called_before < 1000, "the batch finished before the kill; nothing was tested"
+        proc, url, drain = await start_skyroute(config, tmp_path)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            done = await wait_batch(client, batch.id, "completed", "failed")
+            assert done.status == "completed"
+            assert done.request_counts.completed == 1000
+            lines = await read_lines(client, done.output_file_id)
+    finally:
+        await stop(proc, drain)
+    ids = Counter(line["custom_id"] for line in lines)
+    assert len(lines) == 1000 and set(ids.values()) == {1}
+    assert set(ids) == {f"req-{i}" for i in range(1000)}
+    assert all(line["response"]["body"]["usage"]["prompt_tokens"] ==
+               int(line["custom_id"][4:]) % 9 + 1 for line in lines)
+    assert up.requests_total >= 1000  # lines in flight at the kill ran again
