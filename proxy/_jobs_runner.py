@@ -50,6 +50,10 @@ log = structlog.get_logger("skyroute.jobs")
 
 #: How often an idle runner looks for due jobs (new local submissions wake it at once).
 POLL_INTERVAL_S: Final = 0.2
+#: Event-loop lag (EWMA) above which interactive traffic has the instance's CPU: the
+#: lane then runs one job at a time, so it still progresses but takes no more.
+LOOP_LAG_YIELD_S: Final = 0.005
+LAG_PROBE_S: Final = 0.02
 #: A try may take the route's whole timeout; the loopback call allows a little more.
 LOOPBACK_MARGIN_S: Final = 30.0
 _RANK = {level: rank for rank, level in enumerate(LEVELS)}
@@ -80,6 +84,12 @@ class JobsService:
         self.wake = asyncio.Event()
         self.rng = random.Random()
         self.running: set[asyncio.Task[None]] = set()
+        self.loop_lag_s = 0.0
+
+    def room(self) -> int:
+        """Jobs that may start now: the AIMD window, or one while the loop is saturated."""
+        size = 1 if self.loop_lag_s > LOOP_LAG_YIELD_S else self.lane.size
+        return size - len(self.running)
 
     def lease_s(self) -> float:
         return self.policy.visibility_timeout_s
@@ -94,7 +104,8 @@ class JobsService:
                     "queued", "running", "done", "cancelled", "expired")},
                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "lane": {"running": len(self.running), "window": self.lane.size,
-                         "limit": self.lane.limit}}
+                         "limit": self.lane.limit,
+                         "loop_lag_ms": round(self.loop_lag_s * 1000, 2)}}
 
 
 JOBS = web.AppKey("jobs", JobsService)
@@ -117,7 +128,8 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
             (_renew_leases(service), "skyroute-jobs-leases"),
             (batch_driver(app, service), "skyroute-jobs-batches"),
             (webhook_sender(service, session), "skyroute-jobs-webhooks"),
-            (_gauges(service), "skyroute-jobs-gauges"))]
+            (_gauges(service), "skyroute-jobs-gauges"),
+            (_probe_lag(service), "skyroute-jobs-lag"))]
         try:
             yield
         finally:
@@ -135,7 +147,7 @@ async def _drain(app: web.Application, service: JobsService,
     slot_freed = asyncio.Event()
     while True:
         _watch_level(app, service)
-        free = service.lane.size - len(service.running)
+        free = service.room()
         base = app[SERVING].url
         if free <= 0 or base is None:
             slot_freed.clear()
@@ -227,6 +239,16 @@ def _error_text(status: int, body: bytes | None) -> str:
     except (ValueError, KeyError, TypeError):
         message = (body or b"")[:200].decode("utf-8", "replace")
     return f"HTTP {status}: {message}"
+
+
+async def _probe_lag(service: JobsService) -> None:
+    """How late the event loop wakes a sleeper: high when client requests take the CPU."""
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        await asyncio.sleep(LAG_PROBE_S)
+        lag = max(0.0, loop.time() - began - LAG_PROBE_S)
+        service.loop_lag_s = 0.7 * service.loop_lag_s + 0.3 * lag
 
 
 async def _renew_leases(service: JobsService) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from skyroute.routing import BatchLine, BatchStatus, LineProblem
+from skyroute.routing import BatchLine, BatchStatus, LineProblem, next_batch_status
 
 from ._jobs_sqlite import SqliteRunner
 
@@ -326,7 +326,12 @@ class JobStore:
 
     async def move_batch(self, batch_id: str, old: BatchStatus, new: BatchStatus, *,
                          now: float, **fields: Any) -> bool:
-        """``old -> new`` (with ``<new>_at`` and ``fields`` set); False if it was not ``old``."""
+        """``old -> new`` (with ``<new>_at`` and ``fields`` set); False if it was not ``old``.
+
+        Raises:
+            RoutingStateError: ``BATCH_TRANSITIONS`` has no such move.
+        """
+        next_batch_status(old, new)
         stamp = {BatchStatus.CANCELLING: "cancelling_at"}.get(new, f"{new.value}_at")
         sets = ", ".join(f"{name}=:{name}" for name in fields)
         values = {**fields, "id": batch_id, "old": old.value, "new": new.value, "now": now}
