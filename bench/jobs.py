@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
                 "    models: {chat: deepseek-chat}\n")
-            sky = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run", "--config", str(config), "--port", "0",
-                         "--workers", "1"], 1 if two_cores else None)
+            sky = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json",
+                         "run", "--config", str(config), "--port", "0", "--workers", "1"],
+                        1 if two_cores else None)
             procs.append(sky)
             assert sky.stderr is not None
             while not (match := re.search(r'"url": "(http://[^"]+)"', sky.stderr.readline())):

@@ -14,18 +14,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from skyroute.routing import BATCH_ENDPOINTS, BatchMode, BatchStatus
 
 from ._bodies import is_upload
-from ._errors import ClientRequestError, NotFound, http_error
+from ._errors import ClientRequestError, NotFound, ProxyError, http_error
 from ._handlers import authenticate, choose_route, handle_api, parse_payload, read_body
-from ._jobs_runner import JOBS, JobsService
+from ._jobs_runner import JOBS, STORE_RETRY_S, JobsService
 from ._jobs_store import IdempotencyConflict, new_id
 from ._jobs_views import batch_view, file_view, job_view
 from ._state import SERVING
@@ -302,17 +306,38 @@ async def cancel_batch(request: web.Request) -> web.StreamResponse:
     return web.json_response(batch_view(record))
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _store_errors(handler: Handler) -> Handler:
+    """A store that fails (Redis down, disk full) is a 503 to retry, not a crash."""
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (RedisError, sqlite3.Error) as exc:
+            error = ProxyError(f"the job queue is unavailable ({type(exc).__name__}: {exc}); "
+                               "retry later", code="queue_unavailable",
+                               retry_after_s=STORE_RETRY_S)
+            error.status = 503
+            raise error from exc
+
+    return handle
+
+
 def add_job_routes(app: web.Application) -> None:
     """The job API; before the catch-all ``/v1/{tail}`` so these paths match first."""
-    app.router.add_get("/v1/async/jobs/{job_id}", get_async)
-    app.router.add_delete("/v1/async/jobs/{job_id}", cancel_async)
-    app.router.add_post("/v1/async/{tail:.+}", submit_async)
-    app.router.add_post("/v1/files", create_file)
-    app.router.add_get("/v1/files", list_files)
-    app.router.add_get("/v1/files/{file_id}", get_file)
-    app.router.add_delete("/v1/files/{file_id}", delete_file)
-    app.router.add_get("/v1/files/{file_id}/content", get_file_content)
-    app.router.add_post("/v1/batches", create_batch)
-    app.router.add_get("/v1/batches", list_batches)
-    app.router.add_get("/v1/batches/{batch_id}", get_batch)
-    app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
+    for method, path, handler in (
+            ("GET", "/v1/async/jobs/{job_id}", get_async),
+            ("DELETE", "/v1/async/jobs/{job_id}", cancel_async),
+            ("POST", "/v1/async/{tail:.+}", submit_async),
+            ("POST", "/v1/files", create_file),
+            ("GET", "/v1/files", list_files),
+            ("GET", "/v1/files/{file_id}", get_file),
+            ("DELETE", "/v1/files/{file_id}", delete_file),
+            ("GET", "/v1/files/{file_id}/content", get_file_content),
+            ("POST", "/v1/batches", create_batch),
+            ("GET", "/v1/batches", list_batches),
+            ("GET", "/v1/batches/{batch_id}", get_batch),
+            ("POST", "/v1/batches/{batch_id}/cancel", cancel_batch)):
+        app.router.add_route(method, path, _store_errors(handler))

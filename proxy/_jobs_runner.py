@@ -22,7 +22,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -43,6 +43,7 @@ from skyroute.routing import (
 from ._forward import parse_retry_after
 from ._jobs_auth import JOB_CLIENT_HEADER, JOB_TOKEN_HEADER, JOBS_TOKEN
 from ._jobs_metrics import JobMetrics
+from ._jobs_redis import RedisJobStore
 from ._jobs_store import Job, JobStore
 from ._state import CLOCK, SERVING
 
@@ -76,7 +77,8 @@ class JobsService:
     def __init__(self, policy: JobsPolicy, *, metrics: JobMetrics) -> None:
         self.policy = policy
         self.data_dir = Path(policy.data_dir)
-        self.store = JobStore(self.data_dir)
+        self.store: JobStore | RedisJobStore = JobStore(self.data_dir) if policy.redis is None \
+            else RedisJobStore(policy.redis.url, policy.redis.prefix, self.data_dir)
         self.metrics = metrics
         self.lane = LaneWindow(policy.concurrency)
         self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
@@ -123,13 +125,13 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
-        tasks = [asyncio.create_task(coro, name=name) for coro, name in (
-            (_drain(app, service, session), "skyroute-jobs-lane"),
-            (_renew_leases(service), "skyroute-jobs-leases"),
-            (batch_driver(app, service), "skyroute-jobs-batches"),
-            (webhook_sender(service, session), "skyroute-jobs-webhooks"),
-            (_gauges(service), "skyroute-jobs-gauges"),
-            (_probe_lag(service), "skyroute-jobs-lag"))]
+        tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in (
+            ("skyroute-jobs-lane", lambda: _drain(app, service, session)),
+            ("skyroute-jobs-leases", lambda: _renew_leases(service)),
+            ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
+            ("skyroute-jobs-webhooks", lambda: webhook_sender(service, session)),
+            ("skyroute-jobs-gauges", lambda: _gauges(service)),
+            ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
         try:
             yield
         finally:
@@ -139,6 +141,25 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
             await asyncio.gather(*tasks, *service.running, return_exceptions=True)
             await service.store.aclose()
+
+
+#: How long a loop waits after its store failed (Redis down, disk full) before going on.
+STORE_RETRY_S: Final = 1.0
+
+
+async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop`` forever: a failing store (Redis restarting) pauses it, never ends it.
+
+    Jobs claimed when the store failed are not lost: their lease runs out and they are
+    claimed again.
+    """
+    while True:
+        try:
+            await loop()
+        except Exception as exc:
+            log.warning("job_queue_unavailable", loop=name, error=repr(exc),
+                        retry_in_s=STORE_RETRY_S)
+            await asyncio.sleep(STORE_RETRY_S)
 
 
 async def _drain(app: web.Application, service: JobsService,
@@ -182,6 +203,14 @@ def _watch_level(app: web.Application, service: JobsService) -> None:
 
 
 async def _run_one(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
+                   base: str, job: Job) -> None:
+    try:
+        await _try_job(app, service, session, base, job)
+    except Exception as exc:  # the store failed: the lease runs out and the job runs again
+        log.warning("job_result_not_stored", job_id=job.id, error=repr(exc))
+
+
+async def _try_job(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
                    base: str, job: Job) -> None:
     policy, metrics = service.policy, service.metrics
     kind = "line" if job.batch_id else "async"
