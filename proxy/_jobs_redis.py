@@ -142,21 +142,21 @@ return ids
 """
 
 
-def _value(name: str, raw: bytes) -> Any:
+def _value(name: str, raw: bytes, *, batch: bool = False) -> Any:
     if name in _BYTES:
         return raw or None
     text = raw.decode()
     if text == "":
         return None
-    if name in _INTS:
+    if name in _INTS and not (batch and name == "status"):  # a batch's status is a word
         return int(text)
     if name in _FLOATS:
         return float(text)
     return text
 
 
-def _record(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    return {k.decode(): _value(k.decode(), v) for k, v in raw.items()}
+def _record(raw: dict[bytes, bytes], *, batch: bool = False) -> dict[str, Any]:
+    return {k.decode(): _value(k.decode(), v, batch=batch) for k, v in raw.items()}
 
 
 def _flat(fields: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +400,7 @@ class RedisJobStore:
         raw = await self._redis.hgetall(self._batch(batch_id))
         if not raw:
             return None
-        record = _record(raw)
+        record = _record(raw, batch=True)
         record["owner"] = record["owner"] or ""
         if owner is not None and record["owner"] != owner:
             return None

@@ -10,7 +10,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -32,8 +35,18 @@ AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 DONE_TIMEOUT_S = 60.0
 
 
-def jobs_yaml(data_dir: Path, **overrides: Any) -> str:
+@pytest.fixture(params=["sqlite", "redis"])
+def queue(request: pytest.FixtureRequest) -> str | None:
+    """Each test on the embedded queue and on the shared Redis (a prefix of its own)."""
+    if request.param == "sqlite":
+        return None
+    return f"{{url: 'redis://127.0.0.1:6379/0', prefix: 'skyroute-test:{os.urandom(6).hex()}:'}}"
+
+
+def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str:
     """A ``jobs`` section with test-friendly retry delays."""
+    if redis is not None:
+        overrides["redis"] = redis
     settings = {"data_dir": str(data_dir), "backoff_base": "0.05s", "backoff_cap": "0.2s",
                 "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET, **overrides}
     return "jobs:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
@@ -113,12 +126,12 @@ def verify_signature(headers: dict[str, str], body: bytes) -> bool:
 
 
 async def test_async_request_with_idempotency_key_and_signed_webhook(
-        standin, skyroute, tmp_path, webhook_receiver):
+        standin, skyroute, tmp_path, webhook_receiver, queue):
     """A repeated submit with one Idempotency-Key makes one job; its answer and a signed webhook
     arrive; the same key with another body is refused with 409."""
     up = await standin("a")
     hook_url, deliveries = webhook_receiver
-    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi there"}]}
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
     headers = {**AUTH, "Idempotency-Key": "order-42", "X-Webhook-URL": hook_url}
@@ -159,13 +172,13 @@ async def test_async_request_with_idempotency_key_and_signed_webhook(
     assert up.requests_total == 1  # one job, one upstream call
 
 
-async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path):
+async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path, queue):
     """DELETE cancels a queued job; a model no route serves is refused at submit (404)."""
     up = await standin("a")
     up.behaviour.mode = "error"
     up.behaviour.error_status = 503
     up.behaviour.retry_after_s = 30
-    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -182,11 +195,11 @@ async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_pat
             assert "nope" in (await resp.json())["error"]["message"]
 
 
-async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk):
+async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
     """A 500-line batch through the SDK: completed, one output line per custom_id, each the
     answer to its own request."""
     up = await standin("a")
-    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
     client = sdk(server)
     uploaded = await client.files.create(
         file=("input.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(500)]))),
@@ -213,11 +226,11 @@ async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp
 
 
 async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
-        standin, skyroute, tmp_path, sdk):
+        standin, skyroute, tmp_path, sdk, queue):
     """Bad lines are answered in the error file and the rest run; a file with no valid line
     (or a custom_id twice) fails the batch with OpenAI's errors list."""
     up = await standin("a")
-    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
     client = sdk(server)
     mixed = jsonl([chat_line(0), chat_line(1, endpoint="/v1/embeddings"), chat_line(2)])
     mixed += b"{not json\n" + jsonl([{"method": "POST"}, {**chat_line(3), "body": "text"}])
@@ -260,14 +273,14 @@ async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
         await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
 
 
-async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_path, sdk):
+async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_path, sdk, queue):
     """Cancelling a batch whose upstream is busy: cancelling, then cancelled, with the lines
     not run in the error file as batch_cancelled."""
     up = await standin("a")
     up.behaviour.mode = "error"
     up.behaviour.retry_after_s = 30
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
-        tmp_path / "data", concurrency=2)))
+        tmp_path / "data", queue, concurrency=2)))
     client = sdk(server)
     f = await client.files.create(
         file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(20)]))), purpose="batch")
@@ -385,3 +398,129 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
     assert all(line["response"]["body"]["usage"]["prompt_tokens"] ==
                int(line["custom_id"][4:]) % 9 + 1 for line in lines)
     assert up.requests_total >= 1000  # lines in flight at the kill ran again
+
+
+class OwnRedis:
+    """A redis-server of the test's own with AOF (fsync on every write) on a free port."""
+
+    def __init__(self, directory: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL)
+
+        async def answers() -> bool:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.write(b"PING\r\n")
+            reply = await asyncio.wait_for(reader.readline(), CALL_TIMEOUT_S)
+            writer.close()
+            await writer.wait_closed()
+            return reply == b"+PONG\r\n"
+
+        await eventually(answers, timeout=CALL_TIMEOUT_S)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=CALL_TIMEOUT_S)
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, tmp_path,
+                                                                      own_redis):
+    """Two instances share a Redis queue; one is killed with SIGKILL mid-batch; the other claims
+    its lines after the visibility timeout and the output has every custom_id once."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.01
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=8,
+        visibility_timeout="1s")))
+    first, url, first_drain = await start_skyroute(config, tmp_path)
+    second, second_url, second_drain = await start_skyroute(config, tmp_path)
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
+                [chat_line(i) for i in range(1000)]))), purpose="batch")
+            batch = await client.batches.create(input_file_id=f.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
+        first.kill()
+        await stop(first, first_drain)
+        assert up.requests_total < 1000, "the batch finished before the kill; nothing was tested"
+        async with openai.AsyncOpenAI(base_url=f"{second_url}/v1", api_key=CLIENT_KEY,
+                                      max_retries=0, timeout=CALL_TIMEOUT_S) as client:
+            done = await wait_batch(client, batch.id, "completed", "failed")
+            assert done.status == "completed"
+            assert done.request_counts.completed == 1000
+            lines = await read_lines(client, done.output_file_id)
+    finally:
+        await stop(second, second_drain)
+        await stop(first, first_drain)
+    ids = Counter(line["custom_id"] for line in lines)
+    assert len(lines) == 1000 and set(ids.values()) == {1}
+    assert set(ids) == {f"req-{i}" for i in range(1000)}
+
+
+async def test_redis_restart_loses_no_accepted_job(standin, skyroute, tmp_path, own_redis):
+    """Async jobs accepted before Redis is killed and restarted (AOF) all complete afterwards."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.05
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=4,
+        visibility_timeout="1s")))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        ids = []
+        for _ in range(40):
+            async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                                 headers=AUTH) as resp:
+                assert resp.status == 202
+                ids.append((await resp.json())["id"])
+        await up.wait_for(lambda u: u.requests_total >= 4, timeout=DONE_TIMEOUT_S)
+        own_redis.kill()
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            assert resp.status == 503  # refused, not accepted and lost
+            assert resp.headers["Retry-After"] == "1"
+        await own_redis.start()
+        statuses: dict[str, str] = {}
+
+        async def all_done() -> bool:
+            for job_id in ids:
+                if statuses.get(job_id) != "completed":
+                    async with http.get(f"{server.url}/v1/async/jobs/{job_id}",
+                                        headers=AUTH) as resp:
+                        statuses[job_id] = (await resp.json())["status"] \
+                            if resp.status == 200 else f"HTTP {resp.status}"
+            return all(statuses.get(i) == "completed" for i in ids)
+
+        await eventually(all_done, timeout=DONE_TIMEOUT_S, interval=0.2)
