@@ -18,6 +18,7 @@ skyroute's own CPU seconds per phase (``/proc/<pid>/stat``), so "accepts per CPU
 is a one-core figure that does not depend on how busy the machine is.
 
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
+                           [--rate 3200]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,9 @@ HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
 UPSTREAM_KEY = "sk-bench-upstream"
 BODY = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).encode()
+#: Routed to an upstream that never answers: its jobs wait in the lane (16 at most) and
+#: use no CPU, so the accept phase measures accepting alone.
+PARKED = json.dumps({"model": "parked", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,7 +57,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(url: str, *, duration: float, concurrency: int, expect: int) -> list[float]:
+async def load(url: str, *, duration: float, concurrency: int, expect: int,
+               body: bytes = BODY) -> list[float]:
     """Latencies (s) of requests sent back to back by ``concurrency`` clients."""
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration
@@ -63,7 +69,7 @@ async def load(url: str, *, duration: float, concurrency: int, expect: int) -> l
         async def client() -> None:
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
-                async with http.post(url, data=BODY, headers=headers) as resp:
+                async with http.post(url, data=body, headers=headers) as resp:
                     await resp.read()
                     if resp.status != expect:
                         raise RuntimeError(f"{url}: HTTP {resp.status}")
@@ -87,6 +93,34 @@ async def queue_empty(http: aiohttp.ClientSession, url: str) -> bool:
     return jobs["queued"] + jobs["running"] == 0
 
 
+async def paced(url: str, *, duration: float, rate: float, body: bytes) -> list[float]:
+    """Latencies (s) of requests sent at a steady ``rate`` (open loop), each timed from when
+    it was due, so a stall counts for every request it delays."""
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    # Under skyroute's limits.max_client_connections (512), lane connections included.
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async def one(due: float) -> None:
+            async with http.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 202:
+                    raise RuntimeError(f"{url}: HTTP {resp.status}")
+            latencies.append(time.perf_counter() - due)
+
+        began = time.perf_counter()
+        tasks = []
+        for i in range(int(duration * rate)):
+            due = began + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(due)))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
 async def run(args: argparse.Namespace, url: str, pid: int) -> None:
     cpu0 = cpu_seconds(pid)
     sync = await load(f"{url}/v1/chat/completions", duration=args.duration,
@@ -96,16 +130,29 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> None:
     accepted = await load(f"{url}/v1/async/chat/completions", duration=args.duration,
                           concurrency=args.concurrency, expect=202)
     cpu2 = cpu_seconds(pid)
-    async_rate = summary("async accept", accepted, args.duration, cpu2 - cpu1)
+    summary("async+drain", accepted, args.duration, cpu2 - cpu1)
     started = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while not await queue_empty(http, url):
             await asyncio.sleep(0.1)
     drained = time.perf_counter() - started
-    print(f"drain          {len(accepted)} jobs in total, the last {drained:.1f} s after "
-          "the accept phase ended")
+    print(f"  drain: {len(accepted)} jobs run, the last {drained:.1f} s after the phase ended")
+    await batch_ingest(args, url)
+    # Last: these jobs never finish (their upstream never answers), so nothing drains.
+    cpu3 = cpu_seconds(pid)
+    parked = await load(f"{url}/v1/async/chat/completions", duration=args.duration,
+                        concurrency=args.concurrency, expect=202, body=PARKED)
+    cpu4 = cpu_seconds(pid)
+    async_rate = summary("async accept", parked, args.duration, cpu4 - cpu3)
+    steady = await paced(f"{url}/v1/async/chat/completions", duration=args.duration,
+                         rate=args.rate, body=PARKED)
+    cpu5 = cpu_seconds(pid)
+    summary(f"  at {args.rate:.0f}/s", steady, args.duration, cpu5 - cpu4)
     print(f"ratio async accept / sync: {async_rate / sync_rate:.2f}x "
           f"(goal: 3,200 accepts/s on one core, p99 < 10 ms)")
+
+
+async def batch_ingest(args: argparse.Namespace, url: str) -> None:
     lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST",
                                  "url": "/v1/chat/completions",
                                  "body": json.loads(BODY)}).encode() + b"\n"
@@ -140,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-lines", type=int, default=10_000)
+    parser.add_argument("--rate", type=float, default=3200.0,
+                        help="the steady accept phase's requests per second")
     args = parser.parse_args(argv)
     two_cores = len(os.sched_getaffinity(0)) >= 2
     procs: list[subprocess.Popen[str]] = []
@@ -150,12 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(up)
             assert up.stdout is not None
             upstream = json.loads(up.stdout.readline())["url"]
+            parked = socket.socket()  # listens, never accepts: connections just wait
+            parked.bind(("127.0.0.1", 0))
+            parked.listen(1024)
             config = Path(tmp) / "routing.yaml"
             config.write_text(
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
-                "    models: {chat: deepseek-chat}\n")
+                "    models: {chat: deepseek-chat}\n"
+                f"  - name: parked\n    url: http://127.0.0.1:{parked.getsockname()[1]}/v1\n"
+                "    models: {parked: parked}\n    first_token_timeout: 1h\n"
+                "    connect_timeout: 1h\nroutes:\n  - {model: parked, targets: [parked], "
+                "timeout: 1h}\n")
             sky = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json",
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None)
@@ -172,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 proc.terminate()
-                proc.wait(10)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:  # parked jobs hold its drain
+                    proc.kill()
+                    proc.wait(10)
     return 0
 
 
