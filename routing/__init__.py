@@ -18,6 +18,12 @@ from ._cache import (
     freshness,
     is_storable,
 )
+from ._clouds import (
+    BedrockApi,
+    Provider,
+    UpstreamAuth,
+    provider_path,
+)
 from ._degradation import (
     LEVELS,
     Level,
@@ -67,6 +73,7 @@ from ._router_types import (
     Result,
     Retry,
     Target,
+    classify_provider_error,
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
@@ -114,6 +121,7 @@ __all__ = [
     "BatchLine",
     "BatchMode",
     "BatchStatus",
+    "BedrockApi",
     "BreakerPolicy",
     "CacheDirectives",
     "CacheLookup",
@@ -154,6 +162,7 @@ __all__ = [
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
+    "Provider",
     "Publish",
     "RateLimited",
     "Refuse",
@@ -176,6 +185,7 @@ __all__ = [
     "Touch",
     "TrafficShare",
     "Upstream",
+    "UpstreamAuth",
     "UpstreamHealth",
     "UpstreamState",
     "UsageSlice",
@@ -188,6 +198,7 @@ __all__ = [
     "cache_lookup",
     "capped_payload",
     "check_rate",
+    "classify_provider_error",
     "classify_status",
     "freshness",
     "gossip_decisions",
@@ -198,6 +209,7 @@ __all__ = [
     "parse_duration",
     "parse_server_load",
     "parse_size",
+    "provider_path",
     "read_batch_line",
     "streamed_tokens",
 ]
