@@ -70,6 +70,9 @@ async def submit_async(request: web.Request) -> web.Response:
     owner = _owner(request)
     runtime = request.app[SERVING].runtime
     path = "/v1/" + request.raw_path[len(_ASYNC_PREFIX):]
+    if path.startswith(_ASYNC_PREFIX):
+        raise ClientRequestError("an async request cannot submit another async request; send "
+                                 f"it to {path.replace('/async', '', 1)}", param="path")
     if is_upload(request):
         raise ClientRequestError("async requests take JSON bodies; send uploads (multipart, "
                                  "audio) synchronously")

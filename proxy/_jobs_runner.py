@@ -85,7 +85,7 @@ class JobsService:
         self.token = ""
         self.wake = asyncio.Event()
         self.rng = random.Random()
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: dict[asyncio.Task[None], Job] = {}
         self.loop_lag_s = 0.0
 
     def room(self) -> int:
@@ -137,9 +137,14 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in (*tasks, *service.running):
+            in_flight = dict(service.running)
+            for task in (*tasks, *in_flight):
                 task.cancel()
-            await asyncio.gather(*tasks, *service.running, return_exceptions=True)
+            await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
+            # Jobs cut short go back to the queue now, not after their lease: a restart
+            # (or another instance) runs them at once. A stored result is left alone.
+            with contextlib.suppress(Exception):
+                await service.store.release(in_flight.values(), worker=service.worker)
             await service.store.aclose()
 
 
@@ -180,10 +185,10 @@ async def _drain(app: web.Application, service: JobsService,
                                          lease_s=service.lease_s(), now=time.time())
         for job in jobs:
             task = asyncio.create_task(_run_one(app, service, session, base, job))
-            service.running.add(task)
+            service.running[task] = job
 
             def done(t: asyncio.Task[None]) -> None:
-                service.running.discard(t)
+                service.running.pop(t, None)
                 slot_freed.set()
 
             task.add_done_callback(done)

@@ -24,7 +24,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from skyroute.proxy import Server
+from skyroute.proxy import Server, load_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -173,7 +173,8 @@ async def test_async_request_with_idempotency_key_and_signed_webhook(
 
 
 async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path, queue):
-    """DELETE cancels a queued job; a model no route serves is refused at submit (404)."""
+    """DELETE cancels a queued job; a model no route serves is refused at submit (404), and so
+    is an async request for an async path (400)."""
     up = await standin("a")
     up.behaviour.mode = "error"
     up.behaviour.error_status = 503
@@ -193,6 +194,10 @@ async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_pat
                              json={**body, "model": "nope"}, headers=AUTH) as resp:
             assert resp.status == 404
             assert "nope" in (await resp.json())["error"]["message"]
+        async with http.post(f"{server.url}/v1/async/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            assert resp.status == 400
+            assert "/v1/chat/completions" in (await resp.json())["error"]["message"]
 
 
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
@@ -524,3 +529,31 @@ async def test_redis_restart_loses_no_accepted_job(standin, skyroute, tmp_path, 
             return all(statuses.get(i) == "completed" for i in ids)
 
         await eventually(all_done, timeout=DONE_TIMEOUT_S, interval=0.2)
+
+
+async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyroute, tmp_path,
+                                                                   sdk):
+    """An instance shut down mid-batch puts its claimed lines back in the queue, so the next
+    one runs them without waiting out the (10 minute) visibility timeout."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.05
+    text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", concurrency=8,
+                                                     visibility_timeout="10m"))
+    path = tmp_path / "first.yaml"
+    path.write_text(text)
+    first = Server(load_config(path), port=0, grace_s=0.01)
+    await first.start()
+    try:
+        client = sdk(first)
+        f = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(100)]))),
+            purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await up.wait_for(lambda u: u.requests_total >= 10, timeout=DONE_TIMEOUT_S)
+    finally:
+        await first.aclose()
+    second = await skyroute(text)
+    done = await wait_batch(sdk(second), batch.id, "completed", "failed")
+    assert done.status == "completed" and done.request_counts.completed == 100
