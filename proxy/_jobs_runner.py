@@ -93,6 +93,15 @@ class JobsService:
         size = 1 if self.loop_lag_s > LOOP_LAG_YIELD_S else self.lane.size
         return size - len(self.running)
 
+    def adopt(self, policy: JobsPolicy) -> None:
+        """A reload changed the ``jobs`` section: retries, lane size, webhooks apply now;
+        the store (``data_dir``, ``redis``) stays until a restart."""
+        if (policy.data_dir, policy.redis) != (self.policy.data_dir, self.policy.redis):
+            log.warning("jobs_restart_needed", hint="jobs.data_dir and jobs.redis take effect "
+                                                    "at the next start")
+        self.policy = policy
+        self.lane.set_limit(policy.concurrency)
+
     def lease_s(self) -> float:
         return self.policy.visibility_timeout_s
 
@@ -172,6 +181,9 @@ async def _drain(app: web.Application, service: JobsService,
     """Claim due jobs while the lane has room; run each as a task."""
     slot_freed = asyncio.Event()
     while True:
+        current = app[SERVING].runtime.config.jobs
+        if current is not None and current is not service.policy:
+            service.adopt(current)
         _watch_level(app, service)
         free = service.room()
         base = app[SERVING].url

@@ -557,3 +557,20 @@ async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyr
     second = await skyroute(text)
     done = await wait_batch(sdk(second), batch.id, "completed", "failed")
     assert done.status == "completed" and done.request_counts.completed == 100
+
+
+async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
+    """A reload that changes jobs.concurrency resizes the lane without a restart."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data",
+                                                                      concurrency=8)))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        assert (await lane(http, server))["limit"] == 8
+        assert server.config_path is not None
+        server.config_path.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+            tmp_path / "data", concurrency=3)))
+
+        async def resized() -> bool:
+            return (await lane(http, server))["limit"] == 3
+
+        await eventually(resized, timeout=DONE_TIMEOUT_S)
