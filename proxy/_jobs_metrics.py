@@ -23,9 +23,9 @@ class JobMetrics:
             "skyroute_jobs_retries", "Job tries that will be retried after a backoff.",
             ["kind"], registry=r)
         self.jobs = Gauge(
-            "skyroute_jobs", "Jobs in the queue by state (queued, running, done, cancelled, "
-            "expired), as the store holds them.", ["state"], multiprocess_mode="livemax",
-            registry=r)
+            "skyroute_jobs", "Jobs in the queue by state (queued, running), as the store "
+            "holds them (finished ones: skyroute_jobs_finished).", ["state"],
+            multiprocess_mode="livemax", registry=r)
         self.queue_age = Gauge(
             "skyroute_jobs_queue_age_seconds", "Age of the oldest queued job.",
             multiprocess_mode="livemax", registry=r)

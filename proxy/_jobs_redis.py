@@ -328,11 +328,8 @@ class RedisJobStore:
         pending = await self._redis.xpending(self._stream, GROUP)
         length = await self._redis.xlen(self._stream)
         delayed = await self._redis.zcard(self._delayed)
-        done, cancelled, expired = await self._redis.mget(
-            [f"{self._p}count:{s}" for s in ("done", "cancelled", "expired")])
         running = int(pending["pending"])
-        return {QUEUED: max(0, length - running) + delayed, RUNNING: running,
-                DONE: int(done or 0), CANCELLED: int(cancelled or 0), EXPIRED: int(expired or 0)}
+        return {QUEUED: max(0, length - running) + delayed, RUNNING: running}
 
     async def oldest_queued(self) -> float | None:
         first = await self._redis.xrange(self._stream, count=1)

@@ -111,8 +111,7 @@ class JobsService:
         oldest = await self.store.oldest_queued()
         return {"queue": "redis" if self.policy.redis is not None else "sqlite",
                 "batches": self.policy.batches.value,
-                "jobs": {state: counts.get(state, 0) for state in (
-                    "queued", "running", "done", "cancelled", "expired")},
+                "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "lane": {"running": len(self.running), "window": self.lane.size,
                          "limit": self.lane.limit,
@@ -309,7 +308,7 @@ async def _gauges(service: JobsService) -> None:
     """Queue gauges, from the store, once a second."""
     while True:
         counts = await service.store.counts()
-        for state in ("queued", "running", "done", "cancelled", "expired"):
+        for state in ("queued", "running"):
             service.metrics.jobs.labels(state).set(counts.get(state, 0))
         oldest = await service.store.oldest_queued()
         service.metrics.queue_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id, line);
+CREATE INDEX IF NOT EXISTS jobs_batch_state ON jobs(batch_id, state);
 CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs(webhook_state, webhook_next);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem_key)
     WHERE idem_key IS NOT NULL;
