@@ -86,6 +86,9 @@ end
 if redis.call('HGET', KEYS[1], 'webhook_state') == 'pending' then
   redis.call('ZADD', KEYS[7], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
 end
+if redis.call('HGET', KEYS[1], 'batch_id') == '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[8])  -- jobs.retention (a batch's lines: when it ends)
+end
 return 1
 """
 _RETRY = _OWNED + """
@@ -115,12 +118,19 @@ end
 return 1
 """
 # KEYS: batch, lines, open, active, delayed, counter of line_state
-# ARGV: old, new, stamp, now, line_state, also_running, prefix, terminal, batch id, k, v, ...
+# ARGV: old, new, stamp, now, line_state, also_running, prefix, terminal, batch id,
+#       retention seconds, k, v, ...
 _MOVE_BATCH = """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[8] == '1' then redis.call('SREM', KEYS[4], ARGV[9]) end
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[8] == '1' then
+  redis.call('SREM', KEYS[4], ARGV[9])
+  for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    redis.call('EXPIRE', ARGV[7] .. 'job:' .. id, ARGV[10])
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[10])
+end
 if ARGV[5] ~= '' then
   for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     local k = ARGV[7] .. 'job:' .. id
@@ -166,7 +176,8 @@ def _flat(fields: dict[str, Any]) -> dict[str, Any]:
 class RedisJobStore:
     """Jobs, batches and file records in Redis; file bytes under ``data_dir``."""
 
-    def __init__(self, url: str, prefix: str, data_dir: Path) -> None:
+    def __init__(self, url: str, prefix: str, data_dir: Path, *, retention_s: float) -> None:
+        self.retention_s = retention_s
         self.data_dir = data_dir
         self.files_dir = data_dir / "files"
         self._p = prefix
@@ -293,7 +304,7 @@ class RedisJobStore:
                   self._batch(batch, "completed"), self._batch(batch, "failed"),
                   f"{self._p}count:done", self._webhooks],
             args=[GROUP, worker, "" if status is None else status, response or b"",
-                  error or "", now, "1" if ok else "0"]))
+                  error or "", now, "1" if ok else "0", int(self.retention_s)]))
 
     async def retry_later(self, job: Job, *, worker: str, at: float, error: str) -> bool:
         self._entries.pop(job.id, None)
@@ -323,6 +334,10 @@ class RedisJobStore:
             else:
                 pipe.zrem(self._webhooks, job_id)
             await pipe.execute()
+
+    async def purge(self, *, ended_before: float) -> int:
+        """Records in Redis expire by themselves (``EXPIRE`` when they end): nothing to do."""
+        return 0
 
     async def counts(self) -> dict[str, int]:
         pending = await self._redis.xpending(self._stream, GROUP)
@@ -439,7 +454,8 @@ class RedisJobStore:
                   f"{self._p}count:{line_state or 'none'}"],
             args=[old.value, new.value, stamp, now, line_state,
                   "1" if new is BatchStatus.EXPIRED else "0", self._p,
-                  "1" if new.value in _TERMINAL else "0", batch_id, *pairs]))
+                  "1" if new.value in _TERMINAL else "0", batch_id, int(self.retention_s),
+                  *pairs]))
 
     async def start_batch(self, batch_id: str, owner: str, lines: Sequence[BatchLine],
                           problems: Sequence[LineProblem], *, endpoint: str, now: float,
@@ -488,7 +504,7 @@ class RedisJobStore:
                   self._batch(batch_id, "open"), self._active, self._delayed,
                   f"{self._p}count:cancelled"],
             args=[BatchStatus.CANCELLING.value, BatchStatus.CANCELLING.value, "checked_at", now,
-                  CANCELLED, "0", self._p, "0", batch_id])
+                  CANCELLED, "0", self._p, "0", batch_id, 0])
 
     async def unfinished_lines(self, batch_id: str) -> int:
         return int(await self._redis.get(self._batch(batch_id, "open")) or 0)

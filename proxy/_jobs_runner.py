@@ -78,7 +78,8 @@ class JobsService:
         self.policy = policy
         self.data_dir = Path(policy.data_dir)
         self.store: JobStore | RedisJobStore = JobStore(self.data_dir) if policy.redis is None \
-            else RedisJobStore(policy.redis.url, policy.redis.prefix, self.data_dir)
+            else RedisJobStore(policy.redis.url, policy.redis.prefix, self.data_dir,
+                               retention_s=policy.retention_s)
         self.metrics = metrics
         self.lane = LaneWindow(policy.concurrency)
         self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
@@ -304,9 +305,20 @@ async def _renew_leases(service: JobsService) -> None:
                                   now=time.time())
 
 
+#: How often finished work past ``jobs.retention`` is deleted.
+PURGE_INTERVAL_S: Final = 600.0
+
+
 async def _gauges(service: JobsService) -> None:
-    """Queue gauges, from the store, once a second."""
+    """Queue gauges, from the store, once a second; the retention purge now and then."""
+    purged_at = 0.0
     while True:
+        if time.monotonic() - purged_at > PURGE_INTERVAL_S:
+            purged_at = time.monotonic()
+            purged = await service.store.purge(
+                ended_before=time.time() - service.policy.retention_s)
+            if purged:
+                log.info("jobs_purged", jobs=purged, retention_s=service.policy.retention_s)
         counts = await service.store.counts()
         for state in ("queued", "running"):
             service.metrics.jobs.labels(state).set(counts.get(state, 0))

@@ -241,6 +241,36 @@ class JobStore:
 
         return await self._db.run(op)
 
+    async def purge(self, *, ended_before: float) -> int:
+        """Delete async jobs and batches (lines, output and error files) that ended before
+        ``ended_before`` (``jobs.retention``); input files stay until their owner deletes them.
+
+        Returns:
+            How many jobs were deleted.
+        """
+        ended = ", ".join(f"{s.value}_at" for s in BatchStatus if s.is_terminal)
+
+        def op(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            deleted = db.execute(
+                "DELETE FROM jobs WHERE batch_id IS NULL AND state IN (?,?,?) AND finished_at<?"
+                " AND (webhook_state IS NULL OR webhook_state!='pending')",
+                (DONE, CANCELLED, EXPIRED, ended_before)).rowcount
+            old = [r[0] for r in db.execute(
+                f"SELECT id FROM batches WHERE coalesce({ended}) < ?", (ended_before,))]
+            paths: list[str] = []
+            for batch_id in old:
+                deleted += db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                paths += [r[0] for r in db.execute(
+                    "DELETE FROM files WHERE id IN (?,?) RETURNING path",
+                    (f"file-{batch_id}-output", f"file-{batch_id}-errors"))]
+                db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+            return deleted, paths
+
+        deleted, paths = await self._db.run(op)
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        return deleted
+
     # -- files ------------------------------------------------------------------------
 
     async def add_file(self, *, file_id: str, owner: str, filename: str, purpose: str,

@@ -74,6 +74,10 @@ class JobsPolicy:
         default=30.0, validation_alias="visibility_timeout", gt=0,
         description="A job whose instance stopped renewing its claim for this long (it died) "
                     "is run by another.")
+    retention_s: Duration = Field(
+        default=30 * 86400.0, validation_alias="retention", gt=0,
+        description="Finished async jobs, and ended batches with their output and error files, "
+                    "are deleted this long after they ended (OpenAI keeps batch output 30 days).")
     webhook_secret: Text | None = Field(
         default=None, repr=False,
         description="Signs completion webhooks (Standard Webhooks, HMAC-SHA256); write it as "

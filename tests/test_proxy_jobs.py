@@ -574,3 +574,40 @@ async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
             return (await lane(http, server))["limit"] == 3
 
         await eventually(resized, timeout=DONE_TIMEOUT_S)
+
+
+async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_path, sdk):
+    """With jobs.retention passed, an ended batch (its output file too) and a finished async
+    job are gone after the next purge (one runs at start)."""
+    up = await standin("a")
+    text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", retention="1s"))
+    server = await skyroute(text)
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    done = await wait_batch(client, batch.id, "completed")
+    output = tmp_path / "data" / "files" / done.output_file_id
+    assert output.is_file()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", headers=AUTH,
+                             json={"model": "chat", "messages": []}) as resp:
+            job = await resp.json()
+
+        async def finished() -> bool:
+            async with http.get(job["status_url"], headers=AUTH) as resp:
+                return (await resp.json())["status"] == "completed"
+
+        await eventually(finished, timeout=DONE_TIMEOUT_S)
+        await asyncio.sleep(1.1)  # let the 1 s retention pass: the point of this test
+        later = await skyroute(text)  # purges at start
+        gone_url = job["status_url"].replace(server.url, later.url)
+
+        async def purged() -> bool:
+            async with http.get(gone_url, headers=AUTH) as resp:
+                return resp.status == 404
+
+        await eventually(purged, timeout=DONE_TIMEOUT_S)
+    assert not output.exists()
+    assert f.id in {x.id for x in (await sdk(later).files.list()).data}  # the input stays
