@@ -60,7 +60,7 @@ async def drive_batches(service: JobsService) -> None:
     store = service.store
     for batch in await store.batches_in((_S.VALIDATING, _S.IN_PROGRESS, _S.FINALIZING,
                                          _S.CANCELLING)):
-        status, now = _S(batch["status"]), time.time()
+        status, now = _S(batch["status"]), service.wall()
         if status is _S.VALIDATING:
             await _validate(service, batch)
         elif status is _S.IN_PROGRESS:

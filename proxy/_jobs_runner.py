@@ -88,6 +88,8 @@ class JobsService:
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
         self.loop_lag_s = 0.0
+        #: The time batches' completion windows are checked against (a test moves it).
+        self.wall: Callable[[], float] = time.time
 
     def room(self) -> int:
         """Jobs that may start now: the AIMD window, or one while the loop is saturated."""

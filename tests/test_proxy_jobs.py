@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ import openai
 import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
+from skyroute.proxy._jobs_runner import JOBS
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -611,3 +613,32 @@ async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_pa
         await eventually(purged, timeout=DONE_TIMEOUT_S)
     assert not output.exists()
     assert f.id in {x.id for x in (await sdk(later).files.list()).data}  # the input stays
+
+
+async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, sdk):
+    """A batch still running when its 24h completion window ends is expired: the lines that
+    ran are in the output file, the others in the error file as batch_expired."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(2)]))), purpose="batch")
+    first = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    await wait_batch(client, first.id, "completed")
+    up.behaviour.mode = "error"  # the next batch's lines wait in backoff
+    up.behaviour.retry_after_s = 30
+    g = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(5)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    await wait_batch(client, batch.id, "in_progress")
+    # Only the clock the windows are checked against moves: a day passes at once.
+    server.app[JOBS].wall = lambda: time.time() + 24 * 3600 + 1
+    expired = await wait_batch(client, batch.id, "expired")
+    assert expired.expired_at is not None and expired.output_file_id is None
+    errors = await read_lines(client, expired.error_file_id)
+    assert sorted(line["custom_id"] for line in errors) == [f"req-{i}" for i in range(5)]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert (await client.batches.retrieve(first.id)).status == "completed"  # ended: stays
