@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -93,7 +94,8 @@ async def queue_empty(http: aiohttp.ClientSession, url: str) -> bool:
     return jobs["queued"] + jobs["running"] == 0
 
 
-async def paced(url: str, *, duration: float, rate: float, body: bytes) -> list[float]:
+async def paced(url: str, *, duration: float, rate: float, body: bytes,
+                expect: int = 202) -> list[float]:
     """Latencies (s) of requests sent at a steady ``rate`` (open loop), each timed from when
     it was due, so a stall counts for every request it delays."""
     latencies: list[float] = []
@@ -105,7 +107,7 @@ async def paced(url: str, *, duration: float, rate: float, body: bytes) -> list[
         async def one(due: float) -> None:
             async with http.post(url, data=body, headers=headers) as resp:
                 await resp.read()
-                if resp.status != 202:
+                if resp.status != expect:
                     raise RuntimeError(f"{url}: HTTP {resp.status}")
             latencies.append(time.perf_counter() - due)
 
@@ -121,7 +123,11 @@ async def paced(url: str, *, duration: float, rate: float, body: bytes) -> list[
     return latencies
 
 
-async def run(args: argparse.Namespace, url: str, pid: int) -> None:
+def p99_ms(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98] * 1000
+
+
+async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> None:
     cpu0 = cpu_seconds(pid)
     sync = await load(f"{url}/v1/chat/completions", duration=args.duration,
                       concurrency=args.concurrency, expect=200)
@@ -137,7 +143,11 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> None:
             await asyncio.sleep(0.1)
     drained = time.perf_counter() - started
     print(f"  drain: {len(accepted)} jobs run, the last {drained:.1f} s after the phase ended")
-    await batch_ingest(args, url)
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0,
+                                  timeout=60) as client:
+        ok_rate = await batch_ingest(args, client)
+        await interactive_impact(args, url, client)
+        await busy_half(args, client, control, ok_rate)
     # Last: these jobs never finish (their upstream never answers), so nothing drains.
     cpu3 = cpu_seconds(pid)
     parked = await load(f"{url}/v1/async/chat/completions", duration=args.duration,
@@ -152,28 +162,88 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> None:
           f"(goal: 3,200 accepts/s on one core, p99 < 10 ms)")
 
 
-async def batch_ingest(args: argparse.Namespace, url: str) -> None:
-    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST",
-                                 "url": "/v1/chat/completions",
-                                 "body": json.loads(BODY)}).encode() + b"\n"
-                     for i in range(args.batch_lines))
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0,
-                                  timeout=60) as client:
-        f = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
-        began = time.perf_counter()
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
-        queued_at = None
-        while batch.status not in ("completed", "failed"):
-            await asyncio.sleep(0.05)
-            batch = await client.batches.retrieve(batch.id)
-            if queued_at is None and batch.status != "validating":
-                queued_at = time.perf_counter() - began
-        total = time.perf_counter() - began
+def batch_file(lines: int) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST",
+                                "url": "/v1/chat/completions",
+                                "body": json.loads(BODY)}).encode() + b"\n"
+                    for i in range(lines))
+
+
+async def start_batch(client: openai.AsyncOpenAI, lines: int) -> str:
+    f = await client.files.create(file=("in.jsonl", io.BytesIO(batch_file(lines))),
+                                  purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    return batch.id
+
+
+async def until_done(client: openai.AsyncOpenAI, batch_id: str) -> Any:
+    while (batch := await client.batches.retrieve(batch_id)).status not in (
+            "completed", "failed"):
+        await asyncio.sleep(0.05)
+    assert batch.status == "completed", batch
+    return batch
+
+
+async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> float:
+    """Lines per second validated and queued, and run to the end (all upstream answers ok)."""
+    began = time.perf_counter()
+    batch_id = await start_batch(client, args.batch_lines)
+    queued_at = None
+    while (batch := await client.batches.retrieve(batch_id)).status not in (
+            "completed", "failed"):
+        await asyncio.sleep(0.05)
+        if queued_at is None and batch.status != "validating":
+            queued_at = time.perf_counter() - began
+    total = time.perf_counter() - began
     assert queued_at is not None and batch.status == "completed", batch
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
           f"{args.batch_lines / total:.0f} lines/s")
+    return args.batch_lines / total
+
+
+async def interactive_impact(args: argparse.Namespace, url: str,
+                             client: openai.AsyncOpenAI) -> None:
+    """Paced interactive requests alone, then while a batch drains: their p99 either way."""
+    chat = f"{url}/v1/chat/completions"
+    alone = await paced(chat, duration=args.duration, rate=args.interactive_rate, body=BODY,
+                        expect=200)
+    batch_id = await start_batch(client, args.batch_lines)
+    beside = await paced(chat, duration=args.duration, rate=args.interactive_rate, body=BODY,
+                         expect=200)
+    ran = (await client.batches.retrieve(batch_id)).request_counts.completed
+    await until_done(client, batch_id)
+    print(f"interactive    {args.interactive_rate:.0f}/s: p99 {p99_ms(alone):.2f} ms alone, "
+          f"{p99_ms(beside):.2f} ms while a batch drains ({p99_ms(beside) / p99_ms(alone):.2f}x; "
+          f"goal <= 1.10x); {ran / args.duration:.0f} lines/s drained meanwhile")
+
+
+async def busy_half(args: argparse.Namespace, client: openai.AsyncOpenAI, control: str,
+                    ok_rate: float) -> None:
+    """A batch drained while the upstream answers 503 every other half second."""
+    lines = max(100, args.batch_lines // 20)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async def flip() -> None:
+            busy = False
+            while True:
+                busy = not busy
+                await http.post(control, json={"mode": "error" if busy else "ok",
+                                               "retry_after_s": 0.0})
+                await asyncio.sleep(0.5)
+
+        flipper = asyncio.create_task(flip())
+        began = time.perf_counter()
+        try:
+            batch = await until_done(client, await start_batch(client, lines))
+        finally:
+            flipper.cancel()
+            await asyncio.gather(flipper, return_exceptions=True)
+            await http.post(control, json={"mode": "ok"})
+    took = time.perf_counter() - began
+    print(f"busy half      {lines} lines, upstream 503 every other 0.5 s: completed "
+          f"{batch.request_counts.completed} in {took:.1f} s = {lines / took:.0f} lines/s "
+          f"({lines / took / ok_rate:.2f}x the all-ok drain rate)")
 
 
 def spawn(argv: list[str], core: int | None) -> subprocess.Popen[str]:
@@ -189,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-lines", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=3200.0,
                         help="the steady accept phase's requests per second")
+    parser.add_argument("--interactive-rate", type=float, default=200.0,
+                        help="synchronous requests per second beside a draining batch")
+    parser.add_argument("--redis", default=None, metavar="URL",
+                        help="queue in this Redis (a prefix of its own) instead of SQLite")
     args = parser.parse_args(argv)
     two_cores = len(os.sched_getaffinity(0)) >= 2
     procs: list[subprocess.Popen[str]] = []
@@ -206,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             config.write_text(
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
+                + (f"  redis: {{url: '{args.redis}', prefix: 'bench-{os.getpid()}:'}}\n"
+                   if args.redis else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
                 "    models: {chat: deepseek-chat}\n"
                 f"  - name: parked\n    url: http://127.0.0.1:{parked.getsockname()[1]}/v1\n"
@@ -222,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("skyroute did not start")
             # Keep its log (one access line per request) flowing, or its pipe fills.
             threading.Thread(target=sky.stderr.read, daemon=True).start()
-            print(f"skyroute pid {sky.pid}{' on core 1' if two_cores else ''}, "
+            print(f"queue: {'redis' if args.redis else 'sqlite'}; "
+                  f"skyroute pid {sky.pid}{' on core 1' if two_cores else ''}, "
                   f"{args.concurrency} clients, {args.duration:.0f} s per phase")
-            uvloop.run(run(args, match.group(1), sky.pid))
+            control = upstream.removesuffix("/v1") + "/_standin/behaviour"
+            uvloop.run(run(args, match.group(1), sky.pid, control))
         finally:
             for proc in procs:
                 proc.terminate()
