@@ -35,6 +35,7 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
+from ._jobs_auth import JOB_TOKEN_HEADER, job_caller
 from ._limit_shares import LIMIT_SHARES
 from ._objects import creates_object, holder_of, named_ids, remember_created
 from ._paths import upstream_path
@@ -67,6 +68,8 @@ def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
+    if JOB_TOKEN_HEADER in request.headers:  # a job's own call (``proxy._jobs_runner``)
+        return job_caller(request, runtime)
     keys = runtime.client_keys
     if keys is None:
         return None

@@ -36,6 +36,21 @@ from ._degradation import (
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, Withdraw, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._jobs import (
+    BATCH_ENDPOINTS,
+    BUSY_STATUSES,
+    BatchLine,
+    BatchStatus,
+    Finished,
+    GaveUp,
+    LaneWindow,
+    LineProblem,
+    RetryLater,
+    after_try,
+    next_batch_status,
+    read_batch_line,
+)
+from ._jobs_policy import BatchMode, JobsPolicy, JobsRedis
 from ._limit_shares import (
     SHARE_LIVE_S,
     Gift,
@@ -95,6 +110,8 @@ from .config import (
 )
 
 __all__ = [
+    "BATCH_ENDPOINTS",
+    "BUSY_STATUSES",
     "CACHE_PATHS",
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
@@ -112,6 +129,9 @@ __all__ = [
     "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
+    "BatchLine",
+    "BatchMode",
+    "BatchStatus",
     "BedrockApi",
     "BreakerPolicy",
     "CacheDirectives",
@@ -129,11 +149,16 @@ __all__ = [
     "EndpointView",
     "Estimate",
     "Finding",
+    "Finished",
     "Freshness",
+    "GaveUp",
     "Gift",
     "GiveUp",
     "HealthChange",
     "Jitter",
+    "JobsPolicy",
+    "JobsRedis",
+    "LaneWindow",
     "LatencyPolicy",
     "Level",
     "LevelChange",
@@ -141,6 +166,7 @@ __all__ = [
     "LimitShares",
     "LimitStatus",
     "Limits",
+    "LineProblem",
     "Listen",
     "MinimalTrigger",
     "NotCacheable",
@@ -157,6 +183,7 @@ __all__ = [
     "Respond",
     "Result",
     "Retry",
+    "RetryLater",
     "RetryPolicy",
     "Route",
     "Router",
@@ -178,6 +205,7 @@ __all__ = [
     "UsageSlice",
     "Withdraw",
     "affinity_after",
+    "after_try",
     "approximate_query",
     "backoff_delays",
     "base_shares",
@@ -194,10 +222,12 @@ __all__ = [
     "is_resumable",
     "is_storable",
     "live_limit",
+    "next_batch_status",
     "parse_config",
     "parse_duration",
     "parse_server_load",
     "parse_size",
     "provider_path",
+    "read_batch_line",
     "streamed_tokens",
 ]
