@@ -30,6 +30,7 @@ from ._errors import ClientRequestError, InternalError, NotFound, ProxyError, ht
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
 from ._jobs import install_jobs
+from ._limit_shares import LIMIT_SHARES, SharedLimits, limit_share_loop
 from ._metrics import Metrics
 from ._paths import check_target
 from ._pool_scrape import pool_scraper
@@ -215,6 +216,8 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     if config.sync is not None or worker is not None:
         app[STATE_SYNC].add_routes(app)
     app.cleanup_ctx.append(state_sync_lifecycle(STATE_SYNC))
+    app[LIMIT_SHARES] = SharedLimits(app[STATE_SYNC].store)
+    app.cleanup_ctx.append(limit_share_loop)
     app.on_shutdown.append(close_sync_on_shutdown(STATE_SYNC))
     app.cleanup_ctx.append(_client_session)
     install_cache(app)

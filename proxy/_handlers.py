@@ -36,6 +36,7 @@ from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
 from ._jobs_auth import JOB_TOKEN_HEADER, job_caller
+from ._limit_shares import LIMIT_SHARES
 from ._objects import creates_object, holder_of, named_ids, remember_created
 from ._paths import upstream_path
 from ._sessions import (
@@ -197,8 +198,9 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
     """The rest of ``handle_api`` once the client is known and admitted."""
     config, store = runtime.config, request.app[STATE_SYNC].store
     if client is not None:
-        request[RATE_LIMIT_HEADERS] = enforce_limits(store, client, request.app[METRICS],
-                                                     now=time.time())
+        request[RATE_LIMIT_HEADERS] = enforce_limits(
+            store, client, request.app[METRICS], now=time.time(),
+            shares=request.app[LIMIT_SHARES])
     call = await _read_call(request, config, path_qs)
     try:
         route, alias = choose_route(runtime.router, call.payload if call.upload is None

@@ -158,6 +158,16 @@ class Metrics:
             "skyroute_rate_limited",
             "Requests refused (429) by a client key's limit, by key name and limit: "
             "requests (rpm) or tokens (tpm).", ["key", "limit"], registry=r)
+        self.rate_share = Gauge(
+            "skyroute_rate_limit_share",
+            "This instance's share of a client key's rpm, by key name: it admits while its "
+            "own count in the last minute is under it; the live instances' shares add up "
+            "to the rpm (README: Client rate limits across instances).",
+            ["key"], multiprocess_mode="liveall", registry=r)
+        self.rate_share_given = Counter(
+            "skyroute_rate_limit_share_given",
+            "Units of a client key's rpm this instance gave to others (unused here, "
+            "wanted there), by key name.", ["key"], registry=r)
         self.degradation_changes = Counter(
             "skyroute_degradation_level_changes",
             "Route degradation level changes, by new level.", ["route", "level"], registry=r)

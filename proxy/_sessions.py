@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from skyroute.routing import (
     RATE_WINDOW_S,
+    Admit,
     ApiKey,
     Config,
     Pin,
@@ -29,10 +30,12 @@ from skyroute.routing import (
     Sleep,
     Touch,
     check_rate,
+    check_share,
 )
 from skyroute.statesync import SessionStore, StateSync, SyncSettings
 
 from ._errors import RateLimitExceeded
+from ._limit_shares import SharedLimits
 from ._metrics import Metrics
 from ._workers import WorkerSpec
 
@@ -98,9 +101,10 @@ def session_id_of(request: web.Request, payload: dict[str, Any] | None,
 
 
 def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
-                   now: float) -> dict[str, str]:
+                   now: float, shares: SharedLimits | None = None) -> dict[str, str]:
     """Count one request for ``client``, or refuse it if over its rpm/tpm across instances
-    (``routing.check_rate`` decides, from the store's counts).
+    (``routing.check_rate`` decides, from the store's counts), or over this instance's
+    share of its rpm (``routing.check_share``, with ``shares``' budget).
 
     Returns:
         OpenAI's ``x-ratelimit-*`` headers for the key's own limits, this request
@@ -111,12 +115,22 @@ def enforce_limits(store: SessionStore, client: ApiKey, metrics: Metrics, *,
     """
     if client.rpm is None and client.tpm is None:
         return {}
-    decision = check_rate(key=client.name, rpm=client.rpm, tpm=client.tpm,
-                          usage=store.usage_buckets(client.name, now=now), now=now)
+    usage = store.usage_buckets(client.name, now=now)
+    decision: Admit | RateLimited = check_rate(key=client.name, rpm=client.rpm, tpm=client.tpm,
+                                               usage=usage, now=now)
+    budget = None
+    if shares is not None and client.rpm is not None:
+        shares.arrived(client.name, now)  # demand counts refused requests too
+        budget = shares.budget(client.name, client.rpm)
+        if isinstance(decision, Admit):
+            decision = check_share(key=client.name, rpm=client.rpm, budget=budget, usage=usage,
+                                   own=store.own_usage_buckets(client.name, now=now), now=now,
+                                   unused_elsewhere=shares.unused_elsewhere(client.name)
+                                   ) or decision
     if isinstance(decision, RateLimited):
         metrics.rate_limited.labels(client.name, decision.limit).inc()
         log.info("request_rate_limited", key=client.name, limit=decision.limit,
-                 allowed=decision.allowed, used=decision.used,
+                 allowed=decision.allowed, used=decision.used, share=budget,
                  retry_after_s=decision.retry_after_s)
         raise RateLimitExceeded(decision.message, retry_after_s=decision.retry_after_s, headers={
             f"x-ratelimit-limit-{decision.limit}": str(decision.allowed),

@@ -74,7 +74,7 @@ from ._validate import UpdateGate, UpdateRejected
 
 DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
     "sessions": ("sessions", "upstreams", "objects", "meta"),
-    "usage": ("usage", "meta"),
+    "usage": ("usage", "meta", "shares"),
 }
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
 

@@ -19,7 +19,11 @@ Schema (a stock Yjs client can read it; every value is a plain JSON object, so
   incarnation suffix keeps a restarted process from fighting its previous life.
 * ``sessions`` doc, map ``objects``: object id -> upstream (``_objects``).
 * both docs, map ``meta``: ``writer -> {ts, instance}`` heartbeats, used for
-  ``skyroute_sync_lag_seconds`` (origin write time to local apply).
+  ``skyroute_sync_lag_seconds`` (origin write time to local apply), and for when each
+  writer was last heard from (``heard_from``, local receipt time: no clock skew).
+* ``usage`` doc, map ``shares``: ``writer -> {w, k: {key: {d, g: {writer: n}}}}``, each
+  writer's rate-limit shares (``routing.LimitShares.wire``), written only by that
+  writer (``publish_shares``, on the next flush) and re-asserted in a new epoch.
 
 Usage window: a bucket counts until ``usage_window_s`` (60 s) after it ends, so a
 request counts for 60 to 61 s with 1 s buckets: never less than the window (a limit
@@ -96,7 +100,8 @@ def _written_at(map_name: str, value: Any) -> float | None:
 
 def _writer_of(map_name: str, value: Any) -> str | None:
     """The writer id that wrote an entry last, if the entry names one."""
-    writer = value.get("w" if map_name == "usage" else "by") if isinstance(value, dict) else None
+    writer = value.get("w" if map_name in ("usage", "shares") else "by") \
+        if isinstance(value, dict) else None
     return writer if isinstance(writer, str) else None
 
 
@@ -148,6 +153,9 @@ class SessionStore:
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
         self._hlc = HybridClock()
+        self._shares: dict[str, Any] | None = None  # our published shares entry
+        self._shares_dirty = False
+        self._heard: dict[str, float] = {}  # writer -> when we last received its write
         self._history: dict[tuple[str, str], list[tuple[float, Any]]] = {}
         self._history_pruned_at = 0.0
         self._session_count = 0  # entries in the sessions map; see _count_sessions
@@ -295,6 +303,50 @@ class SessionStore:
         return [UsageBucket(start=start, end=end, requests=r, tokens=t)
                 for (start, end), (r, t) in sorted(spans.items())]
 
+    def own_usage_buckets(self, key_name: str, *, now: float) -> list[UsageBucket]:
+        """This writer's own usage of ``key_name`` per bucket still in the window (exact:
+        nothing here waits for sync), oldest first."""
+        spans: dict[int, list[int]] = {}
+        for source in (self._own, self._pending):
+            for bucket, (r, t) in source.get(key_name, {}).items():
+                if self._in_window(bucket, USAGE_BUCKET_S, now):
+                    counts = spans.setdefault(bucket, [0, 0])
+                    counts[0] += r
+                    counts[1] += t
+        return [UsageBucket(start=b * USAGE_BUCKET_S, end=(b + 1) * USAGE_BUCKET_S,
+                            requests=r, tokens=t) for b, (r, t) in sorted(spans.items())]
+
+    def usage_by_writer(self, key_name: str, *, now: float) -> dict[str, int]:
+        """Requests of ``key_name`` in the window per other writer (what its counters say)."""
+        used: dict[str, int] = {}
+        for (bucket, size, writer), (r, _) in self._view.get(key_name, {}).items():
+            if writer != self.writer_id and self._in_window(bucket, size, now):
+                used[writer] = used.get(writer, 0) + r
+        return used
+
+    # -- rate-limit shares ---------------------------------------------------------------
+
+    def publish_shares(self, entry: dict[str, Any]) -> None:
+        """Publish our rate-limit shares entry (written by the next flush, if it changed)."""
+        if entry != self._shares:
+            self._shares = entry
+            self._shares_dirty = True
+
+    def peer_shares(self) -> dict[str, Any]:
+        """Every other writer's published shares entry, by writer id (values unchecked)."""
+        return {w: v for w, v in self._usage.doc.maps["shares"].items() if w != self.writer_id}
+
+    def heard_from(self) -> dict[str, float]:
+        """When each other writer's last write reached us (local wall clock)."""
+        return dict(self._heard)
+
+    def _flush_shares(self) -> bool:
+        if not self._shares_dirty or self._shares is None:
+            return False
+        self._usage.doc.maps["shares"][self.writer_id] = self._shares
+        self._shares_dirty = False
+        return True
+
     def _in_window(self, bucket: int, size: float, now: float) -> bool:
         return (bucket + 1) * size > now - self._window_s
 
@@ -307,7 +359,7 @@ class SessionStore:
         if now - self._history_pruned_at >= 1.0:
             self._history_pruned_at = now
             self._prune_history(now)
-        evicted = self._evict_sessions(now)
+        evicted = self._evict_sessions(now) | self._flush_shares()
         pending, self._pending = self._pending, {}
         for key_name, buckets in pending.items():
             own = self._own.setdefault(key_name, {})
@@ -530,6 +582,9 @@ class SessionStore:
             return slot is not None and self._in_window(slot[0], slot[1], now)
         if map_name == "objects":
             return object_entry_is_live(value, now)
+        if map_name == "shares":  # writers silent for a session TTL are gone for good
+            return key == self.writer_id or now - self._heard.get(key, -math.inf) <= (
+                self._settings.session_ttl_s)
         return False  # meta: fresh heartbeats are written into the new document
 
     def _reconcile(self, previous: EpochDoc, deleted: set[tuple[str, str]]) -> None:
@@ -570,11 +625,15 @@ class SessionStore:
                     held = umap.get(f"{self.writer_id}|{bucket}|{key_name}")
                     if not isinstance(held, dict) or (held.get("r"), held.get("t")) != (r, t):
                         self._dirty.add((key_name, bucket))
+            held = doc.maps["shares"].get(self.writer_id)
+            self._shares_dirty = self._shares is not None and held != self._shares
             cutoff = self._clock() - self._settings.session_ttl_s
             self._touched = {k: v for k, v in self._touched.items() if v >= cutoff}
         doc.on_map_change(self._on_change)
 
     def _on_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if remote and map_name in ("meta", "shares"):
+            self._note_heard(keys)
         if map_name != "meta":
             for key, change in keys.items():
                 self._remember(map_name, key, change)
@@ -624,6 +683,12 @@ class SessionStore:
                     int(value.get("t", 0)),
                 ):
                     self._dirty.add((key_name, bucket))
+
+    def _note_heard(self, keys: dict[str, Any]) -> None:
+        now = self._clock()
+        for writer, change in keys.items():
+            if writer != self.writer_id and change.get("action") != "delete":
+                self._heard[writer] = now
 
     def _view_set(self, value: Any) -> None:
         slot = _slot_of(value) if isinstance(value, dict) else None

@@ -84,6 +84,16 @@ def _attributes(value: Any) -> bool:
         _text(k) and _text(v) for k, v in value.items())
 
 
+def _key_shares(value: Any) -> bool:
+    """A writer's rate-limit shares (``routing.LimitShares.wire``): per client key, its
+    demand and its cumulative gifts to other writers."""
+    return isinstance(value, dict) and all(
+        _text(key) and isinstance(item, dict) and set(item) <= {"d", "g"}
+        and _whole(item.get("d", 0)) and isinstance(item.get("g", {}), dict)
+        and all(_text(w) and _whole(n) for w, n in item.get("g", {}).items())
+        for key, item in value.items())
+
+
 def _pin(value: Any) -> bool:
     """A session's pin stamp (``_pins.PinStamp.to_wire``): generation, HLC, writer."""
     if not isinstance(value, dict) or set(value) != {"gen", "at", "by"}:
@@ -107,6 +117,7 @@ SCHEMAS: Final[dict[str, tuple[dict[str, Check], frozenset[str]]]] = {
                "t": _whole},
               frozenset({"key", "b", "w"})),
     "meta": ({"ts": _number, "instance": _text}, frozenset({"ts"})),
+    "shares": ({"w": _text, "k": _key_shares}, frozenset({"w", "k"})),
 }
 
 

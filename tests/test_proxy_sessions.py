@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from contextlib import AsyncExitStack
@@ -11,8 +12,10 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 from skyroute.proxy import Server
+from skyroute.proxy._limit_shares import LIMIT_SHARES
 from skyroute.proxy._sessions import state_sync_for
 from skyroute.proxy._state import STATE_SYNC
+from skyroute.proxy.demo import TcpForwarder
 from skyroute.routing import ConfigError, parse_config
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
@@ -251,3 +254,75 @@ async def test_client_that_waits_retry_after_is_admitted_by_the_sdk_retry(standi
     assert (logged["key"], logged["limit"], logged["retry_after_s"]) == ("limited", "requests",
                                                                          wait)
     assert logged["request_id"] == refused.headers["X-Request-ID"]
+
+
+@pytest.fixture
+async def distant(standin):
+    """Three instances whose sync links are delay lines (5/20/15 ms one-way), a key with
+    rpm 6; yields once every instance has heard from the two others (each owns 2)."""
+    up = await standin("a")
+    socks = [_bound_socket() for _ in range(3)]
+    ports = [s.getsockname()[1] for s in socks]
+    delays = {(0, 1): 0.005, (0, 2): 0.020, (1, 2): 0.015}
+    async with AsyncExitStack() as stack:
+        servers = []
+        for i, sock in enumerate(socks):
+            peers = []
+            for j, port in enumerate(ports):
+                if j != i:
+                    line = TcpForwarder(port, delay_s=delays[(min(i, j), max(i, j))])
+                    await line.start()
+                    stack.push_async_callback(line.aclose)
+                    peers.append(f"ws://127.0.0.1:{line.port}/sync")
+            text = routing_yaml([entry(up)], "- model: chat\n  targets: [a]\n", extra=(
+                f"instance:\n  id: s{i}\nsync:\n  token: {SYNC_TOKEN}\n"
+                f"  peers: [{', '.join(peers)}]\n")).replace(
+                "auth:\n  api_keys:\n",
+                f"auth:\n  api_keys:\n    - name: limited\n      key: {LIMITED_KEY}\n"
+                "      rpm: 6\n")
+            server = Server(parse_config(text, env={}), sock=sock, grace_s=1.0)
+            await stack.enter_async_context(server)
+            servers.append(server)
+        await eventually(lambda: all(len(s.app[LIMIT_SHARES].live) == 3 for s in servers),
+                         timeout=10)
+        yield servers
+
+
+async def test_rpm_holds_for_a_burst_at_three_instances_behind_delay_lines(distant):
+    """30 requests at once, 10 at each instance, admit at most 6 in all: each instance keeps
+    to its share (2 here); counting alone, each would admit up to 6 before the others' counts
+    arrive (18 were). The refusals say the share, and /metrics shows it."""
+    servers = distant
+
+    async def one(server: Server) -> str:
+        async with client_for(server, key=LIMITED_KEY) as client:
+            try:
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+            except openai.RateLimitError as refused:
+                return refused.message
+        return "admitted"
+
+    outcomes = await asyncio.gather(*(one(servers[n % 3]) for n in range(30)))
+    assert outcomes.count("admitted") <= 6
+    assert outcomes.count("admitted") >= 3  # each instance admitted within its share
+    refusals = [o for o in outcomes if o != "admitted"]
+    assert all("6 requests per minute" in o for o in refusals)
+    assert any("this instance's share (2) is used" in o for o in refusals)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as h:
+        metrics = await (await h.get(f"{servers[0].url}/metrics")).text()
+    assert 'skyroute_rate_limit_share{key="limited"}' in metrics
+
+
+async def test_a_key_used_at_one_instance_gets_the_whole_rpm_by_retrying_as_told(distant):
+    """Six requests one after another at one instance: the shares of the two idle instances
+    move to it. A request that finds this instance's share used while the others hold unused
+    budget is told Retry-After 1s, and the SDK's own retries (it waits as told) get all six
+    through; the seventh is refused once nothing is left anywhere."""
+    servers = distant
+    async with client_for(servers[0], key=LIMITED_KEY, max_retries=8) as client:
+        for _ in range(6):
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    async with client_for(servers[0], key=LIMITED_KEY) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert int(caught.value.response.headers["Retry-After"]) > 1

@@ -56,6 +56,8 @@ BAD_UPDATES = {
                                                       "r": math.inf}}}, "schema"),
     "nested CRDT type": ("sessions", {"sessions": {"s": Map({"upstream": "a"})}}, "schema"),
     "unknown field": ("sessions", {"sessions": {"s": {"upstream": "a", "evil": 1}}}, "schema"),
+    "shares gift as text": ("usage", {"shares": {"w": {"w": "w", "k": {"team": {
+        "d": 1, "g": {"other": "lots"}}}}}}, "schema"),
     "value over 16 KiB": ("sessions", {"sessions": {"big": {"attributes": {
         f"{i:03}" + "k" * 253: "v" * 256 for i in range(32)}}}}, "value_size"),
 }
@@ -68,6 +70,7 @@ async def test_bad_update_is_dropped_whole_and_the_peer_disconnected(instance, c
     doc, maps, reason = BAD_UPDATES[case]
     maps = {name: {**entries, "valid-too": {"ts": 1.0} if name == "meta" else
                    {"upstream": "ok"} if name == "sessions" else
+                   {"w": "v", "k": {}} if name == "shares" else
                    {"key": "k", "b": 2, "w": "w", "r": 1, "t": 1}}
             for name, entries in maps.items()}
     frame = await _send(instance, doc, _update(maps))
@@ -130,7 +133,7 @@ async def test_sessions_over_the_cap_are_evicted_oldest_first(instance):
     assert instance.metric("skyroute_sync_sessions_evicted_total") >= 15
 
 
-@given(st.sampled_from(["sessions", "upstreams", "usage", "meta"]),
+@given(st.sampled_from(["sessions", "upstreams", "usage", "meta", "shares"]),
        st.dictionaries(st.text(max_size=6), st.one_of(
            st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=300),
            st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=3)), max_size=5))

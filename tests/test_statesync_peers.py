@@ -127,6 +127,32 @@ async def test_StateSync_sessions_and_counters_converge(cluster: list[Instance])
     assert s3.metric("skyroute_sync_messages_total", direction="in", type="sync_update") > 0
 
 
+async def test_StateSync_rate_shares_reach_every_peer_and_survive_rotation(
+        cluster: list[Instance]) -> None:
+    """A writer's published rate-limit shares reach the others, who hear it (local time)
+    and see its own counts per writer; its own counts it reads exactly, unflushed too; after
+    a rotation the entry is still there (re-asserted by its writer)."""
+    s1, s2, s3 = cluster
+    entry = {"w": s1.sync.writer_id, "k": {"team": {"d": 7, "g": {s2.sync.writer_id: 3}}}}
+    s1.sync.store.publish_shares(entry)
+    s1.sync.store.add_usage("team", requests=2, now=time.time())
+    assert sum(b.requests for b in s1.sync.store.own_usage_buckets("team", now=time.time())) == 2
+    assert s1.sync.store.own_usage_buckets("other", now=time.time()) == []
+
+    def everywhere() -> bool:
+        return all(i.sync.store.peer_shares().get(s1.sync.writer_id) == entry
+                   and s1.sync.writer_id in i.sync.store.heard_from()
+                   and i.sync.store.usage_by_writer("team", now=time.time())
+                   == {s1.sync.writer_id: 2} for i in (s2, s3))
+
+    await eventually(everywhere)
+    assert s1.sync.writer_id not in s1.sync.store.peer_shares()  # its own is not a peer's
+    for inst in cluster:
+        await inst.sync.rotate()
+    await eventually(lambda: all(i.sync.epoch == s1.sync.epoch for i in cluster)
+                     and everywhere())
+
+
 async def test_StateSync_rpm_counts_add_up_across_instances(cluster: list[Instance]) -> None:
     """Two requests on each of three instances read as six everywhere (the rpm: 6 case)."""
     now = time.time()

@@ -1,0 +1,37 @@
+"""bench/ratelimits.py runs as a user runs it, briefly: three instances behind delay lines
+keep one key's rpm with shares (the benchmark itself keeps working).
+
+Only outcomes are asserted (what was admitted), never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "ratelimits.py"
+TIMEOUT_S = 120
+
+
+@pytest.mark.timeout(TIMEOUT_S + 30)
+async def test_ratelimits_bench_runs_and_shares_keep_the_rpm():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCH), "--short", "--seconds", "3", "--rate", "60", "--rpm", "12",
+        "--delay-scale", "0.2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode()[-3000:]
+    text = out.decode()
+    summary = re.search(r"most admitted in any 60 s window: (\d+) before, (\d+) with shares",
+                        text)
+    assert summary is not None, text
+    assert int(summary.group(2)) == 12, text  # exactly the rpm: 4 at each instance
+    assert "(s1/s2/s3 4/4/4)" in text, text
