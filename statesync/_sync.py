@@ -11,7 +11,8 @@ Rules / theory of operation
   links: one ``RelayLink`` per document joins it to a Redis engine instead
   (``_redis_relay``). Both are ``Transport``s: ``/health`` shows either. The peer
   identity on the wire is the writer id, unique per process: a link that
-  reaches this very process (our own pod IP in the headless Service's answer) is refused with 409 ``X-Skyroute-Self`` and parks as SELF.
+  reaches this very process (our own pod IP in the headless Service's answer)
+  is refused with 409 ``X-Skyroute-Self`` and parks as SELF.
 * Auth happens before the upgrade: ``Authorization: Bearer <token>`` or
   ``?token=<token>`` (what y-websocket's ``params`` sends), compared in constant
   time. Anything else is 401, counted and logged with the peer address, never the
