@@ -341,13 +341,11 @@ class RelayLink:
         log_key = relay.key(self._hub.name, epoch, "log")
         block_ms = max(1, int(relay.settings.ping_interval_s * 1000))
         while conn.state is ConnState.OPEN:
-            answer: Any = await relay.client.xread({log_key: self._last_id}, count=READ_BATCH,
-                                              block=block_ms)
+            answer: Any = await relay.client.xread({log_key: self._last_id},
+                                                   count=READ_BATCH, block=block_ms)
             for _stream, entries in answer or ():
                 for entry_id, fields in entries:
                     self._entry(conn, epoch, entry_id, fields)
-                    if conn.state is not ConnState.OPEN:
-                        return  # rotated on a control entry
 
     def _entry(self, conn: YConnection, epoch: int, entry_id: bytes,
                fields: dict[bytes, bytes]) -> bytes | None:
