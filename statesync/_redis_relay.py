@@ -205,11 +205,11 @@ class RelayLink:
         self._task = asyncio.create_task(self._run(), name=f"statesync-relay {self.url}")
 
     async def aclose(self) -> None:
-        """Stop; the state becomes CLOSED."""
+        """Stop; the state becomes CLOSED. Waits at most ``dead_after_s`` for the task."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asyncio.wait, not wait_for: a stuck engine call must not hold shutdown.
+            await asyncio.wait([self._task], timeout=self._relay.settings.dead_after_s)
         self._state = LinkState.CLOSED
 
     async def _run(self) -> None:
@@ -224,6 +224,8 @@ class RelayLink:
                 self._log.warning("sync_relay_unreachable", error=repr(exc)[:200],
                                   hint="state stops syncing until the engine is back; "
                                        "requests are served meanwhile")
+            except Exception as exc:  # an odd answer must not end the link for good
+                self._log.error("sync_relay_failed", error=repr(exc)[:200])
             self._state = LinkState.BACKOFF
             await self._relay.sleep(next(delays))
 
