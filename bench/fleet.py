@@ -9,14 +9,21 @@ Prints two things.
    ``before`` runs the same mesh with the peers' link sets ignored (what a fleet of
    instances without the ``links`` frame does: relay to every peer but the sender),
    ``after`` is this code; the ideal is N-1.
-2. Partition detection and catch-up with the default settings (ping every 1 s,
+2. The same writes through ``sync.relay`` (fleet mode, a Redis on ``--redis``) at
+   N = 3, 5, 8, 12, 20, 50: messages each instance sends per update (1: one XADD to
+   the engine, whatever N), entries read per update over the whole fleet (N: every
+   instance reads each entry once, its own included), and bytes on the wire per
+   update (sent + read), beside the mesh's for the same N (the mesh is not run at
+   50: 4,900 links per document).
+3. Partition detection and catch-up with the default settings (ping every 1 s,
    dead after 3 missed): two instances whose links run through ``TcpForwarder``s
    that black-hole the traffic without closing anything. It prints the time from
    the cut until no link shows ``connected`` (what ``/health`` and
    ``skyroute_sync_peers_connected`` show), and from the heal until a write made
    during the cut is visible on the other side.
 
-Usage: python bench/fleet.py [--sizes 3,5,8,12,20] [--pins 60] [--cuts 3]
+Usage: python bench/fleet.py [--sizes 3,5,8,12,20] [--relay-sizes 3,5,8,12,20,50]
+       [--redis redis://127.0.0.1:6379/0] [--pins 60] [--cuts 3]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import statistics
 import sys
@@ -32,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import redis.asyncio as redis
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -46,7 +55,8 @@ TOKEN = "bench-token"
 
 
 class Node:
-    def __init__(self, name: str, sock: socket.socket, peers: list[int]) -> None:
+    def __init__(self, name: str, sock: socket.socket, peers: list[int],
+                 relay: tuple[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.sock = sock
         self.sync = StateSync(
@@ -54,6 +64,7 @@ class Node:
                 instance_id=name,
                 token=TOKEN,
                 peers=tuple(f"ws://127.0.0.1:{p}/sync" for p in peers),
+                **({"relay_url": relay[0], "relay_prefix": relay[1]} if relay else {}),
             ),
             registry=self.registry,
         )
@@ -77,6 +88,9 @@ class Node:
     def updates_sent(self) -> float:
         labels = {"direction": "out", "type": "sync_update"}
         return self.registry.get_sample_value("skyroute_sync_messages_total", labels) or 0.0
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels or None) or 0.0
 
     def is_connected(self) -> bool:
         """Every link connected (False as soon as one is not)."""
@@ -114,6 +128,69 @@ def links_ignored(ignore: bool) -> Iterator[None]:
         yield
     finally:
         DocHub.on_peer_links = original  # type: ignore[method-assign]
+
+
+async def wire_per_update(size: int, pins: int, *, relay: str | None = None,
+                          ignore_links: bool = False) -> dict[str, float]:
+    """Per local write, over the whole fleet: updates sent, updates received, bytes
+    (sent + received). With ``relay`` the fleet runs in fleet mode on that Redis."""
+    socks = [bound() for _ in range(size)]
+    ports = [s.getsockname()[1] for s in socks]
+    prefix = f"bench-fleet:{secrets.token_hex(4)}:"
+    nodes = [Node(f"n{i}", s, [] if relay else [p for p in ports if p != ports[i]],
+                  (relay, prefix) if relay else None) for i, s in enumerate(socks)]
+
+    def totals() -> tuple[float, float, float, int]:
+        out = sum(n.sample("skyroute_sync_messages_total", direction="out",
+                           type="sync_update") for n in nodes)
+        into = sum(n.sample("skyroute_sync_messages_total", direction="in",
+                            type="sync_update") for n in nodes)
+        wire = sum(n.sample("skyroute_sync_bytes_total", direction=d)
+                   for n in nodes for d in ("in", "out"))
+        return out, into, wire, sum(n.writes for n in nodes)
+
+    with links_ignored(ignore_links):
+        try:
+            for node in nodes:
+                await node.start()
+
+            def ready() -> bool:
+                if relay:
+                    return all(n.is_connected() for n in nodes)
+                return all(n.is_connected() for n in nodes) and all(
+                    len(h.linked_peers()) == size - 1
+                    and (ignore_links or all(c.peer_links is not None for c in h.connections))
+                    for n in nodes
+                    for h in n.sync._hubs.values()
+                )
+
+            await wait_for(ready, 120.0, f"fleet of {size}")
+            await asyncio.sleep(0.5)  # joins publish what the engine lacks: let it pass
+            before = totals()
+            for i in range(pins):
+                nodes[i % size].sync.store.pin(f"s{i}", f"up{i}", now=time.time())
+                await asyncio.sleep(0.002)
+
+            def seen_everywhere() -> bool:
+                last = f"s{pins - 1}"
+                return all(n.sync.store.get(last, now=time.time()) is not None for n in nodes)
+
+            await wait_for(seen_everywhere, 60.0, "convergence")
+            await asyncio.sleep(0.2)  # let relays of the last writes drain
+            after = totals()
+            writes = after[3] - before[3]
+            return {"sent": (after[0] - before[0]) / writes,
+                    "received": (after[1] - before[1]) / writes,
+                    "bytes": (after[2] - before[2]) / writes}
+        finally:
+            for node in nodes:
+                await node.stop()
+            if relay:
+                client = redis.Redis.from_url(relay, socket_timeout=10.0)
+                keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+                if keys:
+                    await client.delete(*keys)
+                await client.aclose()
 
 
 async def messages_per_update(size: int, pins: int, *, ignore_links: bool) -> float:
@@ -185,6 +262,8 @@ async def partition_once() -> tuple[float, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="3,5,8,12,20")
+    parser.add_argument("--relay-sizes", default="3,5,8,12,20,50")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--pins", type=int, default=60)
     parser.add_argument("--cuts", type=int, default=3)
     args = parser.parse_args()
@@ -194,6 +273,16 @@ async def main() -> None:
         before = await messages_per_update(size, args.pins, ignore_links=True)
         after = await messages_per_update(size, args.pins, ignore_links=False)
         print(f"{size:>4} {before:>8.2f} {after:>8.2f} {size - 1:>10}")
+    print("fleet mode (sync.relay on Redis Streams) against the mesh, per update")
+    print(f"{'N':>4} {'mesh sent':>10} {'relay sent':>11} {'relay read':>11} "
+          f"{'mesh B':>9} {'relay B':>9} {'relay read/inst':>16}")
+    for size in (int(s) for s in args.relay_sizes.split(",")):
+        mesh = (await wire_per_update(size, args.pins)) if size <= 20 else None
+        fleet = await wire_per_update(size, args.pins, relay=args.redis)
+        mesh_sent = f"{mesh['sent']:.2f}" if mesh else "-"
+        mesh_bytes = f"{mesh['bytes']:.0f}" if mesh else "-"
+        print(f"{size:>4} {mesh_sent:>10} {fleet['sent']:>11.2f} {fleet['received']:>11.2f} "
+              f"{mesh_bytes:>9} {fleet['bytes']:>9.0f} {fleet['received'] / size:>16.2f}")
     seen, caught = [], []
     for _ in range(args.cuts):
         s, c = await partition_once()

@@ -53,7 +53,9 @@ def state_sync_for(config: Config, registry: CollectorRegistry, *,
     """
     sync = config.sync
     token = worker.token if worker else sync.token if sync else None
-    peers = (*(sync.peers if sync else ()), *(worker.peers if worker else ()))
+    relay = sync.relay if sync else None
+    # With a relay every worker joins the engine itself: no links between workers.
+    peers = (*(sync.peers if sync else ()), *(worker.peers if worker and not relay else ()))
     settings = SyncSettings(
         instance_id=worker.sync_instance_id(config.instance_id) if worker
         else config.instance_id, token=token,
@@ -63,7 +65,10 @@ def state_sync_for(config: Config, registry: CollectorRegistry, *,
         rotate_every_s=sync.rotate_every_s if sync else 3600.0,
         snapshot_path=sync.snapshot_path if sync else None, usage_window_s=RATE_WINDOW_S,
         ping_interval_s=sync.ping_interval_s if sync else 1.0,
-        ping_misses=sync.ping_misses if sync else 3)
+        ping_misses=sync.ping_misses if sync else 3,
+        relay_url=relay.url if relay else None,
+        relay_prefix=relay.prefix if relay else "skyroute:sync:",
+        relay_compact_every_s=relay.compact_every_s if relay else 30.0)
     return StateSync(settings, registry=registry, sleep=sleep)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "SessionPolicy",
     "Strategy",
     "SyncPolicy",
+    "SyncRelay",
     "is_metric_name",
 ]
 
@@ -392,6 +393,24 @@ Discovery = Annotated[str, AfterValidator(_discovery), Kind("dns name", pattern=
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class SyncRelay:
+    """Fleet mode: a Redis that relays state between instances instead of peer links."""
+
+    url: RedisUrl = Field(
+        description="The Redis server that carries every update, e.g. "
+                    "redis://:${REDIS_PASSWORD}@redis:6379/0 (rediss:// for TLS).")
+    prefix: Name = Field(
+        default="skyroute:sync:",
+        description="Key prefix of the streams and snapshots (one per fleet on a shared "
+                    "Redis).")
+    # A snapshot is the whole document: every 30 s keeps the stream short (a joining
+    # instance reads at most about a minute of tail) without rewriting big documents often.
+    compact_every_s: Duration = Field(
+        default=30.0, validation_alias="compact_every", gt=0,
+        description="How often a stream is compacted into a snapshot and trimmed.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class SyncPolicy:
     """State sync with peer instances (the ``/sync/{doc}`` endpoint and peer links)."""
 
@@ -425,12 +444,20 @@ class SyncPolicy:
     ping_misses: Count = Field(
         default=3, validation_alias="dead_after_missed_pings", le=100,
         description="A peer link silent for this many ping intervals is closed and redialled.")
+    relay: SyncRelay | None = Field(
+        default=None,
+        description="Relay state through a Redis (streams per document, compacted snapshots) "
+                    "instead of links between every pair of instances; replaces peers and "
+                    "discovery.")
 
     @model_validator(mode="after")
     def _usable(self) -> SyncPolicy:
         if not self.token:
             raise invalid("token is required: a shared secret from the environment, e.g. "
                           "token: ${SKYROUTE_SYNC_TOKEN}")
+        if self.relay is not None and (self.peers or self.discovery is not None):
+            raise invalid("relay replaces peers and discovery (the engine carries every "
+                          "update to every instance): remove peers/discovery, or relay")
         return self
 
 

@@ -171,6 +171,12 @@ class SyncMetrics:
             registry=registry,
         )
 
+        self.relay_compactions = Counter(
+            "skyroute_sync_relay_compactions_total",
+            "Relay streams (sync.relay) compacted into a snapshot and trimmed by this instance.",
+            registry=registry,
+        )
+
         # labels() costs a lock and a dict lookup; this is on the per-message path.
         self._message_children = {
             (d, t): self.messages.labels(d, t) for d in ("in", "out") for t in MESSAGE_TYPES

@@ -7,9 +7,12 @@ Rules / theory of operation
   Inbound Yjs connections arrive on ``GET /sync/{doc}``; outbound links are
   one ``LinkSupervisor`` per (peer, document), from ``settings.peers`` and DNS
   discovery (``_discovery``: peers that leave the DNS answer are dropped; static
-  peers never are). The peer identity on the wire is the writer id, unique per
-  process: a link that reaches this very process (our own pod IP in the headless
-  Service's answer) is refused with 409 ``X-Skyroute-Self`` and parks as SELF.
+  peers never are). With ``settings.relay_url`` (fleet mode) there are no peer
+  links: one ``RelayLink`` per document joins it to a Redis engine instead
+  (``_redis_relay``). Both are ``Transport``s: ``/health`` shows either. The peer
+  identity on the wire is the writer id, unique per process: a link that
+  reaches this very process (our own pod IP in the headless Service's answer)
+  is refused with 409 ``X-Skyroute-Self`` and parks as SELF.
 * Auth happens before the upgrade: ``Authorization: Bearer <token>`` or
   ``?token=<token>`` (what y-websocket's ``params`` sends), compared in constant
   time. Anything else is 401, counted and logged with the peer address, never the
@@ -65,8 +68,10 @@ from ._links import (
 )
 from ._metrics import SyncMetrics, get_logger
 from ._objects import ObjectDirectory
+from ._redis_relay import RedisRelay
 from ._rotation import SLICE_S, Carry, EpochBuilder
 from ._store import SessionStore, run_flush_loop
+from ._transport import Transport
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
 SNAPSHOT_EVERY_S: Final = 10.0
@@ -144,7 +149,8 @@ class StateSync:
         self.objects = ObjectDirectory(
             self._hubs["sessions"], writer_id=self.writer_id, metrics=self._metrics
         )
-        self._links: dict[str, list[LinkSupervisor]] = {}
+        self._links: dict[str, list[Transport]] = {}
+        self._relay: RedisRelay | None = None
         self._discovered: set[str] = set()
         self._inbound: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -176,6 +182,11 @@ class StateSync:
         self._session = aiohttp.ClientSession()
         for peer in self.settings.peers:
             self._add_peer(peer)
+        if self.settings.relay_url is not None:
+            self._relay = RedisRelay(self.settings, writer_id=self.writer_id,
+                                     metrics=self._metrics, on_peer_epoch=self._on_peer_epoch,
+                                     sleep=self._sleep)
+            self._add_relay()
         self._spawn(run_flush_loop(self.store, self.settings.flush_interval_s, HEARTBEAT_EVERY_S))
         self._spawn(self._rotation_loop())
         self._spawn(self._size_loop())
@@ -206,6 +217,8 @@ class StateSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(s.aclose() for sups in self._links.values() for s in sups))
+        if self._relay is not None:
+            await self._relay.aclose()
         self.store.flush()
         for hub in self._hubs.values():
             for conn in list(hub.connections):
@@ -251,6 +264,7 @@ class StateSync:
         self._paused = False
         for peer in (*self.settings.peers, *sorted(self._discovered)):
             self._add_peer(peer)
+        self._add_relay()
 
     # -- inbound ---------------------------------------------------------------------
 
@@ -476,7 +490,7 @@ class StateSync:
     def _add_peer(self, base_url: str) -> None:
         if base_url in self._links or self._session is None or self._paused or self._closed:
             return
-        sups = [
+        sups: list[Transport] = [
             LinkSupervisor(
                 base_url=base_url,
                 hub=hub,
@@ -493,6 +507,16 @@ class StateSync:
         self._links[base_url] = sups
         for sup in sups:
             sup.start()
+
+    def _add_relay(self) -> None:
+        """Join every document to the relay engine (``sync.relay``), if there is one."""
+        relay = self._relay
+        if relay is None or relay.label in self._links or self._paused or self._closed:
+            return
+        links: list[Transport] = [relay.link(hub) for hub in self._hubs.values()]
+        self._links[relay.label] = links
+        for link in links:
+            link.start()
 
     async def _on_discovered(self, urls: set[str]) -> None:
         """Make the discovered peers exactly ``urls`` (static peers are never dropped)."""

@@ -103,6 +103,13 @@ class SyncSettings:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    relay_url: str | None = None
+    """A Redis server (``redis://``, ``rediss://``, ``unix://``) that relays the documents
+    between instances instead of peer links (``_redis_relay``); None: the mesh."""
+    relay_prefix: str = "skyroute:sync:"
+    """Key prefix of the relay's streams and snapshots (one per fleet on a shared Redis)."""
+    relay_compact_every_s: float = 30.0
+    """How often the relay's streams are compacted into a snapshot and trimmed."""
 
     def __post_init__(self) -> None:
         if not self.instance_id or "|" in self.instance_id:
@@ -120,6 +127,17 @@ class SyncSettings:
                      "max_value_bytes", "max_document_bytes", "max_sessions"):
             if not getattr(self, name) > 0:
                 raise SyncConfigError(f"sync.{name}: must be > 0")
+        if self.relay_url is not None:
+            if not self.relay_url.startswith(("redis://", "rediss://", "unix://")):
+                raise SyncConfigError(f"sync.relay.url: {_redacted(self.relay_url)!r} must "
+                                      "start with redis://, rediss:// or unix://")
+            if self.token is None:
+                raise SyncConfigError("sync.relay: needs sync.token (it signs every update)")
+            if self.peers or self.discovery is not None:
+                raise SyncConfigError("sync.relay: replaces peers and discovery (the engine "
+                                      "carries every update); remove sync.peers/discovery")
+            if not self.relay_compact_every_s > 0:
+                raise SyncConfigError("sync.relay.compact_every: must be > 0")
         if self.ping_misses < 1:
             raise SyncConfigError("sync.ping_misses: must be at least 1")
 
@@ -135,7 +153,8 @@ class SyncSettings:
         Without that the documents still rotate, to stay small, but nothing about
         sync is logged: the instance is on its own.
         """
-        return self.token is not None or bool(self.peers) or self.discovery is not None
+        return (self.token is not None or bool(self.peers) or self.discovery is not None
+                or self.relay_url is not None)
 
     def discovery_target(self) -> tuple[str, int] | None:
         """Return ``(host, port)`` from ``discovery``, or None when it is unset.
@@ -229,6 +248,13 @@ class UpstreamReport:
             until=float(until) if isinstance(until, int | float) else None,
             reporter=str(value.get("reporter", "")),
         )
+
+
+def _redacted(url: str) -> str:
+    """``url`` with any password replaced (error messages may be logged)."""
+    scheme, sep, rest = url.partition("://")
+    _creds, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
 
 
 def _num(value: Any, default: float) -> float:
