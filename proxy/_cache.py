@@ -204,6 +204,7 @@ class ResponseCache:
         return {"memory": {"entries": len(self.memory), "bytes": self.memory.currsize,
                            "max_bytes": self.memory.maxsize},
                 "redis": None if self.redis is None else ("up" if self.redis.up else "down"),
+                "redis_level": None if self.redis is None else self.redis.size,
                 "in_flight": len(self.flights),
                 "waiting_on_other_instances": 0 if self.redis is None else self.redis.waiting}
 

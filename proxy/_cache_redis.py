@@ -4,7 +4,9 @@ Redis down is not an outage. Theory of operation:
 
 * A lookup waits at most ``cache.redis.timeout`` (a few ms); a slower or failed
   lookup is a miss, never a client error. A slow command is left to finish in the
-  background rather than cancelled (cancelling costs the connection).
+  background rather than cancelled (cancelling costs the connection). Only when this
+  process itself ran late (the wait took twice the timeout: its event loop was behind)
+  is a lookup given longer (``_within_timeout``), the delay being ours, not Redis'.
 * A connection error, or ``_DOWN_AFTER`` slow answers in a row with no answer at all
   (late ones count) for ``_SILENT_S``, marks Redis *down* (a burst that waits on new
   connections is slow, not down):
@@ -67,6 +69,15 @@ _CLAIM_TTL_S: Final = 2.0
 _CLAIM_RENEW_S: Final = 0.5
 #: A waiter checks the owner's claim this often, in case the note that ends it is lost.
 _CLAIM_CHECK_S: Final = 0.25
+#: A lookup whose wait ran late (this process behind) waits at most this many timeouts more.
+_LATE_WAITS: Final = 10
+#: How often the Redis level's size is measured (by one instance at a time for all).
+_MEASURE_S: Final = 30.0
+#: Entries whose MEMORY USAGE is read per measurement; the bytes of the rest are
+#: estimated from them (a full pass would cost Redis one command per entry).
+_SAMPLE: Final = 1000
+#: An entry's key is the prefix and a SHA-256 in hex.
+_KEY_CHARS: Final = 64
 #: ``get_or_claim`` answers this when another instance's call for the key is in flight.
 BUSY: Final = "busy"
 #: The entry under KEYS[1]; else 1 if KEYS[2] (the claim) was set to ARGV[1] for ARGV[2]
@@ -95,6 +106,14 @@ class RedisMetrics:
                               "Failed or slow Redis commands of the cache, by operation "
                               "(get, set, ping) and kind (timeout, error, dropped).",
                               ["op", "kind"], registry=registry)
+        # The same shared value on every worker and instance: max, not sum.
+        self.bytes = Gauge("skyroute_cache_redis_bytes",
+                           "Bytes the Redis level's entries use in Redis (MEMORY USAGE of a "
+                           "sample of up to 1000 entries, scaled to all), measured every 30 s.",
+                           multiprocess_mode="max", registry=registry)
+        self.entries = Gauge("skyroute_cache_redis_entries",
+                             "Entries the Redis level holds (all instances' together), measured "
+                             "every 30 s.", multiprocess_mode="max", registry=registry)
         self.remote_waits = Counter(
             "skyroute_cache_remote_waits",
             "Misses that waited for another instance's identical call in flight (coalescing "
@@ -136,11 +155,15 @@ class RedisLevel:
         self._get_or_claim_script = self._client.register_script(_GET_OR_CLAIM)
         self.listening = False
         self._subscribed = asyncio.Event()
+        #: The Redis level's last measured size (``entries``, ``bytes``), for /health.
+        self.size: dict[str, int] | None = None
         loop = asyncio.get_running_loop()
         # Connect now: a first connection (connect, HELLO) takes longer than a lookup may.
         self._warm: asyncio.Task[None] = loop.create_task(self._warm_up())
         self._listener: asyncio.Task[None] = loop.create_task(
             self._listen(), name="skyroute-cache-redis-notes")
+        self._measurer: asyncio.Task[None] = loop.create_task(
+            self._measure_loop(), name="skyroute-cache-redis-size")
 
     async def _warm_up(self) -> None:
         try:
@@ -174,7 +197,7 @@ class RedisLevel:
         # connection goes back to the pool and the request goes on without the answer.
         command = asyncio.ensure_future(self._client.get(self._settings.prefix + key))
         try:
-            blob = await asyncio.wait_for(asyncio.shield(command), self._settings.timeout_s)
+            blob = await self._within_timeout(command)
         except TimeoutError:
             command.add_done_callback(self._late)
             self._failed("get", "timeout", slow=True)
@@ -199,7 +222,7 @@ class RedisLevel:
             keys=[self._settings.prefix + key, self._claim_name(key)],
             args=[token, int(_CLAIM_TTL_S * 1000)]))
         try:
-            found = await asyncio.wait_for(asyncio.shield(command), self._settings.timeout_s)
+            found = await self._within_timeout(command)
         except TimeoutError:
             command.add_done_callback(lambda _: self._drop_late_claim(key, token, command))
             self._failed("get", "timeout", slow=True)
@@ -211,6 +234,24 @@ class RedisLevel:
         if isinstance(found, bytes):
             return found, None
         return None, (self._claim(key, token) if found == 1 else BUSY)
+
+    async def _within_timeout(self, command: asyncio.Future[Any]) -> Any:
+        """``command``'s answer within ``cache.redis.timeout``; TimeoutError past it.
+
+        Unless this process ran late: a wait that took twice the timeout or more means the
+        event loop was behind (a burst, a starved CPU), so the time says nothing about
+        Redis, whose answer is most likely already read. It is given as long again (at
+        most ``_LATE_WAITS`` timeouts) before it counts as slow."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(command), self._settings.timeout_s)
+        except TimeoutError:
+            took = loop.time() - started
+            if took < 2 * self._settings.timeout_s:
+                raise
+            return await asyncio.wait_for(
+                asyncio.shield(command), min(took, _LATE_WAITS * self._settings.timeout_s))
 
     def _claim_name(self, key: str) -> str:
         return self._settings.prefix + "claim:" + key
@@ -316,6 +357,47 @@ class RedisLevel:
                     await pubsub.aclose()
             await asyncio.sleep(_RECONNECT_S)
 
+    async def _measure_loop(self) -> None:
+        """Keep ``skyroute_cache_redis_bytes``/``_entries`` current: every ``_MEASURE_S``
+        one instance (whichever sets ``<prefix>measuring`` first) counts the entries and
+        stores the result in ``<prefix>size``; every instance reads it from there."""
+        prefix = self._settings.prefix
+        while True:
+            if self.up:
+                try:
+                    async with asyncio.timeout(_MEASURE_S):
+                        if await self._client.set(prefix + "measuring", "1", nx=True,
+                                                  px=int(_MEASURE_S * 900)):
+                            entries, size = await self._measure()
+                            await self._client.hset(prefix + "size", mapping={
+                                "entries": entries, "bytes": size})
+                        measured = await self._client.hgetall(prefix + "size")
+                    self.size = {"entries": int(measured.get(b"entries", 0)),
+                                 "bytes": int(measured.get(b"bytes", 0))}
+                    self._metrics.entries.set(self.size["entries"])
+                    self._metrics.bytes.set(self.size["bytes"])
+                except Exception:  # the next round tries again; lookups never wait on this
+                    self._metrics.errors.labels("measure", "error").inc()
+            await asyncio.sleep(_MEASURE_S)
+
+    async def _measure(self) -> tuple[int, int]:
+        """Entries under the prefix (a SCAN), and their bytes estimated from a sample."""
+        prefix = self._settings.prefix.encode()
+        entries, sample = 0, []
+        async for name in self._client.scan_iter(match=self._settings.prefix + "*", count=1000):
+            if len(name) != len(prefix) + _KEY_CHARS:  # claims, notes, this measurement
+                continue
+            entries += 1
+            if len(sample) < _SAMPLE:
+                sample.append(name)
+        if not sample:
+            return entries, 0
+        pipe = self._client.pipeline(transaction=False)
+        for name in sample:
+            pipe.memory_usage(name, samples=0)
+        used = [int(u) for u in await pipe.execute() if u is not None]
+        return entries, sum(used) * entries // len(used) if used else 0
+
     def _background(self, work: Coroutine[Any, Any, None], *, force: bool = False) -> None:
         """Run ``work`` as a write task (dropped past ``_MAX_WRITES`` unless ``force``)."""
         if not force and len(self._writes) >= _MAX_WRITES:
@@ -382,7 +464,7 @@ class RedisLevel:
 
     async def aclose(self) -> None:
         """Cancel the reconnect task, let pending writes finish briefly, close the client."""
-        for task in (self._warm, self._listener, *self._renewals):
+        for task in (self._warm, self._listener, self._measurer, *self._renewals):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -207,15 +207,18 @@ async def _redis_keys(cache_section: str, *, delete: bool = False) -> int:
     client = aioredis.Redis.from_url(SHARED_REDIS, socket_timeout=CALL_TIMEOUT_S)
     try:
         for _ in range(200):
-            keys = [k async for k in client.scan_iter(match=prefix + "*")
-                    if not k.startswith(prefix.encode() + b"claim:")]
+            everything = [k async for k in client.scan_iter(match=prefix + "*")]
+            # Entries: the prefix and a SHA-256 in hex (not claims or the size measurement).
+            keys = [k for k in everything if len(k) == len(prefix.encode()) + 64]
             if keys:
                 ttl = await client.ttl(keys[0])
                 assert 0 < ttl <= 600 + 3600  # the TTL is set in Redis
                 if delete:
-                    await client.delete(*keys)
+                    await client.delete(*everything)
                 return len(keys)
             await asyncio.sleep(0.01)
+        if delete and everything:
+            await client.delete(*everything)
         return 0
     finally:
         await client.aclose()
@@ -245,7 +248,9 @@ async def test_two_instances_coalesce_through_redis(standin, skyroute):
     other waits for its entry."""
     up = await standin("a")
     up.behaviour.ttft_s = 0.3
-    cache = _cache_section(SHARED_REDIS)
+    # A generous lookup timeout: 50 new Redis connections at once on a loaded machine must
+    # not count as Redis being down (then nothing is claimed, by design).
+    cache = _cache_section(SHARED_REDIS, timeout="5s")
     servers = [await skyroute(routing_yaml([entry(up)], _route(), extra=cache))
                for _ in range(2)]
     async with client_for(servers[0]) as first, client_for(servers[1]) as second:
@@ -267,7 +272,7 @@ async def test_waiters_go_upstream_when_the_owning_instance_dies(standin, skyrou
     waiters for it go upstream themselves once its claim lapses, with no client error."""
     up = await standin("a")
     up.behaviour.ttft_s = 60.0  # the owner's call hangs until the owner is killed
-    cache = _cache_section(SHARED_REDIS)
+    cache = _cache_section(SHARED_REDIS, timeout="5s")
     text = routing_yaml([entry(up)], _route(), extra=cache)
     path = tmp_path / "owner.yaml"
     path.write_text(text)
@@ -363,6 +368,37 @@ async def test_stale_if_error_serves_an_expired_entry(standin, skyroute):
     assert stale.headers["x-skyroute-cache"] == "stale"
     assert stale.parse().choices[0].message.content == \
         first.parse().choices[0].message.content
+
+
+async def test_redis_level_size_is_measured(standin, skyroute, monkeypatch):
+    """skyroute_cache_redis_entries/_bytes and /health's redis_level follow what Redis holds
+    under the prefix (one instance measures for all; every 30 s, here every 0.1 s)."""
+    from skyroute.proxy import _cache_redis
+
+    monkeypatch.setattr(_cache_redis, "_MEASURE_S", 0.1)
+    up = await standin("a")
+    cache = _cache_section(SHARED_REDIS)
+    servers = [await skyroute(routing_yaml([entry(up)], _route(), extra=cache))
+               for _ in range(2)]
+    async with client_for(servers[0]) as client:
+        for n in range(3):
+            await _chat(client, max_tokens=10 + n)
+    assert await _redis_keys(cache) == 3
+
+    async def measured() -> bool:
+        texts = [await _metrics(s) for s in servers]
+        return all("skyroute_cache_redis_entries 3.0" in t for t in texts)
+
+    try:
+        await eventually(measured, timeout=CALL_TIMEOUT_S)
+        metrics = await _metrics(servers[1])
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            health = await (await http.get(f"{servers[1].url}/health")).json()
+    finally:
+        await _redis_keys(cache, delete=True)
+    size = float(metrics.split("\nskyroute_cache_redis_bytes ")[1].split()[0])
+    assert 3 * 100 < size < 3 * 10_000  # three short compressed answers and Redis' overhead
+    assert health["cache"]["redis_level"]["entries"] == 3
 
 
 async def test_health_shows_the_cache(standin, skyroute):
