@@ -314,74 +314,80 @@ async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
 async def _serve_through(request: web.Request, cache: ResponseCache, route: Route,
                          call: UpstreamCall, lookup: CacheLookup,
                          serve: Serve) -> web.StreamResponse:
-    """A cacheable request: a hit, a coalesced wait, or a miss led upstream."""
+    """A cacheable request: a memory hit, a wait for an identical one in flight here, or
+    the lead (a Redis lookup, then a wait elsewhere or the upstream call)."""
     assert call.payload is not None  # cacheable requests have a JSON body
     stream = call.payload.get("stream") is True
-    now = time.time()
-    # With no identical request in flight here, a Redis miss claims the key (coalescing
-    # across instances); with one, this request joins it.
-    entry, claimed = await cache.get_or_claim(
-        lookup.key, claim=lookup.key not in cache.flights) if lookup.read else (None, None)
-    try:
-        fresh = entry is not None and freshness(stored_at=entry.stored_at, policy=cache.policy,
-                                                now=now) is Freshness.FRESH
-        if entry is not None and fresh:
-            return await _answer_from(request, cache, route.model, entry, stream, call, "hit")
-        if lookup.approximate is not None and lookup.read:
-            router = request.app[SERVING].runtime.router
-            if router.minimal(now=request.app[CLOCK]()).active:
-                near = await _near(cache, lookup)
-                if near is not None:
-                    return await _answer_from(request, cache, route.model, near, stream, call,
-                                              "approximate")
-        flight = cache.flights.get(lookup.key) if lookup.read else None
-        if flight is not None and flight.waiters < cache.policy.max_waiters:
-            flight.waiters += 1
-            cache.metrics.coalesced.labels(route.model).inc()
-            if stream and flight.live is not None:
-                _mark(request, route.model, "hit", age="0")  # a leader that fails: marked again
-                resp = await follow_live(request, flight.live, headers={})
-                if resp is not None:
-                    request[SUMMARY].route, request[SUMMARY].upstream = route.model, "cache"
-                    cache.metrics.requests.labels(route.model, "hit").inc()
-                    return resp
-            # Set before the live stream ends: a leader that streamed nothing may still have
-            # an entry (one another instance stored while this one waited for it).
-            shared = await asyncio.shield(flight.answer)
-            if shared is not None:
-                return await _answer_from(request, cache, route.model, shared, stream, call,
-                                          "hit")
-        handed, claimed = claimed, None  # _lead ends the claim from here on
-        return await _lead(request, cache, lookup, call, stream, serve, stale=entry,
-                           claimed=handed, wait_bound_s=route.timeout_s)
-    finally:
-        if isinstance(claimed, Claim) and cache.redis is not None:
-            cache.redis.release(claimed, None)  # not led here after all
+    held = cache.memory.get(lookup.key) if lookup.read else None
+    entry = CachedAnswer.decode(held.blob) if held is not None else None
+    if entry is not None and freshness(stored_at=entry.stored_at, policy=cache.policy,
+                                       now=time.time()) is Freshness.FRESH:
+        return await _answer_from(request, cache, route.model, entry, stream, call, "hit")
+    # Everything else for this key goes through one flight per instance, made before any
+    # await: its leader alone looks in Redis (and claims the key there), so a claim is
+    # always held by the request that leads here.
+    flight = cache.flights.get(lookup.key) if lookup.read else None
+    if flight is not None and flight.waiters < cache.policy.max_waiters:
+        flight.waiters += 1
+        cache.metrics.coalesced.labels(route.model).inc()
+        if stream and flight.live is not None:
+            _mark(request, route.model, "hit", age="0")  # a leader that fails: marked again
+            resp = await follow_live(request, flight.live, headers={})
+            if resp is not None:
+                request[SUMMARY].route, request[SUMMARY].upstream = route.model, "cache"
+                cache.metrics.requests.labels(route.model, "hit").inc()
+                return resp
+        # Set before the live stream ends: a leader that streamed nothing may still have
+        # an entry (from Redis, or one another instance stored while this one waited).
+        shared = await asyncio.shield(flight.answer)
+        if shared is not None:
+            return await _answer_from(request, cache, route.model, shared, stream, call, "hit")
+    return await _lead(request, cache, lookup, call, stream, serve, stale=entry,
+                       wait_bound_s=route.timeout_s)
 
 
 async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
                 call: UpstreamCall, stream: bool, serve: Serve, *,
-                stale: CachedAnswer | None, claimed: Claim | Literal["busy"] | None,
-                wait_bound_s: float) -> web.StreamResponse:
-    """Serve a miss upstream, store what may be stored, and hand it to any waiters.
+                stale: CachedAnswer | None, wait_bound_s: float) -> web.StreamResponse:
+    """Look in Redis; else serve the miss upstream, store what may be stored, and hand
+    the answer to any waiters.
 
-    ``claimed`` is the key's claim in Redis, if the lookup made one: this instance's
-    call, then, is the one other instances wait for. ``BUSY``: another instance's call
-    is in flight, so its entry is waited for (bounded) instead, with this instance's
-    own waiters; no entry from it, and this request goes upstream itself."""
+    With Redis, the lookup that misses also claims the key: this instance's call is then
+    the one other instances wait for. If another instance holds the claim, its entry is
+    waited for (bounded) instead, with this instance's own waiters; no entry from it,
+    and this request goes upstream itself."""
     flight: Flight | None = None
     tap = LiveStream()
     if lookup.key not in cache.flights:
         flight = cache.flights[lookup.key] = Flight(
             answer=asyncio.get_running_loop().create_future(), live=tap if stream else None)
     stored: CachedAnswer | None = None
-    claim = claimed if isinstance(claimed, Claim) else None
+    claim: Claim | None = None
     try:
-        if claimed == BUSY and flight is not None:
-            stored = await cache.wait_elsewhere(lookup.key, lookup.route, bound_s=wait_bound_s)
-            if stored is not None:
-                return await _answer_from(request, cache, lookup.route, stored, stream, call,
-                                          "hit")
+        if lookup.read and cache.redis is not None:
+            # Only a flight's leader claims: a request past max_waiters just looks.
+            found, claimed = await cache.get_or_claim(lookup.key, claim=flight is not None)
+            if found is not None:
+                if freshness(stored_at=found.stored_at, policy=cache.policy,
+                             now=time.time()) is Freshness.FRESH:
+                    stored = found
+                    return await _answer_from(request, cache, lookup.route, found, stream,
+                                              call, "hit")
+                stale = found
+            claim = claimed if isinstance(claimed, Claim) else None
+            if claimed == BUSY:
+                stored = await cache.wait_elsewhere(lookup.key, lookup.route,
+                                                    bound_s=wait_bound_s)
+                if stored is not None:
+                    return await _answer_from(request, cache, lookup.route, stored, stream,
+                                              call, "hit")
+        if lookup.approximate is not None and lookup.read:
+            router = request.app[SERVING].runtime.router
+            if router.minimal(now=request.app[CLOCK]()).active:
+                near = await _near(cache, lookup)
+                if near is not None:
+                    return await _answer_from(request, cache, lookup.route, near, stream, call,
+                                              "approximate")
         if stream and (lookup.write or flight is not None):
             request[STREAM_TAP] = tap
         body_before = call.body

@@ -49,6 +49,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio.lock import Lock
+from redis.exceptions import LockNotOwnedError
 from skyroute.routing import CachePolicy
 
 log = structlog.get_logger("skyroute.cache")
@@ -295,7 +296,10 @@ class RedisLevel:
             async with asyncio.timeout(_BACKGROUND_TIMEOUT_S):
                 if blob is not None:
                     await self._client.set(self._settings.prefix + key, blob, px=ttl_ms)
-                await lock.release()
+                # A claim that lapsed (this process ran late renewing it) has nothing to
+                # give back; its waiters are told all the same.
+                with contextlib.suppress(LockNotOwnedError):
+                    await lock.release()
                 await self._client.publish(self._channel, key)
         except TimeoutError:
             self._failed("release", "timeout", slow=True)
