@@ -35,6 +35,7 @@ from ._clouds import (
     provider_problem,
 )
 from ._errors import ConfigError, ConfigProblem
+from ._jobs_policy import JobsPolicy
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
@@ -496,6 +497,10 @@ class Config:
     objects: ObjectPolicy = Field(
         default_factory=ObjectPolicy,
         description="Stateful objects (files, batches, responses, ...) stay with their upstream.")
+    jobs: JobsPolicy | None = Field(
+        default=None,
+        description="Async requests and the Batch API run by skyroute from a durable queue; "
+                    "without it /v1/async is off and /v1/batches passes through.")
     upstreams: tuple[Upstream, ...] = Field(
         min_length=1,
         description="Where requests go: cloud regions, providers, GPU pools.")
@@ -584,14 +589,15 @@ def _implicit_routes(config: Config) -> tuple[Route, ...]:
     """A route for each alias offered by upstreams but named by no route: to every
     upstream that offers it, in file order."""
     routed = {r.model for r in config.routes}
-    implicit: list[Route] = []
+    offering: dict[str, list[str]] = {}  # alias -> its upstreams in file order (one pass)
     for upstream in config.upstreams:
         for alias in upstream.models:
             if alias not in routed:
-                routed.add(alias)
-                offering = tuple(u.name for u in config.upstreams if alias in u.models)
-                route = Route(model=alias, targets=offering)
-                object.__setattr__(route, "implicit", True)
-                implicit.append(route)
+                offering.setdefault(alias, []).append(upstream.name)
+    implicit: list[Route] = []
+    for alias, names in offering.items():
+        route = Route(model=alias, targets=tuple(names))
+        object.__setattr__(route, "implicit", True)
+        implicit.append(route)
     return tuple(implicit)
 
