@@ -1,0 +1,730 @@
+"""Benchmark: three skyroute "regions" on one machine, joined by a delay line.
+
+Each region r1, r2, r3 is a network namespace running one ``skyroute run`` and its
+stand-in upstream (``skyroute.proxy.demo``). The namespaces have no route to each
+other: every byte between regions (the sync mesh and calls to another region's
+upstream) passes through a userspace delay line that holds it the pair's one-way
+delay (this kernel has no ``sch_netem``); ``bench/_regions_net.py`` says how. Every
+region's routing file lists the three upstreams ``up-r1``..``up-r3``, its own first
+(``strategy: priority``): a remote one is reached through the delay line, as a
+cloud API in another region would be. ``sync`` is a full mesh with a token.
+
+The bench reaches each region's skyroute directly (no delay), and watches each
+region's ``sessions`` document through a Yjs client on ``/sync/sessions`` there
+(a stock y-websocket client can join the same way). It measures, in this order:
+
+1. Convergence per pair: each region in turn makes new sessions (one chat request
+   each, ``--writes-per-s`` for ``--conv-seconds``); the time from a session
+   appearing at its region to appearing at each other region, p50/p99, both
+   directions of a pair together. Also the sync bytes sent per write (all links
+   of all instances) and the CPU the receiving instances spent per write (their
+   idle CPU over as long, measured first, subtracted).
+2. Follow-up affinity: 20 sessions answered at r1, each followed up at r2 (and,
+   separately, r3) 0, 1, 10 and 100 ms after the first answer. "Served" counts
+   follow-ups answered by the first answer's upstream; "kept" counts sessions
+   whose pin, once every region agrees, is still the first answer's upstream.
+3. Rate-limit admission: key ``limited`` with ``rpm: 60`` driven at ``--rl-rate``
+   req/s in total (a third per region, open loop) for ``--rl-seconds``: the most
+   admitted in any 60 s window, the largest number admitted in any 1 s after the
+   first 60 s (the first admissions leaving the window), and admissions within
+   0.5 s of a wall-clock 10 s edge against the share a steady rate would give.
+4. Partition: r3 black-holed (nothing closed) for ``--cut-seconds``: seconds until
+   ``/health`` and ``skyroute_sync_peers_connected`` at each region show it; sessions
+   written at r1 and r3 during the cut; after the heal, seconds until every link is
+   connected again and until every region has the other side's writes.
+
+It prints a table (``--json``: one JSON object instead). It needs root for the
+namespaces; without them it says why and exits 0 having run nothing (``--require``:
+exit 1). Namespaces, processes and the delay line are removed on exit, after an
+error and on Ctrl-C or SIGTERM too; namespaces left by a run killed with SIGKILL
+are removed by the next run.
+
+Usage: sudo python bench/regions.py [--delays r1-r2=20.5,r1-r3=76,r2-r3=61] [--short]
+       [--conv-seconds 8] [--writes-per-s 25] [--rl-seconds 75] [--rl-rate 150]
+       [--cut-seconds 10] [--json] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+
+from _regions_net import (  # noqa: E402
+    SKYROUTE_PORT,
+    STANDIN_PORT,
+    UPSTREAM_KEY,
+    Namespaces,
+    pair_key,
+)
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from pycrdt import Doc, Map, YMessageType, create_sync_message, handle_sync_message  # noqa: E402
+
+REGIONS = ("r1", "r2", "r3")
+#: One-way delays (ms): RTTs 41 / 152 / 122 ms, as between three cloud regions.
+DEFAULT_DELAYS = "r1-r2=20.5,r1-r3=76,r2-r3=61"
+KEY, LIMITED_KEY, SYNC_TOKEN = "sk-regions", "sk-regions-limited", "regions-sync-token"
+RPM = 60
+WINDOW_S = 60.0
+#: Links per instance in the full mesh: two peers x two documents (sessions, usage).
+LINKS = 2 * (len(REGIONS) - 1)
+AFFINITY_GAPS_MS = (0, 1, 10, 100)
+START_TIMEOUT_S = 90.0
+SEEN_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 30.0
+BODY = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# -- pure parts (tests/test_bench_regions.py) ------------------------------------------
+
+
+def parse_delays(text: str, regions: Sequence[str] = REGIONS) -> dict[str, float]:
+    """``"r1-r2=20.5,r1-r3=76,r2-r3=61"`` -> ``{"r1-r2": 20.5, ...}`` (one-way ms).
+
+    A pair may be written either way round (``r2-r1``); every pair of ``regions``
+    must be given exactly once.
+
+    Raises:
+        ValueError: saying which part is wrong and what is expected.
+    """
+    wanted = {pair_key(a, b) for i, a in enumerate(regions) for b in regions[i + 1:]}
+    delays: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pair, sep, value = part.partition("=")
+        ends = pair.strip().split("-")
+        if not sep or len(ends) != 2 or ends[0] == ends[1] or not set(ends) <= set(regions):
+            raise ValueError(f"--delays: {part!r} is not PAIR=MS with PAIR two of "
+                             f"{', '.join(regions)} (e.g. r1-r2=20.5)")
+        key = pair_key(*ends)
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if not (math.isfinite(ms) and ms >= 0):
+            raise ValueError(f"--delays: {part!r}: the one-way delay must be a number of "
+                             "milliseconds, 0 or more")
+        if key in delays:
+            raise ValueError(f"--delays: the pair {key} is given twice")
+        delays[key] = ms
+    if missing := sorted(wanted - set(delays)):
+        raise ValueError(f"--delays: no delay for {', '.join(missing)}; give every pair "
+                         f"(default {DEFAULT_DELAYS})")
+    return delays
+
+
+def most_in_window(times: Sequence[float], window: float) -> tuple[int, float]:
+    """The most ``times`` inside any half-open window ``[t, t + window)``, and its start.
+
+    Returns ``(0, nan)`` for no times. ``times`` need not be sorted.
+    """
+    ordered = sorted(times)
+    best, start, lo = 0, math.nan, 0
+    for hi, t in enumerate(ordered):
+        while t - ordered[lo] >= window:
+            lo += 1
+        if hi - lo + 1 > best:
+            best, start = hi - lo + 1, ordered[lo]
+    return best, start
+
+
+def near_edges(times: Sequence[float], period: float, margin: float) -> int:
+    """How many ``times`` lie within ``margin`` of a multiple of ``period``."""
+    return sum(1 for t in times if abs(t - period * round(t / period)) < margin)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# -- the regions -----------------------------------------------------------------------
+
+
+def routing_file(region: str) -> str:
+    """Region ``region``'s routing file: its own upstream first, the mesh to the others."""
+    index = REGIONS.index(region)
+    order = [region, *[r for r in REGIONS if r != region]]
+    upstreams = "".join(
+        f"  - name: up-{r}\n"
+        f"    url: http://127.0.0.1:{STANDIN_PORT if r == region else STANDIN_PORT + i + 1}/v1\n"
+        f"    api_key: {UPSTREAM_KEY}\n    region: {r}\n    models: {{chat: deepseek-chat}}\n"
+        for i, r in enumerate(REGIONS))
+    peers = ", ".join(f"ws://127.0.0.1:{SKYROUTE_PORT + i + 1}/sync"
+                      for i, r in enumerate(REGIONS) if i != index)
+    return (f"# bench/regions.py, region {region}\n"
+            f"listen: 127.0.0.1:{SKYROUTE_PORT}\ninstance:\n  id: {region}\n"
+            f"auth:\n  api_keys:\n    - name: bench\n      key: {KEY}\n"
+            f"    - name: limited\n      key: {LIMITED_KEY}\n      rpm: {RPM}\n"
+            f"upstreams:\n{upstreams}"
+            f"routes:\n  - model: chat\n    targets: [{', '.join(f'up-{r}' for r in order)}]\n"
+            # priority: each region's own upstream first; 1 s threshold: a pin to an upstream
+            # across the line (up to 152 ms away) is followed, never moved for slowness.
+            "    strategy: priority\n    latency_threshold: 1s\n"
+            f"sync:\n  token: {SYNC_TOKEN}\n  peers: [{peers}]\n")
+
+
+class Observer:
+    """A Yjs client on one region's ``/sync/sessions``: when each session appeared, its pin."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self.doc = Doc()
+        self.sessions: Map[Any] = self.doc.get("sessions", type=Map)
+        self.first_seen: dict[str, float] = {}
+        self.upstream: dict[str, str] = {}
+        self.changed = asyncio.Event()
+        self._sub = self.sessions.observe(self._on_change)
+
+    def _on_change(self, event: Any) -> None:
+        now = time.monotonic()
+        for key, change in event.keys.items():
+            value = change.get("newValue")
+            if isinstance(value, dict) and value.get("upstream"):
+                self.first_seen.setdefault(key, now)
+                self.upstream[key] = value["upstream"]
+        self.changed.set()
+
+    async def run(self, http: aiohttp.ClientSession) -> None:
+        url = f"http://127.0.0.1:{SKYROUTE_PORT}/sync/sessions"
+        async with http.ws_connect(url, params={"token": SYNC_TOKEN}, heartbeat=None) as ws:
+            await ws.send_bytes(create_sync_message(self.doc))
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY and msg.data[0] == YMessageType.SYNC:
+                    if reply := handle_sync_message(msg.data[1:], self.doc):
+                        await ws.send_bytes(reply)
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds after a change; False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            self.changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+        return True
+
+
+@dataclass
+class Region:
+    name: str
+    http: aiohttp.ClientSession
+    observer: Observer
+    pid: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{SKYROUTE_PORT}"
+
+    async def chat(self, *, key: str = KEY, session: str | None = None) -> tuple[int, str]:
+        """One chat completion: its status and the upstream that answered (or '')."""
+        headers = {"Authorization": f"Bearer {key}"}
+        if session is not None:
+            headers["X-Session-ID"] = session
+        async with self.http.post(f"{self.url}/v1/chat/completions", json=BODY,
+                                  headers=headers) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("X-Skyroute-Upstream", "")
+
+    async def metrics(self) -> dict[str, float]:
+        """The samples this bench reads from ``/metrics``, summed over labels it ignores."""
+        async with self.http.get(f"{self.url}/metrics") as resp:
+            text = await resp.text()
+        out: dict[str, float] = {"bytes_out": 0.0, "peers_connected": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "skyroute_sync_bytes_total"
+                        and sample.labels.get("direction") == "out"):
+                    out["bytes_out"] += sample.value
+                elif sample.name == "skyroute_sync_peers_connected":
+                    out["peers_connected"] += sample.value
+        return out
+
+    async def links_connected(self) -> int:
+        """How many of this instance's peer links ``/health`` shows as connected."""
+        async with self.http.get(f"{self.url}/health") as resp:
+            peers = (await resp.json())["peers"]
+        states = peers.values() if isinstance(peers, dict) else peers
+        return sum(1 for s in states if s == "connected")
+
+    def cpu_s(self) -> float:
+        """CPU time (user + system) of this region's skyroute process so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Fleet:
+    ns: Namespaces
+    delays: dict[str, float]
+    workdir: Path
+    regions: dict[str, Region] = field(default_factory=dict)
+    line: asyncio.subprocess.Process | None = None
+
+    async def delay_line(self, verb: str, region: str) -> None:
+        """``cut`` or ``heal`` every door into and out of ``region``."""
+        assert self.line is not None and self.line.stdin and self.line.stdout
+        self.line.stdin.write(f"{verb} {region}\n".encode())
+        await self.line.stdin.drain()
+        answer = await asyncio.wait_for(self.line.stdout.readline(), CALL_TIMEOUT_S)
+        if answer.strip() != b"ok":
+            raise RuntimeError(f"the delay line answered {answer!r} to {verb} {region}")
+
+
+async def _spawn(argv: list[str], log: Path, stack: contextlib.AsyncExitStack, *,
+                 pipes: bool = False) -> asyncio.subprocess.Process:
+    """Start ``argv`` in a session of its own; stopped (TERM, then KILL) when ``stack`` closes."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if pipes else out, stderr=out,
+            start_new_session=True)
+
+    async def stop() -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    stack.push_async_callback(stop)
+    return proc
+
+
+async def _ready_line(proc: asyncio.subprocess.Process, log: Path, what: str) -> None:
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+    except TimeoutError:
+        line = b""
+    if line.strip() != b"ready":
+        raise RuntimeError(f"{what} did not start; its log ({log}):\n{log.read_text()[-3000:]}")
+
+
+async def _until(predicate: Callable[[], Any], timeout: float, what: str,
+                 interval: float = 0.05) -> float:
+    """Poll an async ``predicate`` until true; the seconds it took. Raises after ``timeout``."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            if await predicate():
+                return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def fleet_running(delays: dict[str, float], workdir: Path,
+                        ttft_s: float) -> AsyncIterator[Fleet]:
+    """Namespaces, delay line, stand-ins, three peered skyroutes; all removed afterwards."""
+    ns = Namespaces(list(REGIONS))
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(ns.delete)  # last out: after every process in them has stopped
+        ns.create()
+        fleet = Fleet(ns=ns, delays=delays, workdir=workdir)
+        log = workdir / "delay-line.log"
+        fleet.line = await _spawn(
+            [sys.executable, str(BENCH / "_regions_net.py"), "delay-line",
+             "--names", json.dumps(ns.names), "--delays", json.dumps(delays)],
+            log, stack, pipes=True)
+        await _ready_line(fleet.line, log, "the delay line")
+        for region in REGIONS:
+            log = workdir / f"standin-{region}.log"
+            proc = await _spawn(ns.command(region, sys.executable, str(BENCH / "_regions_net.py"),
+                                           "standin", "--name", f"up-{region}",
+                                           "--ttft", str(ttft_s)), log, stack, pipes=True)
+            await _ready_line(proc, log, f"the stand-in of {region}")
+        procs = {}
+        for region in REGIONS:
+            path = workdir / f"routing-{region}.yaml"
+            path.write_text(routing_file(region))
+            procs[region] = await _spawn(ns.command(
+                region, sys.executable, "-m", "skyroute.proxy.cli", "--log-level", "warning",
+                "--log-format", "json", "run", "-c", str(path), "--workers", "1"),
+                workdir / f"skyroute-{region}.log", stack)
+        for region in REGIONS:
+            def in_region(addr_info: Any, region: str = region) -> Any:
+                return ns.socket(region, *addr_info[:3])
+            http = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(socket_factory=in_region, limit=0),
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)))
+            fleet.regions[region] = Region(region, http, Observer(region), procs[region].pid)
+        for region in fleet.regions.values():
+            async def peered(r: Region = region) -> bool:
+                if procs[r.name].returncode is not None:
+                    raise RuntimeError(f"skyroute in {r.name} exited; see "
+                                       f"{workdir / f'skyroute-{r.name}.log'}")
+                return await r.links_connected() == LINKS
+            await _until(peered, START_TIMEOUT_S, f"skyroute in {region.name} peered")
+        observers = [asyncio.create_task(r.observer.run(r.http)) for r in fleet.regions.values()]
+
+        async def stop_observers() -> None:
+            for task in observers:
+                task.cancel()
+            await asyncio.gather(*observers, return_exceptions=True)
+
+        stack.push_async_callback(stop_observers)
+        yield fleet
+
+
+# -- the measurements ------------------------------------------------------------------
+
+
+async def _paced(count: int, rate: float, make: Callable[[int], Any]) -> list[Any]:
+    """Start ``make(i)`` for i < count at ``rate`` per second (open loop); their results."""
+    started, tasks = time.monotonic(), []
+    for i in range(count):
+        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(make(i)))
+    return await asyncio.gather(*tasks)
+
+
+async def measure_convergence(fleet: Fleet, seconds: float, rate: float) -> dict[str, Any]:
+    regions = list(fleet.regions.values())
+    # Idle CPU first (pings, the observers' links), so writes' CPU can be told apart.
+    idle_s = min(seconds, 3.0)
+    cpu0 = {r.name: r.cpu_s() for r in regions}
+    await asyncio.sleep(idle_s)
+    idle_per_s = {r.name: (r.cpu_s() - cpu0[r.name]) / idle_s for r in regions}
+    gaps: dict[str, list[float]] = {pair_key(a, b): [] for a in REGIONS for b in REGIONS if a < b}
+    lost: dict[str, int] = dict.fromkeys(gaps, 0)
+    writes, bytes_out, receiver_cpu = 0, 0.0, 0.0
+    for writer in regions:
+        before = [await r.metrics() for r in regions]
+        cpu_before = {r.name: r.cpu_s() for r in regions}
+        began = time.monotonic()
+        count = max(1, round(seconds * rate))
+        ids = [f"conv-{writer.name}-{i}" for i in range(count)]
+        await _paced(count, rate, lambda i: writer.chat(session=ids[i]))
+        for r in regions:
+            await r.observer.wait(lambda r=r: all(s in r.observer.first_seen for s in ids),
+                                  SEEN_TIMEOUT_S)
+        elapsed = time.monotonic() - began
+        after = [await r.metrics() for r in regions]
+        writes += count
+        bytes_out += sum(a["bytes_out"] - b["bytes_out"] for a, b in zip(after, before,
+                                                                             strict=True))
+        receiver_cpu += sum(r.cpu_s() - cpu_before[r.name] - idle_per_s[r.name] * elapsed
+                            for r in regions if r is not writer)
+        for r in regions:
+            if r is writer:
+                continue
+            key = pair_key(writer.name, r.name)
+            for s in ids:
+                at, there = writer.observer.first_seen.get(s), r.observer.first_seen.get(s)
+                if at is None or there is None:
+                    lost[key] += 1
+                else:
+                    gaps[key].append((there - at) * 1000)
+    return {
+        "pairs": {k: {"one_way_ms": fleet.delays[k], "writes": len(v) + lost[k],
+                      "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
+                      "max_ms": max(v, default=math.nan), "lost": lost[k]}
+                  for k, v in gaps.items()},
+        "writes": writes,
+        "bytes_per_write": bytes_out / writes,
+        "receiver_cpu_ms_per_write": receiver_cpu / writes * 1000,
+    }
+
+
+async def measure_affinity(fleet: Fleet, sessions: int) -> dict[str, Any]:
+    first_region = fleet.regions["r1"]
+    cells: dict[tuple[int, str], list[tuple[str, str, str]]] = {}
+    for gap_ms in AFFINITY_GAPS_MS:
+        for other in ("r2", "r3"):
+            async def conversation(i: int, gap_ms: int = gap_ms, other: str = other
+                                   ) -> tuple[str, str, str]:
+                session = f"aff-{gap_ms}-{other}-{i}"
+                _, first = await first_region.chat(session=session)
+                if gap_ms:
+                    await asyncio.sleep(gap_ms / 1000)
+                _, follow = await fleet.regions[other].chat(session=session)
+                return session, first, follow
+            cells[gap_ms, other] = list(await asyncio.gather(
+                *(conversation(i) for i in range(sessions))))
+    everyone = [s for rows in cells.values() for s, _, _ in rows]
+
+    def agreed(r: Region) -> bool:
+        pins = [{o.observer.upstream.get(s) for o in fleet.regions.values()} for s in everyone]
+        return all(len(p) == 1 and None not in p for p in pins)
+
+    # A pin written last by a follow-up may still be on its way; give the fleet time to agree.
+    await first_region.observer.wait(lambda: agreed(first_region), SEEN_TIMEOUT_S)
+    await asyncio.sleep(2 * max(fleet.delays.values()) / 1000)
+    out: dict[str, Any] = {"sessions": sessions, "gaps": {}}
+    for (gap_ms, other), rows in cells.items():
+        final = [{o.observer.upstream.get(s) for o in fleet.regions.values()} for s, _, _ in rows]
+        out["gaps"].setdefault(str(gap_ms), {})[other] = {
+            "served": sum(1 for _, first, follow in rows if follow == first),
+            "kept": sum(1 for (_, first, _), pins in zip(rows, final, strict=True)
+                        if pins == {first}),
+        }
+    return out
+
+
+async def measure_rate_limit(fleet: Fleet, seconds: float, rate: float) -> dict[str, Any]:
+    # Let an earlier run's counts of this key leave the window? Each run is a fresh fleet.
+    regions = list(fleet.regions.values())
+    per_region = rate / len(regions)
+    count = max(1, round(seconds * per_region))
+    began_mono, began_wall = time.monotonic(), time.time()
+
+    async def one(region: Region, i: int) -> tuple[float, float, int]:
+        sent = time.monotonic() - began_mono
+        try:
+            status, _ = await region.chat(key=LIMITED_KEY)
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        return sent, began_wall + sent, status
+
+    offsets = [i / len(regions) / per_region for i in range(len(regions))]
+
+    async def drive(region: Region, offset: float) -> list[tuple[float, float, int]]:
+        await asyncio.sleep(offset)
+        return await _paced(count, per_region, lambda i: one(region, i))
+
+    results = await asyncio.gather(*(drive(r, o) for r, o in zip(regions, offsets, strict=True)))
+    rows = [row for each in results for row in each]
+    admitted = [t for t, _, status in rows if status == 200]
+    admitted_wall = [w for _, w, status in rows if status == 200]
+    errors = sum(1 for _, _, status in rows if status not in (200, 429))
+    most, most_at = most_in_window(admitted, WINDOW_S)
+    later = [t for t in admitted if t >= WINDOW_S]
+    burst, burst_at = most_in_window(later, 1.0)
+    return {
+        "rate": rate, "seconds": seconds, "requests": len(rows), "errors": errors,
+        "admitted": len(admitted),
+        "admitted_first_window": sum(1 for t in admitted if t < WINDOW_S),
+        "most_in_60s": most, "most_in_60s_from_s": most_at,
+        "first_second": sum(1 for t in admitted if t < 1.0),
+        "burst_after_window": burst, "burst_after_window_at_s": burst_at,
+        "near_10s_edges": near_edges(admitted_wall, 10.0, 0.5),
+        "per_region": {r.name: sum(1 for _, _, s in res if s == 200)
+                       for r, res in zip(regions, results, strict=True)},
+    }
+
+
+async def measure_partition(fleet: Fleet, cut_seconds: float, writes: int) -> dict[str, Any]:
+    cut, regions = "r3", fleet.regions
+    expect_during = {r: (0 if r == cut else LINKS // 2) for r in regions}
+    seen_health: dict[str, float | None] = dict.fromkeys(regions)
+    seen_metric: dict[str, float | None] = dict.fromkeys(regions)
+    await fleet.delay_line("cut", cut)
+    cut_at = time.monotonic()
+
+    async def watch(r: Region) -> None:
+        while seen_health[r.name] is None or seen_metric[r.name] is None:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                now = time.monotonic() - cut_at
+                if seen_health[r.name] is None and (
+                        await r.links_connected() <= expect_during[r.name]):
+                    seen_health[r.name] = now
+                if seen_metric[r.name] is None and (
+                        (await r.metrics())["peers_connected"] <= expect_during[r.name]):
+                    seen_metric[r.name] = time.monotonic() - cut_at
+            await asyncio.sleep(0.05)
+
+    watchers = [asyncio.create_task(watch(r)) for r in regions.values()]
+    ids = {w: [f"cut-{w}-{i}" for i in range(writes)] for w in ("r1", cut)}
+    try:
+        await asyncio.sleep(min(1.0, cut_seconds / 4))
+        for w, sessions in ids.items():
+            await asyncio.gather(*(regions[w].chat(session=s) for s in sessions))
+        await asyncio.sleep(max(0.0, cut_at + cut_seconds - time.monotonic()))
+    finally:
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    await fleet.delay_line("heal", cut)
+    healed_at = time.monotonic()
+
+    async def all_connected() -> bool:
+        return all([await r.links_connected() == LINKS for r in regions.values()])
+
+    reconnected = await _until(all_connected, 60.0, "links back after the heal")
+    caught: dict[str, float | None] = {}
+    for r in regions.values():
+        others = [s for w, sessions in ids.items() if w != r.name for s in sessions]
+        ok = await r.observer.wait(lambda r=r, o=others: all(s in r.observer.first_seen
+                                                              for s in o), SEEN_TIMEOUT_S)
+        last = max((r.observer.first_seen[s] for s in others), default=healed_at)
+        caught[r.name] = max(0.0, last - healed_at) if ok else None
+    return {"cut": cut, "cut_seconds": cut_seconds, "seen_health_s": seen_health,
+            "seen_metric_s": seen_metric, "reconnected_s": reconnected,
+            "caught_up_s": caught}
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}{unit}"
+
+
+def table(result: dict[str, Any]) -> str:
+    delays = result["delays"]
+    conv, aff, rl, part = (result[k] for k in ("convergence", "affinity", "rate_limit",
+                                               "partition"))
+    lines = [
+        "skyroute across three regions (network namespaces, userspace delay line)",
+        "one-way delays " + ", ".join(f"{k} {v:g} ms" for k, v in delays.items())
+        + " (RTT " + " / ".join(f"{2 * v:g}" for v in delays.values()) + " ms); "
+        + f"load average at start {result['load_at_start']} on {os.cpu_count()} cores",
+        "",
+        f"convergence: a new session's pin, from its region to the other "
+        f"({conv['writes']} writes, both directions of a pair together)",
+        f"  {'pair':<7}{'one-way':>9}{'writes':>8}{'p50':>9}{'p99':>9}{'max':>9}{'lost':>6}",
+    ]
+    for k, p in conv["pairs"].items():
+        lines.append(f"  {k:<7}{_fmt(p['one_way_ms'], ' ms'):>9}{p['writes']:>8}"
+                     f"{_fmt(p['p50_ms'], ' ms'):>9}{_fmt(p['p99_ms'], ' ms'):>9}"
+                     f"{_fmt(p['max_ms'], ' ms'):>9}{p['lost']:>6}")
+    lines += [
+        f"  per write: {conv['bytes_per_write']:.0f} sync bytes sent (all links), "
+        f"{conv['receiver_cpu_ms_per_write']:.2f} ms CPU in the two receiving instances "
+        "(idle subtracted)",
+        "",
+        f"follow-up affinity: first answer at r1, follow-up at another region after a gap "
+        f"(of {aff['sessions']} sessions)",
+        f"  {'gap':<8}{'r2 served':>11}{'r2 kept':>9}{'r3 served':>11}{'r3 kept':>9}",
+    ]
+    n = aff["sessions"]
+    for gap, cells in aff["gaps"].items():
+        lines.append(f"  {gap + ' ms':<8}{cells['r2']['served']:>8}/{n}{cells['r2']['kept']:>6}/{n}"
+                     f"{cells['r3']['served']:>8}/{n}{cells['r3']['kept']:>6}/{n}")
+    lines += [
+        "  served: the follow-up was answered by the first answer's upstream; kept: the pin"
+        " every region agrees on is still it",
+        "",
+        f"rate limit: rpm {RPM}, {rl['rate']:g} req/s over the 3 regions for {rl['seconds']:g} s "
+        f"({rl['requests']} requests, {rl['errors']} neither 200 nor 429)",
+        f"  most admitted in any 60 s window: {rl['most_in_60s']} (from t = "
+        f"{_fmt(rl['most_in_60s_from_s'], ' s')}); in the first 60 s: "
+        f"{rl['admitted_first_window']}; in the first second: {rl['first_second']}",
+        "  per region: " + ", ".join(f"{k} {v}" for k, v in rl["per_region"].items()),
+    ]
+    if rl["seconds"] > WINDOW_S:
+        lines.append(f"  largest burst in 1 s after the first 60 s: {rl['burst_after_window']} "
+                     f"(at t = {_fmt(rl['burst_after_window_at_s'], ' s')})")
+    share = rl["near_10s_edges"] / rl["admitted"] * 100 if rl["admitted"] else math.nan
+    lines += [
+        f"  admitted within 0.5 s of a wall-clock 10 s edge: {rl['near_10s_edges']} of "
+        f"{rl['admitted']} ({_fmt(share, ' %', 0)}; a steady rate: 10 %)",
+        "",
+        f"partition: {part['cut']} black-holed for {part['cut_seconds']:g} s (nothing closed)",
+        f"  {'region':<8}{'/health':>9}{'metric':>9}{'caught up':>11}",
+    ]
+    for r in REGIONS:
+        lines.append(f"  {r:<8}{_fmt(part['seen_health_s'][r], ' s'):>9}"
+                     f"{_fmt(part['seen_metric_s'][r], ' s'):>9}"
+                     f"{_fmt(part['caught_up_s'][r], ' s', 2):>11}")
+    lines += [
+        "  /health, metric: seconds from the cut until /health and skyroute_sync_peers_connected"
+        " show it ('-': not within the cut)",
+        f"  after the heal: every link connected again in {part['reconnected_s']:.2f} s; caught"
+        " up: the other side's writes made during the cut all seen",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, delays: dict[str, float], workdir: Path
+              ) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "delays": delays, "load_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    async with fleet_running(delays, workdir, args.ttft) as fleet:
+        result["convergence"] = await measure_convergence(fleet, args.conv_seconds,
+                                                          args.writes_per_s)
+        result["affinity"] = await measure_affinity(fleet, args.sessions)
+        result["rate_limit"] = await measure_rate_limit(fleet, args.rl_seconds, args.rl_rate)
+        result["partition"] = await measure_partition(fleet, args.cut_seconds, args.sessions)
+    return result
+
+
+def _args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delays", default=DEFAULT_DELAYS,
+                        help=f"one-way delay per pair, ms (default {DEFAULT_DELAYS})")
+    parser.add_argument("--short", action="store_true",
+                        help="a quick run: 2 s of writes, 5 sessions, 10 s of rate limit, "
+                             "a 5 s cut")
+    parser.add_argument("--conv-seconds", type=float, default=8.0)
+    parser.add_argument("--writes-per-s", type=float, default=25.0)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--rl-seconds", type=float, default=75.0,
+                        help="past 60 s, to see the first admissions leave the window")
+    parser.add_argument("--rl-rate", type=float, default=150.0)
+    parser.add_argument("--cut-seconds", type=float, default=10.0)
+    parser.add_argument("--ttft", type=float, default=0.005,
+                        help="the stand-ins' time to first token, s")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", type=Path, help="keep routing files and logs here")
+    parser.add_argument("--require", action="store_true",
+                        help="exit 1, not 0, when namespaces cannot be made")
+    args = parser.parse_args(argv)
+    if args.short:
+        args.conv_seconds, args.sessions, args.rl_seconds, args.cut_seconds = 2.0, 5, 10.0, 5.0
+    try:
+        args.delays = parse_delays(args.delays)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _args(argv)
+    if (why := Namespaces.available()) is not None:
+        print(f"bench/regions.py skipped: {why}", file=sys.stderr)
+        return 1 if args.require else 0
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="regions-")))
+        # SIGTERM ends the run as Ctrl-C does: the main task is cancelled, cleanup runs.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        try:
+            result = asyncio.run(run(args, args.delays, workdir))
+        except KeyboardInterrupt:
+            print("bench/regions.py: interrupted; namespaces and processes removed",
+                  file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            print(f"bench/regions.py: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(result) if args.json else table(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
