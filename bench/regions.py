@@ -48,13 +48,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
 import json
 import math
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -211,9 +209,9 @@ class Observer:
         async with http.ws_connect(url, params={"token": SYNC_TOKEN}, heartbeat=None) as ws:
             await ws.send_bytes(create_sync_message(self.doc))
             async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY and msg.data[0] == YMessageType.SYNC:
-                    if reply := handle_sync_message(msg.data[1:], self.doc):
-                        await ws.send_bytes(reply)
+                if (msg.type == aiohttp.WSMsgType.BINARY and msg.data[0] == YMessageType.SYNC
+                        and (reply := handle_sync_message(msg.data[1:], self.doc))):
+                    await ws.send_bytes(reply)
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds after a change; False after ``timeout``."""
@@ -423,10 +421,10 @@ async def measure_convergence(fleet: Fleet, seconds: float, rate: float) -> dict
         began = time.monotonic()
         count = max(1, round(seconds * rate))
         ids = [f"conv-{writer.name}-{i}" for i in range(count)]
-        await _paced(count, rate, lambda i: writer.chat(session=ids[i]))
+        await _paced(count, rate, lambda i, w=writer, ids=ids: w.chat(session=ids[i]))
         for r in regions:
-            await r.observer.wait(lambda r=r: all(s in r.observer.first_seen for s in ids),
-                                  SEEN_TIMEOUT_S)
+            await r.observer.wait(
+                lambda r=r, ids=ids: all(s in r.observer.first_seen for s in ids), SEEN_TIMEOUT_S)
         elapsed = time.monotonic() - began
         after = [await r.metrics() for r in regions]
         writes += count
@@ -659,6 +657,12 @@ def table(result: dict[str, Any]) -> str:
 
 async def run(args: argparse.Namespace, delays: dict[str, float], workdir: Path
               ) -> dict[str, Any]:
+    # Ctrl-C and SIGTERM cancel this task, so every cleanup below runs (also when SIGINT
+    # was ignored at start, as for a background job of a non-interactive shell).
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
     result: dict[str, Any] = {
         "delays": delays, "load_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     async with fleet_running(delays, workdir, args.ttft) as fleet:
@@ -711,11 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir = args.keep
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="regions-")))
-        # SIGTERM ends the run as Ctrl-C does: the main task is cancelled, cleanup runs.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         try:
             result = asyncio.run(run(args, args.delays, workdir))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):
             print("bench/regions.py: interrupted; namespaces and processes removed",
                   file=sys.stderr)
             return 130
