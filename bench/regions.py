@@ -489,7 +489,6 @@ async def measure_affinity(fleet: Fleet, sessions: int) -> dict[str, Any]:
 
 
 async def measure_rate_limit(fleet: Fleet, seconds: float, rate: float) -> dict[str, Any]:
-    # Let an earlier run's counts of this key leave the window? Each run is a fresh fleet.
     regions = list(fleet.regions.values())
     per_region = rate / len(regions)
     count = max(1, round(seconds * per_region))
