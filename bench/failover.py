@@ -46,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _client import quantile
 from skyroute.proxy import Server
 from skyroute.proxy._logging import configure_logging
 from skyroute.proxy.demo import Behaviour, StandinUpstream
@@ -184,12 +185,6 @@ async def skyroute_counts(server: Server) -> str:
     won = values.get(("skyroute_hedges_total", ("chat", "won")), 0)
     lost = values.get(("skyroute_hedges_total", ("chat", "lost")), 0)
     return f"failovers {failovers:.0f}, hedges won {won:.0f} / lost {lost:.0f}"
-
-
-def quantile(values: list[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def report(name: str, run: Run, flip_at: float, extra: str) -> None:

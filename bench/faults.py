@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import statistics
 import sys
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _client import chat_text, quantile
 from skyroute.proxy import Server
 from skyroute.proxy._logging import configure_logging
 from skyroute.proxy.demo import Behaviour, StandinUpstream
@@ -134,17 +134,7 @@ async def one(client: openai.AsyncOpenAI, model: str, *, stream: bool) -> Sample
     """One request; a client-visible error is recorded, never raised."""
     started = time.perf_counter()
     try:
-        if stream:
-            chunks = await client.chat.completions.create(model=model, messages=MESSAGES,
-                                                          stream=True)
-            text, finish = "", None
-            async for chunk in chunks:
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                    finish = choice.finish_reason or finish
-        else:
-            reply = await client.chat.completions.create(model=model, messages=MESSAGES)
-            text, finish = reply.choices[0].message.content or "", reply.choices[0].finish_reason
+        text, finish = await chat_text(client, model, MESSAGES, stream=stream)
     except Exception as exc:  # every failure is a data point here
         return _error_sample(exc, started)
     whole = WHOLE.fullmatch(text) is not None and finish == "stop"
@@ -205,7 +195,7 @@ async def run_scenario(setup: Setup, *, via_skyroute: bool, args: argparse.Names
             samples = await run_load(f"http://127.0.0.1:{ups['a'].port}/v1", "deepseek-chat",
                                      args)
             return RunResult(samples=samples, calls=float(len(samples)))
-        server = Server(parse_config(routing_file(ups, route_extra)), port=0, grace_s=1.0)
+        server = Server(parse_config(routing_file(ups, route_extra), env={}), port=0, grace_s=1.0)
         await server.start()
         samples = await run_load(f"{server.url}/v1", "chat", args)
         return RunResult(samples=samples, calls=await upstream_calls(server))
@@ -216,12 +206,6 @@ async def run_scenario(setup: Setup, *, via_skyroute: bool, args: argparse.Names
             await server.aclose()
         for up in ups.values():
             await up.aclose()
-
-
-def quantile(values: list[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def retry_after_summary(samples: list[Sample]) -> str:

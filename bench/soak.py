@@ -40,7 +40,6 @@ import json
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _client import chat_text, quantile
 from skyroute.proxy.demo import Behaviour, StandinUpstream, free_port
 
 KEY = "sk-soak"
@@ -196,17 +196,7 @@ async def one(client: openai.AsyncOpenAI, *, stream: bool, events: list[str],
 async def _one(client: openai.AsyncOpenAI, *, stream: bool) -> Sample:
     started = time.perf_counter()
     try:
-        if stream:
-            chunks = await client.chat.completions.create(model="chat", messages=MESSAGES,
-                                                          stream=True)
-            text, finish = "", None
-            async for chunk in chunks:
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                    finish = choice.finish_reason or finish
-        else:
-            reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
-            text, finish = reply.choices[0].message.content or "", reply.choices[0].finish_reason
+        text, finish = await chat_text(client, "chat", MESSAGES, stream=stream)
     except openai.APIStatusError as exc:
         return Sample(time.perf_counter() - started, error=f"{exc.status_code} {exc.code}",
                       message=exc.message)
@@ -248,12 +238,6 @@ async def upstream_calls(http: aiohttp.ClientSession, instance: Instance) -> flo
                if sample.name == "skyroute_attempts_total" or (
                    sample.name == "skyroute_hedges_total"
                    and sample.labels.get("result") in ("won", "lost")))
-
-
-def quantile(values: list[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 async def soak(args: argparse.Namespace) -> Summary:
