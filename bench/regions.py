@@ -67,6 +67,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+from _client import quantile  # noqa: E402
 from _regions_net import (  # noqa: E402
     SKYROUTE_PORT,
     STANDIN_PORT,
@@ -147,14 +148,6 @@ def most_in_window(times: Sequence[float], window: float) -> tuple[int, float]:
 def near_edges(times: Sequence[float], period: float, margin: float) -> int:
     """How many ``times`` lie within ``margin`` of a multiple of ``period``."""
     return sum(1 for t in times if abs(t - period * round(t / period)) < margin)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (nearest rank); nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 # -- the regions -----------------------------------------------------------------------
@@ -444,7 +437,7 @@ async def measure_convergence(fleet: Fleet, seconds: float, rate: float) -> dict
                     gaps[key].append((there - at) * 1000)
     return {
         "pairs": {k: {"one_way_ms": fleet.delays[k], "writes": len(v) + lost[k],
-                      "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
+                      "p50_ms": quantile(v, 0.5), "p99_ms": quantile(v, 0.99),
                       "max_ms": max(v, default=math.nan), "lost": lost[k]}
                   for k, v in gaps.items()},
         "writes": writes,

@@ -66,13 +66,6 @@ def test_near_edges_counts_times_within_the_margin_of_a_period():
     assert regions.near_edges([9.6, 10.4, 15.0, 19.5, 20.49], 10.0, 0.5) == 3
 
 
-def test_percentile_is_nearest_rank():
-    """p50 of 1..10 is 5, p99 is 10; no values give nan."""
-    values = list(range(10, 0, -1))
-    assert (regions.percentile(values, 50), regions.percentile(values, 99)) == (5, 10)
-    assert math.isnan(regions.percentile([], 50))
-
-
 @pytest.mark.parametrize("region", regions.REGIONS)
 def test_routing_file_is_a_valid_routing_file(region):
     """Each region's generated file loads, its own upstream first, peered with the others."""
