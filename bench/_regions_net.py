@@ -88,17 +88,25 @@ def _ip(*args: str) -> None:
 
 
 class Namespaces:
-    """One network namespace per region, loopback up; ``delete`` removes them all."""
+    """One network namespace per region, loopback up; ``delete`` removes them all.
 
-    def __init__(self, regions: list[str]) -> None:
-        self.names = {r: f"skyroute-{os.getpid()}-{r}" for r in regions}
+    Args:
+        names: region -> namespace name; ``for_regions`` makes this run's names.
+    """
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    @classmethod
+    def for_regions(cls, regions: list[str]) -> Namespaces:
+        return cls({r: f"skyroute-{os.getpid()}-{r}" for r in regions})
 
     @staticmethod
     def available() -> str | None:
         """None if namespaces can be made and entered here, else why not."""
         if os.geteuid() != 0:
             return "needs root (ip netns add, setns)"
-        probe = Namespaces(["probe"])
+        probe = Namespaces.for_regions(["probe"])
         try:
             probe.create()
             with probe.socket("probe"):
@@ -154,8 +162,7 @@ def pair_key(a: str, b: str) -> str:
 
 async def _delay_line(names: dict[str, str], delays_ms: dict[str, float]) -> None:
     regions = sorted(names)
-    ns = Namespaces([])
-    ns.names = names
+    ns = Namespaces(names)
     doors: dict[tuple[str, str], list[TcpForwarder]] = {}
     for i, here in enumerate(regions):
         for j, there in enumerate(regions):
@@ -177,10 +184,15 @@ async def _delay_line(names: dict[str, str], delays_ms: dict[str, float]) -> Non
     try:
         while line := (await reader.readline()).decode().split():
             verb, region = line
+            if verb not in ("cut", "heal"):
+                print(f"unknown command {verb!r}: cut NAME or heal NAME", flush=True)
+                continue
             for (a, b), forwarders in doors.items():
-                if region in (a, b):
-                    for forwarder in forwarders:
-                        forwarder.black_hole() if verb == "cut" else forwarder.heal()
+                for forwarder in forwarders if region in (a, b) else ():
+                    if verb == "cut":
+                        forwarder.black_hole()
+                    else:
+                        forwarder.heal()
             print("ok", flush=True)
     finally:
         for forwarders in doors.values():
