@@ -64,25 +64,29 @@ def test_most_in_window_slides_over_unsorted_times():
 def test_near_edges_counts_times_within_the_margin_of_a_period():
     """9.6 and 10.4 are near 10, 20.49 near 20; 15 is not, and 19.5 is just outside."""
     assert regions.near_edges([9.6, 10.4, 15.0, 19.5, 20.49], 10.0, 0.5) == 3
+    assert regions.is_near_edge(0.1, 2.0, 0.3) and not regions.is_near_edge(1.0, 2.0, 0.3)
 
 
 @pytest.mark.parametrize("region", regions.REGIONS)
 def test_routing_file_is_a_valid_routing_file(region):
     """Each region's generated file loads, its own upstream first, peered with the others."""
-    config = parse_config(regions.routing_file(region), source=f"<{region}>", env={})
+    config = parse_config(regions.routing_file(region, 5.0), source=f"<{region}>", env={})
     assert config.routes[0].targets[0] == f"up-{region}"
     assert len(config.sync.peers) == len(regions.REGIONS) - 1
+    assert config.sync.rotate_every_s == 5.0
 
 
 async def test_regions_short_run_converges_keeps_pins_and_catches_up(tmp_path):
-    """Three namespaced regions for a few seconds: the bench's JSON shows every write arrived,
-    every pin kept, only 200/429 from the limited key, and state caught up after the cut."""
+    """Three namespaced regions for a few seconds, documents rotating every 2 s: the bench's
+    JSON shows every write arrived (its observers follow rotations), every pin kept, only
+    200/429 from the limited key, and state caught up after the cut."""
     if (why := regions.Namespaces.available()) is not None:
         pytest.skip(f"bench/regions.py cannot run here: {why}")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(BENCH), "--json", "--keep", str(tmp_path), "--conv-seconds", "1",
         "--writes-per-s", "10", "--sessions", "3", "--rl-seconds", "3", "--rl-rate", "60",
-        "--cut-seconds", "4", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "--cut-seconds", "4", "--rotate-every", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
     except TimeoutError:
@@ -95,6 +99,9 @@ async def test_regions_short_run_converges_keeps_pins_and_catches_up(tmp_path):
                                                "partition"))
     assert {p["lost"] for p in conv["pairs"].values()} == {0}, conv
     assert conv["writes"] == 30 and conv["bytes_per_write"] > 0, conv
+    assert conv["rotate_every_s"] == 2 and all(
+        math.isnan(p["near_rotation_p99_ms"]) == (p["near_rotation"] == 0)
+        for p in conv["pairs"].values()), conv
     assert all(cell["kept"] == 3 for cells in aff["gaps"].values() for cell in cells.values()), aff
     assert rl["errors"] == 0 and 0 < rl["admitted"] < rl["requests"], rl
     assert None not in part["caught_up_s"].values(), part
