@@ -432,6 +432,18 @@ async def _paced(count: int, rate: float, make: Callable[[int], Any]) -> list[An
 NEAR_ROTATION_S = 0.3
 
 
+def _gap_ms(here: Observer, there: Observer, session: str, answered_at: float) -> float | None:
+    """From ``session``'s pin showing at its own region to showing ``there`` (None: never).
+
+    The start is the earlier of the writer's observer seeing it and the client getting
+    the answer, in case that observer was reconnecting after a rotation.
+    """
+    seen = there.first_seen.get(session)
+    if seen is None:
+        return None
+    return (seen - min(here.first_seen.get(session, answered_at), answered_at)) * 1000
+
+
 async def measure_convergence(fleet: Fleet, seconds: float, rate: float) -> dict[str, Any]:
     regions = list(fleet.regions.values())
     # Idle CPU first (pings, the observers' links), so writes' CPU can be told apart.
@@ -470,17 +482,14 @@ async def measure_convergence(fleet: Fleet, seconds: float, rate: float) -> dict
         for r in (r for r in regions if r is not writer):
             key = pair_key(writer.name, r.name)
             for s, (answer_at, wall) in zip(ids, answered, strict=True):
-                # From the pin showing at its own region (or the answer, if its observer was
-                # reconnecting after a rotation) to it showing at the other.
-                at = min(writer.observer.first_seen.get(s, answer_at), answer_at)
-                there = r.observer.first_seen.get(s)
-                if there is None:
+                gap = _gap_ms(writer.observer, r.observer, s, answer_at)
+                if gap is None:
                     lost[key] += 1
                     continue
-                gaps[key].append((there - at) * 1000)
+                gaps[key].append(gap)
                 if fleet.rotate_every_s and is_near_edge(wall, fleet.rotate_every_s,
                                                          NEAR_ROTATION_S):
-                    near[key].append(gaps[key][-1])
+                    near[key].append(gap)
     return {
         "pairs": {k: {"one_way_ms": fleet.delays[k], "writes": len(v) + lost[k],
                       "p50_ms": quantile(v, 0.5), "p99_ms": quantile(v, 0.99),
