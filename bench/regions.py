@@ -18,7 +18,9 @@ region's ``sessions`` document through a Yjs client on ``/sync/sessions`` there
    appearing at its region to appearing at each other region, p50/p99, both
    directions of a pair together. Also the sync bytes sent per write (all links
    of all instances) and the CPU the receiving instances spent per write (their
-   idle CPU over as long, measured first, subtracted).
+   idle CPU over as long, measured first, subtracted). With ``--rotate-every S``
+   the documents rotate every S seconds (epochs are wall-clock multiples of S), and
+   writes answered within 0.3 s of a rotation are also shown on their own.
 2. Follow-up affinity: 20 sessions answered at r1, each followed up at r2 (and,
    separately, r3) 0, 1, 10 and 100 ms after the first answer. "Served" counts
    follow-ups answered by the first answer's upstream; "kept" counts sessions
@@ -41,7 +43,7 @@ are removed by the next run.
 
 Usage: sudo python bench/regions.py [--delays r1-r2=20.5,r1-r3=76,r2-r3=61] [--short]
        [--conv-seconds 8] [--writes-per-s 25] [--rl-seconds 75] [--rl-rate 150]
-       [--cut-seconds 10] [--json] [--keep DIR]
+       [--cut-seconds 10] [--rotate-every S] [--json] [--keep DIR]
 """
 
 from __future__ import annotations
