@@ -52,6 +52,16 @@ def test_parse_delays_says_what_is_wrong(text, says):
         regions.parse_delays(text)
 
 
+def test_args_short_sets_only_what_was_not_given():
+    """--short shortens every phase, but an option given on the command line still wins."""
+    args = regions._args(["--short", "--conv-seconds", "10"])
+    assert (args.conv_seconds, args.sessions, args.rl_seconds, args.cut_seconds) == (
+        10.0, 5, 10.0, 5.0)
+    args = regions._args([])
+    assert (args.conv_seconds, args.sessions, args.rl_seconds, args.cut_seconds) == (
+        8.0, 20, 75.0, 10.0)
+
+
 def test_most_in_window_slides_over_unsorted_times():
     """The busiest half-open window may start at any time, not only at the first."""
     times = [120.0, 60.1, 0.0, 59.9, 0.5, 60.0]
