@@ -174,7 +174,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      skip_auto_headers=("User-Agent",)) as session:
         app[SESSION] = session
-        app[UPSTREAM_SESSIONS] = UpstreamSessions()
+        app[UPSTREAM_SESSIONS] = UpstreamSessions(app[METRICS].registry)
+        # Cloud identities are fetched now, so the first request finds a token ready.
+        app[UPSTREAM_SESSIONS].clouds.start(app[SERVING].runtime.config.upstreams)
         try:
             yield
         finally:

@@ -1,5 +1,5 @@
 """Connection pools to upstreams: one aiohttp session per upstream, sized by its
-``max_connections``.
+``max_connections``; and, for cloud upstreams, their identity (``proxy._clouds``).
 
 aiohttp's own per-host limit cannot tell two upstreams on one host apart (two keys to
 one provider), nor count a pool's servers together, so each upstream gets a connector
@@ -11,7 +11,10 @@ flight finish on the old one, which is closed with the others at shutdown.
 from __future__ import annotations
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 from skyroute.routing import Upstream
+
+from ._clouds import CloudAccess, UpstreamAccess
 
 #: Idle keep-alive connections are reused for this long.
 KEEPALIVE_S = 30.0
@@ -20,8 +23,13 @@ KEEPALIVE_S = 30.0
 class UpstreamSessions:
     """The HTTP session (and so the connection pool) of each upstream."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+        self.clouds = CloudAccess(registry)
+
+    def access(self, upstream: Upstream) -> UpstreamAccess | None:
+        """What a cloud upstream needs besides a connection (None for plain OpenAI ones)."""
+        return self.clouds.for_upstream(upstream)
 
     def for_upstream(self, upstream: Upstream) -> aiohttp.ClientSession:
         """The session whose pool holds at most ``upstream.max_connections`` connections."""
@@ -40,5 +48,6 @@ class UpstreamSessions:
     async def aclose(self) -> None:
         """Close every pool (at shutdown, after requests in flight have drained)."""
         sessions, self._sessions = list(self._sessions.values()), {}
+        await self.clouds.aclose()
         for session in sessions:
             await session.close()

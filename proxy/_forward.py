@@ -38,10 +38,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from skyroute.routing import AttemptOutcome, Result, Target, classify_status
+from skyroute.routing import AttemptOutcome, Provider, Result, Target, classify_provider_error
 
+from ._bedrock import TranslationError
 from ._bodies import Upload
 from ._client_guard import send_within
+from ._clouds import ConverseAnswer, CredentialUnavailable, credential_hint
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
@@ -119,7 +121,7 @@ class Opened:
     """An attempt whose answer has begun; nothing has been sent to the client yet."""
 
     target: Target
-    response: aiohttp.ClientResponse
+    response: aiohttp.ClientResponse | ConverseAnswer
     prefix: bytes
     is_sse: bool
     started: float
@@ -208,12 +210,22 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
     upstream = target.upstream
     timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
                                     sock_read=upstream.idle_timeout_s)
-    response: aiohttp.ClientResponse | None = None
+    response: aiohttp.ClientResponse | ConverseAnswer | None = None
+    access = session.access(upstream)
     try:
         async with asyncio.timeout(deadline - started):
+            url = upstream_url(target.endpoint, call.path_qs)
+            if access is not None:  # a cloud: its path, its identity, maybe its API
+                prepared = await access.prepare(
+                    method=call.method, endpoint=target.endpoint, path_qs=call.path_qs,
+                    model=target.model, headers=headers, data=data, payload=call.payload)
+                url, data = prepared.url, prepared.data
             response = await session.for_upstream(upstream).request(
-                call.method, upstream_url(target.endpoint, call.path_qs), data=data,
-                headers=headers, timeout=timeout, allow_redirects=False)
+                call.method, url, data=data, headers=headers, timeout=timeout,
+                allow_redirects=False)
+            if access is not None and prepared.translate:
+                response = ConverseAnswer(response, model=target.model,
+                                          payload=call.payload or {})
             coding = content_coding(response.headers)
             decoder = decoder_for(coding) if coding else None
             if response.status >= 400:
@@ -227,6 +239,11 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
             kind = call.kind if coding == "" or decoder is not None else StreamKind.PLAIN
             prefix = await _read_first_content(response, sse=is_sse, kind=kind,
                                                decoder=decoder)
+    except CredentialUnavailable as exc:
+        return _failure(target, Result.BAD_KEY, str(exc))
+    except TranslationError as exc:  # the request cannot be said in this provider's API
+        _close(response)
+        return _untranslatable(target, str(exc))
     except TimeoutError:
         _close(response)
         waited = clock() - started
@@ -266,7 +283,18 @@ async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool,
             buf = b""
 
 
-async def _failed_status(target: Target, response: aiohttp.ClientResponse,
+def _untranslatable(target: Target, message: str) -> Failed:
+    """A 400 in OpenAI's shape for a request this upstream's API cannot express."""
+    body = json.dumps({"error": {"message": f"upstream '{target.name}': {message}",
+                                 "type": "invalid_request_error", "param": None,
+                                 "code": "unsupported_by_provider"}}).encode()
+    outcome = AttemptOutcome(target=target, result=Result.CLIENT_ERROR, status=400,
+                             detail=f"not expressible for provider {target.upstream.provider}")
+    return Failed(outcome=outcome, status=400, body=body,
+                  headers=CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"})))
+
+
+async def _failed_status(target: Target, response: aiohttp.ClientResponse | ConverseAnswer,
                          decoder: Decoder | None) -> Failed:
     try:
         body = await response.content.read(MAX_ERROR_BODY)
@@ -277,16 +305,28 @@ async def _failed_status(target: Target, response: aiohttp.ClientResponse,
     finally:
         response.release()
     status = response.status
-    result = classify_status(status)
-    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    error_type = response.headers.get("x-amzn-ErrorType", "")
+    result = classify_provider_error(status, error_type)
+    retry_after = _retry_after(response.headers)
     # The upstream's own error text stops here: it may quote a key or an address.
+    detail = f"HTTP {status} {result.value}"
+    if result is Result.BAD_KEY and target.upstream.provider is not Provider.OPENAI:
+        detail += f"; {credential_hint(target.upstream, error_type)}"
     outcome = AttemptOutcome(target=target, result=result, status=status,
-                             detail=f"HTTP {status} {result.value}", retry_after_s=retry_after)
+                             detail=detail, retry_after_s=retry_after)
     headers = response.headers
     if decoder is not None:  # the body passed on is decoded: so must its headers say
         headers = CIMultiDictProxy(CIMultiDict(
             (k, v) for k, v in headers.items() if k.lower() != "content-encoding"))
     return Failed(outcome=outcome, status=status, headers=headers, body=body)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait: Azure's ``retry-after-ms`` when given (finer), else ``Retry-After``."""
+    millis = headers.get("retry-after-ms", "").strip()
+    if millis.replace(".", "", 1).isdigit():
+        return float(millis) / 1000
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def error_category(exc: BaseException) -> str:
@@ -306,7 +346,7 @@ def _failure(target: Target, result: Result, detail: str, *,
                                          ttfb_s=ttfb_s))
 
 
-def _close(response: aiohttp.ClientResponse | None) -> None:
+def _close(response: aiohttp.ClientResponse | ConverseAnswer | None) -> None:
     if response is not None:
         response.close()
 

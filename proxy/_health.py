@@ -34,7 +34,7 @@ from skyroute.statesync import SessionStore
 from ._auth import is_admin
 from ._cache import CACHE
 from ._metrics import Metrics
-from ._state import CLOCK, METRICS, SERVING, STATE_SYNC, TRAFFIC
+from ._state import CLOCK, METRICS, SERVING, STATE_SYNC, TRAFFIC, UPSTREAM_SESSIONS
 from ._tasks import running
 
 log = structlog.get_logger("skyroute.health")
@@ -150,13 +150,23 @@ async def handle_health(request: web.Request) -> web.Response:
                     "essential": list(minimal.essential)},
         "instance": runtime.config.instance_id,
         "config": {"source": runtime.config.source, "loaded_at": runtime.loaded_at},
-        "upstreams": router.snapshot(now=now),
+        "upstreams": _with_clouds(router.snapshot(now=now),
+                                  request.app[UPSTREAM_SESSIONS].clouds.health()),
         "peers": request.app[STATE_SYNC].peer_states(),
         "cache": request.app[CACHE].state(),
     }
     if is_admin(request, runtime.config.admin_key):
         return web.json_response({"view": "admin", **body})
     return web.json_response({"view": "public", **public_health(body)})
+
+
+def _with_clouds(upstreams: dict[str, Any], clouds: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """Cloud upstreams' entries also say their provider and whether their identity is valid."""
+    for name, cloud in clouds.items():
+        if name in upstreams:
+            upstreams[name] = {**upstreams[name], **cloud}
+    return upstreams
 
 
 def public_health(body: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,12 @@ from ._cache import (
     freshness,
     is_storable,
 )
+from ._clouds import (
+    BedrockApi,
+    Provider,
+    UpstreamAuth,
+    provider_path,
+)
 from ._degradation import (
     LEVELS,
     Level,
@@ -52,6 +58,7 @@ from ._router_types import (
     Result,
     Retry,
     Target,
+    classify_provider_error,
     classify_status,
 )
 from ._share import DEFAULT_SHARE_WINDOW_S, TrafficShare
@@ -94,6 +101,7 @@ __all__ = [
     "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
+    "BedrockApi",
     "BreakerPolicy",
     "CacheDirectives",
     "CacheLookup",
@@ -128,6 +136,7 @@ __all__ = [
     "PoolMetricNames",
     "PoolScrape",
     "PrometheusSource",
+    "Provider",
     "Publish",
     "RateLimited",
     "Refuse",
@@ -149,6 +158,7 @@ __all__ = [
     "Touch",
     "TrafficShare",
     "Upstream",
+    "UpstreamAuth",
     "UpstreamHealth",
     "UpstreamState",
     "UsageSlice",
@@ -160,6 +170,7 @@ __all__ = [
     "cache_lookup",
     "capped_payload",
     "check_rate",
+    "classify_provider_error",
     "classify_status",
     "freshness",
     "gossip_decisions",
@@ -169,5 +180,6 @@ __all__ = [
     "parse_duration",
     "parse_server_load",
     "parse_size",
+    "provider_path",
     "streamed_tokens",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from .config import Upstream
 
@@ -46,6 +47,34 @@ def classify_status(status: int) -> Result:
     if status >= 500:
         return Result.SERVER_ERROR
     return Result.CLIENT_ERROR
+
+
+#: Bedrock's error types (``x-amzn-ErrorType``) whose status alone would mislead routing.
+_BEDROCK_ERRORS: Final = {
+    "ThrottlingException": Result.RATE_LIMITED,
+    "ServiceQuotaExceededException": Result.RATE_LIMITED,
+    "ServiceUnavailableException": Result.SERVER_ERROR,
+    # The model is being loaded (on-demand import): busy, try elsewhere.
+    "ModelNotReadyException": Result.SERVER_ERROR,
+    "ModelTimeoutException": Result.TIMEOUT,
+    "InternalServerException": Result.SERVER_ERROR,
+    "ModelErrorException": Result.SERVER_ERROR,
+    "AccessDeniedException": Result.BAD_KEY,
+    "UnrecognizedClientException": Result.BAD_KEY,
+    "ExpiredTokenException": Result.BAD_KEY,
+    "InvalidSignatureException": Result.BAD_KEY,
+}
+
+
+def classify_provider_error(status: int, error_type: str) -> Result:
+    """What an upstream's error means for routing, by its status and a cloud's error type.
+
+    ``error_type`` is Bedrock's ``x-amzn-ErrorType`` (``ThrottlingException:...``), or
+    empty. Azure's and Vertex's overload signals are plain 429s and 503s.
+    """
+    result = _BEDROCK_ERRORS.get(error_type.partition(":")[0])
+    return result if result is not None else classify_status(status)
+
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,15 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, model
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
+from ._clouds import (
+    AzureSettings,
+    BedrockSettings,
+    Provider,
+    UpstreamAuth,
+    VertexSettings,
+    default_url,
+    provider_problem,
+)
 from ._errors import ConfigError, ConfigProblem
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
@@ -249,9 +258,15 @@ class Upstream:
     """One upstream cluster: a provider region, or a pool of self-hosted servers."""
 
     name: Name = Field(description="The upstream's name, used by routes' targets.")
+    provider: Provider = Field(
+        default=Provider.OPENAI,
+        description="The API it speaks: openai (any OpenAI-compatible API), azure, vertex or "
+                    "bedrock.")
     url: HttpUrl | None = Field(
         default=None,
-        description="The OpenAI base URL, as an SDK's base_url (give url or endpoints).")
+        description="openai: the base URL, as an SDK's base_url (give url or endpoints). azure: "
+                    "the resource endpoint. vertex, bedrock: replaces the public endpoint's "
+                    "scheme and host (private endpoints, tests).")
     endpoints: tuple[HttpUrl, ...] = Field(
         default=(),
         description="A local GPU pool: several OpenAI-compatible servers' base URLs.")
@@ -288,6 +303,16 @@ class Upstream:
         default=True,
         description="For a pool: scrape and health-check its servers (latency.scrape); false "
                     "picks by in-flight counts alone.")
+    azure: AzureSettings | None = Field(
+        default=None, description="provider: azure: api_version and deployments.")
+    vertex: VertexSettings | None = Field(
+        default=None, description="provider: vertex: project and location.")
+    bedrock: BedrockSettings | None = Field(
+        default=None, description="provider: bedrock: region and api.")
+    auth: UpstreamAuth | None = Field(
+        default=None,
+        description="How skyroute authenticates: {api_key: ...}, or the cloud's identity "
+                    "({entra: default}, {google: default}, {aws: default}).")
     organization: Text | None = Field(
         default=None,
         description="Sent as OpenAI-Organization (who is billed on this key).")
@@ -304,6 +329,25 @@ class Upstream:
             if header.lower() in _UNFORWARDABLE:
                 raise invalid(f"forward_headers: {header!r} is a credential or hop-by-hop "
                               "header; skyroute never forwards it from a client")
+        return self
+
+    @model_validator(mode="after")
+    def _provider(self) -> Upstream:
+        problem = provider_problem(self.provider, url=self.url, auth=self.auth, sections={
+            "azure": self.azure, "vertex": self.vertex, "bedrock": self.bedrock})
+        if problem is not None:
+            raise invalid(problem)
+        if self.auth is not None and self.auth.api_key is not None:
+            if self.api_key:
+                raise invalid("give the key once: api_key or auth: {api_key: ...}, not both")
+            object.__setattr__(self, "api_key", self.auth.api_key)
+        if self.provider is Provider.AZURE:
+            azure = self.azure or AzureSettings()
+            object.__setattr__(self, "azure", azure)
+            object.__setattr__(self, "models", {**azure.deployments, **self.models})
+        if self.url is None and not self.endpoints:
+            object.__setattr__(self, "url", default_url(self.provider, vertex=self.vertex,
+                                                        bedrock=self.bedrock))
         return self
 
     @model_validator(mode="after")

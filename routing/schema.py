@@ -196,6 +196,8 @@ def _kind_text(info: FieldInfo, annotation: Any) -> str:
         text = kind.name
     elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         text = " \\| ".join(f"`{m.value}`" for m in annotation)
+    elif origin is typing.Literal:
+        text = " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     elif origin is tuple:
         item = _item_kind(typing.get_args(annotation)[0])
         text = f"list of {item.name if item else 'text'}"

@@ -87,8 +87,12 @@ Cross-field checks the JSON schema cannot express. Each failure names the value 
 {{- define "skyroute.validate" -}}
 {{- $upstreams := list }}
 {{- range $i, $u := .Values.routing.upstreams }}
-{{- if eq (hasKey $u "url") (hasKey $u "endpoints") }}
-{{- fail (printf "routing.upstreams[%d] (upstream %q): give either 'url' (one server) or 'endpoints' (a pool), not both and not neither" $i $u.name) }}
+{{- /* vertex and bedrock have a public endpoint per region: their url is optional */}}
+{{- $cloud := has (default "openai" $u.provider) (list "vertex" "bedrock") }}
+{{- if and (hasKey $u "url") (hasKey $u "endpoints") }}
+{{- fail (printf "routing.upstreams[%d] (upstream %q): give either 'url' (one server) or 'endpoints' (a pool), not both" $i $u.name) }}
+{{- else if and (not $cloud) (not (hasKey $u "url")) (not (hasKey $u "endpoints")) }}
+{{- fail (printf "routing.upstreams[%d] (upstream %q): give either 'url' (one server) or 'endpoints' (a pool)" $i $u.name) }}
 {{- end }}
 {{- end }}
 {{- range .Values.routing.upstreams }}
