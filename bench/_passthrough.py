@@ -16,7 +16,9 @@ from aiohttp import web
 
 
 async def main(upstream: str, key: str) -> None:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    # No total timeout: bench/streams.py holds streams open for minutes.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=None))
     auth = f"Bearer {key}"
 
     async def forward(request: web.Request) -> web.StreamResponse:

@@ -192,6 +192,24 @@ def cpu_seconds(pids: tuple[int, ...]) -> float:
     return total
 
 
+def memory_mib(pids: tuple[int, ...], field: str) -> list[float]:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of each process, in MiB, from /proc/PID/status."""
+    out = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                out.append(int(line.split()[1]) / 1024)
+    return out
+
+
+def memory_line(targets: list[Target], idle: dict[str, list[float]]) -> str:
+    """Idle and peak RSS of each proxy process (issue 14's goal: at most 80 MB per worker)."""
+    parts = [f"{t.name} idle {'/'.join(f'{m:.1f}' for m in idle[t.name])} MiB, peak "
+             f"{'/'.join(f'{m:.1f}' for m in memory_mib(t.pids, 'VmHWM'))} MiB"
+             for t in targets if t.pids]
+    return "RSS per process (goal: <= 80 MB = 76.3 MiB per worker): " + "; ".join(parts)
+
+
 def worker_pids(log: Path) -> tuple[int, ...]:
     """The worker pids a ``--workers N`` supervisor logged (``workers_started``)."""
     for line in log.read_text().splitlines():
@@ -555,9 +573,11 @@ def main(argv: list[str] | None = None) -> int:
             sky,
         ]
         targets = [t for t in targets if t.name in args.targets]
+        idle = {t.name: memory_mib(t.pids, "VmRSS") for t in targets}
         phases = uvloop.run(measure(targets, args))
         check_alive(procs)
         result = report(phases, args)
+        print(memory_line(targets, idle), flush=True)
         if args.scaling:
             # Nothing pinned from here on: every process may use every core.
             os.sched_setaffinity(0, cpus)
@@ -567,10 +587,12 @@ def main(argv: list[str] | None = None) -> int:
             scaling = [start_skyroute(procs, args, config, name, workers=n, core=None)
                        for name, n in zip(SCALING_TARGETS, (1, 2), strict=True)]
             top = max(args.concurrency)
+            idle = {t.name: memory_mib(t.pids, "VmRSS") for t in scaling}
             scaled = uvloop.run(measure(scaling, argparse.Namespace(
                 **{**vars(args), "concurrency": [top]})))
             check_alive(procs)
             result["scaling"] = report_scaling(scaled, args)
+            print(memory_line(scaling, idle), flush=True)
         if args.json:
             result["config"] = {k: v for k, v in vars(args).items() if k != "json"}
             result["pinned"] = pinned

@@ -78,6 +78,12 @@ class SyncMetrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.sessions = Gauge(
+            "skyroute_sync_sessions",
+            "Sessions in the shared sessions map (until rotation drops those past the TTL).",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.document_bytes = Gauge(
             "skyroute_sync_document_bytes",
             "Encoded size of the current epoch's document.",

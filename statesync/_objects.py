@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Final, final
 
-from ._doc import DocHub
+from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics
 
 EVICT_TO: Final = 0.9
@@ -46,23 +46,39 @@ class ObjectDirectory:
         self._hub = hub
         self._writer_id = writer_id
         self._metrics = metrics
+        self._count = 0
+        hub.on_new_doc(self._attach)
+        self._attach(hub.doc)
 
     def __repr__(self) -> str:
         return f"<ObjectDirectory entries={len(self)}>"
 
     def __len__(self) -> int:
-        return len(self._hub.doc.maps["objects"])
+        return self._count
+
+    def _attach(self, doc: EpochDoc) -> None:
+        # pycrdt's len of a map walks every key (milliseconds at 100,000 entries, and it
+        # was asked on every write): count once per document, then follow its changes.
+        self._count = len(doc.maps["objects"])
+        doc.on_map_change(self._on_change)
+
+    def _on_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if map_name == "objects":
+            for change in keys.values():
+                action = change.get("action")
+                self._count += 1 if action == "add" else -1 if action == "delete" else 0
 
     def remember(self, object_id: str, upstream: str, *, now: float, ttl_s: float,
                  max_entries: int) -> None:
         """Record that ``upstream`` holds ``object_id`` for ``ttl_s``; visible to peers at once."""
         objects = self._hub.doc.maps["objects"]
         with self._hub.doc.doc.transaction():
+            entries = self._count + (object_id not in objects)  # counted at commit
             objects[object_id] = {"upstream": upstream, "until": now + ttl_s, "ts": now,
                                   "by": self._writer_id}
-            if len(objects) > max_entries:
+            if entries > max_entries:
                 self._evict(now, keep=int(max_entries * EVICT_TO))
-        self._metrics.objects.set(len(objects))
+        self._metrics.objects.set(len(self))
 
     def upstream_of(self, object_id: str, *, now: float) -> str | None:
         """The upstream holding ``object_id``; None if unknown or expired."""

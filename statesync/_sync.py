@@ -69,6 +69,10 @@ SNAPSHOT_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
+SIZE_MEASURE_SHARE: Final = 0.01
+"""Measuring a document encodes all of it on the event loop (0.1-0.3 s at 100,000 sessions,
+``bench/sessions.py``): it is done every ``SIZE_METRIC_EVERY_S`` at most, and less often
+when it is slow, so that it takes at most this share of the time."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 
@@ -450,12 +454,23 @@ class StateSync:
             await self._write_snapshot()
 
     async def _size_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        measure_at = 0.0
         while True:
-            for name, size in self.document_sizes().items():
-                self._metrics.document_bytes.labels(name).set(size)
-                self._hubs[name].measured(size)
+            if loop.time() >= measure_at:
+                measure_at = loop.time() + self._measure_documents() / SIZE_MEASURE_SHARE
             self._metrics.objects.set(len(self.objects))  # peers' writes count too
+            self._metrics.sessions.set(self.store.session_count)
             await asyncio.sleep(SIZE_METRIC_EVERY_S)
+
+    def _measure_documents(self) -> float:
+        """Measure each document's encoded size (metric, and the gate's size limit);
+        return the seconds it took. Between measurements the gate adds up the updates."""
+        started = time.perf_counter()
+        for name, size in self.document_sizes().items():
+            self._metrics.document_bytes.labels(name).set(size)
+            self._hubs[name].measured(size)
+        return time.perf_counter() - started
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(coro))

@@ -152,11 +152,12 @@ class UpdateGate:
 
     def _copy(self, source: Doc[Any]) -> Doc[Any]:
         shadow: Doc[Any] = Doc()
-        self._subscriptions = []
-        for name in self._map_names:
-            ymap = shadow.get(name, type=Map)
-            self._subscriptions.append(ymap.observe(self._observer(name)))
+        maps = [shadow.get(name, type=Map) for name in self._map_names]
+        # Observed only after the copy: what the real document holds needs no check, and
+        # an observer would turn all of it into Python values (seconds at 100,000 sessions).
         shadow.apply_update(source.get_update())
+        self._subscriptions = [ymap.observe(self._observer(name))
+                               for name, ymap in zip(self._map_names, maps, strict=True)]
         self._changes.clear()
         return shadow
 

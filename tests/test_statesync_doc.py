@@ -7,6 +7,7 @@ conversation until both inboxes are empty.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 from typing import Any
@@ -23,7 +24,15 @@ from skyroute.statesync import (
     Usage,
     UsageBucket,
 )
-from skyroute.statesync._doc import DocHub, EpochDoc, decode_snapshot, encode_snapshot, rebuild
+from skyroute.statesync._doc import (
+    BULK_UPDATE_BYTES,
+    DocHub,
+    EpochDoc,
+    collector_paused,
+    decode_snapshot,
+    encode_snapshot,
+    rebuild,
+)
 from skyroute.statesync._links import BACKOFF_CAP_S, link_backoff
 from skyroute.statesync._metrics import SyncMetrics
 from skyroute.statesync._protocol import ConnState, YConnection, message_kind
@@ -164,6 +173,45 @@ def test_DocHub_install_refuses_client_holding_older_epoch_doc() -> None:
         conn.receive_message(create_sync_message(old_client))
 
 
+def test_collector_paused_restores_the_collector_as_it_was() -> None:
+    """Paused only when asked, enabled again after an error, left off if it was off."""
+    assert gc.isenabled()
+    with collector_paused(False):
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_DocHub_bulk_update_is_checked_and_applied_whole() -> None:
+    """An update past BULK_UPDATE_BYTES (a catch-up) arrives whole, and a bad one not at all."""
+    a, b = make_hub(), make_hub()
+    with a.doc.doc.transaction():
+        for i in range(2000):
+            a.doc.maps["sessions"][f"s{i}"] = {"upstream": "up", "ts": 1.0, "by": "a"}
+    update = a.doc.full_update()
+    assert len(update) >= BULK_UPDATE_BYTES
+    pair = DocPair(a, b)
+    pair.deliver()
+    assert snapshot(b) == snapshot(a) and gc.isenabled()
+    bad = make_hub()
+    bad.doc.doc.apply_update(update)
+    with bad.doc.doc.transaction():
+        bad.doc.maps["sessions"]["evil"] = {"upstream": "up", "evil": 1}
+    fresh = make_hub()
+    with pytest.raises(SyncProtocolError):
+        fresh.apply_remote(bad.doc.full_update(), origin=pair.conn_b)
+    assert len(fresh.doc.maps["sessions"]) == 0 and gc.isenabled()
+
+
 def test_rebuild_drops_history_and_expired_entries() -> None:
     """A rebuilt document keeps only what ``keep`` accepts and is smaller than the old one."""
     doc = EpochDoc("sessions", 1)
@@ -236,8 +284,9 @@ def test_SyncSettings_parses_discovery_target() -> None:
 
 
 class StorePair:
-    def __init__(self, clock: FakeClock) -> None:
-        settings = {n: SyncSettings(instance_id=n, token="t", session_ttl_s=100.0) for n in "ab"}
+    def __init__(self, clock: FakeClock, **overrides: Any) -> None:
+        settings = {n: SyncSettings(instance_id=n, token="t", session_ttl_s=100.0, **overrides)
+                    for n in "ab"}
         self.hubs = {n: {d: make_hub(d) for d in ("sessions", "usage")} for n in "ab"}
         self.stores = {
             n: SessionStore(
@@ -270,6 +319,45 @@ def test_SessionStore_pin_on_one_replica_is_seen_on_the_other() -> None:
     got = sp.stores["b"].get("s1", now=clock.now())
     assert got is not None and got.upstream == "deepseek" and got.created == clock.now()
     assert sp.stores["b"].get("s1", now=clock.now() + 101) is None  # past the TTL
+
+
+def test_SessionStore_session_count_follows_local_remote_and_rotated_changes() -> None:
+    """The count kept from map events equals the map's size through writes, deletes,
+    a peer's writes and a rotation that drops expired sessions."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock)
+    a, b = sp.stores["a"], sp.stores["b"]
+    for i in range(5):
+        a.pin(f"a{i}", "up", now=clock.now())
+    for i in range(3):
+        b.pin(f"b{i}", "up", now=clock.now())
+    a.pin("a0", "other", now=clock.now(), moved_from="up")  # an update: no new entry
+    sp.sync()
+    hub_a = sp.hubs["a"]["sessions"]
+    assert a.session_count == b.session_count == len(hub_a.doc.maps["sessions"]) == 8
+    del sp.hubs["b"]["sessions"].doc.maps["sessions"]["a1"]  # a delete made at the peer
+    sp.sync()
+    assert a.session_count == len(hub_a.doc.maps["sessions"]) == 7
+    clock.advance(60)
+    a.touch("a2", now=clock.now())
+    clock.advance(60)  # every session but a2 is past the 100 s TTL now
+    hub_a.install(rebuild(hub_a.doc, 2, a.keep))
+    assert a.session_count == len(hub_a.doc.maps["sessions"]) == 1
+
+
+def test_SessionStore_evicts_sessions_that_arrived_from_a_peer() -> None:
+    """max_sessions holds for sessions another instance wrote, counted from remote changes."""
+    clock = FakeClock(WALL_CLOCK_START)
+    sp = StorePair(clock, max_sessions=10)
+    for i in range(25):
+        sp.stores["b"].pin(f"s{i:02}", "up", now=clock.now() + i)
+    for pair in sp.pairs:
+        pair.deliver()  # b has not flushed: the sessions reached a as remote writes
+    assert sp.stores["a"].session_count == 25
+    assert sp.stores["a"].flush()
+    sessions = sp.hubs["a"]["sessions"].doc.maps["sessions"]
+    assert sp.stores["a"].session_count == len(sessions) <= 10
+    assert "s24" in sessions and "s00" not in sessions
 
 
 def test_SessionStore_usage_adds_up_across_replicas_as_ints() -> None:

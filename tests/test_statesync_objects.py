@@ -49,6 +49,24 @@ def test_ObjectDirectory_stays_bounded_dropping_the_oldest() -> None:
     assert a.objects.upstream_of("file-10", now=START + 20) == "up"
 
 
+def test_ObjectDirectory_bound_counts_entries_a_peer_wrote() -> None:
+    """Entries written at a peer count towards max_entries here; a rewrite of one id is
+    no new entry."""
+    a, b, _ = directory_pair()
+    pair = DocPair(a._hubs["sessions"], b._hubs["sessions"])
+    pair.deliver()
+    for i in range(8):
+        b.objects.remember(f"file-{i}", "up", now=START + i, ttl_s=DAY, max_entries=10)
+    pair.deliver()
+    a.objects.remember("file-0", "up", now=START + 20, ttl_s=DAY, max_entries=10)
+    assert len(a.objects) == len(a._hubs["sessions"].doc.maps["objects"]) == 8
+    for i in range(8, 11):
+        a.objects.remember(f"file-{i}", "up", now=START + 20 + i, ttl_s=DAY, max_entries=10)
+    assert len(a.objects) == len(a._hubs["sessions"].doc.maps["objects"]) == 9
+    assert a.objects.upstream_of("file-1", now=START + 40) is None  # the oldest went first
+    assert a.objects.upstream_of("file-0", now=START + 40) == "up"  # rewritten: recent
+
+
 async def test_ObjectDirectory_rotation_keeps_live_entries_only() -> None:
     """A rotation carries live entries into the new document and drops expired ones."""
     a, _, clock = directory_pair()
