@@ -29,6 +29,7 @@ from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import ClientRequestError, InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
 from ._health import handle_health, health_ticker
+from ._jobs import install_jobs
 from ._metrics import Metrics
 from ._paths import check_target
 from ._pool_scrape import pool_scraper
@@ -228,6 +229,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app.router.add_get("/api/health", handle_health)
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
+    install_jobs(app, config)  # its routes before the catch-all of add_api_routes
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:

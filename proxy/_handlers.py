@@ -35,6 +35,7 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
+from ._jobs_auth import JOB_TOKEN_HEADER, job_caller
 from ._objects import creates_object, holder_of, named_ids, remember_created
 from ._paths import upstream_path
 from ._sessions import (
@@ -66,6 +67,8 @@ def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
+    if JOB_TOKEN_HEADER in request.headers:  # a job's own call (``proxy._jobs_runner``)
+        return job_caller(request, runtime)
     keys = runtime.client_keys
     if keys is None:
         return None

@@ -33,6 +33,7 @@ from skyroute.statesync import SessionStore
 
 from ._auth import is_admin
 from ._cache import CACHE
+from ._jobs_runner import JOBS
 from ._metrics import Metrics
 from ._state import CLOCK, METRICS, SERVING, STATE_SYNC, TRAFFIC, UPSTREAM_SESSIONS
 from ._tasks import running
@@ -155,6 +156,8 @@ async def handle_health(request: web.Request) -> web.Response:
         "peers": request.app[STATE_SYNC].peer_states(),
         "cache": request.app[CACHE].state(),
     }
+    if JOBS in request.app:
+        body["jobs"] = await request.app[JOBS].health()
     if is_admin(request, runtime.config.admin_key):
         return web.json_response({"view": "admin", **body})
     return web.json_response({"view": "public", **public_health(body)})

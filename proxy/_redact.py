@@ -73,6 +73,10 @@ def config_secrets(config: Config) -> list[str | None]:
     for upstream in config.upstreams:
         secrets.append(upstream.api_key)
         secrets += [urlsplit(url).password for url in upstream.endpoints]
+    if config.jobs is not None:
+        secrets.append(config.jobs.webhook_secret)
+        if config.jobs.redis is not None:
+            secrets.append(urlsplit(config.jobs.redis.url).password)
     return secrets
 
 

@@ -110,6 +110,7 @@ class Server:
             server = self._site._server  # aiohttp exposes no public bound-port accessor
             if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
                 self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.app[SERVING].url = self.url
         log.info("server_started", url=self.url)
 
     async def aclose(self) -> None:

@@ -49,6 +49,9 @@ class Serving:
     runtime: Runtime
     config_path: Path | None = None
     draining: bool = False
+    #: Where this instance listens (``http://127.0.0.1:8080``), once it does: the job
+    #: runner sends each job to it, through the same path as a client's request.
+    url: str | None = None
 
     def swap(self, config: Config) -> None:
         """Serve ``config``; requests in flight keep the ``Runtime`` they started with.

@@ -36,6 +36,21 @@ from ._degradation import (
 from ._errors import ConfigError, ConfigProblem, RoutingError, RoutingStateError
 from ._gossip import GOSSIPED, Adopt, Finding, Publish, Withdraw, gossip_decisions
 from ._health import STATES, Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._jobs import (
+    BATCH_ENDPOINTS,
+    BUSY_STATUSES,
+    BatchLine,
+    BatchStatus,
+    Finished,
+    GaveUp,
+    LaneWindow,
+    LineProblem,
+    RetryLater,
+    after_try,
+    next_batch_status,
+    read_batch_line,
+)
+from ._jobs_policy import BatchMode, JobsPolicy, JobsRedis
 from ._limits import RATE_WINDOW_S, Admit, Limit, LimitStatus, RateLimited, UsageSlice, check_rate
 from ._plan import AttemptPlan
 from ._policies import CacheMode, CachePolicy, CacheScope, Strategy
@@ -85,6 +100,8 @@ from .config import (
 )
 
 __all__ = [
+    "BATCH_ENDPOINTS",
+    "BUSY_STATUSES",
     "CACHE_PATHS",
     "DEFAULT_METRIC_NAMES",
     "DEFAULT_SHARE_WINDOW_S",
@@ -101,6 +118,9 @@ __all__ = [
     "ApproximateQuery",
     "AttemptOutcome",
     "AttemptPlan",
+    "BatchLine",
+    "BatchMode",
+    "BatchStatus",
     "BedrockApi",
     "BreakerPolicy",
     "CacheDirectives",
@@ -118,16 +138,22 @@ __all__ = [
     "EndpointView",
     "Estimate",
     "Finding",
+    "Finished",
     "Freshness",
+    "GaveUp",
     "GiveUp",
     "HealthChange",
     "Jitter",
+    "JobsPolicy",
+    "JobsRedis",
+    "LaneWindow",
     "LatencyPolicy",
     "Level",
     "LevelChange",
     "Limit",
     "LimitStatus",
     "Limits",
+    "LineProblem",
     "Listen",
     "MinimalTrigger",
     "NotCacheable",
@@ -143,6 +169,7 @@ __all__ = [
     "Respond",
     "Result",
     "Retry",
+    "RetryLater",
     "RetryPolicy",
     "Route",
     "Router",
@@ -164,6 +191,7 @@ __all__ = [
     "UsageSlice",
     "Withdraw",
     "affinity_after",
+    "after_try",
     "approximate_query",
     "backoff_delays",
     "cache_directives",
@@ -176,10 +204,12 @@ __all__ = [
     "gossip_decisions",
     "is_resumable",
     "is_storable",
+    "next_batch_status",
     "parse_config",
     "parse_duration",
     "parse_server_load",
     "parse_size",
     "provider_path",
+    "read_batch_line",
     "streamed_tokens",
 ]

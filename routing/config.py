@@ -35,6 +35,7 @@ from ._clouds import (
     provider_problem,
 )
 from ._errors import ConfigError, ConfigProblem
+from ._jobs_policy import JobsPolicy
 from ._policies import (
     DEFAULT_PROMETHEUS_QUERY,
     BreakerPolicy,
@@ -491,6 +492,10 @@ class Config:
     objects: ObjectPolicy = Field(
         default_factory=ObjectPolicy,
         description="Stateful objects (files, batches, responses, ...) stay with their upstream.")
+    jobs: JobsPolicy | None = Field(
+        default=None,
+        description="Async requests and the Batch API run by skyroute from a durable queue; "
+                    "without it /v1/async is off and /v1/batches passes through.")
     upstreams: tuple[Upstream, ...] = Field(
         min_length=1,
         description="Where requests go: cloud regions, providers, GPU pools.")

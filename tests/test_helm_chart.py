@@ -230,3 +230,32 @@ def test_rendered_routing_is_accepted_by_skyroute(values: Path | None) -> None:
     config, env = _loaded_config(objects)
     assert config.instance_id == env["SKYROUTE_INSTANCE_ID"]
     assert config.upstreams
+
+
+def test_jobs_get_a_data_claim_and_the_redis_url() -> None:
+    """jobs.enabled: a kept PersistentVolumeClaim mounted as the data volume, and a jobs
+    section in the routing file with data_dir on it and the shared Redis queue."""
+    objects = _render(sets=["jobs.enabled=true", "jobs.redisUrl=redis://redis:6379/0",
+                            "jobs.persistence.accessModes={ReadWriteMany}",
+                            "jobs.persistence.size=20Gi"])
+    claim = _one(objects, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    config, _ = _loaded_config(objects)
+    assert config.jobs is not None
+    assert config.jobs.data_dir == "/var/lib/skyroute/jobs"
+    assert config.jobs.redis is not None and config.jobs.redis.url == "redis://redis:6379/0"
+
+
+def test_jobs_on_one_pod_need_no_redis() -> None:
+    """One pod (no autoscaler) keeps the SQLite queue on a ReadWriteOnce claim."""
+    objects = _render(sets=["jobs.enabled=true", "replicaCount=1", "autoscaling.enabled=false",
+                            "routing.jobs.max_retries=3"])
+    assert _one(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    config, _ = _loaded_config(objects)
+    assert config.jobs is not None and config.jobs.redis is None
+    assert config.jobs.max_retries == 3

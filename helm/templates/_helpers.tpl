@@ -78,7 +78,23 @@ headless Service) overlaid with .Values.routing, which wins key by key.
 {{- end }}
 {{- $_ := set $defaults "sync" $sync }}
 {{- end }}
+{{- if .Values.jobs.enabled }}
+{{- $jobs := dict "data_dir" "/var/lib/skyroute/jobs" }}
+{{- with .Values.jobs.redisUrl }}
+{{- $_ := set $jobs "redis" (dict "url" .) }}
+{{- end }}
+{{- $_ := set $defaults "jobs" $jobs }}
+{{- end }}
 {{- toYaml (mergeOverwrite $defaults (deepCopy .Values.routing)) }}
+{{- end }}
+
+{{- define "skyroute.dataClaimName" -}}
+{{- .Values.jobs.persistence.existingClaim | default (printf "%s-data" (include "skyroute.fullname" .) | trunc 63 | trimSuffix "-") }}
+{{- end }}
+
+{{/* More than one pod may run: replicaCount > 1, or an autoscaler that may add pods. */}}
+{{- define "skyroute.manyPods" -}}
+{{- if or (gt (int .Values.replicaCount) 1) (and .Values.autoscaling.enabled (gt (int .Values.autoscaling.maxReplicas) 1)) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -146,6 +162,15 @@ Cross-field checks the JSON schema cannot express. Each failure names the value 
 {{- end }}
 {{- if and .Values.sync.ingress.enabled (not .Values.sync.ingress.host) }}
 {{- fail "sync.ingress.enabled is true but sync.ingress.host is empty: the other regions need a host name to reach /sync" }}
+{{- end }}
+{{- if and .Values.jobs.enabled (include "skyroute.manyPods" .) }}
+{{- $routingJobs := .Values.routing.jobs | default dict }}
+{{- if not (or .Values.jobs.redisUrl $routingJobs.redis) }}
+{{- fail "jobs.enabled with more than one pod (replicaCount or autoscaling.maxReplicas above 1) needs jobs.redisUrl: the SQLite queue belongs to one pod. Set jobs.redisUrl to a Redis every pod reaches, or run one pod (replicaCount: 1, autoscaling.enabled: false)" }}
+{{- end }}
+{{- if and .Values.jobs.persistence.enabled (not .Values.jobs.persistence.existingClaim) (not (has "ReadWriteMany" .Values.jobs.persistence.accessModes)) }}
+{{- fail "jobs.persistence with more than one pod: every pod mounts the data volume (uploaded files, batch results), so set jobs.persistence.accessModes: [ReadWriteMany] (NFS, EFS, Filestore, Azure Files) or jobs.persistence.existingClaim" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}
 {{- fail "serviceMonitor.enabled is true but the cluster has no monitoring.coreos.com/v1 API (install the Prometheus Operator CRDs, or pass --api-versions monitoring.coreos.com/v1 to helm template)" }}

@@ -1,0 +1,26 @@
+"""Durable jobs in the application: the service, its lifecycle and its routes, in one call."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from skyroute.routing import Config
+
+from ._jobs_api import add_job_routes
+from ._jobs_auth import JOBS_TOKEN, JobToken
+from ._jobs_metrics import JobMetrics
+from ._jobs_runner import JOBS, JobsService, jobs_lifecycle
+from ._state import METRICS
+
+
+def install_jobs(app: web.Application, config: Config) -> None:
+    """With a ``jobs`` section: the job store, the lane and the job API on ``app``.
+
+    The section is read once, at start: a reload that adds, removes or moves it
+    (``data_dir``, ``redis``) takes effect at the next start.
+    """
+    app[JOBS_TOKEN] = JobToken()
+    if config.jobs is None:
+        return
+    app[JOBS] = JobsService(config.jobs, metrics=JobMetrics(app[METRICS].registry))
+    app.cleanup_ctx.append(jobs_lifecycle)
+    add_job_routes(app)

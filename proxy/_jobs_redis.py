@@ -1,0 +1,521 @@
+"""The shared job store: Redis Streams with a consumer group, for several instances.
+
+The same operations as the SQLite ``JobStore`` (the runner and the API cannot tell
+them apart), kept in Redis so every instance naming ``jobs.redis`` shares one queue:
+
+* A job is a hash ``{prefix}job:{id}``; a due job has one entry in the stream
+  ``{prefix}stream``, read by the consumer group ``runners`` (each instance is a
+  consumer). A retry waits in the sorted set ``{prefix}delayed`` (score: when it is
+  due) and is moved back into the stream when due.
+* Claiming takes new entries (``XREADGROUP``) and the entries of a dead consumer
+  idle past ``jobs.visibility_timeout`` (``XAUTOCLAIM``). A live instance resets its
+  entries' idle time every third of that (``XCLAIM ... JUSTID``).
+* Every state change is one Lua script, so it is atomic: a result is written only
+  while the job is ``running`` by the worker writing it (a worker that lost its claim
+  writes nothing), and the stream entry is acknowledged in the same step. Output
+  files come from the job hashes, so each ``custom_id`` is answered once.
+* Uploaded files stay under ``data_dir`` (their records are in Redis): instances on
+  several hosts need that directory on shared storage (ReadWriteMany).
+
+Durability is Redis's: run it with ``appendonly yes`` (``appendfsync everysec`` loses
+at most a second of accepted jobs on a crash of the Redis host; ``always`` none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from skyroute.routing import BatchLine, BatchStatus, LineProblem, next_batch_status
+
+from ._jobs_store import (
+    CANCELLED,
+    DONE,
+    EXPIRED,
+    QUEUED,
+    RUNNING,
+    IdempotencyConflict,
+    Job,
+    body_digest,
+    new_id,
+)
+
+GROUP: Final = "runners"
+_INTS: Final = frozenset({"line", "tries", "status", "webhook_tries", "total"})
+_FLOATS: Final = frozenset({"not_before", "created_at", "started_at", "finished_at",
+                            "webhook_next", "in_progress_at", "expires_at", "finalizing_at",
+                            "completed_at", "failed_at", "expired_at", "cancelling_at",
+                            "cancelled_at"})
+_BYTES: Final = frozenset({"body", "response"})
+_TERMINAL: Final = frozenset(s.value for s in BatchStatus if s.is_terminal)
+
+_START = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'queued' or st == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3], 'started_at', ARGV[4],
+             'entry', ARGV[2])
+  return redis.call('HMGET', KEYS[1], 'id', 'batch_id', 'owner', 'method', 'path', 'body',
+                    'tries')
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return false
+"""
+_OWNED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or
+   redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry and entry ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[1], entry)
+  redis.call('XDEL', KEYS[2], entry)
+end
+"""
+_FINISH = _OWNED + """
+redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[3], 'response', ARGV[4],
+           'error', ARGV[5], 'finished_at', ARGV[6], 'worker', '', 'entry', '')
+redis.call('HINCRBY', KEYS[1], 'tries', 1)
+redis.call('INCR', KEYS[6])
+if redis.call('HGET', KEYS[1], 'batch_id') ~= '' then
+  redis.call('DECR', KEYS[3])
+  if ARGV[7] == '1' then redis.call('INCR', KEYS[4]) else redis.call('INCR', KEYS[5]) end
+end
+if redis.call('HGET', KEYS[1], 'webhook_state') == 'pending' then
+  redis.call('ZADD', KEYS[7], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
+end
+if redis.call('HGET', KEYS[1], 'batch_id') == '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[8])  -- jobs.retention (a batch's lines: when it ends)
+end
+return 1
+"""
+_RETRY = _OWNED + """
+redis.call('HSET', KEYS[1], 'state', 'queued', 'not_before', ARGV[3], 'error', ARGV[4],
+           'worker', '', 'entry', '')
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'tries', 1) end
+redis.call('ZADD', KEYS[3], ARGV[3], redis.call('HGET', KEYS[1], 'id'))
+return 1
+"""
+_MOVE_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'job', id)
+end
+return #ids
+"""
+_CANCEL_JOB = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'worker', '')
+redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
+redis.call('INCR', KEYS[3])
+if redis.call('HGET', KEYS[1], 'webhook_state') == 'pending' then
+  redis.call('ZADD', KEYS[4], ARGV[1], redis.call('HGET', KEYS[1], 'id'))
+end
+return 1
+"""
+# KEYS: batch, lines, open, active, delayed, counter of line_state
+# ARGV: old, new, stamp, now, line_state, also_running, prefix, terminal, batch id,
+#       retention seconds, k, v, ...
+_MOVE_BATCH = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[8] == '1' then
+  redis.call('SREM', KEYS[4], ARGV[9])
+  for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    redis.call('EXPIRE', ARGV[7] .. 'job:' .. id, ARGV[10])
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[10])
+end
+if ARGV[5] ~= '' then
+  for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    local k = ARGV[7] .. 'job:' .. id
+    local st = redis.call('HGET', k, 'state')
+    if st == 'queued' or (ARGV[6] == '1' and st == 'running') then
+      redis.call('HSET', k, 'state', ARGV[5], 'finished_at', ARGV[4], 'worker', '')
+      redis.call('ZREM', KEYS[5], id)
+      redis.call('DECR', KEYS[3])
+      redis.call('INCR', KEYS[6])
+    end
+  end
+end
+return 1
+"""
+_DUE_WEBHOOKS = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
+return ids
+"""
+
+
+def _value(name: str, raw: bytes, *, batch: bool = False) -> Any:
+    if name in _BYTES:
+        return raw or None
+    text = raw.decode()
+    if text == "":
+        return None
+    if name in _INTS and not (batch and name == "status"):  # a batch's status is a word
+        return int(text)
+    if name in _FLOATS:
+        return float(text)
+    return text
+
+
+def _record(raw: dict[bytes, bytes], *, batch: bool = False) -> dict[str, Any]:
+    return {k.decode(): _value(k.decode(), v, batch=batch) for k, v in raw.items()}
+
+
+def _flat(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: "" if v is None else v for k, v in fields.items()}
+
+
+class RedisJobStore:
+    """Jobs, batches and file records in Redis; file bytes under ``data_dir``."""
+
+    def __init__(self, url: str, prefix: str, data_dir: Path, *, retention_s: float) -> None:
+        self.retention_s = retention_s
+        self.data_dir = data_dir
+        self.files_dir = data_dir / "files"
+        self._p = prefix
+        self._redis = aioredis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                        health_check_interval=30)
+        self._stream = f"{prefix}stream"
+        self._delayed = f"{prefix}delayed"
+        self._webhooks = f"{prefix}webhooks"
+        self._active = f"{prefix}batches:active"
+        self._entries: dict[str, str] = {}  # job id -> stream entry, of jobs this process runs
+        self._autoclaim_from = "0-0"  # XAUTOCLAIM walks the pending list a page per claim
+        r = self._redis
+        self._start, self._finish, self._retry = (r.register_script(_START),
+                                                  r.register_script(_FINISH),
+                                                  r.register_script(_RETRY))
+        self._move_due, self._cancel = r.register_script(_MOVE_DUE), r.register_script(_CANCEL_JOB)
+        self._move_batch = r.register_script(_MOVE_BATCH)
+        self._due_webhooks = r.register_script(_DUE_WEBHOOKS)
+
+    def _job(self, job_id: str) -> str:
+        return f"{self._p}job:{job_id}"
+
+    def _batch(self, batch_id: str, part: str = "") -> str:
+        return f"{self._p}batch:{batch_id}{':' + part if part else ''}"
+
+    async def start(self) -> None:
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    # -- async jobs ---------------------------------------------------------------------
+
+    async def submit(self, *, owner: str, method: str, path: str, body: bytes | None,
+                     idem_key: str | None, webhook: str | None, now: float,
+                     ) -> tuple[dict[str, Any], bool]:
+        digest = body_digest(method, path, body) if idem_key else None
+        job_id = new_id("job_")
+        if idem_key is not None:
+            idem = f"{self._p}idem:{owner}:{idem_key}"
+            if not await self._redis.set(idem, job_id, nx=True):
+                known = (await self._redis.get(idem) or b"").decode()
+                record = await self._get(known)
+                if record is None:  # written by a submit that has not finished yet
+                    raise IdempotencyConflict(idem_key)
+                if record["body_hash"] != digest:
+                    raise IdempotencyConflict(idem_key)
+                return record, False
+        record = {"id": job_id, "batch_id": None, "owner": owner, "method": method,
+                  "path": path, "body": body, "state": QUEUED, "tries": 0, "not_before": now,
+                  "created_at": now, "idem_key": idem_key, "body_hash": digest,
+                  "webhook": webhook, "webhook_state": "pending" if webhook else None,
+                  "webhook_tries": 0, "status": None, "response": None, "error": None,
+                  "finished_at": None, "started_at": None, "worker": None, "entry": None}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._job(job_id), mapping=_flat(record))
+            pipe.xadd(self._stream, {"job": job_id})
+            await pipe.execute()
+        return record, True
+
+    async def _get(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self._redis.hgetall(self._job(job_id))
+        return _record(raw) if raw else None
+
+    async def job(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        record = await self._get(job_id)
+        if record is None or record["owner"] != (owner or None) or record["batch_id"]:
+            return None
+        return record
+
+    async def cancel_job(self, job_id: str, owner: str, *, now: float) -> dict[str, Any] | None:
+        if await self.job(job_id, owner) is None:
+            return None
+        await self._cancel(keys=[self._job(job_id), self._delayed, f"{self._p}count:cancelled",
+                                 self._webhooks], args=[now])
+        return await self.job(job_id, owner)
+
+    # -- the runner's side ------------------------------------------------------------------
+
+    async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
+        await self._move_due(keys=[self._delayed, self._stream], args=[now, 1000])
+        cursor, entries, *_ = await self._redis.xautoclaim(
+            self._stream, GROUP, worker, min_idle_time=int(lease_s * 1000),
+            start_id=self._autoclaim_from, count=limit)
+        self._autoclaim_from = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        entries = [e for e in entries if e[1]]
+        if len(entries) < limit:
+            read = await self._redis.xreadgroup(GROUP, worker, {self._stream: ">"},
+                                                count=limit - len(entries))
+            for _, got in read or ():
+                entries += got
+        jobs = []
+        for entry_id, fields in entries:
+            job_id = fields[b"job"].decode()
+            entry = entry_id.decode()
+            row = await self._start(keys=[self._job(job_id), self._stream],
+                                    args=[GROUP, entry, worker, now])
+            if not row:
+                continue
+            self._entries[job_id] = entry
+            jid, batch_id, owner, method, path, body, tries = row
+            jobs.append(Job(id=jid.decode(), batch_id=batch_id.decode() or None,
+                            owner=owner.decode(), method=method.decode(), path=path.decode(),
+                            body=body or None, tries=int(tries)))
+        return jobs
+
+    async def renew(self, *, worker: str, lease_s: float, now: float) -> None:
+        entries = list(self._entries.values())
+        if entries:
+            await self._redis.xclaim(self._stream, GROUP, worker, 0, entries, justid=True)
+
+    async def finish(self, job: Job, *, worker: str, status: int | None, response: bytes | None,
+                     error: str | None, now: float) -> bool:
+        self._entries.pop(job.id, None)
+        ok = status is not None and 200 <= status < 300 and not error
+        batch = job.batch_id or "-"
+        return bool(await self._finish(
+            keys=[self._job(job.id), self._stream, self._batch(batch, "open"),
+                  self._batch(batch, "completed"), self._batch(batch, "failed"),
+                  f"{self._p}count:done", self._webhooks],
+            args=[GROUP, worker, "" if status is None else status, response or b"",
+                  error or "", now, "1" if ok else "0", int(self.retention_s)]))
+
+    async def retry_later(self, job: Job, *, worker: str, at: float, error: str) -> bool:
+        self._entries.pop(job.id, None)
+        return bool(await self._retry(keys=[self._job(job.id), self._stream, self._delayed],
+                                      args=[GROUP, worker, at, error, "1"]))
+
+    async def release(self, jobs: Iterable[Job], *, worker: str) -> None:
+        for job in jobs:
+            self._entries.pop(job.id, None)
+            await self._retry(keys=[self._job(job.id), self._stream, self._delayed],
+                              args=[GROUP, worker, 0, "", "0"])
+
+    async def due_webhooks(self, *, limit: int, lease_s: float, now: float,
+                           ) -> list[dict[str, Any]]:
+        ids = await self._due_webhooks(keys=[self._webhooks], args=[now, limit, now + lease_s])
+        records = [await self._get(i.decode()) for i in ids]
+        return [r for r in records if r is not None]
+
+    async def webhook_sent(self, job_id: str, *, ok: bool, next_at: float | None) -> None:
+        state = "delivered" if ok else "pending" if next_at is not None else "failed"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._job(job_id), mapping={"webhook_state": state,
+                                                  "webhook_next": next_at or ""})
+            pipe.hincrby(self._job(job_id), "webhook_tries", 1)
+            if next_at is not None and not ok:
+                pipe.zadd(self._webhooks, {job_id: next_at})
+            else:
+                pipe.zrem(self._webhooks, job_id)
+            await pipe.execute()
+
+    async def purge(self, *, ended_before: float) -> int:
+        """Records in Redis expire by themselves (``EXPIRE`` when they end): nothing to do."""
+        return 0
+
+    async def counts(self) -> dict[str, int]:
+        pending = await self._redis.xpending(self._stream, GROUP)
+        length = await self._redis.xlen(self._stream)
+        delayed = await self._redis.zcard(self._delayed)
+        running = int(pending["pending"])
+        return {QUEUED: max(0, length - running) + delayed, RUNNING: running}
+
+    async def oldest_queued(self) -> float | None:
+        first = await self._redis.xrange(self._stream, count=1)
+        return int(first[0][0].split(b"-")[0]) / 1000 if first else None
+
+    # -- files -------------------------------------------------------------------------
+
+    async def add_file(self, *, file_id: str, owner: str, filename: str, purpose: str,
+                       size: int, path: Path, now: float) -> dict[str, Any]:
+        record = {"id": file_id, "owner": owner, "filename": filename, "purpose": purpose,
+                  "bytes": size, "created_at": now, "path": str(path)}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(f"{self._p}file:{file_id}", mapping=record)
+            pipe.zadd(f"{self._p}files:{owner}", {file_id: now})
+            await pipe.execute()
+        return record
+
+    async def file(self, file_id: str, owner: str) -> dict[str, Any] | None:
+        raw = await self._redis.hgetall(f"{self._p}file:{file_id}")
+        if not raw:
+            return None
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        if record["owner"] != owner:
+            return None
+        return {**record, "bytes": int(record["bytes"]), "created_at": float(record["created_at"])}
+
+    async def files(self, owner: str, *, purpose: str | None) -> list[dict[str, Any]]:
+        ids = await self._redis.zrevrange(f"{self._p}files:{owner}", 0, -1)
+        records = [await self.file(i.decode(), owner) for i in ids]
+        return [r for r in records if r is not None and (purpose is None or
+                                                         r["purpose"] == purpose)]
+
+    async def delete_file(self, file_id: str, owner: str) -> dict[str, Any] | None:
+        record = await self.file(file_id, owner)
+        if record is None:
+            return None
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{self._p}file:{file_id}")
+            pipe.zrem(f"{self._p}files:{owner}", file_id)
+            await pipe.execute()
+        Path(record["path"]).unlink(missing_ok=True)
+        return record
+
+    # -- batches ------------------------------------------------------------------------
+
+    async def add_batch(self, *, owner: str, endpoint: str, input_file_id: str,
+                        completion_window: str, metadata: dict[str, str] | None,
+                        now: float, expires_s: float) -> dict[str, Any]:
+        batch_id = new_id("batch_")
+        record = {"id": batch_id, "owner": owner, "status": BatchStatus.VALIDATING.value,
+                  "endpoint": endpoint, "input_file_id": input_file_id,
+                  "completion_window": completion_window,
+                  "metadata": json.dumps(metadata) if metadata is not None else "",
+                  "created_at": now, "expires_at": now + expires_s, "total": 0}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._batch(batch_id), mapping=record)
+            pipe.zadd(f"{self._p}batches:{owner}", {batch_id: now})
+            pipe.sadd(self._active, batch_id)
+            await pipe.execute()
+        batch = await self.batch(batch_id, owner)
+        assert batch is not None
+        return batch
+
+    async def batch(self, batch_id: str, owner: str | None) -> dict[str, Any] | None:
+        raw = await self._redis.hgetall(self._batch(batch_id))
+        if not raw:
+            return None
+        record = _record(raw, batch=True)
+        record["owner"] = record["owner"] or ""
+        if owner is not None and record["owner"] != owner:
+            return None
+        for name in ("metadata", "errors", "output_file_id", "error_file_id", "in_progress_at",
+                     "finalizing_at", "completed_at", "failed_at", "expired_at",
+                     "cancelling_at", "cancelled_at"):
+            record.setdefault(name, None)
+        completed, failed = await self._redis.mget(
+            [self._batch(batch_id, "completed"), self._batch(batch_id, "failed")])
+        record["request_counts"] = {"total": record["total"] or 0,
+                                    "completed": int(completed or 0), "failed": int(failed or 0)}
+        return record
+
+    async def batches(self, owner: str, *, after: str | None, limit: int,
+                      ) -> list[dict[str, Any]]:
+        ids = [i.decode() for i in await self._redis.zrevrange(f"{self._p}batches:{owner}", 0, -1)]
+        if after is not None and after in ids:
+            ids = ids[ids.index(after) + 1:]
+        records = [await self.batch(i, owner) for i in ids[:limit]]
+        return [r for r in records if r is not None]
+
+    async def batches_in(self, statuses: Sequence[BatchStatus]) -> list[dict[str, Any]]:
+        wanted = {s.value for s in statuses}
+        ids = [i.decode() for i in await self._redis.smembers(self._active)]
+        records = [await self.batch(i, None) for i in ids]
+        return [r for r in records if r is not None and r["status"] in wanted]
+
+    async def move_batch(self, batch_id: str, old: BatchStatus, new: BatchStatus, *,
+                         now: float, **fields: Any) -> bool:
+        next_batch_status(old, new)
+        stamp = f"{new.value}_at"
+        line_state = {BatchStatus.CANCELLING: CANCELLED, BatchStatus.EXPIRED: EXPIRED}.get(new, "")
+        pairs: list[Any] = []
+        for name, value in fields.items():
+            pairs += [name, "" if value is None else value]
+        return bool(await self._move_batch(
+            keys=[self._batch(batch_id), self._batch(batch_id, "lines"),
+                  self._batch(batch_id, "open"), self._active, self._delayed,
+                  f"{self._p}count:{line_state or 'none'}"],
+            args=[old.value, new.value, stamp, now, line_state,
+                  "1" if new is BatchStatus.EXPIRED else "0", self._p,
+                  "1" if new.value in _TERMINAL else "0", batch_id, int(self.retention_s),
+                  *pairs]))
+
+    async def start_batch(self, batch_id: str, owner: str, lines: Sequence[BatchLine],
+                          problems: Sequence[LineProblem], *, endpoint: str, now: float,
+                          ) -> bool:
+        rows: list[tuple[int, str, dict[str, Any], bool]] = []
+        for line in lines:
+            job_id = new_id("batch_req_")
+            rows.append((line.line, job_id, {
+                "id": job_id, "batch_id": batch_id, "line": line.line,
+                "custom_id": line.custom_id, "owner": owner, "method": "POST", "path": endpoint,
+                "body": line.body, "state": QUEUED, "tries": 0, "not_before": now,
+                "created_at": now}, True))
+        for p in problems:
+            job_id = new_id("batch_req_")
+            rows.append((p.line, job_id, {
+                "id": job_id, "batch_id": batch_id, "line": p.line, "custom_id": p.custom_id,
+                "owner": owner, "method": "POST", "path": endpoint, "state": DONE, "tries": 0,
+                "not_before": now, "created_at": now, "finished_at": now,
+                "error": json.dumps({"code": p.code, "message": p.message, "line": p.line})},
+                False))
+        rows.sort(key=lambda r: r[0])
+        key = self._batch(batch_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            if (await pipe.hget(key, "status") or b"").decode() != BatchStatus.VALIDATING.value:
+                return False
+            pipe.multi()
+            pipe.hset(key, mapping={"status": BatchStatus.IN_PROGRESS.value,
+                                    "in_progress_at": now, "total": len(rows)})
+            for _, job_id, fields, queued in rows:
+                pipe.hset(self._job(job_id), mapping=_flat(fields))
+                pipe.rpush(self._batch(batch_id, "lines"), job_id)
+                if queued:
+                    pipe.xadd(self._stream, {"job": job_id})
+            pipe.set(self._batch(batch_id, "open"), len(lines))
+            pipe.set(self._batch(batch_id, "failed"), len(problems))
+            pipe.set(self._batch(batch_id, "completed"), 0)
+            await pipe.execute()
+        return True
+
+    async def cancel_queued_lines(self, batch_id: str, *, now: float) -> None:
+        # The move to cancelling marked every queued line; a try that ended since put
+        # its line back in the queue: mark again (the script skips a status mismatch).
+        await self._move_batch(
+            keys=[self._batch(batch_id), self._batch(batch_id, "lines"),
+                  self._batch(batch_id, "open"), self._active, self._delayed,
+                  f"{self._p}count:cancelled"],
+            args=[BatchStatus.CANCELLING.value, BatchStatus.CANCELLING.value, "checked_at", now,
+                  CANCELLED, "0", self._p, "0", batch_id, 0])
+
+    async def unfinished_lines(self, batch_id: str) -> int:
+        return int(await self._redis.get(self._batch(batch_id, "open")) or 0)
+
+    async def batch_results(self, batch_id: str) -> list[dict[str, Any]]:
+        ids = await self._redis.lrange(self._batch(batch_id, "lines"), 0, -1)
+        fields = ("id", "line", "custom_id", "state", "status", "response", "error")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._job(job_id.decode()), fields)
+            rows = await pipe.execute()
+        return [{name: _value(name, raw or b"") for name, raw in zip(fields, row, strict=True)}
+                for row in rows]
+

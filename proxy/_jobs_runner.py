@@ -1,0 +1,330 @@
+"""The job runner: drains the queue through skyroute's own request path, in a low-priority lane.
+
+Each job is sent to this very instance over loopback HTTP, so it takes exactly the
+path a synchronous request takes (auth, limits, aliases, cache, failover, busy
+detection, degradation), with no routing code of its own. The call carries the
+instance's job token (a random secret in ``data_dir``, readable by the processes
+sharing that directory only) and the name of the client key that submitted it; the
+API authenticates it as that client (``job_caller``). Neither header ever goes
+upstream.
+
+The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window is
+halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
+grows back as tries succeed (AIMD, ``routing._jobs``). A try's answer decides the
+job (``after_try``): done, retried later with backoff, or given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+from skyroute.routing import (
+    BUSY_STATUSES,
+    LEVELS,
+    Finished,
+    GaveUp,
+    JobsPolicy,
+    LaneWindow,
+    Level,
+    after_try,
+)
+
+from ._forward import parse_retry_after
+from ._jobs_auth import JOB_CLIENT_HEADER, JOB_TOKEN_HEADER, JOBS_TOKEN
+from ._jobs_metrics import JobMetrics
+from ._jobs_redis import RedisJobStore
+from ._jobs_store import Job, JobStore
+from ._state import CLOCK, SERVING
+
+log = structlog.get_logger("skyroute.jobs")
+
+#: How often an idle runner looks for due jobs (new local submissions wake it at once).
+POLL_INTERVAL_S: Final = 0.2
+#: Event-loop lag (EWMA) above which interactive traffic has the instance's CPU: the
+#: lane then runs one job at a time, so it still progresses but takes no more.
+LOOP_LAG_YIELD_S: Final = 0.005
+LAG_PROBE_S: Final = 0.02
+#: A try may take the route's whole timeout; the loopback call allows a little more.
+LOOPBACK_MARGIN_S: Final = 30.0
+_RANK = {level: rank for rank, level in enumerate(LEVELS)}
+
+
+def job_token(data_dir: Path) -> str:
+    """The token loopback job calls carry, shared by the processes using ``data_dir``."""
+    path = data_dir / "job-token"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+class JobsService:
+    """One instance's queue, lane and runner (the ``JOBS`` app key)."""
+
+    def __init__(self, policy: JobsPolicy, *, metrics: JobMetrics) -> None:
+        self.policy = policy
+        self.data_dir = Path(policy.data_dir)
+        self.store: JobStore | RedisJobStore = JobStore(self.data_dir) if policy.redis is None \
+            else RedisJobStore(policy.redis.url, policy.redis.prefix, self.data_dir,
+                               retention_s=policy.retention_s)
+        self.metrics = metrics
+        self.lane = LaneWindow(policy.concurrency)
+        self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.token = ""
+        self.wake = asyncio.Event()
+        self.rng = random.Random()
+        self.running: dict[asyncio.Task[None], Job] = {}
+        self.loop_lag_s = 0.0
+        #: The time batches' completion windows are checked against (a test moves it).
+        self.wall: Callable[[], float] = time.time
+
+    def room(self) -> int:
+        """Jobs that may start now: the AIMD window, or one while the loop is saturated."""
+        size = 1 if self.loop_lag_s > LOOP_LAG_YIELD_S else self.lane.size
+        return size - len(self.running)
+
+    def adopt(self, policy: JobsPolicy) -> None:
+        """A reload changed the ``jobs`` section: retries, lane size, webhooks apply now;
+        the store (``data_dir``, ``redis``) stays until a restart."""
+        if (policy.data_dir, policy.redis) != (self.policy.data_dir, self.policy.redis):
+            log.warning("jobs_restart_needed", hint="jobs.data_dir and jobs.redis take effect "
+                                                    "at the next start")
+        self.policy = policy
+        self.lane.set_limit(policy.concurrency)
+
+    def lease_s(self) -> float:
+        return self.policy.visibility_timeout_s
+
+    async def health(self) -> dict[str, object]:
+        """The queue and the lane, as /health shows them."""
+        counts = await self.store.counts()
+        oldest = await self.store.oldest_queued()
+        return {"queue": "redis" if self.policy.redis is not None else "sqlite",
+                "batches": self.policy.batches.value,
+                "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
+                "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
+                "lane": {"running": len(self.running), "window": self.lane.size,
+                         "limit": self.lane.limit,
+                         "loop_lag_ms": round(self.loop_lag_s * 1000, 2)}}
+
+
+JOBS = web.AppKey("jobs", JobsService)
+
+
+async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: open the store, run the lane and its helpers, close on exit."""
+    service = app[JOBS]
+    await asyncio.to_thread(service.data_dir.mkdir, parents=True, exist_ok=True)
+    service.token = await asyncio.to_thread(job_token, service.data_dir)
+    app[JOBS_TOKEN].value = service.token
+    await service.store.start()
+    from ._jobs_batches import batch_driver  # the batch side needs the runner's key
+    from ._jobs_webhooks import webhook_sender
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+        tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in (
+            ("skyroute-jobs-lane", lambda: _drain(app, service, session)),
+            ("skyroute-jobs-leases", lambda: _renew_leases(service)),
+            ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
+            ("skyroute-jobs-webhooks", lambda: webhook_sender(service, session)),
+            ("skyroute-jobs-gauges", lambda: _gauges(service)),
+            ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            in_flight = dict(service.running)
+            for task in (*tasks, *in_flight):
+                task.cancel()
+            await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
+            # Jobs cut short go back to the queue now, not after their lease: a restart
+            # (or another instance) runs them at once. A stored result is left alone.
+            with contextlib.suppress(Exception):
+                await service.store.release(in_flight.values(), worker=service.worker)
+            await service.store.aclose()
+
+
+#: How long a loop waits after its store failed (Redis down, disk full) before going on.
+STORE_RETRY_S: Final = 1.0
+
+
+async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop`` forever: a failing store (Redis restarting) pauses it, never ends it.
+
+    Jobs claimed when the store failed are not lost: their lease runs out and they are
+    claimed again.
+    """
+    while True:
+        try:
+            await loop()
+        except Exception as exc:
+            log.warning("job_queue_unavailable", loop=name, error=repr(exc),
+                        retry_in_s=STORE_RETRY_S)
+            await asyncio.sleep(STORE_RETRY_S)
+
+
+async def _drain(app: web.Application, service: JobsService,
+                 session: aiohttp.ClientSession) -> None:
+    """Claim due jobs while the lane has room; run each as a task."""
+    slot_freed = asyncio.Event()
+    while True:
+        current = app[SERVING].runtime.config.jobs
+        if current is not None and current is not service.policy:
+            service.adopt(current)
+        _watch_level(app, service)
+        free = service.room()
+        base = app[SERVING].url
+        if free <= 0 or base is None:
+            slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot_freed.wait(), POLL_INTERVAL_S)
+            continue
+        service.wake.clear()
+        jobs = await service.store.claim(worker=service.worker, limit=free,
+                                         lease_s=service.lease_s(), now=time.time())
+        for job in jobs:
+            task = asyncio.create_task(_run_one(app, service, session, base, job))
+            service.running[task] = job
+
+            def done(t: asyncio.Task[None]) -> None:
+                service.running.pop(t, None)
+                slot_freed.set()
+
+            task.add_done_callback(done)
+        if not jobs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.wake.wait(), POLL_INTERVAL_S)
+
+
+def _watch_level(app: web.Application, service: JobsService) -> None:
+    """A route at ``reduced`` or worse slows the lane as a busy answer does."""
+    router = app[SERVING].runtime.router
+    now = app[CLOCK]()
+    if _RANK[router.level(now=now)] >= _RANK[Level.REDUCED] and service.lane.on_busy(
+            now=time.monotonic()):
+        service.metrics.lane_slowdowns.labels("degraded").inc()
+        service.metrics.lane_window.set(service.lane.size)
+
+
+async def _run_one(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
+                   base: str, job: Job) -> None:
+    try:
+        await _try_job(app, service, session, base, job)
+    except Exception as exc:  # the store failed: the lease runs out and the job runs again
+        log.warning("job_result_not_stored", job_id=job.id, error=repr(exc))
+
+
+async def _try_job(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
+                   base: str, job: Job) -> None:
+    policy, metrics = service.policy, service.metrics
+    kind = "line" if job.batch_id else "async"
+    headers = {JOB_TOKEN_HEADER: service.token, JOB_CLIENT_HEADER: job.owner,
+               "X-Request-ID": job.id, "Content-Type": "application/json"}
+    route_timeout = max(r.timeout_s for r in app[SERVING].runtime.config.routes) \
+        if app[SERVING].runtime.config.routes else 600.0
+    status: int | None = None
+    body: bytes | None = None
+    retry_after: float | None = None
+    started = time.perf_counter()
+    try:
+        async with session.request(
+                job.method, base + job.path, data=job.body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=route_timeout + LOOPBACK_MARGIN_S)) as resp:
+            body = await resp.read()
+            status = resp.status
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        error = "" if status < 400 else _error_text(status, body)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        error = f"no answer from skyroute itself: {exc!r}"
+    metrics.try_seconds.labels(kind).observe(time.perf_counter() - started)
+    if status is None or status in BUSY_STATUSES:
+        if service.lane.on_busy(now=time.monotonic()):
+            metrics.lane_slowdowns.labels("busy").inc()
+    else:
+        service.lane.on_success()
+    metrics.lane_window.set(service.lane.size)
+    decision = after_try(status, error=error, retries_done=job.tries,
+                         max_retries=policy.max_retries, base_s=policy.backoff_base_s,
+                         cap_s=policy.backoff_cap_s, rng=service.rng, retry_after_s=retry_after)
+    now = time.time()
+    if isinstance(decision, Finished | GaveUp):
+        final_error = decision.error if isinstance(decision, GaveUp) else (error or None)
+        if await service.store.finish(job, worker=service.worker, status=status, response=body,
+                                      error=final_error, now=now):
+            ok = status is not None and 200 <= status < 300 and isinstance(decision, Finished)
+            metrics.finished.labels(kind, "completed" if ok else "failed").inc()
+            log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
+                     tries=job.tries + 1, error=final_error)
+            service.wake.set()  # a webhook or a batch may be waiting on it
+        return
+    metrics.retries.labels(kind).inc()
+    log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
+             tries=job.tries + 1, delay_s=round(decision.delay_s, 3), error=decision.error)
+    await service.store.retry_later(job, worker=service.worker, at=now + decision.delay_s,
+                                    error=decision.error)
+
+
+def _error_text(status: int, body: bytes | None) -> str:
+    import json
+
+    try:
+        message = json.loads(body or b"")["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = (body or b"")[:200].decode("utf-8", "replace")
+    return f"HTTP {status}: {message}"
+
+
+async def _probe_lag(service: JobsService) -> None:
+    """How late the event loop wakes a sleeper: high when client requests take the CPU."""
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        await asyncio.sleep(LAG_PROBE_S)
+        lag = max(0.0, loop.time() - began - LAG_PROBE_S)
+        service.loop_lag_s = 0.7 * service.loop_lag_s + 0.3 * lag
+
+
+async def _renew_leases(service: JobsService) -> None:
+    """Renew this worker's claims well before they run out (a third of the lease)."""
+    while True:
+        await asyncio.sleep(service.lease_s() / 3)
+        await service.store.renew(worker=service.worker, lease_s=service.lease_s(),
+                                  now=time.time())
+
+
+#: How often finished work past ``jobs.retention`` is deleted.
+PURGE_INTERVAL_S: Final = 600.0
+
+
+async def _gauges(service: JobsService) -> None:
+    """Queue gauges, from the store, once a second; the retention purge now and then."""
+    purged_at = 0.0
+    while True:
+        if time.monotonic() - purged_at > PURGE_INTERVAL_S:
+            purged_at = time.monotonic()
+            purged = await service.store.purge(
+                ended_before=time.time() - service.policy.retention_s)
+            if purged:
+                log.info("jobs_purged", jobs=purged, retention_s=service.policy.retention_s)
+        counts = await service.store.counts()
+        for state in ("queued", "running"):
+            service.metrics.jobs.labels(state).set(counts.get(state, 0))
+        oldest = await service.store.oldest_queued()
+        service.metrics.queue_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        service.metrics.lane_window.set(service.lane.size)
+        await asyncio.sleep(1.0)

@@ -1,0 +1,644 @@
+"""Durable jobs through skyroute: async requests, webhooks and the Batch API with the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from skyroute.proxy import Server, load_config
+from skyroute.proxy._jobs_runner import JOBS
+
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
+from .conftest import upstream_yaml as entry
+
+WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+#: Generous: a loaded 2-core machine runs the suite beside other work.
+DONE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue(request: pytest.FixtureRequest) -> str | None:
+    """Each test on the embedded queue and on the shared Redis (a prefix of its own)."""
+    if request.param == "sqlite":
+        return None
+    return f"{{url: 'redis://127.0.0.1:6379/0', prefix: 'skyroute-test:{os.urandom(6).hex()}:'}}"
+
+
+def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str:
+    """A ``jobs`` section with test-friendly retry delays."""
+    if redis is not None:
+        overrides["redis"] = redis
+    settings = {"data_dir": str(data_dir), "backoff_base": "0.05s", "backoff_cap": "0.2s",
+                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET, **overrides}
+    return "jobs:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
+
+
+def chat_line(i: int, *, endpoint: str = "/v1/chat/completions") -> dict[str, Any]:
+    """Batch line ``i``: its prompt has i % 9 + 1 words, which the stand-in counts back."""
+    words = " ".join(["w"] * (i % 9 + 1))
+    return {"custom_id": f"req-{i}", "method": "POST", "url": endpoint,
+            "body": {"model": "chat", "messages": [{"role": "user", "content": words}]}}
+
+
+def jsonl(items: list[Any]) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+async def wait_batch(client: openai.AsyncOpenAI, batch_id: str, *statuses: str) -> Any:
+    """Poll until the batch reaches one of ``statuses``."""
+    seen: list[Any] = []
+
+    async def reached() -> bool:
+        seen.append(await client.batches.retrieve(batch_id))
+        return seen[-1].status in statuses
+
+    await eventually(reached, timeout=DONE_TIMEOUT_S, interval=0.1)
+    return seen[-1]
+
+
+async def read_lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = await client.files.content(file_id)
+    return [json.loads(line) for line in content.text.splitlines()]
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Callable[[Server], openai.AsyncOpenAI]]:
+    """Factory: the SDK pointed at a skyroute, closed after the test."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(server: Server) -> openai.AsyncOpenAI:
+        made.append(client_for(server))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+async def webhook_receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    """A server on port 0 keeping every webhook delivery it gets (headers, body)."""
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        got.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/hook", got
+    await runner.cleanup()
+
+
+def verify_signature(headers: dict[str, str], body: bytes) -> bool:
+    """Standard Webhooks' check, as a receiver writes it."""
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(WEBHOOK_SECRET.encode(), signed,
+                                         hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(expected, sig.partition(",")[2])
+               for sig in headers["webhook-signature"].split())
+
+
+async def test_async_request_with_idempotency_key_and_signed_webhook(
+        standin, skyroute, tmp_path, webhook_receiver, queue):
+    """A repeated submit with one Idempotency-Key makes one job; its answer and a signed webhook
+    arrive; the same key with another body is refused with 409."""
+    up = await standin("a")
+    hook_url, deliveries = webhook_receiver
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi there"}]}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    headers = {**AUTH, "Idempotency-Key": "order-42", "X-Webhook-URL": hook_url}
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        answers = []
+        for _ in range(2):
+            async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                                 headers=headers) as resp:
+                assert resp.status == 202
+                answers.append(await resp.json())
+        assert answers[0]["id"] == answers[1]["id"]
+        assert answers[0]["status"] == "queued"
+        status_url = answers[0]["status_url"]
+        assert status_url == f"{server.url}/v1/async/jobs/{answers[0]['id']}"
+
+        async def done() -> bool:
+            async with http.get(status_url, headers=AUTH) as resp:
+                answers.append(await resp.json())
+            return answers[-1]["status"] == "completed"
+
+        await eventually(done, timeout=DONE_TIMEOUT_S)
+        job = answers[-1]
+        assert job["response"]["status_code"] == 200
+        assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+            "Hello from a")
+        async with http.post(f"{server.url}/v1/async/chat/completions",
+                             json={**body, "seed": 1}, headers=headers) as resp:
+            assert resp.status == 409
+            assert "Idempotency-Key" in (await resp.json())["error"]["message"]
+        async with http.get(status_url, headers={"Authorization": "Bearer nope"}) as resp:
+            assert resp.status == 401
+    await eventually(lambda: len(deliveries) >= 1, timeout=DONE_TIMEOUT_S)
+    hook_headers, hook_body = deliveries[0]
+    assert verify_signature(hook_headers, hook_body)
+    assert not verify_signature({**hook_headers, "webhook-timestamp": "1"}, hook_body)
+    delivered = json.loads(hook_body)
+    assert delivered["id"] == job["id"] and delivered["status"] == "completed"
+    assert up.requests_total == 1  # one job, one upstream call
+
+
+async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path, queue):
+    """DELETE cancels a queued job; a model no route serves is refused at submit (404), and so
+    is an async request for an async path (400)."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.error_status = 503
+    up.behaviour.retry_after_s = 30
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            job = await resp.json()
+        await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+        async with http.delete(job["status_url"], headers=AUTH) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "cancelled"
+        async with http.post(f"{server.url}/v1/async/chat/completions",
+                             json={**body, "model": "nope"}, headers=AUTH) as resp:
+            assert resp.status == 404
+            assert "nope" in (await resp.json())["error"]["message"]
+        async with http.post(f"{server.url}/v1/async/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            assert resp.status == 400
+            assert "/v1/chat/completions" in (await resp.json())["error"]["message"]
+
+
+async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
+    """A 500-line batch through the SDK: completed, one output line per custom_id, each the
+    answer to its own request."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    client = sdk(server)
+    uploaded = await client.files.create(
+        file=("input.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(500)]))),
+        purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    batch = await client.batches.create(input_file_id=uploaded.id,
+                                        endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"run": "t"})
+    assert batch.status == "validating"
+    done = await wait_batch(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert done.request_counts.total == 500 and done.request_counts.completed == 500
+    assert done.error_file_id is None
+    lines = await read_lines(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"req-{i}" for i in range(500))
+    for line in lines:
+        i = int(line["custom_id"].removeprefix("req-"))
+        assert line["error"] is None
+        assert line["response"]["status_code"] == 200
+        assert line["response"]["body"]["usage"]["prompt_tokens"] == i % 9 + 1
+    listed = await client.batches.list()
+    assert [b.id for b in listed.data] == [batch.id]
+    assert any(f.id == uploaded.id for f in (await client.files.list()).data)
+
+
+async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
+        standin, skyroute, tmp_path, sdk, queue):
+    """Bad lines are answered in the error file and the rest run; a file with no valid line
+    (or a custom_id twice) fails the batch with OpenAI's errors list."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    client = sdk(server)
+    mixed = jsonl([chat_line(0), chat_line(1, endpoint="/v1/embeddings"), chat_line(2)])
+    mixed += b"{not json\n" + jsonl([{"method": "POST"}, {**chat_line(3), "body": "text"}])
+    f = await client.files.create(file=("mixed.jsonl", io.BytesIO(mixed)), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    done = await wait_batch(client, batch.id, "completed", "failed")
+    assert done.status == "completed"
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (6, 2, 4)
+    assert {line["custom_id"] for line in await read_lines(client, done.output_file_id)} == \
+        {"req-0", "req-2"}
+    errors = await read_lines(client, done.error_file_id)
+    codes = sorted(line["error"]["code"] for line in errors)
+    assert codes == ["invalid_json_line", "invalid_request", "mismatched_endpoint",
+                     "missing_required_parameter"]
+    assert all(line["response"] is None for line in errors)
+
+    bad = await client.files.create(file=("bad.jsonl", io.BytesIO(b"nope\n{]\n")),
+                                    purpose="batch")
+    batch = await client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    failed = await wait_batch(client, batch.id, "failed", "completed")
+    assert failed.status == "failed"
+    assert [e.line for e in failed.errors.data] == [1, 2]
+    assert failed.errors.data[0].code == "invalid_json_line"
+
+    twice = await client.files.create(
+        file=("twice.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(0)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=twice.id,
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+    failed = await wait_batch(client, batch.id, "failed", "completed")
+    assert failed.errors.data[0].code == "duplicate_custom_id"
+    assert failed.errors.data[0].line == 2
+
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                    completion_window="1h")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+
+
+async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_path, sdk, queue):
+    """Cancelling a batch whose upstream is busy: cancelling, then cancelled, with the lines
+    not run in the error file as batch_cancelled."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.retry_after_s = 30
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", queue, concurrency=2)))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(20)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    await wait_batch(client, batch.id, "in_progress")
+    await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+    cancelling = await client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = await wait_batch(client, batch.id, "cancelled")
+    assert done.cancelled_at is not None and done.output_file_id is None
+    errors = await read_lines(client, done.error_file_id)
+    assert len(errors) == 20
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    with pytest.raises(openai.APIStatusError) as refused:
+        await client.batches.cancel(batch.id)
+    assert refused.value.status_code == 409
+
+
+async def lane(http: aiohttp.ClientSession, server: Server) -> dict[str, Any]:
+    async with http.get(f"{server.url}/health") as resp:
+        return (await resp.json())["jobs"]["lane"]
+
+
+async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
+        standin, skyroute, tmp_path, sdk):
+    """While the only upstream answers 503 the lane's window drops to 1 and lines wait in
+    backoff; once it recovers every line completes and the window grows again."""
+    up = await standin("a")
+    up.behaviour.mode = "error"
+    up.behaviour.error_status = 503
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=8, max_retries=100)))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(60)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        assert (await lane(http, server))["limit"] == 8
+
+        async def backed_off() -> bool:
+            return (await lane(http, server))["window"] == 1
+
+        await eventually(backed_off, timeout=DONE_TIMEOUT_S)
+        assert (await client.batches.retrieve(batch.id)).request_counts.completed == 0
+        up.behaviour.mode = "ok"
+        done = await wait_batch(client, batch.id, "completed", "failed")
+        assert done.status == "completed"
+        assert done.request_counts.completed == 60
+        assert (await lane(http, server))["window"] > 1
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert 'skyroute_jobs_lane_slowdowns_total{reason="busy"}' in metrics
+    assert 'skyroute_jobs_finished_total{kind="line",result="completed"} 60.0' in metrics
+
+
+async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str,
+                                                                 asyncio.Task[bytes]]:
+    """``skyroute run`` as its own process (one worker: this pid serves); its URL from the log."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
+        "--config", str(config), "--port", "0", "--workers", "1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.stderr is not None
+    async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+        while not (match := re.search(rb'"url": "(http://[^"]+)"', await proc.stderr.readline())):
+            pass
+    return proc, match.group(1).decode(), asyncio.create_task(proc.stderr.read())
+
+
+async def stop(proc: asyncio.subprocess.Process, drain: asyncio.Task[bytes]) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+    await asyncio.wait_for(proc.wait(), CALL_TIMEOUT_S * 3)
+    await drain
+
+
+async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standin, tmp_path):
+    """skyroute is killed with SIGKILL while 1,000 batch lines are in flight; a new process on
+    the same data_dir finishes the batch, every custom_id in the output exactly once."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.01
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=16, visibility_timeout="1s")))
+    proc, url, drain = await start_skyroute(config, tmp_path)
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
+                [chat_line(i) for i in range(1000)]))), purpose="batch")
+            batch = await client.batches.create(input_file_id=f.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
+        proc.kill()
+        await stop(proc, drain)
+        assert proc.returncode == -signal.SIGKILL
+        called_before = up.requests_total
+        assert called_before < 1000, "the batch finished before the kill; nothing was tested"
+        proc, url, drain = await start_skyroute(config, tmp_path)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            done = await wait_batch(client, batch.id, "completed", "failed")
+            assert done.status == "completed"
+            assert done.request_counts.completed == 1000
+            lines = await read_lines(client, done.output_file_id)
+    finally:
+        await stop(proc, drain)
+    ids = Counter(line["custom_id"] for line in lines)
+    assert len(lines) == 1000 and set(ids.values()) == {1}
+    assert set(ids) == {f"req-{i}" for i in range(1000)}
+    assert all(line["response"]["body"]["usage"]["prompt_tokens"] ==
+               int(line["custom_id"][4:]) % 9 + 1 for line in lines)
+    assert up.requests_total >= 1000  # lines in flight at the kill ran again
+
+
+class OwnRedis:
+    """A redis-server of the test's own with AOF (fsync on every write) on a free port."""
+
+    def __init__(self, directory: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL)
+
+        async def answers() -> bool:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.write(b"PING\r\n")
+            reply = await asyncio.wait_for(reader.readline(), CALL_TIMEOUT_S)
+            writer.close()
+            await writer.wait_closed()
+            return reply == b"+PONG\r\n"
+
+        await eventually(answers, timeout=CALL_TIMEOUT_S)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=CALL_TIMEOUT_S)
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, tmp_path,
+                                                                      own_redis):
+    """Two instances share a Redis queue; one is killed with SIGKILL mid-batch; the other claims
+    its lines after the visibility timeout and the output has every custom_id once."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.01
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=8,
+        visibility_timeout="1s")))
+    first, url, first_drain = await start_skyroute(config, tmp_path)
+    second, second_url, second_drain = await start_skyroute(config, tmp_path)
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
+                [chat_line(i) for i in range(1000)]))), purpose="batch")
+            batch = await client.batches.create(input_file_id=f.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
+        first.kill()
+        await stop(first, first_drain)
+        assert up.requests_total < 1000, "the batch finished before the kill; nothing was tested"
+        async with openai.AsyncOpenAI(base_url=f"{second_url}/v1", api_key=CLIENT_KEY,
+                                      max_retries=0, timeout=CALL_TIMEOUT_S) as client:
+            done = await wait_batch(client, batch.id, "completed", "failed")
+            assert done.status == "completed"
+            assert done.request_counts.completed == 1000
+            lines = await read_lines(client, done.output_file_id)
+    finally:
+        await stop(second, second_drain)
+        await stop(first, first_drain)
+    ids = Counter(line["custom_id"] for line in lines)
+    assert len(lines) == 1000 and set(ids.values()) == {1}
+    assert set(ids) == {f"req-{i}" for i in range(1000)}
+
+
+async def test_redis_restart_loses_no_accepted_job(standin, skyroute, tmp_path, own_redis):
+    """Async jobs accepted before Redis is killed and restarted (AOF) all complete afterwards."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.05
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=4,
+        visibility_timeout="1s")))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        ids = []
+        for _ in range(40):
+            async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                                 headers=AUTH) as resp:
+                assert resp.status == 202
+                ids.append((await resp.json())["id"])
+        await up.wait_for(lambda u: u.requests_total >= 4, timeout=DONE_TIMEOUT_S)
+        own_redis.kill()
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers=AUTH) as resp:
+            assert resp.status == 503  # refused, not accepted and lost
+            assert resp.headers["Retry-After"] == "1"
+        await own_redis.start()
+        statuses: dict[str, str] = {}
+
+        async def all_done() -> bool:
+            for job_id in ids:
+                if statuses.get(job_id) != "completed":
+                    async with http.get(f"{server.url}/v1/async/jobs/{job_id}",
+                                        headers=AUTH) as resp:
+                        statuses[job_id] = (await resp.json())["status"] \
+                            if resp.status == 200 else f"HTTP {resp.status}"
+            return all(statuses.get(i) == "completed" for i in ids)
+
+        await eventually(all_done, timeout=DONE_TIMEOUT_S, interval=0.2)
+
+
+async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyroute, tmp_path,
+                                                                   sdk):
+    """An instance shut down mid-batch puts its claimed lines back in the queue, so the next
+    one runs them without waiting out the (10 minute) visibility timeout."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.05
+    text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", concurrency=8,
+                                                     visibility_timeout="10m"))
+    path = tmp_path / "first.yaml"
+    path.write_text(text)
+    first = Server(load_config(path), port=0, grace_s=0.01)
+    await first.start()
+    try:
+        client = sdk(first)
+        f = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(100)]))),
+            purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await up.wait_for(lambda u: u.requests_total >= 10, timeout=DONE_TIMEOUT_S)
+    finally:
+        await first.aclose()
+    second = await skyroute(text)
+    done = await wait_batch(sdk(second), batch.id, "completed", "failed")
+    assert done.status == "completed" and done.request_counts.completed == 100
+
+
+async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
+    """A reload that changes jobs.concurrency resizes the lane without a restart."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data",
+                                                                      concurrency=8)))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        assert (await lane(http, server))["limit"] == 8
+        assert server.config_path is not None
+        server.config_path.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+            tmp_path / "data", concurrency=3)))
+
+        async def resized() -> bool:
+            return (await lane(http, server))["limit"] == 3
+
+        await eventually(resized, timeout=DONE_TIMEOUT_S)
+
+
+async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_path, sdk):
+    """With jobs.retention passed, an ended batch (its output file too) and a finished async
+    job are gone after the next purge (one runs at start)."""
+    up = await standin("a")
+    text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", retention="1s"))
+    server = await skyroute(text)
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    done = await wait_batch(client, batch.id, "completed")
+    output = tmp_path / "data" / "files" / done.output_file_id
+    assert output.is_file()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", headers=AUTH,
+                             json={"model": "chat", "messages": []}) as resp:
+            job = await resp.json()
+
+        async def finished() -> bool:
+            async with http.get(job["status_url"], headers=AUTH) as resp:
+                return (await resp.json())["status"] == "completed"
+
+        await eventually(finished, timeout=DONE_TIMEOUT_S)
+        await asyncio.sleep(1.1)  # let the 1 s retention pass: the point of this test
+        later = await skyroute(text)  # purges at start
+        gone_url = job["status_url"].replace(server.url, later.url)
+
+        async def purged() -> bool:
+            async with http.get(gone_url, headers=AUTH) as resp:
+                return resp.status == 404
+
+        await eventually(purged, timeout=DONE_TIMEOUT_S)
+    assert not output.exists()
+    assert f.id in {x.id for x in (await sdk(later).files.list()).data}  # the input stays
+
+
+async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, sdk):
+    """A batch still running when its 24h completion window ends is expired: the lines that
+    ran are in the output file, the others in the error file as batch_expired."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(2)]))), purpose="batch")
+    first = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    await wait_batch(client, first.id, "completed")
+    up.behaviour.mode = "error"  # the next batch's lines wait in backoff
+    up.behaviour.retry_after_s = 30
+    g = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(5)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    await wait_batch(client, batch.id, "in_progress")
+    # Only the clock the windows are checked against moves: a day passes at once.
+    server.app[JOBS].wall = lambda: time.time() + 24 * 3600 + 1
+    expired = await wait_batch(client, batch.id, "expired")
+    assert expired.expired_at is not None and expired.output_file_id is None
+    errors = await read_lines(client, expired.error_file_id)
+    assert sorted(line["custom_id"] for line in errors) == [f"req-{i}" for i in range(5)]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert (await client.batches.retrieve(first.id)).status == "completed"  # ended: stays

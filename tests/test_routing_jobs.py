@@ -1,0 +1,135 @@
+"""routing._jobs: what follows a job's try, the lane's AIMD window, batch lines and statuses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from skyroute.routing import (
+    BatchLine,
+    BatchStatus,
+    Finished,
+    GaveUp,
+    LaneWindow,
+    LineProblem,
+    RetryLater,
+    RoutingStateError,
+    after_try,
+    next_batch_status,
+    read_batch_line,
+)
+
+POLICY = {"max_retries": 3, "base_s": 1.0, "cap_s": 8.0}
+
+AFTER_TRY_CASES = [
+    # (status, retries_done, retry_after_s, expected kind)
+    (200, 0, None, Finished),
+    (400, 0, None, Finished),  # the request's own fault: never retried
+    (404, 2, None, Finished),
+    (422, 0, None, Finished),
+    (503, 0, None, RetryLater),
+    (429, 1, 5.0, RetryLater),
+    (None, 2, None, RetryLater),  # no answer at all
+    (500, 3, None, GaveUp),  # max_retries 3: the fourth try was the last
+    (None, 3, None, GaveUp),
+]
+
+
+@pytest.mark.parametrize(("status", "retries_done", "retry_after", "kind"), AFTER_TRY_CASES)
+def test_after_try_decides_by_status_and_retries_left(status, retries_done, retry_after, kind):
+    """2xx and plain 4xx finish, busy answers retry until max_retries, then give up."""
+    decision = after_try(status, error="HTTP x", retries_done=retries_done,
+                         rng=random.Random(1), retry_after_s=retry_after, **POLICY)
+    assert isinstance(decision, kind)
+
+
+def test_after_try_delay_is_full_jitter_under_the_capped_ceiling():
+    """Retry n waits uniform(0, min(cap, base * 2**n)); never above the ceiling."""
+    rng = random.Random(7)
+    for retries_done, ceiling in ((0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (6, 8.0)):
+        delays = [after_try(503, error="", retries_done=retries_done, rng=rng, max_retries=10,
+                            base_s=1.0, cap_s=8.0).delay_s for _ in range(200)]
+        assert min(delays) >= 0 and max(delays) <= ceiling
+        assert max(delays) > ceiling / 2  # spread over the range, not stuck low
+
+
+def test_after_try_waits_at_least_the_retry_after():
+    """An upstream's Retry-After longer than the backoff is honoured."""
+    decision = after_try(429, error="", retries_done=0, rng=random.Random(1),
+                         retry_after_s=30.0, **POLICY)
+    assert isinstance(decision, RetryLater) and decision.delay_s == 30.0
+
+
+def test_after_try_gave_up_names_the_tries_and_the_setting():
+    """The error kept for the error file says how many tries and which setting stopped them."""
+    decision = after_try(503, error="HTTP 503: busy", retries_done=3, rng=random.Random(1),
+                         **POLICY)
+    assert isinstance(decision, GaveUp)
+    assert decision.error == "HTTP 503: busy (after 4 tries; jobs.max_retries is 3)"
+
+
+def test_LaneWindow_halves_on_busy_once_per_cooldown_and_grows_back():
+    """AIMD: a busy burst halves once per cooldown, down to 1; successes add ~1 per window."""
+    lane = LaneWindow(16, cooldown_s=1.0)
+    assert lane.on_busy(now=10.0) and lane.size == 8
+    assert not lane.on_busy(now=10.5) and lane.size == 8  # the same burst
+    for t in (11.0, 12.0, 13.0, 14.0, 15.0):
+        lane.on_busy(now=t)
+    assert lane.size == 1
+    for _ in range(3):
+        lane.on_success()
+    assert lane.size >= 2
+    for _ in range(1000):
+        lane.on_success()
+    assert lane.size == 16
+    assert repr(lane) == "<LaneWindow 16/16>"
+
+
+def test_LaneWindow_set_limit_shrinks_the_window():
+    lane = LaneWindow(16)
+    lane.set_limit(4)
+    assert lane.size == 4 and lane.limit == 4
+
+
+def line(**item: object) -> bytes:
+    base: dict[str, object] = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "m"}}
+    base.update(item)
+    return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
+
+
+LINE_CASES = [
+    (line(), None),
+    (b"{nope", "invalid_json_line"),
+    (b"[1]", "invalid_json_line"),
+    (line(custom_id=None), "missing_required_parameter"),
+    (line(custom_id=""), "missing_required_parameter"),
+    (line(method="GET"), "invalid_request"),
+    (line(url="/v1/embeddings"), "mismatched_endpoint"),
+    (line(body="text"), "invalid_request"),
+    (line(body={"model": "m", "stream": True}), "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("raw", "code"), LINE_CASES)
+def test_read_batch_line_checks_each_rule(raw, code):
+    """Each OpenAI batch-line rule broken gives its code; a good line gives its body."""
+    checked = read_batch_line(raw, line=3, endpoint="/v1/chat/completions")
+    if code is None:
+        assert isinstance(checked, BatchLine)
+        assert (checked.line, checked.custom_id, json.loads(checked.body)) == (3, "a",
+                                                                              {"model": "m"})
+    else:
+        assert isinstance(checked, LineProblem) and checked.code == code
+        assert checked.message.startswith("line 3")
+
+
+def test_next_batch_status_follows_the_table_and_refuses_the_rest():
+    """validating -> in_progress -> finalizing -> completed; a completed batch moves no more."""
+    s = BatchStatus
+    assert next_batch_status(s.VALIDATING, s.IN_PROGRESS) is s.IN_PROGRESS
+    assert next_batch_status(s.CANCELLING, s.CANCELLED) is s.CANCELLED
+    with pytest.raises(RoutingStateError, match="completed to in_progress"):
+        next_batch_status(s.COMPLETED, s.IN_PROGRESS)
+    assert {x for x in s if x.is_terminal} == {s.COMPLETED, s.FAILED, s.EXPIRED, s.CANCELLED}
