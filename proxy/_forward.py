@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import functools
 import json
 import time
 import zlib
@@ -208,8 +209,7 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
     headers = upstream_headers(call.headers, call.billing, target, request_id=request_id)
     data = call.data_for(target, headers)
     upstream = target.upstream
-    timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
-                                    sock_read=upstream.idle_timeout_s)
+    timeout = _timeout(upstream.connect_timeout_s, upstream.idle_timeout_s)
     response: aiohttp.ClientResponse | ConverseAnswer | None = None
     access = session.access(upstream)
     try:
@@ -266,6 +266,12 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
         return _failure(target, Result.STREAM_CUT, "the upstream closed with an empty answer")
     return Opened(target=target, response=response, prefix=prefix, is_sse=is_sse,
                   started=started, ttfb_s=clock() - started, end=StreamEnd(kind), decoder=decoder)
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
+    """An upstream's timeouts (frozen, so one per setting pair, not one per attempt)."""
+    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=idle_s)
 
 
 async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool,

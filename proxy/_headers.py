@@ -143,15 +143,17 @@ def upstream_headers(base: CIMultiDict[str], billing: Mapping[str, str], target:
                      request_id: str) -> CIMultiDict[str]:
     """The headers of one attempt at ``target``: its own key, org and project."""
     upstream = target.upstream
-    headers = CIMultiDict(base)
-    headers["X-Request-ID"] = request_id
-    headers["Accept-Encoding"] = "identity"
+    headers = base.copy()
+    # ``base`` never holds these (``request_headers`` drops them): add, no search.
+    headers.add("X-Request-ID", request_id)
+    headers.add("Accept-Encoding", "identity")
     if upstream.api_key:
-        headers["Authorization"] = f"Bearer {upstream.api_key}"
-    allowed = {h.lower() for h in upstream.forward_headers}
-    for name, value in billing.items():
-        if name.lower() in allowed:
-            headers[name] = value
+        headers.add("Authorization", f"Bearer {upstream.api_key}")
+    if billing:
+        allowed = {h.lower() for h in upstream.forward_headers}
+        for name, value in billing.items():
+            if name.lower() in allowed:
+                headers[name] = value
     if upstream.organization and "openai-organization" not in headers:
         headers["OpenAI-Organization"] = upstream.organization
     if upstream.project and "openai-project" not in headers:

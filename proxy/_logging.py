@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json as stdlib_json
 import logging
 import os
 import re
 import sys
 import threading
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
@@ -55,13 +57,13 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
     if json is None:
         json = not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer())
+        render_json if json else structlog.dev.ConsoleRenderer())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             *([_add_pid(os.getpid())] if pid else []),
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             structlog.processors.format_exc_info,
             redact_processor,  # last before rendering: tracebacks are redacted too
             renderer,
@@ -80,6 +82,44 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)
     return json
+
+
+def _fallback(value: Any) -> Any:
+    """What a value JSON cannot hold is written as (as structlog's ``JSONRenderer`` does)."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+#: One encoder for every line: ``json.dumps(..., default=...)`` would build a new one
+#: per call. The output is ``json.dumps``'s, byte for byte.
+_ENCODER = stdlib_json.JSONEncoder(default=_fallback)
+
+
+def render_json(logger: object, method: str, event: structlog.typing.EventDict) -> str:
+    """structlog processor: the event as one JSON object (``json.dumps``'s format)."""
+    return _ENCODER.encode(event)
+
+
+#: (second, its ISO 8601 text): the date and time are formatted once a second.
+_second: tuple[int, str] = (-1, "")
+
+
+def add_timestamp(logger: object, method: str,
+                  event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """structlog processor: ``timestamp``, UTC, ISO 8601 with microseconds
+    (``2026-01-02T03:04:05.678901Z``, as ``TimeStamper(fmt="iso", utc=True)`` writes it,
+    which drops ``.000000``), without a ``datetime`` per line."""
+    global _second
+    now = time.time()
+    second = int(now)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    micro = int((now - second) * 1_000_000)
+    event["timestamp"] = f"{cached[1]}.{micro:06d}Z" if micro else f"{cached[1]}Z"
+    return event
 
 
 #: Writes up to this size are atomic on a pipe: lines of ``--workers`` processes that

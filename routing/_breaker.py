@@ -55,7 +55,10 @@ that caused it (``allows``, ``record`` or ``trip``), for the caller to log and
 count; calls that change no state return ``None`` (inside ``Admission`` for
 ``allows``). ``state(now=...)`` only looks: it reports HALF_OPEN once the
 cool-down has passed, but the COOLED_DOWN transition is emitted by the next
-``allows``. Time is always the ``now`` argument; nothing here reads a clock.
+``allows``. ``on_change``, when set, is called after every state change and
+whenever an open breaker's ``open_until`` moves: apart from time passing
+``open_until``, those are the only times what ``state(now=...)`` reports can change.
+Time is always the ``now`` argument; nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
@@ -193,6 +197,7 @@ class CircuitBreaker:
         "half_open_probes",
         "max_cooldown_s",
         "min_requests",
+        "on_change",
         "open_until",
         "probe_timeout_s",
         "quiet_s",
@@ -250,6 +255,9 @@ class CircuitBreaker:
         self.quiet_s = quiet_s
         self.probe_timeout_s = probe_timeout_s
         self.open_until: float | None = None
+        #: Called after every state change and every move of ``open_until`` (the owner
+        #: keeps a fleet-wide view of states current by it, see ``routing._fleet``).
+        self.on_change: Callable[[], None] | None = None
         self.trips = 0
         self.total_trips = 0
         self._state = BreakerState.CLOSED
@@ -275,6 +283,8 @@ class CircuitBreaker:
             self._closed_at = now
         if new is not BreakerState.OPEN:
             self.open_until = None
+        if self.on_change is not None:
+            self.on_change()
         return BreakerTransition(
             target=self.target,
             old=old,
@@ -458,7 +468,10 @@ class CircuitBreaker:
         if self._state is BreakerState.OPEN:
             assert self.open_until is not None
             new_until = now + self._cooldown() if until is None else until
-            self.open_until = max(self.open_until, new_until)
+            if new_until > self.open_until:
+                self.open_until = new_until
+                if self.on_change is not None:
+                    self.on_change()
             if self._probes:  # a panic probe was told to wait: its slot is free again
                 self._probes.popleft()
             return None

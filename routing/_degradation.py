@@ -36,8 +36,9 @@ unavailable  none of its targets is available and no fallback can serve
 * In ``minimal`` mode a served request's token limits are capped
   (``capped_payload``): only generation requests, only limits above the cap, and
   ``max_tokens`` added when the request sets none.
-* Nothing here reads a clock or holds health: ``LevelView`` is one instant's
-  picture, built from the states the router passes in.
+* Nothing here reads a clock or holds health: ``LevelView`` reads the states the
+  router passes in (``routing._fleet`` keeps them current as upstreams change, so
+  no request walks the fleet) and costs a request O(targets) of its route.
 """
 
 from __future__ import annotations
@@ -125,12 +126,16 @@ class LevelView:
     __slots__ = ("_policy", "_routes", "_states", "minimal")
 
     def __init__(self, policy: DegradationPolicy, routes: Mapping[str, Route],
-                 states: Mapping[str, UpstreamState]) -> None:
+                 states: Mapping[str, UpstreamState], *, available: int,
+                 essential: tuple[str, ...]) -> None:
+        """Args:
+            states: every upstream's state (kept current by ``routing._fleet``).
+            available: how many of ``states`` are available (counted there, as they change).
+            essential: the models of the routes marked ``essential`` (once per config).
+        """
         self._policy = policy
         self._routes = routes
         self._states = states
-        available = sum(state in AVAILABLE for state in states.values())
-        essential = tuple(r.model for r in routes.values() if r.essential)
         self.minimal = MinimalTrigger(
             active=bool(essential and states) and available / len(states) < policy.minimal_below,
             available=available, upstreams=len(states), below=policy.minimal_below,
@@ -177,8 +182,11 @@ class LevelView:
                                    f"(degradation.minimal.max_n); this one asked for n={n}. "
                                    f"Send n={policy.minimal_max_n}, or retry after "
                                    f"{retry_after_s:.0f}s."))
-        serving = self.serving_route(route)
-        return Serve(route=serving, level=self.level(route), max_tokens=(
+        own = self._own_level(route)
+        fallback = self.fallback(route) if own is Level.FALLBACK else None
+        serving = fallback if fallback is not None else route
+        level = Level.MINIMAL if self.minimal.active and own is not Level.UNAVAILABLE else own
+        return Serve(route=serving, level=level, max_tokens=(
             policy.minimal_max_tokens if self.minimal.active else None),
             fallback_for=route.model if serving is not route else None)
 

@@ -34,12 +34,16 @@ breaker failure. A BUSY attempt also records its wait as a latency sample, so a
 busy upstream looks slow as well as failing.
 
 Every change of ``state`` is returned as a ``HealthChange`` so the shell can log
-it and update metrics. Time is the ``now`` argument; nothing here reads a clock.
+it and update metrics. A watcher (``watch``: the router's fleet view) is told the
+name whenever an event may have changed ``state``; between events it changes only at
+``next_change_at`` (a cool-down ending). Time is the ``now`` argument; nothing here
+reads a clock.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
@@ -104,8 +108,12 @@ class UpstreamHealth:
         self.slow = SlowDetector(threshold_s=threshold_s, recover_ratio=latency.recover_ratio,
                                  recover_intervals=latency.recover_intervals,
                                  ramp_s=latency.ramp_s)
-        self.bad_key_until: float | None = None
-        self.down_until: float | None = None  # no answer at all, or a peer's report
+        self._bad_key_until: float | None = None
+        self._down_until: float | None = None  # no answer at all, or a peer's report
+        #: Called with the name whenever ``state`` may have changed other than by time
+        #: passing ``next_change_at`` (see ``watch``).
+        self._on_change: Callable[[str], None] | None = None
+        self.breaker.on_change = self._changed_state
         self.estimate: Estimate | None = None  # the one routing uses
         self.external: Estimate | None = None  # the latest Prometheus reading
         self.passive: Estimate | None = None  # this instance's own, for the others to read
@@ -119,11 +127,43 @@ class UpstreamHealth:
     def __repr__(self) -> str:
         return f"<UpstreamHealth {self.name} {self._last_state} outstanding={self.outstanding}>"
 
+    def watch(self, on_change: Callable[[str], None] | None) -> None:
+        """Call ``on_change(name)`` whenever ``state`` may have changed by an event (an
+        outcome, a report, an estimate, the breaker moving). Between events ``state``
+        changes only at ``next_change_at``, so a watcher can keep it current in O(1)."""
+        self._on_change = on_change
+
+    def _changed_state(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.name)
+
+    @property
+    def bad_key_until(self) -> float | None:
+        """Until when a 401/402 (or a peer's report) keeps it out as ``bad_key``."""
+        return self._bad_key_until
+
+    @bad_key_until.setter
+    def bad_key_until(self, until: float | None) -> None:
+        if until != self._bad_key_until:
+            self._bad_key_until = until
+            self._changed_state()
+
+    @property
+    def down_until(self) -> float | None:
+        """Until when no answer at all (or a peer's report) keeps it out as ``down``."""
+        return self._down_until
+
+    @down_until.setter
+    def down_until(self, until: float | None) -> None:
+        if until != self._down_until:
+            self._down_until = until
+            self._changed_state()
+
     def state(self, *, now: float) -> UpstreamState:
         """The upstream's state now; see the module docstring for the order."""
-        if self.bad_key_until is not None and now < self.bad_key_until:
+        if self._bad_key_until is not None and now < self._bad_key_until:
             return UpstreamState.BAD_KEY
-        if self.down_until is not None and now < self.down_until:
+        if self._down_until is not None and now < self._down_until:
             return UpstreamState.DOWN
         if self.breaker.state(now=now) is BreakerState.OPEN:
             return UpstreamState.OPEN
@@ -137,9 +177,16 @@ class UpstreamHealth:
 
     def available_at(self, *, now: float) -> float:
         """When this upstream is next expected to take requests (``now`` if already)."""
-        times = [t for t in (self.bad_key_until, self.down_until, self.breaker.open_until)
+        times = [t for t in (self._bad_key_until, self._down_until, self.breaker.open_until)
                  if t is not None and t > now]
         return max(times) if times else now
+
+    def next_change_at(self, *, now: float) -> float | None:
+        """The next time after ``now`` at which ``state`` changes with no event (a bad
+        key's, a down report's or a breaker's cool-down ending); None: not by time."""
+        times = [t for t in (self._bad_key_until, self._down_until, self.breaker.open_until)
+                 if t is not None and t > now]
+        return min(times) if times else None
 
     def share(self, *, now: float) -> float:
         """Traffic share from slowness: 0 while slow, ramping back after recovery."""
@@ -230,7 +277,10 @@ class UpstreamHealth:
         """Feed a latency estimate (one per evaluation interval)."""
         self.estimate = estimate
         transition = self.slow.feed(estimate.seconds, source=estimate.source, now=now)
-        return self._changed(now, transition.reason) if transition else None
+        if transition is None:
+            return None
+        self._changed_state()
+        return self._changed(now, transition.reason)
 
     def is_answering(self) -> bool:
         """True if the latest news of it here is an answer: a success after any failure here

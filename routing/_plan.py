@@ -33,7 +33,7 @@ Rules / theory of operation
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import final
 
 from ._budget import RetryBudget
@@ -68,13 +68,18 @@ def retry_after_seconds(seconds: float) -> int:
 class AttemptPlan:
     """The attempts for one client request over one route (see the module's rules)."""
 
-    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_failover", "_health",
-                 "_hedge_budget", "_pools", "_tried", "_untried", "attempts", "hedged",
+    __slots__ = ("_backoff", "_budget", "_candidates", "_deadline", "_delays", "_failover",
+                 "_health", "_hedge_budget", "_pools", "_tried", "_untried", "attempts", "hedged",
                  "outcomes", "paid_retries", "panics", "route")
 
     def __init__(self, route: Route, candidates: list[Target], *,
                  health: dict[str, UpstreamHealth], pools: PoolPickers, budget: RetryBudget,
-                 hedge_budget: RetryBudget, backoff: Iterator[float], now: float) -> None:
+                 hedge_budget: RetryBudget, backoff: Callable[[], Iterator[float]],
+                 now: float) -> None:
+        """Args:
+            backoff: makes the delays between retries (called at the first delay only:
+                most requests never wait).
+        """
         self.route = route
         self._candidates = candidates
         self._untried = list(candidates)  # not yet offered an attempt, in plan order
@@ -84,6 +89,7 @@ class AttemptPlan:
         self._budget = budget
         self._hedge_budget = hedge_budget
         self._backoff = backoff
+        self._delays: Iterator[float] | None = None
         self.hedged = 0
         self._deadline = now + route.timeout_s
         self._failover = False  # the retry decided last was free: it goes to a sound target
@@ -214,13 +220,18 @@ class AttemptPlan:
         if outcome.result is Result.POOL_FULL:
             # Never left skyroute (its own connection limit): no load on any upstream, so
             # no budget is spent; the backoff lets a pooled connection come free.
-            return Retry(reason=reason, delay_s=min(next(self._backoff),
+            return Retry(reason=reason, delay_s=min(self._next_delay(),
                                                     max(0.0, self._deadline - now)))
         if not self._budget.try_acquire(now):
             return self._give_up(now, budget_exhausted=True)
         self.paid_retries += 1
         return Retry(reason=reason, paid=True,
-                     delay_s=min(next(self._backoff), max(0.0, self._deadline - now)))
+                     delay_s=min(self._next_delay(), max(0.0, self._deadline - now)))
+
+    def _next_delay(self) -> float:
+        if self._delays is None:
+            self._delays = self._backoff()
+        return next(self._delays)
 
     def _give_up(self, now: float, *, timed_out: bool = False,
                  budget_exhausted: bool = False) -> GiveUp:

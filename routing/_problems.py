@@ -210,7 +210,7 @@ def cross_reference_problems(doc: Document) -> list[ConfigProblem]:
         if isinstance(key, dict) and key.get("key") == "" and path not in doc.from_env:
             problem(path, "is empty; a client key must not be blank")
     fallbacks: dict[str, tuple[YamlPath, str]] = {}  # route model -> (path, fallback model)
-    routed: list[str] = []
+    routed: set[str] = set()
     for i, route in enumerate(_items(doc.data.get("routes"))):
         if not isinstance(route, dict):
             continue
@@ -219,7 +219,7 @@ def cross_reference_problems(doc: Document) -> list[ConfigProblem]:
             problem(("routes", i, "model"), f"model '{model}' has two routes; merge their "
                                             "targets")
         elif model is not None:
-            routed.append(model)
+            routed.add(model)
         for j, target in enumerate(_items(route.get("targets"))):
             target_name = _text(target)
             if target_name not in upstream_models:
@@ -234,7 +234,7 @@ def cross_reference_problems(doc: Document) -> list[ConfigProblem]:
         fallback = _text(route.get("fallback_model"))
         if model is not None and fallback:
             fallbacks.setdefault(model, (("routes", i, "fallback_model"), fallback))
-    served = set(routed).union(*upstream_models.values())
+    served = routed.union(*upstream_models.values())
     for model, (path, fallback) in fallbacks.items():
         message = _fallback_problem(model, fallback, fallbacks, served)
         if message:

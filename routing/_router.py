@@ -22,8 +22,12 @@ Rules / theory of operation
   ``record`` and ``cancel`` end the attempt's count there.
 * Degradation levels, and which route serves a request (its own, its fallback,
   or a refusal in minimal mode), come from ``_degradation.LevelView`` over every
-  upstream's state. With ``degradation.reduced.hedging: false``, ``plan`` drops
+  upstream's state, which ``_fleet.FleetStates`` keeps current as upstreams change
+  (not per request). With ``degradation.reduced.hedging: false``, ``plan`` drops
   the route's ``hedge_after`` while the route is reduced or worse.
+* Per-config work is done once per config (``update``): each route's targets (a
+  ``Target`` per upstream, with its model name), its retry budgets, the essential
+  models. A request's routing costs O(targets of its route), whatever the fleet's size.
 * Nothing here does I/O or reads a clock: ``now`` is always an argument, and
   randomness comes from an injected ``random.Random``.
 """
@@ -31,7 +35,9 @@ Rules / theory of operation
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+from collections.abc import Callable, Iterator
 from typing import Any, final
 
 from ._backoff import backoff_delays
@@ -46,6 +52,7 @@ from ._degradation import (
     Refuse,
     Serve,
 )
+from ._fleet import FleetStates
 from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
 from ._plan import AttemptPlan, retry_after_seconds
 from ._policies import Strategy
@@ -64,6 +71,16 @@ STALE_INTERVALS = 3
 PASSIVE_HOLD_WINDOWS = 10
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PreparedRoute:
+    """What ``plan`` needs of one route, made once per config."""
+
+    targets: tuple[str, ...]  # the route's, to check a Route passed in against
+    by_name: dict[str, Target]  # each target upstream's Target for this route's alias
+    budget: RetryBudget
+    hedge_budget: RetryBudget
+
+
 @final
 class Router:
     """Routing decisions for the configuration being served."""
@@ -75,6 +92,8 @@ class Router:
         self._hedge_budgets: dict[str, RetryBudget] = {}
         self._pools = PoolPickers()
         self._level_watch = LevelWatch()
+        self._fleet = FleetStates()
+        self._view: tuple[int, LevelView] | None = None  # (fleet generation, view)
         self.config = config
         self.update(config)
 
@@ -110,7 +129,20 @@ class Router:
         self._routes = {route.model: route for route in config.routes}
         self._upstreams = {u.name: u for u in config.upstreams}
         self._pools.update(config.upstreams, config.latency.scrape)
+        self._prepared = {route.model: _PreparedRoute(
+            targets=route.targets,
+            by_name={name: self._target(self._upstreams[name], route.model)
+                     for name in route.targets if name in self._upstreams},
+            budget=self._budgets[route.model], hedge_budget=self._hedge_budgets[route.model],
+        ) for route in config.routes}
+        self._essential = tuple(route.model for route in config.routes if route.essential)
+        # Made when a request first waits between attempts: most never do.
+        self._backoff: Callable[[], Iterator[float]] = functools.partial(
+            backoff_delays, base_s=config.retry.backoff_base_s,
+            cap_s=config.retry.backoff_cap_s, rng=self._rng)
         self.config = config
+        self._fleet.reset(health)
+        self._view = None
 
     @property
     def models(self) -> list[str]:
@@ -141,19 +173,23 @@ class Router:
         if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
                 and self.route_level(route, now=now) is not Level.NORMAL:
             route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
-        self._budgets[route.model].record_request(now)
-        self._hedge_budgets[route.model].record_request(now)
+        prepared = self._prepared[route.model]
+        if prepared.targets != route.targets:  # a Route of another config's (a reload)
+            prepared = dataclasses.replace(prepared, targets=route.targets, by_name={
+                name: self._target(self._upstreams[name], route.model)
+                for name in route.targets if name in self._upstreams})
+        prepared.budget.record_request(now)
+        prepared.hedge_budget.record_request(now)
         order = [pinned] if pinned in self._upstreams else self._order(route, now)
         if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
-        candidates = [self._target(self._upstreams[name], route.model) for name in order]
-        backoff = backoff_delays(base_s=self.config.retry.backoff_base_s,
-                                 cap_s=self.config.retry.backoff_cap_s, rng=self._rng)
+        by_name = prepared.by_name
+        candidates = [by_name.get(name) or self._target(self._upstreams[name], route.model)
+                      for name in order]
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
-                           budget=self._budgets[route.model],
-                           hedge_budget=self._hedge_budgets[route.model], backoff=backoff,
-                           now=now)
+                           budget=prepared.budget, hedge_budget=prepared.hedge_budget,
+                           backoff=self._backoff, now=now)
 
     def pinned_unavailable(self, upstream: str, object_id: str, *,
                            now: float) -> GiveUp | None:
@@ -327,8 +363,13 @@ class Router:
         return result
 
     def _levels(self, now: float) -> LevelView:
-        states = {name: health.state(now=now) for name, health in self._health.items()}
-        return LevelView(self.config.degradation, self._routes, states)
+        fleet = self._fleet
+        fleet.refresh(now=now)
+        if self._view is None or self._view[0] != fleet.generation:
+            self._view = (fleet.generation, LevelView(
+                self.config.degradation, self._routes, fleet.states,
+                available=fleet.available, essential=self._essential))
+        return self._view[1]
 
     def route_level(self, route: Route, *, now: float) -> Level:
         """One of ``LEVELS`` for one route (see ``routing._degradation``)."""
@@ -354,9 +395,8 @@ class Router:
             n: the number of choices the request asks for (None: not given).
         """
         view = self._levels(now)
-        out = [h.available_at(now=now) for h in self._health.values()
-               if view.minimal.active and not h.is_available(now=now)]
-        retry_after = retry_after_seconds(min(out) - now) if out else 1  # for refusals only
+        back = self._fleet.soonest_back(now=now) if view.minimal.active else None
+        retry_after = retry_after_seconds(back - now) if back is not None else 1  # refusals
         return view.serving(route, n=n, retry_after_s=retry_after)
 
     def fallbacks(self, *, now: float) -> dict[str, str]:

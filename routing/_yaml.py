@@ -46,6 +46,7 @@ MAX_ALIAS_NODES: Final = 10_000
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 _MAP_TAG: Final = "tag:yaml.org,2002:map"
 _SEQ_TAG: Final = "tag:yaml.org,2002:seq"
+_STR_TAG: Final = "tag:yaml.org,2002:str"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 YamlPath = tuple[str | int, ...]
@@ -163,11 +164,11 @@ class _Tree:
             if self.alias_nodes > MAX_ALIAS_NODES:
                 raise _Refused(_line(node), f"aliases expand to more than {MAX_ALIAS_NODES} "
                                             "values; write the repeated part out, or share less")
-        self.doc.value_lines[path] = _line(node)
+        line = self.doc.value_lines[path] = node.start_mark.line + 1
         if isinstance(node, ScalarNode):
-            return self.scalar(node, path)
+            return self.scalar(node, path, line)
         if node.tag not in (_MAP_TAG, _SEQ_TAG):  # !!set, !!omap, !!python/...
-            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
+            self.problems.append(ConfigProblem(format_path(path) or "(file)", line,
                                                f"cannot read this value: tag {node.tag!r} is "
                                                "not allowed; write a plain list or mapping"))
             return None
@@ -177,9 +178,11 @@ class _Tree:
                 return self.mapping(node, path, via_alias)
             assert isinstance(node, SequenceNode)
             items = []
+            key_lines = self.doc.key_lines
             for index, item in enumerate(node.value):
-                self.doc.key_lines[(*path, index)] = _line(item)
-                items.append(self.value(item, (*path, index), via_alias))
+                item_path = (*path, index)
+                key_lines[item_path] = item.start_mark.line + 1
+                items.append(self.value(item, item_path, via_alias))
             return items
         finally:
             self.open.discard(key)
@@ -199,15 +202,15 @@ class _Tree:
                     "a key must be plain text, not a list or mapping"))
                 continue
             name = str(key_node.value)
+            key_path, line = (*path, name), key_node.start_mark.line + 1
             if name in written:
                 self.problems.append(ConfigProblem(
-                    format_path((*path, name)), _line(key_node),
+                    format_path(key_path), line,
                     f"key '{name}' is given twice (first on line {written[name]}); "
                     "keep one"))
                 continue
-            written[name] = _line(key_node)
-            self.doc.key_lines[(*path, name)] = _line(key_node)
-            value = self.value(value_node, (*path, name), via_alias)
+            written[name] = self.doc.key_lines[key_path] = line
+            value = self.value(value_node, key_path, via_alias)
             if value is not None:
                 result[name] = value
         for name, value in merged.items():
@@ -225,19 +228,22 @@ class _Tree:
             sources.append(value)
         return sources
 
-    def scalar(self, node: ScalarNode, path: YamlPath) -> Any:
-        try:
-            value = self.loader.construct_object(node)
-        except ConstructorError as exc:
-            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
-                                               f"cannot read this value: {exc.problem}"))
-            return None
-        except ValueError:  # an integer past Python's 4,300-digit limit
-            self.problems.append(ConfigProblem(format_path(path) or "(file)", _line(node),
-                                               "this number has too many digits"))
-            return None
+    def scalar(self, node: ScalarNode, path: YamlPath, line: int) -> Any:
+        if node.tag == _STR_TAG:  # most of a file: the text is the value (no constructor)
+            value: Any = node.value
+        else:
+            try:
+                value = self.loader.construct_object(node)
+            except ConstructorError as exc:
+                self.problems.append(ConfigProblem(format_path(path) or "(file)", line,
+                                                   f"cannot read this value: {exc.problem}"))
+                return None
+            except ValueError:  # an integer past Python's 4,300-digit limit
+                self.problems.append(ConfigProblem(format_path(path) or "(file)", line,
+                                                   "this number has too many digits"))
+                return None
         if isinstance(value, str) and "${" in value:
-            value = self.expand(value, path, _line(node))
+            value = self.expand(value, path, line)
         return value
 
     def expand(self, text: str, path: YamlPath, line: int) -> str:

@@ -584,14 +584,15 @@ def _implicit_routes(config: Config) -> tuple[Route, ...]:
     """A route for each alias offered by upstreams but named by no route: to every
     upstream that offers it, in file order."""
     routed = {r.model for r in config.routes}
-    implicit: list[Route] = []
+    offering: dict[str, list[str]] = {}  # alias -> its upstreams in file order (one pass)
     for upstream in config.upstreams:
         for alias in upstream.models:
             if alias not in routed:
-                routed.add(alias)
-                offering = tuple(u.name for u in config.upstreams if alias in u.models)
-                route = Route(model=alias, targets=offering)
-                object.__setattr__(route, "implicit", True)
-                implicit.append(route)
+                offering.setdefault(alias, []).append(upstream.name)
+    implicit: list[Route] = []
+    for alias, names in offering.items():
+        route = Route(model=alias, targets=tuple(names))
+        object.__setattr__(route, "implicit", True)
+        implicit.append(route)
     return tuple(implicit)
 

@@ -8,14 +8,18 @@ Rules / theory of operation
   have no origin and go to every connection.
 * A ``DocHub`` serves one document name (``sessions``, ``usage``) and owns the
   current ``EpochDoc``, the connections attached to it and the awareness states of
-  external Yjs clients. ``install`` swaps in the next epoch's document, and a
-  rebuilt document is never merged into an old one (nor an old one into it):
-  Yjs clients and older instances are closed; a peer that rotates in-band keeps
-  its connection and gets ``{"epoch": N}`` then our SYNC_STEP1 on it. Whatever
-  that peer sends after our rotation and before its own ``{"epoch": N}`` belongs
-  to its old document and is dropped (``is_stale``): its rebuild carries those
-  writes, and its answer to our SYNC_STEP1 brings them. So a rotation costs no
+  external Yjs clients. ``install`` swaps in the next epoch's document (built beside
+  the live one, ``_rotation``), and a rebuilt document is never merged into an old
+  one (nor an old one into it): Yjs clients and older instances are closed; a peer
+  that rotates in-band keeps its connection and gets ``{"epoch": N}``, our own part
+  of the new document, then our SYNC_STEP1. Whatever that peer sends after our
+  rotation and before its own ``{"epoch": N}`` belongs to its old document and is
+  dropped (``is_stale``): its own part carries those writes. So a rotation costs no
   reconnect, and no write waits for one.
+* Overlap: after ``install`` the previous document stays readable (``value``) for
+  entries the new one has not got yet (a recent entry comes with its writer's part),
+  until every peer connection has sent its SYNC_STEP1 in the new epoch or
+  ``end_overlap``; listeners then carry what never came (``on_overlap_end``).
 * ``rebuild`` copies the live entries of a document into a fresh one (new client
   id, no tombstones, no history): this is what bounds the size. Which entries are
   live is the caller's decision (``keep``).
@@ -52,6 +56,7 @@ from pycrdt import (
     YSyncMessageType,
     create_awareness_message,
     write_message,
+    write_var_uint,
 )
 from pycrdt import create_sync_message as _create_step1
 
@@ -79,9 +84,12 @@ BULK_UPDATE_BYTES: Final = 64 * 1024
 the cyclic garbage collector paused; see ``collector_paused``."""
 _STEP2_HEADER: Final = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
 
+EMPTY_UPDATE: Final = b"\x00\x00"
 UpdateListener = Callable[[bytes, object | None], None]
 MapListener = Callable[[str, dict[str, Any], bool], None]
 """Called with (map name, ``MapEvent.keys``, is_remote) after each change."""
+OverlapListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
+"""Called with the previous epoch's document and the (map, key)s deleted since."""
 
 
 @final
@@ -100,6 +108,7 @@ class EpochDoc:
         # They are made with the first listener: pycrdt turns every change of an observed
         # map into Python values, which a document being built (rebuild) needs for nothing.
         self._subscriptions: list[Subscription] = []
+        self._maps_observed = False
 
     def __repr__(self) -> str:
         return f"<EpochDoc {self.name} epoch={self.epoch} client={self.doc.client_id}>"
@@ -117,10 +126,16 @@ class EpochDoc:
 
     def on_map_change(self, listener: MapListener) -> None:
         """Call ``listener(map_name, keys, is_remote)`` for every root-map change."""
-        if not self._map_listeners:
+        if not self._maps_observed:  # once: off_map_change may empty the list again
+            self._maps_observed = True
             for map_name, ymap in self.maps.items():
                 self._subscriptions.append(ymap.observe(self._map_observer(map_name)))
         self._map_listeners.append(listener)
+
+    def off_map_change(self, listener: MapListener) -> None:
+        """Stop calling ``listener`` (no-op if it was not registered)."""
+        if listener in self._map_listeners:
+            self._map_listeners.remove(listener)
 
     def apply_remote(self, update: bytes, origin: object) -> None:
         """Apply an update received from ``origin``.
@@ -155,6 +170,12 @@ class EpochDoc:
         """Client ids that wrote to this document."""
         return set(decode_state_vector(self.doc.get_state()))
 
+    def own_update(self) -> bytes:
+        """This document's own writes (its client id's items) and its deletions."""
+        others = {c: n for c, n in decode_state_vector(self.doc.get_state()).items()
+                  if c != self.doc.client_id}
+        return self.diff(encode_state_vector(others))
+
     def _on_transaction(self, event: TransactionEvent) -> None:
         update = event.update
         for listener in self._update_listeners:
@@ -172,6 +193,14 @@ class EpochDoc:
         remote = self._origin is not None
         for listener in self._map_listeners:
             listener(map_name, keys, remote)
+
+
+def encode_state_vector(clocks: dict[int, int]) -> bytes:
+    """Encode ``{client_id: clock}`` as a Yjs state vector (inverse of ``decode_state_vector``)."""
+    parts = [write_var_uint(len(clocks))]
+    for client, clock in clocks.items():
+        parts += (write_var_uint(client), write_var_uint(clock))
+    return b"".join(parts)
 
 
 def _changed_keys(event: MapEvent) -> dict[str, Any]:
@@ -268,10 +297,17 @@ class DocHub:
         self.on_epoch_request: Callable[[int], None] | None = None
         """Called with a newer epoch a peer announced in-band (StateSync rotates to it)."""
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
+        self._overlap_listeners: list[OverlapListener] = []
         self.doc = doc
+        self.previous: EpochDoc | None = None
+        """The last epoch's document while the rotation overlaps (see ``value``)."""
+        self._deleted: set[tuple[str, str]] = set()
+        self._synced: set[YConnection] = set()
+        self._prepared: tuple[EpochDoc, UpdateGate] | None = None
         self._awareness = self._new_awareness(doc)
         self._gate = self._new_gate(doc)
         doc.on_update(self._relay)
+        doc.on_map_change(self._note_deleted)
 
     def __repr__(self) -> str:
         return f"<DocHub {self.name} epoch={self.doc.epoch} connections={len(self.connections)}>"
@@ -280,25 +316,88 @@ class DocHub:
         """Call ``listener(doc)`` after each ``install`` (stores re-attach observers)."""
         self._doc_listeners.append(listener)
 
+    def on_overlap_end(self, listener: OverlapListener) -> None:
+        """Call ``listener(previous, deleted)`` when a rotation's overlap ends (see ``value``)."""
+        self._overlap_listeners.append(listener)
+
+    def prepare(self, epoch: int) -> EpochDoc:
+        """A fresh document for ``epoch`` to build beside the current one, then ``install``.
+
+        Its update gate follows it from the start, so installing it copies nothing.
+        """
+        doc = EpochDoc(self.name, epoch)
+        self._prepared = (doc, self._new_gate(doc))
+        return doc
+
     def install(self, doc: EpochDoc) -> None:
-        """Make ``doc`` current; connections that cannot follow in-band are closed first."""
+        """Make ``doc`` current; connections that cannot follow in-band are closed first.
+
+        Peers that rotate in-band get ``{"epoch": N}``, then this instance's own part
+        of the new document (what only it carried), then our SYNC_STEP1. The old
+        document stays readable (``value``) until every peer has answered in the new
+        epoch (its SYNC_STEP1 came after its own part), or ``end_overlap``.
+        """
+        self.end_overlap()
         kept = {c for c in self.connections if c.rotates_in_band and not c.external}
         for conn in self.connections - kept:
             conn.close("epoch rotated")
         self.connections = kept
         self._retired = [*self._retired, self.doc.client_ids()][-RETIRED_EPOCHS_KEPT:]
-        self.doc = doc
+        previous, self.doc = self.doc, doc
         self._awareness = self._new_awareness(doc)
-        self._gate = self._new_gate(doc)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is doc:
+            self._gate = prepared[1]
+        else:
+            self._gate = self._new_gate(doc)
         doc.on_update(self._relay)
+        doc.on_map_change(self._note_deleted)
         for listener in self._doc_listeners:
             listener(doc)
+        self._synced = set()
+        self.previous = previous
         if kept:
             frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
+            own = doc.own_update()
+            carried = update_message(own) if own != EMPTY_UPDATE else None
+            told: set[str | None] = set()
             for conn in kept:
                 conn.push_control(frame)
+                if carried is not None and (conn.peer is None or conn.peer not in told):
+                    conn.push(carried)  # once per peer instance, like every relay
+                    told.add(conn.peer)
                 conn.push(step1)
         self._announce_links()  # after the epoch frame: anything it sends is of the new doc
+        self._check_overlap()  # no peer to wait for: it ends now
+
+    def value(self, map_name: str, key: str) -> Any:
+        """``key``'s value in the current document, or while the rotation overlaps, in the
+        previous one if the current has not got it yet (its writer's copy is on the way)."""
+        value = self.doc.maps[map_name].get(key)
+        if value is not None or self.previous is None or (map_name, key) in self._deleted:
+            return value
+        return self.previous.maps[map_name].get(key)
+
+    def end_overlap(self) -> None:
+        """Forget the previous epoch's document; listeners carry what never arrived."""
+        previous, self.previous = self.previous, None
+        deleted, self._deleted = self._deleted, set()
+        if previous is not None:
+            for listener in self._overlap_listeners:
+                listener(previous, deleted)
+
+    def _check_overlap(self) -> None:
+        if self.previous is not None and all(
+            c in self._synced for c in self.connections if not c.external
+        ):
+            self.end_overlap()
+
+    def _note_deleted(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if self.previous is None:
+            return
+        for key, change in keys.items():
+            if change.get("action") == "delete":
+                self._deleted.add((map_name, key))
 
     def is_stale(self, conn: YConnection) -> bool:
         """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""
@@ -319,7 +418,9 @@ class DocHub:
         """Stop relaying to ``conn`` (idempotent)."""
         if conn in self.connections:
             self.connections.discard(conn)
+            self._synced.discard(conn)
             self._announce_links()
+            self._check_overlap()
 
     def on_peer_identified(self, conn: YConnection) -> None:
         """``conn.peer`` became known: tell it (and, if the set grew, everyone) our links."""
@@ -361,7 +462,11 @@ class DocHub:
         known = decode_state_vector(state_vector)
         if any(client in retired for retired in self._retired for client in known):
             raise SyncProtocolError(f"{origin.name} holds a document from an older epoch")
-        return _STEP2_HEADER + write_message(self.doc.diff(state_vector))
+        answer = _STEP2_HEADER + write_message(self.doc.diff(state_vector))
+        if self.previous is not None and not origin.external:
+            self._synced.add(origin)  # its own part of this epoch came before this
+            self._check_overlap()
+        return answer
 
     def apply_remote(self, update: bytes, origin: YConnection) -> None:
         """Check ``update`` against the schema, then apply it.

@@ -130,6 +130,15 @@ class SyncMetrics:
             "Document rotations into a new epoch.",
             registry=registry,
         )
+        self.rotation_entries = Counter(
+            "skyroute_sync_rotation_entries_total",
+            "Entries a rotation carried into the new epoch, by how: shared (settled: the same "
+            "item on every instance), own (written by this instance), writer (recent: left to "
+            "the linked instance that wrote it), late (its writer's copy never came, so this "
+            "instance carried it when the overlap ended), drop (expired).",
+            ["how"],
+            registry=registry,
+        )
         self.discovery_lookups = Counter(
             "skyroute_sync_discovery_lookups_total",
             "DNS discovery lookups of sync.discovery, by outcome (ok, failed).",
@@ -167,6 +176,8 @@ class SyncMetrics:
             (d, t): self.messages.labels(d, t) for d in ("in", "out") for t in MESSAGE_TYPES
         }
         self._byte_children = {d: self.bytes.labels(d) for d in ("in", "out")}
+        for how in ("shared", "own", "writer", "late", "drop"):
+            self.rotation_entries.labels(how)
         for outcome in ("ok", "failed"):
             self.discovery_lookups.labels(outcome)  # exported as 0 before the first lookup
 

@@ -82,7 +82,7 @@ class ObjectDirectory:
 
     def upstream_of(self, object_id: str, *, now: float) -> str | None:
         """The upstream holding ``object_id``; None if unknown or expired."""
-        value = self._hub.doc.maps["objects"].get(object_id)
+        value = self._hub.value("objects", object_id)
         return str(value["upstream"]) if value is not None and object_entry_is_live(value, now) \
             else None
 

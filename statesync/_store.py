@@ -57,12 +57,16 @@ from ._doc import DocHub, EpochDoc
 from ._metrics import SyncMetrics, get_logger
 from ._objects import object_entry_is_live
 from ._pins import HybridClock, PinStamp, merged, next_pin
+from ._rotation import SETTLE_S, Carry, CarryRules
 from ._types import Clock, Session, SyncSettings, UpstreamReport, Usage, UsageBucket
 
 USAGE_BUCKET_S: Final = 1.0
 """How finely usage is counted: a request counts at most this much longer than the
 window, and a refusal's Retry-After is exact to it. One entry per second per busy
 key and writer is the cost, small next to the flushes that rewrite it."""
+HISTORY_S: Final = 10.0
+"""Recent values of an entry are kept this long: a rotation asks what an entry held
+``SETTLE_S`` before its epoch began, while it builds (a few seconds)."""
 USAGE_DELETE_AFTER_S: Final = 30.0
 """A writer deletes its own usage entry this long after the entry left the window, so a
 peer whose clock is up to 30 s behind still counts it for the whole window; the document
@@ -77,6 +81,23 @@ CLEAR_STATES: Final = frozenset({UpstreamState.HEALTHY, "up", "ok"})
 
 _BucketKey = tuple[str, int]  # (client key name, bucket index)
 _Slot = tuple[int, float, str]  # (bucket index, bucket seconds, writer) of a usage entry
+
+
+def _written_at(map_name: str, value: Any) -> float | None:
+    """When an entry was last written, by its own fields; None if it does not say."""
+    if not isinstance(value, dict):
+        return None
+    if map_name == "usage":
+        slot = _slot_of(value)  # rewritten by its writer until its bucket ends
+        return (slot[0] + 1) * slot[1] if slot is not None else None
+    ts = value.get("ts")
+    return float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else None
+
+
+def _writer_of(map_name: str, value: Any) -> str | None:
+    """The writer id that wrote an entry last, if the entry names one."""
+    writer = value.get("w" if map_name == "usage" else "by") if isinstance(value, dict) else None
+    return writer if isinstance(writer, str) else None
 
 
 def bucket_of(now: float) -> int:
@@ -127,9 +148,12 @@ class SessionStore:
         self._touched: dict[str, float] = {}
         self._repairs: dict[str, Any] = {}
         self._hlc = HybridClock()
+        self._history: dict[tuple[str, str], list[tuple[float, Any]]] = {}
+        self._history_pruned_at = 0.0
         self._session_count = 0  # entries in the sessions map; see _count_sessions
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
+            hub.on_overlap_end(self._reconcile)
             self._attach(hub.doc)
 
     def __repr__(self) -> str:
@@ -144,7 +168,7 @@ class SessionStore:
 
     def get(self, session_id: str, *, now: float) -> Session | None:
         """Return the session, or None if it is absent or idle longer than the TTL."""
-        value = self._sessions.doc.maps["sessions"].get(session_id)
+        value = self._sessions.value("sessions", session_id)
         session = Session.from_wire(session_id, value, observed_at=now)
         if session is None:
             return None
@@ -183,7 +207,7 @@ class SessionStore:
         Returns:
             True if the pin was written, False if an earlier pin stays.
         """
-        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        stored = self._sessions.value("sessions", session_id)
         expired = stored is not None and self.get(session_id, now=now) is None
         stamp = next_pin(
             stored, moved_from=moved_from, expired=expired, at=self._hlc.now(now), by=self.writer_id
@@ -229,7 +253,7 @@ class SessionStore:
             "ts": now,
             "by": self.writer_id,
         }
-        stored = self._sessions.doc.maps["sessions"].get(session_id)
+        stored = self._sessions.value("sessions", session_id)
         if pin is not None:
             value["pin"] = pin.to_wire()
         elif current is not None and isinstance(stored, dict) and "pin" in stored:
@@ -280,6 +304,9 @@ class SessionStore:
         Also keeps the sessions map under ``max_sessions`` (see ``_evict_sessions``).
         """
         now = self._clock()
+        if now - self._history_pruned_at >= 1.0:
+            self._history_pruned_at = now
+            self._prune_history(now)
         evicted = self._evict_sessions(now)
         pending, self._pending = self._pending, {}
         for key_name, buckets in pending.items():
@@ -415,16 +442,81 @@ class SessionStore:
         Never raises: one odd entry must not stop a rotation.
         """
         try:
-            return self._keep(map_name, key, value)
+            return self._keep(map_name, key, value, now=self._clock(), overlay=True)
         except (ValueError, TypeError, OverflowError, AttributeError):
             return False
 
-    def _keep(self, map_name: str, key: str, value: Any) -> bool:
-        now = self._clock()
+    def carry_rules(self, *, start: float, linked: frozenset[str]) -> CarryRules:
+        """How a rotation starting at ``start`` carries each entry (``_rotation``).
+
+        An entry's settled value is what it held at ``start - SETTLE_S`` (from its
+        write time, and the recent history for an entry written since): the same on
+        every instance. It is shared if it is still kept at ``start``. A value written
+        since goes on top, by its writer (``by``, or ``w`` for usage): left to that
+        writer if it is one of the ``linked`` instances, else written by us.
+        """
+        cutoff = start - SETTLE_S
+
+        def split(map_name: str, key: str, value: Any) -> tuple[Any, Carry]:
+            try:
+                settled = self._settled_value(map_name, key, value, cutoff)
+                shared = settled if settled is not None and self._keep(
+                    map_name, key, settled, now=start, overlay=False) else None
+                if shared is not None and shared == value:
+                    return shared, Carry.SHARED
+                if not self._keep(map_name, key, value, now=self._clock(), overlay=True):
+                    return shared, Carry.DROP
+                writer = _writer_of(map_name, value)
+                written = _written_at(map_name, value)
+                if (written is not None and written >= cutoff and writer in linked
+                        and writer != self.writer_id):
+                    return shared, Carry.WRITER
+                return shared, Carry.OWN
+            except (ValueError, TypeError, OverflowError, AttributeError):
+                return None, Carry.DROP
+
+        return CarryRules(split)
+
+    def _settled_value(self, map_name: str, key: str, value: Any, cutoff: float) -> Any:
+        """What the entry held at ``cutoff`` (None: nothing, or unknown)."""
+        written = _written_at(map_name, value)
+        if written is None or written < cutoff:
+            return value
+        best: tuple[float, Any] | None = None
+        for at, old in self._history.get((map_name, key), ()):
+            if at < cutoff and (best is None or at >= best[0]):
+                best = (at, old)
+        return best[1] if best is not None else None
+
+    def _remember(self, map_name: str, key: str, change: dict[str, Any]) -> None:
+        """Keep an entry's recent values (``_settled_value``), the one before them first."""
+        history = self._history.get((map_name, key))
+        if history is None:
+            old = change.get("oldValue")
+            written = _written_at(map_name, old) if old is not None else None
+            history = self._history[map_name, key] = [
+                (written if written is not None else -math.inf, old)]
+        new = change.get("newValue") if change.get("action") != "delete" else None
+        written = _written_at(map_name, new) if new is not None else None
+        history.append((written if written is not None else self._clock(), new))
+
+    def _prune_history(self, now: float) -> None:
+        """Forget values older than ``HISTORY_S`` but the last of them."""
+        horizon = now - HISTORY_S
+        for entry, history in list(self._history.items()):
+            older = [i for i, (at, _) in enumerate(history) if at < horizon]
+            if len(older) == len(history):
+                del self._history[entry]
+            elif older:
+                del history[:older[-1]]
+
+    def _keep(self, map_name: str, key: str, value: Any, *, now: float, overlay: bool) -> bool:
         if map_name == "sessions":
             session = Session.from_wire(key, value, observed_at=now)
-            last = max(session.last_seen, self._touched.get(key, 0.0)) if session else 0.0
-            return session is not None and now - last <= self._settings.session_ttl_s
+            if session is None:
+                return False
+            touched = self._touched.get(key, 0.0) if overlay else 0.0
+            return now - max(session.last_seen, touched) <= self._settings.session_ttl_s
         if map_name == "upstreams":
             report = UpstreamReport.from_wire(value)
             if report is None:
@@ -440,20 +532,52 @@ class SessionStore:
             return object_entry_is_live(value, now)
         return False  # meta: fresh heartbeats are written into the new document
 
+    def _reconcile(self, previous: EpochDoc, deleted: set[tuple[str, str]]) -> None:
+        """A rotation's overlap ended: carry what this instance keeps and nobody carried.
+
+        Entries left to their writer (``Carry.WRITER``) normally arrived with the
+        writer's own part; one that did not (the writer died, or was cut off just
+        then) is written here, once the writer had its chance.
+        """
+        hub = self._sessions if previous.name == "sessions" else self._usage
+        late = 0
+        with hub.doc.doc.transaction():
+            for map_name, old_map in previous.maps.items():
+                target = hub.doc.maps[map_name]
+                missing = set(old_map.keys()) - set(target.keys())
+                for key in sorted(missing):
+                    value = old_map.get(key)
+                    if (map_name, key) not in deleted and self.keep(map_name, key, value):
+                        target[key] = value
+                        late += 1
+        if late:
+            self._metrics.rotation_entries.labels("late").inc(late)
+            self._log.info("sync_rotation_carried_late", doc=previous.name, entries=late,
+                           hint="their writer's copy did not arrive during the overlap")
+
     def _attach(self, doc: EpochDoc) -> None:
         if doc.name == "sessions":
             self._session_count = len(doc.maps["sessions"])  # once per document
         if doc.name == "usage":
-            self._view = {}
-            for value in doc.maps["usage"].values():
+            # The view is kept: a writer's recent entries reach the new document with
+            # its own part, and counting them meanwhile keeps limits exact.
+            umap = doc.maps["usage"]
+            for value in umap.values():
                 self._view_set(value)
-            # Re-assert our entries in the new document.
-            self._dirty.update((k, b) for k, own in self._own.items() for b in own)
+            # Re-assert our entries the new document lacks or holds otherwise.
+            for key_name, own in self._own.items():
+                for bucket, (r, t) in own.items():
+                    held = umap.get(f"{self.writer_id}|{bucket}|{key_name}")
+                    if not isinstance(held, dict) or (held.get("r"), held.get("t")) != (r, t):
+                        self._dirty.add((key_name, bucket))
             cutoff = self._clock() - self._settings.session_ttl_s
             self._touched = {k: v for k, v in self._touched.items() if v >= cutoff}
         doc.on_map_change(self._on_change)
 
     def _on_change(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if map_name != "meta":
+            for key, change in keys.items():
+                self._remember(map_name, key, change)
         if map_name == "sessions":
             self._count_sessions(keys)
         if map_name == "usage":

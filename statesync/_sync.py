@@ -19,11 +19,14 @@ Rules / theory of operation
   older epoch rotates to the newer one (the server at once, the client after a 409
   carrying ``X-Skyroute-Epoch``), so the cluster converges on the highest epoch
   even with skewed clocks. Rotating rebuilds each document from its live entries.
-  Peer links that speak the control frames stay open: the rotating side sends
-  ``{"epoch": N}`` and a SYNC_STEP1 on each, a peer still in an older epoch rotates
-  on that frame, and SYNC_STEP1/2 merges the rebuilt documents of the *same* epoch
-  without a reconnect, so writes around a rotation wait only for the wire (see
-  ``DocHub.install``). Other connections (Yjs clients, older instances) are closed
+  The clock-driven rotation builds epoch N's documents in slices from the moment N
+  starts and installs them ``INSTALL_AFTER_S`` later, the same moment on every
+  instance (``_rotation``: settled entries become identical items everywhere, recent
+  ones come from their writer). Peer links that speak the control frames stay open:
+  the rotating side sends ``{"epoch": N}``, its own part and a SYNC_STEP1 on each, a
+  peer still in an older epoch finishes its build on that frame, and SYNC_STEP1/2
+  brings whatever else differs without a reconnect (see ``DocHub.install``).
+  Other connections (Yjs clients, older instances) are closed
   and reconnect. Updates are never exchanged between different epochs. Clients
   without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
   an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
@@ -62,6 +65,7 @@ from ._links import (
 )
 from ._metrics import SyncMetrics, get_logger
 from ._objects import ObjectDirectory
+from ._rotation import SLICE_S, Carry, EpochBuilder
 from ._store import SessionStore, run_flush_loop
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
 
@@ -69,6 +73,16 @@ SNAPSHOT_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
 """Idle instances still heartbeat, so ``skyroute_sync_lag_seconds`` keeps moving."""
 SIZE_METRIC_EVERY_S: Final = 5.0
+BUILD_PAUSE_S: Final = 0.005
+"""A build rests this long after each slice, so peers and writes are served between."""
+SLICE_MAX_S: Final = 0.02
+"""The longest slice, when a build is late."""
+INSTALL_AFTER_S: Final = 2.0
+"""Instances install a new epoch this long after it starts by the clock (at most a quarter
+of ``rotate_every_s``): time to build it in slices (one not done by then is finished at
+once)."""
+OVERLAP_MAX_S: Final = 10.0
+"""A rotation's overlap ends after this even if a peer never answered in the new epoch."""
 SIZE_MEASURE_SHARE: Final = 0.01
 """Measuring a document encodes all of it on the event loop (0.1-0.3 s at 100,000 sessions,
 ``bench/sessions.py``): it is done every ``SIZE_METRIC_EVERY_S`` at most, and less often
@@ -136,6 +150,9 @@ class StateSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._started = self._closed = self._paused = False
+        self._building: tuple[int, float, dict[str, EpochBuilder]] | None = None
+        """(epoch, started at, builder per document) while a rotation is being built."""
+        self._rotated_at = clock()
 
     def __repr__(self) -> str:
         return f"<StateSync {self.writer_id} epoch={self.epoch} peers={len(self._links)}>"
@@ -182,6 +199,7 @@ class StateSync:
         if self._closed:
             return
         self._closed = True
+        self._abandon_build()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -343,19 +361,45 @@ class StateSync:
         return math.floor(now / self.settings.rotate_every_s)
 
     def _rotate_to(self, epoch: int) -> None:
-        """Rotate every document into ``epoch``, or (on any error) none of them.
+        """Rotate every document into ``epoch`` now, or (on any error) none of them.
 
-        The new documents are all built before any is installed; a failure is
-        logged and counted, and the old epoch keeps serving (the next rotation
-        check tries again).
+        A build into that epoch already under way (``_rotation_loop``) is finished at
+        once; any other is abandoned and this one done in one go. The new documents
+        are all built before any is installed; a failure is logged and counted, and
+        the old epoch keeps serving (the next rotation check tries again).
         """
         if epoch <= self.epoch:
             return
-        started = time.perf_counter()
+        if self._building is not None and self._building[0] != epoch:
+            self._abandon_build()
+        if self._building is None:
+            self._start_build(epoch)
+        self._finish_build()
+
+    def _start_build(self, epoch: int) -> None:
+        """Start building every document of ``epoch`` beside the current ones."""
+        self.store.flush()
+        now = self._clock()
+        start = min(epoch * self.settings.rotate_every_s, now)
+        builders = {}
+        for name, hub in self._hubs.items():
+            rules = self.store.carry_rules(start=start, linked=hub.linked_peers())
+            builders[name] = EpochBuilder(hub.doc, hub.prepare(epoch), rules)
+        self._building = (epoch, time.perf_counter(), builders)
+
+    def _abandon_build(self) -> None:
+        if self._building is not None:
+            for builder in self._building[2].values():
+                builder.cancel()
+            self._building = None
+
+    def _finish_build(self) -> None:
+        """Finish the build under way and install its documents."""
+        assert self._building is not None
+        epoch, started, builders = self._building
+        self._building = None
         try:
-            self.store.flush()
-            rebuilt = {name: rebuild(hub.doc, epoch, self.store.keep)
-                       for name, hub in self._hubs.items()}
+            rebuilt = {name: builder.finish() for name, builder in builders.items()}
         except Exception as exc:
             self._metrics.rotation_failures.inc()
             self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
@@ -364,12 +408,16 @@ class StateSync:
         self.epoch = epoch
         for name, hub in self._hubs.items():
             hub.install(rebuilt[name])
+        self._rotated_at = self._clock()
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
         self._metrics.rotations.inc()
+        counts = {how.value: sum(b.counts[how] for b in builders.values()) for how in Carry}
+        for how, count in counts.items():
+            self._metrics.rotation_entries.labels(how).inc(count)
         if self.settings.is_shared:
             self._log.info("sync_rotated", epoch=epoch,
-                           seconds=round(time.perf_counter() - started, 4))
+                           seconds=round(time.perf_counter() - started, 4), **counts)
 
     async def _on_peer_epoch(self, epoch: int) -> None:
         self._rotate_to(epoch)
@@ -378,8 +426,50 @@ class StateSync:
         while True:
             due = (self.epoch + 1) * self.settings.rotate_every_s - self._clock()
             await asyncio.sleep(min(max(due, 0.0), 1.0))
-            if self._epoch_at(self._clock()) > self.epoch:
-                self._rotate_to(self._epoch_at(self._clock()))
+            self._end_overlap_if_late()
+            epoch = self._epoch_at(self._clock())
+            if epoch <= self.epoch:
+                continue
+            # Build beside the live documents, a slice per turn of the event loop, so
+            # writes and peers are served meanwhile; a peer's {"epoch": N} may finish it.
+            # Every instance installs at the same moment by the clock (not when its own
+            # build is done), so nobody is in the new epoch while another still writes
+            # in the old one.
+            self._start_build(epoch)
+            period = self.settings.rotate_every_s
+            install_at = epoch * period + min(INSTALL_AFTER_S, period / 4)
+            loop = asyncio.get_running_loop()
+            last_turn = loop.time()
+            while self._building is not None and self._building[0] == epoch:
+                left_s = install_at - self._clock()
+                if left_s <= 0:
+                    self._finish_build()
+                    break
+                # Each slice gets what keeps the build on time over the turns of the loop
+                # still to come (a busy loop turns slowly), at least SLICE_S.
+                turn_s, last_turn = max(loop.time() - last_turn, BUILD_PAUSE_S), loop.time()
+                builders = [b for b in self._building[2].values() if not b.step_done]
+                need_s = sum(b.work_left_s() for b in builders)
+                budget = min(max(SLICE_S, 2 * need_s * turn_s / left_s), SLICE_MAX_S)
+                try:
+                    if builders:
+                        builders[0].step(budget)
+                except Exception as exc:  # one odd entry must not stop rotating for good
+                    self._abandon_build()
+                    self._metrics.rotation_failures.inc()
+                    self._log.error("sync_rotation_failed", epoch=self.epoch, to_epoch=epoch,
+                                    error=repr(exc)[:200])
+                    break
+                await asyncio.sleep(min(max(left_s, 0.0), BUILD_PAUSE_S))
+
+    def _end_overlap_if_late(self) -> None:
+        """End an overlap no peer finished within ``OVERLAP_MAX_S`` (a silent peer)."""
+        if self._clock() - self._rotated_at >= OVERLAP_MAX_S:
+            for hub in self._hubs.values():
+                if hub.previous is not None:
+                    self._log.info("sync_rotation_overlap_timeout", doc=hub.name,
+                                   seconds=OVERLAP_MAX_S)
+                    hub.end_overlap()
 
     # -- peers -----------------------------------------------------------------------
 

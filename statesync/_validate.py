@@ -152,12 +152,11 @@ class UpdateGate:
 
     def _copy(self, source: Doc[Any]) -> Doc[Any]:
         shadow: Doc[Any] = Doc()
-        maps = [shadow.get(name, type=Map) for name in self._map_names]
-        # Observed only after the copy: what the real document holds needs no check, and
-        # an observer would turn all of it into Python values (seconds at 100,000 sessions).
+        self._maps = [(name, shadow.get(name, type=Map)) for name in self._map_names]
+        # Observed only while checking (``check``): what the real document holds needs no
+        # check, and an observer would turn all of it into Python values (seconds at
+        # 100,000 sessions), as it would every local write that ``follow`` takes.
         shadow.apply_update(source.get_update())
-        self._subscriptions = [ymap.observe(self._observer(name))
-                               for name, ymap in zip(self._map_names, maps, strict=True)]
         self._changes.clear()
         return shadow
 
@@ -176,6 +175,9 @@ class UpdateGate:
             raise UpdateRejected("document_size",
                                  f"the document would pass {self._max_document_bytes} bytes")
         self._changes.clear()
+        # Observed only while checking: following the real document (every local write)
+        # then costs no event conversion.
+        subscriptions = [(ymap, ymap.observe(self._observer(name))) for name, ymap in self._maps]
         try:
             self._shadow.apply_update(update)
             extra = set(self._shadow.keys()) - set(self._map_names)
@@ -194,6 +196,8 @@ class UpdateGate:
             self._shadow = self._copy(source)
             raise SyncProtocolError(f"update does not decode: {exc!r}") from exc
         finally:
+            for ymap, subscription in subscriptions:
+                ymap.unobserve(subscription)
             self._changes.clear()
 
     def follow(self, update: bytes) -> None:

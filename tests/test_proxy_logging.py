@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -12,7 +14,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, InvalidHeader, LineTooLong
-from skyroute.proxy._logging import StdlibBridge, parse_error_reason, printable
+from skyroute.proxy._logging import (
+    StdlibBridge,
+    add_timestamp,
+    parse_error_reason,
+    printable,
+    render_json,
+)
 from skyroute.proxy._state import STATE_SYNC
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
@@ -148,3 +156,24 @@ def test_printable_escapes_control_characters_and_cuts_to_the_limit():
     """Control characters become escapes and long text ends in '...' at the limit."""
     assert printable("a\x01b\nc", 20) == "a\\x01b\\nc"
     assert printable("x" * 30, 10) == "x" * 10 + "..."
+
+
+def test_timestamps_are_iso_utc_with_microseconds_as_structlog_writes_them():
+    stamped = add_timestamp(None, "info", {})["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamped)
+    when = datetime.datetime.fromisoformat(stamped.replace("Z", "+00:00"))
+    now = datetime.datetime.now(tz=datetime.UTC)
+    assert abs((now - when).total_seconds()) < 60
+
+
+class _Custom:
+    def __structlog__(self) -> str:
+        return "custom"
+
+
+def test_json_lines_are_json_dumps_byte_for_byte():
+    event = {"event": "x", "n": 1, "f": 0.25, "text": "é \"q\"", "none": None,
+             "custom": _Custom(), "other": object(), "nested": {"a": [1, 2]}}
+    expected = json.dumps(event, default=lambda o: o.__structlog__()
+                          if hasattr(o, "__structlog__") else repr(o))
+    assert render_json(None, "info", event) == expected

@@ -1,0 +1,195 @@
+"""Benchmark: CPU instructions per request of skyroute and of a bare pass-through.
+
+Timing on a shared, loaded machine is noise; the number of instructions a process
+executes for one request is not. Each proxy runs under ``valgrind --tool=callgrind``
+(in front of the same stand-in upstream, ``bench/_upstream.py``, which runs normally):
+after a warm-up its counters are zeroed (``callgrind_control --zero``), a number of
+requests are sent one after another on one keep-alive connection, and the counters
+are dumped (``callgrind_control --dump``). Printed: instructions per request, for JSON
+and streamed chat completions, skyroute (``skyroute run --workers 1``, info logging:
+one access line per request, as in production) over the bare 40-line aiohttp+uvloop
+pass-through (``bench/_passthrough.py``). Goal (issue 14): at most 1.2x.
+
+With ``--keep DIR`` the callgrind dumps stay in DIR: ``callgrind_annotate
+DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions; the
+Python-level split is what ``--profile`` prints, from cProfile in the same process).
+
+Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from overhead import (  # noqa: E402 - the sibling benchmark's helpers
+    CLIENT_KEY,
+    UPSTREAM_KEY,
+    Procs,
+    body_for,
+    read_url_line,
+    routing_yaml,
+)
+
+#: valgrind runs Python some 50x slower: starting skyroute takes a while.
+START_TIMEOUT_S = 180.0
+GOAL = 1.2
+_TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+
+
+def _valgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+            "--collect-systime=no", "-q"]
+
+
+def _wait_for_log(proc: subprocess.Popen[bytes], log: Path) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"skyroute exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("event") == "server_started":
+                    return str(event["url"])
+        time.sleep(0.2)
+    raise RuntimeError("skyroute did not start in time:\n" + log.read_text()[-3000:])
+
+
+def _send(url: str, key: str, model: str, *, stream: bool, count: int) -> None:
+    """``count`` chat completions one after another on one keep-alive connection."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+    body = body_for(model, stream)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    try:
+        for _ in range(count):
+            conn.request("POST", parts.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200 or not (data.endswith(b"data: [DONE]\n\n") if stream
+                                          else b'"choices"' in data):
+                raise RuntimeError(f"{url}: answer {resp.status} {data[:200]!r}")
+    finally:
+        conn.close()
+
+
+def _control(command: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", command, str(pid)], check=True, timeout=60,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _counted(pid: int, out: Path, send: Callable[[], None]) -> int:
+    """Instructions the process ``pid`` executes while ``send()`` runs."""
+    _control("--zero", pid)
+    send()
+    before = set(out.parent.glob(out.name + "*"))
+    _control("--dump", pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fresh = set(out.parent.glob(out.name + "*")) - before
+        for dump in fresh:
+            match = _TOTAL.search(dump.read_bytes())
+            if match:
+                dump.unlink()
+                return int(match.group(1))
+        time.sleep(0.1)
+    raise RuntimeError(f"no callgrind dump from pid {pid}")
+
+
+def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, float]]:
+    procs = Procs()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        up = procs.spawn("upstream", [sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
+                         core=None, stdout=subprocess.PIPE)
+        upstream_url = read_url_line(up, "upstream")
+        config = procs.tmp / "routing.yaml"
+        config.write_text(routing_yaml(upstream_url))
+        bare_out, sky_out = procs.tmp / "bare.cg", procs.tmp / "skyroute.cg"
+        bare = procs.spawn("bare", [*_valgrind(bare_out), sys.executable,
+                                    str(HERE / "_passthrough.py"), upstream_url, UPSTREAM_KEY],
+                           core=None, stdout=subprocess.PIPE)
+        bare_url = read_url_line(bare, "bare pass-through") + "/v1/chat/completions"
+        log = procs.tmp / "skyroute.log"
+        with log.open("wb") as log_file:
+            sky = procs.spawn("skyroute", [
+                *_valgrind(sky_out), *shlex.split(args.skyroute_cmd), "--log-format", "json",
+                "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
+                "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
+        sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
+        for mode in ("json", "stream"):
+            stream = mode == "stream"
+            row = results[mode] = {}
+            for name, proc, out, url, key, model in (
+                    ("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
+                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")):
+                _send(url, key, model, stream=stream, count=args.warmup)
+                total = _counted(proc.pid, out, functools.partial(
+                    _send, url, key, model, stream=stream, count=args.requests))
+                row[name] = total / args.requests
+                print(f"  {mode:6} {name:8} {total / args.requests / 1e3:9.0f} k instr/request",
+                      file=sys.stderr, flush=True)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for name, proc, out, url, key, model in (
+                    ("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
+                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")):
+                _control("--zero", proc.pid)
+                _send(url, key, model, stream=False, count=args.requests)
+                _control("--dump", proc.pid)
+                time.sleep(1.0)
+                for dump in sorted(out.parent.glob(out.name + "*")):
+                    if dump != out and dump.stat().st_size:
+                        shutil.copy(dump, keep / f"{name}-json.out")
+    finally:
+        procs.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=200, help="requests counted per phase")
+    ap.add_argument("--warmup", type=int, default=50, help="requests before counting")
+    ap.add_argument("--keep", type=Path, help="keep the callgrind dumps of JSON requests here")
+    ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m "
+                                              "skyroute.proxy.cli",
+                    help="command that runs skyroute's CLI")
+    args = ap.parse_args(argv)
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        print("needs valgrind (callgrind_control)", file=sys.stderr)
+        return 2
+    # A fixed hash seed: dict and set layouts (and so instruction counts) the same each run.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    results = measure(args, args.keep)
+    print(f"\ninstructions per request (callgrind; {args.requests} requests in a row after "
+          f"{args.warmup} warm-up, one keep-alive connection)")
+    print(f"{'mode':6} {'bare k':>9} {'skyroute k':>11} {'skyroute / bare':>16}")
+    worst = 0.0
+    for mode, row in results.items():
+        ratio = row["skyroute"] / row["bare"]
+        worst = max(worst, ratio)
+        print(f"{mode:6} {row['bare'] / 1e3:9.0f} {row['skyroute'] / 1e3:11.0f} {ratio:15.2f}x")
+    print(f"\n{'PASS' if worst <= GOAL else 'FAIL'}  instructions per request at most "
+          f"{GOAL}x the bare pass-through's (worst {worst:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
