@@ -20,7 +20,6 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -32,6 +31,7 @@ from ._handlers import authenticate, choose_route, handle_api, parse_payload, re
 from ._jobs_runner import JOBS, STORE_RETRY_S, JobsService
 from ._jobs_store import IdempotencyConflict, new_id
 from ._jobs_views import batch_view, file_view, job_view
+from ._jobs_webhooks import WebhookRefused, check_target
 from ._state import SERVING
 
 #: The one completion window OpenAI offers, and how long it is.
@@ -87,7 +87,7 @@ async def submit_async(request: web.Request) -> web.Response:
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ClientRequestError(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                  "characters", param="Idempotency-Key")
-    webhook = _webhook(request, service)
+    webhook = await _webhook(request, service)
     try:
         record, created = await service.store.submit(
             owner=owner, method="POST", path=path, body=body or None, idem_key=key,
@@ -104,14 +104,15 @@ async def submit_async(request: web.Request) -> web.Response:
     return web.json_response(job_view(record, base=_base(request)), status=202)
 
 
-def _webhook(request: web.Request, service: JobsService) -> str | None:
+async def _webhook(request: web.Request, service: JobsService) -> str | None:
     url = request.headers.get("X-Webhook-URL")
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ClientRequestError(f"X-Webhook-URL {url!r} is not an http(s) URL",
-                                 param="X-Webhook-URL")
+    try:
+        await check_target(service.policy, url)
+    except WebhookRefused as exc:
+        raise ClientRequestError(str(exc), code="webhook_not_allowed",
+                                 param="X-Webhook-URL") from None
     if service.policy.webhook_secret is None:
         raise ClientRequestError("webhooks are off: set jobs.webhook_secret in the routing "
                                  "file so deliveries can be signed", param="X-Webhook-URL")

@@ -27,6 +27,8 @@ import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
 from skyroute.proxy._jobs_runner import JOBS
+from skyroute.proxy._jobs_webhooks import CheckedResolver
+from skyroute.routing import JobsPolicy
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -50,7 +52,8 @@ def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str
     if redis is not None:
         overrides["redis"] = redis
     settings = {"data_dir": str(data_dir), "backoff_base": "0.05s", "backoff_cap": "0.2s",
-                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET, **overrides}
+                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET,
+                "webhook_hosts": "[127.0.0.1]", **overrides}
     return "jobs:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
 
 
@@ -200,6 +203,50 @@ async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_pat
                              headers=AUTH) as resp:
             assert resp.status == 400
             assert "/v1/chat/completions" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(("hosts", "url", "says"), [
+    ("[]", "http://127.0.0.1:9/hook", "jobs.webhook_hosts"),  # the default: webhooks off
+    ("['*']", "http://127.0.0.1:9/hook", "jobs.webhook_hosts"),  # '*': public hosts only
+    ("[hooks.example.com]", "http://127.0.0.1:9/hook", "'127.0.0.1' is not allowed"),
+    # an allowed name that resolves to loopback (a rebinding attacker's trick) is refused
+    ("[localhost]", "http://localhost:9/hook", "a private, loopback or link-local address"),
+    ("[127.0.0.1]", "http://169.254.169.254/latest/meta-data", "'169.254.169.254'"),
+    ("[127.0.0.1]", "file:///etc/passwd", "not an http(s) URL"),
+])
+async def test_webhook_targets_outside_webhook_hosts_are_refused(standin, skyroute, tmp_path,
+                                                                 hosts, url, says):
+    """A stranger cannot make skyroute call internal addresses: a webhook URL must be allowed
+    by jobs.webhook_hosts, and private/loopback/link-local addresses need an IP entry."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", webhook_hosts=hosts)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    async with (aiohttp.ClientSession(timeout=timeout) as http,
+                http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                          headers={**AUTH, "X-Webhook-URL": url}) as resp):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert says in error["message"]
+    assert "jobs.webhook_hosts" in error["message"] or "http(s)" in error["message"]
+    assert error["param"] == "X-Webhook-URL"
+    assert up.requests_total == 0  # nothing was queued
+
+
+async def test_delivery_resolver_refuses_a_name_rebound_to_loopback():
+    """At delivery the session resolves through CheckedResolver: the addresses it checks are
+    the ones connected to, so a name that now resolves to loopback is not called."""
+    refusing = CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost",)))
+    allowing = CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost", "127.0.0.0/8")))
+    try:
+        with pytest.raises(OSError, match=r"resolves to 127\.0\.0\.1"):
+            await refusing.resolve("localhost", 80, socket.AF_INET)
+        resolved = await allowing.resolve("localhost", 80, socket.AF_INET)
+        assert [r["host"] for r in resolved] == ["127.0.0.1"]
+    finally:
+        await refusing.close()
+        await allowing.close()
 
 
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
