@@ -25,8 +25,8 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from skyroute.routing import BATCH_ENDPOINTS, BatchMode, BatchStatus
 
-from ._bodies import is_upload
-from ._errors import ClientRequestError, NotFound, ProxyError, http_error
+from ._bodies import body_timeout, is_upload
+from ._errors import BodyTooLarge, ClientRequestError, NotFound, ProxyError, http_error
 from ._handlers import authenticate, choose_route, handle_api, parse_payload, read_body
 from ._jobs_runner import JOBS, STORE_RETRY_S, JobsService
 from ._jobs_store import IdempotencyConflict, new_id
@@ -147,19 +147,30 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     if not request.content_type.startswith("multipart/form-data"):
         raise ClientRequestError("upload a file as multipart/form-data with fields 'file' and "
                                  "'purpose' (the SDK's client.files.create)")
-    limit = request.app[SERVING].runtime.config.limits.max_upload_bytes
+    limits = request.app[SERVING].runtime.config.limits
+    limit, idle = limits.max_upload_bytes, limits.body_timeout_s
+    declared = request.content_length
+    if declared is not None and declared > limit:  # as pass-through uploads: before reading
+        raise BodyTooLarge(f"upload of {declared} bytes is over the limit of {limit} bytes "
+                           "(limits.max_upload_bytes)")
     file_id = new_id("file-")
     final = service.store.files_dir / file_id
     tmp = service.store.files_dir / f".{file_id}.upload"
     purpose, filename, size = None, None, 0
     try:
         reader = await request.multipart()
-        async for part in reader:
+        while True:
+            # Each read waits at most limits.body_timeout, as pass-through uploads do: a
+            # client pausing mid-upload gets 408 instead of holding its connection.
+            async with body_timeout(idle):
+                part = await reader.next()
+            if part is None:
+                break
             if part.name == "purpose":
-                purpose = (await part.text()).strip()  # type: ignore[union-attr]
+                purpose = (await _read_field(part, idle)).strip()
             elif part.name == "file":
-                filename = part.filename or "upload.jsonl"
-                size = await _save(part, tmp, limit)  # type: ignore[arg-type]
+                filename = part.filename or "upload.jsonl"  # type: ignore[union-attr]
+                size = await _save(part, tmp, limit, idle)
         if filename is None:
             raise ClientRequestError("the upload has no 'file' field", param="file")
         if purpose != "batch":
@@ -176,14 +187,35 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     return web.json_response(file_view(record))
 
 
-async def _save(part: Any, tmp: Any, limit: int) -> int:
+#: Longest form field besides the file (``purpose``).
+MAX_FIELD_BYTES: Final = 1024
+
+
+async def _read_field(part: Any, idle: float) -> str:
+    value = b""
+    while True:
+        async with body_timeout(idle):
+            chunk = await part.read_chunk(MAX_FIELD_BYTES)
+        if not chunk:
+            return value.decode("utf-8", "replace")
+        value += chunk
+        if len(value) > MAX_FIELD_BYTES:
+            raise ClientRequestError(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes",
+                                     param=part.name)
+
+
+async def _save(part: Any, tmp: Any, limit: int, idle: float) -> int:
     size = 0
     with open(tmp, "wb") as out:
-        while chunk := await part.read_chunk(256 * 1024):
+        while True:
+            async with body_timeout(idle):
+                chunk = await part.read_chunk(256 * 1024)
+            if not chunk:
+                break
             size += len(chunk)
             if size > limit:
-                raise ClientRequestError(f"the file is over the limit of {limit} bytes "
-                                         "(limits.max_upload_bytes)", param="file")
+                raise BodyTooLarge(f"the file is over the limit of {limit} bytes "
+                                   "(limits.max_upload_bytes)")
             out.write(chunk)  # to the page cache: microseconds, cheaper than a thread hop
         out.flush()
         os.fsync(out.fileno())

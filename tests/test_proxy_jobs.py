@@ -249,6 +249,44 @@ async def test_delivery_resolver_refuses_a_name_rebound_to_loopback():
         await allowing.close()
 
 
+@pytest.mark.parametrize("sent", [
+    b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n',  # between parts
+    b'--xx\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+    b"Content-Type: application/jsonl\r\n\r\n" + jsonl([chat_line(0)]),  # inside the file
+], ids=["between-parts", "inside-file"])
+async def test_local_file_upload_paused_too_long_gets_408(standin, skyroute, tmp_path, sent):
+    """A slow-loris upload to the local Files API gets limits.body_timeout's 408, as a
+    pass-through upload does, and leaves no partial file behind."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra="limits:\n  body_timeout: 200ms\n"
+                                         + jobs_yaml(tmp_path / "data")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+                     b"Content-Type: multipart/form-data; boundary=xx\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + sent)
+        data = await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)  # until the server closes
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b'"code": "request_timeout"' in data and b"limits.body_timeout" in data
+    assert not [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".upload")]
+
+
+async def test_local_file_upload_over_max_upload_bytes_gets_413(standin, skyroute, tmp_path, sdk):
+    """limits.max_upload_bytes bounds local uploads (413), by Content-Length or as they arrive."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra="limits:\n  max_upload_bytes: 1000\n"
+                                         + jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.files.create(file=("in.jsonl", jsonl([chat_line(i) for i in range(30)])),
+                                  purpose="batch")
+    assert caught.value.status_code == 413
+    assert "limits.max_upload_bytes" in caught.value.message
+
+
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
     """A 500-line batch through the SDK: completed, one output line per custom_id, each the
     answer to its own request."""
