@@ -225,12 +225,31 @@ async def _save(part: Any, tmp: Any, limit: int, idle: float) -> int:
 async def list_files(request: web.Request) -> web.StreamResponse:
     if not _runs_batches(request):
         return await handle_api(request)
-    records = await request.app[JOBS].store.files(_owner(request),
-                                                  purpose=request.query.get("purpose"))
-    data = [file_view(r) for r in records]
-    return web.json_response({"object": "list", "data": data, "has_more": False,
+    query = request.query
+    try:
+        limit = int(query.get("limit", str(MAX_FILES_PAGE)))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_FILES_PAGE:
+        raise ClientRequestError(f"limit must be a whole number from 1 to {MAX_FILES_PAGE}",
+                                 param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ClientRequestError("order must be 'asc' or 'desc'", param="order")
+    records = await request.app[JOBS].store.files(_owner(request), purpose=query.get("purpose"))
+    records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=order == "desc")
+    after = query.get("after")
+    if after is not None:  # the page after that id, as OpenAI's cursor; unknown: empty
+        ids = [r["id"] for r in records]
+        records = records[ids.index(after) + 1:] if after in ids else []
+    data = [file_view(r) for r in records[:limit]]
+    return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None})
+
+
+#: Largest (and default) page of ``GET /v1/files``, as OpenAI's.
+MAX_FILES_PAGE: Final = 10_000
 
 
 async def _local_file(request: web.Request) -> dict[str, Any] | None:

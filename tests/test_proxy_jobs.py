@@ -287,6 +287,30 @@ async def test_local_file_upload_over_max_upload_bytes_gets_413(standin, skyrout
     assert "limits.max_upload_bytes" in caught.value.message
 
 
+async def test_files_and_batches_lists_page_with_the_sdks_auto_pagination(
+        standin, skyroute, tmp_path, sdk, queue):
+    """files.list and batches.list honour after/limit with has_more/first_id/last_id, so the
+    SDK's auto-pagination walks every item once, newest first."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    client = sdk(server)
+    files = [await client.files.create(file=(f"in{i}.jsonl", jsonl([chat_line(i)])),
+                                       purpose="batch") for i in range(5)]
+    page = await client.files.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    assert page.model_extra is not None and page.model_extra["last_id"] == page.data[-1].id
+    walked = [f.id async for f in client.files.list(limit=2)]
+    assert sorted(walked) == sorted(f.id for f in files) and len(set(walked)) == 5
+    oldest_first = [f.id async for f in client.files.list(limit=3, order="asc")]
+    assert oldest_first == walked[::-1]
+    last = await client.files.list(after=walked[3], limit=2)
+    assert [f.id for f in last.data] == walked[4:] and not last.has_more
+    batches = [await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h") for f in files[:3]]
+    walked_batches = [b.id async for b in client.batches.list(limit=1)]
+    assert sorted(walked_batches) == sorted(b.id for b in batches)
+
+
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
     """A 500-line batch through the SDK: completed, one output line per custom_id, each the
     answer to its own request."""
