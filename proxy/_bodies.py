@@ -24,6 +24,7 @@ Rules
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
 from collections.abc import AsyncIterator
@@ -78,16 +79,27 @@ async def body_chunks(request: web.Request, idle_timeout_s: float) -> AsyncItera
             closed after the answer).
     """
     while True:
-        try:
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestTimeout(f"the client sent no part of the request body for "
-                                 f"{idle_timeout_s:g}s (limits.body_timeout); send the "
-                                 "body without pauses") from None
+        async with body_timeout(idle_timeout_s):
+            chunk = await request.content.readany()
         if not chunk:
             return
         yield chunk
+
+
+@contextlib.asynccontextmanager
+async def body_timeout(idle_timeout_s: float) -> AsyncIterator[None]:
+    """One read of a request body, a 408 (:class:`RequestTimeout`) if it waits too long.
+
+    For readers that parse the body as it arrives (the local Files API's multipart
+    reader) as :func:`body_chunks` does for raw chunks.
+    """
+    try:
+        async with asyncio.timeout(idle_timeout_s):
+            yield
+    except TimeoutError:
+        raise RequestTimeout(f"the client sent no part of the request body for "
+                             f"{idle_timeout_s:g}s (limits.body_timeout); send the "
+                             "body without pauses") from None
 
 @final
 @dataclass(slots=True, kw_only=True)

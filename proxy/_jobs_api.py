@@ -20,18 +20,18 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from redis.exceptions import RedisError
 from skyroute.routing import BATCH_ENDPOINTS, BatchMode, BatchStatus
 
-from ._bodies import is_upload
-from ._errors import ClientRequestError, NotFound, ProxyError, http_error
+from ._bodies import body_timeout, is_upload
+from ._errors import BodyTooLarge, ClientRequestError, NotFound, ProxyError, http_error
 from ._handlers import authenticate, choose_route, handle_api, parse_payload, read_body
 from ._jobs_runner import JOBS, STORE_RETRY_S, JobsService
 from ._jobs_store import IdempotencyConflict, new_id
 from ._jobs_views import batch_view, file_view, job_view
+from ._jobs_webhooks import WebhookRefused, check_target
 from ._state import SERVING
 
 #: The one completion window OpenAI offers, and how long it is.
@@ -87,7 +87,7 @@ async def submit_async(request: web.Request) -> web.Response:
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ClientRequestError(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                  "characters", param="Idempotency-Key")
-    webhook = _webhook(request, service)
+    webhook = await _webhook(request, service)
     try:
         record, created = await service.store.submit(
             owner=owner, method="POST", path=path, body=body or None, idem_key=key,
@@ -104,14 +104,15 @@ async def submit_async(request: web.Request) -> web.Response:
     return web.json_response(job_view(record, base=_base(request)), status=202)
 
 
-def _webhook(request: web.Request, service: JobsService) -> str | None:
+async def _webhook(request: web.Request, service: JobsService) -> str | None:
     url = request.headers.get("X-Webhook-URL")
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ClientRequestError(f"X-Webhook-URL {url!r} is not an http(s) URL",
-                                 param="X-Webhook-URL")
+    try:
+        await check_target(service.policy, url)
+    except WebhookRefused as exc:
+        raise ClientRequestError(str(exc), code="webhook_not_allowed",
+                                 param="X-Webhook-URL") from None
     if service.policy.webhook_secret is None:
         raise ClientRequestError("webhooks are off: set jobs.webhook_secret in the routing "
                                  "file so deliveries can be signed", param="X-Webhook-URL")
@@ -146,19 +147,30 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     if not request.content_type.startswith("multipart/form-data"):
         raise ClientRequestError("upload a file as multipart/form-data with fields 'file' and "
                                  "'purpose' (the SDK's client.files.create)")
-    limit = request.app[SERVING].runtime.config.limits.max_upload_bytes
+    limits = request.app[SERVING].runtime.config.limits
+    limit, idle = limits.max_upload_bytes, limits.body_timeout_s
+    declared = request.content_length
+    if declared is not None and declared > limit:  # as pass-through uploads: before reading
+        raise BodyTooLarge(f"upload of {declared} bytes is over the limit of {limit} bytes "
+                           "(limits.max_upload_bytes)")
     file_id = new_id("file-")
     final = service.store.files_dir / file_id
     tmp = service.store.files_dir / f".{file_id}.upload"
     purpose, filename, size = None, None, 0
     try:
         reader = await request.multipart()
-        async for part in reader:
+        while True:
+            # Each read waits at most limits.body_timeout, as pass-through uploads do: a
+            # client pausing mid-upload gets 408 instead of holding its connection.
+            async with body_timeout(idle):
+                part = await reader.next()
+            if part is None:
+                break
             if part.name == "purpose":
-                purpose = (await part.text()).strip()  # type: ignore[union-attr]
+                purpose = (await _read_field(part, idle)).strip()
             elif part.name == "file":
-                filename = part.filename or "upload.jsonl"
-                size = await _save(part, tmp, limit)  # type: ignore[arg-type]
+                filename = part.filename or "upload.jsonl"  # type: ignore[union-attr]
+                size = await _save(part, tmp, limit, idle)
         if filename is None:
             raise ClientRequestError("the upload has no 'file' field", param="file")
         if purpose != "batch":
@@ -175,14 +187,35 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     return web.json_response(file_view(record))
 
 
-async def _save(part: Any, tmp: Any, limit: int) -> int:
+#: Longest form field besides the file (``purpose``).
+MAX_FIELD_BYTES: Final = 1024
+
+
+async def _read_field(part: Any, idle: float) -> str:
+    value = b""
+    while True:
+        async with body_timeout(idle):
+            chunk = await part.read_chunk(MAX_FIELD_BYTES)
+        if not chunk:
+            return value.decode("utf-8", "replace")
+        value += chunk
+        if len(value) > MAX_FIELD_BYTES:
+            raise ClientRequestError(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes",
+                                     param=part.name)
+
+
+async def _save(part: Any, tmp: Any, limit: int, idle: float) -> int:
     size = 0
     with open(tmp, "wb") as out:
-        while chunk := await part.read_chunk(256 * 1024):
+        while True:
+            async with body_timeout(idle):
+                chunk = await part.read_chunk(256 * 1024)
+            if not chunk:
+                break
             size += len(chunk)
             if size > limit:
-                raise ClientRequestError(f"the file is over the limit of {limit} bytes "
-                                         "(limits.max_upload_bytes)", param="file")
+                raise BodyTooLarge(f"the file is over the limit of {limit} bytes "
+                                   "(limits.max_upload_bytes)")
             out.write(chunk)  # to the page cache: microseconds, cheaper than a thread hop
         out.flush()
         os.fsync(out.fileno())
@@ -192,12 +225,31 @@ async def _save(part: Any, tmp: Any, limit: int) -> int:
 async def list_files(request: web.Request) -> web.StreamResponse:
     if not _runs_batches(request):
         return await handle_api(request)
-    records = await request.app[JOBS].store.files(_owner(request),
-                                                  purpose=request.query.get("purpose"))
-    data = [file_view(r) for r in records]
-    return web.json_response({"object": "list", "data": data, "has_more": False,
+    query = request.query
+    try:
+        limit = int(query.get("limit", str(MAX_FILES_PAGE)))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_FILES_PAGE:
+        raise ClientRequestError(f"limit must be a whole number from 1 to {MAX_FILES_PAGE}",
+                                 param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ClientRequestError("order must be 'asc' or 'desc'", param="order")
+    records = await request.app[JOBS].store.files(_owner(request), purpose=query.get("purpose"))
+    records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=order == "desc")
+    after = query.get("after")
+    if after is not None:  # the page after that id, as OpenAI's cursor; unknown: empty
+        ids = [r["id"] for r in records]
+        records = records[ids.index(after) + 1:] if after in ids else []
+    data = [file_view(r) for r in records[:limit]]
+    return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None})
+
+
+#: Largest (and default) page of ``GET /v1/files``, as OpenAI's.
+MAX_FILES_PAGE: Final = 10_000
 
 
 async def _local_file(request: web.Request) -> dict[str, Any] | None:

@@ -43,5 +43,6 @@ class JobMetrics:
             "skyroute_batches_finished", "Batches that ended, by status.", ["status"],
             registry=r)
         self.webhooks = Counter(
-            "skyroute_jobs_webhooks", "Webhook deliveries by result (delivered, retry, failed).",
+            "skyroute_jobs_webhooks",
+            "Webhook deliveries by result (delivered, retry, failed, refused).",
             ["result"], registry=r)

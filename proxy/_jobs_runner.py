@@ -140,7 +140,7 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
             ("skyroute-jobs-lane", lambda: _drain(app, service, session)),
             ("skyroute-jobs-leases", lambda: _renew_leases(service)),
             ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
-            ("skyroute-jobs-webhooks", lambda: webhook_sender(service, session)),
+            ("skyroute-jobs-webhooks", lambda: webhook_sender(service)),
             ("skyroute-jobs-gauges", lambda: _gauges(service)),
             ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
         try:

@@ -7,6 +7,11 @@ old replays) and ``webhook-signature``: ``v1,`` and the base64 HMAC-SHA256, keye
 ``jobs.webhook_secret``, of ``{webhook-id}.{webhook-timestamp}.{body}``. A delivery
 that gets no 2xx is retried with the jobs' backoff, up to ``jobs.max_retries``
 times; the store keeps what is due, so a restart loses no delivery.
+
+Targets are checked against ``jobs.webhook_hosts`` when the job is submitted and again
+at each delivery, whose connections resolve names through :class:`CheckedResolver`: the
+addresses checked are the ones connected to, so a name rebound to an internal address
+after the submit check is still refused, and redirects are not followed.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import contextlib
 import hashlib
 import hmac
 import json
+import socket
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
-from skyroute.routing import after_try
+from aiohttp.abc import AbstractResolver, ResolveResult
+from skyroute.routing import JobsPolicy, after_try
 
 from ._jobs_views import job_view
 
@@ -37,6 +46,72 @@ WEBHOOK_TIMEOUT_S: Final = 10.0
 SENDING_LEASE_S: Final = 60.0
 
 
+#: Longest wait for resolving a webhook host at submit.
+RESOLVE_TIMEOUT_S: Final = 5.0
+
+
+class WebhookRefused(Exception):
+    """A webhook URL that ``jobs.webhook_hosts`` does not let skyroute call; says why."""
+
+
+def check_url(policy: JobsPolicy, url: str) -> str:
+    """The URL's host if ``webhook_hosts`` allows it by name (addresses are checked later)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused(f"X-Webhook-URL {url!r} is not an http(s) URL")
+    host = parts.hostname
+    if not policy.webhook_hosts:
+        raise WebhookRefused("webhooks are off: list the hosts they may go to in "
+                             "jobs.webhook_hosts in the routing file (e.g. [hooks.example.com])")
+    if not policy.webhook_host_allowed(host):
+        raise WebhookRefused(f"X-Webhook-URL host {host!r} is not allowed: add it to "
+                             "jobs.webhook_hosts (a private, loopback or link-local address "
+                             "needs an IP or CIDR entry covering it)")
+    return host
+
+
+def check_addresses(policy: JobsPolicy, host: str, addresses: list[str]) -> None:
+    """Refuse ``host`` if any address it resolved to is not allowed."""
+    refused = [a for a in addresses if not policy.webhook_address_allowed(a)]
+    if refused or not addresses:
+        raise WebhookRefused(
+            f"X-Webhook-URL host {host!r} resolves to {', '.join(refused) or 'nothing'}, a "
+            "private, loopback or link-local address: webhooks go there only if an IP or "
+            "CIDR entry in jobs.webhook_hosts covers it")
+
+
+async def check_target(policy: JobsPolicy, url: str) -> None:
+    """Refuse (:class:`WebhookRefused`) a webhook URL skyroute must not call."""
+    host = check_url(policy, url)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM),
+                                       RESOLVE_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise WebhookRefused(f"X-Webhook-URL host {host!r} does not resolve ({exc})") from None
+    check_addresses(policy, host, [str(info[4][0]) for info in infos])
+
+
+class CheckedResolver(AbstractResolver):
+    """aiohttp's resolver, refusing names that resolve to addresses not allowed."""
+
+    def __init__(self, policy: Callable[[], JobsPolicy]) -> None:
+        self._policy = policy
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        try:
+            check_addresses(self._policy(), host, [r["host"] for r in results])
+        except WebhookRefused as exc:
+            raise OSError(str(exc)) from None
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` value for one delivery."""
     signed = f"{message_id}.{timestamp}.".encode() + body
@@ -44,8 +119,14 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-async def webhook_sender(service: JobsService, session: aiohttp.ClientSession) -> None:
-    """Deliver due webhooks, forever."""
+async def webhook_sender(service: JobsService) -> None:
+    """Deliver due webhooks, forever, from a session of their own (checked resolving)."""
+    connector = aiohttp.TCPConnector(limit=0, resolver=CheckedResolver(lambda: service.policy))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await _send_due(service, session)
+
+
+async def _send_due(service: JobsService, session: aiohttp.ClientSession) -> None:
     while True:
         due = await service.store.due_webhooks(limit=32, lease_s=SENDING_LEASE_S,
                                                now=time.time())
@@ -67,11 +148,20 @@ async def _deliver(service: JobsService, session: aiohttp.ClientSession,
     if secret:
         headers["webhook-signature"] = sign(secret, job_id, timestamp, body)
     status: int | None = None
+    request: dict[str, Any] = {"data": body, "headers": headers, "allow_redirects": False,
+                               "timeout": aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)}
     try:
-        async with session.post(url, data=body, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)) as resp:
+        # Settings may have changed since the submit; an IP literal (never resolved) is
+        # checked here whole, a name's addresses by the session's CheckedResolver.
+        check_url(policy, url)
+        async with session.post(url, **request) as resp:
             status = resp.status
         error = f"HTTP {status}"
+    except WebhookRefused as exc:
+        service.metrics.webhooks.labels("refused").inc()
+        log.warning("job_webhook_refused", job_id=job_id, error=str(exc))
+        await service.store.webhook_sent(job_id, ok=False, next_at=None)
+        return
     except (aiohttp.ClientError, TimeoutError) as exc:
         error = repr(exc)
     if status is not None and 200 <= status < 300:

@@ -10,6 +10,9 @@ skyroute runs no queue: ``/v1/async/*`` answers 404 and ``/v1/files`` and
 from __future__ import annotations
 
 import enum
+import fnmatch
+import ipaddress
+import re
 
 from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
@@ -82,10 +85,77 @@ class JobsPolicy:
         default=None, repr=False,
         description="Signs completion webhooks (Standard Webhooks, HMAC-SHA256); write it as "
                     "${ENV_NAME}. Unset: requests asking for a webhook are refused.")
+    webhook_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="Where webhooks may go: host names (a leading *. matches subdomains) and IP "
+                    "addresses or CIDR ranges. A named host must resolve to public addresses; a "
+                    "private, loopback or link-local one is reached only if an address entry "
+                    "covers it. '*' allows any public host. Empty: requests asking for a webhook "
+                    "are refused.")
 
     @model_validator(mode="after")
     def _base_within_cap(self) -> JobsPolicy:
         if self.backoff_base_s > self.backoff_cap_s:
             raise invalid("backoff_base must not be above backoff_cap")
         object.__setattr__(self, "webhook_secret", self.webhook_secret or None)
+        for entry in self.webhook_hosts:
+            if _network(entry) is None and not _HOST_PATTERN.fullmatch(entry):
+                raise invalid(f"webhook_hosts entry {entry!r} is neither a host name (such as "
+                              "hooks.example.com or *.example.com) nor an IP address or CIDR "
+                              "range (such as 10.1.0.0/16)")
         return self
+
+    def webhook_host_allowed(self, host: str) -> bool:
+        """Whether ``webhook_hosts`` lets a webhook URL name ``host`` (a name or an IP).
+
+        An IP literal needs an address entry covering it, or ``*`` and a public address.
+        """
+        host = host.lower().rstrip(".")
+        ip = _address(host)
+        if ip is not None:
+            return self._covers(ip) or ("*" in self.webhook_hosts and _public(ip))
+        return any(fnmatch.fnmatchcase(host, entry.lower()) for entry in self.webhook_hosts
+                   if _network(entry) is None)
+
+    def webhook_address_allowed(self, address: str) -> bool:
+        """Whether a webhook may connect to ``address``, the IP its host resolved to.
+
+        A public address is fine once the host is allowed; any other (private, loopback,
+        link-local, reserved) only inside an address entry, so a name that resolves, or
+        is rebound, to an internal service is still refused.
+        """
+        ip = _address(address)
+        return ip is not None and (self._covers(ip) or _public(ip))
+
+    def _covers(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        networks = (n for n in map(_network, self.webhook_hosts) if n is not None)
+        return any(_unmapped(ip) in network for network in networks)
+
+
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``::ffff:127.0.0.1`` is 127.0.0.1: judged as the IPv4 address it reaches."""
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    ip = _unmapped(ip)
+    return ip.is_global and not ip.is_multicast
+
+
+#: A host name in webhook_hosts, maybe with a leading ``*.`` for its subdomains (``*``: any).
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+", re.IGNORECASE)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+
+
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None

@@ -27,6 +27,8 @@ import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
 from skyroute.proxy._jobs_runner import JOBS
+from skyroute.proxy._jobs_webhooks import CheckedResolver
+from skyroute.routing import JobsPolicy
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -52,7 +54,8 @@ def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str
     if redis is not None:
         overrides["redis"] = redis
     settings = {"data_dir": str(data_dir), "backoff_base": "0.05s", "backoff_cap": "0.2s",
-                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET, **overrides}
+                "visibility_timeout": "2s", "webhook_secret": WEBHOOK_SECRET,
+                "webhook_hosts": "[127.0.0.1]", **overrides}
     return "jobs:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
 
 
@@ -202,6 +205,112 @@ async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_pat
                              headers=AUTH) as resp:
             assert resp.status == 400
             assert "/v1/chat/completions" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(("hosts", "url", "says"), [
+    ("[]", "http://127.0.0.1:9/hook", "jobs.webhook_hosts"),  # the default: webhooks off
+    ("['*']", "http://127.0.0.1:9/hook", "jobs.webhook_hosts"),  # '*': public hosts only
+    ("[hooks.example.com]", "http://127.0.0.1:9/hook", "'127.0.0.1' is not allowed"),
+    # an allowed name that resolves to loopback (a rebinding attacker's trick) is refused
+    ("[localhost]", "http://localhost:9/hook", "a private, loopback or link-local address"),
+    ("[127.0.0.1]", "http://169.254.169.254/latest/meta-data", "'169.254.169.254'"),
+    ("[127.0.0.1]", "file:///etc/passwd", "not an http(s) URL"),
+])
+async def test_webhook_targets_outside_webhook_hosts_are_refused(standin, skyroute, tmp_path,
+                                                                 hosts, url, says):
+    """A stranger cannot make skyroute call internal addresses: a webhook URL must be allowed
+    by jobs.webhook_hosts, and private/loopback/link-local addresses need an IP entry."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", webhook_hosts=hosts)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    async with (aiohttp.ClientSession(timeout=timeout) as http,
+                http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                          headers={**AUTH, "X-Webhook-URL": url}) as resp):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert says in error["message"]
+    assert "jobs.webhook_hosts" in error["message"] or "http(s)" in error["message"]
+    assert error["param"] == "X-Webhook-URL"
+    assert up.requests_total == 0  # nothing was queued
+
+
+async def test_delivery_resolver_refuses_a_name_rebound_to_loopback():
+    """At delivery the session resolves through CheckedResolver: the addresses it checks are
+    the ones connected to, so a name that now resolves to loopback is not called."""
+    refusing = CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost",)))
+    allowing = CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost", "127.0.0.0/8")))
+    try:
+        with pytest.raises(OSError, match=r"resolves to 127\.0\.0\.1"):
+            await refusing.resolve("localhost", 80, socket.AF_INET)
+        resolved = await allowing.resolve("localhost", 80, socket.AF_INET)
+        assert [r["host"] for r in resolved] == ["127.0.0.1"]
+    finally:
+        await refusing.close()
+        await allowing.close()
+
+
+@pytest.mark.parametrize("sent", [
+    b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n',  # between parts
+    b'--xx\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+    b"Content-Type: application/jsonl\r\n\r\n" + jsonl([chat_line(0)]),  # inside the file
+], ids=["between-parts", "inside-file"])
+async def test_local_file_upload_paused_too_long_gets_408(standin, skyroute, tmp_path, sent):
+    """A slow-loris upload to the local Files API gets limits.body_timeout's 408, as a
+    pass-through upload does, and leaves no partial file behind."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra="limits:\n  body_timeout: 200ms\n"
+                                         + jobs_yaml(tmp_path / "data")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+                     b"Content-Type: multipart/form-data; boundary=xx\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + sent)
+        data = await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)  # until the server closes
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert b'"code": "request_timeout"' in data and b"limits.body_timeout" in data
+    assert not [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".upload")]
+
+
+async def test_local_file_upload_over_max_upload_bytes_gets_413(standin, skyroute, tmp_path, sdk):
+    """limits.max_upload_bytes bounds local uploads (413), by Content-Length or as they arrive."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra="limits:\n  max_upload_bytes: 1000\n"
+                                         + jobs_yaml(tmp_path / "data")))
+    client = sdk(server)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.files.create(file=("in.jsonl", jsonl([chat_line(i) for i in range(30)])),
+                                  purpose="batch")
+    assert caught.value.status_code == 413
+    assert "limits.max_upload_bytes" in caught.value.message
+
+
+async def test_files_and_batches_lists_page_with_the_sdks_auto_pagination(
+        standin, skyroute, tmp_path, sdk, queue):
+    """files.list and batches.list honour after/limit with has_more/first_id/last_id, so the
+    SDK's auto-pagination walks every item once, newest first."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", queue)))
+    client = sdk(server)
+    files = [await client.files.create(file=(f"in{i}.jsonl", jsonl([chat_line(i)])),
+                                       purpose="batch") for i in range(5)]
+    page = await client.files.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    assert page.model_extra is not None and page.model_extra["last_id"] == page.data[-1].id
+    walked = [f.id async for f in client.files.list(limit=2)]
+    assert sorted(walked) == sorted(f.id for f in files) and len(set(walked)) == 5
+    oldest_first = [f.id async for f in client.files.list(limit=3, order="asc")]
+    assert oldest_first == walked[::-1]
+    last = await client.files.list(after=walked[3], limit=2)
+    assert [f.id for f in last.data] == walked[4:] and not last.has_more
+    batches = [await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h") for f in files[:3]]
+    walked_batches = [b.id async for b in client.batches.list(limit=1)]
+    assert sorted(walked_batches) == sorted(b.id for b in batches)
 
 
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):

@@ -11,6 +11,7 @@ from skyroute.routing import (
     BatchStatus,
     Finished,
     GaveUp,
+    JobsPolicy,
     LaneWindow,
     LineProblem,
     RetryLater,
@@ -133,3 +134,24 @@ def test_next_batch_status_follows_the_table_and_refuses_the_rest():
     with pytest.raises(RoutingStateError, match="completed to in_progress"):
         next_batch_status(s.COMPLETED, s.IN_PROGRESS)
     assert {x for x in s if x.is_terminal} == {s.COMPLETED, s.FAILED, s.EXPIRED, s.CANCELLED}
+
+
+@pytest.mark.parametrize(("hosts", "target", "allowed"), [
+    ((), "93.184.215.14", False),  # the default: no webhooks at all
+    (("*",), "93.184.215.14", True),
+    (("*",), "10.0.0.5", False),
+    (("*.example.com",), "hooks.example.com", True),
+    (("*.example.com",), "example.org", False),
+    (("10.0.0.0/8",), "10.1.2.3", True),
+    (("10.0.0.0/8",), "192.168.1.1", False),
+    (("127.0.0.1",), "::ffff:127.0.0.1", True),
+    (("*",), "::ffff:127.0.0.1", False),
+    (("*",), "fe80::1", False),
+])
+def test_webhook_hosts_allow_names_public_addresses_and_listed_ranges(hosts, target, allowed):
+    assert JobsPolicy(webhook_hosts=hosts).webhook_host_allowed(target) is allowed
+
+
+def test_webhook_hosts_entry_that_is_neither_name_nor_address_is_refused():
+    with pytest.raises(ValueError, match="webhook_hosts entry 'http://x'"):
+        JobsPolicy(webhook_hosts=("http://x",))
