@@ -35,6 +35,8 @@ WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 #: Generous: a loaded 2-core machine runs the suite beside other work.
 DONE_TIMEOUT_S = 60.0
+#: ``--grace`` of the ``skyroute run`` processes these tests start.
+GRACE_S = 5.0
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -351,6 +353,9 @@ async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subproce
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
         "--config", str(config), "--port", "0", "--workers", "1",
+        # Shutdown is not what these tests check: a short grace keeps stop() well within its
+        # bound on a loaded machine (the default, 30 s, equals that bound).
+        "--grace", str(GRACE_S),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.stderr is not None

@@ -8,12 +8,18 @@ or new, without closing anything: no FIN, no RST, exactly what a partition looks
 like to TCP (the sender's kernel buffers, the receiver waits). ``heal()`` moves
 the held bytes on in order, as TCP's retransmission would after a real cut.
 Used by the state-sync tests and ``bench/fleet.py``; 127.0.0.1 only.
+
+``listen_sock`` and ``target_socket`` let it listen and dial through sockets the
+caller made, say in two different network namespaces (``bench/regions.py`` joins
+namespaces with it, every end on a namespace's own 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from collections.abc import Callable
 from typing import Final, final
 
 CHUNK: Final = 65536
@@ -21,12 +27,25 @@ CHUNK: Final = 65536
 
 @final
 class TcpForwarder:
-    """Listens on 127.0.0.1 (port 0) and forwards every connection to ``target_port``."""
+    """Listens on 127.0.0.1 (port 0) and forwards every connection to ``target_port``.
 
-    def __init__(self, target_port: int, *, host: str = "127.0.0.1", delay_s: float = 0.0) -> None:
+    Args:
+        target_port: where each connection is forwarded to, on ``host``.
+        host: the address listened on and dialled.
+        delay_s: one-way delay, each direction.
+        listen_sock: a bound socket to listen on instead of ``host`` port 0.
+        target_socket: makes the (unconnected) socket each target connection is
+            dialled from, instead of a default one.
+    """
+
+    def __init__(self, target_port: int, *, host: str = "127.0.0.1", delay_s: float = 0.0,
+                 listen_sock: socket.socket | None = None,
+                 target_socket: Callable[[], socket.socket] | None = None) -> None:
         self._target = (host, target_port)
         self.delay_s = delay_s
         self._host = host
+        self._listen_sock = listen_sock
+        self._target_socket = target_socket
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -40,7 +59,10 @@ class TcpForwarder:
 
     async def start(self) -> None:
         """Start listening; ``port`` is set afterwards."""
-        self._server = await asyncio.start_server(self._accept, self._host, 0)
+        if self._listen_sock is not None:
+            self._server = await asyncio.start_server(self._accept, sock=self._listen_sock)
+        else:
+            self._server = await asyncio.start_server(self._accept, self._host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def black_hole(self) -> None:
@@ -72,7 +94,7 @@ class TcpForwarder:
         try:
             await self._flowing.wait()  # a connection made during a cut is held too
             async with asyncio.timeout(5.0):
-                up_reader, up_writer = await asyncio.open_connection(*self._target)
+                up_reader, up_writer = await self._dial()
             opened.append(up_writer)
             self._writers.add(up_writer)
             await asyncio.gather(self._copy(reader, up_writer), self._copy(up_reader, writer))
@@ -83,6 +105,18 @@ class TcpForwarder:
             for each in opened:
                 each.close()
                 self._writers.discard(each)
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._target_socket is None:
+            return await asyncio.open_connection(*self._target)
+        sock = self._target_socket()
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, self._target)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
     async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
