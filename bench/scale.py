@@ -8,12 +8,15 @@ ratio to the smallest size, all measured in this run:
   plan's and router's ``record`` of a success); also 1,000 upstreams behind one route
   of three targets, which is what "routing cost is independent of fleet size" means;
 * client keys: 1 -> 100,000 keys, the lookup ``authenticate`` makes (``ClientKeys.find``);
+* redaction: 1 -> 100,000 registered secrets, the cost of one structured log line
+  (``redact_processor``) and of redacting a line holding a secret (``redact``), beside
+  the regex alternation of every secret used before;
 * reload: reading and validating a routing file of 1 -> 1,000 upstreams and routes
   (``load_config``), and swapping it in (``Serving.swap``: ``Router.update``).
 
 No sockets, no processes: this measures the code on one core, not the network. Goals
 (issue 14): routing at 1,000 upstreams within 2x its cost at 3; the key check
-independent of the number of keys.
+independent of the number of keys; log redaction independent of the number of secrets.
 
 Usage: python bench/scale.py [--quick]
 """
@@ -24,6 +27,8 @@ import argparse
 import functools
 import gc
 import hashlib
+import re
+import secrets
 import statistics
 import sys
 import tempfile
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from skyroute.proxy import load_config
 from skyroute.proxy._client_keys import ClientKeys
+from skyroute.proxy._redact import REDACTED, redact, redact_processor, register_secrets
 from skyroute.proxy._state import Runtime, Serving
 from skyroute.routing import (
     ApiKey,
@@ -150,6 +156,38 @@ def _before(keys: tuple[ApiKey, ...]) -> dict[bytes, ApiKey]:
     return {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
 
 
+def bench_redaction(sizes: list[int], seconds: float) -> list[str]:
+    out = ["log redaction (redact_processor per log line; redact of a line holding a secret; "
+           "before: one regex alternation of every secret, its search alone)",
+           f"{'secrets':>10} {'register ms':>12} {'us/line':>8} {'us/secret line':>15} "
+           f"{'vs smallest':>12} {'before: compile ms':>19} {'us/line':>8}"]
+    # Random keys, as real ones are (all sharing a prefix would flatter the old regex).
+    known = [secrets.token_urlsafe(24) for _ in range(max(sizes))]
+    line = {"event": "request_done", "request_id": "0123456789abcdef0123456789abcdef",
+            "upstream": "azure-east", "model": "gpt-4o", "status": 200, "ttfb_ms": 123,
+            "path": "/v1/chat/completions", "route": "m0", "attempt": 1}
+    base = None
+    for n in sizes:  # the registry only grows: each size adds to the one before
+        t0 = time.perf_counter()
+        register_secrets(known[:n])
+        register_ms = (time.perf_counter() - t0) * 1e3
+        held = f"upstream said: key={known[n // 2]}&x=1 (retrying)"
+        assert known[n // 2] not in redact(held) and REDACTED in redact(held)
+        cost = per_call_us(lambda: redact_processor(None, "info", dict(line)), seconds=seconds)
+        held_cost = per_call_us(lambda held=held: redact(held), seconds=seconds)
+        t0 = time.perf_counter()
+        before = re.compile("|".join(re.escape(s) for s in sorted(known[:n], key=len,
+                                                                    reverse=True)))
+        compile_ms = (time.perf_counter() - t0) * 1e3
+        text = "\n".join(v for v in line.values() if isinstance(v, str))
+        before_cost = per_call_us(lambda before=before, text=text: before.search(text),
+                                  seconds=seconds)
+        base = base or cost
+        out.append(f"{n:>10} {register_ms:>12.1f} {cost:>8.2f} {held_cost:>15.2f} "
+                   f"{cost / base:>11.2f}x {compile_ms:>19.0f} {before_cost:>8.2f}")
+    return out
+
+
 def bench_reload(sizes: list[int]) -> list[str]:
     out = ["config reload (load_config: read + validate; swap: Router.update + Runtime)",
            f"{'upstreams':>10} {'bytes':>8} {'load ms':>8} {'swap ms':>8}"]
@@ -180,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 0.2 if args.quick else 1.0
     for lines in (bench_routing([1, 3, 10, 100, 1000], seconds),
                   bench_keys([1, 10, 1000, 100_000], seconds),
+                  bench_redaction([1, 100, 10_000, 100_000], seconds),
                   bench_reload([1, 10, 100, 1000])):
         print("\n".join(lines) + "\n", flush=True)
     return 0

@@ -150,7 +150,7 @@ def next_round(previous: float, interval: float, now: float) -> float:
 
 
 def _feed(runtime: Runtime, readings: dict[str, float], now: float) -> dict[str, float]:
-    known = {u.name for u in runtime.config.upstreams}
+    known = runtime.config.upstream_names
     matched = {name: s for name, s in readings.items() if name in known}
     for name, seconds in matched.items():
         runtime.router.feed_external(name, seconds, source="prometheus", now=now)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from types import MappingProxyType
 from typing import Annotated, Final
 
@@ -510,6 +510,17 @@ class Config:
                     "names get a route of their own.")
     #: Where the file came from (a path, or ``<memory>``).
     source: SkipJsonSchema[str] = dataclasses.field(default="<memory>", init=False)
+    #: ``upstreams`` by name, made once per config: ``upstream(name)`` and
+    #: ``upstream_names`` are asked per request and per health change, so they must not
+    #: walk every upstream (issue 14).
+    upstreams_by_name: SkipJsonSchema[Mapping[str, Upstream]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    @model_validator(mode="after")
+    def _index_upstreams(self) -> Config:
+        object.__setattr__(self, "upstreams_by_name",
+                           MappingProxyType({u.name: u for u in self.upstreams}))
+        return self
 
     @property
     def instance_id(self) -> str:
@@ -526,18 +537,16 @@ class Config:
         return DEFAULT_KEY_HEADERS if self.auth is None else self.auth.key_headers
 
     @property
-    def upstream_names(self) -> frozenset[str]:
-        return frozenset(u.name for u in self.upstreams)
+    def upstream_names(self) -> Set[str]:
+        return self.upstreams_by_name.keys()
 
     @property
     def admin_key(self) -> str | None:
         return self.admin.key or None if self.admin is not None else None
 
     def upstream(self, name: str) -> Upstream:
-        for upstream in self.upstreams:
-            if upstream.name == name:
-                return upstream
-        raise KeyError(name)
+        """The upstream called ``name``; KeyError when there is none."""
+        return self.upstreams_by_name[name]
 
     def route_for(self, model: str) -> Route | None:
         for route in self.routes:

@@ -45,3 +45,17 @@ def test_a_registered_secret_never_survives(secret: str, before: str, after: str
     """Whatever surrounds a configured secret, redaction removes it."""
     register_secrets([secret])
     assert secret not in redact(before + secret + after)
+
+
+def test_many_registered_secrets_each_replaced_inside_longer_text() -> None:
+    """With thousands of secrets registered, each is found inside query strings, JSON and
+    URLs, and a secret that contains another is replaced whole."""
+    many = [f"ck-{i:05d}-Zq{i * 7919 % 100_003:06d}" for i in range(5000)]
+    register_secrets([*many, "outer-SECRET-inner-tail", "SECRET-inner"])
+    for secret in (many[0], many[2500], many[-1]):
+        for text in (f"key={secret}&x=1", f'{{"k": "{secret}"}}', f"https://h/{secret}/v1",
+                     f"xx{secret}yy"):
+            out = redact(text)
+            assert secret not in out and REDACTED in out, text
+    assert redact("a outer-SECRET-inner-tail b") == f"a {REDACTED} b"
+    assert redact("a SECRET-inner b") == f"a {REDACTED} b"
