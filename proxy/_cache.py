@@ -34,7 +34,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import cachetools
 import structlog
@@ -55,7 +55,7 @@ from skyroute.routing import (
 )
 
 from ._cache_entry import CachedAnswer, assemble_stream, parse_answer, replay_sse
-from ._cache_redis import RedisLevel, RedisMetrics
+from ._cache_redis import BUSY, Claim, RedisLevel, RedisMetrics
 from ._coalesce import Flight, LiveStream, follow_live
 from ._errors import UpstreamError
 from ._forward import UpstreamCall
@@ -122,7 +122,7 @@ class _MemoryLevel(cachetools.TLRUCache[str, _Held]):
         return item
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class ResponseCache:
     """Both levels and the requests in flight, for one ``cache`` policy."""
 
@@ -132,6 +132,8 @@ class ResponseCache:
     redis: RedisLevel | None = field(init=False)
     near: ApproximateIndex = field(init=False)
     flights: dict[str, Flight] = field(init=False, default_factory=dict)
+    #: Requests using this cache now (a replaced cache closes when none are).
+    users: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.memory = _MemoryLevel(self.policy, self.metrics)
@@ -143,21 +145,53 @@ class ResponseCache:
 
     async def get(self, key: str) -> CachedAnswer | None:
         """The entry for ``key`` from level 1, else level 2 (fresh or stale)."""
-        held = self.memory.get(key)
-        if held is None and self.redis is not None:
-            blob = await self.redis.get(key)
-            if blob is not None:
-                entry = CachedAnswer.decode(blob)
-                if entry is not None:
-                    self._keep(key, _Held(entry.stored_at, blob))
-                return entry
-        return CachedAnswer.decode(held.blob) if held is not None else None
+        return (await self.get_or_claim(key, claim=False))[0]
 
-    def put(self, key: str, entry: CachedAnswer) -> None:
+    async def get_or_claim(self, key: str, *, claim: bool
+                           ) -> tuple[CachedAnswer | None, Claim | Literal["busy"] | None]:
+        """The entry for ``key`` from level 1, else level 2 (fresh or stale); with
+        ``claim``, a level-2 miss also claims the key (``RedisLevel.get_or_claim``)."""
+        held = self.memory.get(key)
+        if held is not None:
+            return CachedAnswer.decode(held.blob), None
+        if self.redis is None:
+            return None, None
+        if claim:
+            blob, claimed = await self.redis.get_or_claim(key)
+        else:
+            blob, claimed = await self.redis.get(key), None
+        entry = CachedAnswer.decode(blob) if blob is not None else None
+        if entry is not None and blob is not None:
+            self._keep(key, _Held(entry.stored_at, blob))
+        return entry, claimed
+
+    def put(self, key: str, entry: CachedAnswer, *, claim: Claim | None = None) -> None:
+        """Keep ``entry`` in both levels; with this instance's ``claim`` on the key, the
+        Redis write also ends the claim and tells other instances' waiters."""
         blob = entry.encode()
         self._keep(key, _Held(entry.stored_at, blob))
         if self.redis is not None:
-            self.redis.set(key, blob, age_s=time.time() - entry.stored_at)
+            age_s = time.time() - entry.stored_at
+            if claim is not None:
+                self.redis.release(claim, blob, age_s=age_s)
+            else:
+                self.redis.set(key, blob, age_s=age_s)
+
+    async def wait_elsewhere(self, key: str, route: str, *,
+                             bound_s: float) -> CachedAnswer | None:
+        """The entry another instance's call in flight for ``key`` stores (see
+        ``RedisLevel.wait_stored``); None when it ends without one."""
+        assert self.redis is not None
+        blob = await self.redis.wait_stored(key, bound_s=bound_s)
+        entry = CachedAnswer.decode(blob) if blob is not None else None
+        if entry is not None:
+            self._keep(key, _Held(entry.stored_at, blob or b""))
+        self.metrics.redis.remote_waits.labels("hit" if entry is not None else "fallback").inc()
+        if entry is None:
+            log.info("cache_wait_fallback", route=route,
+                     hint="the instance calling upstream for this prompt gave no answer in "
+                          "time; calling upstream here")
+        return entry
 
     def _keep(self, key: str, held: _Held) -> None:
         with contextlib.suppress(ValueError):  # bigger than the whole level: level 2 only
@@ -170,7 +204,9 @@ class ResponseCache:
         return {"memory": {"entries": len(self.memory), "bytes": self.memory.currsize,
                            "max_bytes": self.memory.maxsize},
                 "redis": None if self.redis is None else ("up" if self.redis.up else "down"),
-                "in_flight": len(self.flights)}
+                "redis_level": None if self.redis is None else self.redis.size,
+                "in_flight": len(self.flights),
+                "waiting_on_other_instances": 0 if self.redis is None else self.redis.waiting}
 
     async def aclose(self) -> None:
         if self.redis is not None:
@@ -178,20 +214,55 @@ class ResponseCache:
 
 
 class CacheHolder:
-    """The instance's cache; rebuilt when a reload changes the ``cache`` section."""
+    """The instance's cache; rebuilt when a reload changes the ``cache`` section.
+
+    A request *takes* the current cache and *gives it back* when done. A cache a reload
+    replaced is closed (its Redis client included) once the last request using it is
+    done, so lookups in flight finish on the client they started with.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.metrics = CacheMetrics(registry)
         self._current: ResponseCache | None = None
-        self._retired: list[ResponseCache] = []
+        self._retired: set[ResponseCache] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def for_policy(self, policy: CachePolicy) -> ResponseCache:
+        """The cache for ``policy``: rebuilt (the old one retired) when its levels changed,
+        else the current one, following ``policy``'s other settings from now on."""
         current = self._current
-        if current is None or current.policy != policy:
+        if current is not None and current.policy != policy and _same_levels(current.policy,
+                                                                             policy):
+            current.policy = policy
+        elif current is None or current.policy != policy:
             if current is not None:
-                self._retired.append(current)
+                self._retire(current)
             current = self._current = ResponseCache(policy, self.metrics)
         return current
+
+    def take(self, policy: CachePolicy) -> ResponseCache:
+        cache = self.for_policy(policy)
+        cache.users += 1
+        return cache
+
+    def give_back(self, cache: ResponseCache) -> None:
+        cache.users -= 1
+        if cache.users == 0 and cache in self._retired:
+            self._close(cache)
+
+    def _retire(self, cache: ResponseCache) -> None:
+        log.info("cache_replaced", in_flight=cache.users,
+                 hint="the old cache closes once its requests in flight are done")
+        if cache.users == 0:
+            self._close(cache)
+        else:
+            self._retired.add(cache)
+
+    def _close(self, cache: ResponseCache) -> None:
+        self._retired.discard(cache)
+        task = asyncio.get_running_loop().create_task(cache.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def state(self) -> dict[str, Any] | None:
         return None if self._current is None else self._current.state()
@@ -199,7 +270,16 @@ class CacheHolder:
     async def aclose(self) -> None:
         for cache in [*self._retired, *([self._current] if self._current else [])]:
             await cache.aclose()
-        self._retired, self._current = [], None
+        if self._closing:
+            await asyncio.wait(self._closing)
+        self._retired, self._current = set(), None
+
+
+def _same_levels(old: CachePolicy, new: CachePolicy) -> bool:
+    """Whether the levels built for ``old`` serve ``new`` as they are (what they were
+    built with is the same; ``max_waiters`` and ``compression`` are read as they come)."""
+    return (old.ttl_s, old.stale_if_error_s, old.memory, old.redis, old.approximate) == \
+        (new.ttl_s, new.stale_if_error_s, new.memory, new.redis, new.approximate)
 
 
 CACHE = web.AppKey("response_cache", CacheHolder)
@@ -217,27 +297,35 @@ async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
     lookup = cache_lookup(route=route.model, mode=route.cache, scope=route.cache_scope,
                           method=call.method, path=call.path_qs, payload=call.payload,
                           client=client.name if client is not None else None,
-                          cache_control=request.headers.get("Cache-Control"))
-    cache = request.app[CACHE].for_policy(request.app[SERVING].runtime.config.cache)
+                          cache_control=request.headers.get("Cache-Control"),
+                          multi_turn=route.cache_multi_turn)
+    holder = request.app[CACHE]
     if isinstance(lookup, NotCacheable):
-        cache.metrics.requests.labels(route.model, "bypass").inc()
+        holder.metrics.requests.labels(route.model, "bypass").inc()
         _mark(request, route.model, "bypass")
         return await serve()
+    cache = holder.take(request.app[SERVING].runtime.config.cache)
+    try:
+        return await _serve_through(request, cache, route, call, lookup, serve)
+    finally:
+        holder.give_back(cache)
+
+
+async def _serve_through(request: web.Request, cache: ResponseCache, route: Route,
+                         call: UpstreamCall, lookup: CacheLookup,
+                         serve: Serve) -> web.StreamResponse:
+    """A cacheable request: a memory hit, a wait for an identical one in flight here, or
+    the lead (a Redis lookup, then a wait elsewhere or the upstream call)."""
     assert call.payload is not None  # cacheable requests have a JSON body
     stream = call.payload.get("stream") is True
-    now = time.time()
-    entry = await cache.get(lookup.key) if lookup.read else None
-    fresh = entry is not None and freshness(stored_at=entry.stored_at, policy=cache.policy,
-                                            now=now) is Freshness.FRESH
-    if entry is not None and fresh:
+    held = cache.memory.get(lookup.key) if lookup.read else None
+    entry = CachedAnswer.decode(held.blob) if held is not None else None
+    if entry is not None and freshness(stored_at=entry.stored_at, policy=cache.policy,
+                                       now=time.time()) is Freshness.FRESH:
         return await _answer_from(request, cache, route.model, entry, stream, call, "hit")
-    if lookup.approximate is not None and lookup.read:
-        router = request.app[SERVING].runtime.router
-        if router.minimal(now=request.app[CLOCK]()).active:
-            near = await _near(cache, lookup)
-            if near is not None:
-                return await _answer_from(request, cache, route.model, near, stream, call,
-                                          "approximate")
+    # Everything else for this key goes through one flight per instance, made before any
+    # await: its leader alone looks in Redis (and claims the key there), so a claim is
+    # always held by the request that leads here.
     flight = cache.flights.get(lookup.key) if lookup.read else None
     if flight is not None and flight.waiters < cache.policy.max_waiters:
         flight.waiters += 1
@@ -249,29 +337,61 @@ async def serve_cached(request: web.Request, route: Route, call: UpstreamCall,
                 request[SUMMARY].route, request[SUMMARY].upstream = route.model, "cache"
                 cache.metrics.requests.labels(route.model, "hit").inc()
                 return resp
-        else:
-            shared = await asyncio.shield(flight.answer)
-            if shared is not None:
-                return await _answer_from(request, cache, route.model, shared, stream, call,
-                                          "hit")
-    return await _lead(request, cache, lookup, call, stream, serve, stale=entry)
+        # Set before the live stream ends: a leader that streamed nothing may still have
+        # an entry (from Redis, or one another instance stored while this one waited).
+        shared = await asyncio.shield(flight.answer)
+        if shared is not None:
+            return await _answer_from(request, cache, route.model, shared, stream, call, "hit")
+    return await _lead(request, cache, lookup, call, stream, serve, stale=entry,
+                       wait_bound_s=route.timeout_s)
 
 
 async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
                 call: UpstreamCall, stream: bool, serve: Serve, *,
-                stale: CachedAnswer | None) -> web.StreamResponse:
-    """Serve a miss upstream, store what may be stored, and hand it to any waiters."""
+                stale: CachedAnswer | None, wait_bound_s: float) -> web.StreamResponse:
+    """Look in Redis; else serve the miss upstream, store what may be stored, and hand
+    the answer to any waiters.
+
+    With Redis, the lookup that misses also claims the key: this instance's call is then
+    the one other instances wait for. If another instance holds the claim, its entry is
+    waited for (bounded) instead, with this instance's own waiters; no entry from it,
+    and this request goes upstream itself."""
     flight: Flight | None = None
     tap = LiveStream()
     if lookup.key not in cache.flights:
         flight = cache.flights[lookup.key] = Flight(
             answer=asyncio.get_running_loop().create_future(), live=tap if stream else None)
     stored: CachedAnswer | None = None
-    if stream and (lookup.write or flight is not None):
-        request[STREAM_TAP] = tap
-    body_before = call.body
-    _mark(request, lookup.route, "miss")  # the header, before a stream is prepared
+    claim: Claim | None = None
     try:
+        if lookup.read and cache.redis is not None:
+            # Only a flight's leader claims: a request past max_waiters just looks.
+            found, claimed = await cache.get_or_claim(lookup.key, claim=flight is not None)
+            if found is not None:
+                if freshness(stored_at=found.stored_at, policy=cache.policy,
+                             now=time.time()) is Freshness.FRESH:
+                    stored = found
+                    return await _answer_from(request, cache, lookup.route, found, stream,
+                                              call, "hit")
+                stale = found
+            claim = claimed if isinstance(claimed, Claim) else None
+            if claimed == BUSY:
+                stored = await cache.wait_elsewhere(lookup.key, lookup.route,
+                                                    bound_s=wait_bound_s)
+                if stored is not None:
+                    return await _answer_from(request, cache, lookup.route, stored, stream,
+                                              call, "hit")
+        if lookup.approximate is not None and lookup.read:
+            router = request.app[SERVING].runtime.router
+            if router.minimal(now=request.app[CLOCK]()).active:
+                near = await _near(cache, lookup)
+                if near is not None:
+                    return await _answer_from(request, cache, lookup.route, near, stream, call,
+                                              "approximate")
+        if stream and (lookup.write or flight is not None):
+            request[STREAM_TAP] = tap
+        body_before = call.body
+        _mark(request, lookup.route, "miss")  # the header, before a stream is prepared
         try:
             resp = await serve()
         except UpstreamError:
@@ -288,9 +408,13 @@ async def _lead(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
         cache.metrics.requests.labels(lookup.route, "miss").inc()
         if lookup.write:
             stored = _store(request, cache, lookup, resp, b"".join(tap) if stream else None,
-                            as_asked=call.body is body_before)
+                            as_asked=call.body is body_before, claim=claim)
+            if stored is not None:
+                claim = None  # ended by the store
         return resp
     finally:
+        if claim is not None and cache.redis is not None:
+            cache.redis.release(claim, None)  # no entry: other instances' waiters go upstream
         if flight is not None:
             del cache.flights[lookup.key]
             # In finally: a leader that fails or is cancelled releases its waiters too.
@@ -315,7 +439,7 @@ async def _near(cache: ResponseCache, lookup: CacheLookup) -> CachedAnswer | Non
 
 def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
            resp: web.StreamResponse, streamed: bytes | None, *,
-           as_asked: bool) -> CachedAnswer | None:
+           as_asked: bool, claim: Claim | None) -> CachedAnswer | None:
     """Store the answer ``resp`` (or the ``streamed`` bytes) if routing says it may be."""
     summary = request[SUMMARY]
     body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) \
@@ -326,7 +450,7 @@ def _store(request: web.Request, cache: ResponseCache, lookup: CacheLookup,
         return None
     entry = CachedAnswer(stored_at=time.time(), upstream=summary.upstream,
                          body=body if body is not None else json.dumps(answer).encode())
-    cache.put(lookup.key, entry)
+    cache.put(lookup.key, entry, claim=claim)
     if lookup.approximate is not None:
         cache.near.add(lookup.approximate, lookup.key)
     cache.metrics.stores.labels(lookup.route, "json" if streamed is None else "stream").inc()
@@ -378,7 +502,9 @@ def install_cache(app: web.Application) -> None:
     app.on_response_prepare.append(_cache_headers)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        app[CACHE].for_policy(app[SERVING].runtime.config.cache)  # connect at start
+        cache = app[CACHE].for_policy(app[SERVING].runtime.config.cache)  # connect at start
+        if cache.redis is not None:
+            await cache.redis.ready()
         yield
         await app[CACHE].aclose()
 

@@ -2,9 +2,9 @@
 
 Rules:
 
-* Only a whole ``web.Response`` under ``/v1`` of at least ``MIN_BYTES`` with no
-  ``Content-Encoding`` of its own is compressed; SSE and other streamed answers never
-  are (each event must reach the client when it is sent).
+* Only a whole ``web.Response`` under ``/v1`` of at least ``cache.compression.min_bytes``
+  (1 KiB by default) with no ``Content-Encoding`` of its own is compressed; SSE and
+  other streamed answers never are (each event must reach the client when it is sent).
 * The coding is the client's most preferred by ``Accept-Encoding`` q-values among
   ``br`` (the ``brotli`` package), ``zstd`` (``zstandard``) and ``gzip``; on a tie,
   in that order (smallest output first). ``q=0`` refuses a coding; ``*`` stands for
@@ -26,10 +26,8 @@ import zstandard
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from ._state import METRICS
+from ._state import METRICS, SERVING
 
-#: Smaller answers are sent as they are: compressing them saves less than a packet.
-MIN_BYTES: Final = 1024
 _ZSTD: Final = zstandard.ZstdCompressor(level=3)
 _COMPRESSORS: Final[dict[str, Callable[[bytes], bytes]]] = {
     "br": lambda data: brotli.compress(data, quality=4),
@@ -81,7 +79,8 @@ async def _compress(request: web.Request, resp: web.StreamResponse) -> None:
     if not isinstance(resp, web.Response) or not request.path.startswith("/v1/"):
         return
     body = resp.body
-    if not isinstance(body, bytes) or len(body) < MIN_BYTES or \
+    min_bytes = request.app[SERVING].runtime.config.cache.compression.min_bytes
+    if not isinstance(body, bytes) or len(body) < min_bytes or \
             "Content-Encoding" in resp.headers:
         return
     resp.headers.add("Vary", "Accept-Encoding")

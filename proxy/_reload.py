@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 from skyroute.routing import MAX_CONFIG_BYTES, ConfigError
 
+from ._cache import CACHE
 from ._config_file import load_config
 from ._state import METRICS, SERVING
 from ._tasks import running
@@ -59,6 +60,8 @@ async def reload_config(app: web.Application) -> bool:
                     serving=f"{old.listen.host}:{old.listen.port}",
                     wanted=f"{config.listen.host}:{config.listen.port}")
     serving.swap(config)
+    if CACHE in app:  # a changed cache section: the new one now, the old one closes when idle
+        app[CACHE].for_policy(config.cache)
     app[METRICS].config_reloads.labels("success").inc()
     log.info("config_reloaded", file=str(path), routes=len(config.routes),
              upstreams=len(config.upstreams))

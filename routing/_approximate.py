@@ -2,9 +2,11 @@
 
 Rules / theory of operation
 ---------------------------
-* Only single-turn chat requests take part: at most one system message, then one user
-  message with text content. Everything but the user's text (route, scope, system
-  message, parameters) must match exactly: it is hashed into the *context*.
+* By default only single-turn chat requests take part: at most one system message, then
+  one user message with text content. A route with ``cache_multi_turn: true`` lets
+  multi-turn chats in too (the last message still a user's text). Everything but that
+  last user text (route, scope, earlier messages, parameters) must match exactly: it is
+  hashed into the *context*, so a follow-up is only ever matched within the same chat.
 * The user's text is normalised (lower case, words of letters and digits, punctuation
   and spacing dropped) and cut into overlapping 3-word shingles (a text of fewer
   words is one shingle). Its MinHash signature has ``PERMUTATIONS`` values; the share
@@ -63,21 +65,23 @@ class ApproximateQuery:
     text: str
 
 
-def approximate_query(*, route: str, owner: str, body: Mapping[str, Any]
-                      ) -> ApproximateQuery | None:
+def approximate_query(*, route: str, owner: str, body: Mapping[str, Any],
+                      multi_turn: bool = False) -> ApproximateQuery | None:
     """The approximate form of a request body (``model``/``stream`` already left out);
-    None when it is not single-turn text."""
+    None when its last message is not a user's text, or (unless ``multi_turn``) when it
+    is not single-turn."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or len(messages) > 2:
+    if not isinstance(messages, list) or not messages:
         return None
-    *system, last = messages
+    *earlier, last = messages
     if not isinstance(last, dict) or last.get("role") != "user" or \
             not isinstance(last.get("content"), str):
         return None
-    if system and (not isinstance(system[0], dict) or system[0].get("role") != "system"):
+    if not multi_turn and (len(earlier) > 1 or (earlier and (
+            not isinstance(earlier[0], dict) or earlier[0].get("role") != "system"))):
         return None
     rest = {k: v for k, v in body.items() if k != "messages"}
-    canonical = json.dumps([route, owner, system, rest], sort_keys=True, separators=(",", ":"),
+    canonical = json.dumps([route, owner, earlier, rest], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
     return ApproximateQuery(context=hashlib.sha256(canonical.encode()).hexdigest(),
                             text=last["content"])

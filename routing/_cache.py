@@ -2,8 +2,9 @@
 
 Rules / theory of operation
 ---------------------------
-* ``cache: approximate`` also gives a single-turn request's near-identical form
-  (``routing._approximate``), used by the proxy only under degradation.
+* ``cache: approximate`` also gives a single-turn request's near-identical form (a
+  multi-turn one's too with ``cache_multi_turn``; ``routing._approximate``), used by the
+  proxy only under degradation.
 * Only ``POST /chat/completions`` on a route whose ``cache`` is not ``off`` is
   cacheable. With ``exact`` (and ``approximate``) the request must be deterministic:
   ``temperature`` 0 or an integer ``seed``; ``always`` caches sampled requests too
@@ -85,7 +86,8 @@ class CacheLookup:
     route: str
     read: bool
     write: bool
-    #: For ``cache: approximate`` on a single-turn request: its near-identical form.
+    #: For ``cache: approximate`` (single-turn, unless the route allows multi-turn): its
+    #: near-identical form.
     approximate: ApproximateQuery | None = None
 
 
@@ -105,11 +107,14 @@ def _is_deterministic(payload: Mapping[str, Any]) -> bool:
 
 def cache_lookup(*, route: str, mode: CacheMode, scope: CacheScope, method: str, path: str,
                  payload: Mapping[str, Any] | None, client: str | None,
-                 cache_control: str | None) -> CacheLookup | NotCacheable:
+                 cache_control: str | None, multi_turn: bool = False
+                 ) -> CacheLookup | NotCacheable:
     """Whether a request is served through the cache, and its key.
 
     Args:
         route: the route's model alias (part of the key).
+        multi_turn: the route's ``cache_multi_turn``: multi-turn chats take part in
+            approximate matching too.
         path: below ``/v1``, query included (a query makes it uncacheable).
         client: the client key's name; None when auth is off.
         cache_control: the request's ``Cache-Control`` header.
@@ -130,7 +135,7 @@ def cache_lookup(*, route: str, mode: CacheMode, scope: CacheScope, method: str,
     canonical = json.dumps([_KEY_VERSION, route, path, owner, body], sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
-    near = approximate_query(route=route, owner=owner, body=body) \
+    near = approximate_query(route=route, owner=owner, body=body, multi_turn=multi_turn) \
         if mode is CacheMode.APPROXIMATE else None
     return CacheLookup(key=digest, route=route, read=directives.read, write=directives.write,
                        approximate=near)

@@ -56,6 +56,7 @@ __all__ = [
     "Strategy",
     "SyncPolicy",
     "SyncRelay",
+    "WireCompression",
     "is_metric_name",
 ]
 
@@ -137,6 +138,17 @@ class ApproximateCache:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
+class WireCompression:
+    """Compression of whole answers on the wire, for clients that accept it."""
+
+    # Below about a packet, compressing saves less than it costs.
+    min_bytes: Size = Field(
+        default=1024,
+        description="Whole (non-streaming) /v1 answers of at least this many bytes are "
+                    "compressed (br, zstd or gzip, by Accept-Encoding); 0 compresses all.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class CachePolicy:
     """The response cache (used by routes with a ``cache`` mode other than off)."""
 
@@ -162,6 +174,9 @@ class CachePolicy:
     approximate: ApproximateCache = Field(
         default_factory=ApproximateCache,
         description="Near-identical prompts, for routes with cache: approximate.")
+    compression: WireCompression = Field(
+        default_factory=WireCompression,
+        description="Compression of whole answers (cached or not) on the wire.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)

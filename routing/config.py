@@ -447,6 +447,11 @@ class Route:
         default=CacheScope.KEY,
         description="key: an entry is served only to the client key that stored it; shared: "
                     "to every client of the route.")
+    cache_multi_turn: Flag = Field(
+        default=False,
+        description="With cache: approximate, multi-turn chats take part too (every earlier "
+                    "message must match exactly; only the last user message may differ); by "
+                    "default only single-turn requests do.")
     #: Made from upstreams' model maps, not written in YAML.
     implicit: SkipJsonSchema[bool] = dataclasses.field(default=False, init=False)
 

@@ -8,11 +8,13 @@ test stops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +23,7 @@ import aiohttp
 import openai
 import pytest
 
-from .conftest import CALL_TIMEOUT_S, client_for, routing_yaml
+from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
 
 TIMEOUT = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
@@ -205,14 +207,18 @@ async def _redis_keys(cache_section: str, *, delete: bool = False) -> int:
     client = aioredis.Redis.from_url(SHARED_REDIS, socket_timeout=CALL_TIMEOUT_S)
     try:
         for _ in range(200):
-            keys = [k async for k in client.scan_iter(match=prefix + "*")]
+            everything = [k async for k in client.scan_iter(match=prefix + "*")]
+            # Entries: the prefix and a SHA-256 in hex (not claims or the size measurement).
+            keys = [k for k in everything if len(k) == len(prefix.encode()) + 64]
             if keys:
                 ttl = await client.ttl(keys[0])
                 assert 0 < ttl <= 600 + 3600  # the TTL is set in Redis
                 if delete:
-                    await client.delete(*keys)
+                    await client.delete(*everything)
                 return len(keys)
             await asyncio.sleep(0.01)
+        if delete and everything:
+            await client.delete(*everything)
         return 0
     finally:
         await client.aclose()
@@ -234,6 +240,108 @@ async def test_coalescing_makes_one_upstream_call(standin, skyroute):
     assert len(set(texts)) == 1
     assert up.requests_total == 1
     assert 'skyroute_cache_coalesced_total{route="chat"} 99.0' in await _metrics(server)
+
+
+async def test_two_instances_coalesce_through_redis(standin, skyroute):
+    """50 identical concurrent requests split over two instances that share Redis, half
+    streaming, make one upstream call: the instance that claims the prompt calls, the
+    other waits for its entry."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.3
+    # A generous lookup timeout: 50 new Redis connections at once on a loaded machine must
+    # not count as Redis being down (then nothing is claimed, by design).
+    cache = _cache_section(SHARED_REDIS, timeout="5s")
+    servers = [await skyroute(routing_yaml([entry(up)], _route(), extra=cache))
+               for _ in range(2)]
+    async with client_for(servers[0]) as first, client_for(servers[1]) as second:
+        async def one(i: int) -> str:
+            client = (first, second)[i % 2]
+            if i // 2 % 2:
+                text, _, _ = await _stream_text(client)
+                return text
+            return (await _chat(client)).parse().choices[0].message.content
+
+        texts = await asyncio.gather(*(one(i) for i in range(50)))
+    await _redis_keys(cache, delete=True)
+    assert len(set(texts)) == 1 and texts[0]
+    assert up.requests_total == 1
+
+
+async def test_waiters_go_upstream_when_the_owning_instance_dies(standin, skyroute, tmp_path):
+    """The instance calling upstream for a prompt is killed mid-call: the other instance's
+    waiters for it go upstream themselves once its claim lapses, with no client error."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 60.0  # the owner's call hangs until the owner is killed
+    cache = _cache_section(SHARED_REDIS, timeout="5s")
+    text = routing_yaml([entry(up)], _route(), extra=cache)
+    path = tmp_path / "owner.yaml"
+    path.write_text(text)
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run", "-c",
+        str(path), "--workers", "1", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        url = await _started_url(owner)
+        waiter = await skyroute(text)
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            owners_call = asyncio.create_task(http.post(
+                f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": "chat", "messages": ASK, "temperature": 0}))
+            await eventually(lambda: up.requests_total == 1, timeout=CALL_TIMEOUT_S)
+            async with client_for(waiter) as client:
+                async def one(i: int) -> str:
+                    if i % 2:
+                        streamed, _, _ = await _stream_text(client)
+                        return streamed
+                    return (await _chat(client)).parse().choices[0].message.content
+
+                waiters = [asyncio.create_task(one(i)) for i in range(10)]
+
+                async def waiting() -> bool:
+                    health = await (await http.get(f"{waiter.url}/health")).json()
+                    return health["cache"]["waiting_on_other_instances"] == 1
+
+                await eventually(waiting, timeout=CALL_TIMEOUT_S)
+                owner.kill()
+                await owner.wait()
+                up.behaviour.ttft_s = 0.0
+                texts = await asyncio.gather(*waiters)
+            with pytest.raises(aiohttp.ClientError):
+                await owners_call
+        metrics = await _metrics(waiter)
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+            await owner.wait()
+        await _redis_keys(cache, delete=True)
+    assert len(set(texts)) == 1 and texts[0]
+    assert up.requests_total == 2  # the dead owner's call, then the waiters' one
+    assert 'skyroute_cache_remote_waits_total{outcome="fallback"} 1.0' in metrics
+
+
+async def _started_url(proc: asyncio.subprocess.Process) -> str:
+    """The URL a ``skyroute run`` subprocess logs once it serves (its stderr is read on)."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(CALL_TIMEOUT_S * 2):
+        async for line in proc.stderr:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "server_started":
+                    url = str(event["url"])
+                    break
+    # Keep draining, so the subprocess never blocks on a full pipe.
+    drain = asyncio.create_task(_drain(proc.stderr))
+    _DRAINS.add(drain)
+    drain.add_done_callback(_DRAINS.discard)
+    return url
+
+
+_DRAINS: set[asyncio.Task[None]] = set()
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    async for _ in stream:
+        pass
 
 
 async def test_coalesced_waiters_serve_themselves_when_the_leader_fails(standin, skyroute):
@@ -260,6 +368,37 @@ async def test_stale_if_error_serves_an_expired_entry(standin, skyroute):
     assert stale.headers["x-skyroute-cache"] == "stale"
     assert stale.parse().choices[0].message.content == \
         first.parse().choices[0].message.content
+
+
+async def test_redis_level_size_is_measured(standin, skyroute, monkeypatch):
+    """skyroute_cache_redis_entries/_bytes and /health's redis_level follow what Redis holds
+    under the prefix (one instance measures for all; every 30 s, here every 0.1 s)."""
+    from skyroute.proxy import _cache_redis
+
+    monkeypatch.setattr(_cache_redis, "_MEASURE_S", 0.1)
+    up = await standin("a")
+    cache = _cache_section(SHARED_REDIS)
+    servers = [await skyroute(routing_yaml([entry(up)], _route(), extra=cache))
+               for _ in range(2)]
+    async with client_for(servers[0]) as client:
+        for n in range(3):
+            await _chat(client, max_tokens=10 + n)
+    assert await _redis_keys(cache) == 3
+
+    async def measured() -> bool:
+        texts = [await _metrics(s) for s in servers]
+        return all("skyroute_cache_redis_entries 3.0" in t for t in texts)
+
+    try:
+        await eventually(measured, timeout=CALL_TIMEOUT_S)
+        metrics = await _metrics(servers[1])
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            health = await (await http.get(f"{servers[1].url}/health")).json()
+    finally:
+        await _redis_keys(cache, delete=True)
+    size = float(metrics.split("\nskyroute_cache_redis_bytes ")[1].split()[0])
+    assert 3 * 100 < size < 3 * 10_000  # three short compressed answers and Redis' overhead
+    assert health["cache"]["redis_level"]["entries"] == 3
 
 
 async def test_health_shows_the_cache(standin, skyroute):
@@ -438,3 +577,102 @@ async def test_approximate_answers_only_when_every_upstream_failed(standin, skyr
     assert outage.parse().choices[0].message.content.startswith("Hello from a")
     assert 'skyroute_cache_requests_total{result="approximate",route="chat"} 1.0' in \
         await _metrics(server)
+
+
+async def test_compression_threshold_is_a_setting(standin, skyroute):
+    """cache.compression.min_bytes: a short answer is sent as it is by default (1 KiB) and
+    compressed with min_bytes: 0; a reload changes it without emptying the cache."""
+    up = await standin("a")  # a short answer (well under 1 KiB)
+    server = await skyroute(routing_yaml([entry(up)], _route()))
+
+    async def coding() -> tuple[str | None, str]:
+        async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as http, \
+                http.post(f"{server.url}/v1/chat/completions", json={
+                    "model": "chat", "messages": ASK, "temperature": 0},
+                    headers={"Authorization": f"Bearer {CLIENT_KEY}",
+                             "Accept-Encoding": "gzip"}) as resp:
+            await resp.read()
+            return resp.headers.get("Content-Encoding"), resp.headers["x-skyroute-cache"]
+
+    assert await coding() == (None, "miss")
+    server.config_path.write_text(routing_yaml([entry(up)], _route(), extra=_cache_section(
+        extra="compression: {min_bytes: 0}")))
+
+    async def compressed() -> bool:
+        return (await coding())[0] == "gzip"
+
+    await eventually(compressed, timeout=CALL_TIMEOUT_S)
+    assert await coding() == ("gzip", "hit")  # the reload kept the entry
+    assert up.requests_total == 1
+
+
+async def _cache_clients(cache_section: str) -> int:
+    """Connections the shared Redis has from caches with this section's prefix."""
+    import redis.asyncio as aioredis
+    from skyroute.proxy._cache_redis import client_name
+
+    name = client_name(cache_section.split("prefix: '")[1].split("'")[0])
+    client = aioredis.Redis.from_url(SHARED_REDIS, socket_timeout=CALL_TIMEOUT_S)
+    try:
+        return sum(1 for c in await client.client_list() if c.get("name") == name)
+    finally:
+        await client.aclose()
+
+
+async def test_reload_swaps_the_redis_client_after_requests_in_flight(standin, skyroute):
+    """A reload that changes cache.redis serves new requests with a new client at once; the
+    old one stays open for the request in flight, and is closed once it is answered."""
+    up = await standin("a")
+    up.behaviour.busy_for_s = 30.0
+    up.behaviour.mode = "busy"  # holds the request until flipped back
+    old, new = _cache_section(SHARED_REDIS), _cache_section(SHARED_REDIS)
+    server = await skyroute(routing_yaml([entry(up)], _route(), extra=old))
+    async with client_for(server) as client:
+        held = asyncio.create_task(_chat(client))
+        await eventually(lambda: up.in_flight == 1, timeout=CALL_TIMEOUT_S)
+        assert await _cache_clients(old) >= 1
+        server.config_path.write_text(routing_yaml([entry(up)], _route(), extra=new))
+
+        async def connected(section: str, at_least: int = 1) -> bool:
+            return await _cache_clients(section) >= at_least
+
+        await eventually(lambda: connected(new), timeout=CALL_TIMEOUT_S)
+        assert await _cache_clients(old) >= 1  # still in use by the held request
+        up.behaviour.mode = "ok"
+        assert (await held).headers["x-skyroute-cache"] == "miss"
+
+        async def closed() -> bool:
+            return await _cache_clients(old) == 0
+
+        await eventually(closed, timeout=CALL_TIMEOUT_S)
+        after = await _chat(client, max_tokens=7)
+    assert after.headers["x-skyroute-cache"] == "miss"
+    assert await _redis_keys(new, delete=True) == 1  # stored through the new client
+    await _redis_keys(old, delete=True)
+
+
+async def test_approximate_multi_turn_only_when_the_route_allows(standin, skyroute):
+    """cache_multi_turn: true lets a near-identical follow-up in the same chat be answered
+    approximately in an outage; without it a multi-turn request never is."""
+    up = await standin("a")
+    routes = _route("approximate") + "- model: strict\n  targets: [a]\n  cache: approximate\n"
+    routes = routes.replace("  cache_scope: key\n",
+                            "  cache_scope: key\n  cache_multi_turn: true\n", 1)
+    models = "{chat: deepseek-chat, strict: deepseek-chat}"
+    server = await skyroute(routing_yaml([entry(up, models=models)], routes))
+
+    def turns(last: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": last}]
+
+    async with client_for(server) as client:
+        for model in ("chat", "strict"):
+            await client.chat.completions.create(model=model, temperature=0,
+                                                 messages=turns("How many people live there?"))
+        up.behaviour.mode = "error"
+        multi = await client.chat.completions.with_raw_response.create(
+            model="chat", temperature=0, messages=turns("how many people live there"))
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(
+                model="strict", temperature=0, messages=turns("how many people live there"))
+    assert multi.headers["x-skyroute-cache"] == "approximate"

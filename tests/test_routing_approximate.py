@@ -116,3 +116,32 @@ def test_approximate_query_single_turn_only(messages: list[dict[str, object]],
     query = approximate_query(route="chat", owner="-", body={"messages": messages,
                                                              "temperature": 0})
     assert (query is not None) is single
+
+
+def test_approximate_query_multi_turn_when_the_route_allows() -> None:
+    """With multi_turn, a chat's follow-up takes part; its earlier turns are the context, so
+    the same follow-up in another chat never matches."""
+    def chat(first: str, last: str) -> dict[str, object]:
+        return {"messages": [{"role": "user", "content": first},
+                             {"role": "assistant", "content": "Paris."},
+                             {"role": "user", "content": last}], "temperature": 0}
+
+    body = chat("What is the capital of France?", "And how many people live there?")
+    assert approximate_query(route="chat", owner="-", body=body) is None
+    query = approximate_query(route="chat", owner="-", body=body, multi_turn=True)
+    assert query is not None and query.text == "And how many people live there?"
+    near = approximate_query(route="chat", owner="-", multi_turn=True,
+                             body=chat("What is the capital of France?",
+                                       "and how many people live there"))
+    other_chat = approximate_query(route="chat", owner="-", multi_turn=True,
+                                   body=chat("What is the capital of Texas?",
+                                             "And how many people live there?"))
+    assert near is not None and other_chat is not None
+    index = ApproximateIndex(threshold=0.9, max_entries=10)
+    index.add(query, "k")
+    assert index.find(near) == ("k", 1.0)
+    assert index.find(other_chat) is None
+    ends_with_assistant = {"messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "hello"}]}
+    assert approximate_query(route="chat", owner="-", body=ends_with_assistant,
+                             multi_turn=True) is None
