@@ -176,7 +176,17 @@ async def wire_per_update(size: int, pins: int, *, relay: str | None = None,
                 return all(n.sync.store.get(last, now=time.time()) is not None for n in nodes)
 
             await wait_for(seen_everywhere, 60.0, "convergence")
-            await asyncio.sleep(0.2)  # let relays of the last writes drain
+            if relay:
+                # Count only once every write is published and every instance has read
+                # every entry (its own included): 50 instances in one process fall behind
+                # the writes, and a snapshot taken then shows queues, not the protocol.
+                def drained() -> bool:
+                    now = totals()
+                    sent = now[0] - before[0]
+                    return sent >= now[3] - before[3] and now[1] - before[1] >= size * sent
+                await wait_for(drained, 120.0, "every entry read by every instance")
+            else:
+                await asyncio.sleep(0.2)  # let relays of the last writes drain
             after = totals()
             writes = after[3] - before[3]
             return {"sent": (after[0] - before[0]) / writes,

@@ -8,7 +8,9 @@ The design is y-redis's: one stream per document, and a compacted snapshot besid
   slot and MULTI works): ``{prefix}{doc:epoch}:log`` (the stream of updates),
   ``...:snap`` (a hash: ``u`` the whole document as one update, ``id`` the last
   stream entry it includes, ``trimmed`` where the stream was cut, ``m`` its MAC),
-  ``...:lock`` (who compacts now), and ``{prefix}epoch`` (the newest epoch joined).
+  ``...:lock`` (who compacts now), and ``{prefix}epoch`` (the newest epoch joined,
+  as ``N:mac``, signed like the entries; a value without a valid MAC is refused,
+  logged and counted as an auth failure, and overwritten by the next join).
 * Publishing: a ``RelayLink`` attaches a connection to its ``DocHub`` like a Yjs
   client (it gets every change but the ones it delivered itself), and each
   change becomes one XADD: one message per update per instance, whatever the
@@ -91,14 +93,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
-_RAISE_EPOCH_LUA: Final = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return ARGV[1]
-end
-return tostring(cur)
+# Compare-and-set: the epoch key is replaced only if it still holds what was checked.
+_SET_EPOCH_LUA: Final = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[2] then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return false
 """
+_EPOCH_CAS_TRIES: Final = 3
 
 
 def engine_label(url: str) -> str:
@@ -167,6 +169,46 @@ class RedisRelay:
     def mac_ok(self, mac: bytes | None, *parts: bytes) -> bool:
         return mac is not None and hmac.compare_digest(mac, self.mac(*parts))
 
+    def signed_epoch(self, epoch: int) -> bytes:
+        """The epoch key's value: ``N:mac`` (hex), the MAC over prefix and ``N``."""
+        number = str(epoch).encode()
+        return number + b":" + self.mac(b"epoch", self.settings.relay_prefix.encode(),
+                                         number).hex().encode()
+
+    def epoch_value(self, raw: bytes | None) -> int | None:
+        """The epoch in ``raw`` if it is signed with ``sync.token``; None otherwise
+        (a value that is there but not signed is logged and counted)."""
+        if not raw:
+            return None
+        number, _, mac_hex = raw.partition(b":")
+        try:
+            mac = bytes.fromhex(mac_hex.decode())
+        except ValueError:
+            mac = None
+        if number.isdigit() and self.mac_ok(mac, b"epoch",
+                                            self.settings.relay_prefix.encode(), number):
+            return int(number)
+        self.metrics.auth_failures.inc()
+        get_logger().warning("sync_relay_epoch_refused", key=self.epoch_key(),
+                             hint="its MAC does not match this instance's sync.token; "
+                                  "ignored and replaced by this instance's epoch")
+        return None
+
+    async def join_epoch(self, epoch: int) -> int:
+        """Raise ``{prefix}epoch`` to ``epoch``; return the newest signed epoch there."""
+        key = self.epoch_key()
+        for _ in range(_EPOCH_CAS_TRIES):
+            value = await self.client.get(key)
+            raw = value if isinstance(value, bytes) else None
+            theirs = self.epoch_value(raw)
+            if theirs is not None and theirs >= epoch:
+                return theirs
+            changed = await self.client.eval(_SET_EPOCH_LUA, 1, key, self.signed_epoch(epoch),
+                                             raw or b"")
+            if changed is None:
+                return epoch
+        return epoch  # others keep raising it meanwhile; their entries will tell us
+
     @property
     def ttl_ms(self) -> int:
         return int((KEEP_EPOCHS * self.settings.rotate_every_s + 60.0) * 1000)
@@ -233,7 +275,7 @@ class RelayLink:
         """One stay in the engine: join, then publish/read/compact until something ends it."""
         relay, hub = self._relay, self._hub
         epoch = hub.doc.epoch
-        newest = int(await relay.client.eval(_RAISE_EPOCH_LUA, 1, relay.epoch_key(), epoch))
+        newest = await relay.join_epoch(epoch)
         if newest > epoch:
             self._log.info("sync_epoch_adopted", epoch=newest)
             await relay.on_peer_epoch(newest)

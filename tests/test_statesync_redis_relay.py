@@ -383,3 +383,39 @@ async def test_engine_unreachable_at_start_does_not_stop_the_instance(fleet: Fle
                          and "backoff" in a.peer_states().values(), timeout=CALL_TIMEOUT_S)
     finally:
         await dead.aclose()
+
+
+async def test_epoch_key_is_signed_and_forged_values_are_refused(fleet: Fleet) -> None:
+    """``{prefix}epoch`` carries a MAC: a forged or unsigned epoch (someone who can write
+    to the Redis but lacks the token) neither moves the fleet nor blocks it; it is logged,
+    counted as an auth failure and replaced by a signed value."""
+    a = await fleet.start("a")
+    await eventually(lambda: connected(a), timeout=CALL_TIMEOUT_S)
+    key = f"{fleet.prefix}epoch"
+    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=CALL_TIMEOUT_S)
+    try:
+        stored = await client.get(key)
+        number, _, mac = stored.partition(b":")
+        assert int(number) == a.epoch
+        expected = hmac.new(TOKEN.encode(), b"|".join([b"epoch", fleet.prefix.encode(),
+                                                       number]), hashlib.sha256).hexdigest()
+        assert mac.decode() == expected
+        far = str(a.epoch + 1000).encode()
+        forged = hmac.new(b"not-the-token", b"|".join([b"epoch", fleet.prefix.encode(), far]),
+                          hashlib.sha256).hexdigest().encode()
+        await client.set(key, far + b":" + forged)
+        b = await fleet.start("b")
+        await eventually(lambda: connected(a, b), timeout=CALL_TIMEOUT_S)
+        assert b.epoch == a.epoch
+        assert fleet.metric(b, "skyroute_sync_auth_failures_total") >= 1.0  # once per document link
+        assert (await client.get(key)).partition(b":")[0] == str(a.epoch).encode()
+        await client.set(key, far)  # unsigned, as an older version wrote it
+        c = await fleet.start("c")
+        await eventually(lambda: connected(a, b, c), timeout=CALL_TIMEOUT_S)
+        assert c.epoch == a.epoch
+        assert fleet.metric(c, "skyroute_sync_auth_failures_total") >= 1.0
+        a.store.pin("still-synced", "up-1", now=_now())
+        await eventually(lambda: upstream_at(c, "still-synced") == "up-1",
+                         timeout=CALL_TIMEOUT_S)
+    finally:
+        await client.aclose()
