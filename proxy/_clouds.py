@@ -307,11 +307,6 @@ class UpstreamAccess:
             data = json.dumps(converse_request(payload)).encode()
             headers["Content-Type"] = "application/json"
             headers.pop("Content-Length", None)
-        headers.pop("Authorization", None)
-        if upstream.provider is Provider.AZURE and upstream.api_key:
-            headers["api-key"] = upstream.api_key
-        elif upstream.api_key:
-            headers["Authorization"] = f"Bearer {upstream.api_key}"
         if self.credential is not None:
             value = await self.credential.get()
             if upstream.provider is Provider.BEDROCK:

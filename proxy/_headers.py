@@ -32,7 +32,7 @@ from typing import Final
 
 from aiohttp import web
 from multidict import CIMultiDict
-from skyroute.routing import Target
+from skyroute.routing import Provider, Target
 
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -147,8 +147,11 @@ def upstream_headers(base: CIMultiDict[str], billing: Mapping[str, str], target:
     # ``base`` never holds these (``request_headers`` drops them): add, no search.
     headers.add("X-Request-ID", request_id)
     headers.add("Accept-Encoding", "identity")
-    if upstream.api_key:
-        headers.add("Authorization", f"Bearer {upstream.api_key}")
+    if upstream.api_key:  # Azure takes its key in api-key; everyone else as a Bearer token
+        if upstream.provider is Provider.AZURE:
+            headers.add("api-key", upstream.api_key)
+        else:
+            headers.add("Authorization", f"Bearer {upstream.api_key}")
     if billing:
         allowed = {h.lower() for h in upstream.forward_headers}
         for name, value in billing.items():
