@@ -54,6 +54,12 @@ def azure_yaml(name: str, url: str, *, key: str = AZURE_KEY, api_version: str = 
             f"    auth: {{api_key: {key}}}\n")
 
 
+def failover_yaml(first: str, first_name: str, second: str, second_name: str) -> str:
+    """A routing file whose route 'chat' tries ``first_name``, then ``second_name``."""
+    return routing_yaml([first, second], "- model: chat\n  strategy: priority\n"
+                                         f"  targets: [{first_name}, {second_name}]\n")
+
+
 async def test_azure_deployment_path_api_version_and_key(standin, skyroute, started):
     inner = await standin("azure-inner")
     azure = await started(AzureStandin(inner, api_key=AZURE_KEY,
@@ -91,9 +97,9 @@ async def test_azure_429_with_retry_after_ms_fails_over(standin, skyroute, start
     azure = await started(AzureStandin(inner, api_key=AZURE_KEY,
                                        deployments={"my-r1": "deepseek-chat"}))
     backup = await standin("backup")
-    server = await skyroute(routing_yaml(
-        [azure_yaml("azure-eastus", azure.url), entry(backup)],
-        "- model: chat\n  strategy: priority\n  targets: [azure-eastus, backup]\n"))
+    server = await skyroute(failover_yaml(
+        azure_yaml("azure-eastus", azure.url), "azure-eastus",
+        entry(backup), "backup"))
     async with client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
@@ -106,9 +112,9 @@ async def test_azure_wrong_key_is_a_bad_key_and_fails_over(standin, skyroute, st
     azure = await started(AzureStandin(inner, api_key=AZURE_KEY,
                                        deployments={"my-r1": "deepseek-chat"}))
     backup = await standin("backup")
-    server = await skyroute(routing_yaml(
-        [azure_yaml("azure-eastus", azure.url, key="wrong-key-123456"), entry(backup)],
-        "- model: chat\n  strategy: priority\n  targets: [azure-eastus, backup]\n"))
+    server = await skyroute(failover_yaml(
+        azure_yaml("azure-eastus", azure.url, key="wrong-key-123456"), "azure-eastus",
+        entry(backup), "backup"))
     async with client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
@@ -190,9 +196,9 @@ async def test_vertex_without_credentials_is_a_bad_key_with_a_hint(
     tokens = await started(GoogleTokenEndpoint())
     vertex = await started(VertexStandin(inner, tokens, project="test-project",
                                          location="us-central1"))
-    server = await skyroute(routing_yaml(
-        [vertex_yaml("vertex-us-central1", vertex.url), entry(backup)],
-        "- model: chat\n  strategy: priority\n  targets: [vertex-us-central1, backup]\n"))
+    server = await skyroute(failover_yaml(
+        vertex_yaml("vertex-us-central1", vertex.url), "vertex-us-central1",
+        entry(backup), "backup"))
     async with client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
@@ -208,9 +214,9 @@ async def test_vertex_resource_exhausted_fails_over(standin, skyroute, started,
                                          location="us-central1"))
     vertex.exhausted = True
     backup = await standin("backup")
-    server = await skyroute(routing_yaml(
-        [vertex_yaml("vertex-us-central1", vertex.url), entry(backup)],
-        "- model: chat\n  strategy: priority\n  targets: [vertex-us-central1, backup]\n"))
+    server = await skyroute(failover_yaml(
+        vertex_yaml("vertex-us-central1", vertex.url), "vertex-us-central1",
+        entry(backup), "backup"))
     async with client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
@@ -307,9 +313,9 @@ async def test_bedrock_wrong_secret_is_refused_and_a_bad_key(skyroute, started, 
                                                             aws_credentials, captured_logs):
     cloud = await bedrock(started, secret="another-secret-entirely-000000")
     backup = await standin("backup")
-    server = await skyroute(routing_yaml(
-        [bedrock_yaml("bedrock-us-west-2", cloud.url), entry(backup)],
-        "- model: chat\n  strategy: priority\n  targets: [bedrock-us-west-2, backup]\n"))
+    server = await skyroute(failover_yaml(
+        bedrock_yaml("bedrock-us-west-2", cloud.url), "bedrock-us-west-2",
+        entry(backup), "backup"))
     async with client_for(server) as client:
         reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert reply.choices[0].message.content.startswith("Hello from backup")
@@ -332,9 +338,9 @@ async def test_overloaded_bedrock_fails_over_to_another_cloud(standin, skyroute,
     inner = await standin("azure-inner")
     azure = await started(AzureStandin(inner, api_key=AZURE_KEY,
                                        deployments={"my-r1": "deepseek-chat"}))
-    server = await skyroute(routing_yaml(
-        [bedrock_yaml("bedrock-us-west-2", cloud.url), azure_yaml("azure-eastus", azure.url)],
-        "- model: chat\n  strategy: priority\n  targets: [bedrock-us-west-2, azure-eastus]\n"))
+    server = await skyroute(failover_yaml(
+        bedrock_yaml("bedrock-us-west-2", cloud.url), "bedrock-us-west-2",
+        azure_yaml("azure-eastus", azure.url), "azure-eastus"))
     async with client_for(server) as client:
         chunks = [c async for c in await client.chat.completions.create(
             model="chat", messages=MESSAGES, stream=True)]
