@@ -118,6 +118,19 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
     return time.perf_counter() - started
 
 
+async def pin_and_converge(nodes: list[Node], pins: int, *, timeout: float) -> None:
+    """Pin ``pins`` sessions round-robin over ``nodes``; return once every node has the last."""
+    for i in range(pins):
+        nodes[i % len(nodes)].sync.store.pin(f"s{i}", f"up{i}", now=time.time())
+        await asyncio.sleep(0.002)
+
+    def seen_everywhere() -> bool:
+        last = f"s{pins - 1}"
+        return all(n.sync.store.get(last, now=time.time()) is not None for n in nodes)
+
+    await wait_for(seen_everywhere, timeout, "convergence")
+
+
 @contextlib.contextmanager
 def links_ignored(ignore: bool) -> Iterator[None]:
     """Run with peers' link sets never recorded: the relay before this change."""
@@ -167,15 +180,7 @@ async def wire_per_update(size: int, pins: int, *, relay: str | None = None,
             await wait_for(ready, 120.0, f"fleet of {size}")
             await asyncio.sleep(0.5)  # joins publish what the engine lacks: let it pass
             before = totals()
-            for i in range(pins):
-                nodes[i % size].sync.store.pin(f"s{i}", f"up{i}", now=time.time())
-                await asyncio.sleep(0.002)
-
-            def seen_everywhere() -> bool:
-                last = f"s{pins - 1}"
-                return all(n.sync.store.get(last, now=time.time()) is not None for n in nodes)
-
-            await wait_for(seen_everywhere, 60.0, "convergence")
+            await pin_and_converge(nodes, pins, timeout=60.0)
             if relay:
                 # Count only once every write is published and every instance has read
                 # every entry (its own included): 50 instances in one process fall behind
@@ -223,15 +228,7 @@ async def messages_per_update(size: int, pins: int, *, ignore_links: bool) -> fl
             await wait_for(ready, 60.0, f"mesh of {size}")
             sent0 = sum(n.updates_sent() for n in nodes)
             writes0 = sum(n.writes for n in nodes)
-            for i in range(pins):
-                nodes[i % size].sync.store.pin(f"s{i}", f"up{i}", now=time.time())
-                await asyncio.sleep(0.002)
-
-            def seen_everywhere() -> bool:
-                last = f"s{pins - 1}"
-                return all(n.sync.store.get(last, now=time.time()) is not None for n in nodes)
-
-            await wait_for(seen_everywhere, 30.0, "convergence")
+            await pin_and_converge(nodes, pins, timeout=30.0)
             await asyncio.sleep(0.2)  # let relays of the last writes drain
             sent = sum(n.updates_sent() for n in nodes) - sent0
             writes = sum(n.writes for n in nodes) - writes0
@@ -293,6 +290,8 @@ async def main() -> None:
         mesh_bytes = f"{mesh['bytes']:.0f}" if mesh else "-"
         print(f"{size:>4} {mesh_sent:>10} {fleet['sent']:>11.2f} {fleet['received']:>11.2f} "
               f"{mesh_bytes:>9} {fleet['bytes']:>9.0f} {fleet['received'] / size:>16.2f}")
+    if not args.cuts:
+        return
     seen, caught = [], []
     for _ in range(args.cuts):
         s, c = await partition_once()
