@@ -151,14 +151,24 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
             in_flight = dict(service.running)
             for task in (*tasks, *in_flight):
                 task.cancel()
-            await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
-            # Jobs cut short go back to the queue now, not after their lease: a restart
-            # (or another instance) runs them at once. A stored result is left alone.
-            with contextlib.suppress(Exception):
-                await service.store.release(in_flight.values(), worker=service.worker)
-            await service.store.aclose()
+            # Bounded: a store that stops answering (a Redis connection stuck mid-close)
+            # must not hold shutdown; unreleased jobs are claimed again after their lease.
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
+                    # Jobs cut short go back to the queue now, not after their lease: a
+                    # restart (or another instance) runs them at once. A stored result is
+                    # left alone.
+                    with contextlib.suppress(Exception):
+                        await service.store.release(in_flight.values(), worker=service.worker)
+                    await service.store.aclose()
+            except TimeoutError:
+                log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
+                            hint="jobs in flight are run again once their lease ends")
 
 
+#: Longest wait at shutdown for the lane to stop and the store to close.
+CLOSE_TIMEOUT_S: Final = 10.0
 #: How long a loop waits after its store failed (Redis down, disk full) before going on.
 STORE_RETRY_S: Final = 1.0
 
