@@ -13,9 +13,13 @@ Rules / theory of operation
   one (nor an old one into it): Yjs clients and older instances are closed; a peer
   that rotates in-band keeps its connection and gets ``{"epoch": N}``, our own part
   of the new document, then our SYNC_STEP1. Whatever that peer sends after our
-  rotation and before its own ``{"epoch": N}`` belongs to its old document and is
-  dropped (``is_stale``): its own part carries those writes. So a rotation costs no
-  reconnect, and no write waits for one.
+  rotation and before its own ``{"epoch": N}`` belongs to its old document
+  (``is_stale``): an update among it (a write that was in flight when we rotated) is
+  checked by the old document's gate and applied to the previous document
+  (``receive``), and listeners put what it wrote into the new one at once
+  (``on_late_change``) instead of waiting one more delay for its writer's part. Such
+  a change is never relayed: every peer is in the new epoch by then. So a rotation
+  costs no reconnect, and no write waits for one.
 * Overlap: after ``install`` the previous document stays readable (``value``) for
   entries the new one has not got yet (a recent entry comes with its writer's part),
   until every peer connection has sent its SYNC_STEP1 in the new epoch or
@@ -62,7 +66,7 @@ from pycrdt import create_sync_message as _create_step1
 
 from ._control import epoch_frame, links_frame
 from ._metrics import SyncMetrics
-from ._protocol import YConnection, decode_state_vector, update_message
+from ._protocol import YConnection, decode_state_vector, update_message, update_of
 from ._relay import relay_targets
 from ._types import (
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -88,8 +92,12 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 UpdateListener = Callable[[bytes, object | None], None]
 MapListener = Callable[[str, dict[str, Any], bool], None]
 """Called with (map name, ``MapEvent.keys``, is_remote) after each change."""
-OverlapListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
-"""Called with the previous epoch's document and the (map, key)s deleted since."""
+OverlapListener = Callable[["EpochDoc", set[tuple[str, str]], set[tuple[str, str]] | None], None]
+"""Called with the previous epoch's document, the (map, key)s deleted since, and the
+(map, key)s the current document may lack (None: any)."""
+LateListener = Callable[[str, dict[str, Any]], None]
+"""Called with (map name, ``MapEvent.keys``) of a change a late update made to the previous
+epoch's document (see ``DocHub.receive``)."""
 
 
 @final
@@ -298,16 +306,21 @@ class DocHub:
         """Called with a newer epoch a peer announced in-band (StateSync rotates to it)."""
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self._overlap_listeners: list[OverlapListener] = []
+        self._late_listeners: list[LateListener] = []
+        self._late_changes: list[tuple[str, dict[str, Any]]] | None = None
+        """Changes of the previous document, collected while a late update is applied."""
+        self._previous_gate: UpdateGate | None = None
         self.doc = doc
         self.previous: EpochDoc | None = None
         """The last epoch's document while the rotation overlaps (see ``value``)."""
         self._deleted: set[tuple[str, str]] = set()
+        self._left: set[tuple[str, str]] | None = None
+        """Entries the current document may lack during the overlap (None: any)."""
         self._synced: set[YConnection] = set()
         self._prepared: tuple[EpochDoc, UpdateGate] | None = None
         self._awareness = self._new_awareness(doc)
         self._gate = self._new_gate(doc)
-        doc.on_update(self._relay)
-        doc.on_map_change(self._note_deleted)
+        self._follow(doc)
 
     def __repr__(self) -> str:
         return f"<DocHub {self.name} epoch={self.doc.epoch} connections={len(self.connections)}>"
@@ -320,6 +333,11 @@ class DocHub:
         """Call ``listener(previous, deleted)`` when a rotation's overlap ends (see ``value``)."""
         self._overlap_listeners.append(listener)
 
+    def on_late_change(self, listener: LateListener) -> None:
+        """Call ``listener(map_name, keys)`` for each change a late update (one its sender
+        wrote in the epoch we just left) made to the previous document (see ``receive``)."""
+        self._late_listeners.append(listener)
+
     def prepare(self, epoch: int) -> EpochDoc:
         """A fresh document for ``epoch`` to build beside the current one, then ``install``.
 
@@ -329,8 +347,11 @@ class DocHub:
         self._prepared = (doc, self._new_gate(doc))
         return doc
 
-    def install(self, doc: EpochDoc) -> None:
+    def install(self, doc: EpochDoc, left: set[tuple[str, str]] | None = None) -> None:
         """Make ``doc`` current; connections that cannot follow in-band are closed first.
+
+        ``left``: the (map, key)s of the previous document that ``doc`` may lack (left to
+        their writer, ``_rotation``); None when any may be missing (a plain rebuild).
 
         Peers that rotate in-band get ``{"epoch": N}``, then this instance's own part
         of the new document (what only it carried), then our SYNC_STEP1. The old
@@ -346,16 +367,17 @@ class DocHub:
         previous, self.doc = self.doc, doc
         self._awareness = self._new_awareness(doc)
         prepared, self._prepared = self._prepared, None
+        self._previous_gate = self._gate  # late updates of the old epoch are checked by it
         if prepared is not None and prepared[0] is doc:
             self._gate = prepared[1]
         else:
             self._gate = self._new_gate(doc)
-        doc.on_update(self._relay)
-        doc.on_map_change(self._note_deleted)
+        self._follow(doc)
         for listener in self._doc_listeners:
             listener(doc)
         self._synced = set()
         self.previous = previous
+        self._left = set(left) if left is not None else None
         if kept:
             frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
             own = doc.own_update()
@@ -382,9 +404,11 @@ class DocHub:
         """Forget the previous epoch's document; listeners carry what never arrived."""
         previous, self.previous = self.previous, None
         deleted, self._deleted = self._deleted, set()
+        left, self._left = self._left, None
+        self._previous_gate = None
         if previous is not None:
             for listener in self._overlap_listeners:
-                listener(previous, deleted)
+                listener(previous, deleted, left)
 
     def _check_overlap(self) -> None:
         if self.previous is not None and all(
@@ -393,6 +417,9 @@ class DocHub:
             self.end_overlap()
 
     def _note_deleted(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if self._late_changes is not None:  # a change of the previous document: see receive
+            self._late_changes.append((map_name, keys))
+            return
         if self.previous is None:
             return
         for key, change in keys.items():
@@ -400,8 +427,61 @@ class DocHub:
                 self._deleted.add((map_name, key))
 
     def is_stale(self, conn: YConnection) -> bool:
-        """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""
+        """True while ``conn``'s peer is still in an older epoch than ours."""
         return conn.peer_epoch is not None and conn.peer_epoch < self.doc.epoch
+
+    def receive(self, conn: YConnection, message: bytes) -> None:
+        """Handle one y-protocols message from ``conn`` (replies are pushed to it).
+
+        A message its peer sent before it rotated into our epoch (``is_stale``) belongs
+        to the previous document. An update among them was in flight when we rotated:
+        it is checked by the previous document's gate, applied to that document, and the
+        listeners (``on_late_change``) write what it changed into the current one, so it
+        does not wait one more delay for its writer's part. Other such messages (a
+        SYNC_STEP1 about the old document), and any once the overlap has ended, are
+        dropped: the SYNC_STEP1/2 of the new epoch brings what they would have.
+
+        Raises:
+            SyncProtocolError: the message is malformed, or its update cannot be applied
+                or breaks the schema (``UpdateRejected``); ``conn`` is then CLOSED.
+        """
+        if not self.is_stale(conn):
+            for reply in conn.receive_message(message):
+                conn.push(reply)
+            return
+        previous, gate = self.previous, self._previous_gate
+        if previous is None or gate is None or conn.peer_epoch != previous.epoch:
+            return
+        try:
+            update = update_of(message)
+            if update is None or update == EMPTY_UPDATE:
+                return
+            self._apply_late(previous, gate, update, conn)
+        except SyncProtocolError as exc:
+            conn.close(str(exc))
+            raise
+
+    def _apply_late(self, previous: EpochDoc, gate: UpdateGate, update: bytes,
+                    origin: YConnection) -> None:
+        started = time.perf_counter()
+        self._late_changes = []
+        try:
+            with collector_paused(len(update) >= BULK_UPDATE_BYTES):
+                try:
+                    gate.check(update, previous.doc)
+                except UpdateRejected as exc:
+                    self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+                    raise
+                previous.apply_remote(update, origin)
+            changes = self._late_changes
+        finally:
+            self._late_changes = None
+        self._metrics.apply_seconds.observe(time.perf_counter() - started)
+        for map_name, keys in changes:
+            if self._left is not None:
+                self._left.update((map_name, key) for key in keys)
+            for listener in self._late_listeners:
+                listener(map_name, keys)
 
     def on_peer_epoch(self, conn: YConnection, epoch: int) -> None:
         """``conn``'s peer rotated into ``epoch``; follow it if that is newer than ours."""
@@ -505,6 +585,13 @@ class DocHub:
         self._gate.measured(size)
 
     # -- internals ---------------------------------------------------------------
+
+    def _follow(self, doc: EpochDoc) -> None:
+        """Relay ``doc``'s changes while it is current (never a late change of a previous
+        document: every peer is in the new epoch then), and note its deletions."""
+        doc.on_update(lambda update, origin: self._relay(update, origin)
+                      if doc is self.doc else None)
+        doc.on_map_change(self._note_deleted)
 
     def _new_gate(self, doc: EpochDoc) -> UpdateGate:
         gate = UpdateGate(doc.doc, DOC_MAPS[doc.name], **self._limits)

@@ -30,7 +30,10 @@ Rules / theory of operation
   peer still in an older epoch finishes its build on that frame, and SYNC_STEP1/2
   brings whatever else differs without a reconnect (see ``DocHub.install``).
   Other connections (Yjs clients, older instances) are closed
-  and reconnect. Updates are never exchanged between different epochs. Clients
+  and reconnect. Updates are never exchanged between different epochs: one a peer
+  sent just before it rotated, which arrives after we did, is applied to the previous
+  document and its entries written into the new one on receipt (``DocHub.receive``),
+  so a write in flight at the switch does not wait for its writer's part. Clients
   without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
   an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
@@ -421,7 +424,7 @@ class StateSync:
             return
         self.epoch = epoch
         for name, hub in self._hubs.items():
-            hub.install(rebuilt[name])
+            hub.install(rebuilt[name], left=builders[name].left)
         self._rotated_at = self._clock()
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
