@@ -64,9 +64,9 @@ from pycrdt import (
 )
 from pycrdt import create_sync_message as _create_step1
 
-from ._control import epoch_frame, links_frame
+from ._control import ahead_frame, epoch_frame, links_frame
 from ._metrics import SyncMetrics
-from ._protocol import YConnection, decode_state_vector, update_message, update_of
+from ._protocol import ConnState, YConnection, decode_state_vector, update_message, update_of
 from ._relay import relay_targets
 from ._types import (
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -95,6 +95,9 @@ MapListener = Callable[[str, dict[str, Any], bool], None]
 OverlapListener = Callable[["EpochDoc", set[tuple[str, str]], set[tuple[str, str]] | None], None]
 """Called with the previous epoch's document, the (map, key)s deleted since, and the
 (map, key)s the current document may lack (None: any)."""
+AheadListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
+"""Called after ``install`` with the previous document and the (map, key)s that peers'
+parts sent ahead changed in the new one (see ``DocHub.send_ahead``)."""
 LateListener = Callable[[str, dict[str, Any]], None]
 """Called with (map name, ``MapEvent.keys``) of a change a late update made to the previous
 epoch's document (see ``DocHub.receive``)."""
@@ -178,11 +181,19 @@ class EpochDoc:
         """Client ids that wrote to this document."""
         return set(decode_state_vector(self.doc.get_state()))
 
-    def own_update(self) -> bytes:
-        """This document's own writes (its client id's items) and its deletions."""
-        others = {c: n for c, n in decode_state_vector(self.doc.get_state()).items()
-                  if c != self.doc.client_id}
-        return self.diff(encode_state_vector(others))
+    def own_update(self, since: int = 0) -> bytes:
+        """This document's own writes (its client id's items) from clock ``since`` on, and
+        its deletions."""
+        clocks = decode_state_vector(self.doc.get_state())
+        own = self.doc.client_id
+        known = {c: n for c, n in clocks.items() if c != own}
+        if since and own in clocks:
+            known[own] = min(since, clocks[own])
+        return self.diff(encode_state_vector(known))
+
+    def own_clock(self) -> int:
+        """How many items this document's own client wrote so far."""
+        return decode_state_vector(self.doc.get_state()).get(self.doc.client_id, 0)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
         update = event.update
@@ -310,6 +321,12 @@ class DocHub:
         self._late_changes: list[tuple[str, dict[str, Any]]] | None = None
         """Changes of the previous document, collected while a late update is applied."""
         self._previous_gate: UpdateGate | None = None
+        self._ahead_listeners: list[AheadListener] = []
+        self._ahead_ready = False
+        self._ahead_queue: list[tuple[YConnection, bytes]] = []
+        self._ahead_keys: set[tuple[str, str]] = set()
+        self._sent_ahead: tuple[EpochDoc, int, set[str | None]] | None = None
+        """(prepared document, its own clock, the peers told) when its part was sent ahead."""
         self.doc = doc
         self.previous: EpochDoc | None = None
         """The last epoch's document while the rotation overlaps (see ``value``)."""
@@ -338,6 +355,11 @@ class DocHub:
         wrote in the epoch we just left) made to the previous document (see ``receive``)."""
         self._late_listeners.append(listener)
 
+    def on_ahead_arrived(self, listener: AheadListener) -> None:
+        """Call ``listener(previous, keys)`` after ``install`` with the entries peers' parts
+        sent ahead changed in the new document before it was installed."""
+        self._ahead_listeners.append(listener)
+
     def prepare(self, epoch: int) -> EpochDoc:
         """A fresh document for ``epoch`` to build beside the current one, then ``install``.
 
@@ -345,7 +367,83 @@ class DocHub:
         """
         doc = EpochDoc(self.name, epoch)
         self._prepared = (doc, self._new_gate(doc))
+        self._ahead_ready, self._ahead_queue, self._ahead_keys = False, [], set()
+        self._sent_ahead = None
         return doc
+
+    def send_ahead(self) -> None:
+        """Send this instance's own part of the document being built to every peer that
+        rotates in-band, before the install (``{"ahead": N, "part": ...}``).
+
+        A peer applies it to the document it builds for the same epoch, so at the install
+        only what changed since crosses the wire and is applied: integrating a part (the
+        writes of the last seconds) is the costly step of a rotation, and it is then done
+        away from the moment every instance switches. A peer that could not use it (no
+        build of that epoch) gets those items with the SYNC_STEP1/2 after the install.
+        """
+        if self._prepared is None or self._sent_ahead is not None:
+            return
+        doc = self._prepared[0]
+        told: set[str | None] = set()
+        self._sent_ahead = (doc, doc.own_clock(), told)
+        own = doc.own_update()
+        if own == EMPTY_UPDATE:
+            return
+        frame = ahead_frame(doc.epoch, own)
+        for conn in self.connections:
+            if conn.rotates_in_band and not conn.external and (
+                    conn.peer is None or conn.peer not in told):
+                conn.push_control(frame)
+                told.add(conn.peer)
+
+    def receive_ahead(self, conn: YConnection, epoch: int, update: bytes) -> None:
+        """A peer's own part of ``epoch``'s document, sent ahead of the install.
+
+        Applied to the document being built for that epoch once its build has written
+        every shared item (``ahead_ready``; queued until then), checked by that
+        document's gate. Dropped when no build of that epoch is under way: the
+        SYNC_STEP1/2 after the install brings it. A bad part closes ``conn``.
+        """
+        if conn.external or self._prepared is None or self._prepared[0].epoch != epoch:
+            return
+        if not self._ahead_ready:
+            self._ahead_queue.append((conn, update))
+            return
+        self._apply_ahead(conn, update)
+
+    def ahead_ready(self) -> None:
+        """The build under way wrote every shared item: parts sent ahead may be applied
+        (before that, their items could wait in it unchecked for a shared item)."""
+        self._ahead_ready = True
+        queued, self._ahead_queue = self._ahead_queue, []
+        for conn, update in queued:
+            self._apply_ahead(conn, update)
+
+    def _apply_ahead(self, conn: YConnection, update: bytes) -> None:
+        if self._prepared is None or conn.state is not ConnState.OPEN:
+            return
+        doc, gate = self._prepared
+        started = time.perf_counter()
+        changes: list[tuple[str, Any]] = []
+        # Observed only while the part is applied: a document being built needs no events.
+        subscriptions = [(ymap, ymap.observe(_key_collector(name, changes)))
+                         for name, ymap in doc.maps.items()]
+        try:
+            with collector_paused(len(update) >= BULK_UPDATE_BYTES):
+                gate.check(update, doc.doc)
+                doc.apply_remote(update, conn)
+        except UpdateRejected as exc:
+            self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+            conn.close(str(exc))
+            return
+        except SyncProtocolError as exc:
+            conn.close(str(exc))
+            return
+        finally:
+            for ymap, subscription in subscriptions:
+                ymap.unobserve(subscription)
+        self._ahead_keys.update(changes)
+        self._metrics.apply_seconds.observe(time.perf_counter() - started)
 
     def install(self, doc: EpochDoc, left: set[tuple[str, str]] | None = None) -> None:
         """Make ``doc`` current; connections that cannot follow in-band are closed first.
@@ -359,6 +457,12 @@ class DocHub:
         epoch (its SYNC_STEP1 came after its own part), or ``end_overlap``.
         """
         self.end_overlap()
+        if self._prepared is not None and self._prepared[0] is doc:
+            self.ahead_ready()  # parts still queued: applied now, before anything else
+        sent_ahead, told_ahead = (self._sent_ahead[1], self._sent_ahead[2]) if (
+            self._sent_ahead is not None and self._sent_ahead[0] is doc) else (0, set())
+        ahead_keys, self._ahead_keys, self._sent_ahead = self._ahead_keys, set(), None
+        self._ahead_ready = False
         kept = {c for c in self.connections if c.rotates_in_band and not c.external}
         for conn in self.connections - kept:
             conn.close("epoch rotated")
@@ -378,13 +482,24 @@ class DocHub:
         self._synced = set()
         self.previous = previous
         self._left = set(left) if left is not None else None
+        if ahead_keys:
+            for ahead_listener in self._ahead_listeners:
+                ahead_listener(previous, ahead_keys)
         if kept:
             frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
-            own = doc.own_update()
-            carried = update_message(own) if own != EMPTY_UPDATE else None
+            parts: dict[int, bytes | None] = {}
+
+            def part(since: int) -> bytes | None:
+                if since not in parts:
+                    own = doc.own_update(since=since)
+                    parts[since] = update_message(own) if own != EMPTY_UPDATE else None
+                return parts[since]
+
             told: set[str | None] = set()
             for conn in kept:
                 conn.push_control(frame)
+                # A peer told ahead lacks only what we wrote since; any other, all of it.
+                carried = part(sent_ahead if conn.peer in told_ahead else 0)
                 if carried is not None and (conn.peer is None or conn.peer not in told):
                     conn.push(carried)  # once per peer instance, like every relay
                     told.add(conn.peer)
@@ -610,6 +725,13 @@ class DocHub:
         awareness = Awareness(doc.doc)
         awareness.set_local_state(None)  # the server itself is not a participant
         return awareness
+
+
+def _key_collector(map_name: str, into: list[tuple[str, Any]]) -> Callable[[MapEvent], None]:
+    def observer(event: MapEvent) -> None:  # one parameter: see EpochDoc._map_observer
+        into.extend((map_name, key) for key in _changed_keys(event))
+
+    return observer
 
 
 def live_connections(hubs: Iterable[DocHub]) -> int:

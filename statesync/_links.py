@@ -193,6 +193,8 @@ def _on_control(
         conn.rotates_in_band = True
     if control.links is not None:
         hub.on_peer_links(conn, control.links)
+    if control.ahead is not None:
+        hub.receive_ahead(conn, *control.ahead)
     if control.epoch is not None:
         hub.on_peer_epoch(conn, control.epoch)
 

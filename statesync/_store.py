@@ -176,6 +176,7 @@ class SessionStore:
             hub.on_new_doc(self._attach)
             hub.on_overlap_end(self._reconcile)
             hub.on_late_change(functools.partial(self._carry_in_flight, hub))
+            hub.on_ahead_arrived(functools.partial(self._check_ahead, hub))
             self._attach(hub.doc)
 
     def __repr__(self) -> str:
@@ -663,6 +664,22 @@ class SessionStore:
             for key, value in writes.items():
                 target[key] = value
         self._metrics.rotation_entries.labels("in_flight").inc(len(writes))
+
+    def _check_ahead(self, hub: DocHub, previous: EpochDoc, keys: set[tuple[str, str]]) -> None:
+        """Peers' parts sent ahead changed these entries of the new document before it was
+        installed (and observed): treat each as a remote change from what the previous
+        document held, so a session whose pin should not have moved is repaired."""
+        if hub is not self._sessions:
+            return
+        changes = {}
+        target, old_map = hub.doc.maps["sessions"], previous.maps["sessions"]
+        for map_name, key in keys:
+            if map_name == "sessions":
+                old, new = old_map.get(key), target.get(key)
+                if old != new:
+                    changes[key] = {"oldValue": old, "newValue": new}
+        if changes:
+            self._on_session_change(changes)
 
     def _attach(self, doc: EpochDoc) -> None:
         if doc.name == "sessions":
