@@ -20,6 +20,13 @@ Rules / theory of operation
   (``on_late_change``) instead of waiting one more delay for its writer's part. Such
   a change is never relayed: every peer is in the new epoch by then. So a rotation
   costs no reconnect, and no write waits for one.
+* Parts sent ahead: once its build is done, shortly before the install, an instance
+  sends its own part of the document it builds (``send_ahead``, ``{"ahead": N, ...}``);
+  a peer applies it to the document it builds for N, through that document's gate,
+  once its build wrote every shared item (``ahead_ready``). At the install only what
+  was written since goes out, so the costly integration of a part is not done at
+  the moment every instance switches. The store checks what those parts changed
+  (``on_ahead_applied``, ``on_ahead_arrived``) as it would a remote change.
 * Overlap: after ``install`` the previous document stays readable (``value``) for
   entries the new one has not got yet (a recent entry comes with its writer's part),
   until every peer connection has sent its SYNC_STEP1 in the new epoch or
@@ -96,8 +103,9 @@ OverlapListener = Callable[["EpochDoc", set[tuple[str, str]], set[tuple[str, str
 """Called with the previous epoch's document, the (map, key)s deleted since, and the
 (map, key)s the current document may lack (None: any)."""
 AheadListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
-"""Called after ``install`` with the previous document and the (map, key)s that peers'
-parts sent ahead changed in the new one (see ``DocHub.send_ahead``)."""
+"""Called with a document and the (map, key)s that peers' parts sent ahead changed in the
+next epoch's document (see ``DocHub.send_ahead``): once as each part is applied (with the
+document being built), and after ``install`` (with the previous document, all of them)."""
 LateListener = Callable[[str, dict[str, Any]], None]
 """Called with (map name, ``MapEvent.keys``) of a change a late update made to the previous
 epoch's document (see ``DocHub.receive``)."""
@@ -322,6 +330,7 @@ class DocHub:
         """Changes of the previous document, collected while a late update is applied."""
         self._previous_gate: UpdateGate | None = None
         self._ahead_listeners: list[AheadListener] = []
+        self._ahead_applied_listeners: list[AheadListener] = []
         self._ahead_ready = False
         self._ahead_queue: list[tuple[YConnection, bytes]] = []
         self._ahead_keys: set[tuple[str, str]] = set()
@@ -359,6 +368,11 @@ class DocHub:
         """Call ``listener(previous, keys)`` after ``install`` with the entries peers' parts
         sent ahead changed in the new document before it was installed."""
         self._ahead_listeners.append(listener)
+
+    def on_ahead_applied(self, listener: AheadListener) -> None:
+        """Call ``listener(building, keys)`` as each part sent ahead is applied to the
+        document being built (``building``), with the entries it changed there."""
+        self._ahead_applied_listeners.append(listener)
 
     def prepare(self, epoch: int) -> EpochDoc:
         """A fresh document for ``epoch`` to build beside the current one, then ``install``.
@@ -444,6 +458,9 @@ class DocHub:
                 ymap.unobserve(subscription)
         self._ahead_keys.update(changes)
         self._metrics.apply_seconds.observe(time.perf_counter() - started)
+        keys = set(changes)
+        for listener in self._ahead_applied_listeners:
+            listener(doc, keys)
 
     def install(self, doc: EpochDoc, left: set[tuple[str, str]] | None = None) -> None:
         """Make ``doc`` current; connections that cannot follow in-band are closed first.

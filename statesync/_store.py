@@ -172,10 +172,12 @@ class SessionStore:
         self._history: dict[tuple[str, str], list[tuple[float, Any]]] = {}
         self._history_pruned_at = 0.0
         self._session_count = 0  # entries in the sessions map; see _count_sessions
+        self._ahead_suspects: set[str] = set()  # see _note_ahead
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
             hub.on_overlap_end(self._reconcile)
             hub.on_late_change(functools.partial(self._carry_in_flight, hub))
+            hub.on_ahead_applied(functools.partial(self._note_ahead, hub))
             hub.on_ahead_arrived(functools.partial(self._check_ahead, hub))
             self._attach(hub.doc)
 
@@ -665,16 +667,30 @@ class SessionStore:
                 target[key] = value
         self._metrics.rotation_entries.labels("in_flight").inc(len(writes))
 
-    def _check_ahead(self, hub: DocHub, previous: EpochDoc, keys: set[tuple[str, str]]) -> None:
-        """Peers' parts sent ahead changed these entries of the new document before it was
-        installed (and observed): treat each as a remote change from what the previous
-        document held, so a session whose pin should not have moved is repaired."""
+    def _note_ahead(self, hub: DocHub, building: EpochDoc, keys: set[tuple[str, str]]) -> None:
+        """A peer's part sent ahead changed these entries of the document being built: note
+        the sessions it set otherwise than we hold them now (a write that crossed it),
+        to be checked once that document is installed (``_check_ahead``). Usually none:
+        the part holds the writes we already received."""
         if hub is not self._sessions:
             return
+        building_map, ours = building.maps["sessions"], hub.doc.maps["sessions"]
+        for map_name, key in keys:
+            if map_name == "sessions" and building_map.get(key) != ours.get(key):
+                self._ahead_suspects.add(key)
+
+    def _check_ahead(self, hub: DocHub, previous: EpochDoc, keys: set[tuple[str, str]]) -> None:
+        """Peers' parts sent ahead changed these entries of the new document before it was
+        installed (and observed): each one that was set otherwise than we held it
+        (``_note_ahead``) is treated as a remote change from what the previous document
+        held, so a session whose pin should not have moved is repaired."""
+        if hub is not self._sessions:
+            return
+        suspects, self._ahead_suspects = self._ahead_suspects, set()
         changes = {}
         target, old_map = hub.doc.maps["sessions"], previous.maps["sessions"]
         for map_name, key in keys:
-            if map_name == "sessions":
+            if map_name == "sessions" and key in suspects:
                 old, new = old_map.get(key), target.get(key)
                 if old != new:
                     changes[key] = {"oldValue": old, "newValue": new}

@@ -4,15 +4,17 @@ reads fall back to the old document until they have arrived."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from pycrdt import Doc, Map
 from skyroute.statesync import StateSync, SyncSettings
+from skyroute.statesync._control import ahead_frame
 from skyroute.statesync._doc import DocHub, EpochDoc
 from skyroute.statesync._links import _on_control as on_control
-from skyroute.statesync._protocol import YConnection, message_kind
+from skyroute.statesync._protocol import ConnState, YConnection, message_kind
 from skyroute.statesync._rotation import (
     Carry,
     CarryRules,
@@ -370,4 +372,38 @@ async def test_StateSync_part_sent_ahead_leaves_little_for_the_switch() -> None:
     assert hub_a.previous is None and hub_b.previous is None
     assert a.store.get("b-7", now=time.time()) is not None
     await a.aclose()
+    await b.aclose()
+
+
+async def test_StateSync_part_sent_ahead_is_checked_like_any_update() -> None:
+    """A part sent ahead that breaks the schema is refused whole: counted, the link
+    closed, the document being built untouched. A frame whose part is not base64 is
+    ignored like an unknown key."""
+    registry = CollectorRegistry()
+    b = StateSync(SyncSettings(instance_id="b", token="t"), registry=registry)
+    hub = b._hubs["sessions"]
+    peer = YConnection(hub, name="peer", external=False, on_send=lambda m: None)
+    peer.peer, peer.rotates_in_band, peer.peer_epoch = "a.1", True, hub.doc.epoch
+    hub.attach(peer)
+    epoch = b.epoch + 1
+    b._start_build(epoch)
+    assert b._building is not None
+    for builder in b._building[2].values():
+        while not builder.step(budget_s=1.0):
+            pass
+    b._build_done(send_ahead=False)
+    building = b._building[2]["sessions"].new
+    forged = Doc()
+    forged.get("sessions", type=Map)["conv"] = {"upstream": 42}  # not a string
+    metrics = hub._metrics
+
+    not_base64 = json.dumps({"ahead": epoch, "part": "%%not base64"})
+    on_control(not_base64, peer, hub, metrics, None, now=0.0)
+    assert peer.state is ConnState.OPEN
+    on_control(ahead_frame(epoch, forged.get_update()), peer, hub, metrics, None, now=0.0)
+
+    assert peer.state is ConnState.CLOSED and "bad update" in (peer.close_reason or "")
+    assert registry.get_sample_value("skyroute_sync_updates_rejected_total",
+                                     {"doc": "sessions", "reason": "schema"}) == 1
+    assert "conv" not in building.maps["sessions"]
     await b.aclose()
