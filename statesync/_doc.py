@@ -72,7 +72,7 @@ from pycrdt import (
 from pycrdt import create_sync_message as _create_step1
 
 from ._control import ahead_frame, epoch_frame, links_frame
-from ._metrics import SyncMetrics
+from ._metrics import SyncMetrics, get_logger
 from ._protocol import ConnState, YConnection, decode_state_vector, update_message, update_of
 from ._relay import relay_targets
 from ._types import (
@@ -90,6 +90,8 @@ DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
 
 RETIRED_EPOCHS_KEPT: Final = 2
+MAX_QUEUED_AHEAD: Final = 64
+"""Parts sent ahead kept while the build is not done yet: one per peer instance is usual."""
 BULK_UPDATE_BYTES: Final = 64 * 1024
 """An update at least this big (a catch-up, a rebuilt document) is checked and applied with
 the cyclic garbage collector paused; see ``collector_paused``."""
@@ -421,7 +423,8 @@ class DocHub:
         if conn.external or self._prepared is None or self._prepared[0].epoch != epoch:
             return
         if not self._ahead_ready:
-            self._ahead_queue.append((conn, update))
+            if len(self._ahead_queue) < MAX_QUEUED_AHEAD:
+                self._ahead_queue.append((conn, update))
             return
         self._apply_ahead(conn, update)
 
@@ -446,11 +449,11 @@ class DocHub:
             with collector_paused(len(update) >= BULK_UPDATE_BYTES):
                 gate.check(update, doc.doc)
                 doc.apply_remote(update, conn)
-        except UpdateRejected as exc:
-            self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
-            conn.close(str(exc))
-            return
         except SyncProtocolError as exc:
+            if isinstance(exc, UpdateRejected):
+                self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+            get_logger().bind(peer=conn.name, doc=self.name).warning(
+                "sync_message_rejected", error=str(exc))
             conn.close(str(exc))
             return
         finally:
