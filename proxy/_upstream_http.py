@@ -56,7 +56,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Final, cast
 
 import aiohttp
 import httptools  # type: ignore[import-untyped]
@@ -284,8 +284,7 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         if self._head is None and self._response is None:
@@ -464,8 +463,10 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """One upstream's keep-alive connections, at most ``limit`` busy at once."""
 
-    def __init__(self, limit: int, *, keepalive_s: float) -> None:
+    def __init__(self, limit: int, *, keepalive_s: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._limit = limit
+        self._ssl = ssl_context  # None: the default one, made at the first https connection
         self._keepalive_s = keepalive_s
         self._busy = 0
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -572,7 +573,7 @@ class UpstreamPool:
         try:
             _, conn = await loop.create_connection(
                 lambda: _Connection(self, origin), origin.host, origin.port,
-                ssl=_ssl_context() if origin.tls else None,
+                ssl=(self._ssl or _ssl_context()) if origin.tls else None,
                 server_hostname=origin.host if origin.tls else None)
         except OSError as exc:
             raise ConnectFailed(origin, exc) from exc
