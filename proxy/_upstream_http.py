@@ -33,7 +33,8 @@ Theory of operation:
   (``aiohttp.ConnectionTimeoutError``); from the request's write until the answer
   ends, no byte for ``idle_s`` fails it (``aiohttp.SocketTimeoutError``; not
   counted while reading is paused for a slow reader). One timer per connection,
-  re-armed only when it fires, checks the time of the last byte.
+  re-armed only when it fires, checks the time of the last byte (and stops when
+  it finds no request on).
 * Failures raise what aiohttp raises in the same place, so ``_forward.error_category``
   names them as before: a connection lost before the headers is
   ``aiohttp.ServerDisconnectedError`` (clean close) or ``aiohttp.ClientOSError``
@@ -421,7 +422,8 @@ class _Connection(asyncio.Protocol):
         self._complete = self._keep_alive = False
         if response is not None:
             response._finish()
-        self._stop_timer()
+        # The idle timer stays armed: when it fires with no request on, it just stops, and
+        # the next request's ``send`` finds it set (one timer per idle_s, not per request).
         if self._paused and self.transport is not None:  # the reader was slow; the body is in
             self._paused = False
             self.transport.resume_reading()
