@@ -348,9 +348,9 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # an interim answer (100 Continue...): the real one follows
             self._informational = True
             return
-        headers = CIMultiDictProxy(CIMultiDict(
+        headers = CIMultiDictProxy(CIMultiDict([
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in raw))
+            for name, value in raw]))
         self._until_eof = (status not in (204, 304) and "Content-Length" not in headers
                            and "chunked" not in headers.get("Transfer-Encoding", "").lower())
         response = UpstreamResponse(self, status, reason.decode("latin-1"), headers)
@@ -377,8 +377,14 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes | None, idle_s: float
              ) -> asyncio.Future[UpstreamResponse]:
-        """Write one request; the future resolves with its answer's headers."""
-        assert self.transport is not None
+        """Write one request; the future resolves with its answer's headers.
+
+        Raises:
+            aiohttp.ServerDisconnectedError: the connection closed before the write
+                (between its ``connection_made`` and the request's turn to run).
+        """
+        if self.transport is None or self.closed:
+            raise aiohttp.ServerDisconnectedError()
         self._head = self._loop.create_future()
         self._complete = False
         self._idle_s = idle_s
@@ -429,8 +435,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if keep:
             self.pool._put_back(self)
-        else:
-            self.abort()
+        elif self.transport is not None:
+            self.closed = True
+            self.transport.close()  # the answer is whole: a clean close, not a reset
 
     def _lost(self, exc: BaseException) -> None:
         head, self._head = self._head, None
