@@ -66,6 +66,8 @@ from yarl import URL
 
 #: Unread body bytes above which reading from the upstream pauses.
 HIGH_WATER: Final = 1 << 18
+#: Most bytes of status line and headers read from an answer (aiohttp allows 8 KiB a line).
+MAX_HEAD_BYTES: Final = 1 << 18
 _DEFAULT_PORT: Final = {"http": 80, "https": 443}
 #: Methods that get ``Content-Type: application/octet-stream`` when none is given (aiohttp's rule).
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -270,6 +272,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[UpstreamResponse] | None = None  # waiting for headers
         self._response: UpstreamResponse | None = None  # receiving its body
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._reason = b""
         self._informational = False  # parsing a 1xx answer, which is skipped
         self._until_eof = False  # the body ends when the connection does
@@ -292,6 +295,8 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the server is out of step
             return
         self._last_data = self._loop.time()
+        if self._head is not None:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -300,6 +305,9 @@ class _Connection(asyncio.Protocol):
             return
         if self._complete:
             self._done()
+        elif self._head is not None and self._head_bytes > MAX_HEAD_BYTES:
+            self._lost(InvalidAnswer(f"no end of the answer's headers in {MAX_HEAD_BYTES} bytes"))
+            self.abort()
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -386,6 +394,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self.closed:
             raise aiohttp.ServerDisconnectedError()
         self._head = self._loop.create_future()
+        self._head_bytes = 0
         self._complete = False
         self._idle_s = idle_s
         self._last_data = self._loop.time()

@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from skyroute.proxy._forward import error_category
 from skyroute.proxy._upstream_http import (
+    MAX_HEAD_BYTES,
     ConnectFailed,
+    InvalidAnswer,
     UpstreamPool,
     origin_of,
     request_head,
@@ -258,6 +260,45 @@ async def test_a_close_before_the_answer_is_a_server_disconnect(pools, tmp_path)
         with pytest.raises(aiohttp.ServerDisconnectedError):
             await post(pool, base)
         await eventually(lambda: pool.busy == 0)
+
+
+@on_both_loops
+async def test_garbage_or_endless_headers_are_an_invalid_answer(pools, tmp_path):
+    for answer_bytes in (b"SMTP ready\r\n\r\n",
+                         b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (MAX_HEAD_BYTES + 10)):
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         answer_bytes: bytes = answer_bytes) -> None:
+            await read_request(reader)
+            writer.write(answer_bytes)
+            await writer.drain()
+            await reader.read(1)  # until the client closes
+            writer.close()
+
+        pool = pools()
+        async with raw_server(handle) as base:
+            with pytest.raises(InvalidAnswer):
+                await post(pool, base)
+            await eventually(lambda pool=pool: pool.busy == 0 and pool.idle == 0)
+
+
+@on_both_loops
+async def test_an_interim_100_is_skipped_for_the_real_answer(pools, tmp_path):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+                         b"Content-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    pool = pools()
+    async with raw_server(handle) as base:
+        for _ in range(2):  # and the connection is reused after it
+            answer = await post(pool, base)
+            assert answer.status == 201 and answer.reason == "Created"
+            assert answer.headers.getall("x-a") == ["1", "2"]
+            assert await answer.read() == b"ok"
+            assert pool.idle == 1
 
 
 @on_both_loops
