@@ -222,7 +222,8 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
     access = session.access(upstream)
     try:
         async with asyncio.timeout(deadline - started):
-            if access is None and not isinstance(data, AsyncIterator) and call.method != "HEAD":
+            if access is None and (data is None or isinstance(data, bytes)) \
+                    and call.method != "HEAD":
                 response = await session.pool_for(upstream).request(
                     call.method, target.endpoint, call.path_qs, headers, data,
                     connect_s=upstream.connect_timeout_s, idle_s=upstream.idle_timeout_s)
