@@ -14,7 +14,7 @@ import ipaddress
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -30,11 +30,13 @@ from skyroute.proxy._upstream_http import (
     ConnectFailed,
     InvalidAnswer,
     UpstreamPool,
+    _ssl_context,
     origin_of,
     request_head,
 )
+from skyroute.proxy.demo import StandinUpstream
 
-from .conftest import CALL_TIMEOUT_S, eventually
+from .conftest import CALL_TIMEOUT_S, UPSTREAM_KEY, client_for, eventually, routing_yaml
 
 pytestmark = pytest.mark.timeout(60)
 JSON = {"Content-Type": "application/json"}
@@ -508,3 +510,48 @@ def test_no_header_value_can_add_a_line_to_the_request(name, value):
         assert "\r" in value or "\n" in value
     else:
         assert head.count(b"\r\n") == 7  # request line, 5 headers, blank line
+
+
+@pytest.fixture
+def trusted_cert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ssl.SSLContext]:
+    """A server context whose certificate the default SSL context trusts (SSL_CERT_FILE)."""
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    _ssl_context.cache_clear()  # made again, reading SSL_CERT_FILE
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    yield server_ctx
+    _ssl_context.cache_clear()
+
+
+async def test_skyroute_reaches_an_https_upstream_with_the_default_ssl_context(
+        skyroute, trusted_cert):
+    """JSON and a stream through skyroute to an https upstream, on one kept connection."""
+    up = StandinUpstream("tls", api_key=UPSTREAM_KEY)
+    seen: set[int] = set()
+
+    @web.middleware
+    async def peers(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        seen.add(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        return await handler(request)
+
+    up.app.middlewares.append(peers)
+    async with app_server(up.app, ssl_context=trusted_cert) as base:
+        assert base.startswith("https://")
+        server = await skyroute(routing_yaml([f"""\
+  - name: tls
+    url: {base}
+    api_key: {UPSTREAM_KEY}
+    region: test
+    models: {{chat: deepseek-chat}}
+"""]))
+        async with client_for(server) as client:
+            reply = await client.chat.completions.create(model="chat", messages=[
+                {"role": "user", "content": "hi"}])
+            assert "tls" in reply.choices[0].message.content
+            stream = await client.chat.completions.create(model="chat", stream=True, messages=[
+                {"role": "user", "content": "hi"}])
+            text = "".join([c.choices[0].delta.content or "" async for c in stream
+                            if c.choices])
+            assert "tls" in text
+        assert up.requests_total == 2 and len(seen) == 1
