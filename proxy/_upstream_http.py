@@ -526,6 +526,8 @@ class UpstreamPool:
             return await waiter
         except BaseException:
             conn.forget()
+            if conn.transport is None:  # already lost: no connection_lost to come
+                self._closed(conn)
             raise
 
     async def _acquire(self, origin: Origin, connect_s: float) -> _Connection:
@@ -598,6 +600,8 @@ class UpstreamPool:
         if self.closed:
             conn.abort()
             raise aiohttp.ClientConnectionError("the upstream pool is closed")
+        if conn.closed:  # lost before this task resumed (its connection_lost has run)
+            raise aiohttp.ServerDisconnectedError()
         self._all.add(conn)
         return conn
 
@@ -627,7 +631,7 @@ class UpstreamPool:
         self._wake()
 
     def _closed(self, conn: _Connection) -> None:
-        """``conn``'s socket is gone (called once, from ``connection_lost``)."""
+        """``conn``'s socket is gone (from ``connection_lost``; a second call does nothing)."""
         self._all.discard(conn)
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:

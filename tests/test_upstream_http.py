@@ -304,6 +304,20 @@ async def test_an_interim_100_is_skipped_for_the_real_answer(pools, tmp_path):
 
 
 @on_both_loops
+async def test_a_server_that_hangs_up_at_once_leaves_the_pool_count_right(pools, tmp_path):
+    """However the close races the request, each failure gives its connection back."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    pool = pools(limit=1)
+    async with raw_server(handle) as base:
+        for _ in range(20):
+            with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+                await post(pool, base, connect_s=1.0)
+            await eventually(lambda: pool.busy == 0)
+
+
+@on_both_loops
 async def test_a_half_read_answer_closes_its_connection(pools, tmp_path):
     seen: list[int] = []
 
