@@ -19,6 +19,9 @@ Rules / theory of operation
   ``{"epoch": N}``            this side rotated the document into epoch N; what
                               follows on this connection belongs to it (see
                               ``DocHub.install``)
+  ``{"ahead": N,              this side's own part of epoch N's document (base64
+  "part": B}``                Yjs update), sent while both sides still build it,
+                              before the install (see ``DocHub.send_ahead``)
   ==========================  ====================================================
 
   ``"ping": true`` in the hello (or ``?ping=1`` from the dialler) says the side
@@ -36,6 +39,8 @@ Rules / theory of operation
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +63,8 @@ class Control:
     pong: int | None = None
     links: frozenset[str] | None = None
     epoch: int | None = None
+    ahead: tuple[int, bytes] | None = None
+    """(epoch, update) of an ``{"ahead": N, "part": B}`` frame."""
 
 
 def hello_frame(writer_id: str) -> str:
@@ -85,6 +92,11 @@ def epoch_frame(epoch: int) -> str:
     return json.dumps({"epoch": epoch})
 
 
+def ahead_frame(epoch: int, update: bytes) -> str:
+    """This instance's own part of ``epoch``'s document, sent before the install."""
+    return json.dumps({"ahead": epoch, "part": base64.b64encode(update).decode("ascii")})
+
+
 def read_control(data: str) -> Control | None:
     """Decode a TEXT frame; None when it is not a JSON object. Unknown keys are ignored."""
     try:
@@ -96,12 +108,20 @@ def read_control(data: str) -> Control | None:
     links = raw.get("links")
     instance = raw.get("instance")
     ping, pong, epoch = raw.get("ping"), raw.get("pong"), raw.get("epoch")
+    ahead, part = raw.get("ahead"), raw.get("part")
+    update = None
+    if type(ahead) is int and isinstance(part, str):
+        try:
+            update = base64.b64decode(part, validate=True)
+        except (ValueError, binascii.Error):
+            update = None  # not a part: ignored like an unknown key
     return Control(
         instance=instance if isinstance(instance, str) else None,
         speaks_ping=ping is True,
         ping=ping if type(ping) is int else None,
         pong=pong if type(pong) is int else None,
         epoch=epoch if type(epoch) is int else None,
+        ahead=(ahead, update) if type(ahead) is int and update is not None else None,
         links=(
             frozenset(p for p in links if isinstance(p, str)) if isinstance(links, list) else None
         ),
@@ -181,6 +201,7 @@ __all__ = [
     "DEFAULT_PING_MISSES",
     "Control",
     "Liveness",
+    "ahead_frame",
     "epoch_frame",
     "hello_frame",
     "links_frame",

@@ -13,9 +13,20 @@ Rules / theory of operation
   one (nor an old one into it): Yjs clients and older instances are closed; a peer
   that rotates in-band keeps its connection and gets ``{"epoch": N}``, our own part
   of the new document, then our SYNC_STEP1. Whatever that peer sends after our
-  rotation and before its own ``{"epoch": N}`` belongs to its old document and is
-  dropped (``is_stale``): its own part carries those writes. So a rotation costs no
-  reconnect, and no write waits for one.
+  rotation and before its own ``{"epoch": N}`` belongs to its old document
+  (``is_stale``): an update among it (a write that was in flight when we rotated) is
+  checked by the old document's gate and applied to the previous document
+  (``receive``), and listeners put what it wrote into the new one at once
+  (``on_late_change``) instead of waiting one more delay for its writer's part. Such
+  a change is never relayed: every peer is in the new epoch by then. So a rotation
+  costs no reconnect, and no write waits for one.
+* Parts sent ahead: once its build is done, shortly before the install, an instance
+  sends its own part of the document it builds (``send_ahead``, ``{"ahead": N, ...}``);
+  a peer applies it to the document it builds for N, through that document's gate,
+  once its build wrote every shared item (``ahead_ready``). At the install only what
+  was written since goes out, so the costly integration of a part is not done at
+  the moment every instance switches. The store checks what those parts changed
+  (``on_ahead_applied``, ``on_ahead_arrived``) as it would a remote change.
 * Overlap: after ``install`` the previous document stays readable (``value``) for
   entries the new one has not got yet (a recent entry comes with its writer's part),
   until every peer connection has sent its SYNC_STEP1 in the new epoch or
@@ -60,9 +71,9 @@ from pycrdt import (
 )
 from pycrdt import create_sync_message as _create_step1
 
-from ._control import epoch_frame, links_frame
-from ._metrics import SyncMetrics
-from ._protocol import YConnection, decode_state_vector, update_message
+from ._control import ahead_frame, epoch_frame, links_frame
+from ._metrics import SyncMetrics, get_logger
+from ._protocol import ConnState, YConnection, decode_state_vector, update_message, update_of
 from ._relay import relay_targets
 from ._types import (
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -79,6 +90,8 @@ DOC_MAPS: Final[dict[str, tuple[str, ...]]] = {
 """Root maps of each document. ``meta`` holds one heartbeat entry per writer."""
 
 RETIRED_EPOCHS_KEPT: Final = 2
+MAX_QUEUED_AHEAD: Final = 64
+"""Parts sent ahead kept while the build is not done yet: one per peer instance is usual."""
 BULK_UPDATE_BYTES: Final = 64 * 1024
 """An update at least this big (a catch-up, a rebuilt document) is checked and applied with
 the cyclic garbage collector paused; see ``collector_paused``."""
@@ -88,8 +101,16 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 UpdateListener = Callable[[bytes, object | None], None]
 MapListener = Callable[[str, dict[str, Any], bool], None]
 """Called with (map name, ``MapEvent.keys``, is_remote) after each change."""
-OverlapListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
-"""Called with the previous epoch's document and the (map, key)s deleted since."""
+OverlapListener = Callable[["EpochDoc", set[tuple[str, str]], set[tuple[str, str]] | None], None]
+"""Called with the previous epoch's document, the (map, key)s deleted since, and the
+(map, key)s the current document may lack (None: any)."""
+AheadListener = Callable[["EpochDoc", set[tuple[str, str]]], None]
+"""Called with a document and the (map, key)s that peers' parts sent ahead changed in the
+next epoch's document (see ``DocHub.send_ahead``): once as each part is applied (with the
+document being built), and after ``install`` (with the previous document, all of them)."""
+LateListener = Callable[[str, dict[str, Any]], None]
+"""Called with (map name, ``MapEvent.keys``) of a change a late update made to the previous
+epoch's document (see ``DocHub.receive``)."""
 
 
 @final
@@ -170,11 +191,19 @@ class EpochDoc:
         """Client ids that wrote to this document."""
         return set(decode_state_vector(self.doc.get_state()))
 
-    def own_update(self) -> bytes:
-        """This document's own writes (its client id's items) and its deletions."""
-        others = {c: n for c, n in decode_state_vector(self.doc.get_state()).items()
-                  if c != self.doc.client_id}
-        return self.diff(encode_state_vector(others))
+    def own_update(self, since: int = 0) -> bytes:
+        """This document's own writes (its client id's items) from clock ``since`` on, and
+        its deletions."""
+        clocks = decode_state_vector(self.doc.get_state())
+        own = self.doc.client_id
+        known = {c: n for c, n in clocks.items() if c != own}
+        if since and own in clocks:
+            known[own] = min(since, clocks[own])
+        return self.diff(encode_state_vector(known))
+
+    def own_clock(self) -> int:
+        """How many items this document's own client wrote so far."""
+        return decode_state_vector(self.doc.get_state()).get(self.doc.client_id, 0)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
         update = event.update
@@ -298,16 +327,28 @@ class DocHub:
         """Called with a newer epoch a peer announced in-band (StateSync rotates to it)."""
         self._doc_listeners: list[Callable[[EpochDoc], None]] = []
         self._overlap_listeners: list[OverlapListener] = []
+        self._late_listeners: list[LateListener] = []
+        self._late_changes: list[tuple[str, dict[str, Any]]] | None = None
+        """Changes of the previous document, collected while a late update is applied."""
+        self._previous_gate: UpdateGate | None = None
+        self._ahead_listeners: list[AheadListener] = []
+        self._ahead_applied_listeners: list[AheadListener] = []
+        self._ahead_ready = False
+        self._ahead_queue: list[tuple[YConnection, bytes]] = []
+        self._ahead_keys: set[tuple[str, str]] = set()
+        self._sent_ahead: tuple[EpochDoc, int, set[str | None]] | None = None
+        """(prepared document, its own clock, the peers told) when its part was sent ahead."""
         self.doc = doc
         self.previous: EpochDoc | None = None
         """The last epoch's document while the rotation overlaps (see ``value``)."""
         self._deleted: set[tuple[str, str]] = set()
+        self._left: set[tuple[str, str]] | None = None
+        """Entries the current document may lack during the overlap (None: any)."""
         self._synced: set[YConnection] = set()
         self._prepared: tuple[EpochDoc, UpdateGate] | None = None
         self._awareness = self._new_awareness(doc)
         self._gate = self._new_gate(doc)
-        doc.on_update(self._relay)
-        doc.on_map_change(self._note_deleted)
+        self._follow(doc)
 
     def __repr__(self) -> str:
         return f"<DocHub {self.name} epoch={self.doc.epoch} connections={len(self.connections)}>"
@@ -320,6 +361,21 @@ class DocHub:
         """Call ``listener(previous, deleted)`` when a rotation's overlap ends (see ``value``)."""
         self._overlap_listeners.append(listener)
 
+    def on_late_change(self, listener: LateListener) -> None:
+        """Call ``listener(map_name, keys)`` for each change a late update (one its sender
+        wrote in the epoch we just left) made to the previous document (see ``receive``)."""
+        self._late_listeners.append(listener)
+
+    def on_ahead_arrived(self, listener: AheadListener) -> None:
+        """Call ``listener(previous, keys)`` after ``install`` with the entries peers' parts
+        sent ahead changed in the new document before it was installed."""
+        self._ahead_listeners.append(listener)
+
+    def on_ahead_applied(self, listener: AheadListener) -> None:
+        """Call ``listener(building, keys)`` as each part sent ahead is applied to the
+        document being built (``building``), with the entries it changed there."""
+        self._ahead_applied_listeners.append(listener)
+
     def prepare(self, epoch: int) -> EpochDoc:
         """A fresh document for ``epoch`` to build beside the current one, then ``install``.
 
@@ -327,10 +383,93 @@ class DocHub:
         """
         doc = EpochDoc(self.name, epoch)
         self._prepared = (doc, self._new_gate(doc))
+        self._ahead_ready, self._ahead_queue, self._ahead_keys = False, [], set()
+        self._sent_ahead = None
         return doc
 
-    def install(self, doc: EpochDoc) -> None:
+    def send_ahead(self) -> None:
+        """Send this instance's own part of the document being built to every peer that
+        rotates in-band, before the install (``{"ahead": N, "part": ...}``).
+
+        A peer applies it to the document it builds for the same epoch, so at the install
+        only what changed since crosses the wire and is applied: integrating a part (the
+        writes of the last seconds) is the costly step of a rotation, and it is then done
+        away from the moment every instance switches. A peer that could not use it (no
+        build of that epoch) gets those items with the SYNC_STEP1/2 after the install.
+        """
+        if self._prepared is None or self._sent_ahead is not None:
+            return
+        doc = self._prepared[0]
+        told: set[str | None] = set()
+        self._sent_ahead = (doc, doc.own_clock(), told)
+        own = doc.own_update()
+        if own == EMPTY_UPDATE:
+            return
+        frame = ahead_frame(doc.epoch, own)
+        for conn in self.connections:
+            if conn.rotates_in_band and not conn.external and (
+                    conn.peer is None or conn.peer not in told):
+                conn.push_control(frame)
+                told.add(conn.peer)
+
+    def receive_ahead(self, conn: YConnection, epoch: int, update: bytes) -> None:
+        """A peer's own part of ``epoch``'s document, sent ahead of the install.
+
+        Applied to the document being built for that epoch once its build has written
+        every shared item (``ahead_ready``; queued until then), checked by that
+        document's gate. Dropped when no build of that epoch is under way: the
+        SYNC_STEP1/2 after the install brings it. A bad part closes ``conn``.
+        """
+        if conn.external or self._prepared is None or self._prepared[0].epoch != epoch:
+            return
+        if not self._ahead_ready:
+            if len(self._ahead_queue) < MAX_QUEUED_AHEAD:
+                self._ahead_queue.append((conn, update))
+            return
+        self._apply_ahead(conn, update)
+
+    def ahead_ready(self) -> None:
+        """The build under way wrote every shared item: parts sent ahead may be applied
+        (before that, their items could wait in it unchecked for a shared item)."""
+        self._ahead_ready = True
+        queued, self._ahead_queue = self._ahead_queue, []
+        for conn, update in queued:
+            self._apply_ahead(conn, update)
+
+    def _apply_ahead(self, conn: YConnection, update: bytes) -> None:
+        if self._prepared is None or conn.state is not ConnState.OPEN:
+            return
+        doc, gate = self._prepared
+        started = time.perf_counter()
+        changes: list[tuple[str, Any]] = []
+        # Observed only while the part is applied: a document being built needs no events.
+        subscriptions = [(ymap, ymap.observe(_key_collector(name, changes)))
+                         for name, ymap in doc.maps.items()]
+        try:
+            with collector_paused(len(update) >= BULK_UPDATE_BYTES):
+                gate.check(update, doc.doc)
+                doc.apply_remote(update, conn)
+        except SyncProtocolError as exc:
+            if isinstance(exc, UpdateRejected):
+                self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+            get_logger().bind(peer=conn.name, doc=self.name).warning(
+                "sync_message_rejected", error=str(exc))
+            conn.close(str(exc))
+            return
+        finally:
+            for ymap, subscription in subscriptions:
+                ymap.unobserve(subscription)
+        self._ahead_keys.update(changes)
+        self._metrics.apply_seconds.observe(time.perf_counter() - started)
+        keys = set(changes)
+        for listener in self._ahead_applied_listeners:
+            listener(doc, keys)
+
+    def install(self, doc: EpochDoc, left: set[tuple[str, str]] | None = None) -> None:
         """Make ``doc`` current; connections that cannot follow in-band are closed first.
+
+        ``left``: the (map, key)s of the previous document that ``doc`` may lack (left to
+        their writer, ``_rotation``); None when any may be missing (a plain rebuild).
 
         Peers that rotate in-band get ``{"epoch": N}``, then this instance's own part
         of the new document (what only it carried), then our SYNC_STEP1. The old
@@ -338,6 +477,12 @@ class DocHub:
         epoch (its SYNC_STEP1 came after its own part), or ``end_overlap``.
         """
         self.end_overlap()
+        if self._prepared is not None and self._prepared[0] is doc:
+            self.ahead_ready()  # parts still queued: applied now, before anything else
+        sent_ahead, told_ahead = (self._sent_ahead[1], self._sent_ahead[2]) if (
+            self._sent_ahead is not None and self._sent_ahead[0] is doc) else (0, set())
+        ahead_keys, self._ahead_keys, self._sent_ahead = self._ahead_keys, set(), None
+        self._ahead_ready = False
         kept = {c for c in self.connections if c.rotates_in_band and not c.external}
         for conn in self.connections - kept:
             conn.close("epoch rotated")
@@ -346,23 +491,35 @@ class DocHub:
         previous, self.doc = self.doc, doc
         self._awareness = self._new_awareness(doc)
         prepared, self._prepared = self._prepared, None
+        self._previous_gate = self._gate  # late updates of the old epoch are checked by it
         if prepared is not None and prepared[0] is doc:
             self._gate = prepared[1]
         else:
             self._gate = self._new_gate(doc)
-        doc.on_update(self._relay)
-        doc.on_map_change(self._note_deleted)
+        self._follow(doc)
         for listener in self._doc_listeners:
             listener(doc)
         self._synced = set()
         self.previous = previous
+        self._left = set(left) if left is not None else None
+        if ahead_keys:
+            for ahead_listener in self._ahead_listeners:
+                ahead_listener(previous, ahead_keys)
         if kept:
             frame, step1 = epoch_frame(doc.epoch), self.sync_step1()
-            own = doc.own_update()
-            carried = update_message(own) if own != EMPTY_UPDATE else None
+            parts: dict[int, bytes | None] = {}
+
+            def part(since: int) -> bytes | None:
+                if since not in parts:
+                    own = doc.own_update(since=since)
+                    parts[since] = update_message(own) if own != EMPTY_UPDATE else None
+                return parts[since]
+
             told: set[str | None] = set()
             for conn in kept:
                 conn.push_control(frame)
+                # A peer told ahead lacks only what we wrote since; any other, all of it.
+                carried = part(sent_ahead if conn.peer in told_ahead else 0)
                 if carried is not None and (conn.peer is None or conn.peer not in told):
                     conn.push(carried)  # once per peer instance, like every relay
                     told.add(conn.peer)
@@ -382,9 +539,11 @@ class DocHub:
         """Forget the previous epoch's document; listeners carry what never arrived."""
         previous, self.previous = self.previous, None
         deleted, self._deleted = self._deleted, set()
+        left, self._left = self._left, None
+        self._previous_gate = None
         if previous is not None:
             for listener in self._overlap_listeners:
-                listener(previous, deleted)
+                listener(previous, deleted, left)
 
     def _check_overlap(self) -> None:
         if self.previous is not None and all(
@@ -393,6 +552,9 @@ class DocHub:
             self.end_overlap()
 
     def _note_deleted(self, map_name: str, keys: dict[str, Any], remote: bool) -> None:
+        if self._late_changes is not None:  # a change of the previous document: see receive
+            self._late_changes.append((map_name, keys))
+            return
         if self.previous is None:
             return
         for key, change in keys.items():
@@ -400,8 +562,61 @@ class DocHub:
                 self._deleted.add((map_name, key))
 
     def is_stale(self, conn: YConnection) -> bool:
-        """True while ``conn``'s peer is still in an older epoch than ours (drop its messages)."""
+        """True while ``conn``'s peer is still in an older epoch than ours."""
         return conn.peer_epoch is not None and conn.peer_epoch < self.doc.epoch
+
+    def receive(self, conn: YConnection, message: bytes) -> None:
+        """Handle one y-protocols message from ``conn`` (replies are pushed to it).
+
+        A message its peer sent before it rotated into our epoch (``is_stale``) belongs
+        to the previous document. An update among them was in flight when we rotated:
+        it is checked by the previous document's gate, applied to that document, and the
+        listeners (``on_late_change``) write what it changed into the current one, so it
+        does not wait one more delay for its writer's part. Other such messages (a
+        SYNC_STEP1 about the old document), and any once the overlap has ended, are
+        dropped: the SYNC_STEP1/2 of the new epoch brings what they would have.
+
+        Raises:
+            SyncProtocolError: the message is malformed, or its update cannot be applied
+                or breaks the schema (``UpdateRejected``); ``conn`` is then CLOSED.
+        """
+        if not self.is_stale(conn):
+            for reply in conn.receive_message(message):
+                conn.push(reply)
+            return
+        previous, gate = self.previous, self._previous_gate
+        if previous is None or gate is None or conn.peer_epoch != previous.epoch:
+            return
+        try:
+            update = update_of(message)
+            if update is None or update == EMPTY_UPDATE:
+                return
+            self._apply_late(previous, gate, update, conn)
+        except SyncProtocolError as exc:
+            conn.close(str(exc))
+            raise
+
+    def _apply_late(self, previous: EpochDoc, gate: UpdateGate, update: bytes,
+                    origin: YConnection) -> None:
+        started = time.perf_counter()
+        self._late_changes = []
+        try:
+            with collector_paused(len(update) >= BULK_UPDATE_BYTES):
+                try:
+                    gate.check(update, previous.doc)
+                except UpdateRejected as exc:
+                    self._metrics.updates_rejected.labels(self.name, exc.reason).inc()
+                    raise
+                previous.apply_remote(update, origin)
+            changes = self._late_changes
+        finally:
+            self._late_changes = None
+        self._metrics.apply_seconds.observe(time.perf_counter() - started)
+        for map_name, keys in changes:
+            if self._left is not None:
+                self._left.update((map_name, key) for key in keys)
+            for listener in self._late_listeners:
+                listener(map_name, keys)
 
     def on_peer_epoch(self, conn: YConnection, epoch: int) -> None:
         """``conn``'s peer rotated into ``epoch``; follow it if that is newer than ours."""
@@ -506,6 +721,13 @@ class DocHub:
 
     # -- internals ---------------------------------------------------------------
 
+    def _follow(self, doc: EpochDoc) -> None:
+        """Relay ``doc``'s changes while it is current (never a late change of a previous
+        document: every peer is in the new epoch then), and note its deletions."""
+        doc.on_update(lambda update, origin: self._relay(update, origin)
+                      if doc is self.doc else None)
+        doc.on_map_change(self._note_deleted)
+
     def _new_gate(self, doc: EpochDoc) -> UpdateGate:
         gate = UpdateGate(doc.doc, DOC_MAPS[doc.name], **self._limits)
         doc.on_update(lambda update, _origin: gate.follow(update))
@@ -523,6 +745,13 @@ class DocHub:
         awareness = Awareness(doc.doc)
         awareness.set_local_state(None)  # the server itself is not a participant
         return awareness
+
+
+def _key_collector(map_name: str, into: list[tuple[str, Any]]) -> Callable[[MapEvent], None]:
+    def observer(event: MapEvent) -> None:  # one parameter: see EpochDoc._map_observer
+        into.extend((map_name, key) for key in _changed_keys(event))
+
+    return observer
 
 
 def live_connections(hubs: Iterable[DocHub]) -> int:

@@ -157,11 +157,8 @@ async def _receive_loop(
             continue  # y-websocket sends only binary frames; pings are handled below us
         data: bytes = frame.data
         metrics.count_message("in", message_kind(data), len(data))
-        if hub.is_stale(conn):
-            continue  # from the peer's old epoch; its next SYNC_STEP2 carries it
         try:
-            for reply in conn.receive_message(data):
-                conn.push(reply)
+            hub.receive(conn, data)  # sent before the peer rotated: see DocHub.receive
         except SyncProtocolError as exc:
             log.warning("sync_message_rejected", error=str(exc))
             return
@@ -196,6 +193,8 @@ def _on_control(
         conn.rotates_in_band = True
     if control.links is not None:
         hub.on_peer_links(conn, control.links)
+    if control.ahead is not None:
+        hub.receive_ahead(conn, *control.ahead)
     if control.epoch is not None:
         hub.on_peer_epoch(conn, control.epoch)
 

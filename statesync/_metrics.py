@@ -135,7 +135,9 @@ class SyncMetrics:
             "Entries a rotation carried into the new epoch, by how: shared (settled: the same "
             "item on every instance), own (written by this instance), writer (recent: left to "
             "the linked instance that wrote it), late (its writer's copy never came, so this "
-            "instance carried it when the overlap ended), drop (expired).",
+            "instance carried it when the overlap ended), in_flight (written by a peer just before "
+            "it rotated and received after this instance did: written into the new epoch on "
+            "receipt), drop (expired).",
             ["how"],
             registry=registry,
         )
@@ -182,7 +184,7 @@ class SyncMetrics:
             (d, t): self.messages.labels(d, t) for d in ("in", "out") for t in MESSAGE_TYPES
         }
         self._byte_children = {d: self.bytes.labels(d) for d in ("in", "out")}
-        for how in ("shared", "own", "writer", "late", "drop"):
+        for how in ("shared", "own", "writer", "late", "in_flight", "drop"):
             self.rotation_entries.labels(how)
         for outcome in ("ok", "failed"):
             self.discovery_lookups.labels(outcome)  # exported as 0 before the first lookup

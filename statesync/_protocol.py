@@ -70,6 +70,21 @@ def update_message(update: bytes) -> bytes:
     return create_update_message(update)
 
 
+def update_of(message: bytes) -> bytes | None:
+    """The Yjs update a SYNC_STEP2 or SYNC_UPDATE message carries; None for any other message.
+
+    Raises:
+        SyncProtocolError: the message is truncated.
+    """
+    if len(message) < 2 or message[0] != YMessageType.SYNC or message[1] not in (
+            YSyncMessageType.SYNC_STEP2, YSyncMessageType.SYNC_UPDATE):
+        return None
+    try:
+        return read_message(message[2:])
+    except (ValueError, IndexError, RuntimeError) as exc:
+        raise SyncProtocolError(f"truncated sync message: {exc!r}") from exc
+
+
 def decode_state_vector(state: bytes) -> dict[int, int]:
     """Decode a Yjs state vector into ``{client_id: clock}``.
 
@@ -252,4 +267,5 @@ __all__ = [
     "decode_state_vector",
     "message_kind",
     "update_message",
+    "update_of",
 ]

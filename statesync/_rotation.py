@@ -29,7 +29,10 @@ the merge. Writes near a rotation waited for all of that. Now:
   linked to them: so it exists once, on top of the same item everywhere. What is
   left to a writer is read from the old document until it arrives (``DocHub.value``)
   and carried by this instance if it never does (``DocHub`` overlap, store
-  ``reconcile``).
+  ``reconcile``); the builder lists those entries (``left``), so only they are
+  looked at then. An entry this build already wrote as its own and another writer
+  takes over before the build ends is copied again as it is now: our older item
+  would otherwise stand beside that writer's and could win the tie between them.
 
 Which applies to an entry is the caller's decision (``CarryRules``).
 """
@@ -156,6 +159,11 @@ class EpochBuilder:
         self._buckets: dict[tuple[str, int], dict[str, Any]] = {}
         self._unwritten: deque[tuple[str, int]] = deque()
         self._changed: set[tuple[str, str]] = set()
+        self._written: set[tuple[str, str]] = set()
+        """Entries this build wrote as its own (``_on_top``)."""
+        self.left: set[tuple[str, str]] = set()
+        """Entries left to their writer (``Carry.WRITER``): the only ones the new document
+        may lack when the overlap ends (``DocHub.install``)."""
         self._spent_s = 0.0
         self._copied = 0
         self.finished = False
@@ -237,6 +245,8 @@ class EpochBuilder:
             self._buckets.setdefault(bucket, {})[key] = shared
         if how is not Carry.SHARED:
             self.counts[how] += 1
+            if how is Carry.WRITER:
+                self.left.add((map_name, key))
             if how is Carry.OWN:
                 self._changed.add((map_name, key))  # written after the buckets, on top
 
@@ -256,8 +266,16 @@ class EpochBuilder:
             if key in target:
                 del target[key]
             return
-        if self._rules.split(map_name, key, value)[1] is Carry.OWN and target.get(key) != value:
+        entry = (map_name, key)
+        how = self._rules.split(map_name, key, value)[1]
+        if how is Carry.WRITER:
+            self.left.add(entry)
+        # Once written here, an entry follows the old document even after another writer
+        # took it over: our own item would otherwise stand beside that writer's, and its
+        # older value could win the tie between the two.
+        if (entry in self._written or how is Carry.OWN) and target.get(key) != value:
             target[key] = value
+            self._written.add(entry)
 
 
 __all__ = ["ENTRY_S_GUESS", "SETTLE_S", "SHARED_BUCKETS", "SLICE_S", "Carry", "CarryRules",

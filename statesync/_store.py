@@ -50,6 +50,7 @@ last-writer-wins by ``(ts, by)``, never by Yjs client-id order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import math
 from collections import deque
@@ -103,6 +104,18 @@ def _writer_of(map_name: str, value: Any) -> str | None:
     writer = value.get("w" if map_name in ("usage", "shares") else "by") \
         if isinstance(value, dict) else None
     return writer if isinstance(writer, str) else None
+
+
+IN_FLIGHT_CARRIED: Final = frozenset({"sessions", "upstreams", "objects"})
+"""Maps whose in-flight writes a rotation carries on receipt (``_carry_in_flight``)."""
+
+
+def _stamp(map_name: str, value: Any) -> tuple[float, str]:
+    """(write time, writer) of an entry: the later one wins (last writer wins)."""
+    written = _written_at(map_name, value)
+    writer = value.get("reporter" if map_name == "upstreams" else "by", "") \
+        if isinstance(value, dict) else ""
+    return (written if written is not None else -math.inf, str(writer))
 
 
 def bucket_of(now: float) -> int:
@@ -159,9 +172,13 @@ class SessionStore:
         self._history: dict[tuple[str, str], list[tuple[float, Any]]] = {}
         self._history_pruned_at = 0.0
         self._session_count = 0  # entries in the sessions map; see _count_sessions
+        self._ahead_suspects: set[str] = set()  # see _note_ahead
         for hub in (sessions, usage):
             hub.on_new_doc(self._attach)
             hub.on_overlap_end(self._reconcile)
+            hub.on_late_change(functools.partial(self._carry_in_flight, hub))
+            hub.on_ahead_applied(functools.partial(self._note_ahead, hub))
+            hub.on_ahead_arrived(functools.partial(self._check_ahead, hub))
             self._attach(hub.doc)
 
     def __repr__(self) -> str:
@@ -587,28 +604,98 @@ class SessionStore:
                 self._settings.session_ttl_s)
         return False  # meta: fresh heartbeats are written into the new document
 
-    def _reconcile(self, previous: EpochDoc, deleted: set[tuple[str, str]]) -> None:
+    def _reconcile(self, previous: EpochDoc, deleted: set[tuple[str, str]],
+                   left: set[tuple[str, str]] | None) -> None:
         """A rotation's overlap ended: carry what this instance keeps and nobody carried.
 
         Entries left to their writer (``Carry.WRITER``) normally arrived with the
         writer's own part; one that did not (the writer died, or was cut off just
-        then) is written here, once the writer had its chance.
+        then) is written here, once the writer had its chance. Only the entries
+        in ``left`` can be missing (None: look at all): the expired ones a rotation
+        dropped are not read again.
         """
         hub = self._sessions if previous.name == "sessions" else self._usage
+        if left is None:
+            left = {(name, key) for name, ymap in previous.maps.items()
+                    for key in list(ymap.keys())}
         late = 0
         with hub.doc.doc.transaction():
-            for map_name, old_map in previous.maps.items():
-                target = hub.doc.maps[map_name]
-                missing = set(old_map.keys()) - set(target.keys())
-                for key in sorted(missing):
-                    value = old_map.get(key)
-                    if (map_name, key) not in deleted and self.keep(map_name, key, value):
-                        target[key] = value
-                        late += 1
+            for map_name, key in sorted(left - deleted):
+                target, old_map = hub.doc.maps.get(map_name), previous.maps.get(map_name)
+                if target is None or old_map is None or key in target:
+                    continue
+                value = old_map.get(key)
+                if value is not None and self.keep(map_name, key, value):
+                    target[key] = value
+                    late += 1
         if late:
             self._metrics.rotation_entries.labels("late").inc(late)
             self._log.info("sync_rotation_carried_late", doc=previous.name, entries=late,
                            hint="their writer's copy did not arrive during the overlap")
+
+    def _carry_in_flight(self, hub: DocHub, map_name: str, keys: dict[str, Any]) -> None:
+        """A write a peer sent in the epoch we just left arrived after our rotation (it was
+        in flight): write it into the new document now, where it wins by the usual rules,
+        instead of waiting one more delay for its writer's part.
+
+        The writer's part carries the same value, so both copies agree. Only sessions,
+        upstream reports and objects are carried: a usage or shares entry is rewritten by
+        its one writer (and the usage view counts the previous document's change already).
+        """
+        if map_name not in IN_FLIGHT_CARRIED:
+            return
+        target = hub.doc.maps[map_name]
+        writes: dict[str, Any] = {}
+        for key, change in keys.items():
+            value = change.get("newValue")
+            if change.get("action") == "delete" or not isinstance(value, dict):
+                continue  # a deletion: the writer's part (or the next rotation) has it
+            held = target.get(key)
+            if held == value:
+                continue
+            if held is not None:
+                if map_name == "sessions":
+                    value = merged(held, value) or value
+                elif _stamp(map_name, held) >= _stamp(map_name, value):
+                    continue
+            if value != held and self.keep(map_name, key, value):
+                writes[key] = value
+        if not writes:
+            return
+        with hub.doc.doc.transaction():
+            for key, value in writes.items():
+                target[key] = value
+        self._metrics.rotation_entries.labels("in_flight").inc(len(writes))
+
+    def _note_ahead(self, hub: DocHub, building: EpochDoc, keys: set[tuple[str, str]]) -> None:
+        """A peer's part sent ahead changed these entries of the document being built: note
+        the sessions it set otherwise than we hold them now (a write that crossed it),
+        to be checked once that document is installed (``_check_ahead``). Usually none:
+        the part holds the writes we already received."""
+        if hub is not self._sessions:
+            return
+        building_map, ours = building.maps["sessions"], hub.doc.maps["sessions"]
+        for map_name, key in keys:
+            if map_name == "sessions" and building_map.get(key) != ours.get(key):
+                self._ahead_suspects.add(key)
+
+    def _check_ahead(self, hub: DocHub, previous: EpochDoc, keys: set[tuple[str, str]]) -> None:
+        """Peers' parts sent ahead changed these entries of the new document before it was
+        installed (and observed): each one that was set otherwise than we held it
+        (``_note_ahead``) is treated as a remote change from what the previous document
+        held, so a session whose pin should not have moved is repaired."""
+        if hub is not self._sessions:
+            return
+        suspects, self._ahead_suspects = self._ahead_suspects, set()
+        changes = {}
+        target, old_map = hub.doc.maps["sessions"], previous.maps["sessions"]
+        for map_name, key in keys:
+            if map_name == "sessions" and key in suspects:
+                old, new = old_map.get(key), target.get(key)
+                if old != new:
+                    changes[key] = {"oldValue": old, "newValue": new}
+        if changes:
+            self._on_session_change(changes)
 
     def _attach(self, doc: EpochDoc) -> None:
         if doc.name == "sessions":

@@ -30,7 +30,10 @@ Rules / theory of operation
   peer still in an older epoch finishes its build on that frame, and SYNC_STEP1/2
   brings whatever else differs without a reconnect (see ``DocHub.install``).
   Other connections (Yjs clients, older instances) are closed
-  and reconnect. Updates are never exchanged between different epochs. Clients
+  and reconnect. Updates are never exchanged between different epochs: one a peer
+  sent just before it rotated, which arrives after we did, is applied to the previous
+  document and its entries written into the new one on receipt (``DocHub.receive``),
+  so a write in flight at the switch does not wait for its writer's part. Clients
   without ``?epoch`` (a Yjs app) get the current epoch; one that comes back holding
   an older document is refused with close code 4409 and must start a fresh ``Y.Doc``.
 * Snapshot (optional): every ``SNAPSHOT_EVERY_S`` and at ``aclose`` the documents
@@ -82,6 +85,11 @@ BUILD_PAUSE_S: Final = 0.005
 """A build rests this long after each slice, so peers and writes are served between."""
 SLICE_MAX_S: Final = 0.02
 """The longest slice, when a build is late."""
+SEND_AHEAD_S: Final = 0.6
+"""Each instance sends its own part of the document it builds this long before the install
+(once its build is done): peers integrate it then, and at the install only what was written
+since crosses the wire. Late enough that little is written after it, early enough that its
+arrival (a delay of up to a few hundred ms) is dealt with before every instance switches."""
 INSTALL_AFTER_S: Final = 2.0
 """Instances install a new epoch this long after it starts by the clock (at most a quarter
 of ``rotate_every_s``): time to build it in slices (one not done by then is finished at
@@ -421,7 +429,7 @@ class StateSync:
             return
         self.epoch = epoch
         for name, hub in self._hubs.items():
-            hub.install(rebuilt[name])
+            hub.install(rebuilt[name], left=builders[name].left)
         self._rotated_at = self._clock()
         self.store.heartbeat()
         self._metrics.epoch.set(epoch)
@@ -463,6 +471,8 @@ class StateSync:
                 # still to come (a busy loop turns slowly), at least SLICE_S.
                 turn_s, last_turn = max(loop.time() - last_turn, BUILD_PAUSE_S), loop.time()
                 builders = [b for b in self._building[2].values() if not b.step_done]
+                if not builders:
+                    self._build_done(send_ahead=left_s <= SEND_AHEAD_S)
                 need_s = sum(b.work_left_s() for b in builders)
                 budget = min(max(SLICE_S, 2 * need_s * turn_s / left_s), SLICE_MAX_S)
                 try:
@@ -475,6 +485,14 @@ class StateSync:
                                     error=repr(exc)[:200])
                     break
                 await asyncio.sleep(min(max(left_s, 0.0), BUILD_PAUSE_S))
+
+    def _build_done(self, *, send_ahead: bool) -> None:
+        """Every document of the build under way holds what it should now: peers' parts
+        sent ahead may be applied to it, and (``send_ahead``) ours are sent."""
+        for hub in self._hubs.values():
+            hub.ahead_ready()
+            if send_ahead:
+                hub.send_ahead()
 
     def _end_overlap_if_late(self) -> None:
         """End an overlap no peer finished within ``OVERLAP_MAX_S`` (a silent peer)."""

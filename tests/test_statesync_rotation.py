@@ -4,14 +4,17 @@ reads fall back to the old document until they have arrived."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from pycrdt import Doc, Map
 from skyroute.statesync import StateSync, SyncSettings
-from skyroute.statesync._doc import EpochDoc
-from skyroute.statesync._protocol import YConnection
+from skyroute.statesync._control import ahead_frame
+from skyroute.statesync._doc import DocHub, EpochDoc
+from skyroute.statesync._links import _on_control as on_control
+from skyroute.statesync._protocol import ConnState, YConnection, message_kind
 from skyroute.statesync._rotation import (
     Carry,
     CarryRules,
@@ -217,3 +220,190 @@ async def test_StateSync_write_after_rotation_reaches_a_peer_still_building() ->
     finally:
         for inst in insts:
             await inst.stop()
+
+
+def test_EpochBuilder_entry_taken_over_by_another_writer_follows_the_old_document() -> None:
+    """An entry this build already wrote as its own, then rewritten by another (linked)
+    writer before the build ends, is copied again: our older item must not stand beside
+    that writer's and win the tie between the two."""
+    old, _ = twin_docs({})
+    mine = CarryRules(lambda m, k, v: (None, Carry.OWN if v["by"] == "me" else Carry.WRITER))
+    old.maps["sessions"]["conv"] = {"upstream": "up-1", "ts": 500.0, "by": "me"}
+    builder = EpochBuilder(old, EpochDoc("sessions", 2), mine)
+    while not builder.step(budget_s=1.0):
+        pass
+    assert dict(builder.new.maps["sessions"]["conv"])["upstream"] == "up-1"
+    old.maps["sessions"]["conv"] = {"upstream": "up-2", "ts": 501.0, "by": "peer.1"}
+
+    new = builder.finish()
+
+    assert dict(new.maps["sessions"]["conv"])["upstream"] == "up-2"
+
+
+class Wire:
+    """One direction of a peer link whose delay the test controls: what one side sends
+    waits here until the test delivers it, in order, as the socket would."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes | str] = []
+
+    def deliver(self, conn: YConnection, hub: DocHub, count: int | None = None) -> int:
+        """Hand the first ``count`` (default: all) queued messages to ``conn`` on ``hub``
+        the way the link's receive loop does; return how many were delivered."""
+        batch = self.queue[:count] if count is not None else list(self.queue)
+        del self.queue[:len(batch)]
+        for message in batch:
+            if isinstance(message, bytes):
+                hub.receive(conn, message)
+                continue
+            on_control(message, conn, hub, hub._metrics, None, now=0.0)  # as the link does
+        return len(batch)
+
+
+def wired(a: StateSync, b: StateSync) -> tuple[Wire, YConnection, Wire, YConnection]:
+    """Link the sessions documents of ``a`` and ``b`` through two controlled wires, as an
+    in-band rotating peer link would: (a -> b, b's end, b -> a, a's end)."""
+    hub_a, hub_b = a._hubs["sessions"], b._hubs["sessions"]
+    to_b, to_a = Wire(), Wire()
+    end_a = YConnection(hub_a, name="a->b", external=False, on_send=to_b.queue.append)
+    end_b = YConnection(hub_b, name="b->a", external=False, on_send=to_a.queue.append)
+    for end, hub, peer in ((end_a, hub_a, b.writer_id), (end_b, hub_b, a.writer_id)):
+        end.peer, end.rotates_in_band, end.peer_epoch = peer, True, hub.doc.epoch
+    to_b.queue.extend(end_a.initial_messages())
+    to_a.queue.extend(end_b.initial_messages())
+    hub_a.attach(end_a)
+    hub_b.attach(end_b)
+    return to_b, end_b, to_a, end_a
+
+
+async def test_StateSync_write_in_flight_at_the_rotation_is_applied_on_arrival() -> None:
+    """A write sent just before the switch, still on the wire when its peer rotates,
+    counts in the peer's new epoch as soon as it arrives: it does not wait one more
+    delay for its writer's part. Both copies agree, and the two documents end equal."""
+    registry = CollectorRegistry()
+    settings = {"token": "t", "session_ttl_s": 600.0}
+    a = StateSync(SyncSettings(instance_id="a", **settings), registry=CollectorRegistry())
+    b = StateSync(SyncSettings(instance_id="b", **settings), registry=registry)
+    hub_a, hub_b = a._hubs["sessions"], b._hubs["sessions"]
+    to_b, end_b, to_a, end_a = wired(a, b)
+
+    def settle() -> None:  # deliver both ways until nothing is in flight
+        while to_b.deliver(end_b, hub_b) + to_a.deliver(end_a, hub_a):
+            pass
+
+    settle()
+    now = time.time()
+    a.store.pin("conv", "up-1", now=now - 30)  # settled: a shared item on both sides
+    settle()
+    assert b.store.get("conv", now=now) is not None
+    assert a.store.pin("conv", "up-2", now=now, moved_from="up-1")  # just before the switch
+    a.store.pin("fresh", "up-3", now=now)
+    in_flight = len(to_b.queue)
+    assert in_flight > 0
+    epoch = max(a.epoch, b.epoch) + 1
+    await a.rotate(epoch)  # both rotate at the same moment, the writes still on the wire
+    await b.rotate(epoch)
+    assert len(to_b.queue) > in_flight  # behind them: a's epoch frame and a's own part
+
+    to_b.deliver(end_b, hub_b, count=in_flight)  # one delay: only what was in flight
+
+    assert hub_b.doc.epoch == epoch and end_b.peer_epoch < epoch  # a's part not yet here
+    for key, upstream in (("conv", "up-2"), ("fresh", "up-3")):
+        got = b.store.get(key, now=now)
+        assert got is not None and got.upstream == upstream, key
+        assert dict(hub_b.doc.maps["sessions"][key])["upstream"] == upstream, key
+    assert registry.get_sample_value("skyroute_sync_rotation_entries_total",
+                                     {"how": "in_flight"}) == 2
+    assert registry.get_sample_value("skyroute_sync_update_apply_seconds_count") is not None
+
+    settle()  # the rest: a's part, the SYNC_STEP1/2 of the new epoch
+    views = [dict(h.doc.maps["sessions"].items()) for h in (hub_a, hub_b)]
+    assert views[0] == views[1]
+    assert {k: v["upstream"] for k, v in views[0].items()} == {"conv": "up-2", "fresh": "up-3"}
+    assert hub_a.previous is None and hub_b.previous is None  # the overlap ended
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_StateSync_part_sent_ahead_leaves_little_for_the_switch() -> None:
+    """Each instance sends its own part of the next epoch's document once its build is
+    done, before the install: the peer integrates it then, and at the switch only what
+    was written since crosses the wire. Both documents end equal, as without it."""
+    settings = {"token": "t", "session_ttl_s": 600.0}
+    registry = CollectorRegistry()
+    a = StateSync(SyncSettings(instance_id="a", **settings), registry=registry)
+    b = StateSync(SyncSettings(instance_id="b", **settings), registry=CollectorRegistry())
+    hub_a, hub_b = a._hubs["sessions"], b._hubs["sessions"]
+    to_b, end_b, to_a, end_a = wired(a, b)
+
+    def settle() -> None:
+        while to_b.deliver(end_b, hub_b) + to_a.deliver(end_a, hub_a):
+            pass
+
+    settle()
+    now = time.time()
+    for n in range(40):  # recent writes: each carried by its writer, in its own part
+        a.store.pin(f"a-{n}", "up-a", now=now)
+        b.store.pin(f"b-{n}", "up-b", now=now)
+    settle()
+    epoch = max(a.epoch, b.epoch) + 1
+    for sync in (a, b):  # both build, by the clock, and are done before the install
+        sync._start_build(epoch)
+        assert sync._building is not None
+        for builder in sync._building[2].values():
+            while not builder.step(budget_s=1.0):
+                pass
+        sync._build_done(send_ahead=True)
+    ahead = [m for m in to_b.queue if isinstance(m, str) and '"ahead"' in m]
+    assert len(ahead) == 1
+    settle()  # the parts sent ahead reach the documents being built
+    assert {f"a-{n}" for n in range(40)} <= set(b._building[2]["sessions"].new.maps["sessions"])
+    a.store.pin("late", "up-late", now=time.time())  # written after the part went ahead
+    settle()
+
+    a._finish_build()  # the switch, the same moment on both
+    b._finish_build()
+    parts = [m for m in to_b.queue if isinstance(m, bytes) and message_kind(m) == "sync_update"]
+    assert parts and len(parts[0]) < 1000  # "late" and a's heartbeat, not the 40 sessions
+    settle()
+
+    views = [dict(h.doc.maps["sessions"].items()) for h in (hub_a, hub_b)]
+    assert views[0] == views[1] and len(views[0]) == 81
+    assert hub_a.previous is None and hub_b.previous is None
+    assert a.store.get("b-7", now=time.time()) is not None
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_StateSync_part_sent_ahead_is_checked_like_any_update() -> None:
+    """A part sent ahead that breaks the schema is refused whole: counted, the link
+    closed, the document being built untouched. A frame whose part is not base64 is
+    ignored like an unknown key."""
+    registry = CollectorRegistry()
+    b = StateSync(SyncSettings(instance_id="b", token="t"), registry=registry)
+    hub = b._hubs["sessions"]
+    peer = YConnection(hub, name="peer", external=False, on_send=lambda m: None)
+    peer.peer, peer.rotates_in_band, peer.peer_epoch = "a.1", True, hub.doc.epoch
+    hub.attach(peer)
+    epoch = b.epoch + 1
+    b._start_build(epoch)
+    assert b._building is not None
+    for builder in b._building[2].values():
+        while not builder.step(budget_s=1.0):
+            pass
+    b._build_done(send_ahead=False)
+    building = b._building[2]["sessions"].new
+    forged = Doc()
+    forged.get("sessions", type=Map)["conv"] = {"upstream": 42}  # not a string
+    metrics = hub._metrics
+
+    not_base64 = json.dumps({"ahead": epoch, "part": "%%not base64"})
+    on_control(not_base64, peer, hub, metrics, None, now=0.0)
+    assert peer.state is ConnState.OPEN
+    on_control(ahead_frame(epoch, forged.get_update()), peer, hub, metrics, None, now=0.0)
+
+    assert peer.state is ConnState.CLOSED and "bad update" in (peer.close_reason or "")
+    assert registry.get_sample_value("skyroute_sync_updates_rejected_total",
+                                     {"doc": "sessions", "reason": "schema"}) == 1
+    assert "conv" not in building.maps["sessions"]
+    await b.aclose()
