@@ -33,7 +33,8 @@ import ahocorasick
 from skyroute.routing import Config
 
 REDACTED = "[redacted]"
-_FLAT = (str, int, float, bool, type(None))
+#: Types of values that cannot hold a secret: the fast path needs no search of them.
+_NUMBERS = frozenset({int, float, bool, type(None)})
 #: Secrets shorter than this are not registered: replacing "a" everywhere would
 #: garble the log while protecting nothing (config validation asks for real keys).
 MIN_SECRET_LENGTH = 6
@@ -167,10 +168,11 @@ def redact_processor(logger: Any, method: str,
     # Fast path, taken by almost every line: one search over the flat string values.
     texts = []
     for key, value in event_dict.items():
-        if isinstance(value, str):
+        kind = type(value)  # exact types: a str subclass takes the slow path
+        if kind is str:
             if key not in OWN_FIELDS:
                 texts.append(value)
-        elif not isinstance(value, _FLAT):
+        elif kind not in _NUMBERS:
             break
     else:
         if not texts or not _needs_redaction("\n".join(texts)):
