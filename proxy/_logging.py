@@ -66,9 +66,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
         processors=[
             structlog.contextvars.merge_contextvars,
             *([_add_pid(os.getpid())] if pid else []),
-            structlog.processors.add_log_level,
-            add_timestamp,
-            structlog.processors.format_exc_info,
+            add_level_time_and_exception,
             redact_processor,  # last before rendering: tracebacks are redacted too
             renderer,
         ],
@@ -104,6 +102,23 @@ _ENCODER = stdlib_json.JSONEncoder(default=_fallback)
 def render_json(logger: object, method: str, event: structlog.typing.EventDict) -> str:
     """structlog processor: the event as one JSON object (``json.dumps``'s format)."""
     return _ENCODER.encode(event)
+
+
+#: What ``structlog.processors.add_log_level`` calls a method's level, where it differs.
+_LEVEL_OF_METHOD = {"warn": "warning", "exception": "error"}
+_format_exc_info = structlog.processors.format_exc_info
+
+
+def add_level_time_and_exception(logger: object, method: str,
+                                 event: structlog.typing.EventDict
+                                 ) -> structlog.typing.EventDict:
+    """structlog processor: ``add_log_level``, ``add_timestamp`` and ``format_exc_info``
+    in one call (three processor calls per line were a tenth of a line's cost)."""
+    event["level"] = _LEVEL_OF_METHOD.get(method, method)
+    add_timestamp(logger, method, event)
+    if "exc_info" in event:
+        return _format_exc_info(logger, method, event)
+    return event
 
 
 #: (second, its ISO 8601 text): the date and time are formatted once a second.
