@@ -90,7 +90,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS]
     started = time.perf_counter()
     if is_api:
-        metrics.in_flight.inc()
+        metrics.request_started()
     status = 500
     try:
         check_target(request.raw_path)
@@ -135,7 +135,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                              f"details under request id {request_id}").to_response(request_id)
     finally:
         if is_api:
-            metrics.in_flight.dec()
+            metrics.request_finished()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
             log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
