@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json as stdlib_json
+import json.encoder as json_encoder
 import logging
 import os
 import re
@@ -97,11 +98,20 @@ def _fallback(value: Any) -> Any:
 #: One encoder for every line: ``json.dumps(..., default=...)`` would build a new one
 #: per call. The output is ``json.dumps``'s, byte for byte.
 _ENCODER = stdlib_json.JSONEncoder(default=_fallback)
+#: What ``_ENCODER.encode`` builds anew on every call (``JSONEncoder.iterencode``): the
+#: C encoder with the same settings, made once. Without the circular-reference markers,
+#: which a shared dict would make wrong across threads: a log event is never circular
+#: (one would raise either way: ``RecursionError`` here, ``ValueError`` in ``json.dumps``).
+_C_ENCODER = None if json_encoder.c_make_encoder is None else json_encoder.c_make_encoder(
+    None, _fallback, json_encoder.encode_basestring_ascii, None, ": ", ", ", False, False,
+    True)
 
 
 def render_json(logger: object, method: str, event: structlog.typing.EventDict) -> str:
     """structlog processor: the event as one JSON object (``json.dumps``'s format)."""
-    return _ENCODER.encode(event)
+    if _C_ENCODER is None:
+        return _ENCODER.encode(event)
+    return "".join(_C_ENCODER(event, 0))
 
 
 #: What ``structlog.processors.add_log_level`` calls a method's level, where it differs.
