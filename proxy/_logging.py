@@ -191,14 +191,20 @@ class BatchedLines:
     def msg(self, line: str) -> None:
         """Add one rendered line (without its newline)."""
         size = len(line) + 1
+        earlier = now = None
         with self._lock:
             if self._size + size > PIPE_BUF and self._pending:
-                self._write_pending()  # whole lines of at most PIPE_BUF per write
+                earlier = self._take()  # whole lines of at most PIPE_BUF per write
             self._pending.append(line)
             self._size += size
-            if self._size < PIPE_BUF and self._schedule():
-                return
-            self._write_pending()
+            if self._size >= PIPE_BUF or not self._schedule():
+                now = self._take()
+        # Written outside the lock: a write that blocks (a full pipe) or logs (a warning)
+        # must not hold, or deadlock, another thread's line.
+        if earlier is not None:
+            self._write(earlier)
+        if now is not None:
+            self._write(now)
 
     # structlog calls the method named as the level; every level is a line here.
     log = debug = info = warn = warning = err = error = critical = exception = fatal = \
@@ -226,16 +232,21 @@ class BatchedLines:
     def write_out(self) -> None:
         """Write every pending line now."""
         with self._lock:
-            self._write_pending()
+            text = self._take()
+        if text is not None:
+            self._write(text)
 
-    def _write_pending(self) -> None:
-        """Write the batch (the lock is held); a closed stderr loses nothing else."""
+    def _take(self) -> str | None:
+        """The batch as one text, emptied (the lock is held); None when empty."""
         self._timer_loop = None
         if not self._pending:
-            return
+            return None
         text = "\n".join(self._pending) + "\n"
         self._pending.clear()
         self._size = 0
+        return text
+
+    def _write(self, text: str) -> None:
         try:
             self._file.write(text)
             self._file.flush()
