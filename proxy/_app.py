@@ -22,9 +22,9 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
-from ._cache import install_cache
+from ._cache import cache_headers, install_cache
 from ._client_guard import send_and_close
-from ._compress import install_compression
+from ._compress import compress_answer, install_compression
 from ._connections import KEEPALIVE_S, UpstreamSessions
 from ._errors import ClientRequestError, InternalError, NotFound, ProxyError, http_error
 from ._handlers import add_api_routes
@@ -90,7 +90,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS]
     started = time.perf_counter()
     if is_api:
-        metrics.in_flight.inc()
+        metrics.request_started()
     status = 500
     try:
         check_target(request.raw_path)
@@ -135,7 +135,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                              f"details under request id {request_id}").to_response(request_id)
     finally:
         if is_api:
-            metrics.in_flight.dec()
+            metrics.request_finished()
             metrics.requests.labels(summary.route, summary.upstream, str(status)).inc()
             log.info("request_finished", method=request.method, path=request.path, status=status,
                      route=summary.route, upstream=summary.upstream, attempts=summary.attempts,
@@ -146,11 +146,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return resp
 
 
-async def _rate_limit_headers(request: web.Request, resp: web.StreamResponse) -> None:
-    """Every answer to a client with rpm/tpm limits carries OpenAI's x-ratelimit-* headers."""
+async def _prepare_answer(request: web.Request, resp: web.StreamResponse) -> None:
+    """The one ``on_response_prepare`` hook: each step is a plain call, not a coroutine
+    of its own per answer.
+
+    Every answer to a client with rpm/tpm limits carries OpenAI's x-ratelimit-* headers;
+    the cache says what it did (``x-skyroute-cache``); whole ``/v1`` answers are
+    compressed for clients that accept it (last: it sees the final headers).
+    """
     headers = request.get(RATE_LIMIT_HEADERS)
     if headers:
         resp.headers.update(headers)
+    cache_headers(request, resp)
+    compress_answer(request, resp)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -203,7 +211,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     """
     register_secrets(config_secrets(config))
     app = web.Application(middlewares=[error_middleware])
-    app.on_response_prepare.append(_rate_limit_headers)
+    app.on_response_prepare.append(_prepare_answer)
     app[CLOCK] = clock
     app[SERVING] = Serving(runtime=Runtime(config=config, router=Router(config)),
                            config_path=Path(config_path) if config_path else None)

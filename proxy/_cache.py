@@ -490,16 +490,18 @@ def _mark(request: web.Request, route: str, result: str, *, age: str | None = No
     structlog.contextvars.bind_contextvars(cache=result)
 
 
-async def _cache_headers(request: web.Request, resp: web.StreamResponse) -> None:
+def cache_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Put the ``x-skyroute-cache`` (and ``Age``) headers on the answer being prepared
+    (run by the app's one ``on_response_prepare`` hook, ``proxy._app``)."""
     headers = request.get(_CACHE_HEADERS)
     if headers:
         resp.headers.update(headers)
 
 
 def install_cache(app: web.Application) -> None:
-    """Give ``app`` a response cache: its app key, headers, and lifecycle."""
+    """Give ``app`` a response cache: its app key and lifecycle (its headers:
+    ``cache_headers``)."""
     app[CACHE] = CacheHolder(app[METRICS].registry)
-    app.on_response_prepare.append(_cache_headers)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cache = app[CACHE].for_policy(app[SERVING].runtime.config.cache)  # connect at start

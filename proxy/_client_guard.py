@@ -276,6 +276,10 @@ class ConnectionGuard:
             self.sweep(loop.time())
 
 
+#: More than what aiohttp adds around a write (chunk framing, the headers of the first).
+_FRAMING_BYTES = 16 * 1024
+
+
 async def send_within(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
     """Write ``data`` to a streamed response; drop a client that stops reading.
 
@@ -284,6 +288,15 @@ async def send_within(request: web.Request, resp: web.StreamResponse, data: byte
     ``max_connections``, for as long as it likes. Its connection is aborted and the
     write raises ``ConnectionResetError``, as for a client that went away.
     """
+    transport = request.transport
+    if transport is not None and not request.protocol.writing_paused and \
+            transport.get_write_buffer_size() + len(data) + _FRAMING_BYTES \
+            <= transport.get_write_buffer_limits()[1]:
+        # The transport cannot pause for this write, so it cannot wait (aiohttp waits
+        # only on a paused transport): no timer to arm for it, as for nearly every event
+        # of a stream a client reads.
+        await resp.write(data)
+        return
     timeout_s = request.app[SERVING].runtime.config.limits.send_timeout_s
     try:
         async with asyncio.timeout(timeout_s):

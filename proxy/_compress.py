@@ -75,7 +75,9 @@ class _CompressionMetrics:
 _METRICS = web.AppKey("compression_metrics", _CompressionMetrics)
 
 
-async def _compress(request: web.Request, resp: web.StreamResponse) -> None:
+def compress_answer(request: web.Request, resp: web.StreamResponse) -> None:
+    """Compress a whole ``/v1`` answer being prepared, for a client that accepts it (run
+    by the app's one ``on_response_prepare`` hook, ``proxy._app``)."""
     if not isinstance(resp, web.Response) or not request.path.startswith("/v1/"):
         return
     body = resp.body
@@ -99,6 +101,5 @@ async def _compress(request: web.Request, resp: web.StreamResponse) -> None:
 
 
 def install_compression(app: web.Application) -> None:
-    """Compress ``app``'s whole ``/v1`` answers for clients that accept it."""
+    """Give ``app`` what ``compress_answer`` needs: its metrics."""
     app[_METRICS] = _CompressionMetrics(app[METRICS].registry)
-    app.on_response_prepare.append(_compress)

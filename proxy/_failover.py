@@ -81,7 +81,8 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
-    clock = request.app[CLOCK]
+    app = request.app
+    clock = app[CLOCK]
     plan = router.plan(route, now=clock(), prefer=prefer, pinned=pinned)
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
@@ -93,7 +94,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
             raise _give_up(target, route, metrics)
         summary.attempts, summary.upstream = plan.attempts, target.name
         answer = await _attempt(request, target, call, session, metrics, router, plan,
-                                request_id, resuming=resuming,
+                                request_id, clock, app[UPSTREAM_SLOTS], resuming=resuming,
                                 track=count_usage or route.resume, extra_headers=extra_headers)
         if isinstance(answer, tuple):
             resp, outcome, transcript = answer
@@ -102,7 +103,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
                 summary.endpoint = outcome.target.endpoint
             summary.cut = outcome.detail or None
             _book(router, plan, metrics, outcome, clock())
-            request.app[TRAFFIC].record_served(route.model, outcome.target.name, clock())
+            app[TRAFFIC].record_served(route.model, outcome.target.name, clock())
             if resuming is not None:
                 result = "cut" if summary.cut else "resumed"
                 metrics.stream_resumes.labels(route.model, result).inc()
@@ -133,7 +134,7 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         if decision.paid:
             metrics.retries_paid.labels(route.model).inc()
         if decision.delay_s > 0:
-            await request.app[SLEEP](decision.delay_s)
+            await app[SLEEP](decision.delay_s)
 
 
 def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | GiveUp:
@@ -153,8 +154,9 @@ def _next_target(plan: AttemptPlan, metrics: Metrics, now: float) -> Target | Gi
 
 async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
                    session: UpstreamSessions, metrics: Metrics, router: Router,
-                   plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None,
-                   track: bool, extra_headers: Mapping[str, str] | None = None,
+                   plan: AttemptPlan, request_id: str, clock: Clock, slots: UpstreamSlots, *,
+                   resuming: _Interrupted | None, track: bool,
+                   extra_headers: Mapping[str, str] | None = None,
                    ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
         | _Interrupted | Failed:
     """One attempt: an answer sent to the client, a resumable cut, or ``Failed``.
@@ -162,15 +164,14 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
     With ``resuming``, the attempt continues that cut stream: the request asks for
     the rest of the partial answer, and its events go into the same response.
     """
-    clock = request.app[CLOCK]
     if resuming is not None:
         call = call.continuing(resuming.transcript.text, resuming.transcript.content_chunks)
     target, opened = await _open_hedged(target, call, session, metrics, router, plan,
-                                        request_id, request.app[UPSTREAM_SLOTS], clock)
+                                        request_id, slots, clock)
     if isinstance(opened, Failed):
         return opened
     try:
-        return await _answer(request, opened, call, metrics, plan, request_id,
+        return await _answer(request, opened, call, metrics, plan, request_id, clock,
                              resuming=resuming, track=track, extra_headers=extra_headers)
     except BaseException:
         router.cancel(opened.target, now=clock())  # the client went away mid-answer
@@ -178,12 +179,12 @@ async def _attempt(request: web.Request, target: Target, call: UpstreamCall,
 
 
 async def _answer(request: web.Request, opened: Opened, call: UpstreamCall, metrics: Metrics,
-                  plan: AttemptPlan, request_id: str, *, resuming: _Interrupted | None, track: bool,
+                  plan: AttemptPlan, request_id: str, clock: Clock, *,
+                  resuming: _Interrupted | None, track: bool,
                   extra_headers: Mapping[str, str] | None,
                   ) -> tuple[web.StreamResponse, AttemptOutcome, StreamTranscript | None] \
         | _Interrupted | Failed:
     """Send the answer ``opened`` has begun to the client (see ``_attempt``)."""
-    clock = request.app[CLOCK]
     target = opened.target
     metrics.ttfb.labels(target.name, target.upstream.region).observe(opened.ttfb_s)
     transcript: StreamTranscript | None = None

@@ -98,17 +98,28 @@ async def read_body(request: web.Request, limit: int, *, idle_timeout_s: float) 
     if declared is not None and declared > limit:
         raise BodyTooLarge(f"request body of {declared} bytes is over the "
                            f"limit of {limit} bytes (limits.max_body_bytes)")
-    chunks, size = [], 0
-    async for chunk in body_chunks(request, idle_timeout_s):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes "
-                               "(limits.max_body_bytes)")
-        chunks.append(chunk)
-    if declared is not None and size < declared:
-        raise ClientRequestError(f"the request body ended after {size} of the {declared} "
+    content = request.content
+    if content.is_eof():  # all of it came with the head (most JSON bodies): no wait, no timer
+        body = content.read_nowait()
+    else:
+        chunks, size = [], 0
+        async for chunk in body_chunks(request, idle_timeout_s):
+            size += len(chunk)
+            if size > limit:  # refused as soon as it passes the limit, not read on
+                raise _over_limit(limit)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    if len(body) > limit:
+        raise _over_limit(limit)
+    if declared is not None and len(body) < declared:
+        raise ClientRequestError(f"the request body ended after {len(body)} of the {declared} "
                                  "bytes its Content-Length announced")
-    return b"".join(chunks)
+    return body
+
+
+def _over_limit(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body is over the limit of {limit} bytes "
+                        "(limits.max_body_bytes)")
 
 
 #: Deepest JSON nesting accepted in a request body. OpenAI payloads nest a few
@@ -187,20 +198,20 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         raise http_error(405, f"{request.method} is not forwarded; the OpenAI API uses "
                               "GET, POST and DELETE")
     path_qs = upstream_path(request.raw_path)
-    runtime = request.app[SERVING].runtime  # this request keeps this config to the end
+    app = request.app  # a property walking the match info: looked up once
+    runtime = app[SERVING].runtime  # this request keeps this config to the end
     client = authenticate(request, runtime)
-    with request.app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
-        return await _serve_api(request, runtime, client, path_qs)
+    with app[CLIENT_CONCURRENCY].hold(client):  # a refused request uses no rpm
+        return await _serve_api(request, app, runtime, client, path_qs)
 
 
-async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | None,
-                     path_qs: str) -> web.StreamResponse:
+async def _serve_api(request: web.Request, app: web.Application, runtime: Runtime,
+                     client: ApiKey | None, path_qs: str) -> web.StreamResponse:
     """The rest of ``handle_api`` once the client is known and admitted."""
-    config, store = runtime.config, request.app[STATE_SYNC].store
-    if client is not None:
+    config, sync = runtime.config, app[STATE_SYNC]
+    if client is not None and (client.rpm is not None or client.tpm is not None):
         request[RATE_LIMIT_HEADERS] = enforce_limits(
-            store, client, request.app[METRICS], now=time.time(),
-            shares=request.app[LIMIT_SHARES])
+            sync.store, client, app[METRICS], now=time.time(), shares=app[LIMIT_SHARES])
     call = await _read_call(request, config, path_qs)
     try:
         route, alias = choose_route(runtime.router, call.payload if call.upload is None
@@ -208,7 +219,7 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
                                     else None)
         call.alias = alias
         resp = await serve_cached(request, route, call, client, functools.partial(
-            _serve, request, runtime.router, route, call, client))
+            _serve, request, app, runtime.router, route, call, client))
     finally:
         if call.upload is not None:
             call.upload.close()
@@ -217,10 +228,10 @@ async def _serve_api(request: web.Request, runtime: Runtime, client: ApiKey | No
     body = resp.body if isinstance(resp, web.Response) else None
     body = body if isinstance(body, bytes) else None
     if resp.status < 300 and creates_object(call.method, call.path_qs):
-        remember_created(request.app[STATE_SYNC].objects, body or summary.stream_head,
-                         summary.upstream, config, request.app[METRICS])
+        remember_created(sync.objects, body or summary.stream_head,
+                         summary.upstream, config, app[METRICS])
     if client is not None and client.tpm is not None:
-        count_tokens(store, client, body, streamed=summary.stream_tokens)
+        count_tokens(sync.store, client, body, streamed=summary.stream_tokens)
     return resp
 
 
@@ -242,33 +253,34 @@ async def _read_call(request: web.Request, config: Config, path_qs: str) -> Upst
                         accept_encoding=request.headers.get("Accept-Encoding", ""))
 
 
-async def _serve(request: web.Request, router: Router, route: Route, call: UpstreamCall,
-                 client: ApiKey | None) -> web.StreamResponse:
+async def _serve(request: web.Request, app: web.Application, router: Router, route: Route,
+                 call: UpstreamCall, client: ApiKey | None) -> web.StreamResponse:
     """Route and serve ``call``: to the holder of an object it names, else by degradation."""
-    config, store = router.config, request.app[STATE_SYNC].store
-    metrics, clock = request.app[METRICS], request.app[CLOCK]
+    config, sync = router.config, app[STATE_SYNC]
+    metrics, clock = app[METRICS], app[CLOCK]
     now = clock()
     summary = request[SUMMARY]
+    ids = named_ids(call.path_qs, call.payload)
+    holder = holder_of(sync.objects, ids, router, metrics, now=now) if ids else None
     serve = functools.partial(serve_route, request, router=router, call=call,
-                              session=request.app[UPSTREAM_SESSIONS], metrics=metrics,
+                              session=app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary,
                               count_usage=client is not None and client.tpm is not None)
-    ids = named_ids(call.path_qs, call.payload)
-    holder = holder_of(request.app[STATE_SYNC].objects, ids, router, metrics,
-                       now=now) if ids else None
     if holder is not None:  # only that upstream has the object: no fallback, no session
         return await serve(route=route, pinned=holder)
     decision = decide(router, route, call.payload, metrics, now=now)
     if call.body is not None:
         call.body, call.payload = cap_max_tokens(call.body, call.payload, decision, metrics)
     session_id = session_id_of(request, call.payload, config.sessions)
-    session = store.get(session_id, now=time.time()) if session_id else None
+    session = sync.store.get(session_id, now=time.time()) if session_id else None
     pinned = session.upstream if session else None
-    resp = await serve_decided(functools.partial(serve, prefer=pinned), decision, asked=route,
+    if pinned is not None:
+        serve = functools.partial(serve, prefer=pinned)
+    resp = await serve_decided(serve, decision, asked=route,
                                router=router, metrics=metrics, summary=summary,
                                deadline=now + route.timeout_s, clock=clock)
     if session_id:
-        remember_session(store, session_id, affinity_after(
+        remember_session(sync.store, session_id, affinity_after(
             pinned=pinned, served_by=summary.upstream, status=resp.status,
             fallback=summary.fallback is not None))
     return resp

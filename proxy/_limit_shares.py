@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
-from skyroute.routing import SHARE_LIVE_S, ApiKey, LimitShares, PeerShares, live_limit
+from skyroute.routing import SHARE_LIVE_S, Config, LimitShares, PeerShares, live_limit
 from skyroute.statesync import SessionStore
 
 from ._metrics import Metrics
@@ -83,10 +83,13 @@ class SharedLimits:
                 peers[writer] = parsed
         self._peers = peers
 
-    def tick(self, store: SessionStore, keys: Mapping[str, ApiKey], metrics: Metrics, *,
+    def tick(self, store: SessionStore, limits: Mapping[str, int], metrics: Metrics, *,
              now: float) -> None:
-        """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry."""
-        limits = {name: k.rpm for name, k in keys.items() if k.rpm is not None}
+        """Refresh, rebalance every key with an ``rpm`` and publish this writer's entry.
+
+        Args:
+            limits: each key's ``rpm``, for the keys that have one (``rpm_limits``).
+        """
         if not limits and not self._published:
             return  # no key has an rpm: nothing to share, nothing written
         self.refresh(store, now=now)
@@ -120,15 +123,24 @@ class SharedLimits:
 LIMIT_SHARES = web.AppKey("limit_shares", SharedLimits)
 
 
+def rpm_limits(config: Config) -> dict[str, int]:
+    """Each client key's ``rpm``, for the keys that have one."""
+    return {k.name: k.rpm for k in config.api_keys or () if k.rpm is not None}
+
+
 async def limit_share_loop(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: rebalance and publish rate-limit shares every ``SHARE_TICK_S``
     (``app[LIMIT_SHARES]`` is set where the app is built)."""
 
     async def loop() -> None:
+        config: Config | None = None
+        limits: dict[str, int] = {}
         while True:
             await asyncio.sleep(SHARE_TICK_S)
-            keys = {k.name: k for k in app[SERVING].runtime.config.api_keys or ()}
-            app[LIMIT_SHARES].tick(app[STATE_SYNC].store, keys, app[METRICS], now=time.time())
+            current = app[SERVING].runtime.config
+            if current is not config:  # per config, not per tick: 100,000 keys are many
+                config, limits = current, rpm_limits(current)
+            app[LIMIT_SHARES].tick(app[STATE_SYNC].store, limits, app[METRICS], now=time.time())
 
     async with running(loop(), name="skyroute-limit-shares"):
         yield

@@ -103,6 +103,12 @@ class Metrics:
         self.in_flight = Gauge(
             "skyroute_in_flight_requests", "Client requests being served now.",
             multiprocess_mode="livesum", registry=r)
+        # One process, one event loop: the count is a plain int the gauge reads when
+        # scraped (no lock per request). Under --workers a scrape sums the workers'
+        # files, which only inc/dec write.
+        self._in_flight_now = 0
+        if self._multiprocess_dir is None:
+            self.in_flight.set_function(lambda: self._in_flight_now)
         self.client_connections = Gauge(
             "skyroute_client_connections", "Client connections open now.",
             multiprocess_mode="livesum", registry=r)
@@ -210,6 +216,20 @@ class Metrics:
             "Failed checks of local GPU pool servers, by check: health (no 2xx from "
             "health_path in time) or metrics (metrics_path unreachable or unreadable).",
             ["upstream", "endpoint", "check"], registry=r)
+
+    def request_started(self) -> None:
+        """One more client request in flight (``skyroute_in_flight_requests``)."""
+        if self._multiprocess_dir is None:
+            self._in_flight_now += 1
+        else:
+            self.in_flight.inc()
+
+    def request_finished(self) -> None:
+        """One client request fewer in flight."""
+        if self._multiprocess_dir is None:
+            self._in_flight_now -= 1
+        else:
+            self.in_flight.dec()
 
     def watch_pools(self, views: PoolViews) -> Callable[[], None]:
         """Report every pool endpoint from ``views()`` at each ``/metrics`` scrape.

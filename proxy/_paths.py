@@ -37,8 +37,13 @@ _DOT_SEGMENT = re.compile(r"^(?:\.|%2[Ee]){1,2}$")
 _FIX = "send the path as the OpenAI SDK does, e.g. /v1/chat/completions"
 
 
+@lru_cache(maxsize=4096)
 def _problem(target: str) -> str | None:
-    """What is wrong with a raw request target, or None when it is served."""
+    """What is wrong with a raw request target, or None when it is served.
+
+    Cached: clients send the same few targets over and over, and the error middleware
+    and ``upstream_path`` both ask (a pure function of the text, so a cache is exact).
+    """
     if not target.startswith("/") or target.startswith("//"):
         return ("the request target must be a path such as /v1/chat/completions "
                 "(absolute URLs and other request-target forms are not accepted)")

@@ -33,7 +33,8 @@ import ahocorasick
 from skyroute.routing import Config
 
 REDACTED = "[redacted]"
-_FLAT = (str, int, float, bool, type(None))
+#: Types of values that cannot hold a secret: the fast path needs no search of them.
+_NUMBERS = frozenset({int, float, bool, type(None)})
 #: Secrets shorter than this are not registered: replacing "a" everywhere would
 #: garble the log while protecting nothing (config validation asks for real keys).
 MIN_SECRET_LENGTH = 6
@@ -51,6 +52,8 @@ _PATTERNS = (
 #: lines contain none.
 _MARKERS = ("earer", "EARER", "asic", "sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "eyJ", "=",
             "://")
+#: Whether a text holds any of ``_MARKERS``: one search instead of one per marker.
+_ANY_MARKER = re.compile("|".join(re.escape(marker) for marker in _MARKERS))
 #: A run of token characters long enough to be a key; ``_is_random`` decides.
 _RUN = re.compile(r"[A-Za-z0-9_-]{32,}")
 
@@ -109,7 +112,7 @@ def config_secrets(config: Config) -> list[str | None]:
 def redact(text: str) -> str:
     """``text`` with known secrets and key-shaped strings replaced by ``[redacted]``."""
     text = _replace_known(text)
-    if any(marker in text for marker in _MARKERS):
+    if _ANY_MARKER.search(text) is not None:
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
     return _RUN.sub(_token, text)
@@ -129,7 +132,7 @@ def _needs_redaction(text: str) -> bool:
     automaton = _automaton
     if automaton is not None and next(automaton.iter(text), None) is not None:
         return True
-    if any(marker in text for marker in _MARKERS):
+    if _ANY_MARKER.search(text) is not None:
         return True
     return any(_is_random(m.group()) for m in _RUN.finditer(text))
 
@@ -148,14 +151,33 @@ def _redact_value(value: Any, depth: int = 0) -> Any:
     return value
 
 
+#: Fields skyroute's own processors write (the event's name is always a literal in
+#: the code, the level and time are formatted here): they cannot hold a secret, so
+#: they are not searched, and never garbled by a short secret that happens to match.
+OWN_FIELDS = frozenset({"event", "level", "timestamp"})
+
+
 def redact_processor(logger: Any, method: str,
                      event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: redact every value of the event (run it last before rendering)."""
-    # Fast path, taken by almost every line: one search over all the flat string values.
-    flat = all(isinstance(v, _FLAT) for v in event_dict.values())
-    if flat and not _needs_redaction("\n".join(v for v in event_dict.values()
-                                               if isinstance(v, str))):
-        return event_dict
+    """structlog processor: redact every value of the event (run it last before rendering).
+
+    Every value that could hold a secret is searched: every string but ``OWN_FIELDS``,
+    and everything inside a value that is not a plain string or number (a list, a dict,
+    an exception). Numbers, booleans and None cannot hold one (a secret is text).
+    """
+    # Fast path, taken by almost every line: one search over the flat string values.
+    texts = []
     for key, value in event_dict.items():
-        event_dict[key] = _redact_value(value)
+        kind = type(value)  # exact types: a str subclass takes the slow path
+        if kind is str:
+            if key not in OWN_FIELDS:
+                texts.append(value)
+        elif kind not in _NUMBERS:
+            break
+    else:
+        if not texts or not _needs_redaction("\n".join(texts)):
+            return event_dict
+    for key, value in event_dict.items():
+        if key not in OWN_FIELDS:
+            event_dict[key] = _redact_value(value)
     return event_dict

@@ -28,6 +28,7 @@ from ._client_guard import (
     check_connection_cap,
     raise_open_file_limit,
 )
+from ._logging import flush_logs
 from ._reload import request_reload
 from ._startup import listen_error
 from ._state import METRICS, SERVING, Clock
@@ -153,6 +154,7 @@ async def serve_forever(server: Server, *, stop: asyncio.Event | None = None,
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await server.aclose()
+        flush_logs()  # the drain's lines out now, not at the batch's timer
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], /) -> None:

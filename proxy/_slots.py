@@ -79,6 +79,10 @@ class UpstreamSlots:
         return Slot(semaphore)
 
 
+#: ``hold`` for a key without ``max_concurrent``: stateless, so one serves every request.
+_NOTHING_HELD = contextlib.nullcontext()
+
+
 @final
 class ClientConcurrency:
     """Requests in flight per client key, capped by the key's ``max_concurrent``."""
@@ -92,19 +96,20 @@ class ClientConcurrency:
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)
 
-    @contextlib.contextmanager
-    def hold(self, client: ApiKey | None) -> Iterator[None]:
+    def hold(self, client: ApiKey | None) -> contextlib.AbstractContextManager[None]:
         """Count one request of ``client`` while the block runs.
 
         Raises:
             TooManyRequests: the key already has ``max_concurrent`` requests in flight.
         """
         if client is None or client.max_concurrent is None:
-            yield
-            return
-        name = client.name
+            return _NOTHING_HELD  # most keys: no generator, nothing counted
+        return self._held(client.name, client.max_concurrent)
+
+    @contextlib.contextmanager
+    def _held(self, name: str, max_concurrent: int) -> Iterator[None]:
         current = self._in_flight.get(name, 0)
-        if current >= client.max_concurrent:
+        if current >= max_concurrent:
             raise TooManyRequests(
                 f"key '{name}' already has {current} requests in flight, its max_concurrent "
                 "in auth.api_keys; wait for one to finish", retry_after_s=1.0)

@@ -46,6 +46,7 @@ from typing import final
 import structlog
 from skyroute.routing import Config
 
+from ._logging import flush_logs
 from ._startup import StartupError, listen_error
 
 log = structlog.get_logger("skyroute.workers")
@@ -322,6 +323,12 @@ def worker_started(spec: WorkerSpec) -> None:
     os.close(spec.ready_fd)
 
 
+def _exit_now() -> None:
+    """Exit at once (a drain that hangs), the log lines still batched written first."""
+    flush_logs()
+    os._exit(1)
+
+
 def stop_when_supervisor_exits(spec: WorkerSpec, stop: asyncio.Event, *,
                                grace_s: float) -> None:
     """Drain (set ``stop``) when the supervisor's end of the lifeline closes (it died).
@@ -335,7 +342,7 @@ def stop_when_supervisor_exits(spec: WorkerSpec, stop: asyncio.Event, *,
         loop.remove_reader(spec.lifeline_fd)  # at EOF the pipe stays readable: once only
         log.warning("worker_orphaned", exit_in_s=grace_s + _KILL_AFTER_GRACE_S)
         stop.set()
-        loop.call_later(grace_s + _KILL_AFTER_GRACE_S, os._exit, 1)
+        loop.call_later(grace_s + _KILL_AFTER_GRACE_S, _exit_now)
 
     loop.add_reader(spec.lifeline_fd, orphaned)
 

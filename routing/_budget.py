@@ -106,11 +106,14 @@ class BucketedCounts:
         """
         if not 0 <= field < len(self._totals):
             raise IndexError(f"field {field} out of range 0..{len(self._totals) - 1}")
-        index = self._expire(now)
-        if not self._buckets or self._buckets[-1][0] < index:
-            self._buckets.append([index] + [0] * len(self._totals))
+        buckets = self._buckets
+        # Within the newest bucket (or late) nothing can have left the window since that
+        # bucket was made: only a new bucket expires old ones.
+        if not buckets or buckets[-1][0] < math.floor(now / self._bucket_s):
+            index = self._expire(now)
+            buckets.append([index] + [0] * len(self._totals))
         # A late ``now`` (older than the newest bucket) lands in the newest one.
-        self._buckets[-1][1 + field] += n
+        buckets[-1][1 + field] += n
         self._totals[field] += n
 
     def totals(self, *, now: float) -> tuple[int, ...]:

@@ -243,6 +243,8 @@ class UpstreamHealth:
             self.breaker.record(Outcome.FAILURE, now=now)
             if result in _NO_ANSWER and self.breaker.state(now=now) is BreakerState.OPEN:
                 self.down_until = self.breaker.open_until
+        if self.state(now=now) is self._last_state:  # the usual case: no reason to format
+            return None
         return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
 
     def cancel(self, *, now: float) -> None:

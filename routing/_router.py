@@ -239,8 +239,13 @@ class Router:
             names = sorted(names, key=lambda n: self._health[n].outstanding)
         elif route.strategy == Strategy.WEIGHTED:
             names = self._weighted_order(names, now)
-        # An upstream back from slow yields its place while its ramp runs.
-        ramping = [n for n in names if self._rng.random() >= self._health[n].share(now=now)]
+        # An upstream back from slow yields its place while its ramp runs (no draw for
+        # the others: a share of 1 always keeps its place).
+        rng, health = self._rng, self._health
+        ramping = [n for n in names
+                   if (share := health[n].share(now=now)) < 1.0 and rng.random() >= share]
+        if not ramping:
+            return names
         return [n for n in names if n not in ramping] + ramping
 
     def _weighted_order(self, names: list[str], now: float) -> list[str]:

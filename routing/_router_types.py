@@ -7,7 +7,7 @@ gets ``Respond`` / ``Retry`` / ``GiveUp`` back; none of them carries behaviour.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from .config import Upstream
@@ -84,10 +84,11 @@ class Target:
     upstream: Upstream
     endpoint: str  # base URL, e.g. http://10.0.0.5:8000/v1
     model: str  # the upstream's own model name for the requested alias
+    #: The upstream's name: a field, read a dozen times per request, set once here.
+    name: str = field(init=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        return self.upstream.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.upstream.name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

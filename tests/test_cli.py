@@ -121,6 +121,48 @@ async def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(standin, tmp_p
         await proc.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_right_after_requests_loses_no_access_line(standin, tmp_path, workers):
+    """Access lines wait in a batch (``proxy._logging.BatchedLines``); SIGTERM right after a
+    burst of requests still writes every one, whole, with its request id and fields."""
+    up = await standin("us-east")
+    path = tmp_path / "routing.yaml"
+    path.write_text(routing_yaml([entry(up, models="{chat: deepseek-chat}")]))
+    proc = await _start("run", "-c", str(path), "--workers", workers, "--grace", "5")
+    try:
+        url = (await proc.wait_line(r'"url": "(http://[^"]+)"')).group(1)
+        if workers == "2":
+            await proc.wait_line(r'"event": "workers_started"')
+        ids = [f"flush-{workers}-{n}" for n in range(40)]
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+
+            async def ask(request_id: str) -> None:
+                async with http.post(f"{url}/v1/chat/completions", json={
+                        "model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {CLIENT_KEY}",
+                                 "X-Request-ID": request_id}) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+            await asyncio.gather(*(ask(request_id) for request_id in ids))
+        assert await proc.stop() == 0  # at once: the last lines are still batched
+        assert proc.proc.stderr is not None
+        rest = await asyncio.wait_for(proc.proc.stderr.read(), CALL_TIMEOUT_S)
+    finally:
+        await proc.stop(signal.SIGKILL)
+    events = [json.loads(line) for line in [*proc.lines, *rest.decode().splitlines()]]
+    finished = {e["request_id"]: e for e in events if e["event"] == "request_finished"}
+    assert set(ids) <= set(finished)
+    for request_id in ids:
+        line = finished[request_id]
+        assert {k: line[k] for k in ("method", "path", "status", "route", "upstream",
+                                     "attempts", "level")} == {
+            "method": "POST", "path": "/v1/chat/completions", "status": 200, "route": "chat",
+            "upstream": "us-east", "attempts": 1, "level": "info"}
+        assert isinstance(line["latency_ms"], float | int) and line["timestamp"]
+
+
 async def test_run_refuses_an_invalid_file_at_start(tmp_path):
     """skyroute run with a broken file prints one line per problem and exits 1 unserved."""
     path = tmp_path / "routing.yaml"

@@ -7,6 +7,8 @@ import datetime
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, InvalidHeader, LineTooLong
 from skyroute.proxy._logging import (
+    FLUSH_AFTER_S,
+    PIPE_BUF,
+    BatchedLines,
     StdlibBridge,
     add_timestamp,
     parse_error_reason,
@@ -177,3 +182,95 @@ def test_json_lines_are_json_dumps_byte_for_byte():
     expected = json.dumps(event, default=lambda o: o.__structlog__()
                           if hasattr(o, "__structlog__") else repr(o))
     assert render_json(None, "info", event) == expected
+
+
+class _Writes:
+    """A text file stand-in that keeps each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_lines_in_a_running_loop_go_out_together_within_the_flush_delay():
+    """A busy loop's lines are one write (not one per line), out within FLUSH_AFTER_S."""
+    out = _Writes()
+    lines = BatchedLines(out)
+    for n in range(5):
+        lines.info(f"line {n}")
+    assert out.writes == []
+    await eventually(lambda: bool(out.writes), timeout=FLUSH_AFTER_S * 40)
+    assert out.writes == ["line 0\nline 1\nline 2\nline 3\nline 4\n"]
+
+
+async def test_each_write_is_whole_lines_of_at_most_pipe_buf_bytes():
+    """Workers share stderr: every write is whole lines within PIPE_BUF (atomic on a pipe)."""
+    out = _Writes()
+    lines = BatchedLines(out)
+    sent = [f"{n:04d} " + "x" * (n % 300) for n in range(200)]
+    for line in sent:
+        lines.info(line)
+    lines.info("y" * (PIPE_BUF + 10))  # longer than PIPE_BUF: alone in its write
+    lines.flush()
+    assert "".join(out.writes) == "\n".join([*sent, "y" * (PIPE_BUF + 10)]) + "\n"
+    assert all(w.endswith("\n") and (len(w) <= PIPE_BUF or w.count("\n") == 1)
+               for w in out.writes)
+    assert len(out.writes) < 30  # batched, not one write per line
+
+
+def test_lines_batched_in_a_loop_that_closed_come_out_with_the_next_line():
+    """A loop that ends before its batch's timer (a test's, a CLI command's) loses nothing:
+    the next line, written outside any loop, takes the batch with it."""
+    out = _Writes()
+    lines = BatchedLines(out)
+
+    async def log_some() -> None:
+        lines.info("in the loop")
+
+    asyncio.run(log_some())
+    assert out.writes == []  # its timer never ran
+    lines.info("after the loop")
+    assert out.writes == ["in the loop\nafter the loop\n"]
+
+    async def log_again() -> None:  # and a new loop schedules its own write
+        lines.info("next loop")
+        await eventually(lambda: len(out.writes) == 2, timeout=FLUSH_AFTER_S * 40)
+
+    asyncio.run(log_again())
+    assert out.writes[1] == "next loop\n"
+
+
+_EXIT_SCRIPT = """
+import asyncio, os, sys
+import structlog
+from skyroute.proxy._logging import configure_logging
+from skyroute.proxy._workers import _exit_now
+
+configure_logging(json=True)
+log = structlog.get_logger("test")
+
+async def main():
+    for n in range(300):
+        log.info("request_finished", n=n)
+    if sys.argv[1] == "os_exit":
+        _exit_now()  # a worker giving up on a drain: no atexit
+    # returns at once: the loop closes before the batch's timer fires
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "os_exit"])
+def test_no_line_is_lost_when_the_process_exits_with_lines_batched(how):
+    """Lines still in a batch when the process exits (normally, or by the worker's
+    ``os._exit`` after a hung drain) are all written, each whole."""
+    done = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, how], capture_output=True,
+                          text=True, timeout=CALL_TIMEOUT_S * 3, cwd=REPO)
+    assert done.returncode == (1 if how == "os_exit" else 0), done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["n"] for e in events] == list(range(300))

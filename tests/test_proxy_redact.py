@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from skyroute.proxy._redact import REDACTED, redact, redact_processor, register_secrets
 
@@ -59,3 +59,29 @@ def test_many_registered_secrets_each_replaced_inside_longer_text() -> None:
             assert secret not in out and REDACTED in out, text
     assert redact("a outer-SECRET-inner-tail b") == f"a {REDACTED} b"
     assert redact("a SECRET-inner b") == f"a {REDACTED} b"
+
+
+@given(key=st.sampled_from(["path", "method", "request_id", "cut", "upstream_request_id",
+                            "endpoint", "route"]),
+       before=st.text(max_size=20), after=st.text(max_size=20),
+       case=st.sampled_from(CASES))
+def test_every_field_but_skyroutes_own_is_searched(key: str, before: str, after: str,
+                                                   case: tuple[str, str]) -> None:
+    """Whatever field a client's or upstream's text lands in, key-shaped text in it goes
+    (the fast path checks all string fields at once, then redacts field by field)."""
+    assume(case[1] not in before + after)
+    event = {"event": "request_finished", "level": "info", "status": 200,
+             "timestamp": "2026-01-02T03:04:05.678901Z", key: f"{before} {case[0]} {after}"}
+    out = redact_processor(None, "info", dict(event))
+    assert out[key] == redact(event[key]) and case[1] not in out[key]
+
+
+def test_fields_skyroute_writes_itself_are_left_as_written() -> None:
+    """The event name, level and timestamp cannot hold a secret: a registered secret that
+    happens to look like part of one does not garble it; the same text elsewhere goes."""
+    register_secrets(["678901Z", "finished_Qx7"])
+    event = {"event": "request_finished_Qx7", "level": "info",
+             "timestamp": "2026-01-02T03:04:05.678901Z", "path": "/v1/678901Z"}
+    out = redact_processor(None, "info", dict(event))
+    assert out["timestamp"] == event["timestamp"] and out["event"] == event["event"]
+    assert out["path"] == f"/v1/{REDACTED}"
