@@ -14,7 +14,7 @@ With ``--keep DIR`` the callgrind dumps stay in DIR: ``callgrind_annotate
 DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions; the
 Python-level split is what ``--profile`` prints, from cProfile in the same process).
 
-Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR]
+Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR] [--workers]
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import http.client
 import json
 import os
 import re
+import select
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,6 +46,7 @@ from overhead import (  # noqa: E402 - the sibling benchmark's helpers
     UPSTREAM_KEY,
     Procs,
     body_for,
+    free_port,
     read_url_line,
     routing_yaml,
 )
@@ -113,6 +117,68 @@ def _counted(pid: int, out: Path, send: Callable[[], None]) -> int:
     raise RuntimeError(f"no callgrind dump from pid {pid}")
 
 
+def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
+                 ) -> tuple[subprocess.Popen[bytes], str, Callable[[], float]]:
+    """Worker 0 of a ``--workers 2`` pair (under callgrind) and its sibling (not).
+
+    This process plays the supervisor (``skyroute.proxy._workers``: a ``WorkerSpec`` each,
+    sync sockets, a multiprocess metrics directory), so that only worker 0 runs under
+    valgrind and only it gets requests: the sibling listens on a port of its own. Worker 0
+    is a statesync peer of the sibling and writes prometheus_client's multiprocess files,
+    as under ``skyroute run --workers 2``. Returns worker 0, its URL, and a function
+    giving the statesync messages the sibling has received so far.
+    """
+    from skyroute.proxy._workers import WORKER_ENV, WorkerSpec
+
+    metrics = procs.tmp / "metrics"
+    metrics.mkdir()
+    syncs = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.set_inheritable(True)
+        syncs.append(sock)
+    sync_ports = [s.getsockname()[1] for s in syncs]
+    http_ports = [free_port(), free_port()]
+    started = []
+    for index in (1, 0):  # the sibling first: it starts in seconds, worker 0 in minutes
+        ready_r, ready_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()  # kept open: closed, the worker would drain
+        procs.lifelines.append(lifeline_w)
+        spec = WorkerSpec(index=index, token="bench-sync-token", sync_fd=syncs[index].fileno(),
+                          peer_ports=(sync_ports[1 - index],), ready_fd=ready_w,
+                          lifeline_fd=lifeline_r)
+        log = procs.tmp / f"worker{index}.log"
+        with log.open("wb") as log_file:
+            proc = procs.spawn(
+                f"worker{index}",
+                [*(_valgrind(out) if index == 0 else []), *shlex.split(args.skyroute_cmd),
+                 "--log-format", "json", "--log-level", "info", "run", "-c", str(config),
+                 "--port", str(http_ports[index]), "--grace", "1", "--workers", "1"],
+                core=None, env={WORKER_ENV: spec.to_env(), "PROMETHEUS_MULTIPROC_DIR":
+                                str(metrics)},
+                pass_fds=(syncs[index].fileno(), ready_w, lifeline_r),
+                stdout=subprocess.DEVNULL, stderr=log_file)
+        os.close(ready_w)
+        os.close(lifeline_r)
+        started.append((proc, ready_r, log))
+    for _, ready_r, log in started:
+        ready, _, _ = select.select([ready_r], [], [], START_TIMEOUT_S)
+        if not ready or not os.read(ready_r, 1):
+            raise RuntimeError(f"worker did not start:\n{log.read_text()[-3000:]}")
+        os.close(ready_r)
+    sibling_metrics = f"http://127.0.0.1:{http_ports[1]}/metrics"
+
+    def sibling_received() -> float:
+        with urllib.request.urlopen(sibling_metrics, timeout=30) as resp:
+            text = resp.read().decode()
+        return sum(float(m[1]) for m in re.finditer(
+            r'^skyroute_sync_messages_total\{direction="in"[^}]*\} (\S+)$', text, re.M))
+
+    return started[1][0], f"http://127.0.0.1:{http_ports[0]}", sibling_received
+
+
 def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, float]]:
     procs = Procs()
     results: dict[str, dict[str, float]] = {}
@@ -134,16 +200,26 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
                 "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
                 "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
         sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
+        measured = [("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
+                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")]
+        sibling_received: Callable[[], float] | None = None
+        if args.workers:
+            worker_out = procs.tmp / "worker.cg"
+            worker, worker_url, sibling_received = _worker_pair(procs, args, config,
+                                                                worker_out)
+            measured.append(("worker", worker, worker_out,
+                             worker_url + "/v1/chat/completions", CLIENT_KEY, "chat"))
         for mode in ("json", "stream"):
             stream = mode == "stream"
             row = results[mode] = {}
-            for name, proc, out, url, key, model in (
-                    ("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
-                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")):
+            for name, proc, out, url, key, model in measured:
                 _send(url, key, model, stream=stream, count=args.warmup)
+                received = sibling_received() if name == "worker" and sibling_received else 0
                 total = _counted(proc.pid, out, functools.partial(
                     _send, url, key, model, stream=stream, count=args.requests))
                 row[name] = total / args.requests
+                if name == "worker" and sibling_received:
+                    row["sync_messages"] = (sibling_received() - received) / args.requests
                 print(f"  {mode:6} {name:8} {total / args.requests / 1e3:9.0f} k instr/request",
                       file=sys.stderr, flush=True)
         if keep is not None:
@@ -168,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests counted per phase")
     ap.add_argument("--warmup", type=int, default=50, help="requests before counting")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dumps of JSON requests here")
+    ap.add_argument("--workers", action="store_true",
+                    help="also count a worker of --workers 2 (a statesync peer of a sibling "
+                         "worker, multiprocess metrics) against one process")
     ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m "
                                               "skyroute.proxy.cli",
                     help="command that runs skyroute's CLI")
@@ -188,6 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:6} {row['bare'] / 1e3:9.0f} {row['skyroute'] / 1e3:11.0f} {ratio:15.2f}x")
     print(f"\n{'PASS' if worst <= GOAL else 'FAIL'}  instructions per request at most "
           f"{GOAL}x the bare pass-through's (worst {worst:.2f}x)")
+    if args.workers:
+        print("\na worker of --workers 2 (statesync peer of its sibling, multiprocess metrics) "
+              "against one process (--workers 1)")
+        print(f"{'mode':6} {'1 process k':>12} {'worker k':>9} {'worker / 1':>11} "
+              f"{'sync msg/req':>13}")
+        for mode, row in results.items():
+            print(f"{mode:6} {row['skyroute'] / 1e3:12.0f} {row['worker'] / 1e3:9.0f} "
+                  f"{row['worker'] / row['skyroute']:10.3f}x {row['sync_messages']:13.3f}")
+        print("(sync msg/req: statesync messages the sibling received per request, while "
+              "the worker served them; background ticks and pings run ~50x slower under "
+              "valgrind, so this overstates a real run's)")
     return 0
 
 
