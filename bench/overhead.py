@@ -543,6 +543,24 @@ def run_aiohttp(target: Target, *, stream: bool, concurrency: int, seconds: floa
                 p99_s=None, loadgen_cpu_s=time.process_time() - own0)
 
 
+def record_answers(upstream_url: str, path: Path) -> None:
+    """The stand-in's answers to the bench's JSON and streamed requests, for
+    ``bench/_canned_upstream.py`` to replay (same bytes, a fraction of the CPU)."""
+    recorded: dict[str, Any] = {}
+    for stream in (False, True):
+        request = urllib.request.Request(
+            upstream_url + "/chat/completions", data=body_for("deepseek-chat", stream),
+            headers={"Authorization": f"Bearer {UPSTREAM_KEY}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            body = resp.read().decode("latin-1")
+        if stream:
+            recorded["events"] = [e + "\n\n" for e in body.split("\n\n") if e]
+        else:
+            recorded["json"] = body
+    path.write_text(json.dumps(recorded))
+
+
 def busy_cpu_s() -> float:
     """CPU seconds every core of the machine spent busy so far (/proc/stat)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -675,7 +693,8 @@ def report_scaling(phases: list[ScalingPhase], args: argparse.Namespace
     cores = len(os.sched_getaffinity(0))
     by = {(p.mode, p.target): p for p in phases}
     out = ["", "Scaling: skyroute --workers 2 over --workers 1 (nothing pinned: load generator "
-           f"({args.load_generator}), upstream and skyroute share the {cores} cores)",
+           f"({args.load_generator}), upstream ({args.scaling_upstream}) and skyroute share "
+           f"the {cores} cores)",
            f"{'mode':6} {'conc':>4} {'target':7} {'req/s':>7} {'p50 ms':>7} "
            f"{'CPU ms/req':>10} {'upstream':>9} {'loadgen':>8} {'harness %':>9} "
            f"{'others':>7} {'sync msg/req':>12} {'sync B/req':>10}", "-" * 105]
@@ -712,7 +731,7 @@ def report_scaling(phases: list[ScalingPhase], args: argparse.Namespace
                         f"here), at {row['cpu_per_request_ratio_w2_vs_w1']:.2f}x its CPU per "
                         "request (goal: 1.00x)")
     out += [
-        "(CPU ms/req: supervisor and workers; upstream, loadgen: the stand-in upstream's and "
+        "(CPU ms/req: supervisor and workers; upstream, loadgen: the upstream's and "
         "the load generator's CPU per request; harness %: their share of the CPU the three "
         "spent; others: cores the rest of the machine used meanwhile (noise); sync msg/req, "
         "B/req: statesync messages and bytes the workers sent each other per request; "
@@ -799,6 +818,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "little per request) or this Python process (aiohttp, which costs "
                          "about what a worker does and so caps the ratio); default auto: wrk "
                          "if on PATH")
+    ap.add_argument("--scaling-upstream", choices=["canned", "standin"], default="canned",
+                    help="upstream of the scaling part: the stand-in's answers recorded and "
+                         "replayed by a bare asyncio protocol (bench/_canned_upstream.py, "
+                         "like nginx with a static answer; default), or the stand-in itself "
+                         "(aiohttp: a quarter of a worker's CPU per request)")
     ap.add_argument("--short", action="store_true",
                     help="a quick run for CI: 400 requests / 1 s per phase, one round, "
                          "concurrency 1 and 16")
@@ -862,10 +886,20 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(up.pid, cpus)
             procs.stop_one("skyroute")
             procs.stop_one("bare")
-            scaling = [start_skyroute(procs, args, config, name, workers=n, core=None)
+            scaling_up, scaling_config = up, config
+            if args.scaling_upstream == "canned":
+                answers = procs.tmp / "answers.json"
+                record_answers(upstream_url, answers)
+                scaling_up = procs.spawn("canned", [sys.executable,
+                                                    str(HERE / "_canned_upstream.py"),
+                                                    str(answers)],
+                                         core=None, stdout=subprocess.PIPE)
+                scaling_config = procs.tmp / "routing-canned.yaml"
+                scaling_config.write_text(routing_yaml(read_url_line(scaling_up, "canned")))
+            scaling = [start_skyroute(procs, args, scaling_config, name, workers=n, core=None)
                        for name, n in zip(SCALING_TARGETS, (1, 2), strict=True)]
             idle = {t.name: memory_mib(t.pids, "VmRSS") for t in scaling}
-            scaled = measure_scaling(scaling, up.pid, args, procs.tmp)
+            scaled = measure_scaling(scaling, scaling_up.pid, args, procs.tmp)
             check_alive(procs)
             result["scaling"] = report_scaling(scaled, args)
             print(memory_line(scaling, idle), flush=True)
