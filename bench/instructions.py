@@ -14,6 +14,13 @@ With ``--keep DIR`` the callgrind dumps stay in DIR: ``callgrind_annotate
 DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions; the
 Python-level split is what ``--profile`` prints, from cProfile in the same process).
 
+With ``--workers``, also a worker of a ``--workers 2`` pair (a statesync peer of its
+sibling, prometheus_client's multiprocess files; this process starts the pair as the
+supervisor would, only the worker under valgrind gets requests) against one process:
+instructions per request as counted, the idle instructions per second of each (timers run by
+the clock, and valgrind makes a request ~50x slower, so they weigh ~50x more per request than
+in a real run), and per request net of those. Goal (issue 14): the same per request.
+
 Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR] [--workers]
 """
 
@@ -33,7 +40,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -118,15 +124,14 @@ def _counted(pid: int, out: Path, send: Callable[[], None]) -> int:
 
 
 def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
-                 ) -> tuple[subprocess.Popen[bytes], str, Callable[[], float]]:
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     """Worker 0 of a ``--workers 2`` pair (under callgrind) and its sibling (not).
 
     This process plays the supervisor (``skyroute.proxy._workers``: a ``WorkerSpec`` each,
     sync sockets, a multiprocess metrics directory), so that only worker 0 runs under
     valgrind and only it gets requests: the sibling listens on a port of its own. Worker 0
     is a statesync peer of the sibling and writes prometheus_client's multiprocess files,
-    as under ``skyroute run --workers 2``. Returns worker 0, its URL, and a function
-    giving the statesync messages the sibling has received so far.
+    as under ``skyroute run --workers 2``. Returns worker 0 and its URL.
     """
     from skyroute.proxy._workers import WORKER_ENV, WorkerSpec
 
@@ -168,15 +173,7 @@ def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
         if not ready or not os.read(ready_r, 1):
             raise RuntimeError(f"worker did not start:\n{log.read_text()[-3000:]}")
         os.close(ready_r)
-    sibling_metrics = f"http://127.0.0.1:{http_ports[1]}/metrics"
-
-    def sibling_received() -> float:
-        with urllib.request.urlopen(sibling_metrics, timeout=30) as resp:
-            text = resp.read().decode()
-        return sum(float(m[1]) for m in re.finditer(
-            r'^skyroute_sync_messages_total\{direction="in"[^}]*\} (\S+)$', text, re.M))
-
-    return started[1][0], f"http://127.0.0.1:{http_ports[0]}", sibling_received
+    return started[1][0], f"http://127.0.0.1:{http_ports[0]}"
 
 
 def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, float]]:
@@ -202,11 +199,9 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
         sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
         measured = [("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
                     ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")]
-        sibling_received: Callable[[], float] | None = None
         if args.workers:
             worker_out = procs.tmp / "worker.cg"
-            worker, worker_url, sibling_received = _worker_pair(procs, args, config,
-                                                                worker_out)
+            worker, worker_url = _worker_pair(procs, args, config, worker_out)
             measured.append(("worker", worker, worker_out,
                              worker_url + "/v1/chat/completions", CLIENT_KEY, "chat"))
         for mode in ("json", "stream"):
@@ -214,14 +209,11 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
             row = results[mode] = {}
             for name, proc, out, url, key, model in measured:
                 _send(url, key, model, stream=stream, count=args.warmup)
-                received = sibling_received() if name == "worker" and sibling_received else 0
                 started = time.monotonic()
                 total = _counted(proc.pid, out, functools.partial(
                     _send, url, key, model, stream=stream, count=args.requests))
                 elapsed = time.monotonic() - started
                 row[name] = total / args.requests
-                if name == "worker" and sibling_received:
-                    row["sync_messages"] = (sibling_received() - received) / args.requests
                 if args.workers and name != "bare":
                     # Timers (flushes, pings, metric writes) run by the clock, and under
                     # valgrind the requests take ~50x longer: count them idle as long.
@@ -280,20 +272,18 @@ def main(argv: list[str] | None = None) -> int:
               "against one process (--workers 1)")
         print(f"{'mode':6} {'1 process k':>12} {'worker k':>9} {'worker / 1':>11} "
               f"{'idle k/s 1':>11} {'idle k/s w':>11} {'net 1 k':>8} {'net w k':>8} "
-              f"{'net w / 1':>10} {'sync msg/req':>13}")
+              f"{'net w / 1':>10}")
         for mode, row in results.items():
             print(f"{mode:6} {row['skyroute'] / 1e3:12.0f} {row['worker'] / 1e3:9.0f} "
                   f"{row['worker'] / row['skyroute']:10.3f}x "
                   f"{row['skyroute_idle_per_s'] / 1e3:11.0f} "
                   f"{row['worker_idle_per_s'] / 1e3:11.0f} "
                   f"{row['skyroute_net'] / 1e3:8.0f} {row['worker_net'] / 1e3:8.0f} "
-                  f"{row['worker_net'] / row['skyroute_net']:9.3f}x {row['sync_messages']:13.3f}")
+                  f"{row['worker_net'] / row['skyroute_net']:9.3f}x")
         print("(idle k/s: instructions per second with no request, for as long as the requests "
               "took: timers (store flushes, sync pings, metric writes) run by the clock while "
               "valgrind makes each request ~50x slower, so under it they weigh ~50x more per "
-              "request than in a real run; net: per request with the idle count taken off; "
-              "sync msg/req: statesync messages the sibling received per request, also "
-              "clock-driven)")
+              "request than in a real run; net: per request with the idle count taken off)")
     return 0
 
 
