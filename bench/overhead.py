@@ -738,9 +738,9 @@ def report_scaling(phases: list[ScalingPhase], args: argparse.Namespace
         "ceiling: what two workers can serve over one at most, given those costs, with every "
         "process on at most one core: min(2/P, 1/U, 1/L, cores/(P+U+L)) / min(1/P, ...))", ""]
     if args.load_generator != "wrk":
-        out.append("note: the load generator is this Python process (wrk is not on PATH: "
-                   "apt-get install wrk); it costs about what a worker does per request, so "
-                   "it, not skyroute, caps the ratio")
+        out.append("note: the load generator is this Python process (--load-generator "
+                   "aiohttp, or wrk not on PATH: apt-get install wrk); it costs about what a "
+                   "worker does per request, so it, not skyroute, caps the ratio")
     out += verdicts
     print("\n".join(out), flush=True)
     return rows
