@@ -14,7 +14,14 @@ With ``--keep DIR`` the callgrind dumps stay in DIR: ``callgrind_annotate
 DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions; the
 Python-level split is what ``--profile`` prints, from cProfile in the same process).
 
-Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR]
+With ``--workers``, also a worker of a ``--workers 2`` pair (a statesync peer of its
+sibling, prometheus_client's multiprocess files; this process starts the pair as the
+supervisor would, only the worker under valgrind gets requests) against one process:
+instructions per request as counted, the idle instructions per second of each (timers run by
+the clock, and valgrind makes a request ~50x slower, so they weigh ~50x more per request than
+in a real run), and per request net of those. Goal (issue 14): the same per request.
+
+Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR] [--workers]
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import http.client
 import json
 import os
 import re
+import select
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +52,7 @@ from overhead import (  # noqa: E402 - the sibling benchmark's helpers
     UPSTREAM_KEY,
     Procs,
     body_for,
+    free_port,
     read_url_line,
     routing_yaml,
 )
@@ -113,6 +123,59 @@ def _counted(pid: int, out: Path, send: Callable[[], None]) -> int:
     raise RuntimeError(f"no callgrind dump from pid {pid}")
 
 
+def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
+                 ) -> tuple[subprocess.Popen[bytes], str]:
+    """Worker 0 of a ``--workers 2`` pair (under callgrind) and its sibling (not).
+
+    This process plays the supervisor (``skyroute.proxy._workers``: a ``WorkerSpec`` each,
+    sync sockets, a multiprocess metrics directory), so that only worker 0 runs under
+    valgrind and only it gets requests: the sibling listens on a port of its own. Worker 0
+    is a statesync peer of the sibling and writes prometheus_client's multiprocess files,
+    as under ``skyroute run --workers 2``. Returns worker 0 and its URL.
+    """
+    from skyroute.proxy._workers import WORKER_ENV, WorkerSpec
+
+    metrics = procs.tmp / "metrics"
+    metrics.mkdir()
+    syncs = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.set_inheritable(True)
+        syncs.append(sock)
+    sync_ports = [s.getsockname()[1] for s in syncs]
+    http_ports = [free_port(), free_port()]
+    started = []
+    for index in (1, 0):  # the sibling first: it starts in seconds, worker 0 in minutes
+        ready_r, ready_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()  # kept open: closed, the worker would drain
+        procs.lifelines.append(lifeline_w)
+        spec = WorkerSpec(index=index, token="bench-sync-token", sync_fd=syncs[index].fileno(),
+                          peer_ports=(sync_ports[1 - index],), ready_fd=ready_w,
+                          lifeline_fd=lifeline_r)
+        log = procs.tmp / f"worker{index}.log"
+        with log.open("wb") as log_file:
+            proc = procs.spawn(
+                f"worker{index}",
+                [*(_valgrind(out) if index == 0 else []), *shlex.split(args.skyroute_cmd),
+                 "--log-format", "json", "--log-level", "info", "run", "-c", str(config),
+                 "--port", str(http_ports[index]), "--grace", "1", "--workers", "1"],
+                core=None, env={WORKER_ENV: spec.to_env(), "PROMETHEUS_MULTIPROC_DIR":
+                                str(metrics)},
+                pass_fds=(syncs[index].fileno(), ready_w, lifeline_r),
+                stdout=subprocess.DEVNULL, stderr=log_file)
+        os.close(ready_w)
+        os.close(lifeline_r)
+        started.append((proc, ready_r, log))
+    for _, ready_r, log in started:
+        ready, _, _ = select.select([ready_r], [], [], START_TIMEOUT_S)
+        if not ready or not os.read(ready_r, 1):
+            raise RuntimeError(f"worker did not start:\n{log.read_text()[-3000:]}")
+        os.close(ready_r)
+    return started[1][0], f"http://127.0.0.1:{http_ports[0]}"
+
+
 def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, float]]:
     procs = Procs()
     results: dict[str, dict[str, float]] = {}
@@ -134,16 +197,29 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
                 "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
                 "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
         sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
+        measured = [("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
+                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")]
+        if args.workers:
+            worker_out = procs.tmp / "worker.cg"
+            worker, worker_url = _worker_pair(procs, args, config, worker_out)
+            measured.append(("worker", worker, worker_out,
+                             worker_url + "/v1/chat/completions", CLIENT_KEY, "chat"))
         for mode in ("json", "stream"):
             stream = mode == "stream"
             row = results[mode] = {}
-            for name, proc, out, url, key, model in (
-                    ("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
-                    ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")):
+            for name, proc, out, url, key, model in measured:
                 _send(url, key, model, stream=stream, count=args.warmup)
+                started = time.monotonic()
                 total = _counted(proc.pid, out, functools.partial(
                     _send, url, key, model, stream=stream, count=args.requests))
+                elapsed = time.monotonic() - started
                 row[name] = total / args.requests
+                if args.workers and name != "bare":
+                    # Timers (flushes, pings, metric writes) run by the clock, and under
+                    # valgrind the requests take ~50x longer: count them idle as long.
+                    idle = _counted(proc.pid, out, functools.partial(time.sleep, elapsed))
+                    row[f"{name}_idle_per_s"] = idle / elapsed
+                    row[f"{name}_net"] = (total - idle) / args.requests
                 print(f"  {mode:6} {name:8} {total / args.requests / 1e3:9.0f} k instr/request",
                       file=sys.stderr, flush=True)
         if keep is not None:
@@ -168,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests counted per phase")
     ap.add_argument("--warmup", type=int, default=50, help="requests before counting")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dumps of JSON requests here")
+    ap.add_argument("--workers", action="store_true",
+                    help="also count a worker of --workers 2 (a statesync peer of a sibling "
+                         "worker, multiprocess metrics) against one process")
     ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m "
                                               "skyroute.proxy.cli",
                     help="command that runs skyroute's CLI")
@@ -188,6 +267,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:6} {row['bare'] / 1e3:9.0f} {row['skyroute'] / 1e3:11.0f} {ratio:15.2f}x")
     print(f"\n{'PASS' if worst <= GOAL else 'FAIL'}  instructions per request at most "
           f"{GOAL}x the bare pass-through's (worst {worst:.2f}x)")
+    if args.workers:
+        print("\na worker of --workers 2 (statesync peer of its sibling, multiprocess metrics) "
+              "against one process (--workers 1)")
+        print(f"{'mode':6} {'1 process k':>12} {'worker k':>9} {'worker / 1':>11} "
+              f"{'idle k/s 1':>11} {'idle k/s w':>11} {'net 1 k':>8} {'net w k':>8} "
+              f"{'net w / 1':>10}")
+        for mode, row in results.items():
+            print(f"{mode:6} {row['skyroute'] / 1e3:12.0f} {row['worker'] / 1e3:9.0f} "
+                  f"{row['worker'] / row['skyroute']:10.3f}x "
+                  f"{row['skyroute_idle_per_s'] / 1e3:11.0f} "
+                  f"{row['worker_idle_per_s'] / 1e3:11.0f} "
+                  f"{row['skyroute_net'] / 1e3:8.0f} {row['worker_net'] / 1e3:8.0f} "
+                  f"{row['worker_net'] / row['skyroute_net']:9.3f}x")
+        print("(idle k/s: instructions per second with no request, for as long as the requests "
+              "took: timers (store flushes, sync pings, metric writes) run by the clock while "
+              "valgrind makes each request ~50x slower, so under it they weigh ~50x more per "
+              "request than in a real run; net: per request with the idle count taken off)")
     return 0
 
 

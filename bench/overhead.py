@@ -8,10 +8,16 @@ and drives them from this process (pinned to core 0): an aiohttp+uvloop load gen
 keep-alive connections at concurrency 1 and 64, non-streaming and streaming chat completions,
 against the upstream directly, through the bare pass-through and through skyroute.
 
-Then, in the same run, the scaling part (``--no-scaling`` skips it): nothing pinned (load
-generator, upstream and proxies share every core), skyroute ``--workers 1`` and
-``--workers 2`` at the highest concurrency, each measured the same way; printed: throughput
-of two workers over one, and CPU per request (supervisor and workers together) of two over one.
+Then, in the same run, the scaling part (``--no-scaling`` skips it, ``--only-scaling`` runs
+it alone): nothing pinned (load generator, upstream and proxies share every core), skyroute
+``--workers 1`` and ``--workers 2`` at the highest concurrency, each measured the same way,
+driven by ``wrk`` when it is on PATH (``--load-generator``; ``apt-get install wrk``): this
+Python load generator costs about what a worker does per request, so on two cores it, not
+skyroute, would cap the ratio. Printed: throughput of two workers over one, CPU per request
+(supervisor and workers together) of two over one, the CPU per request of the upstream and of
+the load generator and their share, the cores the rest of the machine used meanwhile (noise),
+statesync messages and bytes the workers sent each other per request, and the ceiling: the
+most two workers can serve over one given those costs.
 
 Each phase (mode x concurrency x target) is warmed up, then bounded by ``--requests`` and
 ``--seconds``. Printed: requests/s, p50/p99 latency (to the last byte), the p50/p99 added by
@@ -24,6 +30,7 @@ Targets (see issue 2): added p50 <= 0.5 ms at concurrency 1; throughput at 64 co
 
 Usage: python bench/overhead.py [--requests 6000] [--seconds 6] [--warmup 1]
                                 [--concurrency 1 64] [--json FILE] [--short] [--no-scaling]
+                                [--only-scaling] [--load-generator auto|wrk|aiohttp]
 
 ``--short`` (for CI: about a minute) measures far fewer requests per phase; its ratios are
 rougher but the same ones.
@@ -35,7 +42,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -45,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,13 +106,14 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.stopped: set[str] = set()
+        self.lifelines: list[int] = []  # pipe ends that keep hand-started workers alive
         self.tmp = Path(tempfile.mkdtemp(prefix="skyroute-bench-"))
 
-    def spawn(self, name: str, argv: list[str], *, core: int | None, **kw: Any
-              ) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], *, core: int | None,
+              env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[bytes]:
         if core is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", str(core), *argv]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=True, **kw)
@@ -134,6 +145,10 @@ class Procs:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for fd in self.lifelines:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.lifelines.clear()
 
 
 def read_url_line(proc: subprocess.Popen[bytes], name: str) -> str:
@@ -210,14 +225,32 @@ def memory_line(targets: list[Target], idle: dict[str, list[float]]) -> str:
     return "RSS per process (goal: <= 80 MB = 76.3 MiB per worker): " + "; ".join(parts)
 
 
-def worker_pids(log: Path) -> tuple[int, ...]:
-    """The worker pids a ``--workers N`` supervisor logged (``workers_started``)."""
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "workers_started":
-                return tuple(event["pids"])
+def worker_pids(supervisor: int) -> tuple[int, ...]:
+    """The child processes (workers) of a ``--workers N`` supervisor, from /proc."""
+    with contextlib.suppress(OSError):
+        text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+        return tuple(int(pid) for pid in text.split())
     return ()
+
+
+def listens(pid: int, url: str) -> bool:
+    """Whether process ``pid`` has a listening socket on ``url``'s port (/proc/net/tcp*)."""
+    port = f"{int(url.rsplit(':', 1)[1]):04X}"
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # local address "IP:PORT", state 0A = LISTEN, inode
+                if fields[1].endswith(":" + port) and fields[3] == "0A" and fields[9] in inodes:
+                    return True
+    return False
 
 
 # ----------------------------------------------------------------------------- load
@@ -434,32 +467,288 @@ def report(phases: list[Phase], args: argparse.Namespace) -> dict[str, Any]:
     return {"phases": [asdict(p) for p in phases], "summary": summary, "verdicts": verdicts}
 
 
-def report_scaling(phases: list[Phase], args: argparse.Namespace) -> list[dict[str, Any]]:
+# ----------------------------------------------------------------------------- scaling
+
+#: wrk's Lua script: the request, and a one-line JSON summary when done.
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{{"requests": %d, "us": %d, "errors": %d, "p50_us": %d, "p99_us": %d}}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout + e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Load:
+    """One slice of load on one target, and what every process spent meanwhile."""
+
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]  # seconds; wrk reports only p50/p99 (``p50_s``/``p99_s``)
+    p50_s: float | None
+    p99_s: float | None
+    loadgen_cpu_s: float
+
+
+def _lua_quote(data: bytes) -> str:
+    return '"' + data.decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_wrk(target: Target, *, stream: bool, concurrency: int, seconds: float,
+            tmp: Path) -> Load:
+    """``wrk`` (one thread, ``concurrency`` connections) for ``seconds``; its CPU from
+    ``wait4`` (the kernel's count for the exited child)."""
+    script = tmp / f"wrk-{target.name}-{'stream' if stream else 'json'}.lua"
+    script.write_text(WRK_SCRIPT.format(body=_lua_quote(body_for(target.model, stream)),
+                                        key=target.key))
+    proc = subprocess.Popen(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+         "-s", str(script), target.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    line = next((x for x in out.decode().splitlines() if x.startswith("{")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-500:]}"
+                           f"{out.decode()[-500:]}")
+    summary = json.loads(line)
+    return Load(requests=summary["requests"] - summary["errors"], errors=summary["errors"],
+                seconds=summary["us"] / 1e6, latencies=[], p50_s=summary["p50_us"] / 1e6,
+                p99_s=summary["p99_us"] / 1e6, loadgen_cpu_s=usage.ru_utime + usage.ru_stime)
+
+
+def run_aiohttp(target: Target, *, stream: bool, concurrency: int, seconds: float,
+                requests: int) -> Load:
+    """This process as the load generator (``run_phase``), with its own CPU time."""
+
+    async def slice_() -> tuple[list[float], int, float]:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency),
+                timeout=aiohttp.ClientTimeout(total=30)) as session:
+            return await run_phase(session, target, stream=stream, concurrency=concurrency,
+                                   max_requests=requests, max_seconds=seconds)
+
+    own0 = time.process_time()
+    lat, errors, elapsed = uvloop.run(slice_())
+    return Load(requests=len(lat), errors=errors, seconds=elapsed, latencies=lat, p50_s=None,
+                p99_s=None, loadgen_cpu_s=time.process_time() - own0)
+
+
+def record_answers(upstream_url: str, path: Path) -> None:
+    """The stand-in's answers to the bench's JSON and streamed requests, for
+    ``bench/_canned_upstream.py`` to replay (same bytes, a fraction of the CPU)."""
+    recorded: dict[str, Any] = {}
+    for stream in (False, True):
+        request = urllib.request.Request(
+            upstream_url + "/chat/completions", data=body_for("deepseek-chat", stream),
+            headers={"Authorization": f"Bearer {UPSTREAM_KEY}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            body = resp.read().decode("latin-1")
+        if stream:
+            recorded["events"] = [e + "\n\n" for e in body.split("\n\n") if e]
+        else:
+            recorded["json"] = body
+    path.write_text(json.dumps(recorded))
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds every core of the machine spent busy so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK  # user..steal (guest is inside user)
+
+
+def sync_sent(target: Target) -> tuple[float, float]:
+    """statesync messages and bytes sent so far by all of ``target``'s workers (/metrics)."""
+    url = target.url.removesuffix("/v1/chat/completions") + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    messages = sum(float(m[1]) for m in re.finditer(
+        r'^skyroute_sync_messages_total\{direction="out"[^}]*\} (\S+)$', text, re.M))
+    sent = sum(float(m[1]) for m in re.finditer(
+        r'^skyroute_sync_bytes_total\{direction="out"\} (\S+)$', text, re.M))
+    return messages, sent
+
+
+@dataclass
+class ScalingPhase:
+    mode: str
+    concurrency: int
+    target: str
+    load_generator: str
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    proxy_cpu_ms_per_req: float  # supervisor and workers
+    upstream_cpu_ms_per_req: float
+    loadgen_cpu_ms_per_req: float
+    other_cpu_cores: float  # what the rest of the machine used meanwhile, in cores (noise)
+    sync_messages_per_req: float
+    sync_bytes_per_req: float
+    cpu_split: list[float]  # each process's share of the proxy CPU (supervisor first)
+
+
+def measure_scaling(targets: list[Target], upstream_pid: int, args: argparse.Namespace,
+                    tmp: Path) -> list[ScalingPhase]:
+    """Every mode at the top concurrency: warm-up, then ``--rounds`` rounds giving each
+    target a slice in turn; CPU of the proxy, the upstream, the load generator and the
+    rest of the machine, and statesync messages sent, per slice."""
+    conc = max(args.concurrency)
+    rounds = max(1, args.rounds)
+    out = []
+    for mode in args.modes:
+        stream = mode == "stream"
+
+        def load(t: Target, seconds: float, requests: int, *, stream: bool = stream) -> Load:
+            if args.load_generator == "wrk":
+                return run_wrk(t, stream=stream, concurrency=conc, seconds=seconds, tmp=tmp)
+            return run_aiohttp(t, stream=stream, concurrency=conc, seconds=seconds,
+                               requests=requests)
+
+        acc = {t.name: {"n": 0, "errors": 0, "s": 0.0, "lat": [], "p50": [], "p99": [],
+                        "proxy": 0.0, "up": 0.0, "gen": 0.0, "busy": 0.0, "msgs": 0.0,
+                        "bytes": 0.0, "each": [0.0] * len(t.pids)} for t in targets}
+        for t in targets:
+            load(t, args.warmup, args.warmup_requests)
+        for _ in range(rounds):
+            for t in targets:
+                a = acc[t.name]
+                m0, b0 = sync_sent(t)
+                each0 = [cpu_seconds((pid,)) for pid in t.pids]
+                busy0, cpu0, up0 = busy_cpu_s(), sum(each0), cpu_seconds((upstream_pid,))
+                got = load(t, args.seconds / rounds, max(1, args.requests // rounds))
+                each1 = [cpu_seconds((pid,)) for pid in t.pids]
+                busy1, cpu1, up1 = busy_cpu_s(), sum(each1), cpu_seconds((upstream_pid,))
+                a["each"] = [x + b - e for x, b, e in zip(a["each"], each1, each0, strict=True)]
+                m1, b1 = sync_sent(t)
+                a["n"] += got.requests
+                a["errors"] += got.errors
+                a["s"] += got.seconds
+                a["lat"] += got.latencies
+                if got.p50_s is not None and got.p99_s is not None:
+                    a["p50"].append(got.p50_s)
+                    a["p99"].append(got.p99_s)
+                a["proxy"] += cpu1 - cpu0
+                a["up"] += up1 - up0
+                a["gen"] += got.loadgen_cpu_s
+                a["busy"] += busy1 - busy0
+                a["msgs"] += m1 - m0
+                a["bytes"] += b1 - b0
+        for t in targets:
+            a = acc[t.name]
+            n = max(1, a["n"])
+            lat = sorted(a["lat"])
+            p50 = percentile(lat, 0.5) if lat else statistics.median(a["p50"] or [math.nan])
+            p99 = percentile(lat, 0.99) if lat else max(a["p99"] or [math.nan])
+            ours = a["proxy"] + a["up"] + a["gen"]
+            phase = ScalingPhase(
+                mode=mode, concurrency=conc, target=t.name, load_generator=args.load_generator,
+                requests=a["n"], errors=a["errors"], seconds=round(a["s"], 3),
+                rps=a["n"] / a["s"] if a["s"] else 0.0, p50_ms=p50 * 1e3, p99_ms=p99 * 1e3,
+                proxy_cpu_ms_per_req=a["proxy"] / n * 1e3,
+                upstream_cpu_ms_per_req=a["up"] / n * 1e3,
+                loadgen_cpu_ms_per_req=a["gen"] / n * 1e3,
+                other_cpu_cores=max(0.0, a["busy"] - ours) / a["s"] if a["s"] else 0.0,
+                sync_messages_per_req=a["msgs"] / n, sync_bytes_per_req=a["bytes"] / n,
+                cpu_split=[x / max(1e-9, a["proxy"]) for x in a["each"]])
+            out.append(phase)
+            split = "/".join(f"{x:.0%}" for x in phase.cpu_split)
+            print(f"  {mode:6} c={conc:<3} {t.name:8} {a['n']:6d} req {phase.rps:8.0f}/s "
+                  f"proxy {phase.proxy_cpu_ms_per_req:.3f} ms/req (split {split}), upstream "
+                  f"{phase.upstream_cpu_ms_per_req:.3f}, {args.load_generator} "
+                  f"{phase.loadgen_cpu_ms_per_req:.3f}, others {phase.other_cpu_cores:.2f} "
+                  f"cores{f'  ERRORS {phase.errors}' if phase.errors else ''}",
+                  file=sys.stderr)
+    return out
+
+
+def scaling_ceiling(p: ScalingPhase, cores: float) -> float:
+    """The most two workers can serve over one here, given what one request costs the
+    proxy (P), the upstream (U) and the load generator (L), each process at most one
+    core, all of them ``cores``: min(2/P, 1/U, 1/L, cores/(P+U+L)) over the same with 1/P."""
+    proxy, up, gen = p.proxy_cpu_ms_per_req, p.upstream_cpu_ms_per_req, p.loadgen_cpu_ms_per_req
+    if not proxy:
+        return math.nan
+    shared = [1 / up if up else math.inf, 1 / gen if gen else math.inf,
+              cores / (proxy + up + gen)]
+    return min(2 / proxy, *shared) / min(1 / proxy, *shared)
+
+
+def report_scaling(phases: list[ScalingPhase], args: argparse.Namespace
+                   ) -> list[dict[str, Any]]:
     """Two workers over one, measured the same way (nothing pinned)."""
+    cores = len(os.sched_getaffinity(0))
     by = {(p.mode, p.target): p for p in phases}
-    out = ["", "Scaling: skyroute --workers 2 over --workers 1 (nothing pinned; load generator "
-           "and upstream share the cores)",
-           f"{'mode':6} {'conc':>4} {'w1 req/s':>9} {'w2 req/s':>9} {'rps w2/w1':>10} "
-           f"{'CPU/req w1':>11} {'CPU/req w2':>11} {'CPU/req w2/w1':>14}", "-" * 82]
+    out = ["", "Scaling: skyroute --workers 2 over --workers 1 (nothing pinned: load generator "
+           f"({args.load_generator}), upstream ({args.scaling_upstream}) and skyroute share "
+           f"the {cores} cores)",
+           f"{'mode':6} {'conc':>4} {'target':7} {'req/s':>7} {'p50 ms':>7} "
+           f"{'CPU ms/req':>10} {'upstream':>9} {'loadgen':>8} {'harness %':>9} "
+           f"{'others':>7} {'sync msg/req':>12} {'sync B/req':>10}", "-" * 105]
+    for p in phases:
+        harness = (p.upstream_cpu_ms_per_req + p.loadgen_cpu_ms_per_req) / max(
+            1e-9, p.proxy_cpu_ms_per_req + p.upstream_cpu_ms_per_req + p.loadgen_cpu_ms_per_req)
+        out.append(f"{p.mode:6} {p.concurrency:>4} {p.target:7} {p.rps:>7.0f} {p.p50_ms:>7.2f} "
+                   f"{p.proxy_cpu_ms_per_req:>10.3f} {p.upstream_cpu_ms_per_req:>9.3f} "
+                   f"{p.loadgen_cpu_ms_per_req:>8.3f} {harness:>9.0%} "
+                   f"{p.other_cpu_cores:>7.2f} {p.sync_messages_per_req:>12.4f} "
+                   f"{p.sync_bytes_per_req:>10.1f}")
+    out += ["", f"{'mode':6} {'rps w2/w1':>10} {'CPU/req w2/w1':>14} {'ceiling quiet':>14} "
+            f"{'ceiling now':>12}"]
     rows = []
+    verdicts = []
     for mode in args.modes:
         one, two = by.get((mode, "sky-w1")), by.get((mode, "sky-w2"))
-        if not (one and two and one.rps and one.proxy_cpu_s_per_1k and two.proxy_cpu_s_per_1k):
+        if not (one and two and one.rps and one.proxy_cpu_ms_per_req):
             continue
         row = {"mode": mode, "concurrency": one.concurrency, "rps_w1": one.rps,
                "rps_w2": two.rps, "throughput_ratio_w2_vs_w1": two.rps / one.rps,
                "cpu_per_request_ratio_w2_vs_w1":
-                   two.proxy_cpu_s_per_1k / one.proxy_cpu_s_per_1k}
+                   two.proxy_cpu_ms_per_req / one.proxy_cpu_ms_per_req,
+               "ceiling_w2_vs_w1": scaling_ceiling(one, cores),
+               # the cores the rest of the machine left free while these ran
+               "ceiling_w2_vs_w1_now": scaling_ceiling(one, max(0.0, cores - (
+                   one.other_cpu_cores + two.other_cpu_cores) / 2)),
+               "load_generator": args.load_generator,
+               "phases": [asdict(one), asdict(two)]}
         rows.append(row)
-        out.append(f"{mode:6} {one.concurrency:>4} {one.rps:>9.0f} {two.rps:>9.0f} "
-                   f"{row['throughput_ratio_w2_vs_w1']:>10.2f} "
-                   f"{one.proxy_cpu_s_per_1k:>11.3f} {two.proxy_cpu_s_per_1k:>11.3f} "
-                   f"{row['cpu_per_request_ratio_w2_vs_w1']:>14.2f}")
+        out.append(f"{mode:6} {row['throughput_ratio_w2_vs_w1']:>10.2f} "
+                   f"{row['cpu_per_request_ratio_w2_vs_w1']:>14.2f} "
+                   f"{row['ceiling_w2_vs_w1']:>14.2f} {row['ceiling_w2_vs_w1_now']:>12.2f}")
         ok = row["throughput_ratio_w2_vs_w1"] >= WORKERS_THROUGHPUT_GOAL
-        out.append(f"{'PASS' if ok else 'FAIL'}  {mode:6} two workers serve "
-                   f"{row['throughput_ratio_w2_vs_w1']:.2f}x one worker "
-                   f"(goal >= {WORKERS_THROUGHPUT_GOAL}x)")
-    out.append("(CPU/req: CPU seconds per 1000 requests of the supervisor and its workers)")
+        verdicts.append(f"{'PASS' if ok else 'FAIL'}  {mode:6} two workers serve "
+                        f"{row['throughput_ratio_w2_vs_w1']:.2f}x one worker (goal >= "
+                        f"{WORKERS_THROUGHPUT_GOAL}x; at most {row['ceiling_w2_vs_w1']:.2f}x "
+                        f"on a quiet machine, {row['ceiling_w2_vs_w1_now']:.2f}x with what "
+                        "the rest used), at "
+                        f"{row['cpu_per_request_ratio_w2_vs_w1']:.2f}x its CPU per "
+                        "request (goal: 1.00x)")
+    out += [
+        "(CPU ms/req: supervisor and workers; upstream, loadgen: the upstream's and "
+        "the load generator's CPU per request; harness %: their share of the CPU the three "
+        "spent; others: cores the rest of the machine used meanwhile (noise); sync msg/req, "
+        "B/req: statesync messages and bytes the workers sent each other per request; "
+        "ceiling: what two workers can serve over one at most, given those costs, with every "
+        "process on at most one core: min(2/P, 1/U, 1/L, cores/(P+U+L)) / min(1/P, ...), "
+        "quiet: all cores free, now: the cores the rest of the machine left free)", ""]
+    if args.load_generator != "wrk":
+        out.append("note: the load generator is this Python process (--load-generator "
+                   "aiohttp, or wrk not on PATH: apt-get install wrk); it costs about what a "
+                   "worker does per request, so it, not skyroute, caps the ratio")
+    out += verdicts
     print("\n".join(out), flush=True)
     return rows
 
@@ -478,11 +767,13 @@ def start_skyroute(procs: Procs, args: argparse.Namespace, config: Path, name: s
             stdout=subprocess.DEVNULL, stderr=log_file)
     url = wait_for_listening(sky, log, port,
                              "server_started" if workers == 1 else "workers_started")
-    if workers > 1 and port is not None:  # no log line to wait for: until every worker is up
+    if workers > 1:  # the port answers once the first worker listens: until every one is up
         deadline = time.monotonic() + START_TIMEOUT_S
-        while len(worker_pids(log)) < workers and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                len(worker_pids(sky.pid)) == workers and all(
+                    listens(pid, url) for pid in worker_pids(sky.pid))):
             time.sleep(0.05)
-    pids = (sky.pid, *worker_pids(log)) if workers > 1 else (sky.pid,)
+    pids = (sky.pid, *worker_pids(sky.pid)) if workers > 1 else (sky.pid,)
     return Target(name, url + "/v1/chat/completions", CLIENT_KEY, "chat", pids)
 
 
@@ -527,10 +818,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false",
                     help="skip the --workers 1 / --workers 2 comparison")
+    ap.add_argument("--only-scaling", action="store_true",
+                    help="only the --workers 1 / --workers 2 comparison")
+    ap.add_argument("--load-generator", choices=["auto", "wrk", "aiohttp"], default="auto",
+                    help="load generator of the scaling part: wrk (a C program that costs "
+                         "little per request) or this Python process (aiohttp, which costs "
+                         "about what a worker does and so caps the ratio); default auto: wrk "
+                         "if on PATH")
+    ap.add_argument("--scaling-upstream", choices=["canned", "standin"], default="canned",
+                    help="upstream of the scaling part: the stand-in's answers recorded and "
+                         "replayed by a bare asyncio protocol (bench/_canned_upstream.py, "
+                         "like nginx with a static answer; default), or the stand-in itself "
+                         "(aiohttp: a quarter of a worker's CPU per request)")
     ap.add_argument("--short", action="store_true",
                     help="a quick run for CI: 400 requests / 1 s per phase, one round, "
                          "concurrency 1 and 16")
     args = ap.parse_args(argv)
+    if args.load_generator == "auto":
+        args.load_generator = "wrk" if shutil.which("wrk") else "aiohttp"
     if args.short:
         args.requests, args.seconds, args.rounds = 400, 1.0, 1
         args.warmup, args.warmup_requests, args.concurrency = 0.3, 100, [1, 16]
@@ -574,22 +879,34 @@ def main(argv: list[str] | None = None) -> int:
         ]
         targets = [t for t in targets if t.name in args.targets]
         idle = {t.name: memory_mib(t.pids, "VmRSS") for t in targets}
-        phases = uvloop.run(measure(targets, args))
-        check_alive(procs)
-        result = report(phases, args)
-        print(memory_line(targets, idle), flush=True)
+        phases: list[Phase] = []
+        result: dict[str, Any] = {}
+        if not args.only_scaling:
+            phases = uvloop.run(measure(targets, args))
+            check_alive(procs)
+            result = report(phases, args)
+            print(memory_line(targets, idle), flush=True)
+        scaled: list[ScalingPhase] = []
         if args.scaling:
             # Nothing pinned from here on: every process may use every core.
             os.sched_setaffinity(0, cpus)
             os.sched_setaffinity(up.pid, cpus)
             procs.stop_one("skyroute")
             procs.stop_one("bare")
-            scaling = [start_skyroute(procs, args, config, name, workers=n, core=None)
+            scaling_up, scaling_config = up, config
+            if args.scaling_upstream == "canned":
+                answers = procs.tmp / "answers.json"
+                record_answers(upstream_url, answers)
+                scaling_up = procs.spawn("canned", [sys.executable,
+                                                    str(HERE / "_canned_upstream.py"),
+                                                    str(answers)],
+                                         core=None, stdout=subprocess.PIPE)
+                scaling_config = procs.tmp / "routing-canned.yaml"
+                scaling_config.write_text(routing_yaml(read_url_line(scaling_up, "canned")))
+            scaling = [start_skyroute(procs, args, scaling_config, name, workers=n, core=None)
                        for name, n in zip(SCALING_TARGETS, (1, 2), strict=True)]
-            top = max(args.concurrency)
             idle = {t.name: memory_mib(t.pids, "VmRSS") for t in scaling}
-            scaled = uvloop.run(measure(scaling, argparse.Namespace(
-                **{**vars(args), "concurrency": [top]})))
+            scaled = measure_scaling(scaling, scaling_up.pid, args, procs.tmp)
             check_alive(procs)
             result["scaling"] = report_scaling(scaled, args)
             print(memory_line(scaling, idle), flush=True)
@@ -598,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             result["pinned"] = pinned
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
             print(f"\nresults written to {args.json}")
-        return 1 if any(p.errors for p in phases) else 0
+        return 1 if any(p.errors for p in [*phases, *scaled]) else 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from skyroute.routing import EndpointView
 
+from ._worker_metrics import write_changed
+
 M = TypeVar("M", Counter, Histogram)
 
 #: Pool upstream name -> its endpoints as routing sees them now.
@@ -272,6 +274,7 @@ class Metrics:
         """The ``/metrics`` response (every worker's, under ``--workers``)."""
         registry = self.registry
         if self._multiprocess_dir is not None:
+            write_changed()  # this worker's latest values, not its last tick's
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self._multiprocess_dir)
             # Read at scrape time from this worker's router: this worker's view.

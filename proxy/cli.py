@@ -222,6 +222,7 @@ def _schema() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import _worker_metrics as worker_metrics
     from ._app import build_app
     from ._server import Server, run_event_loop, serve_forever
 
@@ -237,12 +238,14 @@ def _run(args: argparse.Namespace) -> int:
                             grace_s=args.grace)
             await serve_forever(server)
             return
+        worker_metrics.install()  # before build_app creates the metrics
         app = build_app(config, config_path=args.config, worker=spec)
         server = Server(config, app=app, host=args.host, port=args.port, grace_s=args.grace,
                         reuse_port=True, also_on=[socket.socket(fileno=spec.sync_fd)])
         stop = asyncio.Event()
         stop_when_supervisor_exits(spec, stop, grace_s=args.grace)
-        await serve_forever(server, stop=stop, on_started=lambda: worker_started(spec))
+        async with worker_metrics.written_on_a_tick():
+            await serve_forever(server, stop=stop, on_started=lambda: worker_started(spec))
 
     run_event_loop(main())
     return 0

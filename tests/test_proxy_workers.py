@@ -146,6 +146,11 @@ async def test_workers_share_the_port_and_a_dead_worker_is_restarted(workers):
     pids = running.worker_pids()
     assert len(pids) == 2
     assert await _spread(running, 24) == pids
+
+    async def all_counted() -> bool:  # each worker writes its counts every tick (50 ms)
+        return await _requests_in_metrics(running.url) == 24
+
+    await eventually(all_counted, timeout=CALL_TIMEOUT_S)
     for _ in range(6):  # new connections: the scrapes land on both workers
         assert await _requests_in_metrics(running.url) == 24
 
