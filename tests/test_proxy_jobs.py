@@ -418,6 +418,59 @@ async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_p
     assert refused.value.status_code == 409
 
 
+async def submit_and_wait(http: aiohttp.ClientSession, server: Server,
+                          body: dict[str, Any]) -> dict[str, Any]:
+    """One async request, polled until it ends; its job record."""
+    async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                         headers=AUTH) as resp:
+        assert resp.status == 202
+        status_url = (await resp.json())["status_url"]
+    seen: list[dict[str, Any]] = []
+
+    async def ended() -> bool:
+        async with http.get(status_url, headers=AUTH) as resp:
+            seen.append(await resp.json())
+        return seen[-1]["status"] in ("completed", "failed")
+
+    await eventually(ended, timeout=DONE_TIMEOUT_S)
+    return seen[-1]
+
+
+async def test_jobs_go_to_jobs_targets_and_interactive_traffic_does_not(
+        standin, skyroute, tmp_path, sdk, captured_logs):
+    """jobs.targets sends a route's jobs to the local pool first while interactive requests
+    keep the route's targets; with the pool failing, jobs fall back to the route's targets."""
+    cloud, gpu = await standin("cloud"), await standin("gpu")
+    server = await skyroute(routing_yaml(
+        [entry(cloud), entry(gpu)], "- model: chat\n  targets: [cloud]\n",
+        extra=jobs_yaml(tmp_path / "data", targets="{chat: [gpu]}")))
+    client = sdk(server)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        await client.chat.completions.create(model="chat", messages=body["messages"])
+    assert (cloud.requests_total, gpu.requests_total) == (3, 0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        for _ in range(3):
+            job = await submit_and_wait(http, server, body)
+            assert job["status"] == "completed"
+            assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+                "Hello from gpu")
+        assert (cloud.requests_total, gpu.requests_total) == (3, 3)
+        gpu.behaviour.mode = "error"
+        gpu.behaviour.error_status = 503
+        job = await submit_and_wait(http, server, body)
+        assert job["status"] == "completed"
+        assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+            "Hello from cloud")
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert 'skyroute_jobs_targets_total{choice="preferred",route="chat"} 3.0' in metrics
+    assert 'skyroute_jobs_targets_total{choice="fallback",route="chat"} 1.0' in metrics
+    fallbacks = [e for e in captured_logs if e["event"] == "job_target_fallback"]
+    assert [(e["upstream"], e["preferred"]) for e in fallbacks] == [("cloud", ["gpu"])]
+    assert fallbacks[0]["request_id"] == job["id"]
+
+
 async def lane(http: aiohttp.ClientSession, server: Server) -> dict[str, Any]:
     async with http.get(f"{server.url}/health") as resp:
         return (await resp.json())["jobs"]["lane"]
