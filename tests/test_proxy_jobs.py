@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
 from skyroute.proxy._jobs_runner import JOBS
-from skyroute.proxy._jobs_webhooks import CheckedResolver
+from skyroute.proxy._jobs_webhooks import CheckedResolver, HostRefused, HostUnresolved, refusal
 from skyroute.routing import JobsPolicy
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
@@ -249,6 +249,79 @@ async def test_delivery_resolver_refuses_a_name_rebound_to_loopback():
     finally:
         await refusing.close()
         await allowing.close()
+
+
+class FailingDns(aiohttp.abc.AbstractResolver):
+    """A stand-in resolver answering every lookup with one getaddrinfo error (no network)."""
+
+    def __init__(self, errno: int) -> None:
+        self.errno = errno
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        raise socket.gaierror(self.errno, "stand-in DNS failure")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_delivery_to_a_host_that_no_longer_resolves_is_refused_not_retried():
+    """At delivery, no such name is a refusal (unresolved); a resolver that did not answer
+    (EAI_AGAIN) is an ordinary failure, retried with backoff."""
+    policy = JobsPolicy(webhook_hosts=("hooks.example.test",))
+    gone = CheckedResolver(lambda: policy, resolver=FailingDns(socket.EAI_NONAME))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=gone)) as http:
+        with pytest.raises(aiohttp.ClientConnectorError) as caught:
+            await http.post("http://hooks.example.test/hook", timeout=aiohttp.ClientTimeout(
+                total=CALL_TIMEOUT_S))
+    refused = refusal(caught.value)
+    assert isinstance(refused, HostUnresolved) and refused.result == "unresolved"
+    assert "'hooks.example.test' does not resolve" in str(refused)
+    slow = CheckedResolver(lambda: policy, resolver=FailingDns(socket.EAI_AGAIN))
+    with pytest.raises(socket.gaierror):
+        await slow.resolve("hooks.example.test")
+    assert refusal(socket.gaierror(socket.EAI_AGAIN, "again")) is None
+    with pytest.raises(HostRefused):
+        await CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost",))).resolve(
+            "localhost")
+
+
+async def test_webhook_host_no_longer_allowed_at_delivery_is_refused_once(
+        standin, skyroute, tmp_path, webhook_receiver, captured_logs):
+    """A webhook accepted at submit whose host's address a reload stopped allowing is refused
+    at delivery: not sent, not retried, logged and counted as refused."""
+    up = await standin("a")
+    up.behaviour.mode = "error"  # holds the job in retries until the reload is served
+    up.behaviour.retry_after_s = 0
+    hook_url, deliveries = webhook_receiver
+    hook_url = hook_url.replace("127.0.0.1", "localhost")
+    allowed = "[localhost, 127.0.0.0/8, '::1']"
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", webhook_hosts=allowed, max_retries=100)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers={**AUTH, "X-Webhook-URL": hook_url}) as resp:
+            assert resp.status == 202, await resp.text()
+        assert server.config_path is not None
+        server.config_path.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+            tmp_path / "data", webhook_hosts="[localhost]", max_retries=100)))
+        await eventually(lambda: server.app[JOBS].policy.webhook_hosts == ("localhost",),
+                         timeout=DONE_TIMEOUT_S)
+        up.behaviour.mode = "ok"
+
+        async def counted() -> bool:
+            async with http.get(f"{server.url}/metrics") as resp:
+                return 'skyroute_jobs_webhooks_total{result="refused"} 1.0' in await resp.text()
+
+        await eventually(counted, timeout=DONE_TIMEOUT_S)
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert deliveries == []
+    assert 'skyroute_jobs_webhooks_total{result="retry"}' not in metrics
+    refused = [e for e in captured_logs if e["event"] == "job_webhook_refused"]
+    assert len(refused) == 1 and refused[0]["result"] == "refused"
+    assert "resolves to" in refused[0]["error"] and "jobs.webhook_hosts" in refused[0]["error"]
 
 
 @pytest.mark.parametrize("sent", [
