@@ -236,12 +236,10 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise ClientRequestError("order must be 'asc' or 'desc'", param="order")
-    records = await request.app[JOBS].store.files(_owner(request), purpose=query.get("purpose"))
-    records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=order == "desc")
-    after = query.get("after")
-    if after is not None:  # the page after that id, as OpenAI's cursor; unknown: empty
-        ids = [r["id"] for r in records]
-        records = records[ids.index(after) + 1:] if after in ids else []
+    # One more than the page, to say has_more; an unknown ``after`` gives an empty page.
+    records = await request.app[JOBS].store.files(
+        _owner(request), purpose=query.get("purpose"), after=query.get("after"),
+        limit=limit + 1, newest_first=order == "desc")
     data = [file_view(r) for r in records[:limit]]
     return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
                               "first_id": data[0]["id"] if data else None,

@@ -384,6 +384,13 @@ async def test_files_and_batches_lists_page_with_the_sdks_auto_pagination(
                                            completion_window="24h") for f in files[:3]]
     walked_batches = [b.id async for b in client.batches.list(limit=1)]
     assert sorted(walked_batches) == sorted(b.id for b in batches)
+    for batch in batches:
+        await wait_batch(client, batch.id, "completed")
+    outputs = [f.id async for f in client.files.list(purpose="batch_output", limit=2)]
+    assert len(outputs) == 3 and all(i.endswith("-output") for i in outputs)
+    inputs = [f.id async for f in client.files.list(purpose="batch", limit=2)]
+    assert inputs == walked  # the purpose filter pages over the owner's files in order
+    assert [f.id for f in (await client.files.list(limit=2, after="file-nope")).data] == []
 
 
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
