@@ -349,6 +349,39 @@ async def test_local_file_upload_paused_too_long_gets_408(standin, skyroute, tmp
     assert not [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".upload")]
 
 
+@pytest.mark.parametrize(("method", "path", "kwargs", "says"), [
+    ("POST", "/v1/async/chat/completions", {"headers": {"Content-Type": "application/json"}},
+     "needs the JSON body"),
+    ("POST", "/v1/async/chat/compl%C3%A9tions", {"json": {"model": "chat"}},
+     "is not an OpenAI API path"),
+    ("GET", "/v1/async/jobs/job%20x", {}, "is not a job id"),
+    ("GET", "/v1/files/file%C2%84", {}, "is not a file id"),
+    ("POST", "/v1/batches/b%2Ex/cancel", {}, "is not a batch id"),
+    ("GET", "/v1/batches?limit=101", {}, "limit must be a whole number from 1 to 100"),
+    ("POST", "/v1/files", {"data": b"", "headers": {"Content-Type": "multipart/form-data"}},
+     "not valid multipart"),
+    ("POST", "/v1/files", {"data": {"purpose": "batch", "colour": "red"}}, "unknown form field"),
+], ids=["async-no-body", "async-path", "job-id", "file-id", "batch-id", "batches-limit",
+        "no-boundary", "unknown-field"])
+async def test_job_api_refuses_malformed_requests_with_400(standin, skyroute, tmp_path, method,
+                                                           path, kwargs, says):
+    """What the OpenAPI description (proxy/openapi.yaml) does not allow is a 400 saying what
+    was wrong, not a 500, a clamp or a job that can only fail."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    if isinstance(kwargs.get("data"), dict):
+        form = aiohttp.FormData(kwargs["data"])
+        form.add_field("file", b"{}\n", filename="in.jsonl")
+        kwargs = {"data": form}
+    kwargs.setdefault("headers", {})
+    kwargs["headers"] = {**kwargs["headers"], **AUTH}
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http,
+                http.request(method, server.url + path, **kwargs) as resp):
+        assert resp.status == 400, await resp.text()
+        assert says in (await resp.json())["error"]["message"]
+    assert up.requests_total == 0
+
+
 async def test_local_file_upload_over_max_upload_bytes_gets_413(standin, skyroute, tmp_path, sdk):
     """limits.max_upload_bytes bounds local uploads (413), by Content-Length or as they arrive."""
     up = await standin("a")
