@@ -151,8 +151,9 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
             in_flight = dict(service.running)
             for task in (*tasks, *in_flight):
                 task.cancel()
-            # Bounded: a store that stops answering (a Redis connection stuck mid-close)
-            # must not hold shutdown; unreleased jobs are claimed again after their lease.
+            # Bounded: a store that stops answering (a Redis connection stuck mid-close), or
+            # a loop that outlives its cancellation (what wake_within avoids), must not hold
+            # shutdown; unreleased jobs are claimed again after their lease.
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
@@ -164,6 +165,8 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
                     await service.store.aclose()
             except TimeoutError:
                 log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
+                            stuck=[t.get_name() for t in tasks if not t.done()],
+                            jobs_stuck=sum(not t.done() for t in in_flight),
                             hint="jobs in flight are run again once their lease ends")
 
 
@@ -201,8 +204,7 @@ async def _drain(app: web.Application, service: JobsService,
         base = app[SERVING].url
         if free <= 0 or base is None:
             slot_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(slot_freed.wait(), POLL_INTERVAL_S)
+            await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
         service.wake.clear()
         jobs = await service.store.claim(worker=service.worker, limit=free,
@@ -217,8 +219,20 @@ async def _drain(app: web.Application, service: JobsService,
 
             task.add_done_callback(done)
         if not jobs:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(service.wake.wait(), POLL_INTERVAL_S)
+            await wake_within(service.wake, POLL_INTERVAL_S)
+
+
+async def wake_within(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set, at most ``timeout_s``.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that lands in the
+    loop iteration where the event is set (CPython gh-86296, fixed in 3.12), and the job
+    loops, woken by every finished job, then outlived their cancellation at shutdown until
+    ``CLOSE_TIMEOUT_S`` (``jobs_close_timed_out``; before that bound, for ever).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
 
 
 def _watch_level(app: web.Application, service: JobsService) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -39,6 +38,7 @@ import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from skyroute.routing import JobsPolicy, after_try
 
+from ._jobs_runner import wake_within
 from ._jobs_views import job_view
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ async def check_target(policy: JobsPolicy, url: str) -> None:
     host = check_url(policy, url)
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM),
-                                       RESOLVE_TIMEOUT_S)
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):  # not wait_for: see wake_within
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as exc:
         raise WebhookRefused(f"X-Webhook-URL host {host!r} does not resolve ({exc})") from None
     check_addresses(policy, host, [str(info[4][0]) for info in infos])
@@ -166,8 +166,7 @@ async def _send_due(service: JobsService, session: aiohttp.ClientSession) -> Non
         if due:
             await asyncio.gather(*(_deliver(service, session, job) for job in due))
             continue
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(service.wake.wait(), 0.5)
+        await wake_within(service.wake, 0.5)
 
 
 async def _deliver(service: JobsService, session: aiohttp.ClientSession,

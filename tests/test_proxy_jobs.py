@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -26,7 +27,7 @@ import openai
 import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
-from skyroute.proxy._jobs_runner import JOBS
+from skyroute.proxy._jobs_runner import JOBS, wake_within
 from skyroute.proxy._jobs_webhooks import CheckedResolver, HostRefused, HostUnresolved, refusal
 from skyroute.routing import JobsPolicy
 
@@ -839,6 +840,40 @@ async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyr
     second = await skyroute(text)
     done = await wait_batch(sdk(second), batch.id, "completed", "failed")
     assert done.status == "completed" and done.request_counts.completed == 100
+
+
+async def _cancel_as_woken(wait: Callable[[asyncio.Event], Any]) -> bool:
+    """Whether a job loop parked in ``wait`` ends when cancelled in the tick it is woken."""
+    wake = asyncio.Event()
+
+    async def loop() -> None:  # as the lane and the webhook sender wait for work
+        while True:
+            await wait(wake)
+            wake.clear()
+
+    task = asyncio.create_task(loop())
+    for _ in range(3):  # let it park in wait() (no timer involved)
+        await asyncio.sleep(0)
+    wake.set()  # a job finished ...
+    task.cancel()  # ... as shutdown cancels the loop
+    await asyncio.wait({task}, timeout=1.0)
+    ended = task.done()
+    task.cancel()
+    await asyncio.wait({task}, timeout=CALL_TIMEOUT_S)
+    return ended
+
+
+async def test_a_job_loop_cancelled_as_it_is_woken_ends_at_once():
+    """The shutdown stall: asyncio.wait_for on Python 3.11 swallows a cancellation landing as
+    its event is set, so a job loop outlived shutdown (jobs_close_timed_out after 10 s, a
+    120 s hang before that bound). The loops wait with wake_within, which does not."""
+    assert await _cancel_as_woken(lambda wake: wake_within(wake, 0.2))
+    if sys.version_info < (3, 12):  # the cause, shown: wait_for does swallow it there
+        async def wait_for(wake: asyncio.Event) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), 0.2)
+
+        assert not await _cancel_as_woken(wait_for)
 
 
 async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
