@@ -71,6 +71,16 @@ def jsonl(items: list[Any]) -> bytes:
     return b"".join(json.dumps(item).encode() + b"\n" for item in items)
 
 
+async def start_batch(client: openai.AsyncOpenAI, lines: int | bytes) -> Any:
+    """Upload ``lines`` (JSONL, or that many ``chat_line``s) with purpose batch and create a
+    /v1/chat/completions batch of it, as every batch test does; the batch as created."""
+    content = jsonl([chat_line(i) for i in range(lines)]) if isinstance(lines, int) else lines
+    uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(content)),
+                                         purpose="batch")
+    return await client.batches.create(input_file_id=uploaded.id,
+                                       endpoint="/v1/chat/completions", completion_window="24h")
+
+
 async def wait_batch(client: openai.AsyncOpenAI, batch_id: str, *statuses: str) -> Any:
     """Poll until the batch reaches one of ``statuses``."""
     seen: list[Any] = []
@@ -466,10 +476,8 @@ async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
     client = sdk(server)
     mixed = jsonl([chat_line(0), chat_line(1, endpoint="/v1/embeddings"), chat_line(2)])
     mixed += b"{not json\n" + jsonl([{"method": "POST"}, {**chat_line(3), "body": "text"}])
-    f = await client.files.create(file=("mixed.jsonl", io.BytesIO(mixed)), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
-    done = await wait_batch(client, batch.id, "completed", "failed")
+    mixed_batch = await start_batch(client, mixed)
+    done = await wait_batch(client, mixed_batch.id, "completed", "failed")
     assert done.status == "completed"
     assert (done.request_counts.total, done.request_counts.completed,
             done.request_counts.failed) == (6, 2, 4)
@@ -481,25 +489,20 @@ async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
                      "missing_required_parameter"]
     assert all(line["response"] is None for line in errors)
 
-    bad = await client.files.create(file=("bad.jsonl", io.BytesIO(b"nope\n{]\n")),
-                                    purpose="batch")
-    batch = await client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, b"nope\n{]\n")
     failed = await wait_batch(client, batch.id, "failed", "completed")
     assert failed.status == "failed"
     assert [e.line for e in failed.errors.data] == [1, 2]
     assert failed.errors.data[0].code == "invalid_json_line"
 
-    twice = await client.files.create(
-        file=("twice.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(0)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=twice.id,
-                                        endpoint="/v1/chat/completions", completion_window="24h")
+    batch = await start_batch(client, jsonl([chat_line(0), chat_line(0)]))
     failed = await wait_batch(client, batch.id, "failed", "completed")
     assert failed.errors.data[0].code == "duplicate_custom_id"
     assert failed.errors.data[0].line == 2
 
     with pytest.raises(openai.BadRequestError, match="completion_window"):
-        await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+        await client.batches.create(input_file_id=mixed_batch.input_file_id,
+                                    endpoint="/v1/chat/completions",
                                     completion_window="1h")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="purpose"):
         await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
@@ -514,10 +517,7 @@ async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_p
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", queue, concurrency=2)))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(20)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 20)
     await wait_batch(client, batch.id, "in_progress")
     await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
     cancelling = await client.batches.cancel(batch.id)
@@ -600,10 +600,7 @@ async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", concurrency=8, max_retries=100)))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(60)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 60)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
         assert (await lane(http, server))["limit"] == 8
 
@@ -660,11 +657,7 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
                                       timeout=CALL_TIMEOUT_S) as client:
-            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
-                [chat_line(i) for i in range(1000)]))), purpose="batch")
-            batch = await client.batches.create(input_file_id=f.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
         proc.kill()
         await stop(proc, drain)
@@ -755,11 +748,7 @@ async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, t
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
                                       timeout=CALL_TIMEOUT_S) as client:
-            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
-                [chat_line(i) for i in range(1000)]))), purpose="batch")
-            batch = await client.batches.create(input_file_id=f.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
         first.kill()
         await stop(first, first_drain)
@@ -828,12 +817,7 @@ async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyr
     await first.start()
     try:
         client = sdk(first)
-        f = await client.files.create(
-            file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(100)]))),
-            purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id,
-                                            endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, 100)
         await up.wait_for(lambda u: u.requests_total >= 10, timeout=DONE_TIMEOUT_S)
     finally:
         await first.aclose()
@@ -900,10 +884,7 @@ async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_pa
     text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", retention="1s"))
     server = await skyroute(text)
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 3)
     done = await wait_batch(client, batch.id, "completed")
     output = tmp_path / "data" / "files" / done.output_file_id
     assert output.is_file()
@@ -927,7 +908,8 @@ async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_pa
 
         await eventually(purged, timeout=DONE_TIMEOUT_S)
     assert not output.exists()
-    assert f.id in {x.id for x in (await sdk(later).files.list()).data}  # the input stays
+    kept = {x.id for x in (await sdk(later).files.list()).data}
+    assert batch.input_file_id in kept  # the input stays
 
 
 async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, sdk):
@@ -936,17 +918,11 @@ async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, s
     up = await standin("a")
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(2)]))), purpose="batch")
-    first = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    first = await start_batch(client, 2)
     await wait_batch(client, first.id, "completed")
     up.behaviour.mode = "error"  # the next batch's lines wait in backoff
     up.behaviour.retry_after_s = 30
-    g = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(5)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 5)
     assert batch.expires_at == batch.created_at + 24 * 3600
     await wait_batch(client, batch.id, "in_progress")
     # Only the clock the windows are checked against moves: a day passes at once.
