@@ -114,6 +114,7 @@ class JobsService:
         oldest = await self.store.oldest_queued()
         return {"queue": "redis" if self.policy.redis is not None else "sqlite",
                 "batches": self.policy.batches.value,
+                "targets": {alias: list(names) for alias, names in self.policy.targets.items()},
                 "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "lane": {"running": len(self.running), "window": self.lane.size,

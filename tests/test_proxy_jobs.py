@@ -578,6 +578,8 @@ async def test_jobs_go_to_jobs_targets_and_interactive_traffic_does_not(
             "Hello from cloud")
         async with http.get(f"{server.url}/metrics") as resp:
             metrics = await resp.text()
+        async with http.get(f"{server.url}/health") as resp:
+            assert (await resp.json())["jobs"]["targets"] == {"chat": ["gpu"]}
     assert 'skyroute_jobs_targets_total{choice="preferred",route="chat"} 3.0' in metrics
     assert 'skyroute_jobs_targets_total{choice="fallback",route="chat"} 1.0' in metrics
     fallbacks = [e for e in captured_logs if e["event"] == "job_target_fallback"]
