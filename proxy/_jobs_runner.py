@@ -187,6 +187,9 @@ async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
         try:
             await loop()
         except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown cancelled us and a library answered with its own error
             log.warning("job_queue_unavailable", loop=name, error=repr(exc),
                         retry_in_s=STORE_RETRY_S)
             await asyncio.sleep(STORE_RETRY_S)
