@@ -192,7 +192,7 @@ async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
                 raise  # shutdown cancelled us and a library answered with its own error
             log.warning("job_queue_unavailable", loop=name, error=repr(exc),
                         retry_in_s=STORE_RETRY_S)
-            await asyncio.sleep(STORE_RETRY_S)
+            await pause(STORE_RETRY_S)
 
 
 async def _drain(app: web.Application, service: JobsService,
@@ -227,16 +227,32 @@ async def _drain(app: web.Application, service: JobsService,
 
 
 async def wake_within(event: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``event`` is set, at most ``timeout_s``.
+    """Wait until ``event`` is set, at most ``timeout_s``: a job loop's pause between turns.
 
     Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that lands in the
-    loop iteration where the event is set (CPython gh-86296, fixed in 3.12), and the job
-    loops, woken by every finished job, then outlived their cancellation at shutdown until
-    ``CLOSE_TIMEOUT_S`` (``jobs_close_timed_out``; before that bound, for ever).
+    loop iteration where the awaited thing completes (CPython gh-86296, fixed in 3.12). The
+    job loops, woken by every finished job, then outlived shutdown; and redis-py's socket
+    writes go through ``wait_for`` too, so a cancellation landing while a loop sends a
+    command is lost the same way. So every pause first stops a loop whose task was
+    cancelled (``stop_if_cancelled``), whoever swallowed the ``CancelledError``.
     """
+    stop_if_cancelled()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await event.wait()
+
+
+async def pause(seconds: float) -> None:
+    """``asyncio.sleep`` for the job loops, stopping a cancelled one (see ``wake_within``)."""
+    stop_if_cancelled()
+    await asyncio.sleep(seconds)
+
+
+def stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if this task was cancelled and the error was swallowed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancelled earlier; the CancelledError was swallowed")
 
 
 def _watch_level(app: web.Application, service: JobsService) -> None:
@@ -322,7 +338,7 @@ async def _probe_lag(service: JobsService) -> None:
     loop = asyncio.get_running_loop()
     while True:
         began = loop.time()
-        await asyncio.sleep(LAG_PROBE_S)
+        await pause(LAG_PROBE_S)
         lag = max(0.0, loop.time() - began - LAG_PROBE_S)
         service.loop_lag_s = 0.7 * service.loop_lag_s + 0.3 * lag
 
@@ -330,7 +346,7 @@ async def _probe_lag(service: JobsService) -> None:
 async def _renew_leases(service: JobsService) -> None:
     """Renew this worker's claims well before they run out (a third of the lease)."""
     while True:
-        await asyncio.sleep(service.lease_s() / 3)
+        await pause(service.lease_s() / 3)
         await service.store.renew(worker=service.worker, lease_s=service.lease_s(),
                                   now=time.time())
 
@@ -355,4 +371,4 @@ async def _gauges(service: JobsService) -> None:
         oldest = await service.store.oldest_queued()
         service.metrics.queue_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
         service.metrics.lane_window.set(service.lane.size)
-        await asyncio.sleep(1.0)
+        await pause(1.0)

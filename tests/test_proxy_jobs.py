@@ -27,7 +27,7 @@ import openai
 import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
-from skyroute.proxy._jobs_runner import JOBS, wake_within
+from skyroute.proxy._jobs_runner import JOBS, pause, wake_within
 from skyroute.proxy._jobs_webhooks import CheckedResolver, HostRefused, HostUnresolved, refusal
 from skyroute.routing import JobsPolicy
 
@@ -860,6 +860,36 @@ async def test_a_job_loop_cancelled_as_it_is_woken_ends_at_once():
                 await asyncio.wait_for(wake.wait(), 0.2)
 
         assert not await _cancel_as_woken(wait_for)
+
+
+@pytest.mark.parametrize("wait", ["pause", "wake_within"])
+async def test_a_job_loop_whose_cancellation_a_library_swallowed_stops_at_its_next_pause(wait):
+    """The second shutdown stall: redis-py sends each command through asyncio.wait_for, which
+    on Python 3.11 can swallow the shutdown's CancelledError; the loop then ran on (a
+    `skyroute run` with the Redis queue took 10 s, or for ever, to stop). A loop's pause
+    stops a task that was cancelled, whoever swallowed the error."""
+    turns = 0
+    wake = asyncio.Event()
+
+    async def swallowing_command() -> None:  # as the store call does when the cancel is lost
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return
+
+    async def loop() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await swallowing_command()
+            await (pause(0.01) if wait == "pause" else wake_within(wake, 0.01))
+
+    task = asyncio.create_task(loop())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=CALL_TIMEOUT_S)
+    assert task.cancelled() and turns == 1
 
 
 async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
