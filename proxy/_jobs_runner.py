@@ -206,7 +206,9 @@ async def _drain(app: web.Application, service: JobsService,
         _watch_level(app, service)
         free = service.room()
         base = app[SERVING].url
-        if free <= 0 or base is None:
+        # Draining (SIGTERM): the listener is closed, so a job claimed now could only fail
+        # its loopback call and spend a try; the queue keeps it for the next instance.
+        if free <= 0 or base is None or app[SERVING].draining:
             slot_freed.clear()
             await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
