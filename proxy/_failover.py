@@ -68,7 +68,8 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
                       session: UpstreamSessions, metrics: Metrics, request_id: str,
                       summary: RequestSummary, prefer: str | None = None,
                       pinned: str | None = None, count_usage: bool = False,
-                      extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+                      extra_headers: Mapping[str, str] | None = None,
+                      job: bool = False) -> web.StreamResponse:
     """Serve ``call`` over ``route``, failing over as the plan decides.
 
     Args:
@@ -77,13 +78,14 @@ async def serve_route(request: web.Request, *, router: Router, route: Route, cal
         count_usage: read streamed answers for their token usage (into
             ``summary.stream_tokens``), for a client with a ``tpm`` limit.
         extra_headers: added to the response's headers (before a stream starts).
+        job: a job's own call: the route's ``jobs.targets`` go first.
 
     Raises:
         UpstreamError: when the plan gives up (no upstream produced an answer).
     """
     app = request.app
     clock = app[CLOCK]
-    plan = router.plan(route, now=clock(), prefer=prefer, pinned=pinned)
+    plan = router.plan(route, now=clock(), prefer=prefer, pinned=pinned, job=job)
     summary.route = route.model
     resuming: _Interrupted | None = None  # a cut stream being continued elsewhere
     while True:

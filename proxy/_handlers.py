@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any
 
+import structlog
 from aiohttp import web
 from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
 
@@ -35,8 +36,9 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
-from ._jobs_auth import JOB_TOKEN_HEADER, job_caller
+from ._jobs_auth import JOB_CALL, JOB_TOKEN_HEADER, job_caller
 from ._limit_shares import LIMIT_SHARES
+from ._metrics import Metrics
 from ._objects import creates_object, holder_of, named_ids, remember_created
 from ._paths import upstream_path
 from ._sessions import (
@@ -55,8 +57,11 @@ from ._state import (
     STATE_SYNC,
     SUMMARY,
     UPSTREAM_SESSIONS,
+    RequestSummary,
     Runtime,
 )
+
+log = structlog.get_logger("skyroute.proxy")
 
 
 def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
@@ -262,10 +267,12 @@ async def _serve(request: web.Request, app: web.Application, router: Router, rou
     summary = request[SUMMARY]
     ids = named_ids(call.path_qs, call.payload)
     holder = holder_of(sync.objects, ids, router, metrics, now=now) if ids else None
+    job = request.get(JOB_CALL, False)
     serve = functools.partial(serve_route, request, router=router, call=call,
                               session=app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary,
-                              count_usage=client is not None and client.tpm is not None)
+                              count_usage=client is not None and client.tpm is not None,
+                              job=job)
     if holder is not None:  # only that upstream has the object: no fallback, no session
         return await serve(route=route, pinned=holder)
     decision = decide(router, route, call.payload, metrics, now=now)
@@ -283,7 +290,24 @@ async def _serve(request: web.Request, app: web.Application, router: Router, rou
         remember_session(sync.store, session_id, affinity_after(
             pinned=pinned, served_by=summary.upstream, status=resp.status,
             fallback=summary.fallback is not None))
+    if job:
+        _count_job_target(router, summary, metrics)
     return resp
+
+
+def _count_job_target(router: Router, summary: RequestSummary, metrics: Metrics) -> None:
+    """A job answered on a route with ``jobs.targets``: by one of them, or by the route's own
+    targets (every preferred one was out, or failed this time)."""
+    preferred = router.job_targets(summary.route)
+    if not preferred:
+        return
+    choice = "preferred" if summary.upstream in preferred else "fallback"
+    metrics.job_targets.labels(summary.route, choice).inc()
+    if choice == "fallback":
+        log.info("job_target_fallback", route=summary.route, upstream=summary.upstream,
+                 preferred=list(preferred),
+                 hint="no upstream in jobs.targets was available or answered; the route's own "
+                      "targets served the job")
 
 
 def _model_entry(alias: str, created: int) -> dict[str, Any]:

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 from skyroute.routing import BATCH_ENDPOINTS, BatchMode, BatchStatus
 
@@ -39,6 +42,10 @@ COMPLETION_WINDOW: Final = "24h"
 COMPLETION_WINDOW_S: Final = 24 * 3600.0
 MAX_IDEMPOTENCY_KEY: Final = 255
 _ASYNC_PREFIX: Final = "/v1/async/"
+#: What an async request's path may be: OpenAI paths are ASCII words between slashes.
+_ASYNC_PATH: Final = re.compile(r"/v1(/[A-Za-z0-9_.~-]+)+")
+#: Ids of jobs, files and batches, skyroute's and upstreams' (``file-abc``, ``batch_abc``).
+_OBJECT_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def _service(request: web.Request) -> JobsService:
@@ -70,6 +77,10 @@ async def submit_async(request: web.Request) -> web.Response:
     owner = _owner(request)
     runtime = request.app[SERVING].runtime
     path = "/v1/" + request.raw_path[len(_ASYNC_PREFIX):]
+    if not _ASYNC_PATH.fullmatch(path.partition("?")[0]):
+        raise ClientRequestError(f"{path.partition('?')[0]!r} is not an OpenAI API path; send "
+                                 "the path the synchronous call takes after /v1/async, e.g. "
+                                 "/v1/async/chat/completions", param="path")
     if path.startswith(_ASYNC_PREFIX):
         raise ClientRequestError("an async request cannot submit another async request; send "
                                  f"it to {path.replace('/async', '', 1)}", param="path")
@@ -79,6 +90,9 @@ async def submit_async(request: web.Request) -> web.Response:
     limits = runtime.config.limits
     body = await read_body(request, limits.max_body_bytes, idle_timeout_s=limits.body_timeout_s)
     payload = parse_payload(body)
+    if payload is None:  # it would only fail later, on the upstream, as a job
+        raise ClientRequestError("an async request needs the JSON body the synchronous call "
+                                 f"to {path} takes")
     choose_route(runtime.router, payload)  # an unknown model is refused now, not later
     if payload is not None and payload.get("stream") is True:
         raise ClientRequestError("an async answer is kept whole: drop 'stream' (or send the "
@@ -158,12 +172,12 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     tmp = service.store.files_dir / f".{file_id}.upload"
     purpose, filename, size = None, None, 0
     try:
-        reader = await request.multipart()
+        reader = await _multipart(request)
         while True:
             # Each read waits at most limits.body_timeout, as pass-through uploads do: a
             # client pausing mid-upload gets 408 instead of holding its connection.
             async with body_timeout(idle):
-                part = await reader.next()
+                part = await _next_part(reader)
             if part is None:
                 break
             if part.name == "purpose":
@@ -171,6 +185,9 @@ async def create_file(request: web.Request) -> web.StreamResponse:
             elif part.name == "file":
                 filename = part.filename or "upload.jsonl"  # type: ignore[union-attr]
                 size = await _save(part, tmp, limit, idle)
+            elif not (part.name or "").startswith("expires_after"):  # that one: kept till deleted
+                raise ClientRequestError(f"unknown form field {part.name!r}; "
+                                         f"{_MULTIPART_HINT}", param=part.name)
         if filename is None:
             raise ClientRequestError("the upload has no 'file' field", param="file")
         if purpose != "batch":
@@ -185,6 +202,26 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                                           purpose=purpose, size=size, path=final,
                                           now=time.time())
     return web.json_response(file_view(record))
+
+
+_MULTIPART_HINT: Final = ("upload the file as multipart/form-data with fields 'file' and "
+                          "'purpose' (the SDK's client.files.create)")
+
+
+async def _multipart(request: web.Request) -> aiohttp.MultipartReader:
+    try:
+        return await request.multipart()
+    except ValueError as exc:  # no boundary in the Content-Type
+        raise ClientRequestError(f"the upload is not valid multipart ({exc}); "
+                                 f"{_MULTIPART_HINT}") from None
+
+
+async def _next_part(reader: aiohttp.MultipartReader) -> Any:
+    try:
+        return await reader.next()
+    except (ValueError, HttpProcessingError) as exc:  # a body that is not the parts announced
+        raise ClientRequestError(f"the upload is not valid multipart ({exc}); "
+                                 f"{_MULTIPART_HINT}") from None
 
 
 #: Longest form field besides the file (``purpose``).
@@ -236,12 +273,10 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise ClientRequestError("order must be 'asc' or 'desc'", param="order")
-    records = await request.app[JOBS].store.files(_owner(request), purpose=query.get("purpose"))
-    records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=order == "desc")
-    after = query.get("after")
-    if after is not None:  # the page after that id, as OpenAI's cursor; unknown: empty
-        ids = [r["id"] for r in records]
-        records = records[ids.index(after) + 1:] if after in ids else []
+    # One more than the page, to say has_more; an unknown ``after`` gives an empty page.
+    records = await request.app[JOBS].store.files(
+        _owner(request), purpose=query.get("purpose"), after=query.get("after"),
+        limit=limit + 1, newest_first=order == "desc")
     data = [file_view(r) for r in records[:limit]]
     return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
                               "first_id": data[0]["id"] if data else None,
@@ -322,16 +357,22 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
     if not _runs_batches(request):
         return await handle_api(request)
     try:
-        limit = min(100, max(1, int(request.query.get("limit", "20"))))
+        limit = int(request.query.get("limit", "20"))
     except ValueError:
-        raise ClientRequestError("limit must be a whole number from 1 to 100",
-                                 param="limit") from None
+        limit = 0
+    if not 1 <= limit <= MAX_BATCHES_PAGE:  # as OpenAI's: refused, not silently clamped
+        raise ClientRequestError(f"limit must be a whole number from 1 to {MAX_BATCHES_PAGE}",
+                                 param="limit")
     records = await request.app[JOBS].store.batches(
         _owner(request), after=request.query.get("after"), limit=limit + 1)
     data = [batch_view(r) for r in records[:limit]]
     return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None})
+
+
+#: Largest page of ``GET /v1/batches``, as OpenAI's.
+MAX_BATCHES_PAGE: Final = 100
 
 
 async def get_batch(request: web.Request) -> web.StreamResponse:
@@ -380,6 +421,21 @@ def _store_errors(handler: Handler) -> Handler:
     return handle
 
 
+def _checked_ids(handler: Handler) -> Handler:
+    """An id in the path that no job, file or batch can have is a 400 naming it, not a
+    lookup (or an upstream call) for it."""
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        for name in ("job_id", "file_id", "batch_id"):
+            value = request.match_info.get(name)
+            if value is not None and not _OBJECT_ID.fullmatch(value):
+                raise ClientRequestError(f"{value!r} is not a {name.removesuffix('_id')} id "
+                                         "(letters, digits, '-' and '_')", param=name)
+        return await handler(request)
+
+    return handle
+
+
 def add_job_routes(app: web.Application) -> None:
     """The job API; before the catch-all ``/v1/{tail}`` so these paths match first."""
     for method, path, handler in (
@@ -395,4 +451,4 @@ def add_job_routes(app: web.Application) -> None:
             ("GET", "/v1/batches", list_batches),
             ("GET", "/v1/batches/{batch_id}", get_batch),
             ("POST", "/v1/batches/{batch_id}/cancel", cancel_batch)):
-        app.router.add_route(method, path, _store_errors(handler))
+        app.router.add_route(method, path, _store_errors(_checked_ids(handler)))

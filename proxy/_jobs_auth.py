@@ -31,6 +31,8 @@ class JobToken:
 
 
 JOBS_TOKEN = web.AppKey("jobs_token", JobToken)
+#: Set on a request that ``job_caller`` accepted: the job runner's own call.
+JOB_CALL = web.RequestKey("job_call", bool)
 
 
 def job_caller(request: web.Request, runtime: Runtime) -> ApiKey | None:
@@ -45,6 +47,7 @@ def job_caller(request: web.Request, runtime: Runtime) -> ApiKey | None:
     if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         raise InvalidApiKey("incorrect job token; only skyroute's own job runner sends "
                             f"{JOB_TOKEN_HEADER}")
+    request[JOB_CALL] = True
     keys = runtime.config.api_keys
     if keys is None:
         return None

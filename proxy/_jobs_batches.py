@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 from skyroute.routing import BatchLine, BatchStatus, LineProblem, read_batch_line
 
+from ._jobs_runner import pause
 from ._jobs_store import JobStore
 from ._jobs_views import result_line
 
@@ -53,7 +54,7 @@ async def batch_driver(app: web.Application, service: JobsService) -> None:
             await drive_batches(service)
         except Exception:  # a bug or a full disk: log it, keep the other batches moving
             log.exception("batch_pass_failed")
-        await asyncio.sleep(DRIVE_INTERVAL_S)
+        await pause(DRIVE_INTERVAL_S)
 
 
 async def drive_batches(service: JobsService) -> None:

@@ -44,5 +44,7 @@ class JobMetrics:
             registry=r)
         self.webhooks = Counter(
             "skyroute_jobs_webhooks",
-            "Webhook deliveries by result (delivered, retry, failed, refused).",
+            "Webhook deliveries by result (delivered, retry, failed; refused: the target or "
+            "the address its host resolved to is not allowed by jobs.webhook_hosts; "
+            "unresolved: its host no longer resolves). refused and unresolved are not retried.",
             ["result"], registry=r)

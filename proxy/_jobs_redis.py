@@ -24,7 +24,7 @@ at most a second of accepted jobs on a crash of the Redis host; ``always`` none)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,6 +45,8 @@ from ._jobs_store import (
 )
 
 GROUP: Final = "runners"
+#: Ids read at once from an owner's sorted set of files or batches while paging.
+PAGE_READ: Final = 100
 _INTS: Final = frozenset({"line", "tries", "status", "webhook_tries", "total"})
 _FLOATS: Final = frozenset({"not_before", "created_at", "started_at", "finished_at",
                             "webhook_next", "in_progress_at", "expires_at", "finalizing_at",
@@ -371,11 +373,38 @@ class RedisJobStore:
             return None
         return {**record, "bytes": int(record["bytes"]), "created_at": float(record["created_at"])}
 
-    async def files(self, owner: str, *, purpose: str | None) -> list[dict[str, Any]]:
-        ids = await self._redis.zrevrange(f"{self._p}files:{owner}", 0, -1)
-        records = [await self.file(i.decode(), owner) for i in ids]
-        return [r for r in records if r is not None and (purpose is None or
-                                                         r["purpose"] == purpose)]
+    async def files(self, owner: str, *, purpose: str | None, after: str | None, limit: int,
+                    newest_first: bool = True) -> list[dict[str, Any]]:
+        """One page of ``owner``'s files (see ``JobStore.files``): the ids come from the
+        owner's sorted set by rank, a page at a time, never the whole set."""
+        out: list[dict[str, Any]] = []
+        async for file_id in self._page(f"{self._p}files:{owner}", after, newest_first):
+            record = await self.file(file_id, owner)
+            if record is not None and (purpose is None or record["purpose"] == purpose):
+                out.append(record)
+                if len(out) == limit:
+                    break
+        return out
+
+    async def _page(self, key: str, after: str | None, newest_first: bool,
+                    ) -> AsyncIterator[str]:
+        """Members of the sorted set ``key`` after ``after`` (none if it is not there), by
+        score (creation time), read ``PAGE_READ`` at a time."""
+        rank_of = self._redis.zrevrank if newest_first else self._redis.zrank
+        read = self._redis.zrevrange if newest_first else self._redis.zrange
+        start = 0
+        if after is not None:
+            rank = await rank_of(key, after)
+            if rank is None:
+                return
+            start = int(rank) + 1
+        while True:
+            ids = await read(key, start, start + PAGE_READ - 1)
+            for member in ids:
+                yield member.decode()
+            if len(ids) < PAGE_READ:
+                return
+            start += PAGE_READ
 
     async def delete_file(self, file_id: str, owner: str) -> dict[str, Any] | None:
         record = await self.file(file_id, owner)
@@ -428,11 +457,14 @@ class RedisJobStore:
 
     async def batches(self, owner: str, *, after: str | None, limit: int,
                       ) -> list[dict[str, Any]]:
-        ids = [i.decode() for i in await self._redis.zrevrange(f"{self._p}batches:{owner}", 0, -1)]
-        if after is not None and after in ids:
-            ids = ids[ids.index(after) + 1:]
-        records = [await self.batch(i, owner) for i in ids[:limit]]
-        return [r for r in records if r is not None]
+        out: list[dict[str, Any]] = []
+        async for batch_id in self._page(f"{self._p}batches:{owner}", after, True):
+            record = await self.batch(batch_id, owner)
+            if record is not None:
+                out.append(record)
+                if len(out) == limit:
+                    break
+        return out
 
     async def batches_in(self, statuses: Sequence[BatchStatus]) -> list[dict[str, Any]]:
         wanted = {s.value for s in statuses}

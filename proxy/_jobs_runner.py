@@ -114,6 +114,7 @@ class JobsService:
         oldest = await self.store.oldest_queued()
         return {"queue": "redis" if self.policy.redis is not None else "sqlite",
                 "batches": self.policy.batches.value,
+                "targets": {alias: list(names) for alias, names in self.policy.targets.items()},
                 "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "lane": {"running": len(self.running), "window": self.lane.size,
@@ -151,8 +152,9 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
             in_flight = dict(service.running)
             for task in (*tasks, *in_flight):
                 task.cancel()
-            # Bounded: a store that stops answering (a Redis connection stuck mid-close)
-            # must not hold shutdown; unreleased jobs are claimed again after their lease.
+            # Bounded: a store that stops answering (a Redis connection stuck mid-close), or
+            # a loop that outlives its cancellation (what wake_within avoids), must not hold
+            # shutdown; unreleased jobs are claimed again after their lease.
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
@@ -164,6 +166,8 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
                     await service.store.aclose()
             except TimeoutError:
                 log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
+                            stuck=[t.get_name() for t in tasks if not t.done()],
+                            jobs_stuck=sum(not t.done() for t in in_flight),
                             hint="jobs in flight are run again once their lease ends")
 
 
@@ -183,9 +187,12 @@ async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
         try:
             await loop()
         except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown cancelled us and a library answered with its own error
             log.warning("job_queue_unavailable", loop=name, error=repr(exc),
                         retry_in_s=STORE_RETRY_S)
-            await asyncio.sleep(STORE_RETRY_S)
+            await pause(STORE_RETRY_S)
 
 
 async def _drain(app: web.Application, service: JobsService,
@@ -199,10 +206,11 @@ async def _drain(app: web.Application, service: JobsService,
         _watch_level(app, service)
         free = service.room()
         base = app[SERVING].url
-        if free <= 0 or base is None:
+        # Draining (SIGTERM): the listener is closed, so a job claimed now could only fail
+        # its loopback call and spend a try; the queue keeps it for the next instance.
+        if free <= 0 or base is None or app[SERVING].draining:
             slot_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(slot_freed.wait(), POLL_INTERVAL_S)
+            await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
         service.wake.clear()
         jobs = await service.store.claim(worker=service.worker, limit=free,
@@ -217,8 +225,36 @@ async def _drain(app: web.Application, service: JobsService,
 
             task.add_done_callback(done)
         if not jobs:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(service.wake.wait(), POLL_INTERVAL_S)
+            await wake_within(service.wake, POLL_INTERVAL_S)
+
+
+async def wake_within(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set, at most ``timeout_s``: a job loop's pause between turns.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that lands in the
+    loop iteration where the awaited thing completes (CPython gh-86296, fixed in 3.12). The
+    job loops, woken by every finished job, then outlived shutdown; and redis-py's socket
+    writes go through ``wait_for`` too, so a cancellation landing while a loop sends a
+    command is lost the same way. So every pause first stops a loop whose task was
+    cancelled (``stop_if_cancelled``), whoever swallowed the ``CancelledError``.
+    """
+    stop_if_cancelled()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
+async def pause(seconds: float) -> None:
+    """``asyncio.sleep`` for the job loops, stopping a cancelled one (see ``wake_within``)."""
+    stop_if_cancelled()
+    await asyncio.sleep(seconds)
+
+
+def stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if this task was cancelled and the error was swallowed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancelled earlier; the CancelledError was swallowed")
 
 
 def _watch_level(app: web.Application, service: JobsService) -> None:
@@ -304,7 +340,7 @@ async def _probe_lag(service: JobsService) -> None:
     loop = asyncio.get_running_loop()
     while True:
         began = loop.time()
-        await asyncio.sleep(LAG_PROBE_S)
+        await pause(LAG_PROBE_S)
         lag = max(0.0, loop.time() - began - LAG_PROBE_S)
         service.loop_lag_s = 0.7 * service.loop_lag_s + 0.3 * lag
 
@@ -312,7 +348,7 @@ async def _probe_lag(service: JobsService) -> None:
 async def _renew_leases(service: JobsService) -> None:
     """Renew this worker's claims well before they run out (a third of the lease)."""
     while True:
-        await asyncio.sleep(service.lease_s() / 3)
+        await pause(service.lease_s() / 3)
         await service.store.renew(worker=service.worker, lease_s=service.lease_s(),
                                   now=time.time())
 
@@ -337,4 +373,4 @@ async def _gauges(service: JobsService) -> None:
         oldest = await service.store.oldest_queued()
         service.metrics.queue_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
         service.metrics.lane_window.set(service.lane.size)
-        await asyncio.sleep(1.0)
+        await pause(1.0)

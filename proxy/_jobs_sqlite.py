@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS batches (
     cancelled_at REAL
 );
 CREATE INDEX IF NOT EXISTS batches_status ON batches(status);
+CREATE INDEX IF NOT EXISTS files_by_owner ON files(owner, created_at, id);
+CREATE INDEX IF NOT EXISTS batches_by_owner ON batches(owner, created_at, id);
 """
 
 

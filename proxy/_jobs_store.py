@@ -290,11 +290,19 @@ class JobStore:
 
         return await self._db.run(op)
 
-    async def files(self, owner: str, *, purpose: str | None) -> list[dict[str, Any]]:
+    async def files(self, owner: str, *, purpose: str | None, after: str | None, limit: int,
+                    newest_first: bool = True) -> list[dict[str, Any]]:
+        """One page of ``owner``'s files: up to ``limit`` after the file ``after`` (none if
+        that id is unknown), by creation time; an index search, not a scan."""
         def op(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = "SELECT * FROM files WHERE owner=?" + (" AND purpose=?" if purpose else "")
-            args = (owner, purpose) if purpose else (owner,)
-            return [dict(r) for r in db.execute(sql + " ORDER BY created_at DESC", args)]
+            where, args = _page_after(db, "files", owner, after, newest_first)
+            if where is None:
+                return []
+            if purpose:
+                where, args = f"{where} AND purpose=?", [*args, purpose]
+            return [dict(r) for r in db.execute(
+                f"SELECT * FROM files WHERE {where} {_page_order(newest_first)} LIMIT ?",
+                (*args, limit))]
 
         return await self._db.run(op)
 
@@ -339,19 +347,14 @@ class JobStore:
 
     async def batches(self, owner: str, *, after: str | None, limit: int,
                       ) -> list[dict[str, Any]]:
+        """One page of ``owner``'s batches, newest first, as ``files`` pages."""
         def op(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = db.execute("SELECT * FROM batches WHERE owner=? ORDER BY created_at DESC, id",
-                              (owner,)).fetchall()
-            out: list[dict[str, Any]] = []
-            skipping = after is not None
-            for row in rows:
-                if skipping:
-                    skipping = row["id"] != after
-                    continue
-                out.append(_with_counts(db, dict(row)))
-                if len(out) == limit:
-                    break
-            return out
+            where, args = _page_after(db, "batches", owner, after, True)
+            if where is None:
+                return []
+            return [_with_counts(db, dict(r)) for r in db.execute(
+                f"SELECT * FROM batches WHERE {where} {_page_order(True)} LIMIT ?",
+                (*args, limit))]
 
         return await self._db.run(op)
 
@@ -445,6 +448,26 @@ class JobStore:
                 " WHERE batch_id=? ORDER BY line", (batch_id,))]
 
         return await self._db.run(op)
+
+
+def _page_after(db: sqlite3.Connection, table: str, owner: str, after: str | None,
+                newest_first: bool) -> tuple[str | None, list[Any]]:
+    """The WHERE clause of a page of ``owner``'s rows after the row ``after`` (OpenAI's
+    cursor); None when that row is not the owner's (the page is empty)."""
+    if after is None:
+        return "owner=?", [owner]
+    row = db.execute(f"SELECT created_at, id FROM {table} WHERE id=? AND owner=?",
+                     (after, owner)).fetchone()
+    if row is None:
+        return None, []
+    # Row values walk the (owner, created_at, id) index from the cursor on.
+    return f"owner=? AND (created_at, id) {'<' if newest_first else '>'} (?, ?)", \
+        [owner, row[0], row[1]]
+
+
+def _page_order(newest_first: bool) -> str:
+    way = "DESC" if newest_first else "ASC"
+    return f"ORDER BY created_at {way}, id {way}"
 
 
 def _with_counts(db: sqlite3.Connection, batch: dict[str, Any]) -> dict[str, Any]:

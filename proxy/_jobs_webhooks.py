@@ -12,13 +12,18 @@ Targets are checked against ``jobs.webhook_hosts`` when the job is submitted and
 at each delivery, whose connections resolve names through :class:`CheckedResolver`: the
 addresses checked are the ones connected to, so a name rebound to an internal address
 after the submit check is still refused, and redirects are not followed.
+
+A delivery whose host resolves to an address not allowed, or no longer resolves at all
+(no such name), is *refused*: not retried, since no retry changes the answer without a
+settings or DNS change, logged as ``job_webhook_refused`` and counted as ``refused`` or
+``unresolved``. A temporary DNS failure (``EAI_AGAIN``: the resolver did not answer) is
+an ordinary failure, retried with backoff up to ``jobs.max_retries``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -33,6 +38,7 @@ import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from skyroute.routing import JobsPolicy, after_try
 
+from ._jobs_runner import wake_within
 from ._jobs_views import job_view
 
 if TYPE_CHECKING:
@@ -52,6 +58,25 @@ RESOLVE_TIMEOUT_S: Final = 5.0
 
 class WebhookRefused(Exception):
     """A webhook URL that ``jobs.webhook_hosts`` does not let skyroute call; says why."""
+
+
+class HostRefused(OSError):
+    """At delivery: the host resolved to an address ``jobs.webhook_hosts`` does not allow."""
+
+    result = "refused"
+
+
+class HostUnresolved(OSError):
+    """At delivery: the host has no address (no such name), as opposed to a resolver that
+    did not answer this time."""
+
+    result = "unresolved"
+
+
+def refusal(exc: BaseException) -> HostRefused | HostUnresolved | None:
+    """The refusal behind a failed delivery's connection error, if it was one."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    return cause if isinstance(cause, HostRefused | HostUnresolved) else None
 
 
 def check_url(policy: JobsPolicy, url: str) -> str:
@@ -85,8 +110,8 @@ async def check_target(policy: JobsPolicy, url: str) -> None:
     host = check_url(policy, url)
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM),
-                                       RESOLVE_TIMEOUT_S)
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):  # not wait_for: see wake_within
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as exc:
         raise WebhookRefused(f"X-Webhook-URL host {host!r} does not resolve ({exc})") from None
     check_addresses(policy, host, [str(info[4][0]) for info in infos])
@@ -95,17 +120,25 @@ async def check_target(policy: JobsPolicy, url: str) -> None:
 class CheckedResolver(AbstractResolver):
     """aiohttp's resolver, refusing names that resolve to addresses not allowed."""
 
-    def __init__(self, policy: Callable[[], JobsPolicy]) -> None:
+    def __init__(self, policy: Callable[[], JobsPolicy], *,
+                 resolver: AbstractResolver | None = None) -> None:
+        """``resolver``: where names are looked up (aiohttp's threaded getaddrinfo)."""
         self._policy = policy
-        self._resolver = aiohttp.ThreadedResolver()
+        self._resolver = resolver or aiohttp.ThreadedResolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
+        try:
+            results = await self._resolver.resolve(host, port, family)
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                raise  # the resolver did not answer: a failure like any other, retried
+            raise HostUnresolved(f"webhook host {host!r} does not resolve ({exc.strerror}); "
+                                 "check the X-Webhook-URL the job was submitted with") from None
         try:
             check_addresses(self._policy(), host, [r["host"] for r in results])
         except WebhookRefused as exc:
-            raise OSError(str(exc)) from None
+            raise HostRefused(str(exc)) from None
         return results
 
     async def close(self) -> None:
@@ -133,8 +166,7 @@ async def _send_due(service: JobsService, session: aiohttp.ClientSession) -> Non
         if due:
             await asyncio.gather(*(_deliver(service, session, job) for job in due))
             continue
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(service.wake.wait(), 0.5)
+        await wake_within(service.wake, 0.5)
 
 
 async def _deliver(service: JobsService, session: aiohttp.ClientSession,
@@ -158,11 +190,13 @@ async def _deliver(service: JobsService, session: aiohttp.ClientSession,
             status = resp.status
         error = f"HTTP {status}"
     except WebhookRefused as exc:
-        service.metrics.webhooks.labels("refused").inc()
-        log.warning("job_webhook_refused", job_id=job_id, error=str(exc))
-        await service.store.webhook_sent(job_id, ok=False, next_at=None)
+        await _refuse(service, job_id, "refused", str(exc))
         return
     except (aiohttp.ClientError, TimeoutError) as exc:
+        refused = refusal(exc)
+        if refused is not None:
+            await _refuse(service, job_id, refused.result, str(refused))
+            return
         error = repr(exc)
     if status is not None and 200 <= status < 300:
         service.metrics.webhooks.labels("delivered").inc()
@@ -177,3 +211,10 @@ async def _deliver(service: JobsService, session: aiohttp.ClientSession,
     service.metrics.webhooks.labels("retry" if next_at else "failed").inc()
     log.warning("job_webhook_failed", job_id=job_id, error=error, retry_at=next_at)
     await service.store.webhook_sent(job_id, ok=False, next_at=next_at)
+
+
+async def _refuse(service: JobsService, job_id: str, result: str, error: str) -> None:
+    """A delivery no retry would change: given up now, not after ``jobs.max_retries``."""
+    service.metrics.webhooks.labels(result).inc()
+    log.warning("job_webhook_refused", job_id=job_id, result=result, error=error)
+    await service.store.webhook_sent(job_id, ok=False, next_at=None)

@@ -87,6 +87,10 @@ class Metrics:
         self.failovers = Counter(
             "skyroute_failovers", "Requests that moved on to another upstream after a failure.",
             ["route"], registry=r)
+        self.job_targets = Counter(
+            "skyroute_jobs_targets", "Job calls answered on a route with jobs.targets, by "
+            "choice: preferred (one of its jobs.targets) or fallback (the route's own targets).",
+            ["route", "choice"], registry=r)
         self.hedges = Counter(
             "skyroute_hedges", "Hedged requests by result: won (the hedge answered first) "
             "or lost (the first attempt did).", ["route", "result"], registry=r)

@@ -47,6 +47,7 @@ from ._jobs import (
     LineProblem,
     RetryLater,
     after_try,
+    job_target_order,
     next_batch_status,
     read_batch_line,
 )
@@ -221,6 +222,7 @@ __all__ = [
     "gossip_decisions",
     "is_resumable",
     "is_storable",
+    "job_target_order",
     "live_limit",
     "next_batch_status",
     "parse_config",

@@ -19,6 +19,12 @@ through skyroute's own request path and feeds the answer here.
   one burst counts once; every finished try adds ``1/window``, i.e. about one slot
   per window's worth of successes. It never goes below 1 or above the configured
   ``jobs.concurrency``.
+* **Job targets** (``job_target_order``): ``jobs.targets`` names, per model alias,
+  upstreams a job tries first (a cheaper or local pool). Those available now go first,
+  in the order written; then the route's own order (what an interactive request
+  gets); preferred ones not available come last, for the panic rule only. So a job
+  reaches the route's targets when every preferred upstream is out, or when the
+  preferred ones it tried failed (failover, as for any request).
 * **Batch lines** (``read_batch_line``): one JSONL line is a JSON object with a
   non-empty string ``custom_id``, ``method`` POST, ``url`` equal to the batch's
   endpoint and an object ``body`` without ``stream: true`` (a batch answer is
@@ -33,7 +39,7 @@ from __future__ import annotations
 import enum
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
@@ -52,6 +58,7 @@ __all__ = [
     "LineProblem",
     "RetryLater",
     "after_try",
+    "job_target_order",
     "next_batch_status",
     "read_batch_line",
     "retry_delay",
@@ -158,6 +165,15 @@ class LaneWindow:
     def on_success(self) -> None:
         """A try finished without a busy signal: grow by about one per window."""
         self._window = min(float(self.limit), self._window + 1.0 / self._window)
+
+
+def job_target_order(preferred: Sequence[str], order: Sequence[str], *,
+                     available: Callable[[str], bool]) -> list[str]:
+    """A job's target order: ``preferred`` (``jobs.targets``) available now, in the order
+    written, then the route's ``order``, then the preferred ones out of service."""
+    first = [name for name in preferred if available(name)]
+    rest = [name for name in order if name not in first]
+    return first + rest + [name for name in preferred if name not in first and name not in rest]
 
 
 class BatchStatus(enum.StrEnum):

@@ -13,6 +13,9 @@ import enum
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated
 
 from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
@@ -81,6 +84,11 @@ class JobsPolicy:
         default=30 * 86400.0, validation_alias="retention", gt=0,
         description="Finished async jobs, and ended batches with their output and error files, "
                     "are deleted this long after they ended (OpenAI keeps batch output 30 days).")
+    targets: Mapping[str, Annotated[tuple[Name, ...], Field(min_length=1)]] = Field(
+        default_factory=lambda: MappingProxyType({}),
+        description="Model alias -> upstreams its jobs try first, in preference order (e.g. "
+                    "the local GPU pool); interactive requests keep the route's targets. When "
+                    "none of them is available, jobs go to the route's own targets.")
     webhook_secret: Text | None = Field(
         default=None, repr=False,
         description="Signs completion webhooks (Standard Webhooks, HMAC-SHA256); write it as "
@@ -98,6 +106,7 @@ class JobsPolicy:
         if self.backoff_base_s > self.backoff_cap_s:
             raise invalid("backoff_base must not be above backoff_cap")
         object.__setattr__(self, "webhook_secret", self.webhook_secret or None)
+        object.__setattr__(self, "targets", MappingProxyType(dict(self.targets)))
         for entry in self.webhook_hosts:
             if _network(entry) is None and not _HOST_PATTERN.fullmatch(entry):
                 raise invalid(f"webhook_hosts entry {entry!r} is neither a host name (such as "

@@ -11,8 +11,9 @@ Rules / theory of operation:
   reported on the line where it starts; a problem with a scalar on its key's line.
 * ``cross_reference_problems`` checks what no single section can: route targets name
   upstreams that offer the route's model, names are unique, ``fallback_model`` chains
-  end. It reads the parsed values directly, so it reports even when other sections
-  failed validation: the user sees every problem in one run.
+  end, ``jobs.targets`` names routes and upstreams offering them. It reads the parsed
+  values directly, so it reports even when other sections failed validation: the user
+  sees every problem in one run.
 """
 
 from __future__ import annotations
@@ -239,7 +240,38 @@ def cross_reference_problems(doc: Document) -> list[ConfigProblem]:
         message = _fallback_problem(model, fallback, fallbacks, served)
         if message:
             problem(path, message)
+    jobs = doc.data.get("jobs")
+    job_targets = jobs.get("targets") if isinstance(jobs, dict) else None
+    for alias, names in job_targets.items() if isinstance(job_targets, dict) else ():
+        for path, message in _job_target_problems(str(alias), _items(names), upstream_models,
+                                                  served):
+            problem(path, message)
     return problems
+
+
+def _job_target_problems(alias: str, names: list[Any], upstream_models: dict[str, set[str]],
+                         served: set[str]) -> list[tuple[YamlPath, str]]:
+    """What is wrong with ``jobs.targets.<alias>``: the alias and each upstream named."""
+    at: YamlPath = ("jobs", "targets", alias)
+    if alias not in served:
+        close = difflib.get_close_matches(alias, sorted(served), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return [(at, f"'{alias}' names no route{hint} (models: {', '.join(sorted(served))})")]
+    found: list[tuple[YamlPath, str]] = []
+    seen: set[str] = set()
+    for j, target in enumerate(names):
+        name = _text(target)
+        if name not in upstream_models:
+            known = ", ".join(sorted(upstream_models)) or "none defined"
+            found.append(((*at, j), f"{target!r} names no upstream (upstreams: {known})"))
+        elif name in seen:
+            found.append(((*at, j), f"upstream '{name}' is listed twice"))
+        elif upstream_models[name] and alias not in upstream_models[name]:
+            found.append(((*at, j), f"upstream '{name}' has no model for alias '{alias}'; add "
+                                    f"'{alias}: <its model name>' to its models"))
+        if name is not None:
+            seen.add(name)
+    return found
 
 
 def _fallback_problem(model: str, fallback: str, fallbacks: dict[str, tuple[YamlPath, str]],

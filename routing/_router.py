@@ -54,6 +54,7 @@ from ._degradation import (
 )
 from ._fleet import FleetStates
 from ._health import Estimate, HealthChange, UpstreamHealth, UpstreamState
+from ._jobs import job_target_order
 from ._plan import AttemptPlan, retry_after_seconds
 from ._policies import Strategy
 from ._pool import EndpointView, ServerLoad
@@ -76,7 +77,8 @@ class _PreparedRoute:
     """What ``plan`` needs of one route, made once per config."""
 
     targets: tuple[str, ...]  # the route's, to check a Route passed in against
-    by_name: dict[str, Target]  # each target upstream's Target for this route's alias
+    by_name: dict[str, Target]  # each target upstream's (and job target's) Target
+    job_targets: tuple[str, ...]  # jobs.targets for this alias: upstreams jobs try first
     budget: RetryBudget
     hedge_budget: RetryBudget
 
@@ -129,10 +131,13 @@ class Router:
         self._routes = {route.model: route for route in config.routes}
         self._upstreams = {u.name: u for u in config.upstreams}
         self._pools.update(config.upstreams, config.latency.scrape)
+        job_targets = config.jobs.targets if config.jobs is not None else {}
         self._prepared = {route.model: _PreparedRoute(
             targets=route.targets,
             by_name={name: self._target(self._upstreams[name], route.model)
-                     for name in route.targets if name in self._upstreams},
+                     for name in (*route.targets, *job_targets.get(route.model, ()))
+                     if name in self._upstreams},
+            job_targets=tuple(n for n in job_targets.get(route.model, ()) if n in self._upstreams),
             budget=self._budgets[route.model], hedge_budget=self._hedge_budgets[route.model],
         ) for route in config.routes}
         self._essential = tuple(route.model for route in config.routes if route.essential)
@@ -160,7 +165,7 @@ class Router:
         return self._health[name]
 
     def plan(self, route: Route, *, now: float, prefer: str | None = None,
-             pinned: str | None = None) -> AttemptPlan:
+             pinned: str | None = None, job: bool = False) -> AttemptPlan:
         """An ``AttemptPlan`` for one request over ``route``.
 
         Args:
@@ -169,6 +174,8 @@ class Router:
             pinned: the upstream holding an object the request names (a file, a
                 stored response): the only candidate, since no other upstream has
                 the object. It need not be one of the route's targets.
+            job: the request is a job's (``jobs.targets``: its preferred upstreams first,
+                ``routing._jobs.job_target_order``).
         """
         if route.hedge_after is not None and not self.config.degradation.reduced_hedging \
                 and self.route_level(route, now=now) is not Level.NORMAL:
@@ -177,19 +184,30 @@ class Router:
         if prepared.targets != route.targets:  # a Route of another config's (a reload)
             prepared = dataclasses.replace(prepared, targets=route.targets, by_name={
                 name: self._target(self._upstreams[name], route.model)
-                for name in route.targets if name in self._upstreams})
+                for name in (*route.targets, *prepared.job_targets) if name in self._upstreams})
         prepared.budget.record_request(now)
         prepared.hedge_budget.record_request(now)
         order = [pinned] if pinned in self._upstreams else self._order(route, now)
         if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
+        if job and prepared.job_targets and pinned is None:
+            order = job_target_order(prepared.job_targets, order, available=functools.partial(
+                self._available, now=now))
         by_name = prepared.by_name
         candidates = [by_name.get(name) or self._target(self._upstreams[name], route.model)
                       for name in order]
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=prepared.budget, hedge_budget=prepared.hedge_budget,
                            backoff=self._backoff, now=now)
+
+    def _available(self, name: str, *, now: float) -> bool:
+        return self._health[name].is_available(now=now)
+
+    def job_targets(self, model: str) -> tuple[str, ...]:
+        """The upstreams jobs for ``model`` try first (``jobs.targets``); () if none."""
+        prepared = self._prepared.get(model)
+        return prepared.job_targets if prepared is not None else ()
 
     def pinned_unavailable(self, upstream: str, object_id: str, *,
                            now: float) -> GiveUp | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -26,8 +27,8 @@ import openai
 import pytest
 from aiohttp import web
 from skyroute.proxy import Server, load_config
-from skyroute.proxy._jobs_runner import JOBS
-from skyroute.proxy._jobs_webhooks import CheckedResolver
+from skyroute.proxy._jobs_runner import JOBS, pause, wake_within
+from skyroute.proxy._jobs_webhooks import CheckedResolver, HostRefused, HostUnresolved, refusal
 from skyroute.routing import JobsPolicy
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
@@ -68,6 +69,16 @@ def chat_line(i: int, *, endpoint: str = "/v1/chat/completions") -> dict[str, An
 
 def jsonl(items: list[Any]) -> bytes:
     return b"".join(json.dumps(item).encode() + b"\n" for item in items)
+
+
+async def start_batch(client: openai.AsyncOpenAI, lines: int | bytes) -> Any:
+    """Upload ``lines`` (JSONL, or that many ``chat_line``s) with purpose batch and create a
+    /v1/chat/completions batch of it, as every batch test does; the batch as created."""
+    content = jsonl([chat_line(i) for i in range(lines)]) if isinstance(lines, int) else lines
+    uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(content)),
+                                         purpose="batch")
+    return await client.batches.create(input_file_id=uploaded.id,
+                                       endpoint="/v1/chat/completions", completion_window="24h")
 
 
 async def wait_batch(client: openai.AsyncOpenAI, batch_id: str, *statuses: str) -> Any:
@@ -251,6 +262,79 @@ async def test_delivery_resolver_refuses_a_name_rebound_to_loopback():
         await allowing.close()
 
 
+class FailingDns(aiohttp.abc.AbstractResolver):
+    """A stand-in resolver answering every lookup with one getaddrinfo error (no network)."""
+
+    def __init__(self, errno: int) -> None:
+        self.errno = errno
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        raise socket.gaierror(self.errno, "stand-in DNS failure")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_delivery_to_a_host_that_no_longer_resolves_is_refused_not_retried():
+    """At delivery, no such name is a refusal (unresolved); a resolver that did not answer
+    (EAI_AGAIN) is an ordinary failure, retried with backoff."""
+    policy = JobsPolicy(webhook_hosts=("hooks.example.test",))
+    gone = CheckedResolver(lambda: policy, resolver=FailingDns(socket.EAI_NONAME))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=gone)) as http:
+        with pytest.raises(aiohttp.ClientConnectorError) as caught:
+            await http.post("http://hooks.example.test/hook", timeout=aiohttp.ClientTimeout(
+                total=CALL_TIMEOUT_S))
+    refused = refusal(caught.value)
+    assert isinstance(refused, HostUnresolved) and refused.result == "unresolved"
+    assert "'hooks.example.test' does not resolve" in str(refused)
+    slow = CheckedResolver(lambda: policy, resolver=FailingDns(socket.EAI_AGAIN))
+    with pytest.raises(socket.gaierror):
+        await slow.resolve("hooks.example.test")
+    assert refusal(socket.gaierror(socket.EAI_AGAIN, "again")) is None
+    with pytest.raises(HostRefused):
+        await CheckedResolver(lambda: JobsPolicy(webhook_hosts=("localhost",))).resolve(
+            "localhost")
+
+
+async def test_webhook_host_no_longer_allowed_at_delivery_is_refused_once(
+        standin, skyroute, tmp_path, webhook_receiver, captured_logs):
+    """A webhook accepted at submit whose host's address a reload stopped allowing is refused
+    at delivery: not sent, not retried, logged and counted as refused."""
+    up = await standin("a")
+    up.behaviour.mode = "error"  # holds the job in retries until the reload is served
+    up.behaviour.retry_after_s = 0
+    hook_url, deliveries = webhook_receiver
+    hook_url = hook_url.replace("127.0.0.1", "localhost")
+    allowed = "[localhost, 127.0.0.0/8, '::1']"
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", webhook_hosts=allowed, max_retries=100)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                             headers={**AUTH, "X-Webhook-URL": hook_url}) as resp:
+            assert resp.status == 202, await resp.text()
+        assert server.config_path is not None
+        server.config_path.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+            tmp_path / "data", webhook_hosts="[localhost]", max_retries=100)))
+        await eventually(lambda: server.app[JOBS].policy.webhook_hosts == ("localhost",),
+                         timeout=DONE_TIMEOUT_S)
+        up.behaviour.mode = "ok"
+
+        async def counted() -> bool:
+            async with http.get(f"{server.url}/metrics") as resp:
+                return 'skyroute_jobs_webhooks_total{result="refused"} 1.0' in await resp.text()
+
+        await eventually(counted, timeout=DONE_TIMEOUT_S)
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert deliveries == []
+    assert 'skyroute_jobs_webhooks_total{result="retry"}' not in metrics
+    refused = [e for e in captured_logs if e["event"] == "job_webhook_refused"]
+    assert len(refused) == 1 and refused[0]["result"] == "refused"
+    assert "resolves to" in refused[0]["error"] and "jobs.webhook_hosts" in refused[0]["error"]
+
+
 @pytest.mark.parametrize("sent", [
     b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n',  # between parts
     b'--xx\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
@@ -274,6 +358,39 @@ async def test_local_file_upload_paused_too_long_gets_408(standin, skyroute, tmp
     assert data.startswith(b"HTTP/1.1 408 ")
     assert b'"code": "request_timeout"' in data and b"limits.body_timeout" in data
     assert not [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".upload")]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "says"), [
+    ("POST", "/v1/async/chat/completions", {"headers": {"Content-Type": "application/json"}},
+     "needs the JSON body"),
+    ("POST", "/v1/async/chat/compl%C3%A9tions", {"json": {"model": "chat"}},
+     "is not an OpenAI API path"),
+    ("GET", "/v1/async/jobs/job%20x", {}, "is not a job id"),
+    ("GET", "/v1/files/file%C2%84", {}, "is not a file id"),
+    ("POST", "/v1/batches/b%2Ex/cancel", {}, "is not a batch id"),
+    ("GET", "/v1/batches?limit=101", {}, "limit must be a whole number from 1 to 100"),
+    ("POST", "/v1/files", {"data": b"", "headers": {"Content-Type": "multipart/form-data"}},
+     "not valid multipart"),
+    ("POST", "/v1/files", {"data": {"purpose": "batch", "colour": "red"}}, "unknown form field"),
+], ids=["async-no-body", "async-path", "job-id", "file-id", "batch-id", "batches-limit",
+        "no-boundary", "unknown-field"])
+async def test_job_api_refuses_malformed_requests_with_400(standin, skyroute, tmp_path, method,
+                                                           path, kwargs, says):
+    """What the OpenAPI description (proxy/openapi.yaml) does not allow is a 400 saying what
+    was wrong, not a 500, a clamp or a job that can only fail."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    if isinstance(kwargs.get("data"), dict):
+        form = aiohttp.FormData(kwargs["data"])
+        form.add_field("file", b"{}\n", filename="in.jsonl")
+        kwargs = {"data": form}
+    kwargs.setdefault("headers", {})
+    kwargs["headers"] = {**kwargs["headers"], **AUTH}
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http,
+                http.request(method, server.url + path, **kwargs) as resp):
+        assert resp.status == 400, await resp.text()
+        assert says in (await resp.json())["error"]["message"]
+    assert up.requests_total == 0
 
 
 async def test_local_file_upload_over_max_upload_bytes_gets_413(standin, skyroute, tmp_path, sdk):
@@ -311,6 +428,13 @@ async def test_files_and_batches_lists_page_with_the_sdks_auto_pagination(
                                            completion_window="24h") for f in files[:3]]
     walked_batches = [b.id async for b in client.batches.list(limit=1)]
     assert sorted(walked_batches) == sorted(b.id for b in batches)
+    for batch in batches:
+        await wait_batch(client, batch.id, "completed")
+    outputs = [f.id async for f in client.files.list(purpose="batch_output", limit=2)]
+    assert len(outputs) == 3 and all(i.endswith("-output") for i in outputs)
+    inputs = [f.id async for f in client.files.list(purpose="batch", limit=2)]
+    assert inputs == walked  # the purpose filter pages over the owner's files in order
+    assert [f.id for f in (await client.files.list(limit=2, after="file-nope")).data] == []
 
 
 async def test_500_line_batch_completes_with_every_answer(standin, skyroute, tmp_path, sdk, queue):
@@ -352,10 +476,8 @@ async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
     client = sdk(server)
     mixed = jsonl([chat_line(0), chat_line(1, endpoint="/v1/embeddings"), chat_line(2)])
     mixed += b"{not json\n" + jsonl([{"method": "POST"}, {**chat_line(3), "body": "text"}])
-    f = await client.files.create(file=("mixed.jsonl", io.BytesIO(mixed)), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
-    done = await wait_batch(client, batch.id, "completed", "failed")
+    mixed_batch = await start_batch(client, mixed)
+    done = await wait_batch(client, mixed_batch.id, "completed", "failed")
     assert done.status == "completed"
     assert (done.request_counts.total, done.request_counts.completed,
             done.request_counts.failed) == (6, 2, 4)
@@ -367,25 +489,20 @@ async def test_batch_bad_lines_go_to_the_error_file_and_a_bad_file_fails(
                      "missing_required_parameter"]
     assert all(line["response"] is None for line in errors)
 
-    bad = await client.files.create(file=("bad.jsonl", io.BytesIO(b"nope\n{]\n")),
-                                    purpose="batch")
-    batch = await client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, b"nope\n{]\n")
     failed = await wait_batch(client, batch.id, "failed", "completed")
     assert failed.status == "failed"
     assert [e.line for e in failed.errors.data] == [1, 2]
     assert failed.errors.data[0].code == "invalid_json_line"
 
-    twice = await client.files.create(
-        file=("twice.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(0)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=twice.id,
-                                        endpoint="/v1/chat/completions", completion_window="24h")
+    batch = await start_batch(client, jsonl([chat_line(0), chat_line(0)]))
     failed = await wait_batch(client, batch.id, "failed", "completed")
     assert failed.errors.data[0].code == "duplicate_custom_id"
     assert failed.errors.data[0].line == 2
 
     with pytest.raises(openai.BadRequestError, match="completion_window"):
-        await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+        await client.batches.create(input_file_id=mixed_batch.input_file_id,
+                                    endpoint="/v1/chat/completions",
                                     completion_window="1h")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="purpose"):
         await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
@@ -400,10 +517,7 @@ async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_p
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", queue, concurrency=2)))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(20)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 20)
     await wait_batch(client, batch.id, "in_progress")
     await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
     cancelling = await client.batches.cancel(batch.id)
@@ -416,6 +530,61 @@ async def test_batch_cancel_stops_the_lines_not_yet_run(standin, skyroute, tmp_p
     with pytest.raises(openai.APIStatusError) as refused:
         await client.batches.cancel(batch.id)
     assert refused.value.status_code == 409
+
+
+async def submit_and_wait(http: aiohttp.ClientSession, server: Server,
+                          body: dict[str, Any]) -> dict[str, Any]:
+    """One async request, polled until it ends; its job record."""
+    async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                         headers=AUTH) as resp:
+        assert resp.status == 202
+        status_url = (await resp.json())["status_url"]
+    seen: list[dict[str, Any]] = []
+
+    async def ended() -> bool:
+        async with http.get(status_url, headers=AUTH) as resp:
+            seen.append(await resp.json())
+        return seen[-1]["status"] in ("completed", "failed")
+
+    await eventually(ended, timeout=DONE_TIMEOUT_S)
+    return seen[-1]
+
+
+async def test_jobs_go_to_jobs_targets_and_interactive_traffic_does_not(
+        standin, skyroute, tmp_path, sdk, captured_logs):
+    """jobs.targets sends a route's jobs to the local pool first while interactive requests
+    keep the route's targets; with the pool failing, jobs fall back to the route's targets."""
+    cloud, gpu = await standin("cloud"), await standin("gpu")
+    server = await skyroute(routing_yaml(
+        [entry(cloud), entry(gpu)], "- model: chat\n  targets: [cloud]\n",
+        extra=jobs_yaml(tmp_path / "data", targets="{chat: [gpu]}")))
+    client = sdk(server)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        await client.chat.completions.create(model="chat", messages=body["messages"])
+    assert (cloud.requests_total, gpu.requests_total) == (3, 0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        for _ in range(3):
+            job = await submit_and_wait(http, server, body)
+            assert job["status"] == "completed"
+            assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+                "Hello from gpu")
+        assert (cloud.requests_total, gpu.requests_total) == (3, 3)
+        gpu.behaviour.mode = "error"
+        gpu.behaviour.error_status = 503
+        job = await submit_and_wait(http, server, body)
+        assert job["status"] == "completed"
+        assert job["response"]["body"]["choices"][0]["message"]["content"].startswith(
+            "Hello from cloud")
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+        async with http.get(f"{server.url}/health") as resp:
+            assert (await resp.json())["jobs"]["targets"] == {"chat": ["gpu"]}
+    assert 'skyroute_jobs_targets_total{choice="preferred",route="chat"} 3.0' in metrics
+    assert 'skyroute_jobs_targets_total{choice="fallback",route="chat"} 1.0' in metrics
+    fallbacks = [e for e in captured_logs if e["event"] == "job_target_fallback"]
+    assert [(e["upstream"], e["preferred"]) for e in fallbacks] == [("cloud", ["gpu"])]
+    assert fallbacks[0]["request_id"] == job["id"]
 
 
 async def lane(http: aiohttp.ClientSession, server: Server) -> dict[str, Any]:
@@ -433,10 +602,7 @@ async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", concurrency=8, max_retries=100)))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(60)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 60)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
         assert (await lane(http, server))["limit"] == 8
 
@@ -493,11 +659,7 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
                                       timeout=CALL_TIMEOUT_S) as client:
-            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
-                [chat_line(i) for i in range(1000)]))), purpose="batch")
-            batch = await client.batches.create(input_file_id=f.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
         proc.kill()
         await stop(proc, drain)
@@ -588,11 +750,7 @@ async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, t
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
                                       timeout=CALL_TIMEOUT_S) as client:
-            f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(
-                [chat_line(i) for i in range(1000)]))), purpose="batch")
-            batch = await client.batches.create(input_file_id=f.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
         first.kill()
         await stop(first, first_drain)
@@ -661,18 +819,77 @@ async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyr
     await first.start()
     try:
         client = sdk(first)
-        f = await client.files.create(
-            file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(100)]))),
-            purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id,
-                                            endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, 100)
         await up.wait_for(lambda u: u.requests_total >= 10, timeout=DONE_TIMEOUT_S)
     finally:
         await first.aclose()
     second = await skyroute(text)
     done = await wait_batch(sdk(second), batch.id, "completed", "failed")
     assert done.status == "completed" and done.request_counts.completed == 100
+
+
+async def _cancel_as_woken(wait: Callable[[asyncio.Event], Any]) -> bool:
+    """Whether a job loop parked in ``wait`` ends when cancelled in the tick it is woken."""
+    wake = asyncio.Event()
+
+    async def loop() -> None:  # as the lane and the webhook sender wait for work
+        while True:
+            await wait(wake)
+            wake.clear()
+
+    task = asyncio.create_task(loop())
+    for _ in range(3):  # let it park in wait() (no timer involved)
+        await asyncio.sleep(0)
+    wake.set()  # a job finished ...
+    task.cancel()  # ... as shutdown cancels the loop
+    await asyncio.wait({task}, timeout=1.0)
+    ended = task.done()
+    task.cancel()
+    await asyncio.wait({task}, timeout=CALL_TIMEOUT_S)
+    return ended
+
+
+async def test_a_job_loop_cancelled_as_it_is_woken_ends_at_once():
+    """The shutdown stall: asyncio.wait_for on Python 3.11 swallows a cancellation landing as
+    its event is set, so a job loop outlived shutdown (jobs_close_timed_out after 10 s, a
+    120 s hang before that bound). The loops wait with wake_within, which does not."""
+    assert await _cancel_as_woken(lambda wake: wake_within(wake, 0.2))
+    if sys.version_info < (3, 12):  # the cause, shown: wait_for does swallow it there
+        async def wait_for(wake: asyncio.Event) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), 0.2)
+
+        assert not await _cancel_as_woken(wait_for)
+
+
+@pytest.mark.parametrize("wait", ["pause", "wake_within"])
+async def test_a_job_loop_whose_cancellation_a_library_swallowed_stops_at_its_next_pause(wait):
+    """The second shutdown stall: redis-py sends each command through asyncio.wait_for, which
+    on Python 3.11 can swallow the shutdown's CancelledError; the loop then ran on (a
+    `skyroute run` with the Redis queue took 10 s, or for ever, to stop). A loop's pause
+    stops a task that was cancelled, whoever swallowed the error."""
+    turns = 0
+    wake = asyncio.Event()
+
+    async def swallowing_command() -> None:  # as the store call does when the cancel is lost
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return
+
+    async def loop() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await swallowing_command()
+            await (pause(0.01) if wait == "pause" else wake_within(wake, 0.01))
+
+    task = asyncio.create_task(loop())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=CALL_TIMEOUT_S)
+    assert task.cancelled() and turns == 1
 
 
 async def test_reload_resizes_the_lane(standin, skyroute, tmp_path):
@@ -699,10 +916,7 @@ async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_pa
     text = routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data", retention="1s"))
     server = await skyroute(text)
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 3)
     done = await wait_batch(client, batch.id, "completed")
     output = tmp_path / "data" / "files" / done.output_file_id
     assert output.is_file()
@@ -726,7 +940,8 @@ async def test_finished_work_past_retention_is_deleted(standin, skyroute, tmp_pa
 
         await eventually(purged, timeout=DONE_TIMEOUT_S)
     assert not output.exists()
-    assert f.id in {x.id for x in (await sdk(later).files.list()).data}  # the input stays
+    kept = {x.id for x in (await sdk(later).files.list()).data}
+    assert batch.input_file_id in kept  # the input stays
 
 
 async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, sdk):
@@ -735,17 +950,11 @@ async def test_batch_expires_after_its_24h_window(standin, skyroute, tmp_path, s
     up = await standin("a")
     server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
     client = sdk(server)
-    f = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(2)]))), purpose="batch")
-    first = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    first = await start_batch(client, 2)
     await wait_batch(client, first.id, "completed")
     up.behaviour.mode = "error"  # the next batch's lines wait in backoff
     up.behaviour.retry_after_s = 30
-    g = await client.files.create(
-        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(5)]))), purpose="batch")
-    batch = await client.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, 5)
     assert batch.expires_at == batch.created_at + 24 * 3600
     await wait_batch(client, batch.id, "in_progress")
     # Only the clock the windows are checked against moves: a day passes at once.

@@ -477,3 +477,33 @@ def test_limits_and_connection_keys_parse_and_are_checked():
                      "upstreams: [{name: u, url: 'http://u/v1'}]\n", env={})
     text = str(bad.value)
     assert "max_client_connections" in text and "head_timeout" in text
+
+
+JOB_TARGETS = CONTRACT.replace("    targets: [aws-us-east, local-gpu]\n",
+                               "    targets: [aws-us-east]\n") + """\
+jobs:
+  targets:
+    chat: [local-gpu]
+"""
+
+
+def test_jobs_targets_load_per_model_alias():
+    """jobs.targets: a model alias -> the upstreams its jobs try first, as written."""
+    config = parse_config(JOB_TARGETS, env=ENV)
+    assert config.jobs is not None and dict(config.jobs.targets) == {"chat": ("local-gpu",)}
+    assert config.route_for("chat").targets == ("aws-us-east",)
+
+
+@pytest.mark.parametrize(("edit", "path", "line", "fragment"), [
+    (("chat: [local-gpu]", "chat: [local-gpu, gcp]"), "jobs.targets.chat[1]", 23,
+     "'gcp' names no upstream (upstreams: aws-us-east, local-gpu)"),
+    (("chat: [local-gpu]", "chta: [local-gpu]"), "jobs.targets.chta", 23,
+     "'chta' names no route; did you mean 'chat'?"),
+    (("chat: [local-gpu]", "embed: [local-gpu]"), "jobs.targets.embed[0]", 23,
+     "upstream 'local-gpu' has no model for alias 'embed'"),
+    (("chat: [local-gpu]", "chat: [local-gpu, local-gpu]"), "jobs.targets.chat[1]", 23,
+     "listed twice"),
+    (("chat: [local-gpu]", "chat: []"), "jobs.targets.chat", 23, "must not be empty"),
+])
+def test_bad_jobs_targets_are_reported_at_path_and_line(edit, path, line, fragment):
+    assert_problem(JOB_TARGETS.replace(*edit), path, line, fragment)

@@ -11,13 +11,18 @@ from skyroute.routing import (
     BatchStatus,
     Finished,
     GaveUp,
+    GiveUp,
     JobsPolicy,
     LaneWindow,
     LineProblem,
     RetryLater,
+    Router,
     RoutingStateError,
+    UpstreamState,
     after_try,
+    job_target_order,
     next_batch_status,
+    parse_config,
     read_batch_line,
 )
 
@@ -155,3 +160,64 @@ def test_webhook_hosts_allow_names_public_addresses_and_listed_ranges(hosts, tar
 def test_webhook_hosts_entry_that_is_neither_name_nor_address_is_refused():
     with pytest.raises(ValueError, match="webhook_hosts entry 'http://x'"):
         JobsPolicy(webhook_hosts=("http://x",))
+
+
+JOB_TARGETS = """\
+upstreams:
+  - {name: cloud, url: "http://cloud/v1", models: {chat: gpt}}
+  - {name: backup, url: "http://backup/v1", models: {chat: gpt}}
+  - {name: gpu, endpoints: ["http://g1/v1", "http://g2/v1"], models: {chat: llama}}
+  - {name: cheap, url: "http://cheap/v1", models: {chat: mini}}
+routes:
+  - {model: chat, targets: [cloud, backup], strategy: weighted}
+jobs:
+  targets:
+    chat: [gpu, cheap]
+"""
+
+
+@pytest.mark.parametrize(("available", "order", "expected"), [
+    ({"gpu", "cheap", "a", "b"}, ["a", "b"], ["gpu", "cheap", "a", "b"]),
+    ({"cheap", "a", "b"}, ["a", "b"], ["cheap", "a", "b", "gpu"]),  # gpu out: last (panic)
+    ({"a", "b"}, ["a", "b"], ["a", "b", "gpu", "cheap"]),  # all preferred out: the route's
+    ({"gpu", "a"}, ["b", "a"], ["gpu", "b", "a", "cheap"]),  # the route's order is kept
+])
+def test_job_target_order(available, order, expected):
+    """Preferred upstreams available now first, as written; then the route's own order."""
+    assert job_target_order(("gpu", "cheap"), order, available=available.__contains__) == expected
+
+
+def test_job_target_order_keeps_a_preferred_target_that_is_also_the_routes_in_front():
+    assert job_target_order(("b",), ["a", "b"], available=lambda _: True) == ["b", "a"]
+    assert job_target_order(("b",), ["a", "b"], available=lambda n: n != "b") == ["a", "b"]
+
+
+def test_router_sends_jobs_to_jobs_targets_and_interactive_requests_to_the_routes():
+    """A job's plan starts with jobs.targets (with that upstream's own model name); a plain
+    request's plan never includes them."""
+    router = Router(parse_config(JOB_TARGETS, env={}), rng=random.Random(1))
+    route = router.route_for("chat")
+    assert route is not None
+    job = router.plan(route, now=0.0, job=True)
+    first = job.next_attempt(now=0.0)
+    assert not isinstance(first, GiveUp)
+    assert (first.name, first.model) == ("gpu", "llama")  # type: ignore[union-attr]
+    for _ in range(20):
+        plain = router.plan(route, now=0.0).next_attempt(now=0.0)
+        assert plain.name in ("cloud", "backup")  # type: ignore[union-attr]
+    assert router.job_targets("chat") == ("gpu", "cheap")
+    assert router.job_targets("embed") == ()
+
+
+def test_router_jobs_fall_back_to_the_next_preferred_then_to_the_routes_targets():
+    router = Router(parse_config(JOB_TARGETS, env={}), rng=random.Random(1))
+    route = router.route_for("chat")
+    assert route is not None
+    router.mark("gpu", UpstreamState.DOWN, until=100.0, reason="test", now=0.0)
+    first = router.plan(route, now=1.0, job=True).next_attempt(now=1.0)
+    assert first.name == "cheap"  # type: ignore[union-attr]
+    router.mark("cheap", UpstreamState.DOWN, until=100.0, reason="test", now=0.0)
+    first = router.plan(route, now=1.0, job=True).next_attempt(now=1.0)
+    assert first.name in ("cloud", "backup")  # type: ignore[union-attr]
+    back = router.plan(route, now=200.0, job=True).next_attempt(now=200.0)
+    assert back.name == "gpu"  # type: ignore[union-attr]
