@@ -84,7 +84,10 @@ class JobsService:
         self.lane = LaneWindow(policy.concurrency)
         self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.token = ""
+        #: Set by a submit: new work for the lane (cleared by the lane).
         self.wake = asyncio.Event()
+        #: Set when a job ends: a webhook may be due (cleared by the webhook sender).
+        self.job_ended = asyncio.Event()
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
         self.loop_lag_s = 0.0
@@ -280,7 +283,7 @@ async def _try_job(app: web.Application, service: JobsService, session: aiohttp.
             metrics.finished.labels(kind, "completed" if ok else "failed").inc()
             log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
                      tries=job.tries + 1, error=final_error)
-            service.wake.set()  # a webhook or a batch may be waiting on it
+            service.job_ended.set()  # a webhook may be waiting on it
         return
     metrics.retries.labels(kind).inc()
     log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
