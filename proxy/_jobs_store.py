@@ -87,6 +87,10 @@ class JobStore:
     async def aclose(self) -> None:
         await self._db.aclose()
 
+    def group_commits(self) -> tuple[int, int]:
+        """Group commits the accept path made on the event loop, and the submits they held."""
+        return self._db.loop_commits, self._db.loop_rows
+
     # -- async jobs ---------------------------------------------------------------
 
     async def submit(self, *, owner: str, method: str, path: str, body: bytes | None,

@@ -561,6 +561,42 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
     assert up.requests_total >= 1000  # lines in flight at the kill ran again
 
 
+async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, tmp_path):
+    """Async submits arrive together (group commits on the event loop's connection); skyroute
+    is killed with SIGKILL the moment the last 202 is read; after a restart every job id it
+    answered with is there."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.5  # the jobs are still queued or running at the kill
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    proc, url, drain = await start_skyroute(config, tmp_path)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    accepted: list[str] = []
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+            async def submit(n: int) -> None:
+                for _ in range(n):
+                    async with http.post(f"{url}/v1/async/chat/completions", json=body,
+                                         headers=AUTH) as resp:
+                        assert resp.status == 202
+                        accepted.append((await resp.json())["id"])
+
+            await asyncio.gather(*(submit(10) for _ in range(30)))
+        proc.kill()
+        await stop(proc, drain)
+        assert proc.returncode == -signal.SIGKILL
+        proc, url, drain = await start_skyroute(config, tmp_path)
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+            for job_id in accepted:
+                async with http.get(f"{url}/v1/async/jobs/{job_id}", headers=AUTH) as resp:
+                    assert resp.status == 200, job_id
+    finally:
+        await stop(proc, drain)
+    assert len(set(accepted)) == 300
+
+
 class OwnRedis:
     """A redis-server of the test's own with AOF (fsync on every write) on a free port."""
 
