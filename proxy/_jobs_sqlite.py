@@ -204,8 +204,12 @@ class SqliteRunner:
             return
         self.loop_commits += 1
         self.loop_rows += len(group)
+        try:
+            synced = self._loop.run_in_executor(self._fsync, self._sync_wal)
+        except RuntimeError as exc:  # the store is closing: committed, but not known on disk
+            _settle([(future, None, exc) for _, _, future in group])
+            return
         self._syncing += 1
-        synced = self._loop.run_in_executor(self._fsync, self._sync_wal)
         synced.add_done_callback(lambda f: self._synced(f, group))
 
     def _hand_to_thread(self, group: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]],
