@@ -60,8 +60,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 POLL_INTERVAL_S: Final = 0.2
 #: While clients are served, the lane keeps this process's CPU use under this share of
 #: a core, and the event loop's lag (EWMA) under LOOP_LAG_YIELD_S (``LaneShare``).
-LANE_CPU_TARGET: Final = 0.5
-LOOP_LAG_YIELD_S: Final = 0.005
+#: bench/jobs.py (200 client requests/s beside a draining batch): 0.5 and 5 ms raised
+#: their p99 1.2-3.2x draining 300-400 lines/s; 0.4 and 1 ms, 0.65-0.90x at 215 lines/s.
+LANE_CPU_TARGET: Final = 0.4
+LOOP_LAG_YIELD_S: Final = 0.001
 #: The lag probe's period, and the lane share's tick.
 LAG_PROBE_S: Final = 0.02
 #: Least time between two logs of the lane yielding to clients (or getting it all back).
