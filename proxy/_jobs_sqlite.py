@@ -230,8 +230,10 @@ class SqliteRunner:
 
     def _sync_wal(self) -> None:
         """The WAL to disk (from the store thread or the fsync thread; no GIL held)."""
-        assert self._wal_fd is not None
-        os.fsync(self._wal_fd)
+        fd = self._wal_fd
+        if fd is None:  # closed: fail the operations, never the thread
+            raise OSError("the job store is closed")
+        os.fsync(fd)
 
     def _synced(self, synced: asyncio.Future[None],
                 group: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]]) -> None:
@@ -265,16 +267,16 @@ class SqliteRunner:
         while self._syncing or self._flush_due:  # rows promised a commit get it
             await asyncio.sleep(0.001)
         self._fsync.shutdown(wait=True)
+        if self._thread is not None:  # it runs what is queued first, and fsyncs it
+            self._ops.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._appender is not None:
             self._appender.close()
             self._appender = None
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
-        if self._thread is not None:
-            self._ops.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
 
     def _connect(self, *, schema: bool = True,
                  busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
