@@ -183,8 +183,11 @@ class SqliteRunner:
         group, self._waiting = self._waiting, []
         if not group:
             return
-        assert self._appender is not None and self._loop is not None
         db = self._appender
+        if db is None or self._loop is None:
+            _settle([(future, None, RuntimeError("the job store is closed"))
+                     for _, _, future in group])
+            return
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:  # another writer holds the lock: do not wait here
