@@ -235,8 +235,11 @@ class SqliteRunner:
         """The WAL to disk (from the store thread or the fsync thread; no GIL held)."""
         fd = self._wal_fd
         if fd is None:  # closed: fail the operations, never the thread
-            raise OSError("the job store is closed")
-        os.fsync(fd)
+            raise sqlite3.OperationalError("the job store is closed")
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # a failing disk: the store's error (a 503 to retry)
+            raise sqlite3.OperationalError(f"fsync of the WAL failed: {exc}") from exc
 
     def _synced(self, synced: asyncio.Future[None],
                 group: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]]) -> None:
@@ -375,7 +378,7 @@ class SqliteRunner:
         if connection.total_changes != changes:  # reads alone need no disk flush
             try:
                 sync()
-            except OSError as exc:
+            except sqlite3.Error as exc:
                 return [(future, None, exc) for _, future in group]
         return results
 
