@@ -202,10 +202,16 @@ async def start_batch(client: openai.AsyncOpenAI, lines: int) -> str:
     return batch.id
 
 
+#: How often a batch's status is polled once it runs. Polls are client requests, and the
+#: lane yields to clients: polling every few tens of ms would throttle the drain measured
+#: (an SDK user polls seconds apart).
+POLL_S = 0.25
+
+
 async def until_done(client: openai.AsyncOpenAI, batch_id: str) -> Any:
     while (batch := await client.batches.retrieve(batch_id)).status not in (
             "completed", "failed"):
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(POLL_S)
     assert batch.status == "completed", batch
     return batch
 
@@ -217,7 +223,7 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> 
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
             "completed", "failed"):
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02 if queued_at is None else POLL_S)
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
     total = time.perf_counter() - began

@@ -20,15 +20,17 @@ through skyroute's own request path and feeds the answer here.
   per window's worth of successes. It never goes below 1 or above the configured
   ``jobs.concurrency``.
 * **Sharing the instance with clients** (``LaneShare``): while clients are being served
-  (a client request started or in flight since the last tick), the lane may start jobs
-  only up to a *share* of its window, set each tick by AIMD on the instance's own
-  load: the process's CPU use over the tick above ``cpu_target`` (of one core) or the
-  event loop's lag above ``lag_limit_s`` halves the share (down to 0: no new job
-  starts), otherwise it grows by one. The first tick with clients starts from 0, not
-  from the whole window, so a lane running flat out stops taking more the moment
-  clients arrive. With no clients the lane has its whole window (spare capacity is all
-  of it). A share of 0 still starts one job per ``trickle_s`` when none is running, so
-  a saturated instance slows the lane to a trickle but never stops it.
+  (a client request started or in flight in one of the last ``quiet_ticks`` ticks), the
+  lane may start jobs only up to a *share* of its window, set each tick by AIMD on the
+  instance's own load: the process's CPU use over the tick above ``cpu_target`` (of one
+  core) or the event loop's lag above ``lag_limit_s`` halves the share (down to 0: no
+  new job starts), otherwise it grows by one. The first tick with clients starts from
+  0, not from the whole window, so a lane running flat out stops taking more the moment
+  clients arrive. After ``quiet_ticks`` ticks without clients the lane has its whole
+  window (spare capacity is all of it); a client now and then (one polling a batch)
+  does not flip it back to 0 each time. A share of 0 still starts one job per
+  ``trickle_s`` when none is running, so a saturated instance slows the lane to a
+  trickle but never stops it.
 * **Batch lines** (``read_batch_line``): one JSONL line is a JSON object with a
   non-empty string ``custom_id``, ``method`` POST, ``url`` equal to the batch's
   endpoint and an object ``body`` without ``stream: true`` (a batch answer is
@@ -175,18 +177,21 @@ class LaneWindow:
 class LaneShare:
     """How many lane jobs may run while clients are served (see the module docstring)."""
 
-    __slots__ = ("_last_trickle", "cpu_target", "lag_limit_s", "share", "trickle_s")
+    __slots__ = ("_last_trickle", "_quiet", "cpu_target", "lag_limit_s", "quiet_ticks",
+                 "share", "trickle_s")
 
     def __init__(self, *, cpu_target: float = 0.5, lag_limit_s: float = 0.005,
-                 trickle_s: float = 1.0) -> None:
+                 trickle_s: float = 1.0, quiet_ticks: int = 5) -> None:
         if not 0 < cpu_target <= 1:
             raise ValueError(f"LaneShare: cpu_target must be in (0, 1], got {cpu_target!r}")
         self.cpu_target = cpu_target
         self.lag_limit_s = lag_limit_s
         self.trickle_s = trickle_s
+        self.quiet_ticks = quiet_ticks
         #: Jobs the lane may run now; None while no client is served (the whole window).
         self.share: int | None = None
         self._last_trickle: float | None = None
+        self._quiet = 0  # ticks without clients in a row
 
     def __repr__(self) -> str:
         return f"<LaneShare {'all' if self.share is None else self.share}>"
@@ -200,7 +205,10 @@ class LaneShare:
             lag_s: how late the event loop ran a timer (its queue of ready work).
             window: the lane's AIMD window now (``LaneWindow.size``).
         """
-        if clients == 0:
+        self._quiet = self._quiet + 1 if clients == 0 else 0
+        if self.share is None and clients == 0:
+            return
+        if self._quiet >= self.quiet_ticks:
             self.share = None
             return
         if self.share is None:

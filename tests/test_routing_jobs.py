@@ -91,7 +91,7 @@ def test_LaneWindow_halves_on_busy_once_per_cooldown_and_grows_back():
 def test_LaneShare_gives_the_whole_window_without_clients_and_yields_to_them():
     """No clients: the whole window. Clients: from 0, +1 a tick under the CPU target and
     lag limit, halved a tick over either; the window still bounds it."""
-    share = LaneShare(cpu_target=0.5, lag_limit_s=0.005, trickle_s=1.0)
+    share = LaneShare(cpu_target=0.5, lag_limit_s=0.005, trickle_s=1.0, quiet_ticks=3)
     assert share.room(window=16, running=3, now=0.0) == 13
     share.tick(clients=0, cpu=0.9, lag_s=0.0, window=16)  # the lane alone may use it all
     assert share.share is None and share.room(window=16, running=0, now=0.0) == 16
@@ -106,7 +106,13 @@ def test_LaneShare_gives_the_whole_window_without_clients_and_yields_to_them():
     assert share.share == 1
     share.tick(clients=1, cpu=0.2, lag_s=0.0, window=1)  # the AIMD window is smaller
     assert share.share == 1 and share.room(window=1, running=1, now=0.0) == 0
-    share.tick(clients=0, cpu=0.2, lag_s=0.0, window=16)
+    for _ in range(2):  # a pause shorter than quiet_ticks: still sharing, growing
+        share.tick(clients=0, cpu=0.2, lag_s=0.0, window=16)
+    assert share.share == 3
+    share.tick(clients=1, cpu=0.2, lag_s=0.0, window=16)  # a client polling now and then
+    assert share.share == 4
+    for _ in range(3):
+        share.tick(clients=0, cpu=0.2, lag_s=0.0, window=16)
     assert share.share is None and repr(share) == "<LaneShare all>"
 
 
