@@ -1,5 +1,11 @@
-"""Connection pools to upstreams: one aiohttp session per upstream, sized by its
-``max_connections``; and, for cloud upstreams, their identity (``proxy._clouds``).
+"""Connection pools to upstreams, sized by each one's ``max_connections``; and, for cloud
+upstreams, their identity (``proxy._clouds``).
+
+Each upstream has up to two pools: the lean one (``proxy._upstream_http``) that
+carries the common request, and an aiohttp session for what stays on aiohttp
+(clouds, streamed uploads; ``proxy._forward`` dispatches). An upstream uses one or
+the other for all its requests but streamed uploads, so the two rarely both hold
+connections (``UpstreamSlots`` bounds their sum anyway).
 
 aiohttp's own per-host limit cannot tell two upstreams on one host apart (two keys to
 one provider), nor count a pool's servers together, so each upstream gets a connector
@@ -15,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from skyroute.routing import Upstream
 
 from ._clouds import CloudAccess, UpstreamAccess
+from ._upstream_http import UpstreamPool
 
 #: Idle keep-alive connections are reused for this long.
 KEEPALIVE_S = 30.0
@@ -25,6 +32,7 @@ class UpstreamSessions:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
         self.clouds = CloudAccess(registry)
 
     def access(self, upstream: Upstream) -> UpstreamAccess | None:
@@ -45,9 +53,21 @@ class UpstreamSessions:
             self._sessions[key] = session
         return session
 
+    def pool_for(self, upstream: Upstream) -> UpstreamPool:
+        """The lean pool of at most ``upstream.max_connections`` busy connections."""
+        key = (upstream.name, upstream.max_connections)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = UpstreamPool(upstream.max_connections,
+                                                   keepalive_s=KEEPALIVE_S)
+        return pool
+
     async def aclose(self) -> None:
         """Close every pool (at shutdown, after requests in flight have drained)."""
         sessions, self._sessions = list(self._sessions.values()), {}
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
         await self.clouds.aclose()
         for session in sessions:
             await session.close()

@@ -21,6 +21,11 @@ Theory of operation:
   (``proxy._bodies``).
 * Either way the upstream response is closed on every exit path, so a client that
   goes away cancels the upstream request.
+* Which client carries an attempt (``_open``): the lean one (``proxy._upstream_http``,
+  keep-alive pools on asyncio Protocols) for every request to a plain OpenAI-compatible
+  upstream; aiohttp's ``ClientSession`` for cloud upstreams (their own URL, signing,
+  Bedrock's translated answers), streamed uploads and ``HEAD``. Both answers read
+  alike here, and fail with the same exception classes.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from skyroute.routing import AttemptOutcome, Provider, Result, Target, classify_
 from ._bedrock import TranslationError
 from ._bodies import Upload
 from ._client_guard import send_within
-from ._clouds import ConverseAnswer, CredentialUnavailable, credential_hint
+from ._clouds import ConverseAnswer, CredentialUnavailable, UpstreamAccess, credential_hint
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
 from ._headers import response_headers, upstream_headers
@@ -54,6 +59,10 @@ from ._slots import Slot, UpstreamSlots
 from ._sse import StreamTranscript, complete_events
 from ._state import STREAM_TAP, Clock
 from ._streams import StreamEnd, StreamKind, content_start, first_content_offset, stream_kind
+from ._upstream_http import ConnectFailed, UpstreamResponse
+
+#: An upstream's answer, from whichever client carried the attempt.
+Answer = aiohttp.ClientResponse | ConverseAnswer | UpstreamResponse
 
 #: An error body from an upstream is read up to this size to pass on or log.
 MAX_ERROR_BODY = 1 << 20
@@ -122,7 +131,7 @@ class Opened:
     """An attempt whose answer has begun; nothing has been sent to the client yet."""
 
     target: Target
-    response: aiohttp.ClientResponse | ConverseAnswer
+    response: Answer
     prefix: bytes
     is_sse: bool
     started: float
@@ -209,23 +218,17 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
     headers = upstream_headers(call.headers, call.billing, target, request_id=request_id)
     data = call.data_for(target, headers)
     upstream = target.upstream
-    timeout = _timeout(upstream.connect_timeout_s, upstream.idle_timeout_s)
-    response: aiohttp.ClientResponse | ConverseAnswer | None = None
+    response: Answer | None = None
     access = session.access(upstream)
     try:
         async with asyncio.timeout(deadline - started):
-            url = upstream_url(target.endpoint, call.path_qs)
-            if access is not None:  # a cloud: its path, its identity, maybe its API
-                prepared = await access.prepare(
-                    method=call.method, endpoint=target.endpoint, path_qs=call.path_qs,
-                    model=target.model, headers=headers, data=data, payload=call.payload)
-                url, data = prepared.url, prepared.data
-            response = await session.for_upstream(upstream).request(
-                call.method, url, data=data, headers=headers, timeout=timeout,
-                allow_redirects=False)
-            if access is not None and prepared.translate:
-                response = ConverseAnswer(response, model=target.model,
-                                          payload=call.payload or {})
+            if access is None and (data is None or isinstance(data, bytes)) \
+                    and call.method != "HEAD":
+                response = await session.pool_for(upstream).request(
+                    call.method, target.endpoint, call.path_qs, headers, data,
+                    connect_s=upstream.connect_timeout_s, idle_s=upstream.idle_timeout_s)
+            else:
+                response = await _aiohttp_request(session, target, call, headers, data, access)
             coding = content_coding(response.headers)
             decoder = decoder_for(coding) if coding else None
             if response.status >= 400:
@@ -252,7 +255,7 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
         return _failure(target, Result.BUSY,
                         f"no first token after {waited:.1f}s (only keep-alives: busy)",
                         ttfb_s=waited)
-    except aiohttp.ClientConnectorError as exc:
+    except (aiohttp.ClientConnectorError, ConnectFailed) as exc:
         return _failure(target, Result.CONNECT_ERROR, f"cannot connect ({error_category(exc)})")
     except (aiohttp.ClientError, OSError, zlib.error) as exc:
         _close(response)
@@ -268,13 +271,34 @@ async def _open(session: UpstreamSessions, target: Target, call: UpstreamCall,
                   started=started, ttfb_s=clock() - started, end=StreamEnd(kind), decoder=decoder)
 
 
+async def _aiohttp_request(session: UpstreamSessions, target: Target, call: UpstreamCall,
+                           headers: CIMultiDict[str], data: bytes | AsyncIterator[bytes] | None,
+                           access: UpstreamAccess | None
+                           ) -> aiohttp.ClientResponse | ConverseAnswer:
+    """The attempt on aiohttp's client: a cloud upstream, a streamed upload or a HEAD."""
+    upstream = target.upstream
+    url = upstream_url(target.endpoint, call.path_qs)
+    if access is not None:  # a cloud: its path, its identity, maybe its API
+        prepared = await access.prepare(
+            method=call.method, endpoint=target.endpoint, path_qs=call.path_qs,
+            model=target.model, headers=headers, data=data, payload=call.payload)
+        url, data = prepared.url, prepared.data
+    response = await session.for_upstream(upstream).request(
+        call.method, url, data=data, headers=headers,
+        timeout=_timeout(upstream.connect_timeout_s, upstream.idle_timeout_s),
+        allow_redirects=False)
+    if access is not None and prepared.translate:
+        return ConverseAnswer(response, model=target.model, payload=call.payload or {})
+    return response
+
+
 @functools.lru_cache(maxsize=256)
 def _timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     """An upstream's timeouts (frozen, so one per setting pair, not one per attempt)."""
     return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=idle_s)
 
 
-async def _read_first_content(response: aiohttp.ClientResponse, *, sse: bool,
+async def _read_first_content(response: Answer, *, sse: bool,
                               kind: StreamKind, decoder: Decoder | None) -> bytes | None:
     buf = b""
     while True:
@@ -300,8 +324,7 @@ def _untranslatable(target: Target, message: str) -> Failed:
                   headers=CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"})))
 
 
-async def _failed_status(target: Target, response: aiohttp.ClientResponse | ConverseAnswer,
-                         decoder: Decoder | None) -> Failed:
+async def _failed_status(target: Target, response: Answer, decoder: Decoder | None) -> Failed:
     try:
         body = await response.content.read(MAX_ERROR_BODY)
         if decoder is not None:
@@ -352,7 +375,7 @@ def _failure(target: Target, result: Result, detail: str, *,
                                          ttfb_s=ttfb_s))
 
 
-def _close(response: aiohttp.ClientResponse | ConverseAnswer | None) -> None:
+def _close(response: Answer | None) -> None:
     if response is not None:
         response.close()
 
@@ -410,7 +433,7 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
         if not resp.prepared:
             await resp.prepare(request)
         pending = opened.prefix
-        chunks = upstream.content.iter_any()
+        content = upstream.content
         while True:
             whole = complete_events(pending)
             if whole:
@@ -429,13 +452,12 @@ async def relay_stream(request: web.Request, resp: web.StreamResponse, opened: O
                     if tap is not None:
                         tap.append(events)
             try:
-                chunk = await anext(chunks, None)
-                if chunk is not None and decoder is not None:
-                    chunk = decoder.decompress(chunk)
+                raw = await content.readany()
+                chunk = decoder.decompress(raw) if raw and decoder is not None else raw
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, zlib.error) as exc:
                 cut = error_category(exc)
                 break
-            if chunk is None:
+            if not raw:  # the end of the body
                 end.eof()
                 break
             if chunk[:1] == b":" and not pending:  # a keep-alive comment between events
