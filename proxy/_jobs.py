@@ -8,7 +8,7 @@ from skyroute.routing import Config
 from ._jobs_api import add_job_routes
 from ._jobs_auth import JOBS_TOKEN, JobToken
 from ._jobs_metrics import JobMetrics
-from ._jobs_runner import JOBS, JobsService, jobs_lifecycle
+from ._jobs_runner import JOBS, JobsService, count_clients, jobs_lifecycle
 from ._state import METRICS
 
 
@@ -23,4 +23,5 @@ def install_jobs(app: web.Application, config: Config) -> None:
         return
     app[JOBS] = JobsService(config.jobs, metrics=JobMetrics(app[METRICS].registry))
     app.cleanup_ctx.append(jobs_lifecycle)
+    app.middlewares.append(count_clients)
     add_job_routes(app)

@@ -36,6 +36,13 @@ class JobMetrics:
             "skyroute_jobs_lane_slowdowns", "Times the lane halved its window, by reason "
             "(busy: an upstream said busy; degraded: a route at reduced or worse).",
             ["reason"], registry=r)
+        self.lane_share = Gauge(
+            "skyroute_jobs_lane_share", "Jobs the lane may run while clients are served "
+            "(AIMD on this process's CPU and event-loop lag); equals the window when no "
+            "client is.", multiprocess_mode="livesum", registry=r)
+        self.lane_yields = Counter(
+            "skyroute_jobs_lane_yields", "Ticks (20 ms) in which the lane shrank its share "
+            "to leave the CPU to clients.", registry=r)
         self.try_seconds = Histogram(
             "skyroute_jobs_try_seconds", "Time one try of a job took.", ["kind"],
             buckets=LATENCY_BUCKETS, registry=r)

@@ -17,12 +17,17 @@ them apart), kept in Redis so every instance naming ``jobs.redis`` shares one qu
 * Uploaded files stay under ``data_dir`` (their records are in Redis): instances on
   several hosts need that directory on shared storage (ReadWriteMany).
 
+Submits group-commit as SQLite's do: every submit waiting goes in one ``MULTI``/``EXEC``
+pipeline (one round trip, one AOF write), and those arriving while it is in flight go
+in the next; each answers 202 once its pipeline is acknowledged.
+
 Durability is Redis's: run it with ``appendonly yes`` (``appendfsync everysec`` loses
 at most a second of accepted jobs on a crash of the Redis host; ``always`` none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -191,6 +196,10 @@ class RedisJobStore:
         self._active = f"{prefix}batches:active"
         self._entries: dict[str, str] = {}  # job id -> stream entry, of jobs this process runs
         self._autoclaim_from = "0-0"  # XAUTOCLAIM walks the pending list a page per claim
+        # Submits waiting for the next group pipeline, and whether one is in flight.
+        self._waiting: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
+        self._pipelining = False
+        self._sender: asyncio.Task[None] | None = None
         r = self._redis
         self._start, self._finish, self._retry = (r.register_script(_START),
                                                   r.register_script(_FINISH),
@@ -239,11 +248,37 @@ class RedisJobStore:
                   "webhook": webhook, "webhook_state": "pending" if webhook else None,
                   "webhook_tries": 0, "status": None, "response": None, "error": None,
                   "finished_at": None, "started_at": None, "worker": None, "entry": None}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._job(job_id), mapping=_flat(record))
-            pipe.xadd(self._stream, {"job": job_id})
-            await pipe.execute()
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((job_id, record, done))
+        if not self._pipelining:
+            self._pipelining = True
+            self._sender = asyncio.get_running_loop().create_task(self._send_waiting())
+        await done
         return record, True
+
+    async def _send_waiting(self) -> None:
+        """Send every waiting submit in one transaction, until none is left."""
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        for job_id, record, _ in group:
+                            pipe.hset(self._job(job_id), mapping=_flat(record))
+                            pipe.xadd(self._stream, {"job": job_id})
+                        await pipe.execute()
+                except BaseException as exc:
+                    for _, _, done in group:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    for _, _, done in group:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._pipelining = False
 
     async def _get(self, job_id: str) -> dict[str, Any] | None:
         raw = await self._redis.hgetall(self._job(job_id))

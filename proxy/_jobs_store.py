@@ -63,6 +63,11 @@ class Job:
     tries: int
 
 
+_INSERT_JOB: Final = (
+    "INSERT INTO jobs (id, owner, method, path, body, state, not_before, created_at, idem_key,"
+    " body_hash, webhook, webhook_state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
 class IdempotencyConflict(Exception):
     """The ``Idempotency-Key`` was used before with a different request."""
 
@@ -82,6 +87,10 @@ class JobStore:
     async def aclose(self) -> None:
         await self._db.aclose()
 
+    def group_commits(self) -> tuple[int, int]:
+        """Group commits the accept path made on the event loop, and the submits they held."""
+        return self._db.loop_commits, self._db.loop_rows
+
     # -- async jobs ---------------------------------------------------------------
 
     async def submit(self, *, owner: str, method: str, path: str, body: bytes | None,
@@ -97,24 +106,24 @@ class JobStore:
         """
         digest = body_digest(method, path, body) if idem_key else None
         job_id = new_id("job_")
+        row = (job_id, owner, method, path, body, QUEUED, now, now, idem_key, digest, webhook,
+               "pending" if webhook else None)
+        record = {"id": job_id, "owner": owner, "method": method, "path": path,
+                  "state": QUEUED, "tries": 0, "created_at": now, "status": None,
+                  "response": None, "error": None, "finished_at": None, "started_at": None}
+        if idem_key is None:  # the accept path: a plain append, group-committed on the loop
+            await self._db.insert(_INSERT_JOB, row)
+            return record, True
 
         def op(db: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            if idem_key is not None:
-                row = db.execute("SELECT * FROM jobs WHERE owner=? AND idem_key=?",
-                                 (owner, idem_key)).fetchone()
-                if row is not None:
-                    if row["body_hash"] != digest:
-                        raise IdempotencyConflict(idem_key)
-                    return dict(row), False
-            db.execute(
-                "INSERT INTO jobs (id, owner, method, path, body, state, not_before, created_at,"
-                " idem_key, body_hash, webhook, webhook_state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, owner, method, path, body, QUEUED, now, now, idem_key, digest, webhook,
-                 "pending" if webhook else None))
-            return {"id": job_id, "owner": owner, "method": method, "path": path,
-                    "state": QUEUED, "tries": 0, "created_at": now, "status": None,
-                    "response": None, "error": None, "finished_at": None,
-                    "started_at": None}, True
+            known = db.execute("SELECT * FROM jobs WHERE owner=? AND idem_key=?",
+                               (owner, idem_key)).fetchone()
+            if known is not None:
+                if known["body_hash"] != digest:
+                    raise IdempotencyConflict(idem_key)
+                return dict(known), False
+            db.execute(_INSERT_JOB, row)
+            return record, True
 
         return await self._db.run(op)
 

@@ -161,12 +161,15 @@ async def webhook_sender(service: JobsService) -> None:
 
 async def _send_due(service: JobsService, session: aiohttp.ClientSession) -> None:
     while True:
+        # Cleared here, by its only waiter: an event left set would make this loop spin,
+        # a write transaction per turn (it did, with submits setting the lane's event).
+        service.job_ended.clear()
         due = await service.store.due_webhooks(limit=32, lease_s=SENDING_LEASE_S,
                                                now=time.time())
         if due:
             await asyncio.gather(*(_deliver(service, session, job) for job in due))
             continue
-        await wake_within(service.wake, 0.5)
+        await wake_within(service.job_ended, 0.5)
 
 
 async def _deliver(service: JobsService, session: aiohttp.ClientSession,

@@ -25,6 +25,18 @@ through skyroute's own request path and feeds the answer here.
   gets); preferred ones not available come last, for the panic rule only. So a job
   reaches the route's targets when every preferred upstream is out, or when the
   preferred ones it tried failed (failover, as for any request).
+* **Sharing the instance with clients** (``LaneShare``): while clients are being served
+  (a client request started or in flight in one of the last ``quiet_ticks`` ticks), the
+  lane may start jobs only up to a *share* of its window, set each tick by AIMD on the
+  instance's own load: the process's CPU use over the tick above ``cpu_target`` (of one
+  core) or the event loop's lag above ``lag_limit_s`` halves the share (down to 0: no
+  new job starts), otherwise it grows by one. The first tick with clients starts from
+  0, not from the whole window, so a lane running flat out stops taking more the moment
+  clients arrive. After ``quiet_ticks`` ticks without clients the lane has its whole
+  window (spare capacity is all of it); a client now and then (one polling a batch)
+  does not flip it back to 0 each time. A share of 0 still starts one job per
+  ``trickle_s`` when none is running, so a saturated instance slows the lane to a
+  trickle but never stops it.
 * **Batch lines** (``read_batch_line``): one JSONL line is a JSON object with a
   non-empty string ``custom_id``, ``method`` POST, ``url`` equal to the batch's
   endpoint and an object ``body`` without ``stream: true`` (a batch answer is
@@ -54,6 +66,7 @@ __all__ = [
     "BatchStatus",
     "Finished",
     "GaveUp",
+    "LaneShare",
     "LaneWindow",
     "LineProblem",
     "RetryLater",
@@ -174,6 +187,63 @@ def job_target_order(preferred: Sequence[str], order: Sequence[str], *,
     first = [name for name in preferred if available(name)]
     rest = [name for name in order if name not in first]
     return first + rest + [name for name in preferred if name not in first and name not in rest]
+
+
+@final
+class LaneShare:
+    """How many lane jobs may run while clients are served (see the module docstring)."""
+
+    __slots__ = ("_last_trickle", "_quiet", "cpu_target", "lag_limit_s", "quiet_ticks",
+                 "share", "trickle_s")
+
+    def __init__(self, *, cpu_target: float = 0.5, lag_limit_s: float = 0.005,
+                 trickle_s: float = 1.0, quiet_ticks: int = 5) -> None:
+        if not 0 < cpu_target <= 1:
+            raise ValueError(f"LaneShare: cpu_target must be in (0, 1], got {cpu_target!r}")
+        self.cpu_target = cpu_target
+        self.lag_limit_s = lag_limit_s
+        self.trickle_s = trickle_s
+        self.quiet_ticks = quiet_ticks
+        #: Jobs the lane may run now; None while no client is served (the whole window).
+        self.share: int | None = None
+        self._last_trickle: float | None = None
+        self._quiet = 0  # ticks without clients in a row
+
+    def __repr__(self) -> str:
+        return f"<LaneShare {'all' if self.share is None else self.share}>"
+
+    def tick(self, *, clients: int, cpu: float, lag_s: float, window: int) -> None:
+        """One tick's observation.
+
+        Args:
+            clients: client requests started during the tick or in flight at its end.
+            cpu: the process's CPU time over the tick's wall time (1.0: one core).
+            lag_s: how late the event loop ran a timer (its queue of ready work).
+            window: the lane's AIMD window now (``LaneWindow.size``).
+        """
+        self._quiet = self._quiet + 1 if clients == 0 else 0
+        if self.share is None and clients == 0:
+            return
+        if self._quiet >= self.quiet_ticks:
+            self.share = None
+            return
+        if self.share is None:
+            self.share = 0
+        elif cpu > self.cpu_target or lag_s > self.lag_limit_s:
+            self.share //= 2
+        else:
+            self.share += 1
+        self.share = min(self.share, window)
+
+    def room(self, *, window: int, running: int, now: float) -> int:
+        """Jobs the lane may start now."""
+        if self.share is None:
+            return window - running
+        if self.share == 0 and running == 0 and (
+                self._last_trickle is None or now - self._last_trickle >= self.trickle_s):
+            self._last_trickle = now
+            return 1
+        return min(window, self.share) - running
 
 
 class BatchStatus(enum.StrEnum):

@@ -622,6 +622,51 @@ async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
     assert 'skyroute_jobs_finished_total{kind="line",result="completed"} 60.0' in metrics
 
 
+async def test_lane_yields_to_clients_and_gets_its_window_back(standin, skyroute, tmp_path,
+                                                                sdk):
+    """While client requests are served the lane starts jobs only within its share (from 0,
+    growing while the CPU allows); with no clients it has its whole window again, and the
+    batch completes either way."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.1
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=8)))
+    client = sdk(server)
+    f = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(40)]))), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async def metric(name: str) -> float:
+            async with http.get(f"{server.url}/metrics") as resp:
+                text = await resp.text()
+            match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+            return float(match.group(1)) if match else 0.0
+
+        async def yielded() -> bool:
+            async with http.post(f"{server.url}/v1/chat/completions", json=body,
+                                 headers=AUTH) as resp:
+                assert resp.status == 200
+            return await metric("skyroute_jobs_lane_yields_total") >= 1
+
+        await eventually(yielded, timeout=DONE_TIMEOUT_S)
+
+        async def whole_window() -> bool:
+            state = await lane(http, server)
+            return state["share"] == state["window"]
+
+        await eventually(whole_window, timeout=DONE_TIMEOUT_S)
+        done = await wait_batch(client, batch.id, "completed", "failed")  # clients too
+        assert done.status == "completed" and done.request_counts.completed == 40
+
+        async def gauge_whole() -> bool:  # /metrics and /health are not client requests
+            return await metric("skyroute_jobs_lane_share") == (await lane(http, server))[
+                "window"]
+
+        await eventually(gauge_whole, timeout=DONE_TIMEOUT_S)
+
+
 async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str,
                                                                  asyncio.Task[bytes]]:
     """``skyroute run`` as its own process (one worker: this pid serves); its URL from the log."""
@@ -681,6 +726,42 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
     assert all(line["response"]["body"]["usage"]["prompt_tokens"] ==
                int(line["custom_id"][4:]) % 9 + 1 for line in lines)
     assert up.requests_total >= 1000  # lines in flight at the kill ran again
+
+
+async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, tmp_path):
+    """Async submits arrive together (group commits on the event loop's connection); skyroute
+    is killed with SIGKILL the moment the last 202 is read; after a restart every job id it
+    answered with is there."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.5  # the jobs are still queued or running at the kill
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    proc, url, drain = await start_skyroute(config, tmp_path)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    accepted: list[str] = []
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+            async def submit(n: int) -> None:
+                for _ in range(n):
+                    async with http.post(f"{url}/v1/async/chat/completions", json=body,
+                                         headers=AUTH) as resp:
+                        assert resp.status == 202
+                        accepted.append((await resp.json())["id"])
+
+            await asyncio.gather(*(submit(10) for _ in range(30)))
+        proc.kill()
+        await stop(proc, drain)
+        assert proc.returncode == -signal.SIGKILL
+        proc, url, drain = await start_skyroute(config, tmp_path)
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+            for job_id in accepted:
+                async with http.get(f"{url}/v1/async/jobs/{job_id}", headers=AUTH) as resp:
+                    assert resp.status == 200, job_id
+    finally:
+        await stop(proc, drain)
+    assert len(set(accepted)) == 300
 
 
 class OwnRedis:

@@ -13,6 +13,7 @@ from skyroute.routing import (
     GaveUp,
     GiveUp,
     JobsPolicy,
+    LaneShare,
     LaneWindow,
     LineProblem,
     RetryLater,
@@ -90,6 +91,47 @@ def test_LaneWindow_halves_on_busy_once_per_cooldown_and_grows_back():
         lane.on_success()
     assert lane.size == 16
     assert repr(lane) == "<LaneWindow 16/16>"
+
+
+def test_LaneShare_gives_the_whole_window_without_clients_and_yields_to_them():
+    """No clients: the whole window. Clients: from 0, +1 a tick under the CPU target and
+    lag limit, halved a tick over either; the window still bounds it."""
+    share = LaneShare(cpu_target=0.5, lag_limit_s=0.005, trickle_s=1.0, quiet_ticks=3)
+    assert share.room(window=16, running=3, now=0.0) == 13
+    share.tick(clients=0, cpu=0.9, lag_s=0.0, window=16)  # the lane alone may use it all
+    assert share.share is None and share.room(window=16, running=0, now=0.0) == 16
+    share.tick(clients=2, cpu=0.9, lag_s=0.0, window=16)  # clients arrive: stop at once
+    assert share.share == 0
+    for _ in range(6):
+        share.tick(clients=1, cpu=0.2, lag_s=0.001, window=16)
+    assert share.share == 6 and share.room(window=16, running=4, now=0.0) == 2
+    share.tick(clients=1, cpu=0.7, lag_s=0.001, window=16)  # over the CPU target
+    assert share.share == 3
+    share.tick(clients=1, cpu=0.2, lag_s=0.02, window=16)  # the loop lags
+    assert share.share == 1
+    share.tick(clients=1, cpu=0.2, lag_s=0.0, window=1)  # the AIMD window is smaller
+    assert share.share == 1 and share.room(window=1, running=1, now=0.0) == 0
+    for _ in range(2):  # a pause shorter than quiet_ticks: still sharing, growing
+        share.tick(clients=0, cpu=0.2, lag_s=0.0, window=16)
+    assert share.share == 3
+    share.tick(clients=1, cpu=0.2, lag_s=0.0, window=16)  # a client polling now and then
+    assert share.share == 4
+    for _ in range(3):
+        share.tick(clients=0, cpu=0.2, lag_s=0.0, window=16)
+    assert share.share is None and repr(share) == "<LaneShare all>"
+
+
+def test_LaneShare_at_zero_trickles_one_job_a_second_when_none_runs():
+    """A saturated instance slows the lane to a trickle; it never stops it."""
+    share = LaneShare(cpu_target=0.5, trickle_s=1.0)
+    share.tick(clients=5, cpu=1.0, lag_s=0.05, window=16)
+    assert share.share == 0
+    assert share.room(window=16, running=0, now=100.0) == 1
+    assert share.room(window=16, running=0, now=100.5) == 0  # not yet a second later
+    assert share.room(window=16, running=1, now=101.5) <= 0  # one still runs
+    assert share.room(window=16, running=0, now=101.5) == 1
+    with pytest.raises(ValueError, match="cpu_target"):
+        LaneShare(cpu_target=0.0)
 
 
 def test_LaneWindow_set_limit_shrinks_the_window():
