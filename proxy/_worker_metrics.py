@@ -24,6 +24,8 @@ from typing import Any, Final
 
 from prometheus_client import values
 
+from ._tasks import running
+
 WRITE_EVERY_S: Final = 0.05
 """How stale another worker's values may be in a scrape; a write is one file store per
 value that changed since the last (a few dozen), nothing per request."""
@@ -88,11 +90,8 @@ async def written_on_a_tick() -> AsyncIterator[None]:
             await asyncio.sleep(WRITE_EVERY_S)
             write_changed()
 
-    task = asyncio.create_task(loop(), name="skyroute-metric-values")
     try:
-        yield
+        async with running(loop(), name="skyroute-metric-values"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         write_changed()
