@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -39,6 +40,14 @@ Send = Callable[[bytes], Awaitable[bytes]]
 def _headers() -> CIMultiDict[str]:
     return CIMultiDict({"Content-Type": "application/json", "Accept-Encoding": "identity",
                         "Authorization": f"Bearer {UPSTREAM_KEY}", "X-Request-ID": "0" * 32})
+
+
+async def _read_all(content: Any) -> bytes:
+    """The whole body from aiohttp's or the lean client's ``content`` (both have readany)."""
+    parts = []
+    while chunk := await content.readany():
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _round(send: Send, body: bytes, count: int) -> float:
@@ -65,10 +74,7 @@ async def main(requests: int, rounds: int) -> None:
             response = await session.request("POST", url, data=body, headers=_headers(),
                                              timeout=timeout, allow_redirects=False)
             try:
-                parts = []
-                while chunk := await response.content.readany():
-                    parts.append(chunk)
-                return b"".join(parts)
+                return await _read_all(response.content)
             finally:
                 response.release()
 
@@ -76,10 +82,7 @@ async def main(requests: int, rounds: int) -> None:
             response = await pool.request("POST", base, "/chat/completions", _headers(), body,
                                           connect_s=10, idle_s=60)
             try:
-                parts = []
-                while chunk := await response.content.readany():
-                    parts.append(chunk)
-                return b"".join(parts)
+                return await _read_all(response.content)
             finally:
                 response.close()
 
