@@ -114,11 +114,6 @@ def origin_of(endpoint: str) -> Origin:
                   base_path=url.raw_path.rstrip("/"))
 
 
-def is_lean_endpoint(endpoint: str) -> bool:
-    """Whether this client can reach ``endpoint`` (an http or https base URL)."""
-    return URL(endpoint).scheme in _DEFAULT_PORT
-
-
 @lru_cache(maxsize=1)
 def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
