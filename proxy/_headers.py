@@ -126,55 +126,17 @@ def request_headers(request: web.Request,
         ``OpenAI-Project``, passed only to upstreams whose ``forward_headers`` allow.
     """
     given = request.headers
-    kept: list[tuple[str, str]] = []
+    dropped = _DROP_REQUEST | connection_named(given) if "Connection" in given else _DROP_REQUEST
+    headers: CIMultiDict[str] = CIMultiDict()
     billing: dict[str, str] = {}
-    if "Connection" in given:  # it may name more hop-by-hop headers: the long way
-        dropped = _DROP_REQUEST | connection_named(given)
-        for name, value in given.items():
-            lower = name.lower()
-            if lower not in dropped:
-                kept.append((name, value))
-            elif lower in BILLING:
-                billing[name] = value
-    else:  # one pass, each name's fate looked up as spelled (this runs for every request)
-        fates = _REQUEST_FATES
-        for name, value in given.items():
-            fate = fates.get(name)
-            if fate is None:
-                fate = _request_fate(name)
-            if fate is _KEEP:
-                kept.append((name, value))
-            elif fate is _BILL:
-                billing[name] = value
-    headers = CIMultiDict(kept)
+    for name, value in given.items():  # one pass: this runs for every request
+        lower = name.lower()
+        if lower not in dropped:
+            headers.add(name, value)
+        elif lower in BILLING:
+            billing[name] = value
     headers.update(forwarding_headers(request, trusted))
     return headers, billing
-
-
-#: What becomes of a request header (``request_headers``), and of a response header
-#: (``response_headers``): passed on, dropped, or (request) kept apart as billing.
-_KEEP, _DROP, _BILL = "keep", "drop", "bill"
-#: Each fate by the name as spelled on the wire, found once per spelling: a handful of
-#: spellings come from real clients and upstreams; past the bound, the long way.
-_FATES_BOUND = 1024
-_REQUEST_FATES: dict[str, str] = {}
-_RESPONSE_FATES: dict[str, str] = {}
-
-
-def _request_fate(name: str) -> str:
-    lower = name.lower()
-    fate = _KEEP if lower not in _DROP_REQUEST else _BILL if lower in BILLING else _DROP
-    if len(_REQUEST_FATES) < _FATES_BOUND:
-        _REQUEST_FATES[name] = fate
-    return fate
-
-
-def _response_fate(name: str) -> str:
-    lower = name.lower()
-    fate = _DROP if lower in _DROP_RESPONSE or lower.startswith("x-ratelimit-") else _KEEP
-    if len(_RESPONSE_FATES) < _FATES_BOUND:
-        _RESPONSE_FATES[name] = fate
-    return fate
 
 
 def upstream_headers(base: CIMultiDict[str], billing: Mapping[str, str], target: Target, *,
@@ -211,25 +173,15 @@ def response_headers(upstream: Mapping[str, str], request_id: str, target: Targe
         decoded: skyroute decoded the body (see ``_encoding``), so its
             ``Content-Encoding`` no longer applies.
     """
-    kept: list[tuple[str, str]] = []
-    if decoded or "connection" in upstream:  # more to drop than the usual: the long way
-        dropped = _DROP_RESPONSE | connection_named(upstream) if "connection" in upstream \
-            else _DROP_RESPONSE
-        if decoded:
-            dropped = dropped | {"content-encoding"}
-        for name, value in upstream.items():
-            lower = name.lower()
-            if lower not in dropped and not lower.startswith("x-ratelimit-"):
-                kept.append((name, value))
-    else:
-        fates = _RESPONSE_FATES
-        for name, value in upstream.items():
-            fate = fates.get(name)
-            if fate is None:
-                fate = _response_fate(name)
-            if fate is _KEEP:
-                kept.append((name, value))
-    headers = CIMultiDict(kept)
+    dropped = _DROP_RESPONSE | connection_named(upstream) if "connection" in upstream \
+        else _DROP_RESPONSE
+    if decoded:
+        dropped = dropped | {"content-encoding"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in dropped and not lower.startswith("x-ratelimit-"):
+            headers.add(name, value)
     upstream_id = upstream.get("x-request-id")
     if upstream_id:
         headers["X-Upstream-Request-ID"] = upstream_id
