@@ -8,6 +8,7 @@ routing decisions are made.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -75,6 +76,7 @@ class Metrics:
         # there (prometheus_client's multiprocess mode), and a scrape sums them all.
         self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._scrape_collectors: list[Collector] = []
+        self._exported: dict[Gauge, set[tuple[str, ...]]] = {}  # see replace_series
         info = Gauge("skyroute_instance_info", "This skyroute instance (value is always 1).",
                      ["instance_id"], multiprocess_mode="livemax", registry=r)
         info.labels(instance).set(1)
@@ -253,14 +255,28 @@ class Metrics:
 
         return stop
 
-    def clear_routing_share(self) -> None:
-        """Drop every ``skyroute_routing_share`` series (they are set again at once).
+    def drop_series(self, gauge: Gauge, *labels: str) -> None:
+        """Take the series ``labels`` of ``gauge`` out of /metrics (its key, route or
+        source is gone).
 
-        prometheus_client cannot drop series in multiprocess mode (``--workers``):
-        there, series of routes a reload removed stay until the workers restart.
+        prometheus_client cannot delete a series from its multiprocess files
+        (``--workers``: ``remove``/``clear`` only warn "not implemented in multi-process
+        mode" and leave the last value there); the series then reads NaN, "no value",
+        until the workers restart.
         """
         if self._multiprocess_dir is None:
-            self.routing_share.clear()
+            gauge.remove(*labels)
+        else:
+            gauge.labels(*labels).set(math.nan)
+
+    def replace_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+        """Set ``gauge`` to exactly ``values`` (label values -> value): every series in
+        ``values`` set, every other one set here before dropped (``drop_series``)."""
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._exported.get(gauge, set()) - values.keys():
+            self.drop_series(gauge, *labels)
+        self._exported[gauge] = set(values)
 
     def set_prometheus_up(self, up: bool | None) -> None:
         """Set ``skyroute_prometheus_source_up``; None removes it (no source configured)."""
