@@ -34,6 +34,9 @@ M = TypeVar("M", Counter, Histogram)
 #: Pool upstream name -> its endpoints as routing sees them now.
 PoolViews = Callable[[], Mapping[str, Sequence[EndpointView]]]
 
+#: Upstream name -> its lean-client connections now, as (busy, idle).
+ConnectionCounts = Callable[[], Mapping[str, tuple[int, int]]]
+
 #: Dense around 50-400 ms, where "is this region slow?" is decided.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
                    0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -245,7 +248,21 @@ class Metrics:
         Returns:
             a function that stops the reporting (for the scraper's shutdown).
         """
-        collector = _PoolCollector(views)
+        return self._read_when_scraped(_PoolCollector(views))
+
+    def watch_upstream_connections(self, counts: ConnectionCounts) -> Callable[[], None]:
+        """Report ``skyroute_upstream_connections{upstream,state}`` from ``counts()`` (each
+        upstream's busy and idle lean-client connections) at each ``/metrics`` scrape:
+        nothing on the request path.
+
+        Returns:
+            a function that stops the reporting (for the pools' shutdown).
+        """
+        return self._read_when_scraped(_ConnectionsCollector(counts))
+
+    def _read_when_scraped(self, collector: Collector) -> Callable[[], None]:
+        """Register ``collector``, also in the registry a ``--workers`` scrape builds (there it
+        shows the scraped worker's own view); returns the function that unregisters it."""
         self.registry.register(collector)
         self._scrape_collectors.append(collector)
 
@@ -352,3 +369,25 @@ class _PoolCollector(Collector):
                     if view.load.kv_cache_usage is not None:
                         kv_cache.add_metric(labels, view.load.kv_cache_usage)
         yield from (up, waiting, running, kv_cache, in_flight, picks)
+
+
+class _ConnectionsCollector(Collector):
+    """Upstream connection gauges read from the pools when scraped (the pools count anyway)."""
+
+    def __init__(self, counts: ConnectionCounts) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return []  # read only when scraped
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "skyroute_upstream_connections",
+            "Connections of skyroute's lean HTTP client to each upstream, by state: busy "
+            "(carrying a request, or connecting) or idle (kept alive for reuse). Cloud "
+            "upstreams, uploads and HEAD go through aiohttp and are not counted.",
+            labels=["upstream", "state"])
+        for upstream, (busy, idle) in self._counts().items():
+            connections.add_metric([upstream, "busy"], busy)
+            connections.add_metric([upstream, "idle"], idle)
+        yield connections
