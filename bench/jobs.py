@@ -141,7 +141,7 @@ async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> Non
               "ended")
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0,
                                   timeout=60) as client:
-        ok_rate = await batch_ingest(args, client) if "batch" in phases else None
+        ok_rate = await batch_ingest(args, client, pid) if "batch" in phases else None
         if "interactive" in phases:
             await interactive_impact(args, url, client)
         if "busy" in phases:
@@ -216,9 +216,10 @@ async def until_done(client: openai.AsyncOpenAI, batch_id: str) -> Any:
     return batch
 
 
-async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> float:
-    """Lines per second validated and queued, and run to the end (all upstream answers ok)."""
-    began = time.perf_counter()
+async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid: int) -> float:
+    """Lines per second validated and queued, and run to the end (all upstream answers ok),
+    and skyroute's CPU per line (the upload, validation, run, status polls and results)."""
+    began, cpu0 = time.perf_counter(), cpu_seconds(pid)
     batch_id = await start_batch(client, args.batch_lines)
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -226,11 +227,12 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> 
         await asyncio.sleep(0.02 if queued_at is None else POLL_S)
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
-    total = time.perf_counter() - began
+    total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
     assert queued_at is not None and batch.status == "completed", batch
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
-          f"{args.batch_lines / total:.0f} lines/s")
+          f"{args.batch_lines / total:.0f} lines/s; skyroute CPU {cpu:.2f} s = "
+          f"{cpu / args.batch_lines * 1e6:.0f} us per line")
     return args.batch_lines / total
 
 
