@@ -12,10 +12,10 @@ The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window 
 halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
 grows back as tries succeed (AIMD, ``routing._jobs``). While clients are served, the
 lane yields to them: every 20 ms ``LaneShare`` sets how many jobs may run from the
-process's CPU use and the event loop's lag (``count_clients`` counts client requests:
-every request under ``/v1/`` that is not a job's own call), so jobs take the CPU the
-clients leave idle, and none of it while clients need it all. A try's answer decides the
-job (``after_try``): done, retried later with backoff, or given up.
+process's CPU use and the event loop's lag, against ``jobs.lane`` (``count_clients``
+counts client requests: every request under ``/v1/`` that is not a job's own call), so
+jobs take the CPU the clients leave idle, and none of it while clients need it all. A
+try's answer decides the job (``after_try``): done, retried later with backoff, or given up.
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: How often an idle runner looks for due jobs (new local submissions wake it at once).
 POLL_INTERVAL_S: Final = 0.2
-#: While clients are served, the lane keeps this process's CPU use under this share of
-#: a core, and the event loop's lag (EWMA) under LOOP_LAG_YIELD_S (``LaneShare``).
-#: bench/jobs.py (200 client requests/s beside a draining batch): 0.5 and 5 ms raised
-#: their p99 1.2-3.2x draining 300-400 lines/s; 0.4 and 1 ms, 0.65-0.90x at 215 lines/s.
-LANE_CPU_TARGET: Final = 0.4
-LOOP_LAG_YIELD_S: Final = 0.001
 #: The lag probe's period, and the lane share's tick.
 LAG_PROBE_S: Final = 0.02
 #: Least time between two logs of the lane yielding to clients (or getting it all back).
@@ -104,7 +98,9 @@ class JobsService:
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
         self.loop_lag_s = 0.0
-        self.share = LaneShare(cpu_target=LANE_CPU_TARGET, lag_limit_s=LOOP_LAG_YIELD_S)
+        self.share = LaneShare(cpu_target=policy.lane.cpu,
+                               lag_limit_s=policy.lane.loop_lag_s,
+                               trickle_s=policy.lane.trickle_s)
         #: Client requests started so far, and in flight now (``count_clients``).
         self.clients_started = 0
         self.clients_in_flight = 0
@@ -119,13 +115,16 @@ class JobsService:
                                now=time.monotonic())
 
     def adopt(self, policy: JobsPolicy) -> None:
-        """A reload changed the ``jobs`` section: retries, lane size, webhooks apply now;
-        the store (``data_dir``, ``redis``) stays until a restart."""
+        """A reload changed the ``jobs`` section: retries, lane size and share, webhooks
+        apply now; the store (``data_dir``, ``redis``) stays until a restart."""
         if (policy.data_dir, policy.redis) != (self.policy.data_dir, self.policy.redis):
             log.warning("jobs_restart_needed", hint="jobs.data_dir and jobs.redis take effect "
                                                     "at the next start")
         self.policy = policy
         self.lane.set_limit(policy.concurrency)
+        self.share.cpu_target = policy.lane.cpu
+        self.share.lag_limit_s = policy.lane.loop_lag_s
+        self.share.trickle_s = policy.lane.trickle_s
 
     def lease_s(self) -> float:
         return self.policy.visibility_timeout_s
