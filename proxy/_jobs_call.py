@@ -99,7 +99,8 @@ async def call_in_process(app: web.Application, method: str, path: str, body: by
 
     Raises:
         Exception: whatever the handler chain did not turn into an answer (the error
-            middleware turns nearly everything into one).
+            middleware turns nearly everything into one); ``CancelledError`` as a client
+            that went away (shutdown cancelled the job).
     """
     loop = asyncio.get_running_loop()
     connection = _NoConnection()
@@ -119,7 +120,11 @@ async def call_in_process(app: web.Application, method: str, path: str, body: by
     # What aiohttp's server does with a request: the application's _handle resolves the
     # route and runs the middlewares (there is no public call for it), then the answer is
     # sent (here: kept).
-    resp = await app._handle(request)
+    try:
+        resp = await app._handle(request)
+    except web.HTTPException as exc:  # aiohttp's own (the error middleware maps them first)
+        return JobAnswer(exc.status, CIMultiDictProxy(CIMultiDict(exc.headers)),
+                         (exc.text or "").encode())
     if not resp.prepared and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
         return JobAnswer(resp.status, CIMultiDictProxy(resp.headers), resp.body)
     if not resp.prepared:  # a body that is a payload (a file): sent as the server would
