@@ -27,6 +27,7 @@ processes priority over that work.
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--redis URL]
                            [--phases sync drain batch interactive busy accept] [--nice N]
+                           [--lane '{cpu: 30%}']
 """
 
 from __future__ import annotations
@@ -340,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                              "work, closer to having the two cores to themselves")
     parser.add_argument("--redis", default=None, metavar="URL",
                         help="queue in this Redis (a prefix of its own) instead of SQLite")
+    parser.add_argument("--lane", default=None, metavar="YAML",
+                        help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
+                             "(default: skyroute's)")
     args = parser.parse_args(argv)
     two_cores = len(os.sched_getaffinity(0)) >= 2
     if args.nice:  # before anything starts: the session's autogroup covers them all
@@ -360,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
                 + (f"  redis: {{url: '{args.redis}', prefix: 'bench-{os.getpid()}:'}}\n"
-                   if args.redis else "") +
+                   if args.redis else "")
+                + (f"  lane: {args.lane}\n" if args.lane else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
                 "    models: {chat: deepseek-chat}\n"
                 f"  - name: parked\n    url: http://127.0.0.1:{parked.getsockname()[1]}/v1\n"
