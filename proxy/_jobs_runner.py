@@ -97,6 +97,8 @@ class JobsService:
         self.job_ended = asyncio.Event()
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
+        #: The lane's claim in progress (its jobs are not in ``running`` yet).
+        self.claiming: asyncio.Future[list[Job]] | None = None
         self.loop_lag_s = 0.0
         self.share = LaneShare(cpu_target=policy.lane.cpu,
                                lag_limit_s=policy.lane.loop_lag_s,
@@ -195,9 +197,14 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
                 # Jobs cut short go back to the queue now, not after their lease: a
                 # restart (or another instance) runs them at once. A stored result is
-                # left alone.
+                # left alone. So do jobs claimed as the lane was cancelled (not started).
+                unstarted: list[Job] = []
+                if service.claiming is not None:
+                    with contextlib.suppress(Exception):
+                        unstarted = await service.claiming
                 with contextlib.suppress(Exception):
-                    await service.store.release(in_flight.values(), worker=service.worker)
+                    await service.store.release([*in_flight.values(), *unstarted],
+                                                worker=service.worker)
                 await service.store.aclose()
         except TimeoutError:
             log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
@@ -248,8 +255,13 @@ async def _drain(app: web.Application, service: JobsService) -> None:
             await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
         service.wake.clear()
-        jobs = await service.store.claim(worker=service.worker, limit=free,
-                                         lease_s=service.lease_s(), now=time.time())
+        # Shielded: a shutdown that cancels the lane while the store claims must still
+        # learn which jobs it claimed, to hand them back (``jobs_lifecycle``).
+        claim = asyncio.ensure_future(service.store.claim(
+            worker=service.worker, limit=free, lease_s=service.lease_s(), now=time.time()))
+        service.claiming = claim
+        jobs = await asyncio.shield(claim)
+        service.claiming = None
         for job in jobs:
             task = asyncio.create_task(_run_one(app, service, job))
             service.running[task] = job
