@@ -22,7 +22,7 @@ from aiohttp import web
 from skyroute.routing import Config, Router, Sleep, TrafficShare
 
 from ._admin import add_admin_routes
-from ._cache import cache_headers, install_cache
+from ._cache import install_cache
 from ._client_guard import send_and_close
 from ._compress import compress_answer, install_compression
 from ._connections import KEEPALIVE_S, UpstreamSessions
@@ -43,7 +43,6 @@ from ._state import (
     CLIENT_CONCURRENCY,
     CLOCK,
     METRICS,
-    RATE_LIMIT_HEADERS,
     REQUEST_ID,
     SERVING,
     SESSION,
@@ -154,10 +153,12 @@ async def _prepare_answer(request: web.Request, resp: web.StreamResponse) -> Non
     the cache says what it did (``x-skyroute-cache``); whole ``/v1`` answers are
     compressed for clients that accept it (last: it sees the final headers).
     """
-    headers = request.get(RATE_LIMIT_HEADERS)
-    if headers:
-        resp.headers.update(headers)
-    cache_headers(request, resp)
+    summary = request.get(SUMMARY)  # None for aiohttp's answer to a request it could not parse
+    if summary is not None:
+        if summary.rate_limit_headers:
+            resp.headers.update(summary.rate_limit_headers)
+        if summary.cache_headers:
+            resp.headers.update(summary.cache_headers)
     compress_answer(request, resp)
 
 

@@ -283,8 +283,6 @@ def _same_levels(old: CachePolicy, new: CachePolicy) -> bool:
 
 
 CACHE = web.AppKey("response_cache", CacheHolder)
-#: The ``x-skyroute-cache`` (and ``Age``) headers for a request's answer, set when it is prepared.
-_CACHE_HEADERS = web.RequestKey("cache_headers", dict)
 
 Serve = Callable[[], Awaitable[web.StreamResponse]]
 
@@ -486,21 +484,13 @@ def _mark(request: web.Request, route: str, result: str, *, age: str | None = No
     headers = {CACHE_HEADER: result}
     if age is not None:
         headers["Age"] = age
-    request[_CACHE_HEADERS] = headers
+    request[SUMMARY].cache_headers = headers  # put on the answer when it is prepared
     structlog.contextvars.bind_contextvars(cache=result)
 
 
-def cache_headers(request: web.Request, resp: web.StreamResponse) -> None:
-    """Put the ``x-skyroute-cache`` (and ``Age``) headers on the answer being prepared
-    (run by the app's one ``on_response_prepare`` hook, ``proxy._app``)."""
-    headers = request.get(_CACHE_HEADERS)
-    if headers:
-        resp.headers.update(headers)
-
-
 def install_cache(app: web.Application) -> None:
-    """Give ``app`` a response cache: its app key and lifecycle (its headers:
-    ``cache_headers``)."""
+    """Give ``app`` a response cache: its app key and lifecycle (its headers go on the
+    answer through ``RequestSummary.cache_headers``)."""
     app[CACHE] = CacheHolder(app[METRICS].registry)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from skyroute.routing import ApiKey, Config, Route, Router, affinity_after
+from skyroute.routing import ApiKey, CacheMode, Config, Route, Router, affinity_after
 
 from ._bodies import Upload, body_chunks, is_upload
 from ._cache import serve_cached
@@ -51,7 +51,6 @@ from ._state import (
     CLIENT_CONCURRENCY,
     CLOCK,
     METRICS,
-    RATE_LIMIT_HEADERS,
     REQUEST_ID,
     SERVING,
     STATE_SYNC,
@@ -215,7 +214,7 @@ async def _serve_api(request: web.Request, app: web.Application, runtime: Runtim
     """The rest of ``handle_api`` once the client is known and admitted."""
     config, sync = runtime.config, app[STATE_SYNC]
     if client is not None and (client.rpm is not None or client.tpm is not None):
-        request[RATE_LIMIT_HEADERS] = enforce_limits(
+        request[SUMMARY].rate_limit_headers = enforce_limits(
             sync.store, client, app[METRICS], now=time.time(), shares=app[LIMIT_SHARES])
     call = await _read_call(request, config, path_qs)
     try:
@@ -223,8 +222,11 @@ async def _serve_api(request: web.Request, app: web.Application, runtime: Runtim
                                     else {"model": call.upload.model} if call.upload.model
                                     else None)
         call.alias = alias
-        resp = await serve_cached(request, route, call, client, functools.partial(
-            _serve, request, app, runtime.router, route, call, client))
+        if route.cache is CacheMode.OFF:  # most routes: no cache layer, no partial
+            resp = await _serve(request, app, runtime.router, route, call, client)
+        else:
+            resp = await serve_cached(request, route, call, client, functools.partial(
+                _serve, request, app, runtime.router, route, call, client))
     finally:
         if call.upload is not None:
             call.upload.close()
@@ -267,7 +269,9 @@ async def _serve(request: web.Request, app: web.Application, router: Router, rou
     summary = request[SUMMARY]
     ids = named_ids(call.path_qs, call.payload)
     holder = holder_of(sync.objects, ids, router, metrics, now=now) if ids else None
-    job = request.get(JOB_CALL, False)
+    # Only a request with a job's token can be a job's call (``authenticate``): the header
+    # is looked at first, the request's storage only then.
+    job = JOB_TOKEN_HEADER in request.headers and request.get(JOB_CALL, False)
     serve = functools.partial(serve_route, request, router=router, call=call,
                               session=app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary,

@@ -65,7 +65,8 @@ class Serving:
 
 @dataclass(slots=True)
 class RequestSummary:
-    """What the access log line says about a request's upstream side."""
+    """What the access log line says about a request's upstream side, and the headers
+    its answer gets when it is prepared (``proxy._app``'s one hook)."""
 
     route: str = "-"
     upstream: str = "-"
@@ -76,6 +77,10 @@ class RequestSummary:
     endpoint: str | None = None  # the pool server that answered, for a pool upstream
     upstream_request_id: str | None = None  # the upstream's x-request-id, for support tickets
     stream_head: bytes | None = None  # a stream's first bytes (a Responses stream's id)
+    #: OpenAI's x-ratelimit-* headers for the client key's own limits, on every answer.
+    rate_limit_headers: dict[str, str] | None = None
+    #: What the response cache did (``x-skyroute-cache``, maybe ``Age``).
+    cache_headers: dict[str, str] | None = None
 
     def set_fields(self) -> dict[str, str]:
         """The access log's optional fields that are set (one dict, built once)."""
@@ -108,5 +113,3 @@ REQUEST_ID = web.RequestKey("request_id", str)
 SUMMARY = web.RequestKey("summary", RequestSummary)
 #: Where a streamed answer's relayed bytes are also appended, for the response cache.
 STREAM_TAP = web.RequestKey("stream_tap", list)
-#: OpenAI's x-ratelimit-* headers for the client key's own limits, on every answer.
-RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)

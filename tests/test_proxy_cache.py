@@ -90,6 +90,20 @@ async def test_hit_miss_and_bypass(standin, skyroute, captured_logs):
     assert all(e.get("request_id") for e in finished)
 
 
+async def test_a_limited_key_gets_its_rate_limit_and_cache_headers_on_one_answer(standin,
+                                                                               skyroute):
+    """Both kinds of headers the answer gets when it is prepared arrive together: the key's
+    x-ratelimit-* and what the cache did, on a miss, on a hit and on a bypass."""
+    up = await standin("a")
+    auth = f"auth:\n  api_keys:\n    - name: tests\n      key: {CLIENT_KEY}\n      rpm: 100\n"
+    server = await skyroute(routing_yaml([entry(up)], _route(), auth=False, extra=auth))
+    async with client_for(server) as client:
+        answers = [await _chat(client), await _chat(client), await _chat(client, temperature=0.7)]
+    assert [a.headers["x-skyroute-cache"] for a in answers] == ["miss", "hit", "bypass"]
+    assert [a.headers["x-ratelimit-limit-requests"] for a in answers] == ["100"] * 3
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["99", "98", "97"]
+
+
 async def test_cache_always_caches_sampled_requests_and_off_caches_nothing(standin, skyroute):
     """cache: always caches a sampled request; a route without cache never says a thing."""
     up = await standin("a")
