@@ -108,6 +108,9 @@ class UpstreamHealth:
         self.slow = SlowDetector(threshold_s=threshold_s, recover_ratio=latency.recover_ratio,
                                  recover_intervals=latency.recover_intervals,
                                  ramp_s=latency.ramp_s)
+        #: Its recovery ramp: the router reads ``ramp.started_at`` (None: no ramp runs, the
+        #: share is 1.0) per request instead of calling ``share``.
+        self.ramp = self.slow.ramp
         self._bad_key_until: float | None = None
         self._down_until: float | None = None  # no answer at all, or a peer's report
         #: Called with the name whenever ``state`` may have changed other than by time
@@ -207,16 +210,32 @@ class UpstreamHealth:
         Returns:
             True if the request may go; the caller then records its outcome or cancels.
         """
-        if not panic and self.state(now=now) in (UpstreamState.BAD_KEY, UpstreamState.DOWN):
-            return False
-        admitted = bool(self.breaker.allows(now=now, panic=panic))
-        if admitted:
+        if not panic:  # out while state() is bad_key or down (those come first there)
+            bad_key_until, down_until = self._bad_key_until, self._down_until
+            if (bad_key_until is not None and now < bad_key_until) or (
+                    down_until is not None and now < down_until):
+                return False
+        if self.breaker.allows(now=now, panic=panic):
             self.outstanding += 1
-        return admitted
+            return True
+        return False
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
         result = outcome.result
+        if result is Result.SUCCESS:  # the usual outcome: what the general path below does
+            self.outstanding = self.outstanding - 1 if self.outstanding > 0 else 0
+            if outcome.ttfb_s is not None:
+                self.latency.record(outcome.ttfb_s, now=now)
+            self.last_success_at = now
+            self.breaker.record(Outcome.SUCCESS, now=now)
+            if self._down_until is not None:
+                self.down_until = None
+            if self._bad_key_until is not None:  # a panic try got an answer: the key works
+                self.bad_key_until = None
+            if self.state(now=now) is self._last_state:
+                return None
+            return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
         if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
             self.cancel(now=now)
             return None
