@@ -458,7 +458,9 @@ class Router:
             n: the number of choices the request asks for (None: not given).
         """
         view = self._levels(now)
-        back = self._fleet.soonest_back(now=now) if view.minimal.active else None
+        if not view.minimal.active:  # no refusal: no Retry-After to work out
+            return view.serving(route, n=n, retry_after_s=1)
+        back = self._fleet.soonest_back(now=now)
         retry_after = retry_after_seconds(back - now) if back is not None else 1  # refusals
         return view.serving(route, n=n, retry_after_s=retry_after)
 
