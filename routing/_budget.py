@@ -203,7 +203,12 @@ class RetryBudget:
         Args:
             now: the current time in seconds.
         """
-        self._counts.add(_REQUESTS, now=now)
+        counts = self._counts
+        if now < counts._next_start:  # in the newest bucket (the usual case): add, inline
+            counts._buckets[-1][1 + _REQUESTS] += 1
+            counts._totals[_REQUESTS] += 1
+        else:
+            counts.add(_REQUESTS, now=now)
 
     def try_acquire(self, now: float) -> bool:
         """Ask for one retry (or hedge); count it if allowed.
