@@ -67,7 +67,6 @@ STATES = tuple(UpstreamState)
 #: States that may take a normal request (slow ones are ordered last).
 AVAILABLE = frozenset({UpstreamState.HEALTHY, UpstreamState.SLOW})
 
-_BREAKER_SUCCESS = frozenset({Result.SUCCESS, Result.CLIENT_ERROR})
 _NO_ANSWER = frozenset({Result.CONNECT_ERROR})
 
 
@@ -223,8 +222,11 @@ class UpstreamHealth:
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
         result = outcome.result
-        if result is Result.SUCCESS:  # the usual outcome: what the general path below does
-            self.outstanding = self.outstanding - 1 if self.outstanding > 0 else 0
+        if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
+            self.cancel(now=now)
+            return None
+        self.outstanding = self.outstanding - 1 if self.outstanding > 0 else 0
+        if result is Result.SUCCESS:  # the usual outcome: a setter only to undo bad news
             if outcome.ttfb_s is not None:
                 self.latency.record(outcome.ttfb_s, now=now)
             self.last_success_at = now
@@ -233,25 +235,20 @@ class UpstreamHealth:
                 self.down_until = None
             if self._bad_key_until is not None:  # a panic try got an answer: the key works
                 self.bad_key_until = None
-            if self.state(now=now) is self._last_state:
-                return None
-            return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
-        if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
-            self.cancel(now=now)
-            return None
-        self.outstanding = max(0, self.outstanding - 1)
-        if result is Result.SUCCESS and outcome.ttfb_s is not None:
-            self.latency.record(outcome.ttfb_s, now=now)
-        if result not in _BREAKER_SUCCESS:
-            self.last_failure_at = now
-        elif result is Result.SUCCESS:
-            self.last_success_at = now
-        if result in _BREAKER_SUCCESS:
+        elif result is Result.CLIENT_ERROR:  # the upstream answered: a breaker success
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None
-            if result is Result.SUCCESS:  # a panic try got an answer: the key works again
-                self.bad_key_until = None
-        elif result is Result.BAD_KEY:
+        else:
+            self._record_failure(outcome, now)
+        if self.state(now=now) is self._last_state:  # the usual case: no reason to format
+            return None
+        return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
+
+    def _record_failure(self, outcome: AttemptOutcome, now: float) -> None:
+        """``record`` of an outcome that is no breaker success (nor POOL_FULL)."""
+        result = outcome.result
+        self.last_failure_at = now
+        if result is Result.BAD_KEY:
             self.bad_key_until = now + self._retry.bad_key_cooldown_s
         elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
             wait = outcome.retry_after_s or self._retry.default_retry_after_s
@@ -262,9 +259,6 @@ class UpstreamHealth:
             self.breaker.record(Outcome.FAILURE, now=now)
             if result in _NO_ANSWER and self.breaker.state(now=now) is BreakerState.OPEN:
                 self.down_until = self.breaker.open_until
-        if self.state(now=now) is self._last_state:  # the usual case: no reason to format
-            return None
-        return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
 
     def cancel(self, *, now: float) -> None:
         """An admitted request ended without an outcome (the client went away)."""
