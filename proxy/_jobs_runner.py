@@ -430,9 +430,9 @@ PURGE_INTERVAL_S: Final = 600.0
 
 async def _gauges(service: JobsService) -> None:
     """Queue gauges, from the store, once a second; the retention purge now and then."""
-    purged_at = 0.0
+    purged_at: float | None = None  # not 0.0: the monotonic clock starts near 0 at boot
     while True:
-        if time.monotonic() - purged_at > PURGE_INTERVAL_S:
+        if purged_at is None or time.monotonic() - purged_at > PURGE_INTERVAL_S:
             purged_at = time.monotonic()
             purged = await service.store.purge(
                 ended_before=time.time() - service.policy.retention_s)
