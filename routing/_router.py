@@ -25,6 +25,10 @@ Rules / theory of operation
   upstream's state, which ``_fleet.FleetStates`` keeps current as upstreams change
   (not per request). With ``degradation.reduced.hedging: false``, ``plan`` drops
   the route's ``hedge_after`` while the route is reduced or worse.
+* The usual request takes a short way through ``_order``: every target healthy
+  (``FleetStates``' view), none ramping back, a latency known for each under
+  ``lowest-latency``. Then nothing is probed and nothing yields its place: the order is
+  the strategy's alone, with no random draw, as the general way would give it.
 * Per-config work is done once per config (``update``): each route's targets (a
   ``Target`` per upstream, with its model name), its retry budgets, the essential
   models. A request's routing costs O(targets of its route), whatever the fleet's size.
@@ -63,6 +67,7 @@ from ._pool_set import EndpointChange, PoolPickers
 from ._router_types import AttemptOutcome, GiveUp, Target
 from .config import Config, Route, Upstream
 
+#: The sort key of ``_order``'s (latency, name) pairs: the latency alone, as ``_estimate``.
 _by_key = operator.itemgetter(0)
 
 #: A Prometheus reading older than this many intervals is stale: passive wins.
@@ -260,8 +265,8 @@ class Router:
                     keyed.append((ewma, name))
                 else:  # no latency known: it gets the probe share
                     return self._order_general(route, now)
-        if not by_latency:
-            return self._by_strategy(route, list(route.targets), now)
+        if not by_latency:  # none ramping: no place to yield
+            return self._strategy_order(route, list(route.targets), now)
         if len(keyed) > 1:
             keyed.sort(key=_by_key)  # stable, comparing the keys alone, as sorted(key=) does
         return [name for _, name in keyed]
@@ -290,13 +295,17 @@ class Router:
         out.sort(key=lambda n: self._health[n].available_at(now=now))
         return fast + unknown + slow + out
 
-    def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
+    def _strategy_order(self, route: Route, names: list[str], now: float) -> list[str]:
         if route.strategy == Strategy.LOWEST_LATENCY:
-            names = sorted(names, key=self._estimate)
-        elif route.strategy == Strategy.LEAST_OUTSTANDING:
-            names = sorted(names, key=lambda n: self._health[n].outstanding)
-        elif route.strategy == Strategy.WEIGHTED:
-            names = self._weighted_order(names, now)
+            return sorted(names, key=self._estimate)
+        if route.strategy == Strategy.LEAST_OUTSTANDING:
+            return sorted(names, key=lambda n: self._health[n].outstanding)
+        if route.strategy == Strategy.WEIGHTED:
+            return self._weighted_order(names, now)
+        return names
+
+    def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
+        names = self._strategy_order(route, names, now)
         # An upstream back from slow yields its place while its ramp runs (no draw for
         # the others: a share of 1 always keeps its place).
         rng, health = self._rng, self._health
