@@ -124,7 +124,8 @@ class Observer:
             if left <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self.changed.wait()
         return True
 
 
@@ -190,7 +191,8 @@ class Fleet:
         assert self.line is not None and self.line.stdin and self.line.stdout
         self.line.stdin.write(f"{verb} {region}\n".encode())
         await self.line.stdin.drain()
-        answer = await asyncio.wait_for(self.line.stdout.readline(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            answer = await self.line.stdout.readline()
         if answer.strip() != b"ok":
             raise RuntimeError(f"the delay line answered {answer!r} to {verb} {region}")
 
@@ -209,7 +211,8 @@ async def _spawn(argv: list[str], log: Path, stack: contextlib.AsyncExitStack, *
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), 15)
+                async with asyncio.timeout(15):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -222,7 +225,8 @@ async def _spawn(argv: list[str], log: Path, stack: contextlib.AsyncExitStack, *
 async def _ready_line(proc: asyncio.subprocess.Process, log: Path, what: str) -> None:
     assert proc.stdout is not None
     try:
-        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            line = await proc.stdout.readline()
     except TimeoutError:
         line = b""
     if line.strip() != b"ready":

@@ -11,8 +11,11 @@ one access line per request, as in production) over the bare 40-line aiohttp+uvl
 pass-through (``bench/_passthrough.py``). Goal (issue 14): at most 1.2x.
 
 With ``--keep DIR`` the callgrind dumps stay in DIR: ``callgrind_annotate
-DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions; the
-Python-level split is what ``--profile`` prints, from cProfile in the same process).
+DIR/skyroute-json.out`` shows where skyroute's instructions go (C functions). The
+Python-level split is what ``--profile`` prints: one more skyroute of the same run, not
+under valgrind, takes the same warm-up and then the counted JSON and streamed requests
+under cProfile (started and stopped by SIGUSR1/SIGUSR2, so start-up is not in it), and
+its top 25 functions by own time (``tottime``) are printed at the end.
 
 With ``--workers``, also a worker of a ``--workers 2`` pair (a statesync peer of its
 sibling, prometheus_client's multiprocess files; this process starts the pair as the
@@ -22,6 +25,7 @@ the clock, and valgrind makes a request ~50x slower, so they weigh ~50x more per
 in a real run), and per request net of those. Goal (issue 14): the same per request.
 
 Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR] [--workers]
+                                   [--profile]
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import functools
 import http.client
 import json
 import os
+import pstats
 import re
 import select
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +182,52 @@ def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
     return started[1][0], f"http://127.0.0.1:{http_ports[0]}"
 
 
+#: Run in the profiled skyroute: SIGUSR1 starts cProfile, SIGUSR2 stops it and writes the
+#: stats, each then touching a file (argv[1], argv[2]) so the bench knows it happened.
+_PROFILED = """
+import cProfile, pathlib, signal, sys
+from skyroute.proxy.cli import main
+prof, started, written = cProfile.Profile(), pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def start(*_): prof.enable(); started.touch()
+def stop(*_): prof.disable(); prof.dump_stats(written); written.with_suffix(".done").touch()
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the profiled skyroute did not write {path.name}:\n"
+                               f"{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def profile(procs: Procs, args: argparse.Namespace, config: Path) -> pstats.Stats:
+    """cProfile of a skyroute (``--workers 1``, not under valgrind) over the same requests
+    as the measured one: the warm-up unprofiled, then the counted JSON and streamed ones."""
+    started, stats = procs.tmp / "profile.started", procs.tmp / "skyroute.prof"
+    log = procs.tmp / "profiled.log"
+    with log.open("wb") as log_file:
+        proc = procs.spawn("profiled", [
+            sys.executable, "-c", _PROFILED, str(started), str(stats), "--log-format", "json",
+            "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
+            "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
+    url = _wait_for_log(proc, log) + "/v1/chat/completions"
+    for stream in (False, True):
+        _send(url, CLIENT_KEY, "chat", stream=stream, count=args.warmup)
+    proc.send_signal(signal.SIGUSR1)
+    _wait_for_file(started, proc, log)
+    for stream in (False, True):
+        _send(url, CLIENT_KEY, "chat", stream=stream, count=args.requests)
+    proc.send_signal(signal.SIGUSR2)
+    _wait_for_file(stats.with_suffix(".done"), proc, log)
+    procs.stop_one("profiled")
+    return pstats.Stats(str(stats))
+
+
 def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, float]]:
     procs = Procs()
     results: dict[str, dict[str, float]] = {}
@@ -197,6 +249,8 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
                 "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
                 "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
         sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
+        if args.profile:
+            args.profile_stats = profile(procs, args, config)
         measured = [("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),
                     ("skyroute", sky, sky_out, sky_url, CLIENT_KEY, "chat")]
         if args.workers:
@@ -250,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m "
                                               "skyroute.proxy.cli",
                     help="command that runs skyroute's CLI")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run skyroute under cProfile with the same requests and print "
+                         "its top 25 functions by own time (tottime)")
     args = ap.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("needs valgrind (callgrind_control)", file=sys.stderr)
@@ -284,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
               "took: timers (store flushes, sync pings, metric writes) run by the clock while "
               "valgrind makes each request ~50x slower, so under it they weigh ~50x more per "
               "request than in a real run; net: per request with the idle count taken off)")
+    if args.profile:
+        print(f"\ncProfile of skyroute ({args.requests} JSON and {args.requests} streamed "
+              f"requests after {args.warmup} of each unprofiled; top 25 by own time)",
+              flush=True)
+        args.profile_stats.sort_stats("tottime").print_stats(25)
     return 0
 
 

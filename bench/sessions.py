@@ -90,7 +90,8 @@ async def measure_join(url: str, last: str) -> tuple[float, float, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(Path(__file__).resolve()), "--join", url, "--last", last,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), JOIN_TIMEOUT_S + 30)
+    async with asyncio.timeout(JOIN_TIMEOUT_S + 30):
+        stdout, stderr = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the joining instance failed:\n{stderr.decode()[-2000:]}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])

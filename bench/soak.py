@@ -169,7 +169,8 @@ async def stop_instances(instances: list[Instance]) -> None:
             instance.proc.terminate()
     for instance in instances:
         try:
-            await asyncio.wait_for(instance.proc.wait(), 40)
+            async with asyncio.timeout(40):
+                await instance.proc.wait()
         except TimeoutError:
             instance.proc.kill()
             await instance.proc.wait()

@@ -93,7 +93,8 @@ class Chunks:
         self.reached.clear()
         if self.total >= total:
             return
-        await asyncio.wait_for(self.reached.wait(), TIMEOUT_S)
+        async with asyncio.timeout(TIMEOUT_S):
+            await self.reached.wait()
 
 
 class StreamClient(asyncio.Protocol):
@@ -163,7 +164,8 @@ async def open_streams(clients: list[StreamClient], n: int, port: int, chunks: C
         async with gate:
             _, client = await loop.create_connection(
                 lambda: StreamClient(chunks, request), "127.0.0.1", port)
-            await asyncio.wait_for(client.first, TIMEOUT_S)
+            async with asyncio.timeout(TIMEOUT_S):
+                await client.first
             clients.append(client)
 
     await asyncio.gather(*(one() for _ in range(n - len(clients))))

@@ -185,11 +185,14 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
                                      skip_auto_headers=("User-Agent",)) as session:
         app[SESSION] = session
         app[UPSTREAM_SESSIONS] = UpstreamSessions(app[METRICS].registry)
+        stop_reporting = app[METRICS].watch_upstream_connections(
+            lambda: app[UPSTREAM_SESSIONS].connections(app[SERVING].runtime.config.upstreams))
         # Cloud identities are fetched now, so the first request finds a token ready.
         app[UPSTREAM_SESSIONS].clouds.start(app[SERVING].runtime.config.upstreams)
         try:
             yield
         finally:
+            stop_reporting()
             await app[UPSTREAM_SESSIONS].aclose()
 
 

@@ -245,14 +245,17 @@ class RedisLevel:
         most ``_LATE_WAITS`` timeouts) before it counts as slow."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # landing in the tick the command answers (CPython gh-86296).
         try:
-            return await asyncio.wait_for(asyncio.shield(command), self._settings.timeout_s)
+            async with asyncio.timeout(self._settings.timeout_s):
+                return await asyncio.shield(command)
         except TimeoutError:
             took = loop.time() - started
             if took < 2 * self._settings.timeout_s:
                 raise
-            return await asyncio.wait_for(
-                asyncio.shield(command), min(took, _LATE_WAITS * self._settings.timeout_s))
+        async with asyncio.timeout(min(took, _LATE_WAITS * self._settings.timeout_s)):
+            return await asyncio.shield(command)
 
     def _claim_name(self, key: str) -> str:
         return self._settings.prefix + "claim:" + key
@@ -319,7 +322,8 @@ class RedisLevel:
                 if remaining <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(note), min(_CLAIM_CHECK_S, remaining))
+                    async with asyncio.timeout(min(_CLAIM_CHECK_S, remaining)):
+                        await asyncio.shield(note)
                 if not note.done() and not await self._claimed(key):
                     break  # the owner is gone (or Redis is): a last look for its entry
             return await self.get(key)

@@ -143,7 +143,8 @@ class RefreshedCredential(Generic[T]):
         self.start()
         self._fresh.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._fresh.wait(), CREDENTIAL_WAIT_S)
+            async with asyncio.timeout(CREDENTIAL_WAIT_S):  # not wait_for: it can lose a cancel
+                await self._fresh.wait()
         if self._value is not None and self._now() < self._expires_at:
             return self._value
         raise CredentialUnavailable(self._problem or f"no {self.kind} credential yet "

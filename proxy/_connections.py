@@ -16,9 +16,11 @@ flight finish on the old one, which is closed with the others at shutdown.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import aiohttp
 from prometheus_client import CollectorRegistry
-from skyroute.routing import Upstream
+from skyroute.routing import Provider, Upstream
 
 from ._clouds import CloudAccess, UpstreamAccess
 from ._upstream_http import UpstreamPool
@@ -61,6 +63,18 @@ class UpstreamSessions:
             pool = self._pools[key] = UpstreamPool(upstream.max_connections,
                                                    keepalive_s=KEEPALIVE_S)
         return pool
+
+    def connections(self, upstreams: Iterable[Upstream]) -> dict[str, tuple[int, int]]:
+        """Each upstream's lean-pool connections now, as (busy, idle): every plain OpenAI
+        upstream of ``upstreams`` (0, 0 before its first request), and any other whose
+        pools still hold one (a reload changed or removed it; requests finish on the old
+        pool). Connections through aiohttp (cloud upstreams, uploads, HEAD) are not here."""
+        counts = {u.name: (0, 0) for u in upstreams if u.provider is Provider.OPENAI}
+        for (name, _), pool in self._pools.items():
+            if pool.busy or pool.idle:
+                busy, idle = counts.get(name, (0, 0))
+                counts[name] = (busy + pool.busy, idle + pool.idle)
+        return counts
 
     async def aclose(self) -> None:
         """Close every pool (at shutdown, after requests in flight have drained)."""

@@ -326,7 +326,7 @@ def _untranslatable(target: Target, message: str) -> Failed:
 
 async def _failed_status(target: Target, response: Answer, decoder: Decoder | None) -> Failed:
     try:
-        body = await response.content.read(MAX_ERROR_BODY)
+        body = await _read_at_most(response, MAX_ERROR_BODY)
         if decoder is not None:
             body = decoder.decompress(body) + decoder.flush()
     except (aiohttp.ClientError, OSError, zlib.error):
@@ -348,6 +348,20 @@ async def _failed_status(target: Target, response: Answer, decoder: Decoder | No
         headers = CIMultiDictProxy(CIMultiDict(
             (k, v) for k, v in headers.items() if k.lower() != "content-encoding"))
     return Failed(outcome=outcome, status=status, headers=headers, body=body)
+
+
+async def _read_at_most(response: Answer, limit: int) -> bytes:
+    """The body up to ``limit`` bytes, whole: aiohttp's ``content.read(n)`` returns what has
+    arrived so far (the first chunk of an error sent in several), not ``n`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

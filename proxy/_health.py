@@ -94,10 +94,9 @@ def refresh_gauges(router: Router, metrics: Metrics, *, now: float) -> None:
     """
     for name, entry in router.snapshot(now=now).items():
         _set_state_gauges(metrics, name, entry["state"])
-    metrics.latency_estimate.clear()  # a source that went stale leaves no old value behind
-    for name, estimates in router.exported_estimates(now=now).items():
-        for source, seconds in estimates.items():
-            metrics.latency_estimate.labels(name, source).set(seconds)
+    metrics.replace_series(metrics.latency_estimate, {  # a stale source leaves no old value
+        (name, source): seconds for name, estimates in router.exported_estimates(now=now).items()
+        for source, seconds in estimates.items()})
     for upstream in router.config.upstreams:
         metrics.ttfb.labels(upstream.name, upstream.region)
     report_level_changes(router, metrics, now=now)
@@ -209,8 +208,9 @@ def refresh_share_gauges(traffic: TrafficShare, router: Router, metrics: Metrics
     """Set ``skyroute_routing_share`` for every route target (0 with no traffic)."""
     routes = router.config.routes
     traffic.forget({route.model for route in routes})
-    metrics.clear_routing_share()  # drops routes and targets a reload removed
+    values = {}
     for route in routes:
         shares = traffic.share(route.model, now=now)
         for name in route.targets:
-            metrics.routing_share.labels(route.model, name).set(round(shares.get(name, 0.0), 4))
+            values[route.model, name] = round(shares.get(name, 0.0), 4)
+    metrics.replace_series(metrics.routing_share, values)  # drops what a reload removed

@@ -105,8 +105,9 @@ class SharedLimits:
             self._unused[name] = self.shares.unused_elsewhere(name, limit, self._live,
                                                               self._peers, by_writer)
             metrics.rate_share.labels(name).set(max(0, self.budget(name, rpm)))
-        for gone in set(self._limits) - set(limits):  # keys a reload removed
+        for gone in set(self._limits) - set(limits):  # keys a reload removed (or their rpm)
             del self._limits[gone]
+            metrics.drop_series(metrics.rate_share, gone)
             self._unused.pop(gone, None)
             self._used.pop(gone, None)
         self._publish(store, self.shares.wire(now, limits), now=now)

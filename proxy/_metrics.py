@@ -8,6 +8,7 @@ routing decisions are made.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,9 @@ M = TypeVar("M", Counter, Histogram)
 
 #: Pool upstream name -> its endpoints as routing sees them now.
 PoolViews = Callable[[], Mapping[str, Sequence[EndpointView]]]
+
+#: Upstream name -> its lean-client connections now, as (busy, idle).
+ConnectionCounts = Callable[[], Mapping[str, tuple[int, int]]]
 
 #: Dense around 50-400 ms, where "is this region slow?" is decided.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
@@ -75,6 +79,7 @@ class Metrics:
         # there (prometheus_client's multiprocess mode), and a scrape sums them all.
         self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._scrape_collectors: list[Collector] = []
+        self._exported: dict[Gauge, set[tuple[str, ...]]] = {}  # see replace_series
         info = Gauge("skyroute_instance_info", "This skyroute instance (value is always 1).",
                      ["instance_id"], multiprocess_mode="livemax", registry=r)
         info.labels(instance).set(1)
@@ -243,7 +248,21 @@ class Metrics:
         Returns:
             a function that stops the reporting (for the scraper's shutdown).
         """
-        collector = _PoolCollector(views)
+        return self._read_when_scraped(_PoolCollector(views))
+
+    def watch_upstream_connections(self, counts: ConnectionCounts) -> Callable[[], None]:
+        """Report ``skyroute_upstream_connections{upstream,state}`` from ``counts()`` (each
+        upstream's busy and idle lean-client connections) at each ``/metrics`` scrape:
+        nothing on the request path.
+
+        Returns:
+            a function that stops the reporting (for the pools' shutdown).
+        """
+        return self._read_when_scraped(_ConnectionsCollector(counts))
+
+    def _read_when_scraped(self, collector: Collector) -> Callable[[], None]:
+        """Register ``collector``, also in the registry a ``--workers`` scrape builds (there it
+        shows the scraped worker's own view); returns the function that unregisters it."""
         self.registry.register(collector)
         self._scrape_collectors.append(collector)
 
@@ -253,14 +272,28 @@ class Metrics:
 
         return stop
 
-    def clear_routing_share(self) -> None:
-        """Drop every ``skyroute_routing_share`` series (they are set again at once).
+    def drop_series(self, gauge: Gauge, *labels: str) -> None:
+        """Take the series ``labels`` of ``gauge`` out of /metrics (its key, route or
+        source is gone).
 
-        prometheus_client cannot drop series in multiprocess mode (``--workers``):
-        there, series of routes a reload removed stay until the workers restart.
+        prometheus_client cannot delete a series from its multiprocess files
+        (``--workers``: ``remove``/``clear`` only warn "not implemented in multi-process
+        mode" and leave the last value there); the series then reads NaN, "no value",
+        until the workers restart.
         """
         if self._multiprocess_dir is None:
-            self.routing_share.clear()
+            gauge.remove(*labels)
+        else:
+            gauge.labels(*labels).set(math.nan)
+
+    def replace_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+        """Set ``gauge`` to exactly ``values`` (label values -> value): every series in
+        ``values`` set, every other one set here before dropped (``drop_series``)."""
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._exported.get(gauge, set()) - values.keys():
+            self.drop_series(gauge, *labels)
+        self._exported[gauge] = set(values)
 
     def set_prometheus_up(self, up: bool | None) -> None:
         """Set ``skyroute_prometheus_source_up``; None removes it (no source configured)."""
@@ -336,3 +369,25 @@ class _PoolCollector(Collector):
                     if view.load.kv_cache_usage is not None:
                         kv_cache.add_metric(labels, view.load.kv_cache_usage)
         yield from (up, waiting, running, kv_cache, in_flight, picks)
+
+
+class _ConnectionsCollector(Collector):
+    """Upstream connection gauges read from the pools when scraped (the pools count anyway)."""
+
+    def __init__(self, counts: ConnectionCounts) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return []  # read only when scraped
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "skyroute_upstream_connections",
+            "Connections of skyroute's lean HTTP client to each upstream, by state: busy "
+            "(carrying a request, or connecting) or idle (kept alive for reuse). Cloud "
+            "upstreams, uploads and HEAD go through aiohttp and are not counted.",
+            labels=["upstream", "state"])
+        for upstream, (busy, idle) in self._counts().items():
+            connections.add_metric([upstream, "busy"], busy)
+            connections.add_metric([upstream, "idle"], idle)
+        yield connections

@@ -197,8 +197,8 @@ class Supervisor:
         slot.lifeline_w = lifeline_w
         slot.started_at = time.monotonic()
         try:
-            ready = await asyncio.wait_for(asyncio.to_thread(os.read, ready_r, 1),
-                                           _START_TIMEOUT_S)
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                ready = await asyncio.to_thread(os.read, ready_r, 1)
         finally:
             os.close(ready_r)
         if ready:
@@ -292,8 +292,8 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
         procs = [s.proc for s in self._slots if s.proc is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)),
-                                   self._grace_s + _KILL_AFTER_GRACE_S)
+            async with asyncio.timeout(self._grace_s + _KILL_AFTER_GRACE_S):
+                await asyncio.gather(*(p.wait() for p in procs))
         except TimeoutError:
             for proc in procs:
                 if proc.returncode is None:

@@ -8,7 +8,9 @@ signature Bedrock's stand-in recomputes with botocore from the same test credent
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import aiohttp
 import openai
@@ -20,7 +22,7 @@ from skyroute.proxy.demo._clouds import (
     VertexStandin,
 )
 
-from .conftest import client_for, eventually, routing_yaml
+from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -379,3 +381,26 @@ async def test_unsupported_path_on_converse_is_a_clear_400(skyroute, started, aw
             await client.chat.completions.create(model="chat", messages=MESSAGES, n=2)
     assert not cloud.requests
 
+
+
+async def test_a_credential_wait_cancelled_as_the_credential_arrives_ends_cancelled():
+    """A request waiting for a first credential, cancelled (its client went away) in the very
+    tick the credential arrives, ends cancelled: on Python 3.11 asyncio.wait_for swallowed
+    such a cancellation and the request went on."""
+    from skyroute.proxy._clouds import RefreshedCredential
+
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Task[str] | None = None
+
+    def cancel_the_waiter(ok: bool) -> None:  # runs just before the credential is announced
+        assert waiter is not None
+        loop.call_soon(waiter.cancel)
+
+    credential = RefreshedCredential("a", "azure", "entra", lambda: ("token", time.time() + 3600),
+                                     on_fetch=cancel_the_waiter)
+    waiter = asyncio.create_task(credential.get())
+    try:
+        await asyncio.wait({waiter}, timeout=CALL_TIMEOUT_S)
+        assert waiter.cancelled()
+    finally:
+        await credential.aclose()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 
+import openai
 import pytest
+from aiohttp import web
 from hypothesis import example, given
 from hypothesis import strategies as st
 from skyroute.proxy._errors import InvalidJSON
 from skyroute.proxy._handlers import MAX_JSON_DEPTH, parse_payload
 
-from .conftest import CLIENT_KEY, routing_yaml, upstream_yaml
+from .conftest import CLIENT_KEY, client_for, routing_yaml, upstream_yaml
 from .hostile import raw_request
 
 AUTH = f"Authorization: Bearer {CLIENT_KEY}"
@@ -77,3 +81,39 @@ def test_parse_payload_accepts_every_shallow_object(value: object) -> None:
     body = json.dumps({"v": value}).encode()
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         assert parse_payload(body) == {"v": value}
+
+
+async def test_an_error_body_sent_in_several_chunks_reaches_the_client_whole(skyroute):
+    """An upstream's error answer sent in parts, on the aiohttp path (a streamed upload), is
+    read whole (up to the bound) before it is passed on: the client's error says all of it,
+    not the first part."""
+    parts = [b'{"error": {"message": "the file is ', b"not valid JSONL: line 3 ",
+             b'is not an object", "type": "invalid_request_error", "code": null}}']
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.05)  # pacing, as a slow upstream sends: not synchronisation
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/files", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        server = await skyroute(routing_yaml([
+            f"  - name: slow\n    url: http://127.0.0.1:{port}/v1\n    api_key: sk-up\n"
+            "    region: test\n    models: {chat: deepseek-chat}\n"]))
+        async with client_for(server) as client:
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.files.create(file=("f.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+        assert refused.value.response.content == b"".join(parts)
+    finally:
+        await runner.cleanup()

@@ -126,3 +126,34 @@ async def test_hostile_edit_is_refused_and_a_later_edit_still_applies(standin, s
         await eventually(fast_is_served, timeout=5)
     assert await _metric(server, 'skyroute_config_reloads_total{result="error"}') == 1
     assert await _metric(server, 'skyroute_config_reloads_total{result="success"}') == 1
+
+
+async def _metrics_text(server) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        return await (await http.get(f"{server.url}/metrics")).text()
+
+
+async def test_reload_drops_the_series_of_a_removed_key_and_route(standin, skyroute):
+    """A reload that removes a client key with an rpm and a route takes their
+    skyroute_rate_limit_share and skyroute_routing_share series out of /metrics; the kept
+    ones stay."""
+    a = await standin("us-east")
+    limited = "    - name: limited\n      key: sk-limited-reload\n      rpm: 6\n"
+    before = routing_yaml([entry(a, models="{chat: deepseek-chat, old: deepseek-chat}")]
+                          ).replace("auth:\n  api_keys:\n", "auth:\n  api_keys:\n" + limited)
+    server = await skyroute(before)
+    share, route = 'skyroute_rate_limit_share{key="limited"}', 'route="old"'
+
+    async def exported() -> bool:
+        text = await _metrics_text(server)
+        return share in text and f'skyroute_routing_share{{{route}' in text
+
+    await eventually(exported, timeout=5)
+    server.config_path.write_text(routing_yaml([entry(a, models="{chat: deepseek-chat}")]))
+
+    async def dropped() -> bool:
+        text = await _metrics_text(server)
+        return share not in text and f'skyroute_routing_share{{{route}' not in text
+
+    await eventually(dropped, timeout=5)
+    assert 'skyroute_routing_share{route="chat"' in await _metrics_text(server)

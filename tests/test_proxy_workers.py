@@ -218,3 +218,39 @@ async def test_rpm_limit_counts_requests_on_every_worker(workers):
     # Counted per worker, the key would get RPM on each (2 * RPM); shared, RPM plus what
     # arrived while the last count was still on its way (well under RPM).
     assert RPM <= sum(served.values()) < 2 * RPM
+
+
+async def _metrics_text(url: str) -> str:
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    async with (aiohttp.ClientSession(timeout=timeout, connector=_new_connections()) as http,
+                http.get(f"{url}/metrics") as resp):
+        return await resp.text()
+
+
+async def test_reload_removing_a_key_leaves_no_share_value_and_no_warning(workers):
+    """Under --workers prometheus_client cannot delete a series: a reload that removes a
+    key with an rpm leaves its skyroute_rate_limit_share reading NaN on every worker (not
+    its last share), and no worker logs prometheus_client's "not implemented in
+    multi-process mode" warning (metrics that are set anew each tick did, once each)."""
+    running, path, _ = workers
+    pids = running.worker_pids()
+    share = re.compile(r'^skyroute_rate_limit_share\{key="limited",pid="(\d+)"\} (\S+)$', re.M)
+
+    async def shared_on_both() -> bool:
+        values = dict(share.findall(await _metrics_text(running.url)))
+        return {int(p) for p in values} >= pids and "NaN" not in values.values()
+
+    await eventually(shared_on_both, timeout=CALL_TIMEOUT_S)
+    path.write_text(re.sub(r"    - name: limited\n.*\n.*\n", "", path.read_text()))
+    running.proc.send_signal(signal.SIGHUP)
+    for pid in pids:
+        await running.wait_for("config_reloaded", pid=pid)
+
+    async def no_value_on_either() -> bool:
+        values = dict(share.findall(await _metrics_text(running.url)))
+        return all(values.get(str(pid)) == "NaN" for pid in pids)
+
+    await eventually(no_value_on_either, timeout=CALL_TIMEOUT_S)
+    assert await running.stop() == 0
+    warned = [e for e in running.events if "multi-process mode" in json.dumps(e)]
+    assert not warned
