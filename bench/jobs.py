@@ -27,6 +27,7 @@ processes priority over that work.
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--redis URL]
                            [--phases sync drain batch interactive busy accept] [--nice N]
+                           [--lane '{cpu: 30%}']
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> Non
               "ended")
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0,
                                   timeout=60) as client:
-        ok_rate = await batch_ingest(args, client) if "batch" in phases else None
+        ok_rate = await batch_ingest(args, client, pid) if "batch" in phases else None
         if "interactive" in phases:
             await interactive_impact(args, url, client)
         if "busy" in phases:
@@ -216,9 +217,10 @@ async def until_done(client: openai.AsyncOpenAI, batch_id: str) -> Any:
     return batch
 
 
-async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> float:
-    """Lines per second validated and queued, and run to the end (all upstream answers ok)."""
-    began = time.perf_counter()
+async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid: int) -> float:
+    """Lines per second validated and queued, and run to the end (all upstream answers ok),
+    and skyroute's CPU per line (the upload, validation, run, status polls and results)."""
+    began, cpu0 = time.perf_counter(), cpu_seconds(pid)
     batch_id = await start_batch(client, args.batch_lines)
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -226,11 +228,12 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI) -> 
         await asyncio.sleep(0.02 if queued_at is None else POLL_S)
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
-    total = time.perf_counter() - began
+    total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
     assert queued_at is not None and batch.status == "completed", batch
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
-          f"{args.batch_lines / total:.0f} lines/s")
+          f"{args.batch_lines / total:.0f} lines/s; skyroute CPU {cpu:.2f} s = "
+          f"{cpu / args.batch_lines * 1e6:.0f} us per line")
     return args.batch_lines / total
 
 
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                              "work, closer to having the two cores to themselves")
     parser.add_argument("--redis", default=None, metavar="URL",
                         help="queue in this Redis (a prefix of its own) instead of SQLite")
+    parser.add_argument("--lane", default=None, metavar="YAML",
+                        help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
+                             "(default: skyroute's)")
     args = parser.parse_args(argv)
     two_cores = len(os.sched_getaffinity(0)) >= 2
     if args.nice:  # before anything starts: the session's autogroup covers them all
@@ -358,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
                 + (f"  redis: {{url: '{args.redis}', prefix: 'bench-{os.getpid()}:'}}\n"
-                   if args.redis else "") +
+                   if args.redis else "")
+                + (f"  lane: {args.lane}\n" if args.lane else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
                 "    models: {chat: deepseek-chat}\n"
                 f"  - name: parked\n    url: http://127.0.0.1:{parked.getsockname()[1]}/v1\n"

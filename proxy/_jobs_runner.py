@@ -1,21 +1,21 @@
 """The job runner: drains the queue through skyroute's own request path, in a low-priority lane.
 
-Each job is sent to this very instance over loopback HTTP, so it takes exactly the
-path a synchronous request takes (auth, limits, aliases, cache, failover, busy
-detection, degradation), with no routing code of its own. The call carries the
-instance's job token (a random secret in ``data_dir``, readable by the processes
-sharing that directory only) and the name of the client key that submitted it; the
-API authenticates it as that client (``job_caller``). Neither header ever goes
-upstream.
+Each job is served by this very instance's handler chain, in-process
+(``proxy._jobs_call``: no socket, no HTTP parsing), so it takes exactly the path a
+synchronous request takes (auth, limits, aliases, cache, failover, busy detection,
+degradation), with no routing code of its own. The call carries the instance's job
+token (a random secret in ``data_dir``, readable by the processes sharing that
+directory only) and the name of the client key that submitted it; the API
+authenticates it as that client (``job_caller``). Neither header ever goes upstream.
 
 The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window is
 halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
 grows back as tries succeed (AIMD, ``routing._jobs``). While clients are served, the
 lane yields to them: every 20 ms ``LaneShare`` sets how many jobs may run from the
-process's CPU use and the event loop's lag (``count_clients`` counts client requests:
-every request under ``/v1/`` that is not a job's own call), so jobs take the CPU the
-clients leave idle, and none of it while clients need it all. A try's answer decides the
-job (``after_try``): done, retried later with backoff, or given up.
+process's CPU use and the event loop's lag, against ``jobs.lane`` (``count_clients``
+counts client requests: every request under ``/v1/`` that is not a job's own call), so
+jobs take the CPU the clients leave idle, and none of it while clients need it all. A
+try's answer decides the job (``after_try``): done, retried later with backoff, or given up.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 import structlog
 from aiohttp import web
 from skyroute.routing import (
@@ -47,6 +46,7 @@ from skyroute.routing import (
 
 from ._forward import parse_retry_after
 from ._jobs_auth import JOB_CLIENT_HEADER, JOB_TOKEN_HEADER, JOBS_TOKEN
+from ._jobs_call import call_in_process
 from ._jobs_metrics import JobMetrics
 from ._jobs_redis import RedisJobStore
 from ._jobs_store import Job, JobStore
@@ -58,23 +58,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: How often an idle runner looks for due jobs (new local submissions wake it at once).
 POLL_INTERVAL_S: Final = 0.2
-#: While clients are served, the lane keeps this process's CPU use under this share of
-#: a core, and the event loop's lag (EWMA) under LOOP_LAG_YIELD_S (``LaneShare``).
-#: bench/jobs.py (200 client requests/s beside a draining batch): 0.5 and 5 ms raised
-#: their p99 1.2-3.2x draining 300-400 lines/s; 0.4 and 1 ms, 0.65-0.90x at 215 lines/s.
-LANE_CPU_TARGET: Final = 0.4
-LOOP_LAG_YIELD_S: Final = 0.001
 #: The lag probe's period, and the lane share's tick.
 LAG_PROBE_S: Final = 0.02
 #: Least time between two logs of the lane yielding to clients (or getting it all back).
 YIELD_LOG_INTERVAL_S: Final = 10.0
-#: A try may take the route's whole timeout; the loopback call allows a little more.
-LOOPBACK_MARGIN_S: Final = 30.0
+#: A try may take the route's whole timeout; the job's call allows a little more.
+CALL_MARGIN_S: Final = 30.0
 _RANK = {level: rank for rank, level in enumerate(LEVELS)}
 
 
 def job_token(data_dir: Path) -> str:
-    """The token loopback job calls carry, shared by the processes using ``data_dir``."""
+    """The token job calls carry, shared by the processes using ``data_dir``."""
     path = data_dir / "job-token"
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
@@ -103,8 +97,12 @@ class JobsService:
         self.job_ended = asyncio.Event()
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
+        #: The lane's claim in progress (its jobs are not in ``running`` yet).
+        self.claiming: asyncio.Future[list[Job]] | None = None
         self.loop_lag_s = 0.0
-        self.share = LaneShare(cpu_target=LANE_CPU_TARGET, lag_limit_s=LOOP_LAG_YIELD_S)
+        self.share = LaneShare(cpu_target=policy.lane.cpu,
+                               lag_limit_s=policy.lane.loop_lag_s,
+                               trickle_s=policy.lane.trickle_s)
         #: Client requests started so far, and in flight now (``count_clients``).
         self.clients_started = 0
         self.clients_in_flight = 0
@@ -119,13 +117,16 @@ class JobsService:
                                now=time.monotonic())
 
     def adopt(self, policy: JobsPolicy) -> None:
-        """A reload changed the ``jobs`` section: retries, lane size, webhooks apply now;
-        the store (``data_dir``, ``redis``) stays until a restart."""
+        """A reload changed the ``jobs`` section: retries, lane size and share, webhooks
+        apply now; the store (``data_dir``, ``redis``) stays until a restart."""
         if (policy.data_dir, policy.redis) != (self.policy.data_dir, self.policy.redis):
             log.warning("jobs_restart_needed", hint="jobs.data_dir and jobs.redis take effect "
                                                     "at the next start")
         self.policy = policy
         self.lane.set_limit(policy.concurrency)
+        self.share.cpu_target = policy.lane.cpu
+        self.share.lag_limit_s = policy.lane.loop_lag_s
+        self.share.trickle_s = policy.lane.trickle_s
 
     def lease_s(self) -> float:
         return self.policy.visibility_timeout_s
@@ -173,40 +174,43 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
     from ._jobs_batches import batch_driver  # the batch side needs the runner's key
     from ._jobs_webhooks import webhook_sender
 
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
-        tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in (
-            ("skyroute-jobs-lane", lambda: _drain(app, service, session)),
-            ("skyroute-jobs-leases", lambda: _renew_leases(service)),
-            ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
-            ("skyroute-jobs-webhooks", lambda: webhook_sender(service)),
-            ("skyroute-jobs-gauges", lambda: _gauges(service)),
-            ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
+    tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in (
+        ("skyroute-jobs-lane", lambda: _drain(app, service)),
+        ("skyroute-jobs-leases", lambda: _renew_leases(service)),
+        ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
+        ("skyroute-jobs-webhooks", lambda: webhook_sender(service)),
+        ("skyroute-jobs-gauges", lambda: _gauges(service)),
+        ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        in_flight = dict(service.running)
+        for task in (*tasks, *in_flight):
+            task.cancel()
+        # Bounded: a store that stops answering (a Redis connection stuck mid-close), or
+        # a loop that outlives its cancellation (what wake_within avoids), must not hold
+        # shutdown; unreleased jobs are claimed again after their lease.
         try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            in_flight = dict(service.running)
-            for task in (*tasks, *in_flight):
-                task.cancel()
-            # Bounded: a store that stops answering (a Redis connection stuck mid-close), or
-            # a loop that outlives its cancellation (what wake_within avoids), must not hold
-            # shutdown; unreleased jobs are claimed again after their lease.
-            try:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
-                    # Jobs cut short go back to the queue now, not after their lease: a
-                    # restart (or another instance) runs them at once. A stored result is
-                    # left alone.
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.gather(*tasks, *in_flight, return_exceptions=True)
+                # Jobs cut short go back to the queue now, not after their lease: a
+                # restart (or another instance) runs them at once. A stored result is
+                # left alone. So do jobs claimed as the lane was cancelled (not started).
+                unstarted: list[Job] = []
+                if service.claiming is not None:
                     with contextlib.suppress(Exception):
-                        await service.store.release(in_flight.values(), worker=service.worker)
-                    await service.store.aclose()
-            except TimeoutError:
-                log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
-                            stuck=[t.get_name() for t in tasks if not t.done()],
-                            jobs_stuck=sum(not t.done() for t in in_flight),
-                            hint="jobs in flight are run again once their lease ends")
+                        unstarted = await service.claiming
+                with contextlib.suppress(Exception):
+                    await service.store.release([*in_flight.values(), *unstarted],
+                                                worker=service.worker)
+                await service.store.aclose()
+        except TimeoutError:
+            log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
+                        stuck=[t.get_name() for t in tasks if not t.done()],
+                        jobs_stuck=sum(not t.done() for t in in_flight),
+                        hint="jobs in flight are run again once their lease ends")
 
 
 #: Longest wait at shutdown for the lane to stop and the store to close.
@@ -233,8 +237,7 @@ async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             await pause(STORE_RETRY_S)
 
 
-async def _drain(app: web.Application, service: JobsService,
-                 session: aiohttp.ClientSession) -> None:
+async def _drain(app: web.Application, service: JobsService) -> None:
     """Claim due jobs while the lane has room; run each as a task."""
     slot_freed = service.lane_room
     while True:
@@ -243,18 +246,24 @@ async def _drain(app: web.Application, service: JobsService,
             service.adopt(current)
         _watch_level(app, service)
         free = service.room()
-        base = app[SERVING].url
-        # Draining (SIGTERM): the listener is closed, so a job claimed now could only fail
-        # its loopback call and spend a try; the queue keeps it for the next instance.
-        if free <= 0 or base is None or app[SERVING].draining:
+        # Not serving yet (the application is still starting), or draining (SIGTERM: the
+        # instance is on its way out, and a job claimed now would hold its shutdown): the
+        # queue keeps the work for later, or for the next instance.
+        serving = app[SERVING]
+        if free <= 0 or serving.url is None or serving.draining:
             slot_freed.clear()
             await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
         service.wake.clear()
-        jobs = await service.store.claim(worker=service.worker, limit=free,
-                                         lease_s=service.lease_s(), now=time.time())
+        # Shielded: a shutdown that cancels the lane while the store claims must still
+        # learn which jobs it claimed, to hand them back (``jobs_lifecycle``).
+        claim = asyncio.ensure_future(service.store.claim(
+            worker=service.worker, limit=free, lease_s=service.lease_s(), now=time.time()))
+        service.claiming = claim
+        jobs = await asyncio.shield(claim)
+        service.claiming = None
         for job in jobs:
-            task = asyncio.create_task(_run_one(app, service, session, base, job))
+            task = asyncio.create_task(_run_one(app, service, job))
             service.running[task] = job
 
             def done(t: asyncio.Task[None]) -> None:
@@ -305,16 +314,14 @@ def _watch_level(app: web.Application, service: JobsService) -> None:
         service.metrics.lane_window.set(service.lane.size)
 
 
-async def _run_one(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
-                   base: str, job: Job) -> None:
+async def _run_one(app: web.Application, service: JobsService, job: Job) -> None:
     try:
-        await _try_job(app, service, session, base, job)
+        await _try_job(app, service, job)
     except Exception as exc:  # the store failed: the lease runs out and the job runs again
         log.warning("job_result_not_stored", job_id=job.id, error=repr(exc))
 
 
-async def _try_job(app: web.Application, service: JobsService, session: aiohttp.ClientSession,
-                   base: str, job: Job) -> None:
+async def _try_job(app: web.Application, service: JobsService, job: Job) -> None:
     policy, metrics = service.policy, service.metrics
     kind = "line" if job.batch_id else "async"
     headers = {JOB_TOKEN_HEADER: service.token, JOB_CLIENT_HEADER: job.owner,
@@ -326,15 +333,16 @@ async def _try_job(app: web.Application, service: JobsService, session: aiohttp.
     retry_after: float | None = None
     started = time.perf_counter()
     try:
-        async with session.request(
-                job.method, base + job.path, data=job.body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=route_timeout + LOOPBACK_MARGIN_S)) as resp:
-            body = await resp.read()
-            status = resp.status
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        async with asyncio.timeout(route_timeout + CALL_MARGIN_S):
+            answer = await call_in_process(app, job.method, job.path, job.body, headers)
+        status, body = answer.status, answer.body
+        retry_after = parse_retry_after(answer.headers.get("Retry-After"))
         error = "" if status < 400 else _error_text(status, body)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        error = f"no answer from skyroute itself: {exc!r}"
+    except TimeoutError:
+        error = f"skyroute did not answer within {route_timeout + CALL_MARGIN_S:g} s"
+    except Exception as exc:  # a bug past the error middleware: the try is spent, not the job
+        log.exception("job_call_crashed", job_id=job.id)
+        error = f"skyroute failed serving the job: {exc!r}"
     metrics.try_seconds.labels(kind).observe(time.perf_counter() - started)
     if status is None or status in BUSY_STATUSES:
         if service.lane.on_busy(now=time.monotonic()):

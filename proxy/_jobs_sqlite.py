@@ -13,6 +13,10 @@ not for a disk flush, so the two rarely wait for each other.
   itself), commits once and fsyncs once if anything was written (the GIL is released
   meanwhile). It also checkpoints the WAL (NORMAL syncs the WAL before a checkpoint and
   the database after it, so the WAL is never reused before its pages are on disk).
+* **The reader thread** runs read-only operations (``read``) on a connection of its own
+  (``query_only``), every read waiting in one deferred transaction: in WAL mode a reader
+  sees the last commit and never takes the write lock, so a status poll or a ``/health``
+  count waits neither for the writes queued before it nor for another process's writer.
 * **The accept path** (``insert``): new rows (an async submit) are appended on the
   event loop's own connection, every row waiting in one transaction, then one fsync of
   the WAL in a helper thread covers them; rows arriving during that fsync wait for the
@@ -136,6 +140,9 @@ class SqliteRunner:
         self._ops: queue.SimpleQueue[
             tuple[Operation[Any], asyncio.Future[Any]] | str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._reads: queue.SimpleQueue[
+            tuple[Operation[Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The accept path (``insert``): the loop's connection, rows waiting for the
         # next group commit, and the fsync in flight.
@@ -159,6 +166,11 @@ class SqliteRunner:
                                         name="skyroute-jobs-sqlite", daemon=True)
         self._thread.start()
         await ready
+        reader_ready: asyncio.Future[None] = self._loop.create_future()
+        self._reader = threading.Thread(target=self._run_reads, args=(reader_ready,),
+                                        name="skyroute-jobs-sqlite-reads", daemon=True)
+        self._reader.start()
+        await reader_ready
         self._appender = self._connect(schema=False, busy_ms=0)
         # Checkpoints write the database file and fsync it: the store thread's job.
         self._appender.execute("PRAGMA wal_autocheckpoint=0")
@@ -271,6 +283,19 @@ class SqliteRunner:
         self._ops.put((operation, future))
         return await future
 
+    async def read(self, operation: Operation[T]) -> T:
+        """Run the read-only ``operation(connection)`` on the reader thread (module
+        docstring): it sees every commit made before the call, and takes no write lock.
+
+        Raises:
+            whatever ``operation`` raised; ``sqlite3.OperationalError`` if it writes.
+        """
+        if self._loop is None:
+            raise RuntimeError("SqliteRunner.read() called before start()")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._reads.put((operation, future))
+        return await future
+
     async def aclose(self) -> None:
         while self._syncing or self._flush_due:  # rows promised a commit get it
             await asyncio.sleep(0.001)
@@ -279,6 +304,10 @@ class SqliteRunner:
             self._ops.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._reader is not None:
+            self._reads.put(None)
+            await asyncio.to_thread(self._reader.join)
+            self._reader = None
         if self._appender is not None:
             self._appender.close()
             self._appender = None
@@ -311,6 +340,57 @@ class SqliteRunner:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+    def _run_reads(self, ready: asyncio.Future[None]) -> None:
+        """The reader thread: every read waiting, in one snapshot (a deferred transaction)."""
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            connection = self._connect(schema=False)
+            connection.execute("PRAGMA query_only=1")
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, [(ready, None, exc)])
+            return
+        loop.call_soon_threadsafe(_settle, [(ready, None, None)])
+        with contextlib.closing(connection):
+            while True:
+                first = self._reads.get()
+                if first is None:
+                    return
+                group, stop = [first], False
+                while len(group) < GROUP_COMMIT_MAX:
+                    try:
+                        item = self._reads.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    group.append(item)
+                results = self._read_group(connection, group)
+                with contextlib.suppress(RuntimeError):  # the loop closed under us
+                    loop.call_soon_threadsafe(_settle, results)
+                if stop:
+                    return
+
+    @staticmethod
+    def _read_group(connection: sqlite3.Connection,
+                    group: list[tuple[Operation[Any], asyncio.Future[Any]]],
+                    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            connection.execute("BEGIN")  # deferred: a read snapshot, no lock taken
+            for operation, future in group:
+                try:
+                    results.append((future, operation(connection), None))
+                except Exception as exc:
+                    results.append((future, None, exc))
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            return [(future, None, exc) for _, future in group]
+        return results
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         assert self._loop is not None

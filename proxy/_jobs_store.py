@@ -133,7 +133,7 @@ class JobStore:
                              (job_id, owner)).fetchone()
             return dict(row) if row is not None else None
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def cancel_job(self, job_id: str, owner: str, *, now: float) -> dict[str, Any] | None:
         """Cancel a job not yet finished (a try in flight has its answer dropped)."""
@@ -239,7 +239,7 @@ class JobStore:
             return {state: db.execute("SELECT count(*) FROM jobs WHERE state=?",
                                       (state,)).fetchone()[0] for state in (QUEUED, RUNNING)}
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def oldest_queued(self) -> float | None:
         """When the job at the head of the queue (the first due) was accepted."""
@@ -248,7 +248,7 @@ class JobStore:
                              " LIMIT 1", (QUEUED,)).fetchone()
             return row[0] if row is not None else None
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def purge(self, *, ended_before: float) -> int:
         """Delete async jobs and batches (lines, output and error files) that ended before
@@ -297,7 +297,7 @@ class JobStore:
                              (file_id, owner)).fetchone()
             return dict(row) if row is not None else None
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def files(self, owner: str, *, purpose: str | None, after: str | None, limit: int,
                     newest_first: bool = True) -> list[dict[str, Any]]:
@@ -313,7 +313,7 @@ class JobStore:
                 f"SELECT * FROM files WHERE {where} {_page_order(newest_first)} LIMIT ?",
                 (*args, limit))]
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def delete_file(self, file_id: str, owner: str) -> dict[str, Any] | None:
         def op(db: sqlite3.Connection) -> dict[str, Any] | None:
@@ -352,7 +352,7 @@ class JobStore:
                              (batch_id, owner) if owner is not None else (batch_id,)).fetchone()
             return _with_counts(db, dict(row)) if row is not None else None
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def batches(self, owner: str, *, after: str | None, limit: int,
                       ) -> list[dict[str, Any]]:
@@ -365,7 +365,7 @@ class JobStore:
                 f"SELECT * FROM batches WHERE {where} {_page_order(True)} LIMIT ?",
                 (*args, limit))]
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def batches_in(self, statuses: Sequence[BatchStatus]) -> list[dict[str, Any]]:
         marks = ",".join("?" * len(statuses))
@@ -375,7 +375,7 @@ class JobStore:
                 f"SELECT * FROM batches WHERE status IN ({marks})",
                 [s.value for s in statuses])]
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def move_batch(self, batch_id: str, old: BatchStatus, new: BatchStatus, *,
                          now: float, **fields: Any) -> bool:
@@ -447,7 +447,7 @@ class JobStore:
                              (batch_id, QUEUED, RUNNING)).fetchone()
             return int(row[0])
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
     async def batch_results(self, batch_id: str) -> list[dict[str, Any]]:
         """Every line of a batch, in input order, for the output and error files."""
@@ -456,7 +456,7 @@ class JobStore:
                 "SELECT id, line, custom_id, state, status, response, error FROM jobs"
                 " WHERE batch_id=? ORDER BY line", (batch_id,))]
 
-        return await self._db.run(op)
+        return await self._db.read(op)
 
 
 def _page_after(db: sqlite3.Connection, table: str, owner: str, after: str | None,

@@ -52,7 +52,7 @@ from ._jobs import (
     next_batch_status,
     read_batch_line,
 )
-from ._jobs_policy import BatchMode, JobsPolicy, JobsRedis
+from ._jobs_policy import BatchMode, JobsLane, JobsPolicy, JobsRedis
 from ._limit_shares import (
     SHARE_LIVE_S,
     Gift,
@@ -158,6 +158,7 @@ __all__ = [
     "GiveUp",
     "HealthChange",
     "Jitter",
+    "JobsLane",
     "JobsPolicy",
     "JobsRedis",
     "LaneShare",

@@ -10,9 +10,7 @@ calls it synchronously.
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -95,12 +93,6 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = background.start()
     yield url
     background.stop()
-    # Known leak, left for a fix in skyroute's shutdown: connections that the jobs lane opens
-    # to skyroute itself while it stops (schemathesis queues async jobs) can outlive the
-    # server. Collected here, so the warning does not land on whichever test runs next.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @schema.parametrize()

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -907,6 +908,49 @@ async def test_graceful_shutdown_hands_jobs_in_flight_back_at_once(standin, skyr
     second = await skyroute(text)
     done = await wait_batch(sdk(second), batch.id, "completed", "failed")
     assert done.status == "completed" and done.request_counts.completed == 100
+
+
+
+async def test_a_draining_instance_claims_no_new_job(standin, tmp_path):
+    """Once shutdown starts (draining), the lane starts nothing new: the job it runs ends, the
+    rest stay queued for the next instance, although a client's request still holds the
+    instance in its grace period (the lane is still alive)."""
+    up, slow = await standin("a"), await standin("slow")
+    up.behaviour.ttft_s, slow.behaviour.ttft_s = 1.0, 3.0
+    path = tmp_path / "routing.yaml"
+    path.write_text(routing_yaml(
+        [entry(up), entry(slow, models="{slow: deepseek-chat}")],
+        "- model: chat\n  targets: [a]\n- model: slow\n  targets: [slow]\n",
+        extra=jobs_yaml(tmp_path / "data", concurrency=1)))
+    server = Server(load_config(path), port=0, grace_s=10.0)
+    await server.start()
+    closing: asyncio.Task[None] | None = None
+    try:
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for i in range(4):
+                body = {"model": "chat", "messages": [{"role": "user", "content": f"job {i}"}]}
+                async with http.post(f"{server.url}/v1/async/chat/completions", json=body,
+                                     headers=AUTH) as resp:
+                    assert resp.status == 202
+            await up.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+            interactive = asyncio.ensure_future(http.post(
+                f"{server.url}/v1/chat/completions", headers=AUTH,
+                json={"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
+            await slow.wait_for(lambda u: u.requests_total >= 1, timeout=DONE_TIMEOUT_S)
+            closing = asyncio.create_task(server.aclose())  # draining from here on
+            async with await interactive as resp:  # answered within the grace period
+                assert resp.status == 200
+            await closing
+    finally:
+        if closing is None:
+            await server.aclose()
+    # The first job ended (1 s) long before the client's request (3 s), and its slot was
+    # free the whole time: a lane ignoring the drain would have started the next job.
+    assert up.requests_total == 1
+    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
+        states = Counter(state for (state,) in db.execute("SELECT state FROM jobs"))
+    assert states["queued"] == 3
 
 
 async def _cancel_as_woken(wait: Callable[[asyncio.Event], Any]) -> bool:

@@ -56,3 +56,30 @@ async def test_a_submit_while_another_writer_holds_the_lock_waits_its_turn(tmp_p
     finally:
         other.close()
         await store.aclose()
+
+
+async def test_reads_answer_while_another_writer_holds_the_lock(tmp_path: Path):
+    """Reads run on the reader thread's snapshot: a status poll or a count waits neither for
+    the write lock another connection holds nor for the writes queued behind it."""
+    store = JobStore(tmp_path)
+    await store.start()
+    other = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    try:
+        job_id = await submit(store, 1)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE jobs SET tries=7")  # not committed: no reader sees it
+        queued = asyncio.ensure_future(store.claim(worker="w", limit=1, lease_s=30,
+                                                   now=time.time()))
+        async with asyncio.timeout(5):  # well under busy_timeout (10 s)
+            assert (await store.counts())["queued"] == 1
+            job = await store.job(job_id, "k")
+        assert job is not None and job["tries"] == 0
+        assert not queued.done()  # the claim (a write) waits for the lock
+        other.execute("COMMIT")
+        async with asyncio.timeout(10):
+            claimed = await queued
+        assert [j.id for j in claimed] == [job_id]
+        assert (await store.counts())["running"] == 1
+    finally:
+        other.close()
+        await store.aclose()

@@ -507,3 +507,25 @@ def test_jobs_targets_load_per_model_alias():
 ])
 def test_bad_jobs_targets_are_reported_at_path_and_line(edit, path, line, fragment):
     assert_problem(JOB_TARGETS.replace(*edit), path, line, fragment)
+
+
+def test_jobs_lane_keys_load_and_default():
+    """jobs.lane: how the lane yields to clients (its CPU share, loop lag, trickle)."""
+    config = parse_config(JOB_TARGETS + "  lane: {cpu: 25%, loop_lag: 2ms, trickle: 500ms}\n",
+                          env=ENV)
+    assert config.jobs is not None
+    assert (config.jobs.lane.cpu, config.jobs.lane.loop_lag_s,
+            config.jobs.lane.trickle_s) == (0.25, 0.002, 0.5)
+    default = parse_config(JOB_TARGETS, env=ENV).jobs
+    assert default is not None and (default.lane.cpu, default.lane.loop_lag_s) == (0.4, 0.001)
+
+
+@pytest.mark.parametrize(("lane", "path", "fragment"), [
+    ("{cpu: 0}", "jobs.lane", "cpu must be above 0"),
+    ("{cpu: 140%}", "jobs.lane.cpu", "not between 0% and 100%"),
+    ("{loop_lag: 0s}", "jobs.lane.loop_lag", "must be above 0"),
+    ("{trickle: often}", "jobs.lane.trickle", "not a duration"),
+    ("{cpu_share: 0.3}", "jobs.lane.cpu_share", ""),
+])
+def test_bad_jobs_lane_keys_are_reported_at_path_and_line(lane, path, fragment):
+    assert_problem(JOB_TARGETS + f"  lane: {lane}\n", path, 24, fragment)
