@@ -360,8 +360,9 @@ class CircuitBreaker:
             An ``Admission``, truthy if the request may go. Its ``transition``
             is set when this call moved OPEN -> HALF_OPEN.
         """
-        self._forget_old_trips(now)
         if self._state is BreakerState.CLOSED:
+            if self._closed_at is not None:
+                self._forget_old_trips(now)
             return _ADMITTED
         transition = None
         if self._state is BreakerState.OPEN:
@@ -392,6 +393,15 @@ class CircuitBreaker:
             RoutingStateError: if ``outcome`` is not an ``Outcome``; the
                 breaker is unchanged.
         """
+        if outcome is Outcome.SUCCESS and self._state is BreakerState.CLOSED:
+            # The usual outcome, inline: _forget_old_trips, then _record_closed's success.
+            closed_at = self._closed_at
+            if closed_at is not None and now - closed_at >= self.quiet_s:
+                self.trips = 0
+                self._closed_at = None
+            self._consecutive = 0
+            self._window.add(_SUCCESSES, now=now)
+            return None
         if not isinstance(outcome, Outcome):
             raise RoutingStateError(f"breaker {self.target!r}: record() needs an Outcome")
         self._forget_old_trips(now)

@@ -60,7 +60,7 @@ class BucketedCounts:
     Shared by ``RetryBudget`` and ``CircuitBreaker``.
     """
 
-    __slots__ = ("_bucket_s", "_buckets", "_n_buckets", "_totals", "window_s")
+    __slots__ = ("_bucket_s", "_buckets", "_n_buckets", "_next_start", "_totals", "window_s")
 
     def __init__(self, *, window_s: float, fields: int, buckets: int = _BUCKETS_PER_WINDOW):
         """Create an empty window.
@@ -82,6 +82,9 @@ class BucketedCounts:
         # Each entry is [bucket_index, count_0, count_1, ...], oldest first.
         self._buckets: deque[list[int]] = deque()
         self._totals = [0] * fields
+        #: The first time past the newest bucket (``-inf`` with none): an ``add`` before it
+        #: lands in the newest bucket with one comparison, no division.
+        self._next_start = -math.inf
 
     def _expire(self, now: float) -> int:
         """Drop buckets that left the window; return the bucket index of ``now``."""
@@ -91,6 +94,8 @@ class BucketedCounts:
             gone = self._buckets.popleft()
             for i, n in enumerate(gone[1:]):
                 self._totals[i] -= n
+        if not self._buckets:
+            self._next_start = -math.inf
         return index
 
     def add(self, field: int, *, now: float, n: int = 1) -> None:
@@ -104,17 +109,20 @@ class BucketedCounts:
         Raises:
             IndexError: if ``field`` is out of range.
         """
-        if not 0 <= field < len(self._totals):
-            raise IndexError(f"field {field} out of range 0..{len(self._totals) - 1}")
+        totals = self._totals
+        if not 0 <= field < len(totals):
+            raise IndexError(f"field {field} out of range 0..{len(totals) - 1}")
         buckets = self._buckets
         # Within the newest bucket (or late) nothing can have left the window since that
         # bucket was made: only a new bucket expires old ones.
-        if not buckets or buckets[-1][0] < math.floor(now / self._bucket_s):
+        if now >= self._next_start and (
+                not buckets or buckets[-1][0] < math.floor(now / self._bucket_s)):
             index = self._expire(now)
-            buckets.append([index] + [0] * len(self._totals))
+            buckets.append([index] + [0] * len(totals))
+            self._next_start = _bucket_start(index + 1, self._bucket_s)
         # A late ``now`` (older than the newest bucket) lands in the newest one.
         buckets[-1][1 + field] += n
-        self._totals[field] += n
+        totals[field] += n
 
     def totals(self, *, now: float) -> tuple[int, ...]:
         """Return every counter summed over the window ending at ``now``."""
@@ -129,6 +137,19 @@ class BucketedCounts:
         """Forget every count."""
         self._buckets.clear()
         self._totals = [0] * len(self._totals)
+        self._next_start = -math.inf
+
+
+def _bucket_start(index: int, bucket_s: float) -> float:
+    """The smallest float ``t`` with ``math.floor(t / bucket_s) >= index``: exactly where
+    bucket ``index`` starts as ``add`` computes indexes (``index * bucket_s`` may be off by
+    an ulp either way). The quotient, rounded or not, only grows with ``t``."""
+    start = index * bucket_s
+    while math.floor(start / bucket_s) >= index:
+        start = math.nextafter(start, -math.inf)
+    while math.floor(start / bucket_s) < index:
+        start = math.nextafter(start, math.inf)
+    return start
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +203,12 @@ class RetryBudget:
         Args:
             now: the current time in seconds.
         """
-        self._counts.add(_REQUESTS, now=now)
+        counts = self._counts
+        if now < counts._next_start:  # in the newest bucket (the usual case): add, inline
+            counts._buckets[-1][1 + _REQUESTS] += 1
+            counts._totals[_REQUESTS] += 1
+        else:
+            counts.add(_REQUESTS, now=now)
 
     def try_acquire(self, now: float) -> bool:
         """Ask for one retry (or hedge); count it if allowed.

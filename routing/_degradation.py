@@ -123,7 +123,7 @@ class LevelChange:
 class LevelView:
     """Levels and serving decisions at one instant, from every upstream's state."""
 
-    __slots__ = ("_policy", "_routes", "_states", "minimal")
+    __slots__ = ("_policy", "_routes", "_served", "_states", "minimal")
 
     def __init__(self, policy: DegradationPolicy, routes: Mapping[str, Route],
                  states: Mapping[str, UpstreamState], *, available: int,
@@ -136,6 +136,10 @@ class LevelView:
         self._policy = policy
         self._routes = routes
         self._states = states
+        #: Outside minimal mode a route's ``Serve`` depends on nothing but the route and the
+        #: states this view was made from: made once per view, then reused (model -> (the
+        #: route asked for, its Serve)).
+        self._served: dict[str, tuple[Route, Serve]] = {}
         self.minimal = MinimalTrigger(
             active=bool(essential and states) and available / len(states) < policy.minimal_below,
             available=available, upstreams=len(states), below=policy.minimal_below,
@@ -167,6 +171,16 @@ class LevelView:
             retry_after_s: when the first unavailable upstream is expected back,
                 for the Retry-After of a refusal.
         """
+        if not self.minimal.active:
+            served = self._served.get(route.model)
+            if served is not None and served[0] is route:
+                return served[1]
+            own = self._own_level(route)
+            fallback = self.fallback(route) if own is Level.FALLBACK else None
+            serve = Serve(route=route, level=own) if fallback is None else \
+                Serve(route=fallback, level=own, fallback_for=route.model)
+            self._served[route.model] = (route, serve)
+            return serve
         policy = self._policy
         if self.minimal.active and not route.essential:
             return Refuse(reason="not_essential", retry_after_s=retry_after_s, param="model",

@@ -67,7 +67,6 @@ STATES = tuple(UpstreamState)
 #: States that may take a normal request (slow ones are ordered last).
 AVAILABLE = frozenset({UpstreamState.HEALTHY, UpstreamState.SLOW})
 
-_BREAKER_SUCCESS = frozenset({Result.SUCCESS, Result.CLIENT_ERROR})
 _NO_ANSWER = frozenset({Result.CONNECT_ERROR})
 
 
@@ -108,6 +107,9 @@ class UpstreamHealth:
         self.slow = SlowDetector(threshold_s=threshold_s, recover_ratio=latency.recover_ratio,
                                  recover_intervals=latency.recover_intervals,
                                  ramp_s=latency.ramp_s)
+        #: Its recovery ramp: the router reads ``ramp.started_at`` (None: no ramp runs, the
+        #: share is 1.0) per request instead of calling ``share``.
+        self.ramp = self.slow.ramp
         self._bad_key_until: float | None = None
         self._down_until: float | None = None  # no answer at all, or a peer's report
         #: Called with the name whenever ``state`` may have changed other than by time
@@ -207,12 +209,15 @@ class UpstreamHealth:
         Returns:
             True if the request may go; the caller then records its outcome or cancels.
         """
-        if not panic and self.state(now=now) in (UpstreamState.BAD_KEY, UpstreamState.DOWN):
-            return False
-        admitted = bool(self.breaker.allows(now=now, panic=panic))
-        if admitted:
+        if not panic:  # out while state() is bad_key or down (those come first there)
+            bad_key_until, down_until = self._bad_key_until, self._down_until
+            if (bad_key_until is not None and now < bad_key_until) or (
+                    down_until is not None and now < down_until):
+                return False
+        if self.breaker.allows(now=now, panic=panic):
             self.outstanding += 1
-        return admitted
+            return True
+        return False
 
     def record(self, outcome: AttemptOutcome, *, now: float) -> HealthChange | None:
         """Feed the outcome of an attempt admitted earlier."""
@@ -220,19 +225,30 @@ class UpstreamHealth:
         if result is Result.POOL_FULL:  # never reached the upstream: no outcome for it
             self.cancel(now=now)
             return None
-        self.outstanding = max(0, self.outstanding - 1)
-        if result is Result.SUCCESS and outcome.ttfb_s is not None:
-            self.latency.record(outcome.ttfb_s, now=now)
-        if result not in _BREAKER_SUCCESS:
-            self.last_failure_at = now
-        elif result is Result.SUCCESS:
+        self.outstanding = self.outstanding - 1 if self.outstanding > 0 else 0
+        if result is Result.SUCCESS:  # the usual outcome: a setter only to undo bad news
+            if outcome.ttfb_s is not None:
+                self.latency.record(outcome.ttfb_s, now=now)
             self.last_success_at = now
-        if result in _BREAKER_SUCCESS:
+            self.breaker.record(Outcome.SUCCESS, now=now)
+            if self._down_until is not None:
+                self.down_until = None
+            if self._bad_key_until is not None:  # a panic try got an answer: the key works
+                self.bad_key_until = None
+        elif result is Result.CLIENT_ERROR:  # the upstream answered: a breaker success
             self.breaker.record(Outcome.SUCCESS, now=now)
             self.down_until = None
-            if result is Result.SUCCESS:  # a panic try got an answer: the key works again
-                self.bad_key_until = None
-        elif result is Result.BAD_KEY:
+        else:
+            self._record_failure(outcome, now)
+        if self.state(now=now) is self._last_state:  # the usual case: no reason to format
+            return None
+        return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
+
+    def _record_failure(self, outcome: AttemptOutcome, now: float) -> None:
+        """``record`` of an outcome that is no breaker success (nor POOL_FULL)."""
+        result = outcome.result
+        self.last_failure_at = now
+        if result is Result.BAD_KEY:
             self.bad_key_until = now + self._retry.bad_key_cooldown_s
         elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
             wait = outcome.retry_after_s or self._retry.default_retry_after_s
@@ -243,9 +259,6 @@ class UpstreamHealth:
             self.breaker.record(Outcome.FAILURE, now=now)
             if result in _NO_ANSWER and self.breaker.state(now=now) is BreakerState.OPEN:
                 self.down_until = self.breaker.open_until
-        if self.state(now=now) is self._last_state:  # the usual case: no reason to format
-            return None
-        return self._changed(now, f"{result.value}: {outcome.detail or result.value}")
 
     def cancel(self, *, now: float) -> None:
         """An admitted request ended without an outcome (the client went away)."""

@@ -61,7 +61,7 @@ def _check_finite(name: str, value: float, *, low: float, inclusive: bool = True
 class LatencyTracker:
     """Recent latency samples of one target: p95 over a window, and an EWMA."""
 
-    __slots__ = ("_ewma", "_samples", "_sorted", "alpha", "max_samples", "window_s")
+    __slots__ = ("_samples", "_sorted", "alpha", "ewma", "max_samples", "window_s")
 
     def __init__(self, *, window_s: float = 60.0, alpha: float = 0.3, max_samples: int = 1024):
         """Create an empty tracker.
@@ -84,12 +84,9 @@ class LatencyTracker:
         self.max_samples = max_samples
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (at, seconds)
         self._sorted: list[float] | None = None
-        self._ewma: float | None = None
-
-    @property
-    def ewma(self) -> float | None:
-        """The exponentially weighted mean of all samples, ``None`` before any."""
-        return self._ewma
+        #: The exponentially weighted mean of all samples, ``None`` before any (read per
+        #: request by the router: a plain attribute, set only by ``record``).
+        self.ewma: float | None = None
 
     def record(self, seconds: float, *, now: float) -> None:
         """Add one latency sample (e.g. time to first token).
@@ -102,13 +99,12 @@ class LatencyTracker:
             ValueError: if ``seconds`` is negative or not finite; nothing is
                 recorded.
         """
-        _check_finite("seconds", seconds, low=0.0)
+        if not 0.0 <= seconds < math.inf:  # the error, and NaN, from _check_finite
+            _check_finite("seconds", seconds, low=0.0)
         self._samples.append((now, seconds))
         self._sorted = None
-        if self._ewma is None:
-            self._ewma = seconds
-        else:
-            self._ewma += self.alpha * (seconds - self._ewma)
+        ewma = self.ewma
+        self.ewma = seconds if ewma is None else ewma + self.alpha * (seconds - ewma)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.window_s
@@ -148,7 +144,7 @@ class LatencyTracker:
         return self.percentile(0.95, now=now)
 
     def __repr__(self) -> str:
-        ewma = "-" if self._ewma is None else f"{self._ewma * 1000:.0f}ms"
+        ewma = "-" if self.ewma is None else f"{self.ewma * 1000:.0f}ms"
         return f"<LatencyTracker samples={len(self._samples)} ewma={ewma}>"
 
 
@@ -156,7 +152,7 @@ class LatencyTracker:
 class RecoveryRamp:
     """A share of traffic that climbs linearly from ``floor`` to 1 after ``start``."""
 
-    __slots__ = ("_started_at", "floor", "ramp_s")
+    __slots__ = ("floor", "ramp_s", "started_at")
 
     def __init__(self, *, ramp_s: float = 30.0, floor: float = 0.1) -> None:
         """Create a ramp that is not running (share 1.0).
@@ -173,15 +169,16 @@ class RecoveryRamp:
             raise ValueError(f"floor must be in [0, 1], got {floor!r}")
         self.ramp_s = ramp_s
         self.floor = floor
-        self._started_at: float | None = None
+        #: When the running ramp started; None while none runs (the share is 1.0 then).
+        self.started_at: float | None = None
 
     def start(self, *, now: float) -> None:
         """Begin ramping from ``floor`` at ``now`` (restarts a running ramp)."""
-        self._started_at = now
+        self.started_at = now
 
     def cancel(self) -> None:
         """Stop ramping; the share is 1.0 again."""
-        self._started_at = None
+        self.started_at = None
 
     def share(self, *, now: float) -> float:
         """Return the share of its normal traffic the target should get now.
@@ -192,16 +189,16 @@ class RecoveryRamp:
         Returns:
             A number in [floor, 1]; 1.0 when no ramp is running or it ended.
         """
-        if self._started_at is None or self.ramp_s == 0.0:
+        if self.started_at is None or self.ramp_s == 0.0:
             return 1.0
-        elapsed = now - self._started_at
+        elapsed = now - self.started_at
         if elapsed >= self.ramp_s:
-            self._started_at = None
+            self.started_at = None
             return 1.0
         return self.floor + (1.0 - self.floor) * max(0.0, elapsed) / self.ramp_s
 
     def __repr__(self) -> str:
-        since = "idle" if self._started_at is None else f"since={self._started_at:g}"
+        since = "idle" if self.started_at is None else f"since={self.started_at:g}"
         return f"<RecoveryRamp ramp={self.ramp_s:g}s floor={self.floor:g} {since}>"
 
 
@@ -293,6 +290,11 @@ class SlowDetector:
     def state(self) -> SlowState:
         """The current state."""
         return self._state
+
+    @property
+    def ramp(self) -> RecoveryRamp:
+        """The recovery ramp (the same object for the detector's life)."""
+        return self._ramp
 
     def _band(self, estimate_s: float) -> _Band:
         if estimate_s > self.threshold_s:

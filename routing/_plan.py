@@ -59,6 +59,9 @@ __all__ = ["MAX_RETRY_AFTER_S", "AttemptPlan", "retry_after_seconds"]
 MAX_RETRY_AFTER_S = 30
 
 
+_RESPOND = Respond()  # it holds nothing: one serves every request
+
+
 def retry_after_seconds(seconds: float) -> int:
     """Whole seconds for a ``Retry-After`` header: at least 1, at most ``MAX_RETRY_AFTER_S``."""
     return min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
@@ -133,11 +136,15 @@ class AttemptPlan:
 
     def _take(self, now: float, *, sound_only: bool) -> Target | None:
         """The first untried target that admits the attempt (``sound_only``: sound ones)."""
-        for target in list(self._untried):
-            health = self._health[target.name]
+        untried, health_of = self._untried, self._health
+        i = 0
+        while i < len(untried):
+            target = untried[i]
+            health = health_of[target.name]
             if sound_only and not health.is_sound(now=now):
+                i += 1
                 continue  # kept for a paid retry
-            self._untried.remove(target)
+            del untried[i]
             if health.admit(now=now):
                 self._tried.add(target.name)
                 return target
@@ -208,7 +215,7 @@ class AttemptPlan:
             raise RoutingStateError("record() called with no attempt outstanding") from None
         self.outcomes.append(outcome)
         if outcome.result not in RETRYABLE:
-            return Respond()
+            return _RESPOND
         if self.attempts >= self.route.max_attempts or not self._can_go_on():
             return self._give_up(now)
         if now >= self._deadline:

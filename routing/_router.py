@@ -25,6 +25,10 @@ Rules / theory of operation
   upstream's state, which ``_fleet.FleetStates`` keeps current as upstreams change
   (not per request). With ``degradation.reduced.hedging: false``, ``plan`` drops
   the route's ``hedge_after`` while the route is reduced or worse.
+* The usual request takes a short way through ``_order``: every target healthy
+  (``FleetStates``' view), none ramping back, a latency known for each under
+  ``lowest-latency``. Then nothing is probed and nothing yields its place: the order is
+  the strategy's alone, with no random draw, as the general way would give it.
 * Per-config work is done once per config (``update``): each route's targets (a
   ``Target`` per upstream, with its model name), its retry budgets, the essential
   models. A request's routing costs O(targets of its route), whatever the fleet's size.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import random
 from collections.abc import Callable, Iterator
 from typing import Any, final
@@ -61,6 +66,9 @@ from ._pool import EndpointView, ServerLoad
 from ._pool_set import EndpointChange, PoolPickers
 from ._router_types import AttemptOutcome, GiveUp, Target
 from .config import Config, Route, Upstream
+
+#: The sort key of ``_order``'s (latency, name) pairs: the latency alone, as ``_estimate``.
+_by_key = operator.itemgetter(0)
 
 #: A Prometheus reading older than this many intervals is stale: passive wins.
 STALE_INTERVALS = 3
@@ -181,22 +189,25 @@ class Router:
                 and self.route_level(route, now=now) is not Level.NORMAL:
             route = dataclasses.replace(route, hedge_after=None)  # reduced.hedging: false
         prepared = self._prepared[route.model]
-        if prepared.targets != route.targets:  # a Route of another config's (a reload)
+        if prepared.targets is not route.targets and prepared.targets != route.targets:
+            # a Route of another config's (a reload)
             prepared = dataclasses.replace(prepared, targets=route.targets, by_name={
                 name: self._target(self._upstreams[name], route.model)
                 for name in (*route.targets, *prepared.job_targets) if name in self._upstreams})
         prepared.budget.record_request(now)
         prepared.hedge_budget.record_request(now)
-        order = [pinned] if pinned in self._upstreams else self._order(route, now)
-        if prefer in order and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
+        order = [pinned] if pinned is not None and pinned in self._upstreams \
+            else self._order(route, now)
+        if prefer is not None and prefer in order \
+                and self._health[prefer].state(now=now) is UpstreamState.HEALTHY:
             order.remove(prefer)
             order.insert(0, prefer)
         if job and prepared.job_targets and pinned is None:
             order = job_target_order(prepared.job_targets, order, available=functools.partial(
                 self._available, now=now))
         by_name = prepared.by_name
-        candidates = [by_name.get(name) or self._target(self._upstreams[name], route.model)
-                      for name in order]
+        candidates = [by_name[name] if name in by_name
+                      else self._target(self._upstreams[name], route.model) for name in order]
         return AttemptPlan(route, candidates, health=self._health, pools=self._pools,
                            budget=prepared.budget, hedge_budget=prepared.hedge_budget,
                            backoff=self._backoff, now=now)
@@ -227,6 +238,40 @@ class Router:
                               "its state)")
 
     def _order(self, route: Route, now: float) -> list[str]:
+        """The route's targets in the order ``plan`` tries them (see the module's rules).
+
+        The usual request takes a short way: every target healthy (the fleet's states, kept
+        current by events), none ramping back and, under ``lowest-latency``, each with a
+        latency known. Then nothing is probed, nothing yields its place and no random draw
+        is made, so the order is the strategy's alone; anything else takes
+        ``_order_general``, which gives the same order for such a route
+        (``tests/test_routing_plan_fast.py`` checks it after random event sequences).
+        """
+        fleet = self._fleet
+        fleet.refresh(now=now)
+        states, health_of = fleet.states, self._health
+        by_latency = route.strategy == Strategy.LOWEST_LATENCY
+        keyed: list[tuple[float, str]] = []
+        for name in route.targets:
+            health = health_of[name]
+            if states.get(name) is not UpstreamState.HEALTHY \
+                    or health.ramp.started_at is not None:
+                return self._order_general(route, now)
+            if by_latency:  # the key _estimate gives
+                estimate = health.estimate
+                if estimate is not None:
+                    keyed.append((estimate.seconds, name))
+                elif (ewma := health.latency.ewma) is not None:
+                    keyed.append((ewma, name))
+                else:  # no latency known: it gets the probe share
+                    return self._order_general(route, now)
+        if not by_latency:  # none ramping: no place to yield
+            return self._strategy_order(route, list(route.targets), now)
+        if len(keyed) > 1:
+            keyed.sort(key=_by_key)  # stable, comparing the keys alone, as sorted(key=) does
+        return [name for _, name in keyed]
+
+    def _order_general(self, route: Route, now: float) -> list[str]:
         fast: list[str] = []
         unknown: list[str] = []
         slow: list[str] = []
@@ -250,13 +295,17 @@ class Router:
         out.sort(key=lambda n: self._health[n].available_at(now=now))
         return fast + unknown + slow + out
 
-    def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
+    def _strategy_order(self, route: Route, names: list[str], now: float) -> list[str]:
         if route.strategy == Strategy.LOWEST_LATENCY:
-            names = sorted(names, key=self._estimate)
-        elif route.strategy == Strategy.LEAST_OUTSTANDING:
-            names = sorted(names, key=lambda n: self._health[n].outstanding)
-        elif route.strategy == Strategy.WEIGHTED:
-            names = self._weighted_order(names, now)
+            return sorted(names, key=self._estimate)
+        if route.strategy == Strategy.LEAST_OUTSTANDING:
+            return sorted(names, key=lambda n: self._health[n].outstanding)
+        if route.strategy == Strategy.WEIGHTED:
+            return self._weighted_order(names, now)
+        return names
+
+    def _by_strategy(self, route: Route, names: list[str], now: float) -> list[str]:
+        names = self._strategy_order(route, names, now)
         # An upstream back from slow yields its place while its ramp runs (no draw for
         # the others: a share of 1 always keeps its place).
         rng, health = self._rng, self._health
@@ -417,8 +466,14 @@ class Router:
         Args:
             n: the number of choices the request asks for (None: not given).
         """
-        view = self._levels(now)
-        back = self._fleet.soonest_back(now=now) if view.minimal.active else None
+        fleet = self._fleet  # _levels, inline: a call fewer on every request
+        fleet.refresh(now=now)
+        cached = self._view
+        view = cached[1] if cached is not None and cached[0] == fleet.generation \
+            else self._levels(now)
+        if not view.minimal.active:  # no refusal: no Retry-After to work out
+            return view.serving(route, n=n, retry_after_s=1)
+        back = self._fleet.soonest_back(now=now)
         retry_after = retry_after_seconds(back - now) if back is not None else 1  # refusals
         return view.serving(route, n=n, retry_after_s=retry_after)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from skyroute.routing._budget import BucketedCounts, BudgetStats, RetryBudget
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skyroute.routing._budget import BucketedCounts, BudgetStats, RetryBudget, _bucket_start
 
 from .fakes import FakeClock
 
@@ -146,3 +150,35 @@ def test_BucketedCounts_rejects_bad_field() -> None:
     counts = BucketedCounts(window_s=1.0, fields=1)
     with pytest.raises(IndexError):
         counts.add(1, now=0.0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=1e-3, max_value=1e4), st.integers(min_value=-10**6, max_value=10**9))
+def test_a_bucket_starts_exactly_where_its_index_begins(bucket_s: float, index: int) -> None:
+    """``add`` compares ``now`` with ``_bucket_start`` instead of flooring ``now / bucket_s``:
+    the two must agree at every float, so the start is the first float of that index."""
+    start = _bucket_start(index, bucket_s)
+    assert math.floor(start / bucket_s) >= index
+    assert math.floor(math.nextafter(start, -math.inf) / bucket_s) < index
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.floats(min_value=0.0, max_value=0.35)),
+                max_size=60), st.sampled_from([0.3, 1.0, 0.7, 10.0]))
+def test_counts_match_a_plain_recount(steps: list[tuple[int, float]], window_s: float) -> None:
+    """Every add lands in the bucket ``floor(now / bucket_s)`` (a late one in the newest);
+    the totals equal a recount of the adds whose bucket is still in the window."""
+    counts = BucketedCounts(window_s=window_s, fields=2)
+    bucket_s = window_s / 10
+    now, newest, added = 0.0, None, []
+    for field, step in steps:
+        now += step
+        index = math.floor(now / bucket_s)
+        newest = index if newest is None or index > newest else newest
+        counts.add(field, now=now)
+        added.append((newest, field))
+        expected = [0, 0]
+        for at, f in added:
+            if at >= index - 9:
+                expected[f] += 1
+        assert counts.totals(now=now) == tuple(expected)
