@@ -18,6 +18,7 @@ import functools
 import os
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -25,7 +26,6 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from redis.exceptions import RedisError
 from skyroute.routing import BATCH_ENDPOINTS, BatchMode, BatchStatus
 
 from ._bodies import body_timeout, is_upload
@@ -405,13 +405,24 @@ async def cancel_batch(request: web.Request) -> web.StreamResponse:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _is_store_error(exc: Exception) -> bool:
+    """A failure of the store itself: SQLite's, or Redis's when a Redis queue is configured
+    (redis-py is loaded only then: ~6 MiB of RSS an instance without it skips)."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    redis_exceptions = sys.modules.get("redis.exceptions")
+    return redis_exceptions is not None and isinstance(exc, redis_exceptions.RedisError)
+
+
 def _store_errors(handler: Handler) -> Handler:
     """A store that fails (Redis down, disk full) is a 503 to retry, not a crash."""
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except (RedisError, sqlite3.Error) as exc:
+        except Exception as exc:
+            if not _is_store_error(exc):
+                raise
             error = ProxyError(f"the job queue is unavailable ({type(exc).__name__}: {exc}); "
                                "retry later", code="queue_unavailable",
                                retry_after_s=STORE_RETRY_S)

@@ -52,7 +52,7 @@ import secrets
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import aiohttp
 from aiohttp import web
@@ -71,11 +71,13 @@ from ._links import (
 )
 from ._metrics import SyncMetrics, get_logger
 from ._objects import ObjectDirectory
-from ._redis_relay import RedisRelay
 from ._rotation import SLICE_S, Carry, EpochBuilder
 from ._store import SessionStore, run_flush_loop
 from ._transport import Transport
 from ._types import DOC_NAMES, Clock, SnapshotError, SyncSettings
+
+if TYPE_CHECKING:
+    from ._redis_relay import RedisRelay
 
 SNAPSHOT_EVERY_S: Final = 10.0
 HEARTBEAT_EVERY_S: Final = 1.0
@@ -191,6 +193,9 @@ class StateSync:
         for peer in self.settings.peers:
             self._add_peer(peer)
         if self.settings.relay_url is not None:
+            # Imported here: redis-py is ~6 MiB of RSS that an instance without a relay skips.
+            from ._redis_relay import RedisRelay
+
             self._relay = RedisRelay(self.settings, writer_id=self.writer_id,
                                      metrics=self._metrics, on_peer_epoch=self._on_peer_epoch,
                                      sleep=self._sleep)
