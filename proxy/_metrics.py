@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -42,27 +43,77 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0
                    0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class Children(Generic[M]):
+class CounterChild:
+    """One child of a labelled ``Counter``, incremented straight on its value.
+
+    ``Counter.inc`` checks on every call that the metric is a child (it is: made by
+    ``labels``) and handles exemplars (never given here); this keeps only what
+    increments: the non-negative check and the value's own ``inc`` (a lock; under
+    ``--workers`` the buffered value of ``_worker_metrics``). Same value, same exposition.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, child: Counter) -> None:
+        self._value = child._value
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (not negative), as ``Counter.inc``."""
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._value.inc(amount)
+
+
+class HistogramChild:
+    """One child of a labelled ``Histogram``, observed straight on its values.
+
+    Does what ``Histogram.observe`` does without an exemplar: the sum grows by the
+    amount, and the first bucket whose upper bound is at least the amount by one (found
+    by bisection instead of a loop over the 21 bounds; NaN, above no bound, counts in
+    none, as there).
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._sum = child._sum
+        self._bounds = tuple(child._upper_bounds)
+        self._buckets = tuple(child._buckets)
+
+    def observe(self, amount: float) -> None:
+        """Count ``amount`` in the sum and its bucket, as ``Histogram.observe``."""
+        self._sum.inc(amount)
+        i = bisect_left(self._bounds, amount)
+        if amount <= self._bounds[i]:  # the last bound is +Inf; False for NaN
+            self._buckets[i].inc(1)
+
+
+C = TypeVar("C", CounterChild, HistogramChild)
+
+
+class Children(Generic[M, C]):
     """A labelled metric whose children are kept by their label values.
 
     prometheus_client's ``labels()`` checks and converts every value and takes a lock
     on each call; on the per-request path (requests, attempts, time to first byte,
     latency) the child is looked up in a dict instead, made once per label values
-    (names from the routing file and status codes: a small, closed set). Only for
-    metrics that are never cleared, or the dict would keep children no longer exported.
+    (names from the routing file and status codes: a small, closed set), and updated
+    through ``CounterChild``/``HistogramChild``. Only for metrics that are never
+    cleared, or the dict would keep children no longer exported.
     """
 
-    __slots__ = ("_children", "metric")
+    __slots__ = ("_children", "_make", "metric")
 
-    def __init__(self, metric: M) -> None:
+    def __init__(self, metric: M, make: Callable[[M], C]) -> None:
         self.metric = metric
-        self._children: dict[tuple[str, ...], M] = {}
+        self._make = make
+        self._children: dict[tuple[str, ...], C] = {}
 
-    def labels(self, *values: str) -> M:
+    def labels(self, *values: str) -> C:
         """The child for ``values`` (positional, in the metric's label order)."""
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self.metric.labels(*values)
+            child = self._children[values] = self._make(self.metric.labels(*values))
         return child
 
     def __getattr__(self, name: str) -> Any:
@@ -85,10 +136,10 @@ class Metrics:
         info.labels(instance).set(1)
         self.requests = Children(Counter(
             "skyroute_requests", "Client requests by route, serving upstream and status.",
-            ["route", "upstream", "status"], registry=r))
+            ["route", "upstream", "status"], registry=r), CounterChild)
         self.attempts = Children(Counter(
             "skyroute_attempts", "Upstream attempts by upstream and outcome.",
-            ["upstream", "outcome"], registry=r))
+            ["upstream", "outcome"], registry=r), CounterChild)
         self.failovers = Counter(
             "skyroute_failovers", "Requests that moved on to another upstream after a failure.",
             ["route"], registry=r)
@@ -107,10 +158,10 @@ class Metrics:
         self.ttfb = Children(Histogram(
             "skyroute_upstream_ttfb_seconds",
             "Upstream time to first content byte (keep-alives excluded).",
-            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r))
+            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r), HistogramChild)
         self.latency = Children(Histogram(
             "skyroute_upstream_latency_seconds", "Upstream total time of successful attempts.",
-            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r))
+            ["upstream", "region"], buckets=LATENCY_BUCKETS, registry=r), HistogramChild)
         self.in_flight = Gauge(
             "skyroute_in_flight_requests", "Client requests being served now.",
             multiprocess_mode="livesum", registry=r)
