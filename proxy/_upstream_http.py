@@ -61,8 +61,10 @@ from typing import Final, cast
 
 import aiohttp
 import httptools  # type: ignore[import-untyped]
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
+
+from ._headers import ReceivedHeaders
 
 #: Unread body bytes above which reading from the upstream pauses.
 HIGH_WATER: Final = 1 << 18
@@ -152,7 +154,7 @@ class UpstreamResponse:
                  "headers", "reason", "status")
 
     def __init__(self, conn: _Connection, status: int, reason: str,
-                 headers: CIMultiDictProxy[str]) -> None:
+                 headers: ReceivedHeaders) -> None:
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
@@ -351,9 +353,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # an interim answer (100 Continue...): the real one follows
             self._informational = True
             return
-        headers = CIMultiDictProxy(CIMultiDict([
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in raw]))
+        headers = ReceivedHeaders(raw)  # decoded when read: once, into the client's headers
         self._until_eof = (status not in (204, 304) and "Content-Length" not in headers
                            and "chunked" not in headers.get("Transfer-Encoding", "").lower())
         response = UpstreamResponse(self, status, reason.decode("latin-1"), headers)
