@@ -67,7 +67,7 @@ class ReceivedHeaders(Mapping[str, str]):
     give every one, in order.
     """
 
-    __slots__ = ("_lower", "_names", "_values")
+    __slots__ = ("_lower", "_names", "_values", "first")
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         names, values = zip(*raw, strict=True) if raw else ((), ())
@@ -75,13 +75,16 @@ class ReceivedHeaders(Mapping[str, str]):
         self._names: list[str] = joined.split("\n") if raw else []
         self._lower: list[str] = joined.lower().split("\n") if raw else []
         self._values: tuple[bytes, ...] = values
+        #: The first value of each lower-case name, undecoded (built in C: reversed, the
+        #: first occurrence is written last).
+        self.first: dict[str, bytes] = dict(zip(reversed(self._lower), reversed(values),
+                                                strict=True))
 
     def __getitem__(self, key: str) -> str:
-        try:
-            index = self._lower.index(key.lower())
-        except ValueError:
-            raise KeyError(key) from None
-        return self._values[index].decode("utf-8", "surrogateescape")
+        value = self.first.get(key.lower())
+        if value is None:
+            raise KeyError(key)
+        return value.decode("utf-8", "surrogateescape")
 
     @overload
     def get(self, key: str, /) -> str | None: ...
@@ -91,13 +94,11 @@ class ReceivedHeaders(Mapping[str, str]):
     def get(self, key: str, /, default: str | None) -> str | None: ...
 
     def get(self, key: str, /, default: str | None = None) -> str | None:
-        lower = key.lower()
-        if lower not in self._lower:
-            return default
-        return self._values[self._lower.index(lower)].decode("utf-8", "surrogateescape")
+        value = self.first.get(key.lower())
+        return default if value is None else value.decode("utf-8", "surrogateescape")
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._lower
+        return isinstance(key, str) and key.lower() in self.first
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -354,8 +354,9 @@ class _Connection(asyncio.Protocol):
             self._informational = True
             return
         headers = ReceivedHeaders(raw)  # decoded when read: once, into the client's headers
-        self._until_eof = (status not in (204, 304) and "Content-Length" not in headers
-                           and "chunked" not in headers.get("Transfer-Encoding", "").lower())
+        first = headers.first
+        self._until_eof = (status not in (204, 304) and "content-length" not in first
+                           and b"chunked" not in first.get("transfer-encoding", b"").lower())
         response = UpstreamResponse(self, status, reason.decode("latin-1"), headers)
         self._response = response
         head, self._head = self._head, None
