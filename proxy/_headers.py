@@ -27,8 +27,8 @@ Rules (RFC 9110 7.6.1 for hop-by-hop; the rest is what a gateway owes both sides
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Final, overload
+from collections.abc import Iterable, Mapping
+from typing import Final
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -55,76 +55,6 @@ _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length", "date", "server", "set-c
                                       "x-request-id"}
 #: Headers a client key may be sent in, as the SDKs send them.
 DEFAULT_KEY_HEADERS: Final = ("authorization", "api-key", "x-api-key")
-
-
-class ReceivedHeaders(Mapping[str, str]):
-    """An answer's headers as the lean client's parser gave them, decoded when read.
-
-    Names are decoded (and lower-cased for lookups) in bulk; a value only when read.
-    ``response_headers`` builds the client's headers straight from these, so an answer's
-    headers are decoded once, not copied into a multidict first. Lookups ignore case and
-    give the first of repeated headers, as ``CIMultiDict``'s; ``getall`` and ``items``
-    give every one, in order.
-    """
-
-    __slots__ = ("_lower", "_names", "_values", "first")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        names, values = zip(*raw, strict=True) if raw else ((), ())
-        joined = b"\n".join(names).decode("utf-8", "surrogateescape")  # names hold no "\n"
-        self._names: list[str] = joined.split("\n") if raw else []
-        self._lower: list[str] = joined.lower().split("\n") if raw else []
-        self._values: tuple[bytes, ...] = values
-        #: The first value of each lower-case name, undecoded (built in C: reversed, the
-        #: first occurrence is written last).
-        self.first: dict[str, bytes] = dict(zip(reversed(self._lower), reversed(values),
-                                                strict=True))
-
-    def __getitem__(self, key: str) -> str:
-        value = self.first.get(key.lower())
-        if value is None:
-            raise KeyError(key)
-        return value.decode("utf-8", "surrogateescape")
-
-    @overload
-    def get(self, key: str, /) -> str | None: ...
-    @overload
-    def get(self, key: str, /, default: str) -> str: ...
-    @overload
-    def get(self, key: str, /, default: str | None) -> str | None: ...
-
-    def get(self, key: str, /, default: str | None = None) -> str | None:
-        value = self.first.get(key.lower())
-        return default if value is None else value.decode("utf-8", "surrogateescape")
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self.first
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def getall(self, key: str) -> list[str]:
-        """Every value of ``key``, in order (``KeyError`` if there is none, as a multidict)."""
-        lower = key.lower()
-        found = [value.decode("utf-8", "surrogateescape")
-                 for name, value in zip(self._lower, self._values, strict=True) if name == lower]
-        if not found:
-            raise KeyError(key)
-        return found
-
-    def items(self) -> list[tuple[str, str]]:  # type: ignore[override]  # repeats kept
-        return [(name, value.decode("utf-8", "surrogateescape"))
-                for name, value in zip(self._names, self._values, strict=True)]
-
-    def received(self) -> Iterator[tuple[str, str, bytes]]:
-        """``(lower-case name, name, undecoded value)`` of each header, in order."""
-        return zip(self._lower, self._names, self._values, strict=True)
-
-    def __repr__(self) -> str:
-        return f"<ReceivedHeaders({self.items()!r})>"
 
 
 def connection_named(headers: Mapping[str, str]) -> set[str]:
@@ -247,17 +177,11 @@ def response_headers(upstream: Mapping[str, str], request_id: str, target: Targe
         else _DROP_RESPONSE
     if decoded:
         dropped = dropped | {"content-encoding"}
-    headers: CIMultiDict[str]
-    if isinstance(upstream, ReceivedHeaders):  # the lean client's: decoded here, once
-        headers = CIMultiDict([(name, value.decode("utf-8", "surrogateescape"))
-                               for lower, name, value in upstream.received()
-                               if lower not in dropped and not lower.startswith("x-ratelimit-")])
-    else:
-        headers = CIMultiDict()
-        for name, text in upstream.items():
-            lower = name.lower()
-            if lower not in dropped and not lower.startswith("x-ratelimit-"):
-                headers.add(name, text)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in dropped and not lower.startswith("x-ratelimit-"):
+            headers.add(name, value)
     upstream_id = upstream.get("x-request-id")
     if upstream_id:
         headers["X-Upstream-Request-ID"] = upstream_id

@@ -61,10 +61,8 @@ from typing import Final, cast
 
 import aiohttp
 import httptools  # type: ignore[import-untyped]
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
-
-from ._headers import ReceivedHeaders
 
 #: Unread body bytes above which reading from the upstream pauses.
 HIGH_WATER: Final = 1 << 18
@@ -154,7 +152,7 @@ class UpstreamResponse:
                  "headers", "reason", "status")
 
     def __init__(self, conn: _Connection, status: int, reason: str,
-                 headers: ReceivedHeaders) -> None:
+                 headers: CIMultiDictProxy[str]) -> None:
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
@@ -353,10 +351,11 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # an interim answer (100 Continue...): the real one follows
             self._informational = True
             return
-        headers = ReceivedHeaders(raw)  # decoded when read: once, into the client's headers
-        first = headers.first
-        self._until_eof = (status not in (204, 304) and "content-length" not in first
-                           and b"chunked" not in first.get("transfer-encoding", b"").lower())
+        headers = CIMultiDictProxy(CIMultiDict([
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in raw]))
+        self._until_eof = (status not in (204, 304) and "Content-Length" not in headers
+                           and "chunked" not in headers.get("Transfer-Encoding", "").lower())
         response = UpstreamResponse(self, status, reason.decode("latin-1"), headers)
         self._response = response
         head, self._head = self._head, None

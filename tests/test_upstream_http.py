@@ -25,7 +25,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from skyroute.proxy._forward import error_category
-from skyroute.proxy._headers import ReceivedHeaders, response_headers
 from skyroute.proxy._upstream_http import (
     MAX_HEAD_BYTES,
     ConnectFailed,
@@ -36,7 +35,6 @@ from skyroute.proxy._upstream_http import (
     request_head,
 )
 from skyroute.proxy.demo import StandinUpstream
-from skyroute.routing import Target, parse_config
 
 from .conftest import CALL_TIMEOUT_S, UPSTREAM_KEY, client_for, eventually, routing_yaml
 
@@ -571,35 +569,3 @@ async def test_skyroute_reaches_an_https_upstream_with_the_default_ssl_context(
                             if c.choices])
             assert "tls" in text
         assert up.requests_total == 2 and len(seen) == 1
-
-
-_NAMES = st.sampled_from(["Content-Type", "content-type", "X-A", "x-a", "Connection", "X-B",
-                          "Set-Cookie", "X-Request-ID", "x-ratelimit-limit-requests", "Server",
-                          "Content-Encoding", "Keep-Alive", "Date", "Content-Length"])
-_VALUES = st.sampled_from(["1", "a, b", "x-b", "close, X-A", "gzip", "ünïcode", ""])
-
-
-@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=12), st.booleans())
-def test_the_lean_clients_undecoded_headers_read_and_cross_as_a_multidicts(pairs, decoded):
-    """``ReceivedHeaders`` (the parser's bytes, decoded when read) answers lookups as a
-    ``CIMultiDict`` of the same headers, and ``response_headers`` gives the client the
-    same headers from either: one set of rules for the lean client and aiohttp's."""
-    received = ReceivedHeaders([(n.encode(), v.encode()) for n, v in pairs])
-    decoded_dict = CIMultiDict(pairs)
-    for name in ("content-type", "X-A", "x-b", "nope"):
-        assert received.get(name) == decoded_dict.get(name)
-        assert received.get(name, "d") == decoded_dict.get(name, "d")
-        assert (name in received) == (name in decoded_dict)
-        if name in decoded_dict:
-            assert received[name] == decoded_dict[name]
-            assert received.getall(name) == decoded_dict.getall(name)
-        else:
-            with pytest.raises(KeyError):
-                received[name]
-    assert received.items() == list(decoded_dict.items()) and len(received) == len(pairs)
-    config = parse_config("upstreams:\n  - {name: a, url: 'http://a/v1', models: {chat: m}}\n",
-                          env={})
-    target = Target(upstream=config.upstream("a"), endpoint="http://a/v1", model="m")
-    assert list(response_headers(received, "rid", target, {"X-E": "1"}, decoded=decoded).items()) \
-        == list(response_headers(decoded_dict, "rid", target, {"X-E": "1"},
-                                 decoded=decoded).items())
