@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import queue
 import sqlite3
@@ -162,13 +163,17 @@ class SqliteRunner:
         """Open (and create) the database, then start the thread."""
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,),
-                                        name="skyroute-jobs-sqlite", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(ready, self._ops, self._connect_writer,
+                                      functools.partial(self._commit, sync=self._sync_wal)),
+            name="skyroute-jobs-sqlite", daemon=True)
         self._thread.start()
         await ready
         reader_ready: asyncio.Future[None] = self._loop.create_future()
-        self._reader = threading.Thread(target=self._run_reads, args=(reader_ready,),
-                                        name="skyroute-jobs-sqlite-reads", daemon=True)
+        self._reader = threading.Thread(
+            target=self._serve, args=(reader_ready, self._reads, self._connect_reader,
+                                      self._read_group),
+            name="skyroute-jobs-sqlite-reads", daemon=True)
         self._reader.start()
         await reader_ready
         self._appender = self._connect(schema=False, busy_ms=0)
@@ -341,33 +346,58 @@ class SqliteRunner:
         finally:
             os.close(directory)
 
-    def _run_reads(self, ready: asyncio.Future[None]) -> None:
-        """The reader thread: every read waiting, in one snapshot (a deferred transaction)."""
+    def _connect_reader(self) -> sqlite3.Connection:
+        connection = self._connect(schema=False)
+        connection.execute("PRAGMA query_only=1")
+        return connection
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        connection = self._connect()
+        self._open_wal()
+        return connection
+
+    def _serve(self, ready: asyncio.Future[None], ops: queue.SimpleQueue[Any],
+               connect: Callable[[], sqlite3.Connection],
+               run_group: Callable[[sqlite3.Connection,
+                                    list[tuple[Operation[Any], asyncio.Future[Any]]]],
+                                   list[tuple[asyncio.Future[Any], Any, BaseException | None]]],
+               ) -> None:
+        """A store thread: every operation waiting on ``ops`` (up to GROUP_COMMIT_MAX) run
+        as one group on its own connection, until a None; the writer's queue also carries
+        checkpoints, run between groups."""
         assert self._loop is not None
         loop = self._loop
         try:
-            connection = self._connect(schema=False)
-            connection.execute("PRAGMA query_only=1")
+            connection = connect()
         except BaseException as exc:
             loop.call_soon_threadsafe(_settle, [(ready, None, exc)])
             return
         loop.call_soon_threadsafe(_settle, [(ready, None, None)])
         with contextlib.closing(connection):
             while True:
-                first = self._reads.get()
+                first = ops.get()
                 if first is None:
                     return
-                group, stop = [first], False
+                if first == _CHECKPOINT:
+                    # PASSIVE: copies what no reader needs, never blocks a writer.
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    continue
+                assert not isinstance(first, str)
+                group = [first]
+                stop = False
                 while len(group) < GROUP_COMMIT_MAX:
                     try:
-                        item = self._reads.get_nowait()
+                        item = ops.get_nowait()
                     except queue.Empty:
                         break
                     if item is None:
                         stop = True
                         break
+                    if isinstance(item, str):  # a checkpoint: the next group asks again
+                        continue
                     group.append(item)
-                results = self._read_group(connection, group)
+                results = run_group(connection, group)
                 with contextlib.suppress(RuntimeError):  # the loop closed under us
                     loop.call_soon_threadsafe(_settle, results)
                 if stop:
@@ -391,46 +421,6 @@ class SqliteRunner:
                 connection.execute("ROLLBACK")
             return [(future, None, exc) for _, future in group]
         return results
-
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        try:
-            connection = self._connect()
-            self._open_wal()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, [(ready, None, exc)])
-            return
-        loop.call_soon_threadsafe(_settle, [(ready, None, None)])
-        with contextlib.closing(connection):
-            while True:
-                first = self._ops.get()
-                if first is None:
-                    return
-                if first == _CHECKPOINT:
-                    # PASSIVE: copies what no reader needs, never blocks a writer.
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    continue
-                assert not isinstance(first, str)
-                group = [first]
-                stop = False
-                while len(group) < GROUP_COMMIT_MAX:
-                    try:
-                        item = self._ops.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    if isinstance(item, str):  # a checkpoint: the next group asks again
-                        continue
-                    group.append(item)
-                results = self._commit(connection, group, self._sync_wal)
-                with contextlib.suppress(RuntimeError):  # the loop closed under us
-                    loop.call_soon_threadsafe(_settle, results)
-                if stop:
-                    return
 
     @staticmethod
     def _commit(connection: sqlite3.Connection,
