@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 import time
 from collections import Counter
@@ -83,6 +84,22 @@ def routing_yaml(upstreams: list[str], routes: str = "", *, auth: bool = True,
     routes_block = "routes:\n" + textwrap.indent(textwrap.dedent(routes), "  ") if routes else ""
     return (f"listen: 127.0.0.1:0\n{auth_block}{textwrap.dedent(extra)}upstreams:\n"
             + "".join(upstreams) + routes_block)
+
+
+async def run_script(*argv: str, timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Run ``python argv...`` to its end within ``timeout_s`` (killed past it); returns its
+    exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
 
 
 @pytest.fixture

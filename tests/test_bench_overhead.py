@@ -3,12 +3,12 @@ issue-14 goals are each judged. Only outcomes and shapes are asserted, never tim
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_script
 
 OVERHEAD = Path(__file__).resolve().parent.parent / "bench" / "overhead.py"
 TIMEOUT_S = 240
@@ -17,17 +17,9 @@ TIMEOUT_S = 240
 @pytest.mark.timeout(TIMEOUT_S + 30)
 async def test_overhead_short_measures_every_target_and_judges_every_goal(tmp_path):
     result = tmp_path / "overhead.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(OVERHEAD), "--short", "--no-scaling", "--json", str(result),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(TIMEOUT_S):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode()[-3000:]
+    returncode, out, err = await run_script(
+        str(OVERHEAD), "--short", "--no-scaling", "--json", str(result), timeout_s=TIMEOUT_S)
+    assert returncode == 0, err.decode()[-3000:]
     data = json.loads(result.read_text())
     phases = {(p["mode"], p["concurrency"], p["target"]): p for p in data["phases"]}
     assert set(phases) == {(mode, conc, target) for mode in ("json", "stream")

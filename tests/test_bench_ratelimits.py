@@ -6,12 +6,12 @@ Only outcomes are asserted (what was admitted), never timings.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "ratelimits.py"
 TIMEOUT_S = 120
@@ -19,16 +19,10 @@ TIMEOUT_S = 120
 
 @pytest.mark.timeout(TIMEOUT_S + 30)
 async def test_ratelimits_bench_runs_and_shares_keep_the_rpm():
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(BENCH), "--short", "--seconds", "3", "--rate", "60", "--rpm", "12",
-        "--delay-scale", "0.2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode()[-3000:]
+    returncode, out, err = await run_script(
+        str(BENCH), "--short", "--seconds", "3", "--rate", "60", "--rpm", "12",
+        "--delay-scale", "0.2", timeout_s=TIMEOUT_S)
+    assert returncode == 0, err.decode()[-3000:]
     text = out.decode()
     summary = re.search(r"most admitted in any 60 s window: (\d+) before, (\d+) with shares",
                         text)

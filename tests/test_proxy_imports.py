@@ -4,12 +4,12 @@ jobs.redis, sync.relay)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import textwrap
 
 import pytest
+
+from .conftest import run_script
 
 SCRIPT = textwrap.dedent("""
     import asyncio, json, sys, tempfile
@@ -53,15 +53,6 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(120)
 async def test_an_instance_without_redis_does_not_load_redis_py():
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SCRIPT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(90):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode()[-3000:]
+    returncode, out, err = await run_script("-c", SCRIPT, timeout_s=90)
+    assert returncode == 0, err.decode()[-3000:]
     assert json.loads(out.decode().splitlines()[-1]) == []

@@ -8,12 +8,12 @@ never timings: the machine may be loaded.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_script
 
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 DURATION_S = 60
@@ -26,19 +26,12 @@ TIMEOUT_S = 300
 @pytest.mark.timeout(TIMEOUT_S + 30)
 async def test_soak_has_no_client_errors_and_no_silent_truncations():
     """A minute of mixed traffic while upstream faults keep changing: every answer whole."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SOAK), "--duration", str(DURATION_S), "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert out, f"the soak printed nothing (exit {proc.returncode}):\n{err.decode()[-3000:]}"
+    returncode, out, err = await run_script(
+        str(SOAK), "--duration", str(DURATION_S), "--json", timeout_s=TIMEOUT_S)
+    assert out, f"the soak printed nothing (exit {returncode}):\n{err.decode()[-3000:]}"
     summary = json.loads(out.decode().strip().splitlines()[-1])
     assert summary["requests"] == DURATION_S * 10, summary
     assert summary["client_errors"] == 0, summary
     assert summary["silent_truncations"] == 0, summary
     assert summary["fault_changes"] >= 5, summary
-    assert proc.returncode == 0, err.decode()[-3000:]
+    assert returncode == 0, err.decode()[-3000:]
