@@ -7,7 +7,8 @@ Rules / theory of operation
   reload forgets no open circuit or latency history. A route's retry and hedge
   budgets go on too, unless the reload changed their settings (``retry.budget``,
   ``hedge_budget``, ``budget_window``): then they start empty with the new ones.
-  The ``retry`` section's other settings apply to kept upstreams at once.
+  The ``retry`` section's other settings, and a changed ``latency_threshold``,
+  apply to kept upstreams at once.
 * ``plan(route, now)`` orders the route's targets for one request:
   available and not slow first, ordered by the route's ``strategy``; then, under
   ``lowest-latency``, those with no latency known from any source (fewest
@@ -145,8 +146,9 @@ class Router:
             health[upstream.name] = old if same_policies and old is not None else UpstreamHealth(
                 upstream.name, breaker=config.breaker, latency=config.latency,
                 retry=config.retry, threshold_s=thresholds.get(upstream.name, 0.2))
-        for kept in health.values():  # the retry section holds no state: apply it
+        for name, kept in health.items():  # settings that hold no state: apply them
             kept.retry = config.retry
+            kept.slow.set_threshold(thresholds.get(name, 0.2))
         self._health = health
         retry = config.retry
         self._budgets = {route.model: _budget_for(
