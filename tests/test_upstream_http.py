@@ -93,13 +93,22 @@ async def app_server(app: web.Application, *,
 @contextlib.asynccontextmanager
 async def raw_server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                       Awaitable[None]]) -> AsyncIterator[str]:
-    """A TCP server whose every connection ``handle`` serves by hand."""
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    """A TCP server whose every connection ``handle`` serves by hand; each is closed at the
+    end, so none is left for the garbage collector to find after its loop closed."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await handle(reader, writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
+        for writer in writers:
+            writer.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await server.wait_closed()
