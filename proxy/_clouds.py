@@ -45,6 +45,7 @@ from ._bedrock import (
     converse_request,
     openai_error,
 )
+from ._error_body import MAX_ERROR_BODY, read_at_most
 
 log = structlog.get_logger("skyroute.clouds")
 
@@ -425,9 +426,10 @@ class ConverseAnswer:
         if self._read:
             return b""
         self._read = True
-        body = await self._response.read()
         if self.status >= 400:
+            body = await read_at_most(self._response, MAX_ERROR_BODY)
             return openai_error(self.status, body, self.error_type)
+        body = await self._response.read()
         try:
             answer = json.loads(body)
         except ValueError as exc:

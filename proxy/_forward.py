@@ -52,6 +52,7 @@ from ._client_guard import send_within
 from ._clouds import ConverseAnswer, CredentialUnavailable, UpstreamAccess, credential_hint
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
+from ._error_body import MAX_ERROR_BODY, read_at_most
 from ._headers import response_headers, upstream_headers
 from ._paths import upstream_url
 from ._rename import rename_model
@@ -64,8 +65,6 @@ from ._upstream_http import ConnectFailed, UpstreamResponse
 #: An upstream's answer, from whichever client carried the attempt.
 Answer = aiohttp.ClientResponse | ConverseAnswer | UpstreamResponse
 
-#: An error body from an upstream is read up to this size to pass on or log.
-MAX_ERROR_BODY = 1 << 20
 #: Longest single SSE event relayed. Real chunks are a few hundred bytes (a big
 #: tool-call argument a few hundred KiB); an upstream sending endless bytes with no
 #: event end must not grow skyroute's memory without bound.
@@ -326,7 +325,7 @@ def _untranslatable(target: Target, message: str) -> Failed:
 
 async def _failed_status(target: Target, response: Answer, decoder: Decoder | None) -> Failed:
     try:
-        body = await _read_at_most(response, MAX_ERROR_BODY)
+        body = await read_at_most(response, MAX_ERROR_BODY)
         if decoder is not None:
             body = decoder.decompress(body) + decoder.flush()
     except (aiohttp.ClientError, OSError, zlib.error):
@@ -348,20 +347,6 @@ async def _failed_status(target: Target, response: Answer, decoder: Decoder | No
         headers = CIMultiDictProxy(CIMultiDict(
             (k, v) for k, v in headers.items() if k.lower() != "content-encoding"))
     return Failed(outcome=outcome, status=status, headers=headers, body=body)
-
-
-async def _read_at_most(response: Answer, limit: int) -> bytes:
-    """The body up to ``limit`` bytes, whole: aiohttp's ``content.read(n)`` returns what has
-    arrived so far (the first chunk of an error sent in several), not ``n`` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await response.content.read(limit - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

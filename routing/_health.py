@@ -97,7 +97,9 @@ class UpstreamHealth:
     def __init__(self, name: str, *, breaker: BreakerPolicy, latency: LatencyPolicy,
                  retry: RetryPolicy, threshold_s: float) -> None:
         self.name = name
-        self._retry = retry
+        #: Read at each outcome (bad-key cooldown, default Retry-After) and holding no
+        #: state, so a reload that keeps this upstream's health replaces it.
+        self.retry = retry
         self.breaker = CircuitBreaker(
             name, consecutive_failures=breaker.consecutive_failures,
             failure_rate=breaker.failure_rate, min_requests=breaker.min_requests,
@@ -249,9 +251,9 @@ class UpstreamHealth:
         result = outcome.result
         self.last_failure_at = now
         if result is Result.BAD_KEY:
-            self.bad_key_until = now + self._retry.bad_key_cooldown_s
+            self.bad_key_until = now + self.retry.bad_key_cooldown_s
         elif outcome.retry_after_s is not None or result is Result.RATE_LIMITED:
-            wait = outcome.retry_after_s or self._retry.default_retry_after_s
+            wait = outcome.retry_after_s or self.retry.default_retry_after_s
             self.breaker.trip(now=now, until=now + wait, reason=f"Retry-After {wait:g}s")
         else:
             if result is Result.BUSY and outcome.ttfb_s is not None:

@@ -296,6 +296,22 @@ class SlowDetector:
         """The recovery ramp (the same object for the detector's life)."""
         return self._ramp
 
+    def set_threshold(self, threshold_s: float) -> None:
+        """Judge the next estimates against ``threshold_s`` (a reload changed it).
+
+        The state stays as it is until the next estimate; a recovery under way starts
+        counting again, against the new line.
+
+        Raises:
+            ValueError: if ``threshold_s`` is not a finite number > 0; nothing changes.
+        """
+        _check_finite("threshold_s", threshold_s, low=0.0, inclusive=False)
+        if threshold_s == self.threshold_s:
+            return
+        self.threshold_s = threshold_s
+        self._line = round(threshold_s * self.recover_ratio, 12)
+        self._below = 0
+
     def _band(self, estimate_s: float) -> _Band:
         if estimate_s > self.threshold_s:
             return _Band.ABOVE

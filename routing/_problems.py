@@ -14,6 +14,12 @@ Rules / theory of operation:
   end, ``jobs.targets`` names routes and upstreams offering them. It reads the parsed
   values directly, so it reports even when other sections failed validation: the user
   sees every problem in one run.
+* ``repeat_problems`` refuses an item listed twice in a list where a second copy means
+  nothing or is ambiguous (``_UNIQUE_LISTS``): route and job targets, a pool's endpoints,
+  client keys, key and forwarded headers, peers, trusted proxies, webhook hosts. Items
+  are compared as skyroute reads them (header names and hosts in any case, URLs without
+  a trailing slash, CIDR blocks as networks); the second copy is the problem, with the
+  line of the first.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import ipaddress
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -258,19 +265,14 @@ def _job_target_problems(alias: str, names: list[Any], upstream_models: dict[str
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return [(at, f"'{alias}' names no route{hint} (models: {', '.join(sorted(served))})")]
     found: list[tuple[YamlPath, str]] = []
-    seen: set[str] = set()
     for j, target in enumerate(names):
         name = _text(target)
         if name not in upstream_models:
             known = ", ".join(sorted(upstream_models)) or "none defined"
             found.append(((*at, j), f"{target!r} names no upstream (upstreams: {known})"))
-        elif name in seen:
-            found.append(((*at, j), f"upstream '{name}' is listed twice"))
         elif upstream_models[name] and alias not in upstream_models[name]:
             found.append(((*at, j), f"upstream '{name}' has no model for alias '{alias}'; add "
                                     f"'{alias}: <its model name>' to its models"))
-        if name is not None:
-            seen.add(name)
     return found
 
 
@@ -294,3 +296,96 @@ def _fallback_problem(model: str, fallback: str, fallbacks: dict[str, tuple[Yaml
             return (f"fallbacks loop: {' -> '.join(chain)}; the last route of a chain must "
                     "have no fallback_model")
     return None
+
+
+# ------------------------------------------------------------------ items listed twice
+
+
+def _lower(value: Any) -> str | None:
+    return value.lower() if isinstance(value, str) else None
+
+
+def _url(value: Any) -> str | None:
+    return value.rstrip("/") if isinstance(value, str) else None
+
+
+def _network(value: Any) -> object:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        return None  # not a network: validation reports it
+
+
+def _client_key(value: Any) -> str | None:
+    key = value.get("key") if isinstance(value, dict) else None
+    return key if isinstance(key, str) and key else None  # blank: dropped or reported
+
+
+_KEEP_ONE_TARGET: Final = "keep one: no upstream takes two attempts of one request"
+_KEEP_ONE_HEADER: Final = "keep one (header names are compared in any case)"
+
+#: The path of a list (``*`` for every index or key on the way) -> how its items are
+#: compared (None: not comparable, left to validation), and what a second copy is told
+#: (the item, where the first is). A message never shows a client key.
+_UNIQUE_LISTS: Final[dict[YamlPath, tuple[Callable[[Any], object],
+                                          Callable[[Any, str], str]]]] = {
+    ("routes", "*", "targets"): (_text, lambda v, first: (
+        f"upstream '{v}' is listed twice (first {first}); {_KEEP_ONE_TARGET} "
+        "(max_attempts sets how many attempts there are)")),
+    ("jobs", "targets", "*"): (_text, lambda v, first: (
+        f"upstream '{v}' is listed twice (first {first}); {_KEEP_ONE_TARGET}")),
+    ("upstreams", "*", "endpoints"): (_url, lambda v, first: (
+        f"endpoint {v!r} is listed twice (first {first}); keep one: a pool sends each "
+        "request to one server, picked by load")),
+    ("upstreams", "*", "forward_headers"): (_lower, lambda v, first: (
+        f"header {v!r} is listed twice (first {first}); {_KEEP_ONE_HEADER}")),
+    ("auth", "key_headers"): (_lower, lambda v, first: (
+        f"header {v!r} is listed twice (first {first}); {_KEEP_ONE_HEADER}")),
+    ("auth", "api_keys"): (_client_key, lambda v, first: (
+        f"'{v.get('name')}' has the same key as the client {first}: a request with that "
+        "key could be either; give each client its own key")),
+    ("sync", "peers"): (_url, lambda v, first: (
+        f"peer {v!r} is listed twice (first {first}); keep one")),
+    ("trusted_proxies",): (_network, lambda v, first: (
+        f"{v!r} is the same network as the entry {first}; keep one")),
+    ("jobs", "webhook_hosts"): (_lower, lambda v, first: (
+        f"host {v!r} is listed twice (first {first}); keep one (host names are compared in "
+        "any case)")),
+}
+
+
+def _lists_at(data: Any, pattern: YamlPath, path: YamlPath = ()) -> Iterator[
+        tuple[YamlPath, list[Any]]]:
+    """Each list at ``pattern`` (``*`` matches every index or key), with its path."""
+    if not pattern:
+        if isinstance(data, list):
+            yield path, data
+        return
+    head, rest = pattern[0], pattern[1:]
+    if head == "*":
+        pairs = (enumerate(data) if isinstance(data, list)
+                 else data.items() if isinstance(data, dict) else ())
+        for part, value in pairs:
+            yield from _lists_at(value, rest, (*path, part))
+    elif isinstance(data, dict) and head in data:
+        yield from _lists_at(data[head], rest, (*path, head))
+
+
+def repeat_problems(doc: Document) -> list[ConfigProblem]:
+    """Items listed twice in a list of ``_UNIQUE_LISTS``, each at the second copy's line."""
+    problems: list[ConfigProblem] = []
+    for pattern, (same, message) in _UNIQUE_LISTS.items():
+        for path, items in _lists_at(doc.data, pattern):
+            first: dict[object, int] = {}
+            for index, item in enumerate(items):
+                seen_as = same(item)
+                if seen_as is None:
+                    continue
+                if seen_as not in first:
+                    first[seen_as] = index
+                    continue
+                first_path = (*path, first[seen_as])
+                where = f"at {format_path(first_path)}, line {doc.line_of(first_path)}"
+                problems.append(ConfigProblem(format_path((*path, index)),
+                                              doc.line_of((*path, index)), message(item, where)))
+    return problems

@@ -4,7 +4,11 @@ Rules / theory of operation
 ---------------------------
 * ``Router`` lives as long as the process. ``update(config)`` swaps in a new
   configuration and keeps what it learnt about upstreams whose names stay, so a
-  reload forgets no open circuit or latency history.
+  reload forgets no open circuit or latency history. A route's retry and hedge
+  budgets go on too, unless the reload changed their settings (``retry.budget``,
+  ``hedge_budget``, ``budget_window``): then they start empty with the new ones.
+  The ``retry`` section's other settings, and a changed ``latency_threshold``,
+  apply to kept upstreams at once.
 * ``plan(route, now)`` orders the route's targets for one request:
   available and not slow first, ordered by the route's ``strategy``; then, under
   ``lowest-latency``, those with no latency known from any source (fewest
@@ -80,6 +84,23 @@ STALE_INTERVALS = 3
 PASSIVE_HOLD_WINDOWS = 10
 
 
+#: Retries per second a route's retry budget always allows (Finagle's
+#: ``minRetriesPerSec``): a quiet route can still retry.
+RETRY_MIN_PER_S = 1.0
+#: Hedges have a lower floor than retries: a quiet route may hedge once in 10 s.
+HEDGE_MIN_PER_S = 0.1
+
+
+def _budget_for(old: RetryBudget | None, *, ratio: float, window_s: float,
+                min_per_s: float) -> RetryBudget:
+    """``old``, its counts going on, when a reload left its settings as they were; else a
+    new, empty budget with the new settings (counts over another window mean nothing)."""
+    if old is not None and (old.ratio, old.window_s, old.min_per_s) == (
+            ratio, window_s, min_per_s):
+        return old
+    return RetryBudget(ratio=ratio, window_s=window_s, min_per_s=min_per_s)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _PreparedRoute:
     """What ``plan`` needs of one route, made once per config."""
@@ -125,16 +146,18 @@ class Router:
             health[upstream.name] = old if same_policies and old is not None else UpstreamHealth(
                 upstream.name, breaker=config.breaker, latency=config.latency,
                 retry=config.retry, threshold_s=thresholds.get(upstream.name, 0.2))
+        for name, kept in health.items():  # settings that hold no state: apply them
+            kept.retry = config.retry
+            kept.slow.set_threshold(thresholds.get(name, 0.2))
         self._health = health
-        self._budgets = {
-            route.model: self._budgets.get(route.model) or RetryBudget(
-                ratio=config.retry.budget, window_s=config.retry.budget_window_s)
+        retry = config.retry
+        self._budgets = {route.model: _budget_for(
+            self._budgets.get(route.model), ratio=retry.budget,
+            window_s=retry.budget_window_s, min_per_s=RETRY_MIN_PER_S)
             for route in config.routes}
-        # Hedges have a lower floor than retries: a quiet route may hedge once in 10 s.
-        self._hedge_budgets = {
-            route.model: self._hedge_budgets.get(route.model) or RetryBudget(
-                ratio=config.retry.hedge_budget, window_s=config.retry.budget_window_s,
-                min_per_s=0.1)
+        self._hedge_budgets = {route.model: _budget_for(
+            self._hedge_budgets.get(route.model), ratio=retry.hedge_budget,
+            window_s=retry.budget_window_s, min_per_s=HEDGE_MIN_PER_S)
             for route in config.routes}
         self._routes = {route.model: route for route in config.routes}
         self._upstreams = {u.name: u for u in config.upstreams}

@@ -53,7 +53,7 @@ from ._policies import (
     Strategy,
     SyncPolicy,
 )
-from ._problems import cross_reference_problems, validation_problems
+from ._problems import cross_reference_problems, repeat_problems, validation_problems
 from ._values import (
     SECTION,
     Count,
@@ -569,7 +569,8 @@ def parse_config(text: str | bytes, *, env: Mapping[str, str],
 
     Raises:
         ConfigError: listing every problem found (YAML syntax, hostile input, unknown
-            or duplicate keys, bad values, dangling route targets, unset ``${VAR}``),
+            or duplicate keys, bad values, dangling route targets, items listed twice,
+            unset ``${VAR}``),
             sorted by line.
     """
     problems: list[ConfigProblem] = []
@@ -587,6 +588,7 @@ def parse_config(text: str | bytes, *, env: Mapping[str, str],
     except ValidationError as exc:
         problems += validation_problems(exc, document, Config)
     problems += cross_reference_problems(document)
+    problems += repeat_problems(document)
     if problems or config is None:
         raise ConfigError(source, sorted(problems, key=lambda p: p.line or 0))
     object.__setattr__(config, "routes", config.routes + _implicit_routes(config))

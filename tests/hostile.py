@@ -61,10 +61,12 @@ async def raw_request(port: int, head: bytes | str, body: bytes = b"", *,
     """
     if isinstance(head, str):
         head = head.encode("latin-1")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), RAW_TIMEOUT_S)
+    async with asyncio.timeout(RAW_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(head.rstrip(b"\r\n") + b"\r\nConnection: close\r\n\r\n" + body)
-        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            data = await reader.read()
     finally:
         writer.close()
     return _parse(data)

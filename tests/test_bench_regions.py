@@ -100,7 +100,8 @@ async def test_regions_short_run_converges_keeps_pins_and_catches_up(tmp_path):
         "--cut-seconds", "4", "--rotate-every", "2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            out, err = await proc.communicate()
     except TimeoutError:
         proc.terminate()  # the bench removes its namespaces and processes on SIGTERM
         await proc.wait()

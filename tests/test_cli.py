@@ -28,7 +28,8 @@ async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str,
     proc = await asyncio.create_subprocess_exec(
         *SKYROUTE, *args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(proc.communicate(), CALL_TIMEOUT_S * 3)
+    async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+        out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -56,7 +57,8 @@ class _Background:
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), CALL_TIMEOUT_S * 3)
+        async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+            return await self.proc.wait()
 
 
 async def _start(*args: str) -> _Background:
@@ -148,7 +150,8 @@ async def test_sigterm_right_after_requests_loses_no_access_line(standin, tmp_pa
             await asyncio.gather(*(ask(request_id) for request_id in ids))
         assert await proc.stop() == 0  # at once: the last lines are still batched
         assert proc.proc.stderr is not None
-        rest = await asyncio.wait_for(proc.proc.stderr.read(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            rest = await proc.proc.stderr.read()
     finally:
         await proc.stop(signal.SIGKILL)
     events = [json.loads(line) for line in [*proc.lines, *rest.decode().splitlines()]]
@@ -327,16 +330,18 @@ async def test_a_control_byte_in_a_header_is_one_safe_JSON_event(tmp_path):
     try:
         url = (await proc.wait_line(r'"url": "(http://[^"]+)"')).group(1)
         host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)),
-                                                CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Authorization: Bearer sk-client-\x01SECRET\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            answer = await reader.read()
         writer.close()
         assert b" 400 " in answer.split(b"\r\n", 1)[0]
         line = await proc.wait_line(r'"event": "client_request_malformed"')
         assert await proc.stop() == 0
-        rest = await asyncio.wait_for(proc.proc.stderr.read(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            rest = await proc.proc.stderr.read()
     finally:
         await proc.stop(signal.SIGKILL)
     event = json.loads(line.string)

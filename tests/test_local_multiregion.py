@@ -109,7 +109,8 @@ async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever the test left running
             os.killpg(proc.pid, signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await proc.wait()
 
 
 async def _json(http: aiohttp.ClientSession, url: str, **params: str) -> dict:
@@ -228,6 +229,7 @@ async def test_local_multiregion_script_runs_the_whole_system(demo: Demo) -> Non
         assert sum(served.values()) == 40
 
     demo.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(demo.proc.wait(), STOP_TIMEOUT_S) == 0
+    async with asyncio.timeout(STOP_TIMEOUT_S):
+        assert await demo.proc.wait() == 0
     with pytest.raises(ProcessLookupError):  # no process of its group is left: no Prometheus
         os.killpg(demo.proc.pid, 0)

@@ -41,9 +41,9 @@ class HalfSent:
 
     async def open(self, port: int, n: int, *, batch: int = 100) -> None:
         for start in range(0, n, batch):
-            pairs = await asyncio.gather(*(
-                asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), RAW_TIMEOUT_S)
-                for _ in range(min(batch, n - start))))
+            async with asyncio.timeout(RAW_TIMEOUT_S):  # the batch connects at once
+                pairs = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port)
+                                               for _ in range(min(batch, n - start))))
             for reader, writer in pairs:
                 writer.write(HALF_HEAD)
                 self.readers.append(reader)
@@ -105,7 +105,8 @@ async def test_head_not_complete_in_time_gets_408_and_is_closed(standin, skyrout
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(HALF_HEAD)
-        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)  # until the server closes
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            data = await reader.read()  # until the server closes
     finally:
         writer.close()
     assert data.startswith(b"HTTP/1.1 408 ")
@@ -124,7 +125,8 @@ async def test_body_paused_too_long_gets_408(standin, skyroute, content_type, st
     try:
         writer.write(HALF_HEAD + b"Content-Type: " + content_type + b"\r\n"
                                  b"Content-Length: 100\r\n\r\n" + start)
-        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            data = await reader.read()
     finally:
         writer.close()
     assert data.startswith(b"HTTP/1.1 408 ")
@@ -137,9 +139,11 @@ async def test_idle_keepalive_connection_is_closed(standin, skyroute):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_TIMEOUT_S)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
-        rest = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)  # EOF once closed
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            rest = await reader.read()  # EOF once closed
     finally:
         writer.close()
     assert rest.endswith(b'{"status": "alive"}')

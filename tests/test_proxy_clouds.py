@@ -404,3 +404,19 @@ async def test_a_credential_wait_cancelled_as_the_credential_arrives_ends_cancel
         assert waiter.cancelled()
     finally:
         await credential.aclose()
+
+
+async def test_a_huge_bedrock_error_body_is_read_no_further_than_the_limit(skyroute, started,
+                                                                          aws_credentials):
+    """A Bedrock 400 whose body is 64 MiB is read only up to skyroute's error-body limit:
+    the stand-in cannot send it all, and the client gets the error's type as its message."""
+    cloud = await bedrock(started)
+    cloud.mode = "huge_error"
+    server = await skyroute(routing_yaml([bedrock_yaml("bedrock-us-west-2", cloud.url)]))
+    async with client_for(server) as client:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert raised.value.body["message"] == "ValidationException"
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        await cloud.error_body_ended.wait()
+    assert cloud.error_bytes_sent < cloud.HUGE_ERROR_BYTES

@@ -124,8 +124,10 @@ async def test_upload_over_max_upload_bytes_is_refused_before_reading(standin, s
                  b"Content-Type: multipart/form-data; boundary=xyz\r\n"
                  + f"Authorization: Bearer {CLIENT_KEY}\r\n\r\n".encode())
     await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CALL_TIMEOUT_S)
-    body = await asyncio.wait_for(reader.read(4096), CALL_TIMEOUT_S)
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        body = await reader.read(4096)
     writer.close()
     assert head.startswith(b"HTTP/1.1 413")
     assert b"max_upload_bytes" in body

@@ -153,7 +153,8 @@ async def test_body_over_limit_is_refused_from_content_length_before_reading(sta
                      b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
         await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            status_line = await reader.readline()
     finally:
         writer.close()
     assert b" 413 " in status_line

@@ -353,7 +353,8 @@ async def test_local_file_upload_paused_too_long_gets_408(standin, skyroute, tmp
                      b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
                      b"Content-Type: multipart/form-data; boundary=xx\r\n"
                      b"Content-Length: 100000\r\n\r\n" + sent)
-        data = await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)  # until the server closes
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            data = await reader.read()  # until the server closes
     finally:
         writer.close()
     assert data.startswith(b"HTTP/1.1 408 ")
@@ -689,7 +690,8 @@ async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subproce
 async def stop(proc: asyncio.subprocess.Process, drain: asyncio.Task[bytes]) -> None:
     if proc.returncode is None:
         proc.terminate()
-    await asyncio.wait_for(proc.wait(), CALL_TIMEOUT_S * 3)
+    async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+        await proc.wait()
     await drain
 
 
@@ -794,7 +796,8 @@ class OwnRedis:
             except OSError:
                 return False
             writer.write(b"PING\r\n")
-            reply = await asyncio.wait_for(reader.readline(), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                reply = await reader.readline()
             writer.close()
             await writer.wait_closed()
             return reply == b"+PONG\r\n"
@@ -982,7 +985,7 @@ async def test_a_job_loop_cancelled_as_it_is_woken_ends_at_once():
     if sys.version_info < (3, 12):  # the cause, shown: wait_for does swallow it there
         async def wait_for(wake: asyncio.Event) -> None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), 0.2)
+                await asyncio.wait_for(wake.wait(), 0.2)  # noqa: TID251 - the cause, shown
 
         assert not await _cancel_as_woken(wait_for)
 

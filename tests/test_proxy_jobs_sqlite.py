@@ -50,7 +50,8 @@ async def test_a_submit_while_another_writer_holds_the_lock_waits_its_turn(tmp_p
             await asyncio.sleep(0.01)
         assert not pending.done()
         other.execute("COMMIT")
-        job_id = await asyncio.wait_for(pending, 10)
+        async with asyncio.timeout(10):
+            job_id = await pending
         assert (await store.job(job_id, "k")) is not None
         assert store.group_commits() == (0, 0)  # it went through the store thread
     finally:

@@ -77,11 +77,12 @@ def stdlib_bridge() -> Iterator[None]:
 
 async def _send_raw(url: str, data: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)),
-                                            CALL_TIMEOUT_S)
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(data)
-        return await asyncio.wait_for(reader.read(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            return await reader.read()
     finally:
         writer.close()
 

@@ -40,7 +40,8 @@ async def node_responses_stream(base_url: str, key: str, model: str) -> dict[str
     proc = await asyncio.create_subprocess_exec(
         "node", "responses_stream.mjs", base_url, key, model, cwd=INTEROP,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), CALL_TIMEOUT_S * 2)
+    async with asyncio.timeout(CALL_TIMEOUT_S * 2):
+        out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result

@@ -163,7 +163,8 @@ async def test_pool_without_metrics_picks_by_in_flight_count(standin, skyroute, 
         served = await served_by(client, 3, concurrency=1)
         assert served == {"gpu-b": 3}, served
         a.behaviour.mode = "ok"
-        assert await asyncio.wait_for(held, CALL_TIMEOUT_S) == {"gpu-a": 2, "gpu-b": 2}
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            assert await held == {"gpu-a": 2, "gpu-b": 2}
 
     endpoints = await _endpoints(server)
     assert endpoints[a.base_url]["waiting"] is None and endpoints[a.base_url]["healthy"]

@@ -8,6 +8,7 @@ import pytest
 
 from .conftest import CALL_TIMEOUT_S, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
+from .fakes import FakeClock
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -157,3 +158,34 @@ async def test_reload_drops_the_series_of_a_removed_key_and_route(standin, skyro
 
     await eventually(dropped, timeout=5)
     assert 'skyroute_routing_share{route="chat"' in await _metrics_text(server)
+
+
+async def test_reload_applies_a_changed_retry_budget(standin, skyroute):
+    """With the route's retry budget spent, an edit that widens retry.budget_window lets
+    retries go again at once: the reload replaced the budget, no restart needed. (Routing
+    reads a fake clock that never moves, so no window slides and no breaker cools down.)"""
+    ups = [await standin(name) for name in ("a", "b")]
+    for up in ups:
+        up.behaviour.mode = "error"
+    tuned = "breaker: {consecutive_failures: 1}\nretry: {backoff_base: 1ms, backoff_cap: 1ms%s}\n"
+    routes = "- model: chat\n  targets: [a, b]\n"
+    server = await skyroute(routing_yaml([entry(u) for u in ups], routes, extra=tuned % ""),
+                            clock=FakeClock().now)
+
+    async def budget_is_spent() -> bool:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="chat", messages=MESSAGES)
+        return "retry budget is spent" in caught.value.message
+
+    async with client_for(server) as client:
+        await eventually(budget_is_spent, timeout=CALL_TIMEOUT_S)
+        server.config_path.write_text(routing_yaml(
+            [entry(u) for u in ups], routes, extra=tuned % ", budget_window: 100s"))
+
+        async def reloaded() -> bool:
+            return await _metric(server, 'skyroute_config_reloads_total{result="success"}') == 1
+
+        await eventually(reloaded, timeout=5)
+        # One request: each request also raises the allowance (20 % of requests), so
+        # asking until it is back would pass without the reload too.
+        assert not await budget_is_spent()

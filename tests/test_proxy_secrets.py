@@ -114,8 +114,10 @@ class Run:
 
     async def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(self.proc.wait(), CALL_TIMEOUT_S * 3)
-        await asyncio.wait_for(self._reader, CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+            await self.proc.wait()
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await self._reader
         return self.log.decode(errors="replace")
 
 
@@ -132,7 +134,8 @@ async def test_no_secret_in_any_answer_health_metrics_or_log(tmp_path, echo_upst
     run = Run(proc)
     answers: list[tuple[str, bytes]] = []
     try:
-        url = await asyncio.wait_for(run.url, CALL_TIMEOUT_S * 2)
+        async with asyncio.timeout(CALL_TIMEOUT_S * 2):
+            url = await run.url
         port = int(url.rsplit(":", 1)[1])
         timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
         chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}

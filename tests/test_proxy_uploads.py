@@ -93,6 +93,7 @@ async def test_200MB_upload_passes_with_memory_growth_under_32MB(standin, tmp_pa
     finally:
         if proc.returncode is None:
             proc.terminate()
-        await asyncio.wait_for(proc.wait(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await proc.wait()
         if drain is not None:
             drain.cancel()

@@ -68,8 +68,10 @@ class Workers:
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), CALL_TIMEOUT_S * 3)
-        await asyncio.wait_for(self._reader, CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+            code = await self.proc.wait()
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await self._reader
         return code
 
 
@@ -98,7 +100,8 @@ async def workers(standin, tmp_path) -> AsyncIterator[tuple[Workers, Path, Stand
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
-        await asyncio.wait_for(running._reader, CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await running._reader
 
 
 def _new_connections() -> aiohttp.TCPConnector:

@@ -344,6 +344,58 @@ def test_negative_non_finite_duplicate_and_credential_values_are_refused(edit, p
     assert_problem(CONTRACT.replace(*edit), path, line, fragment)
 
 
+LISTED_TWICE = [
+    # (edit to CONTRACT, expected path, expected line, fragment of the message)
+    (("[aws-us-east, local-gpu]", "[aws-us-east, local-gpu, aws-us-east]"),
+     "routes[0].targets[2]", 20,
+     "upstream 'aws-us-east' is listed twice (first at routes[0].targets[0], line 20); keep "
+     "one: no upstream takes two attempts of one request"),
+    (("    targets: [aws-us-east, local-gpu]\n",
+      "    targets:\n      - local-gpu\n      - aws-us-east\n      - local-gpu\n"),
+     "routes[0].targets[2]", 23, "(first at routes[0].targets[0], line 21)"),
+    (("http://10.0.0.6:8000/v1]", "http://10.0.0.5:8000/v1/]"), "upstreams[1].endpoints[1]",
+     15, "endpoint 'http://10.0.0.5:8000/v1/' is listed twice"),
+    (("auth:\n", "auth:\n  key_headers: [Authorization, authorization]\n"),
+     "auth.key_headers[1]", 3, "header 'authorization' is listed twice"),
+    (("    region: us-east\n",
+      "    region: us-east\n    forward_headers: [OpenAI-Project, openai-project]\n"),
+     "upstreams[0].forward_headers[1]", 11, "header 'openai-project' is listed twice"),
+    (("      key: ${WEB_APP_KEY}\n",
+      "      key: ${WEB_APP_KEY}\n    - name: batch\n      key: ${WEB_APP_KEY}\n"),
+     "auth.api_keys[1]", 6, "'batch' has the same key as the client at auth.api_keys[0], "
+     "line 4"),
+    (("routes:", "trusted_proxies: [10.0.0.0/8, 10.1.2.3/8]\nroutes:"), "trusted_proxies[1]",
+     18, "the same network"),
+    (("routes:", "sync:\n  token: t\n  peers: [ws://a:8080/sync, ws://a:8080/sync/]\nroutes:"),
+     "sync.peers[1]", 20, "peer 'ws://a:8080/sync/' is listed twice"),
+]
+
+
+@pytest.mark.parametrize(("edit", "path", "line", "fragment"), LISTED_TWICE)
+def test_an_item_listed_twice_is_refused_at_its_line(edit, path, line, fragment):
+    """A route target, pool endpoint, header, client key, trusted network or peer listed
+    twice (compared as skyroute reads them) is a problem at the second copy's path and
+    line, naming where the first is."""
+    assert_problem(CONTRACT.replace(*edit), path, line, fragment)
+
+
+def test_a_client_key_listed_twice_is_not_shown_in_the_problem():
+    """Two clients with one key are refused without the key itself in the message."""
+    text = CONTRACT.replace("      key: ${WEB_APP_KEY}\n", "      key: ${WEB_APP_KEY}\n"
+                            "    - name: batch\n      key: ${WEB_APP_KEY}\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env=ENV)
+    assert ENV["WEB_APP_KEY"] not in str(caught.value)
+
+
+def test_blank_client_keys_from_the_environment_are_not_duplicates():
+    """Optional keys whose variables are empty are unused slots, however many there are."""
+    text = CONTRACT.replace("      key: ${WEB_APP_KEY}\n", "      key: ${WEB_APP_KEY}\n"
+                            "    - {name: spare1, key: '${SPARE1:-}'}\n"
+                            "    - {name: spare2, key: '${SPARE2:-}'}\n")
+    assert [k.name for k in parse_config(text, env=ENV).api_keys] == ["web-app"]
+
+
 @pytest.mark.parametrize("text", ["listen: :8080\n", "listen: :8080\nupstreams: []\n"])
 def test_a_file_without_upstreams_is_refused(text):
     """A routing file must name at least one upstream."""
@@ -502,7 +554,9 @@ def test_jobs_targets_load_per_model_alias():
     (("chat: [local-gpu]", "embed: [local-gpu]"), "jobs.targets.embed[0]", 23,
      "upstream 'local-gpu' has no model for alias 'embed'"),
     (("chat: [local-gpu]", "chat: [local-gpu, local-gpu]"), "jobs.targets.chat[1]", 23,
-     "listed twice"),
+     "upstream 'local-gpu' is listed twice (first at jobs.targets.chat[0], line 23)"),
+    (("chat: [local-gpu]\n", "chat: [local-gpu]\n  webhook_hosts: [Example.com, example.com]\n"),
+     "jobs.webhook_hosts[1]", 24, "host 'example.com' is listed twice"),
     (("chat: [local-gpu]", "chat: []"), "jobs.targets.chat", 23, "must not be empty"),
 ])
 def test_bad_jobs_targets_are_reported_at_path_and_line(edit, path, line, fragment):

@@ -2,13 +2,12 @@
 
 ``Router`` keeps every upstream's state and the available count up to date as
 outcomes, reports, estimates and cool-downs happen (``routing._fleet``), so a request
-does not walk the fleet. Here random sequences of everything that changes a state,
-with time moving on by random steps, are checked against a full re-read after each.
+does not walk the fleet. Here random sequences of everything that changes a state (every
+kind of event in ``tests.router_events``), with time moving on by random steps, are
+checked against a full re-read after each.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +24,8 @@ from skyroute.routing import (
 from skyroute.routing._degradation import LevelView
 from skyroute.routing._health import AVAILABLE
 
+from .router_events import Event, apply_event, router_events
+
 NAMES = ("a", "b", "c", "d", "e")
 CONFIG_TEXT = """\
 upstreams:
@@ -40,57 +41,6 @@ breaker: {consecutive_failures: 2, cooldown: 3s}
 degradation:
   minimal: {when_available_below: 60%}
 """
-
-_step = st.one_of(
-    st.tuples(st.just("wait"), st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 7.5, 40.0])),
-    st.tuples(st.just("outcome"), st.sampled_from(NAMES), st.sampled_from(list(Result)),
-              st.sampled_from([None, 0.0, 2.0, 10.0])),
-    st.tuples(st.just("mark"), st.sampled_from(NAMES),
-              st.sampled_from([UpstreamState.DOWN, UpstreamState.BAD_KEY]),
-              st.sampled_from([0.0, 1.0, 5.0, 60.0])),
-    st.tuples(st.just("trip"), st.sampled_from(NAMES), st.sampled_from([0.0, 2.0, 20.0])),
-    st.tuples(st.just("estimate"), st.sampled_from(NAMES), st.sampled_from([0.05, 0.5])),
-    st.tuples(st.just("request"), st.sampled_from(["chat", "other", "small"])),
-    st.tuples(st.just("tick")),
-)
-
-
-def _apply(router: Router, step: tuple[Any, ...], now: float) -> float:
-    kind = step[0]
-    if kind == "wait":
-        return now + step[1]
-    if kind == "outcome":  # an admitted attempt's outcome, as the proxy feeds it
-        _, name, result, retry_after = step
-        upstream = router.config.upstream(name)
-        health = router.health(name)
-        if health.admit(now=now, panic=True):
-            target = Target(upstream=upstream, endpoint=upstream.endpoints[0], model="m")
-            router.record(AttemptOutcome(target=target, result=result, ttfb_s=0.1,
-                                         retry_after_s=retry_after), now=now)
-    elif kind == "mark":
-        _, name, state, for_s = step
-        router.mark(name, state, until=now + for_s, reason="peer", now=now)
-    elif kind == "trip":  # straight on the breaker, as a test or a future caller might
-        _, name, for_s = step
-        router.health(name).breaker.trip(now=now, until=now + for_s)
-    elif kind == "estimate":
-        _, name, seconds = step
-        router.feed_external(name, seconds, source="prometheus", now=now)
-    elif kind == "request":  # a whole request: it admits, records and may cancel
-        route = router.route_for(step[1])
-        assert route is not None
-        decision = router.serving(route, n=None, now=now)
-        if not isinstance(decision, Refuse):
-            plan = router.plan(decision.route, now=now)
-            target = plan.next_attempt(now=now)
-            if isinstance(target, Target):
-                outcome = AttemptOutcome(target=target, result=Result.SERVER_ERROR)
-                router.record(outcome, now=now)
-                plan.record(outcome, now=now)
-    elif kind == "tick":
-        router.tick(now=now)
-    return now
-
 
 def _check(router: Router, now: float) -> None:
     states = {name: router.health(name).state(now=now) for name in NAMES}
@@ -112,13 +62,13 @@ def _check(router: Router, now: float) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_step, max_size=40))
-def test_fleet_view_equals_a_full_read_after_every_change(steps: list[tuple[Any, ...]]) -> None:
+@given(st.lists(router_events(NAMES, ("chat", "other", "small")), max_size=40))
+def test_fleet_view_equals_a_full_read_after_every_change(events: list[Event]) -> None:
     router = Router(parse_config(CONFIG_TEXT, env={"X": "1"}))
     now = 100.0
     _check(router, now)
-    for step in steps:
-        now = _apply(router, step, now)
+    for event in events:
+        now = apply_event(router, event, now, config_text=CONFIG_TEXT)
         _check(router, now)
 
 

@@ -253,3 +253,18 @@ def test_RecoveryRamp_idle_and_cancel() -> None:
     ramp.cancel()
     assert ramp.share(now=0.0) == 1.0
     assert repr(ramp) == "<RecoveryRamp ramp=30s floor=0.1 idle>"
+
+
+def test_SlowDetector_set_threshold_judges_the_next_estimates_by_the_new_one() -> None:
+    """A new threshold moves the recovery line with it and restarts a recovery count; a bad
+    one raises and changes nothing."""
+    detector = SlowDetector(threshold_s=0.2, recover_ratio=0.5, recover_intervals=2)
+    detector.feed(0.3, source="prometheus", now=0.0)
+    detector.feed(0.05, source="prometheus", now=1.0)  # one interval below 0.1
+    detector.set_threshold(0.4)  # line 0.2: the count starts again
+    assert detector.feed(0.15, source="prometheus", now=2.0) is None
+    change = detector.feed(0.15, source="prometheus", now=3.0)
+    assert change is not None and change.new is SlowState.HEALTHY
+    with pytest.raises(ValueError, match="threshold_s"):
+        detector.set_threshold(0.0)
+    assert detector.threshold_s == 0.4

@@ -114,6 +114,51 @@ def test_AttemptPlan_spent_budget_still_fails_over_to_a_healthy_upstream():
     assert tried == ["a", "c"] and isinstance(decision, Respond)
 
 
+FAILING = {"a": Result.SERVER_ERROR, "b": Result.CONNECT_ERROR, "c": Result.CONNECT_ERROR}
+
+
+def _spend_the_budget(router: Router, clock: FakeClock) -> None:
+    """Requests whose retries go back to failing upstreams until the budget gives out."""
+    for name in ("b", "c"):
+        router.mark(name, UpstreamState.DOWN, until=clock.now() + 600.0, reason="test",
+                    now=clock.now())
+    while not _serve(router, clock, FAILING)[1].budget_exhausted:
+        pass
+
+
+def test_Router_update_applies_a_changed_retry_budget_at_once():
+    """A reload that widens budget_window gives the route a budget with the new settings:
+    retries refused a moment ago are allowed again, without a restart."""
+    clock = FakeClock()
+    router = Router(parse_config(THREE + NO_TRIPS, env={}))
+    _spend_the_budget(router, clock)
+    router.update(parse_config(THREE + NO_TRIPS + "retry: {budget_window: 100s}\n", env={}))
+    tried, decision = _serve(router, clock, FAILING)
+    assert sorted(tried) == ["a", "b", "c"] and not decision.budget_exhausted
+
+
+def test_Router_update_keeps_a_spent_budget_whose_settings_did_not_change():
+    """A reload that changes something else (a route's timeout) keeps the budget's counts:
+    a reload is no way around a spent budget."""
+    clock = FakeClock()
+    router = Router(parse_config(THREE + NO_TRIPS, env={}))
+    _spend_the_budget(router, clock)
+    router.update(parse_config(THREE.replace("strategy: priority", "strategy: priority, "
+                                             "timeout: 30s") + NO_TRIPS, env={}))
+    tried, decision = _serve(router, clock, FAILING)
+    assert tried == ["a"] and decision.budget_exhausted
+
+
+def test_Router_update_applies_a_changed_bad_key_cooldown_to_a_kept_upstream():
+    """retry.bad_key_cooldown changed on reload holds for the next 401 of an upstream whose
+    health (breaker, latency) the reload kept."""
+    clock = FakeClock()
+    router = Router(parse_config(THREE + NO_TRIPS, env={}))
+    router.update(parse_config(THREE + NO_TRIPS + "retry: {bad_key_cooldown: 5s}\n", env={}))
+    _serve(router, clock, {"a": Result.BAD_KEY})
+    assert router.health("a").bad_key_until == clock.now() + 5.0
+
+
 def test_AttemptPlan_panic_probe_is_tried_when_every_upstream_is_out_and_closes_it():
     """All breakers open: the one back soonest is tried; its success brings the route back."""
     clock = FakeClock()

@@ -265,3 +265,17 @@ def test_Router_exports_its_own_estimate_and_holds_it_after_traffic_moves_away()
     clock.advance(540.0)
     router.tick(now=clock.now())
     assert router.exported_estimates(now=clock.now())[target.name] == {}
+
+
+def test_Router_update_applies_a_changed_latency_threshold_to_a_kept_upstream():
+    """A reload that lowers a route's latency_threshold judges the next estimate of an
+    upstream whose health it kept against the new threshold, not the one it started with."""
+    clock = FakeClock()
+    router = Router(parse_config(LOWEST, env={}))
+    router.update(parse_config(LOWEST.replace("targets: [b, a, c]}",
+                                              "targets: [b, a, c], latency_threshold: 100ms}"),
+                               env={}))
+    router.feed_external("a", 0.15, source="prometheus", now=clock.now())
+    router.tick(now=clock.now())
+    assert router.health("a").state(now=clock.now()) is UpstreamState.SLOW
+    assert router.health("a").slow.threshold_s == 0.1

@@ -30,7 +30,8 @@ async def _skyroute_schema(tmp_path: Path) -> dict:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "skyroute.proxy.cli", "schema", stdout=file,
             stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
-        _, err = await asyncio.wait_for(proc.communicate(), CALL_TIMEOUT_S * 3)
+        async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+            _, err = await proc.communicate()
     assert proc.returncode == 0, err
     return json.loads(out.read_text())
 

@@ -384,7 +384,8 @@ async def test_StandinUpstream_aclose_drops_a_held_busy_answer_promptly(
     await up.start()
     async with http.post(f"{up.base_url}/chat/completions", json=CHAT) as r:
         assert await r.content.readline() == b"\n"
-        await asyncio.wait_for(up.aclose(), timeout=2)
+        async with asyncio.timeout(2):
+            await up.aclose()
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
     assert up.in_flight == 0 and up.cancelled == 0

@@ -68,7 +68,8 @@ async def server() -> AsyncIterator[tuple[StateSync, int]]:
 async def _next_event(proc: asyncio.subprocess.Process, event: str) -> dict[str, Any]:
     assert proc.stdout is not None
     while True:
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=10)
+        async with asyncio.timeout(10):
+            line = await proc.stdout.readline()
         if not line:
             raise AssertionError(f"node client exited before {event!r}")
         message: dict[str, Any] = json.loads(line)
@@ -106,7 +107,8 @@ async def test_yjs_client_reads_and_writes_sessions_map(server: tuple[StateSync,
         proc.stdin.write(b"quit\n")
         await proc.stdin.drain()
         try:
-            await asyncio.wait_for(proc.wait(), timeout=10)
+            async with asyncio.timeout(10):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()

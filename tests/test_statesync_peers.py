@@ -437,7 +437,8 @@ async def test_LinkSupervisor_waits_the_backoff_through_its_injected_sleep() -> 
             on_peer_epoch=lambda epoch: asyncio.sleep(0), sleep=sleep, rng=random.Random(9))
         supervisor.start()
         try:
-            await asyncio.wait_for(enough.wait(), timeout=5.0)
+            async with asyncio.timeout(5.0):
+                await enough.wait()
         finally:
             await supervisor.aclose()
     refusing.close()

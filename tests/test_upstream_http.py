@@ -62,7 +62,8 @@ def on_both_loops(scenario: Scenario) -> Callable[[str, Path], None]:
                 return pool
 
             try:
-                await asyncio.wait_for(scenario(pools, tmp_path), 30)
+                async with asyncio.timeout(30):
+                    await scenario(pools, tmp_path)
             finally:
                 for pool in made:
                     pool.close()
@@ -92,15 +93,25 @@ async def app_server(app: web.Application, *,
 @contextlib.asynccontextmanager
 async def raw_server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                       Awaitable[None]]) -> AsyncIterator[str]:
-    """A TCP server whose every connection ``handle`` serves by hand."""
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    """A TCP server whose every connection ``handle`` serves by hand; each is closed at the
+    end, so none is left for the garbage collector to find after its loop closed."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await handle(reader, writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
+        for writer in writers:
+            writer.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await server.wait_closed()
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
@@ -213,7 +224,8 @@ async def test_chunked_sse_arrives_event_by_event(pools, tmp_path):
         assert answer.content_type == "text/event-stream"
         assert answer.headers["Transfer-Encoding"] == "chunked"
         for n in range(3):
-            chunk = await asyncio.wait_for(answer.content.readany(), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                chunk = await answer.content.readany()
             assert chunk == b"data: %d\n\n" % n
             next_event.set()
         assert [c async for c in answer.content.iter_any()] == [b"data: [DONE]\n\n"]
@@ -244,7 +256,8 @@ async def test_a_reset_mid_body_is_a_payload_error(pools, tmp_path):
             assert await answer.readany() == b"data: 1\n\n"
             got_first.set()
             with pytest.raises(aiohttp.ClientPayloadError) as caught:
-                await asyncio.wait_for(answer.read(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await answer.read()
             # The category skyroute logs and counts, as with aiohttp's client.
             assert error_category(caught.value) == "ClientPayloadError"
             answer.close()
@@ -359,7 +372,8 @@ async def test_requests_beyond_the_limit_wait_for_a_connection(pools, tmp_path):
             await eventually(lambda: arrived == 2)
             assert pool.busy == 2 and not any(c.done() for c in calls)
             release.set()
-            answers = await asyncio.wait_for(asyncio.gather(*calls), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                answers = await asyncio.gather(*calls)
         finally:
             for call in calls:
                 call.cancel()
@@ -389,7 +403,8 @@ async def test_a_pool_wait_longer_than_the_connect_timeout_fails_as_a_timeout(po
             assert pool.busy == 1  # the waiter left the line
         finally:
             release.set()
-            (await asyncio.wait_for(first, CALL_TIMEOUT_S)).close()
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                (await first).close()
 
 
 @on_both_loops
@@ -405,7 +420,8 @@ async def test_an_upstream_silent_longer_than_the_idle_timeout_fails_as_a_timeou
     async with raw_server(handle) as base:
         answer = await post(pool, base, idle_s=0.2)
         with pytest.raises(aiohttp.SocketTimeoutError) as caught:
-            await asyncio.wait_for(answer.read(), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await answer.read()
         assert isinstance(caught.value, TimeoutError)  # _forward's deadline handling sees it
         answer.close()
         await eventually(lambda: pool.busy == 0)
@@ -436,7 +452,8 @@ async def test_a_cancelled_request_closes_its_connection(pools, tmp_path):
     pool = pools()
     async with raw_server(handle) as base:
         call = asyncio.create_task(post(pool, base))
-        await asyncio.wait_for(arrived.wait(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await arrived.wait()
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

@@ -277,8 +277,15 @@ class BedrockStandin(_Server):
 
     ``mode``: ``ok``; ``throttled`` (429 ThrottlingException); ``unavailable`` (503
     ServiceUnavailableException); ``stream_exception`` (a ConverseStream that sends a
-    throttlingException frame right after ``messageStart``, before any content).
+    throttlingException frame right after ``messageStart``, before any content);
+    ``huge_error`` (a 400 ValidationException whose JSON body is ``HUGE_ERROR_BYTES``
+    long, sent in pieces; ``error_bytes_sent`` counts what got out before the reader
+    closed the connection, and ``error_body_ended`` is set when the handler is done).
     """
+
+    #: Size of the ``huge_error`` body: far past any reader's limit plus the socket
+    #: buffers of both ends (up to 32 MiB on Linux), so "not read whole" is visible.
+    HUGE_ERROR_BYTES = 64 * 1024 * 1024
 
     def __init__(self, name: str, *, access_key: str, secret_key: str, region: str,
                  models: tuple[str, ...], inner: StandinUpstream | None = None) -> None:
@@ -288,6 +295,8 @@ class BedrockStandin(_Server):
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []  # Converse bodies that passed the checks
         self.refused: list[str] = []  # why signature checks failed
+        self.error_bytes_sent = 0
+        self.error_body_ended = asyncio.Event()
         self.app.router.add_post("/model/{model}/converse", self._converse)
         self.app.router.add_post("/model/{model}/converse-stream", self._converse_stream)
         # Bedrock's OpenAI-compatible endpoint (bedrock: {api: openai}), answered by ``inner``.
@@ -330,7 +339,7 @@ class BedrockStandin(_Server):
                     "match the signature you provided")
         return None
 
-    async def _checked(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def _checked(self, request: web.Request) -> dict[str, Any] | web.StreamResponse:
         body = await request.read()
         problem = self._signature_problem(request, body)
         if problem is not None:
@@ -343,6 +352,8 @@ class BedrockStandin(_Server):
             return web.json_response({"message": "The provided model identifier is invalid."},
                                      status=400,
                                      headers={"x-amzn-ErrorType": "ValidationException:"})
+        if self.mode == "huge_error":
+            return await self._huge_error(request)
         if self.mode in ("throttled", "unavailable"):
             kind, status = (("ThrottlingException", 429) if self.mode == "throttled"
                             else ("ServiceUnavailableException", 503))
@@ -353,9 +364,34 @@ class BedrockStandin(_Server):
         self.requests.append(converse)
         return converse
 
+    async def _huge_error(self, request: web.Request) -> web.StreamResponse:
+        piece = 1 << 20
+        head, tail = b'{"message": "', b'"}'
+        resp = web.StreamResponse(status=400, headers={
+            "Content-Type": "application/json",
+            "x-amzn-ErrorType": "ValidationException:http://internal"})
+        resp.content_length = self.HUGE_ERROR_BYTES
+        try:
+            await resp.prepare(request)
+            await resp.write(head)
+            self.error_bytes_sent = len(head)
+            left = self.HUGE_ERROR_BYTES - len(head) - len(tail)
+            while left > 0:
+                await resp.write(b"x" * min(piece, left))
+                self.error_bytes_sent += min(piece, left)
+                left -= piece
+            await resp.write(tail)
+            self.error_bytes_sent += len(tail)
+            await resp.write_eof()
+        except (ConnectionError, OSError):  # the reader stopped reading and hung up
+            pass
+        finally:
+            self.error_body_ended.set()
+        return resp
+
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         checked = await self._checked(request)
-        if isinstance(checked, web.Response):
+        if isinstance(checked, web.StreamResponse):
             return checked
         assert self.inner is not None, "BedrockStandin(inner=...) serves /openai/v1"
         return await _relay(request, self.inner, "/chat/completions",
@@ -371,9 +407,9 @@ class BedrockStandin(_Server):
                                  "input": {"city": "Paris"}}}], "tool_use"
         return [{"text": f"Hello from {self.name}"}], "end_turn"
 
-    async def _converse(self, request: web.Request) -> web.Response:
+    async def _converse(self, request: web.Request) -> web.StreamResponse:
         checked = await self._checked(request)
-        if isinstance(checked, web.Response):
+        if isinstance(checked, web.StreamResponse):
             return checked
         blocks, stop = self._blocks(checked)
         return web.json_response({
@@ -384,7 +420,7 @@ class BedrockStandin(_Server):
 
     async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
         checked = await self._checked(request)
-        if isinstance(checked, web.Response):
+        if isinstance(checked, web.StreamResponse):
             return checked
         blocks, stop = self._blocks(checked)
         resp = web.StreamResponse(headers={
