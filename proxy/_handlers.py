@@ -337,8 +337,16 @@ async def handle_model(request: web.Request) -> web.Response:
     return web.json_response(_model_entry(alias, int(runtime.loaded_at)))
 
 
+#: The OpenAI paths nearly every request takes, registered as plain routes: aiohttp finds
+#: one by a dict lookup of the whole path, where the catch-all ``/v1/{tail}`` costs a
+#: walk up the path's parents and a regex match. Both lead to ``handle_api``.
+HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+
 def add_api_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model}", handle_model)
+    for path in HOT_PATHS:
+        app.router.add_route("*", path, handle_api)
     app.router.add_route("*", "/v1/{tail:.*}", handle_api)
 

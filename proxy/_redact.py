@@ -66,7 +66,7 @@ _automaton: ahocorasick.Automaton | None = None
 
 def register_secrets(secrets: Iterable[str | None]) -> None:
     """Redact each of ``secrets`` from every log line from now on."""
-    global _automaton
+    global _automaton, _check
     new = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH} - _known
     if not new:
         return
@@ -76,6 +76,22 @@ def register_secrets(secrets: Iterable[str | None]) -> None:
         automaton.add_word(secret, len(secret))
     automaton.make_automaton()
     _automaton = automaton
+    _check = _check_automaton(_known)
+
+
+def _check_automaton(secrets: Iterable[str]) -> ahocorasick.Automaton:
+    """One automaton of every known secret and every marker: whether a text needs the
+    slow path is one pass over it, not a pass for the secrets and a regex for the markers."""
+    automaton = ahocorasick.Automaton()
+    for word in (*secrets, *_MARKERS):
+        automaton.add_word(word, 0)
+    automaton.make_automaton()
+    return automaton
+
+
+#: The known secrets and ``_MARKERS`` together, for ``_needs_redaction``'s check only
+#: (``_replace_known`` must see secrets alone: a marker could shadow one).
+_check: ahocorasick.Automaton = _check_automaton(())
 
 
 def _replace_known(text: str) -> str:
@@ -128,13 +144,16 @@ def _token(match: re.Match[str]) -> str:
     return REDACTED if _is_random(match.group()) else match.group()
 
 
-def _needs_redaction(text: str) -> bool:
-    automaton = _automaton
-    if automaton is not None and next(automaton.iter(text), None) is not None:
+def _needs_redaction(texts: list[str]) -> bool:
+    """Whether any of ``texts`` holds a known secret, a marker or a random-looking run."""
+    text = "\n".join(texts)
+    if next(_check.iter(text), None) is not None:
         return True
-    if _ANY_MARKER.search(text) is not None:
-        return True
-    return any(_is_random(m.group()) for m in _RUN.finditer(text))
+    # A random run has an upper-case letter: only a text that lower() changes can hold
+    # one (``_is_random``; the run is ASCII, so lower() changes it letter by letter).
+    # Most values (paths, hex request ids) have none, and the run search is the costly part.
+    return any(_is_random(m.group()) for t in texts if t.lower() != t
+               for m in _RUN.finditer(t))
 
 
 def _redact_value(value: Any, depth: int = 0) -> Any:
@@ -175,7 +194,7 @@ def redact_processor(logger: Any, method: str,
         elif kind not in _NUMBERS:
             break
     else:
-        if not texts or not _needs_redaction("\n".join(texts)):
+        if not texts or not _needs_redaction(texts):
             return event_dict
     for key, value in event_dict.items():
         if key not in OWN_FIELDS:
