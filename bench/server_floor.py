@@ -24,9 +24,13 @@ follow the upstream's writes), every answer framed as llhttp (``httptools``) acc
 Printed: instructions per request of each, over (a); (b)/(a) and (c)/(a), what the client
 and then the server layer cost; and the projection "skyroute with a server like (c)":
 (d) - ((b) - (c)) over (a), with how much of skyroute's own work ((d) - (b): routing,
-auth, headers, metrics, the access log) would still stand above the 1.2x goal.
+auth, headers, metrics, the access log) would still stand above the 1.2x goal. Each
+process is also counted idle for as long as its requests took ("idle": timers, which
+valgrind's slowdown makes weigh ~50x more per request than in a real run), and the
+projection is repeated net of that.
 
-Usage: python bench/server_floor.py [--requests 200] [--warmup 50] [--short] [--json FILE]
+Usage: python bench/server_floor.py [--requests 200] [--warmup 50] [--tokens 5] [--short]
+                                   [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -168,8 +173,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict
     counts: dict[str, dict[str, float]] = {}
     checks: dict[str, str] = {}
     try:
-        up = procs.spawn("upstream", [sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
-                         core=None, stdout=subprocess.PIPE)
+        up = procs.spawn("upstream", [sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY,
+                                      str(args.tokens)], core=None, stdout=subprocess.PIPE)
         upstream_url = read_url_line(up, "upstream")
         config = procs.tmp / "routing.yaml"
         config.write_text(routing_yaml(upstream_url))
@@ -212,21 +217,31 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict
             stream = mode == "stream"
             for row, proc, out, url, key, model in targets:
                 _send(url, key, model, stream=stream, count=args.warmup)
+                started_at = time.monotonic()
                 total = _counted(proc.pid, out, functools.partial(
                     _send, url, key, model, stream=stream, count=args.requests))
+                elapsed = time.monotonic() - started_at
+                # Timers run by the clock, and valgrind makes a request ~50x slower: what the
+                # process does idle for as long is shown apart (as instructions.py --workers).
+                idle = _counted(proc.pid, out, functools.partial(time.sleep, elapsed))
                 counts[row.name][mode] = total / args.requests
+                counts[row.name][f"{mode}_idle"] = idle / args.requests
                 print(f"  {mode:6} ({row.name}) {total / args.requests / 1e3:9.0f} k "
-                      "instr/request", file=sys.stderr, flush=True)
+                      f"instr/request ({idle / args.requests / 1e3:.0f} k idle)",
+                      file=sys.stderr, flush=True)
     finally:
         procs.stop()
     return counts, checks
 
 
-def summary(counts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per mode: the layer ratios, the projection and what of skyroute's own work is over."""
+def summary(counts: dict[str, dict[str, float]], *, net: bool = False
+            ) -> dict[str, dict[str, float]]:
+    """Per mode: the layer ratios, the projection and what of skyroute's own work is over;
+    with ``net``, of the counts less what each process did idle for as long."""
     out = {}
     for mode in MODES:
-        a, b, c, d = (counts[name][mode] for name in "abcd")
+        a, b, c, d = (counts[name][mode] - (counts[name][f"{mode}_idle"] if net else 0.0)
+                      for name in "abcd")
         projected = d - (b - c)
         own = d - b
         room = GOAL * a - c  # what skyroute's own work may add to (c) within the goal
@@ -239,27 +254,39 @@ def summary(counts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def report(counts: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     sums = summary(counts)
     print(f"\ninstructions per request (callgrind; {args.requests} requests in a row after "
-          f"{args.warmup} warm-up, one keep-alive connection; k = 1,000)")
-    print("| row | JSON k | / (a) | SSE k | / (a) |\n|---|---|---|---|---|")
+          f"{args.warmup} warm-up, one keep-alive connection; {args.tokens} tokens an answer, "
+          f"{args.tokens + 3} events a stream; k = 1,000)")
+    print("| row | JSON k | / (a) | idle k | SSE k | / (a) | idle k |\n"
+          "|---|---|---|---|---|---|---|")
     for row in ROWS:
         values = counts[row.name]
-        cells = " | ".join(f"{values[m] / 1e3:,.0f} | {values[m] / counts['a'][m]:.2f}x"
-                           for m in MODES)
+        cells = " | ".join(f"{values[m] / 1e3:,.0f} | {values[m] / counts['a'][m]:.2f}x | "
+                           f"{values[f'{m}_idle'] / 1e3:,.0f}" for m in MODES)
         print(f"| ({row.name}) {row.label} | {cells} |")
     j, s = sums["json"], sums["stream"]
     print(f"| skyroute with a server like (c): (d) - ((b) - (c)) | {j['projected'] / 1e3:,.0f} "
-          f"| {j['projected_ratio']:.2f}x | {s['projected'] / 1e3:,.0f} | "
-          f"{s['projected_ratio']:.2f}x |")
+          f"| {j['projected_ratio']:.2f}x | | {s['projected'] / 1e3:,.0f} | "
+          f"{s['projected_ratio']:.2f}x | |")
+    print("(idle k: instructions of the same process with no request, for as long as the "
+          "requests took, per request: timers, which valgrind's ~50x slowdown weighs ~50x "
+          "more than a real run does)")
     print(f"\nlayers: lean client (b)/(a) {j['client_layer']:.2f}x JSON, "
           f"{s['client_layer']:.2f}x SSE; Protocol server and lean client (c)/(a) "
           f"{j['server_layer']:.2f}x JSON, {s['server_layer']:.2f}x SSE")
+    nets = summary(counts, net=True)
     for mode, label in (("json", "JSON"), ("stream", "SSE")):
-        m = sums[mode]
-        verdict = (f"{m['over'] / 1e3:,.0f} k ({m['over'] / m['own_work']:.0%} of it) above"
-                   if m["over"] > 0 else f"{-m['over'] / 1e3:,.0f} k below")
+        m, n = sums[mode], nets[mode]
         print(f"{label}: skyroute's own work (d) - (b) = {m['own_work'] / 1e3:,.0f} k; on a "
               f"server like (c) the {GOAL}x goal leaves it {GOAL} x (a) - (c) = "
-              f"{m['room'] / 1e3:,.0f} k: {verdict} the goal")
+              f"{m['room'] / 1e3:,.0f} k: {_verdict(m)} the goal. Net of idle: "
+              f"{n['projected_ratio']:.2f}x, own work {n['own_work'] / 1e3:,.0f} k, "
+              f"{_verdict(n)} the goal")
+
+
+def _verdict(m: dict[str, float]) -> str:
+    if m["over"] <= 0:
+        return f"{-m['over'] / 1e3:,.0f} k below"
+    return f"{m['over'] / 1e3:,.0f} k ({m['over'] / m['own_work']:.0%} of it) above"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=50, help="requests before counting")
     ap.add_argument("--short", action="store_true",
                     help="20 requests after 5 warm-up (for CI: checks, not numbers)")
+    ap.add_argument("--tokens", type=int, default=5,
+                    help="tokens per answer: a stream has this many + 3 events (role, stop, "
+                         "[DONE]); 5 as in bench/instructions.py")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     ap.add_argument("--skyroute-cmd", default=f"{shlex.quote(sys.executable)} -m "
                                               "skyroute.proxy.cli",
@@ -285,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = {row.name: {"label": row.label, "check": checks[row.name], **counts[row.name]}
                 for row in ROWS}
         args.json.write_text(json.dumps({"requests": args.requests, "warmup": args.warmup,
-                                         "rows": rows, "summary": summary(counts)}, indent=2))
+                                         "tokens": args.tokens, "rows": rows,
+                                         "summary": summary(counts),
+                                         "summary_net_of_idle": summary(counts, net=True)},
+                                        indent=2))
     return 0
 
 
