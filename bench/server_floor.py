@@ -71,6 +71,8 @@ CHECK_TIMEOUT_S = 60.0  # one answer from a proxy under valgrind
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One proxy compared: a variant of ``bench/_passthrough.py`` (its options), or skyroute."""
+
     name: str
     label: str
     passthrough_args: tuple[str, ...] | None  # None: skyroute
