@@ -24,10 +24,16 @@ generator waited for their cores (``/proc/<pid>/task/<tid>/schedstat``): on a ma
 with other work, latency that is not skyroute's. ``--nice -10`` (as root) gives the three
 processes priority over that work.
 
+With ``--profile`` skyroute runs under cProfile (started and stopped by signals, as
+``bench/instructions.py --profile`` does) while the batch phase's lines run (from
+``in_progress`` to ``completed``, status polls included): printed per line are the store's
+round trips (redis-py's sends, the responses read, script calls; SQLite's statements) and
+where the Python time goes, then the top functions by own time.
+
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--redis URL]
                            [--phases sync drain batch interactive busy accept] [--nice N]
-                           [--lane '{cpu: 30%}']
+                           [--lane '{cpu: 30%}'] [--profile]
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ import contextlib
 import io
 import json
 import os
+import pstats
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +61,7 @@ import aiohttp
 import openai
 import uvloop
 from _paced_load import paced_posts
+from instructions import PROFILED
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
@@ -228,7 +237,17 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
         await asyncio.sleep(0.02 if queued_at is None else POLL_S)
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
+            if args.profile_dir:
+                await profile_signal(pid, signal.SIGUSR1, args.profile_dir / "started")
+                profiled_cpu0, commands0 = cpu_seconds(pid), redis_commands(args.redis)
     total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
+    if args.profile_dir:
+        profiled_cpu = cpu_seconds(pid) - profiled_cpu0
+        commands = {name: calls - commands0.get(name, 0)
+                    for name, calls in redis_commands(args.redis).items()}
+        await profile_signal(pid, signal.SIGUSR2, args.profile_dir / "skyroute.done")
+        print_profile(args.profile_dir / "skyroute.prof", args.batch_lines, profiled_cpu,
+                      commands)
     assert queued_at is not None and batch.status == "completed", batch
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
@@ -270,6 +289,76 @@ async def interactive_impact(args: argparse.Namespace, url: str,
           f"{beside:.2f} ms while a batch drains, {after:.2f} ms alone again: {ratio:.2f}x "
           f"(goal <= {INTERACTIVE_P99_GOAL:.2f}x: {verdict}); "
           f"{drained_during:.0f} lines/s drained beside them")
+
+
+async def profile_signal(pid: int, signum: int, marker: Path) -> None:
+    """Start or stop the profiled skyroute's cProfile; return once it says it did."""
+    os.kill(pid, signum)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the profiled skyroute did not write {marker.name}")
+        await asyncio.sleep(0.02)
+
+
+def redis_commands(url: str | None) -> dict[str, int]:
+    """Commands the Redis server ran so far, by name (``INFO commandstats``): exact per
+    line only on a Redis nothing else uses."""
+    if url is None:
+        return {}
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def print_profile(path: Path, lines: int, cpu: float, commands: dict[str, int]) -> None:
+    """Per line: the store's round trips, and the Python time by library (own time).
+
+    Counted from synchronous functions only: cProfile counts each resumption of a
+    coroutine as a call."""
+    stats = pstats.Stats(str(path))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    print(f"profile        {lines} lines, skyroute CPU {cpu:.2f} s under cProfile "
+          f"= {cpu / lines * 1e6:.0f} us per line (cProfile's own overhead included)")
+
+    def calls(part: str, name: str, caller: str | None = None) -> int:
+        found = 0
+        for (file, _, func), (_, primitive, _, _, callers) in raw.items():
+            if part in file and func == name:
+                found += primitive if caller is None else sum(
+                    v[1] if isinstance(v, tuple) else v
+                    for (_, _, by), v in callers.items() if by == caller)
+        return found
+
+    conn = "redis/asyncio/connection.py"
+    single = calls(conn, "pack_command", "send_command")
+    pipelines = calls(conn, "pack_commands")
+    if single or pipelines:
+        print(f"  redis round trips: {(single + pipelines) / lines:.2f} per line "
+              f"({single / lines:.2f} single commands, {pipelines / lines:.2f} pipelines "
+              f"of {calls(conn, 'pack_command', 'pack_commands') / max(pipelines, 1):.1f} "
+              f"commands); arguments encoded: "
+              f"{calls('redis/_parsers/encoders.py', 'encode') / lines:.1f} per line")
+    if commands:
+        ran = sorted(((n, c) for n, c in commands.items() if c > 0), key=lambda kv: -kv[1])
+        print("  commands the server ran per line: " + ", ".join(
+            f"{name} {count / lines:.2f}" for name, count in ran))
+    own: dict[str, float] = {}
+    for (file, _, _), (_, _, tottime, _, _) in raw.items():
+        lib = next((name for name in ("redis", "aiohttp", "structlog", "prometheus_client",
+                                      "sqlite", "skyroute", "asyncio", "uvloop", "json",
+                                      "yarl", "multidict") if name in file), "other")
+        if "/wt/" in file or "/proxy/" in file or "/routing/" in file:
+            lib = "skyroute"
+        own[lib] = own.get(lib, 0.0) + tottime
+    total = sum(own.values())
+    print("  own time per line by where the code lives: " + ", ".join(
+        f"{lib} {t / lines * 1e6:.0f} us" for lib, t in sorted(own.items(),
+                                                                key=lambda kv: -kv[1])))
+    print(f"  (profiled total {total / lines * 1e6:.0f} us per line)")
+    stats.sort_stats("tottime").print_stats(25)
 
 
 #: The issue's goal: interactive p99 while the lane drains, over interactive p99 alone.
@@ -341,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                              "work, closer to having the two cores to themselves")
     parser.add_argument("--redis", default=None, metavar="URL",
                         help="queue in this Redis (a prefix of its own) instead of SQLite")
+    parser.add_argument("--profile", action="store_true",
+                        help="run skyroute under cProfile while the batch phase's lines run; "
+                             "print the store's round trips per line and where time goes")
     parser.add_argument("--lane", default=None, metavar="YAML",
                         help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
                              "(default: skyroute's)")
@@ -373,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
                 "    connect_timeout: 1h\nroutes:\n  - {model: parked, targets: [parked], "
                 "timeout: 1h}\n")
             log = Path(tmp) / "skyroute.log"
-            sky = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json",
+            args.profile_dir = Path(tmp) if args.profile else None
+            main_of = (["-c", PROFILED, f"{tmp}/started", f"{tmp}/skyroute.prof"]
+                       if args.profile else ["-m", "skyroute.proxy.cli"])
+            sky = spawn([sys.executable, *main_of, "--log-format", "json",
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
