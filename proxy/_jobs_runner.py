@@ -369,7 +369,8 @@ async def _try_job(app: web.Application, service: JobsService, job: Job) -> None
             metrics.finished.labels(kind, "completed" if ok else "failed").inc()
             log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
                      tries=job.tries + 1, error=final_error)
-            service.job_ended.set()  # a webhook may be waiting on it
+            if job.batch_id is None:  # an async job may have a webhook; a batch line never
+                service.job_ended.set()
         return
     metrics.retries.labels(kind).inc()
     log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
