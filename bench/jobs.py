@@ -153,7 +153,7 @@ async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> Non
                                   timeout=60) as client:
         ok_rate = await batch_ingest(args, client, pid) if "batch" in phases else None
         if "interactive" in phases:
-            await interactive_impact(args, url, client)
+            await interactive_impact(args, url, client, pid)
         if "busy" in phases:
             await busy_half(args, client, control, ok_rate)
     if "accept" in phases:
@@ -230,6 +230,7 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
     """Lines per second validated and queued, and run to the end (all upstream answers ok),
     and skyroute's CPU per line (the upload, validation, run, status polls and results)."""
     began, cpu0 = time.perf_counter(), cpu_seconds(pid)
+    redis_cpu0 = cpu_seconds(args.redis_pid) if args.redis_pid else 0.0
     batch_id = await start_batch(client, args.batch_lines)
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -241,6 +242,7 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
                 await profile_signal(pid, signal.SIGUSR1, args.profile_dir / "started")
                 profiled_cpu0, commands0 = cpu_seconds(pid), redis_commands(args.redis)
     total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
+    redis_cpu = cpu_seconds(args.redis_pid) - redis_cpu0 if args.redis_pid else 0.0
     if args.profile_dir:
         profiled_cpu = cpu_seconds(pid) - profiled_cpu0
         commands = {name: calls - commands0.get(name, 0)
@@ -252,22 +254,34 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
           f"{args.batch_lines / total:.0f} lines/s; skyroute CPU {cpu:.2f} s = "
-          f"{cpu / args.batch_lines * 1e6:.0f} us per line")
+          f"{cpu / args.batch_lines * 1e6:.0f} us per line" + (
+              f"; redis-server CPU {redis_cpu / args.batch_lines * 1e6:.0f} us per line"
+              if args.redis_pid else ""))
     return args.batch_lines / total
 
 
 async def interactive_impact(args: argparse.Namespace, url: str,
-                             client: openai.AsyncOpenAI) -> None:
+                             client: openai.AsyncOpenAI, pid: int) -> None:
     """Paced interactive requests alone, while a batch drains, and alone again: p99 each
-    time, and the ratio beside / alone (the mean of both alone runs)."""
+    time, and the ratio beside / alone (the mean of both alone runs); and in each, how
+    long skyroute's event loop, the load generator and Redis waited for a core (the
+    machine's other work) and Redis's CPU."""
     chat = f"{url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    waits: list[str] = []
 
     async def interactive() -> float:
+        pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
+        waited0, redis_cpu0 = [cpu_wait_seconds(p) for p in pids], (
+            cpu_seconds(args.redis_pid) if args.redis_pid else 0.0)
         result = await paced_posts(chat, BODY, headers, rate=args.interactive_rate,
                                    duration=args.duration, connections=32)
         if set(result.statuses) != {200}:
             raise RuntimeError(f"interactive requests answered {dict(result.statuses)}")
+        waited = [cpu_wait_seconds(p) - w for p, w in zip(pids, waited0, strict=True)]
+        waits.append(" / ".join(f"{w * 1000:.0f}" for w in waited) + (
+            f" (redis CPU {cpu_seconds(args.redis_pid) - redis_cpu0:.2f} s)"
+            if args.redis_pid else ""))
         return p99_ms(result.latencies)
 
     alone = await interactive()
@@ -289,6 +303,9 @@ async def interactive_impact(args: argparse.Namespace, url: str,
           f"{beside:.2f} ms while a batch drains, {after:.2f} ms alone again: {ratio:.2f}x "
           f"(goal <= {INTERACTIVE_P99_GOAL:.2f}x: {verdict}); "
           f"{drained_during:.0f} lines/s drained beside them")
+    print("  ms waited for a core by skyroute's loop / the load generator"
+          + (" / redis-server" if args.redis_pid else "") + ": alone " + waits[0]
+          + "; beside " + waits[1] + "; alone again " + waits[2])
 
 
 async def profile_signal(pid: int, signum: int, marker: Path) -> None:
@@ -441,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:  # before anything starts: the session's autogroup covers them all
         prioritise(args.nice)
     procs: list[subprocess.Popen[str]] = []
+    # A prefix of this run's own (a pid repeats after a reboot), deleted at the end.
+    prefix = f"bench-{os.urandom(6).hex()}:"
     with tempfile.TemporaryDirectory(prefix="skyroute-bench-jobs-") as tmp:
         try:
             up = spawn([sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
@@ -448,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(up)
             assert up.stdout is not None
             upstream = json.loads(up.stdout.readline())["url"]
+            args.redis_pid = local_redis_pid(args.redis)
             parked = socket.socket()  # listens, never accepts: connections just wait
             parked.bind(("127.0.0.1", 0))
             parked.listen(1024)
@@ -455,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             config.write_text(
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
-                + (f"  redis: {{url: '{args.redis}', prefix: 'bench-{os.getpid()}:'}}\n"
+                + (f"  redis: {{url: '{args.redis}', prefix: '{prefix}'}}\n"
                    if args.redis else "")
                 + (f"  lane: {args.lane}\n" if args.lane else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
@@ -477,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                 if sky.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"skyroute did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.05)
+            if args.redis:
+                print(f"redis: {args.redis}, {redis_keys(args.redis)} keys in its db before "
+                      f"this run; this run's prefix {prefix}")
             print(f"queue: {'redis' if args.redis else 'sqlite'}; "
                   f"skyroute pid {sky.pid}{' on core 1' if two_cores else ''}, "
                   f"{args.concurrency} clients, {args.duration:.0f} s per phase")
@@ -494,7 +517,46 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:  # parked jobs hold its drain
                     proc.kill()
                     proc.wait(10)
+            if args.redis:
+                delete_prefix(args.redis, prefix)
     return 0
+
+
+def local_redis_pid(url: str | None) -> int | None:
+    """The pid of the Redis server at ``url`` if it runs on this machine (its CPU and its
+    waits for a core are then read from /proc), else None."""
+    if url is None:
+        return None
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        pid = int(client.info("server")["process_id"])
+    with contextlib.suppress(OSError):
+        if "redis" in Path(f"/proc/{pid}/comm").read_text():
+            return pid
+    return None
+
+
+def redis_keys(url: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        return int(client.dbsize())
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete this run's keys (its jobs, batches, stream and counters)."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        batch = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
 
 
 if __name__ == "__main__":
