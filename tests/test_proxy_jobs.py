@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,37 @@ DONE_TIMEOUT_S = 60.0
 GRACE_S = 5.0
 
 
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_prefixes() -> Iterator[list[str]]:
+    """The key prefixes tests used in the shared Redis, deleted once every test's servers
+    have stopped (jobs and batches would otherwise stay there for ``jobs.retention``)."""
+    used: list[str] = []
+    yield used
+    for prefix in used:
+        delete_prefix(SHARED_REDIS, prefix)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
-def queue(request: pytest.FixtureRequest) -> str | None:
+def queue(request: pytest.FixtureRequest, redis_prefixes: list[str]) -> str | None:
     """Each test on the embedded queue and on the shared Redis (a prefix of its own)."""
     if request.param == "sqlite":
         return None
-    return f"{{url: 'redis://127.0.0.1:6379/0', prefix: 'skyroute-test:{os.urandom(6).hex()}:'}}"
+    redis_prefixes.append(f"skyroute-test:{os.urandom(6).hex()}:")
+    return f"{{url: '{SHARED_REDIS}', prefix: '{redis_prefixes[-1]}'}}"
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (the test's servers are stopped by now)."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=CALL_TIMEOUT_S,
+                              socket_connect_timeout=CALL_TIMEOUT_S) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.unlink(*keys[start:start + 1000])
 
 
 def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str:
