@@ -274,14 +274,17 @@ async def interactive_impact(args: argparse.Namespace, url: str,
         pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
         waited0, redis_cpu0 = [cpu_wait_seconds(p) for p in pids], (
             cpu_seconds(args.redis_pid) if args.redis_pid else 0.0)
+        yields0 = await lane_yields(url)
         result = await paced_posts(chat, BODY, headers, rate=args.interactive_rate,
                                    duration=args.duration, connections=32)
         if set(result.statuses) != {200}:
             raise RuntimeError(f"interactive requests answered {dict(result.statuses)}")
         waited = [cpu_wait_seconds(p) - w for p, w in zip(pids, waited0, strict=True)]
+        yielded = await lane_yields(url) - yields0
         waits.append(" / ".join(f"{w * 1000:.0f}" for w in waited) + (
             f" (redis CPU {cpu_seconds(args.redis_pid) - redis_cpu0:.2f} s)"
-            if args.redis_pid else ""))
+            if args.redis_pid else "") + (f", the lane's share cut {yielded:.0f} times"
+                                          if yielded else ""))
         return p99_ms(result.latencies)
 
     alone = await interactive()
@@ -306,6 +309,16 @@ async def interactive_impact(args: argparse.Namespace, url: str,
     print("  ms waited for a core by skyroute's loop / the load generator"
           + (" / redis-server" if args.redis_pid else "") + ": alone " + waits[0]
           + "; beside " + waits[1] + "; alone again " + waits[2])
+
+
+async def lane_yields(url: str) -> float:
+    """``skyroute_jobs_lane_yields_total``: ticks in which the lane gave CPU back to
+    clients (/metrics is not a client request: reading it does not move the lane)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^skyroute_jobs_lane_yields_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 async def profile_signal(pid: int, signum: int, marker: Path) -> None:
