@@ -216,6 +216,28 @@ async def test_async_request_with_idempotency_key_and_signed_webhook(
     assert up.requests_total == 1  # one job, one upstream call
 
 
+async def test_a_client_request_cannot_pose_as_a_job_call(standin, skyroute, tmp_path):
+    """A job's call is a request the runner builds in-process: a client sending what job
+    calls once carried (a token, the submitting key's name) is still a client, refused
+    without a key of its own and served as itself with one."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    posing = {"X-Skyroute-Job-Token": "0" * 64, "X-Skyroute-Job-Client": "tests"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/chat/completions", json=body,
+                             headers=posing) as resp:
+            assert resp.status == 401
+        async with http.post(f"{server.url}/v1/chat/completions", json=body,
+                             headers={**posing, **AUTH}) as resp:
+            assert resp.status == 200
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert up.requests_total == 1
+    assert 'skyroute_jobs_finished_total{kind="async"' not in metrics  # no job ran
+    assert not (tmp_path / "data" / "job-token").exists()  # no secret to guess or leak
+
+
 async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path, queue):
     """DELETE cancels a queued job; a model no route serves is refused at submit (404), and so
     is an async request for an async path (400)."""
