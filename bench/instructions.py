@@ -184,7 +184,7 @@ def _worker_pair(procs: Procs, args: argparse.Namespace, config: Path, out: Path
 
 #: Run in the profiled skyroute: SIGUSR1 starts cProfile, SIGUSR2 stops it and writes the
 #: stats, each then touching a file (argv[1], argv[2]) so the bench knows it happened.
-_PROFILED = """
+PROFILED = """
 import cProfile, pathlib, signal, sys
 from skyroute.proxy.cli import main
 prof, started, written = cProfile.Profile(), pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -212,7 +212,7 @@ def profile(procs: Procs, args: argparse.Namespace, config: Path) -> pstats.Stat
     log = procs.tmp / "profiled.log"
     with log.open("wb") as log_file:
         proc = procs.spawn("profiled", [
-            sys.executable, "-c", _PROFILED, str(started), str(stats), "--log-format", "json",
+            sys.executable, "-c", PROFILED, str(started), str(stats), "--log-format", "json",
             "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
             "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
     url = _wait_for_log(proc, log) + "/v1/chat/completions"

@@ -24,10 +24,16 @@ generator waited for their cores (``/proc/<pid>/task/<tid>/schedstat``): on a ma
 with other work, latency that is not skyroute's. ``--nice -10`` (as root) gives the three
 processes priority over that work.
 
+With ``--profile`` skyroute runs under cProfile (started and stopped by signals, as
+``bench/instructions.py --profile`` does) while the batch phase's lines run (from
+``in_progress`` to ``completed``, status polls included): printed per line are the store's
+round trips (redis-py's sends, the responses read, script calls; SQLite's statements) and
+where the Python time goes, then the top functions by own time.
+
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--redis URL]
                            [--phases sync drain batch interactive busy accept] [--nice N]
-                           [--lane '{cpu: 30%}']
+                           [--lane '{cpu: 30%}'] [--profile]
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ import contextlib
 import io
 import json
 import os
+import pstats
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +61,7 @@ import aiohttp
 import openai
 import uvloop
 from _paced_load import paced_posts
+from instructions import PROFILED
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
@@ -144,7 +153,7 @@ async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> Non
                                   timeout=60) as client:
         ok_rate = await batch_ingest(args, client, pid) if "batch" in phases else None
         if "interactive" in phases:
-            await interactive_impact(args, url, client)
+            await interactive_impact(args, url, client, pid)
         if "busy" in phases:
             await busy_half(args, client, control, ok_rate)
     if "accept" in phases:
@@ -221,6 +230,7 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
     """Lines per second validated and queued, and run to the end (all upstream answers ok),
     and skyroute's CPU per line (the upload, validation, run, status polls and results)."""
     began, cpu0 = time.perf_counter(), cpu_seconds(pid)
+    redis_cpu0 = cpu_seconds(args.redis_pid) if args.redis_pid else 0.0
     batch_id = await start_batch(client, args.batch_lines)
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -228,27 +238,53 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
         await asyncio.sleep(0.02 if queued_at is None else POLL_S)
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
+            if args.profile_dir:
+                await profile_signal(pid, signal.SIGUSR1, args.profile_dir / "started")
+                profiled_cpu0, commands0 = cpu_seconds(pid), redis_commands(args.redis)
     total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
+    redis_cpu = cpu_seconds(args.redis_pid) - redis_cpu0 if args.redis_pid else 0.0
+    if args.profile_dir:
+        profiled_cpu = cpu_seconds(pid) - profiled_cpu0
+        commands = {name: calls - commands0.get(name, 0)
+                    for name, calls in redis_commands(args.redis).items()}
+        await profile_signal(pid, signal.SIGUSR2, args.profile_dir / "skyroute.done")
+        print_profile(args.profile_dir / "skyroute.prof", args.batch_lines, profiled_cpu,
+                      commands)
     assert queued_at is not None and batch.status == "completed", batch
     print(f"batch ingest   {args.batch_lines} lines validated and queued in {queued_at:.2f} s "
           f"= {args.batch_lines / queued_at:.0f} lines/s; completed in {total:.1f} s = "
           f"{args.batch_lines / total:.0f} lines/s; skyroute CPU {cpu:.2f} s = "
-          f"{cpu / args.batch_lines * 1e6:.0f} us per line")
+          f"{cpu / args.batch_lines * 1e6:.0f} us per line" + (
+              f"; redis-server CPU {redis_cpu / args.batch_lines * 1e6:.0f} us per line"
+              if args.redis_pid else ""))
     return args.batch_lines / total
 
 
 async def interactive_impact(args: argparse.Namespace, url: str,
-                             client: openai.AsyncOpenAI) -> None:
+                             client: openai.AsyncOpenAI, pid: int) -> None:
     """Paced interactive requests alone, while a batch drains, and alone again: p99 each
-    time, and the ratio beside / alone (the mean of both alone runs)."""
+    time, and the ratio beside / alone (the mean of both alone runs); and in each, how
+    long skyroute's event loop, the load generator and Redis waited for a core (the
+    machine's other work) and Redis's CPU."""
     chat = f"{url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    waits: list[str] = []
 
     async def interactive() -> float:
+        pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
+        waited0, redis_cpu0 = [cpu_wait_seconds(p) for p in pids], (
+            cpu_seconds(args.redis_pid) if args.redis_pid else 0.0)
+        yields0 = await lane_yields(url)
         result = await paced_posts(chat, BODY, headers, rate=args.interactive_rate,
                                    duration=args.duration, connections=32)
         if set(result.statuses) != {200}:
             raise RuntimeError(f"interactive requests answered {dict(result.statuses)}")
+        waited = [cpu_wait_seconds(p) - w for p, w in zip(pids, waited0, strict=True)]
+        yielded = await lane_yields(url) - yields0
+        waits.append(" / ".join(f"{w * 1000:.0f}" for w in waited) + (
+            f" (redis CPU {cpu_seconds(args.redis_pid) - redis_cpu0:.2f} s)"
+            if args.redis_pid else "") + (f", the lane's share cut {yielded:.0f} times"
+                                          if yielded else ""))
         return p99_ms(result.latencies)
 
     alone = await interactive()
@@ -270,6 +306,89 @@ async def interactive_impact(args: argparse.Namespace, url: str,
           f"{beside:.2f} ms while a batch drains, {after:.2f} ms alone again: {ratio:.2f}x "
           f"(goal <= {INTERACTIVE_P99_GOAL:.2f}x: {verdict}); "
           f"{drained_during:.0f} lines/s drained beside them")
+    print("  ms waited for a core by skyroute's loop / the load generator"
+          + (" / redis-server" if args.redis_pid else "") + ": alone " + waits[0]
+          + "; beside " + waits[1] + "; alone again " + waits[2])
+
+
+async def lane_yields(url: str) -> float:
+    """``skyroute_jobs_lane_yields_total``: ticks in which the lane gave CPU back to
+    clients (/metrics is not a client request: reading it does not move the lane)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^skyroute_jobs_lane_yields_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def profile_signal(pid: int, signum: int, marker: Path) -> None:
+    """Start or stop the profiled skyroute's cProfile; return once it says it did."""
+    os.kill(pid, signum)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the profiled skyroute did not write {marker.name}")
+        await asyncio.sleep(0.02)
+
+
+def redis_commands(url: str | None) -> dict[str, int]:
+    """Commands the Redis server ran so far, by name (``INFO commandstats``): exact per
+    line only on a Redis nothing else uses."""
+    if url is None:
+        return {}
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def print_profile(path: Path, lines: int, cpu: float, commands: dict[str, int]) -> None:
+    """Per line: the store's round trips, and the Python time by library (own time).
+
+    Counted from synchronous functions only: cProfile counts each resumption of a
+    coroutine as a call."""
+    stats = pstats.Stats(str(path))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    print(f"profile        {lines} lines, skyroute CPU {cpu:.2f} s under cProfile "
+          f"= {cpu / lines * 1e6:.0f} us per line (cProfile's own overhead included)")
+
+    def calls(part: str, name: str, caller: str | None = None) -> int:
+        found = 0
+        for (file, _, func), (_, primitive, _, _, callers) in raw.items():
+            if part in file and func == name:
+                found += primitive if caller is None else sum(
+                    v[1] if isinstance(v, tuple) else v
+                    for (_, _, by), v in callers.items() if by == caller)
+        return found
+
+    conn = "redis/asyncio/connection.py"
+    single = calls(conn, "pack_command", "send_command")
+    pipelines = calls(conn, "pack_commands")
+    if single or pipelines:
+        print(f"  redis round trips: {(single + pipelines) / lines:.2f} per line "
+              f"({single / lines:.2f} single commands, {pipelines / lines:.2f} pipelines "
+              f"of {calls(conn, 'pack_command', 'pack_commands') / max(pipelines, 1):.1f} "
+              f"commands); arguments encoded: "
+              f"{calls('redis/_parsers/encoders.py', 'encode') / lines:.1f} per line")
+    if commands:
+        ran = sorted(((n, c) for n, c in commands.items() if c > 0), key=lambda kv: -kv[1])
+        print("  commands the server ran per line: " + ", ".join(
+            f"{name} {count / lines:.2f}" for name, count in ran))
+    own: dict[str, float] = {}
+    for (file, _, _), (_, _, tottime, _, _) in raw.items():
+        lib = next((name for name in ("redis", "aiohttp", "structlog", "prometheus_client",
+                                      "sqlite", "skyroute", "asyncio", "uvloop", "json",
+                                      "yarl", "multidict") if name in file), "other")
+        if "/wt/" in file or "/proxy/" in file or "/routing/" in file:
+            lib = "skyroute"
+        own[lib] = own.get(lib, 0.0) + tottime
+    total = sum(own.values())
+    print("  own time per line by where the code lives: " + ", ".join(
+        f"{lib} {t / lines * 1e6:.0f} us" for lib, t in sorted(own.items(),
+                                                                key=lambda kv: -kv[1])))
+    print(f"  (profiled total {total / lines * 1e6:.0f} us per line)")
+    stats.sort_stats("tottime").print_stats(25)
 
 
 #: The issue's goal: interactive p99 while the lane drains, over interactive p99 alone.
@@ -341,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                              "work, closer to having the two cores to themselves")
     parser.add_argument("--redis", default=None, metavar="URL",
                         help="queue in this Redis (a prefix of its own) instead of SQLite")
+    parser.add_argument("--profile", action="store_true",
+                        help="run skyroute under cProfile while the batch phase's lines run; "
+                             "print the store's round trips per line and where time goes")
     parser.add_argument("--lane", default=None, metavar="YAML",
                         help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
                              "(default: skyroute's)")
@@ -349,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:  # before anything starts: the session's autogroup covers them all
         prioritise(args.nice)
     procs: list[subprocess.Popen[str]] = []
+    # A prefix of this run's own (a pid repeats after a reboot), deleted at the end.
+    prefix = f"bench-{os.urandom(6).hex()}:"
     with tempfile.TemporaryDirectory(prefix="skyroute-bench-jobs-") as tmp:
         try:
             up = spawn([sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
@@ -356,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(up)
             assert up.stdout is not None
             upstream = json.loads(up.stdout.readline())["url"]
+            args.redis_pid = local_redis_pid(args.redis)
             parked = socket.socket()  # listens, never accepts: connections just wait
             parked.bind(("127.0.0.1", 0))
             parked.listen(1024)
@@ -363,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             config.write_text(
                 f"listen: 127.0.0.1:0\nauth:\n  api_keys:\n    - {{name: bench, key: {KEY}}}\n"
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
-                + (f"  redis: {{url: '{args.redis}', prefix: 'bench-{os.getpid()}:'}}\n"
+                + (f"  redis: {{url: '{args.redis}', prefix: '{prefix}'}}\n"
                    if args.redis else "")
                 + (f"  lane: {args.lane}\n" if args.lane else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
@@ -373,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
                 "    connect_timeout: 1h\nroutes:\n  - {model: parked, targets: [parked], "
                 "timeout: 1h}\n")
             log = Path(tmp) / "skyroute.log"
-            sky = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json",
+            args.profile_dir = Path(tmp) if args.profile else None
+            main_of = (["-c", PROFILED, f"{tmp}/started", f"{tmp}/skyroute.prof"]
+                       if args.profile else ["-m", "skyroute.proxy.cli"])
+            sky = spawn([sys.executable, *main_of, "--log-format", "json",
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
@@ -382,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                 if sky.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"skyroute did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.05)
+            if args.redis:
+                print(f"redis: {args.redis}, {redis_keys(args.redis)} keys in its db before "
+                      f"this run; this run's prefix {prefix}")
             print(f"queue: {'redis' if args.redis else 'sqlite'}; "
                   f"skyroute pid {sky.pid}{' on core 1' if two_cores else ''}, "
                   f"{args.concurrency} clients, {args.duration:.0f} s per phase")
@@ -399,7 +530,46 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:  # parked jobs hold its drain
                     proc.kill()
                     proc.wait(10)
+            if args.redis:
+                delete_prefix(args.redis, prefix)
     return 0
+
+
+def local_redis_pid(url: str | None) -> int | None:
+    """The pid of the Redis server at ``url`` if it runs on this machine (its CPU and its
+    waits for a core are then read from /proc), else None."""
+    if url is None:
+        return None
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        pid = int(client.info("server")["process_id"])
+    with contextlib.suppress(OSError):
+        if "redis" in Path(f"/proc/{pid}/comm").read_text():
+            return pid
+    return None
+
+
+def redis_keys(url: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        return int(client.dbsize())
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete this run's keys (its jobs, batches, stream and counters)."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        batch = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
 
 
 if __name__ == "__main__":

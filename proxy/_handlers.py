@@ -36,7 +36,7 @@ from ._errors import (
 from ._failover import serve_route
 from ._forward import UpstreamCall
 from ._headers import client_key, request_headers
-from ._jobs_auth import JOB_CALL, JOB_TOKEN_HEADER, job_caller
+from ._jobs_auth import JobRequest, job_caller
 from ._limit_shares import LIMIT_SHARES
 from ._metrics import Metrics
 from ._objects import creates_object, holder_of, named_ids, remember_created
@@ -72,7 +72,7 @@ def authenticate(request: web.Request, runtime: Runtime) -> ApiKey | None:
     Raises:
         InvalidApiKey: the key is missing or unknown.
     """
-    if JOB_TOKEN_HEADER in request.headers:  # a job's own call (``proxy._jobs_runner``)
+    if isinstance(request, JobRequest):  # a job's own call (``proxy._jobs_runner``)
         return job_caller(request, runtime)
     keys = runtime.client_keys
     if keys is None:
@@ -269,9 +269,7 @@ async def _serve(request: web.Request, app: web.Application, router: Router, rou
     summary = request[SUMMARY]
     ids = named_ids(call.path_qs, call.payload)
     holder = holder_of(sync.objects, ids, router, metrics, now=now) if ids else None
-    # Only a request with a job's token can be a job's call (``authenticate``): the header
-    # is looked at first, the request's storage only then.
-    job = JOB_TOKEN_HEADER in request.headers and request.get(JOB_CALL, False)
+    job = isinstance(request, JobRequest)  # built by the job runner, never by the server
     serve = functools.partial(serve_route, request, router=router, call=call,
                               session=app[UPSTREAM_SESSIONS], metrics=metrics,
                               request_id=request[REQUEST_ID], summary=summary,

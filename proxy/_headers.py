@@ -47,9 +47,7 @@ CREDENTIALS: Final = frozenset({"authorization", "api-key", "x-api-key", "x-goog
 BILLING: Final = frozenset({"openai-organization", "openai-project"})
 _FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forwarded"})
 #: Set per attempt by skyroute (the request id, the identity encoding).
-_OURS: Final = frozenset({"x-request-id", "accept-encoding",
-                          # a job's loopback call: its token and client never go upstream
-                          "x-skyroute-job-token", "x-skyroute-job-client"})
+_OURS: Final = frozenset({"x-request-id", "accept-encoding"})
 _DROP_REQUEST: Final = HOP_BY_HOP | _PER_MESSAGE | CREDENTIALS | BILLING | _FORWARDED | _OURS
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-length", "date", "server", "set-cookie",
                                       "x-request-id"}

@@ -6,7 +6,6 @@ from aiohttp import web
 from skyroute.routing import Config
 
 from ._jobs_api import add_job_routes
-from ._jobs_auth import JOBS_TOKEN, JobToken
 from ._jobs_metrics import JobMetrics
 from ._jobs_runner import JOBS, JobsService, count_clients, jobs_lifecycle
 from ._state import METRICS
@@ -18,7 +17,6 @@ def install_jobs(app: web.Application, config: Config) -> None:
     The section is read once, at start: a reload that adds, removes or moves it
     (``data_dir``, ``redis``) takes effect at the next start.
     """
-    app[JOBS_TOKEN] = JobToken()
     if config.jobs is None:
         return
     app[JOBS] = JobsService(config.jobs, metrics=JobMetrics(app[METRICS].registry))

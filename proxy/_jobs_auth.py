@@ -1,17 +1,14 @@
-"""Who a job's loopback call runs as: the client key that submitted the job.
+"""Who a job's call runs as: the client key that submitted the job.
 
-The job runner (``proxy._jobs_runner``) sends each job to its own instance with the
-instance's job token and the name of the submitting client key; a call with the
-right token is served as that client (its limits, its cache scope), one with a
-wrong token is refused as a wrong API key would be. The token lives in
-``jobs.data_dir``, so only processes sharing that directory know it.
+The job runner (``proxy._jobs_runner``) serves each job in-process through the
+application's handler chain (``proxy._jobs_call``), as a ``JobRequest``: a request
+built in memory, which aiohttp's server never makes, so a client cannot send one (no
+header or token makes a request from a socket a job's call). It carries the name of
+the submitting client key, and ``authenticate`` serves it as that client (its
+limits, its cache scope).
 """
 
 from __future__ import annotations
-
-import hmac
-from dataclasses import dataclass
-from typing import Final
 
 from aiohttp import web
 from skyroute.routing import ApiKey
@@ -19,41 +16,26 @@ from skyroute.routing import ApiKey
 from ._errors import InvalidApiKey
 from ._state import Runtime
 
-JOB_TOKEN_HEADER: Final = "X-Skyroute-Job-Token"
-JOB_CLIENT_HEADER: Final = "X-Skyroute-Job-Client"
+
+class JobRequest(web.Request):
+    """A job's call, made by the job runner in this process (never by the server)."""
+
+    ATTRS = web.Request.ATTRS | frozenset(["job_owner"])
+    #: The name of the client key that submitted the job ("" with auth off).
+    job_owner: str = ""
 
 
-@dataclass(slots=True)
-class JobToken:
-    """The token this instance's job calls carry ("" until the job store has started)."""
-
-    value: str = ""
-
-
-JOBS_TOKEN = web.AppKey("jobs_token", JobToken)
-#: Set on a request that ``job_caller`` accepted: the job runner's own call.
-JOB_CALL = web.RequestKey("job_call", bool)
-
-
-def job_caller(request: web.Request, runtime: Runtime) -> ApiKey | None:
+def job_caller(request: JobRequest, runtime: Runtime) -> ApiKey | None:
     """The client key a job's call runs as (None when auth is off).
 
     Raises:
-        InvalidApiKey: the token is wrong, or the key that submitted the job is gone
-            from ``auth.api_keys``.
+        InvalidApiKey: the key that submitted the job is gone from ``auth.api_keys``.
     """
-    expected = request.app[JOBS_TOKEN].value if JOBS_TOKEN in request.app else ""
-    given = request.headers.get(JOB_TOKEN_HEADER, "")
-    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise InvalidApiKey("incorrect job token; only skyroute's own job runner sends "
-                            f"{JOB_TOKEN_HEADER}")
-    request[JOB_CALL] = True
     keys = runtime.config.api_keys
     if keys is None:
         return None
-    name = request.headers.get(JOB_CLIENT_HEADER, "")
     for key in keys:
-        if key.name == name:
+        if key.name == request.job_owner:
             return key
-    raise InvalidApiKey(f"the API key {name!r} that submitted this job is no longer in "
-                        "auth.api_keys")
+    raise InvalidApiKey(f"the API key {request.job_owner!r} that submitted this job is no "
+                        "longer in auth.api_keys")

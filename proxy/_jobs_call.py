@@ -2,8 +2,9 @@
 
 A job takes exactly the path a client's request takes (the error middleware, auth, limits,
 aliases, cache, failover, busy detection, degradation), so the runner builds an aiohttp
-request from the job (method, path, JSON body, the job token and client headers that
-``proxy._jobs_auth`` reads) and hands it to the application as its server would. Nothing
+request from the job (method, path, JSON body; a ``JobRequest`` naming the client key
+it runs as, which ``proxy._jobs_auth`` reads) and hands it to the application as its
+server would. Nothing
 is parsed or serialised on the way: a whole answer is read from the ``web.Response`` the
 handlers return; a streamed one (SSE) is collected from what the handlers write, without
 HTTP framing or compression (which a client would undo anyway).
@@ -24,6 +25,8 @@ from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from ._jobs_auth import JobRequest
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -94,8 +97,9 @@ class _CollectedBody(AbstractStreamWriter):
 
 
 async def call_in_process(app: web.Application, method: str, path: str, body: bytes | None,
-                          headers: dict[str, str]) -> JobAnswer:
-    """Serve ``method path`` with ``body`` through ``app``'s handlers, as its server would.
+                          headers: dict[str, str], *, owner: str = "") -> JobAnswer:
+    """Serve ``method path`` with ``body`` through ``app``'s handlers, as its server would,
+    as a job's call run as the client key named ``owner``.
 
     Raises:
         Exception: whatever the handler chain did not turn into an answer (the error
@@ -115,8 +119,9 @@ async def call_in_process(app: web.Application, method: str, path: str, body: by
         payload.feed_data(body)
     payload.feed_eof()
     writer = _CollectedBody()
-    request = web.Request(message, payload, protocol, writer, cast("asyncio.Task[None]",
-                          asyncio.current_task()), loop, remote=LOCAL_PEER[0])
+    request = JobRequest(message, payload, protocol, writer, cast("asyncio.Task[None]",
+                         asyncio.current_task()), loop, remote=LOCAL_PEER[0])
+    request.job_owner = owner
     # What aiohttp's server does with a request: the application's _handle resolves the
     # route and runs the middlewares (there is no public call for it), then the answer is
     # sent (here: kept).

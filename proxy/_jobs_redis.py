@@ -8,9 +8,11 @@ them apart), kept in Redis so every instance naming ``jobs.redis`` shares one qu
   consumer). A retry waits in the sorted set ``{prefix}delayed`` (score: when it is
   due) and is moved back into the stream when due.
 * Claiming takes new entries (``XREADGROUP``) and the entries of a dead consumer
-  idle past ``jobs.visibility_timeout`` (``XAUTOCLAIM``). A live instance resets its
-  entries' idle time every third of that (``XCLAIM ... JUSTID``).
-* Every state change is one Lua script, so it is atomic: a result is written only
+  idle past ``jobs.visibility_timeout`` (``XAUTOCLAIM``), due retries first, and marks
+  each job ``running`` by this worker: all in one script (``_CLAIM``), one round trip
+  per claim however many jobs it takes. A live instance resets its entries' idle time
+  every third of that (``XCLAIM ... JUSTID``).
+* Every state change is a Lua script, so it is atomic: a result is written only
   while the job is ``running`` by the worker writing it (a worker that lost its claim
   writes nothing), and the stream entry is acknowledged in the same step. Output
   files come from the job hashes, so each ``custom_id`` is answered once.
@@ -19,7 +21,16 @@ them apart), kept in Redis so every instance naming ``jobs.redis`` shares one qu
 
 Submits group-commit as SQLite's do: every submit waiting goes in one ``MULTI``/``EXEC``
 pipeline (one round trip, one AOF write), and those arriving while it is in flight go
-in the next; each answers 202 once its pipeline is acknowledged.
+in the next; each answers 202 once its pipeline is acknowledged. Finished jobs are
+grouped the same way: the results waiting go in one ``_FINISH`` call (each job still
+checked and ended on its own, all of them atomically), each ``finish`` returning once
+that call is acknowledged. A redis-py command costs 130-230 us of CPU (its pool,
+retry and observability wrappers around each one), more than Redis spends on it, so
+the round trips per job are what the lane's CPU per job is made of.
+
+The scripts build job keys from the prefix (``{prefix}job:{id}``) rather than taking
+them all as ``KEYS``: a claim cannot know which jobs it takes. Redis Cluster would
+need the prefix in one hash slot (``{tag}``); a single Redis or a replica set is fine.
 
 Durability is Redis's: run it with ``appendonly yes`` (``appendfsync everysec`` loses
 at most a second of accepted jobs on a crash of the Redis host; ``always`` none).
@@ -29,9 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -50,6 +61,8 @@ from ._jobs_store import (
 )
 
 GROUP: Final = "runners"
+#: Due retries a claim moves back into the stream at most (the rest at the next claim).
+MOVE_DUE_AT_ONCE: Final = 1000
 #: Ids read at once from an owner's sorted set of files or batches while paging.
 PAGE_READ: Final = 100
 _INTS: Final = frozenset({"line", "tries", "status", "webhook_tries", "total"})
@@ -60,58 +73,108 @@ _FLOATS: Final = frozenset({"not_before", "created_at", "started_at", "finished_
 _BYTES: Final = frozenset({"body", "response"})
 _TERMINAL: Final = frozenset(s.value for s in BatchStatus if s.is_terminal)
 
-_START = """
-local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'queued' or st == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3], 'started_at', ARGV[4],
-             'entry', ARGV[2])
-  return redis.call('HMGET', KEYS[1], 'id', 'batch_id', 'owner', 'method', 'path', 'body',
-                    'tries')
+#: Claims up to ARGV[4] jobs for worker ARGV[2]: due retries back into the stream, then
+#: entries of dead consumers idle past ARGV[5] ms (``XAUTOCLAIM`` from ARGV[6]), then new
+#: ones; each job still queued (or running: a dead worker's) becomes running by this
+#: worker, an entry whose job ended (cancelled) is acknowledged and dropped.
+#: KEYS: stream, delayed. ARGV: group, worker, now, limit, min idle ms, autoclaim cursor,
+#: job key prefix, most due retries moved. Returns {cursor, entry, fields, entry, ...}.
+_CLAIM = """
+local stream, group, worker, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[8])
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('XADD', stream, '*', 'job', id)
 end
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-return false
+local limit = tonumber(ARGV[4])
+local auto = redis.call('XAUTOCLAIM', stream, group, worker, ARGV[5], ARGV[6], 'COUNT', limit)
+local entries = {}
+for _, e in ipairs(auto[2]) do
+  if e[2] then entries[#entries + 1] = e end  -- Redis 6.2: a deleted entry has no fields
+end
+if #entries < limit then
+  local read = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', limit - #entries,
+                          'STREAMS', stream, '>')
+  if read then
+    for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end
+  end
+end
+local out = {auto[1]}
+for _, e in ipairs(entries) do
+  local id
+  for i = 1, #e[2], 2 do
+    if e[2][i] == 'job' then id = e[2][i + 1] end
+  end
+  local st = id and redis.call('HGET', ARGV[7] .. id, 'state')
+  if st == 'queued' or st == 'running' then
+    local key = ARGV[7] .. id
+    redis.call('HSET', key, 'state', 'running', 'worker', worker, 'started_at', now,
+               'entry', e[1])
+    out[#out + 1] = e[1]
+    out[#out + 1] = redis.call('HMGET', key, 'id', 'batch_id', 'owner', 'method', 'path',
+                               'body', 'tries')
+  else
+    redis.call('XACK', stream, group, e[1])
+    redis.call('XDEL', stream, e[1])
+  end
+end
+return out
 """
+#: Whether ``job`` is running by ``worker``; if so its stream entry is acknowledged and
+#: dropped: the job leaves the queue.
 _OWNED = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or
-   redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry and entry ~= '' then
-  redis.call('XACK', KEYS[2], ARGV[1], entry)
-  redis.call('XDEL', KEYS[2], entry)
+local function owned(job, stream, group, worker)
+  if redis.call('HGET', job, 'state') ~= 'running' or
+     redis.call('HGET', job, 'worker') ~= worker then return false end
+  local entry = redis.call('HGET', job, 'entry')
+  if entry and entry ~= '' then
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+  end
+  return true
 end
 """
+#: Ends each job with its result if its worker still runs it, each as it would alone.
+#: KEYS, 7 per job: job, stream, batch open, completed, failed, count done, webhooks.
+#: ARGV: group, retention seconds, then 6 per job: worker, status, response, error, now,
+#: '1' if it succeeded. Returns 1 per job ended, 0 per job its worker no longer held.
 _FINISH = _OWNED + """
-redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[3], 'response', ARGV[4],
-           'error', ARGV[5], 'finished_at', ARGV[6], 'worker', '', 'entry', '')
-redis.call('HINCRBY', KEYS[1], 'tries', 1)
-redis.call('INCR', KEYS[6])
-if redis.call('HGET', KEYS[1], 'batch_id') ~= '' then
-  redis.call('DECR', KEYS[3])
-  if ARGV[7] == '1' then redis.call('INCR', KEYS[4]) else redis.call('INCR', KEYS[5]) end
+local ended = {}
+for j = 0, #KEYS / 7 - 1 do
+  local k, a = j * 7, 2 + j * 6
+  local job = KEYS[k + 1]
+  if not owned(job, KEYS[k + 2], ARGV[1], ARGV[a + 1]) then
+    ended[j + 1] = 0
+  else
+    local now = ARGV[a + 5]
+    redis.call('HSET', job, 'state', 'done', 'status', ARGV[a + 2], 'response', ARGV[a + 3],
+               'error', ARGV[a + 4], 'finished_at', now, 'worker', '', 'entry', '')
+    redis.call('HINCRBY', job, 'tries', 1)
+    redis.call('INCR', KEYS[k + 6])
+    local batch_id = redis.call('HGET', job, 'batch_id')
+    if batch_id ~= '' then
+      redis.call('DECR', KEYS[k + 3])
+      if ARGV[a + 6] == '1' then redis.call('INCR', KEYS[k + 4])
+      else redis.call('INCR', KEYS[k + 5]) end
+    end
+    if redis.call('HGET', job, 'webhook_state') == 'pending' then
+      redis.call('ZADD', KEYS[k + 7], now, redis.call('HGET', job, 'id'))
+    end
+    if batch_id == '' then
+      redis.call('EXPIRE', job, ARGV[2])  -- jobs.retention (a batch's lines: when it ends)
+    end
+    ended[j + 1] = 1
+  end
 end
-if redis.call('HGET', KEYS[1], 'webhook_state') == 'pending' then
-  redis.call('ZADD', KEYS[7], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
-end
-if redis.call('HGET', KEYS[1], 'batch_id') == '' then
-  redis.call('EXPIRE', KEYS[1], ARGV[8])  -- jobs.retention (a batch's lines: when it ends)
-end
-return 1
+return ended
 """
 _RETRY = _OWNED + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'not_before', ARGV[3], 'error', ARGV[4],
            'worker', '', 'entry', '')
 if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'tries', 1) end
 redis.call('ZADD', KEYS[3], ARGV[3], redis.call('HGET', KEYS[1], 'id'))
 return 1
-"""
-_MOVE_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('XADD', KEYS[2], '*', 'job', id)
-end
-return #ids
 """
 _CANCEL_JOB = """
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -180,6 +243,50 @@ def _flat(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: "" if v is None else v for k, v in fields.items()}
 
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class _Grouped(Generic[Item, Result]):
+    """Calls that go to Redis together: every one waiting in one round trip (``send``,
+    which answers each in order), and those arriving while it is in flight in the next.
+
+    A failed round trip fails every call of its group with that error.
+    """
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]]) -> None:
+        self._send = send
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def call(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Result] = loop.create_future()
+        self._waiting.append((item, done))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_waiting())
+        return await done
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    results = await self._send([item for item, _ in group])
+                except BaseException as exc:
+                    for _, done in group:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    for (_, done), result in zip(group, results, strict=True):
+                        if not done.done():
+                            done.set_result(result)
+        finally:
+            self._sender = None
+
+
 class RedisJobStore:
     """Jobs, batches and file records in Redis; file bytes under ``data_dir``."""
 
@@ -196,15 +303,15 @@ class RedisJobStore:
         self._active = f"{prefix}batches:active"
         self._entries: dict[str, str] = {}  # job id -> stream entry, of jobs this process runs
         self._autoclaim_from = "0-0"  # XAUTOCLAIM walks the pending list a page per claim
-        # Submits waiting for the next group pipeline, and whether one is in flight.
-        self._waiting: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
-        self._pipelining = False
-        self._sender: asyncio.Task[None] | None = None
+        self._submits: _Grouped[tuple[str, dict[str, Any]], None] = _Grouped(
+            self._send_submits)
+        self._finishes: _Grouped[tuple[Job, list[Any]], bool] = _Grouped(
+            self._send_finishes)
         r = self._redis
-        self._start, self._finish, self._retry = (r.register_script(_START),
+        self._claim, self._finish, self._retry = (r.register_script(_CLAIM),
                                                   r.register_script(_FINISH),
                                                   r.register_script(_RETRY))
-        self._move_due, self._cancel = r.register_script(_MOVE_DUE), r.register_script(_CANCEL_JOB)
+        self._cancel = r.register_script(_CANCEL_JOB)
         self._move_batch = r.register_script(_MOVE_BATCH)
         self._due_webhooks = r.register_script(_DUE_WEBHOOKS)
 
@@ -248,37 +355,17 @@ class RedisJobStore:
                   "webhook": webhook, "webhook_state": "pending" if webhook else None,
                   "webhook_tries": 0, "status": None, "response": None, "error": None,
                   "finished_at": None, "started_at": None, "worker": None, "entry": None}
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append((job_id, record, done))
-        if not self._pipelining:
-            self._pipelining = True
-            self._sender = asyncio.get_running_loop().create_task(self._send_waiting())
-        await done
+        await self._submits.call((job_id, record))
         return record, True
 
-    async def _send_waiting(self) -> None:
-        """Send every waiting submit in one transaction, until none is left."""
-        try:
-            while self._waiting:
-                group, self._waiting = self._waiting, []
-                try:
-                    async with self._redis.pipeline(transaction=True) as pipe:
-                        for job_id, record, _ in group:
-                            pipe.hset(self._job(job_id), mapping=_flat(record))
-                            pipe.xadd(self._stream, {"job": job_id})
-                        await pipe.execute()
-                except BaseException as exc:
-                    for _, _, done in group:
-                        if not done.done():
-                            done.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for _, _, done in group:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._pipelining = False
+    async def _send_submits(self, group: list[tuple[str, dict[str, Any]]]) -> list[None]:
+        """Every waiting submit in one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for job_id, record in group:
+                pipe.hset(self._job(job_id), mapping=_flat(record))
+                pipe.xadd(self._stream, {"job": job_id})
+            await pipe.execute()
+        return [None] * len(group)
 
     async def _get(self, job_id: str) -> dict[str, Any] | None:
         raw = await self._redis.hgetall(self._job(job_id))
@@ -300,30 +387,19 @@ class RedisJobStore:
     # -- the runner's side ------------------------------------------------------------------
 
     async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
-        await self._move_due(keys=[self._delayed, self._stream], args=[now, 1000])
-        cursor, entries, *_ = await self._redis.xautoclaim(
-            self._stream, GROUP, worker, min_idle_time=int(lease_s * 1000),
-            start_id=self._autoclaim_from, count=limit)
-        self._autoclaim_from = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = [e for e in entries if e[1]]
-        if len(entries) < limit:
-            read = await self._redis.xreadgroup(GROUP, worker, {self._stream: ">"},
-                                                count=limit - len(entries))
-            for _, got in read or ():
-                entries += got
+        cursor, *taken = await self._claim(
+            keys=[self._stream, self._delayed],
+            args=[GROUP, worker, now, limit, int(lease_s * 1000), self._autoclaim_from,
+                  f"{self._p}job:", MOVE_DUE_AT_ONCE])
+        self._autoclaim_from = cursor.decode()
         jobs = []
-        for entry_id, fields in entries:
-            job_id = fields[b"job"].decode()
-            entry = entry_id.decode()
-            row = await self._start(keys=[self._job(job_id), self._stream],
-                                    args=[GROUP, entry, worker, now])
-            if not row:
-                continue
-            self._entries[job_id] = entry
+        for entry, row in zip(taken[::2], taken[1::2], strict=True):
             jid, batch_id, owner, method, path, body, tries = row
-            jobs.append(Job(id=jid.decode(), batch_id=batch_id.decode() or None,
-                            owner=owner.decode(), method=method.decode(), path=path.decode(),
-                            body=body or None, tries=int(tries)))
+            job = Job(id=jid.decode(), batch_id=batch_id.decode() or None,
+                      owner=owner.decode(), method=method.decode(), path=path.decode(),
+                      body=body or None, tries=int(tries))
+            self._entries[job.id] = entry.decode()
+            jobs.append(job)
         return jobs
 
     async def renew(self, *, worker: str, lease_s: float, now: float) -> None:
@@ -335,13 +411,22 @@ class RedisJobStore:
                      error: str | None, now: float) -> bool:
         self._entries.pop(job.id, None)
         ok = status is not None and 200 <= status < 300 and not error
-        batch = job.batch_id or "-"
-        return bool(await self._finish(
-            keys=[self._job(job.id), self._stream, self._batch(batch, "open"),
-                  self._batch(batch, "completed"), self._batch(batch, "failed"),
-                  f"{self._p}count:done", self._webhooks],
-            args=[GROUP, worker, "" if status is None else status, response or b"",
-                  error or "", now, "1" if ok else "0", int(self.retention_s)]))
+        return await self._finishes.call((job, [
+            worker, "" if status is None else status, response or b"", error or "", now,
+            "1" if ok else "0"]))
+
+    async def _send_finishes(self, group: list[tuple[Job, list[Any]]]) -> list[bool]:
+        """The results waiting in one script call (``_FINISH``)."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for job, values in group:
+            batch = job.batch_id or "-"
+            keys += [self._job(job.id), self._stream, self._batch(batch, "open"),
+                     self._batch(batch, "completed"), self._batch(batch, "failed"),
+                     f"{self._p}count:done", self._webhooks]
+            args += values
+        ended = await self._finish(keys=keys, args=[GROUP, int(self.retention_s), *args])
+        return [bool(e) for e in ended]
 
     async def retry_later(self, job: Job, *, worker: str, at: float, error: str) -> bool:
         self._entries.pop(job.id, None)

@@ -3,10 +3,9 @@
 Each job is served by this very instance's handler chain, in-process
 (``proxy._jobs_call``: no socket, no HTTP parsing), so it takes exactly the path a
 synchronous request takes (auth, limits, aliases, cache, failover, busy detection,
-degradation), with no routing code of its own. The call carries the instance's job
-token (a random secret in ``data_dir``, readable by the processes sharing that
-directory only) and the name of the client key that submitted it; the API
-authenticates it as that client (``job_caller``). Neither header ever goes upstream.
+degradation), with no routing code of its own. The call is a ``JobRequest``, which
+only this code makes (no client can send one), naming the client key that submitted
+the job; the API authenticates it as that client (``job_caller``).
 
 The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window is
 halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
@@ -45,7 +44,7 @@ from skyroute.routing import (
 )
 
 from ._forward import parse_retry_after
-from ._jobs_auth import JOB_CLIENT_HEADER, JOB_TOKEN_HEADER, JOBS_TOKEN
+from ._jobs_auth import JobRequest
 from ._jobs_call import call_in_process
 from ._jobs_metrics import JobMetrics
 from ._jobs_store import Job, JobStore
@@ -69,17 +68,6 @@ CALL_MARGIN_S: Final = 30.0
 _RANK = {level: rank for rank, level in enumerate(LEVELS)}
 
 
-def job_token(data_dir: Path) -> str:
-    """The token job calls carry, shared by the processes using ``data_dir``."""
-    path = data_dir / "job-token"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
-    return path.read_text().strip()
-
-
 class JobsService:
     """One instance's queue, lane and runner (the ``JOBS`` app key)."""
 
@@ -97,7 +85,6 @@ class JobsService:
         self.metrics = metrics
         self.lane = LaneWindow(policy.concurrency)
         self.worker = f"{os.getpid()}-{secrets.token_hex(6)}"
-        self.token = ""
         #: Set by a submit: new work for the lane (cleared by the lane).
         self.wake = asyncio.Event()
         #: Set when a job ends: a webhook may be due (cleared by the webhook sender).
@@ -160,7 +147,7 @@ JOBS = web.AppKey("jobs", JobsService)
 @web.middleware
 async def count_clients(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count client requests (not jobs' own calls) for the lane's share."""
-    if JOB_TOKEN_HEADER in request.headers or not request.path.startswith("/v1/"):
+    if isinstance(request, JobRequest) or not request.path.startswith("/v1/"):
         return await handler(request)
     service = request.app[JOBS]
     service.clients_started += 1
@@ -175,8 +162,6 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: open the store, run the lane and its helpers, close on exit."""
     service = app[JOBS]
     await asyncio.to_thread(service.data_dir.mkdir, parents=True, exist_ok=True)
-    service.token = await asyncio.to_thread(job_token, service.data_dir)
-    app[JOBS_TOKEN].value = service.token
     await service.store.start()
     from ._jobs_batches import batch_driver  # the batch side needs the runner's key
     from ._jobs_webhooks import webhook_sender
@@ -331,8 +316,7 @@ async def _run_one(app: web.Application, service: JobsService, job: Job) -> None
 async def _try_job(app: web.Application, service: JobsService, job: Job) -> None:
     policy, metrics = service.policy, service.metrics
     kind = "line" if job.batch_id else "async"
-    headers = {JOB_TOKEN_HEADER: service.token, JOB_CLIENT_HEADER: job.owner,
-               "X-Request-ID": job.id, "Content-Type": "application/json"}
+    headers = {"X-Request-ID": job.id, "Content-Type": "application/json"}
     route_timeout = max(r.timeout_s for r in app[SERVING].runtime.config.routes) \
         if app[SERVING].runtime.config.routes else 600.0
     status: int | None = None
@@ -341,7 +325,8 @@ async def _try_job(app: web.Application, service: JobsService, job: Job) -> None
     started = time.perf_counter()
     try:
         async with asyncio.timeout(route_timeout + CALL_MARGIN_S):
-            answer = await call_in_process(app, job.method, job.path, job.body, headers)
+            answer = await call_in_process(app, job.method, job.path, job.body, headers,
+                                           owner=job.owner)
         status, body = answer.status, answer.body
         retry_after = parse_retry_after(answer.headers.get("Retry-After"))
         error = "" if status < 400 else _error_text(status, body)
@@ -369,7 +354,8 @@ async def _try_job(app: web.Application, service: JobsService, job: Job) -> None
             metrics.finished.labels(kind, "completed" if ok else "failed").inc()
             log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
                      tries=job.tries + 1, error=final_error)
-            service.job_ended.set()  # a webhook may be waiting on it
+            if job.batch_id is None:  # an async job may have a webhook; a batch line never
+                service.job_ended.set()
         return
     metrics.retries.labels(kind).inc()
     log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,37 @@ DONE_TIMEOUT_S = 60.0
 GRACE_S = 5.0
 
 
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_prefixes() -> Iterator[list[str]]:
+    """The key prefixes tests used in the shared Redis, deleted once every test's servers
+    have stopped (jobs and batches would otherwise stay there for ``jobs.retention``)."""
+    used: list[str] = []
+    yield used
+    for prefix in used:
+        delete_prefix(SHARED_REDIS, prefix)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
-def queue(request: pytest.FixtureRequest) -> str | None:
+def queue(request: pytest.FixtureRequest, redis_prefixes: list[str]) -> str | None:
     """Each test on the embedded queue and on the shared Redis (a prefix of its own)."""
     if request.param == "sqlite":
         return None
-    return f"{{url: 'redis://127.0.0.1:6379/0', prefix: 'skyroute-test:{os.urandom(6).hex()}:'}}"
+    redis_prefixes.append(f"skyroute-test:{os.urandom(6).hex()}:")
+    return f"{{url: '{SHARED_REDIS}', prefix: '{redis_prefixes[-1]}'}}"
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (the test's servers are stopped by now)."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=CALL_TIMEOUT_S,
+                              socket_connect_timeout=CALL_TIMEOUT_S) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.unlink(*keys[start:start + 1000])
 
 
 def jobs_yaml(data_dir: Path, redis: str | None = None, **overrides: Any) -> str:
@@ -189,6 +214,28 @@ async def test_async_request_with_idempotency_key_and_signed_webhook(
     delivered = json.loads(hook_body)
     assert delivered["id"] == job["id"] and delivered["status"] == "completed"
     assert up.requests_total == 1  # one job, one upstream call
+
+
+async def test_a_client_request_cannot_pose_as_a_job_call(standin, skyroute, tmp_path):
+    """A job's call is a request the runner builds in-process: a client sending what job
+    calls once carried (a token, the submitting key's name) is still a client, refused
+    without a key of its own and served as itself with one."""
+    up = await standin("a")
+    server = await skyroute(routing_yaml([entry(up)], extra=jobs_yaml(tmp_path / "data")))
+    posing = {"X-Skyroute-Job-Token": "0" * 64, "X-Skyroute-Job-Client": "tests"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+        async with http.post(f"{server.url}/v1/chat/completions", json=body,
+                             headers=posing) as resp:
+            assert resp.status == 401
+        async with http.post(f"{server.url}/v1/chat/completions", json=body,
+                             headers={**posing, **AUTH}) as resp:
+            assert resp.status == 200
+        async with http.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert up.requests_total == 1
+    assert 'skyroute_jobs_finished_total{kind="async"' not in metrics  # no job ran
+    assert not (tmp_path / "data" / "job-token").exists()  # no secret to guess or leak
 
 
 async def test_async_request_cancel_and_unknown_model(standin, skyroute, tmp_path, queue):
