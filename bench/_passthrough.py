@@ -28,7 +28,7 @@ import http
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httptools
@@ -49,6 +49,22 @@ _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 MAX_QUEUED = 16
 
 
+async def relay(request: web.Request, up: Any) -> web.StreamResponse:
+    """The upstream's answer passed on to the client: a JSON body whole, a stream as it comes.
+    ``up`` is either client's answer (both have ``status``, ``headers``, ``read`` and
+    ``content.iter_any``)."""
+    ctype = up.headers.get("Content-Type", "application/json")
+    if not ctype.startswith("text/event-stream"):
+        return web.Response(status=up.status, body=await up.read(),
+                            headers={"Content-Type": ctype})
+    resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
+    await resp.prepare(request)
+    async for chunk in up.content.iter_any():
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
 def aiohttp_client(session: aiohttp.ClientSession, upstream: str, auth: str) -> Handler:
     """The baseline's handler: aiohttp's ``ClientSession`` to the upstream."""
     async def forward(request: web.Request) -> web.StreamResponse:
@@ -56,16 +72,7 @@ def aiohttp_client(session: aiohttp.ClientSession, upstream: str, auth: str) -> 
         headers = {"Authorization": auth, "Content-Type": "application/json"}
         async with session.post(upstream + request.match_info["tail"], data=body,
                                 headers=headers) as up:
-            ctype = up.headers.get("Content-Type", "application/json")
-            if not ctype.startswith("text/event-stream"):
-                return web.Response(status=up.status, body=await up.read(),
-                                    headers={"Content-Type": ctype})
-            resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+            return await relay(request, up)
     return forward
 
 
@@ -84,16 +91,7 @@ def lean_client(pool: UpstreamPool, upstream: str, auth: str) -> Handler:
         body = await request.read()
         up = await lean_request(pool, upstream, auth, "/" + request.match_info["tail"], body)
         try:
-            ctype = up.headers.get("Content-Type", "application/json")
-            if not ctype.startswith("text/event-stream"):
-                return web.Response(status=up.status, body=await up.read(),
-                                    headers={"Content-Type": ctype})
-            resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+            return await relay(request, up)
         finally:
             up.close()
     return forward
