@@ -45,7 +45,7 @@ from ._bedrock import (
     converse_request,
     openai_error,
 )
-from ._error_body import MAX_ERROR_BODY, read_at_most
+from ._bounded_read import MAX_ERROR_BODY, read_at_most
 
 log = structlog.get_logger("skyroute.clouds")
 

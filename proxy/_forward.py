@@ -48,11 +48,11 @@ from skyroute.routing import AttemptOutcome, Provider, Result, Target, classify_
 
 from ._bedrock import TranslationError
 from ._bodies import Upload
+from ._bounded_read import MAX_ERROR_BODY, read_at_most
 from ._client_guard import send_within
 from ._clouds import ConverseAnswer, CredentialUnavailable, UpstreamAccess, credential_hint
 from ._connections import UpstreamSessions
 from ._encoding import Decoder, accepts, content_coding, decoder_for
-from ._error_body import MAX_ERROR_BODY, read_at_most
 from ._headers import response_headers, upstream_headers
 from ._paths import upstream_url
 from ._rename import rename_model

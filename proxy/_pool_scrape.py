@@ -44,6 +44,7 @@ from skyroute.routing import (
     parse_server_load,
 )
 
+from ._bounded_read import read_at_most
 from ._metrics import Metrics
 from ._prometheus import next_round
 from ._state import CLOCK, METRICS, SERVING, SESSION
@@ -81,7 +82,9 @@ async def _get(session: aiohttp.ClientSession, url: str, upstream: Upstream,
                                timeout=aiohttp.ClientTimeout(total=scrape.timeout_s)) as resp:
             if resp.content_length is not None and resp.content_length > MAX_METRICS_BYTES:
                 return resp.status, None
-            return resp.status, await resp.read()
+            # Chunked answers carry no length: read one byte past the cap to tell.
+            body = await read_at_most(resp, MAX_METRICS_BYTES + 1)
+            return resp.status, body if len(body) <= MAX_METRICS_BYTES else None
     except TimeoutError:
         return f"{url}: no answer within {scrape.timeout_s:g}s"
     except (aiohttp.ClientError, OSError) as exc:

@@ -43,6 +43,7 @@ import structlog
 from aiohttp import web
 from skyroute.routing import PrometheusSource
 
+from ._bounded_read import read_at_most
 from ._metrics import Metrics
 from ._state import CLOCK, METRICS, SERVING, Runtime
 from ._tasks import running
@@ -130,7 +131,10 @@ async def query_latency(session: aiohttp.ClientSession,
                                timeout=aiohttp.ClientTimeout(total=source.timeout_s)) as resp:
             if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
                 raise QueryFailed("error", f"answer of {resp.content_length} bytes is too big")
-            body = await resp.read()
+            # Chunked answers carry no length: read one byte past the cap to tell.
+            body = await read_at_most(resp, MAX_ANSWER_BYTES + 1)
+            if len(body) > MAX_ANSWER_BYTES:
+                raise QueryFailed("error", f"answer is over {MAX_ANSWER_BYTES} bytes")
             status = resp.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         detail = str(exc) or f"no answer within {source.timeout_s:g}s"

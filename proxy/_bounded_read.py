@@ -1,11 +1,13 @@
-"""An upstream's error body: read whole, but never past ``MAX_ERROR_BODY``.
+"""An answer's body read whole, but never past a limit (``read_at_most``).
 
-An error answer (4xx/5xx) is read before skyroute decides what to do with it: passed
-on to the client (its own 400/404/422), turned into OpenAI's shape (Bedrock's
-``{"message": ...}``), or dropped before a failover. Every such read goes through
-``read_at_most`` with ``MAX_ERROR_BODY``, whichever client carried the attempt, so an
-upstream that sends an endless or enormous error body costs at most that much memory
-(the rest is never read: releasing the answer closes its connection).
+An upstream's error answer (4xx/5xx) is read before skyroute decides what to do with
+it: passed on to the client (its own 400/404/422), turned into OpenAI's shape
+(Bedrock's ``{"message": ...}``), or dropped before a failover. Every such read uses
+``MAX_ERROR_BODY``, whichever client carried the attempt; a pool's ``/metrics`` and a
+Prometheus query answer are read the same way, with their own caps. So a peer that
+sends an endless or enormous body (chunked: no Content-Length to refuse it by) costs
+at most that much memory (the rest is never read: releasing the answer closes its
+connection).
 """
 
 from __future__ import annotations
