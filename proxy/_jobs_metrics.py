@@ -43,6 +43,10 @@ class JobMetrics:
         self.lane_yields = Counter(
             "skyroute_jobs_lane_yields", "Ticks (20 ms) in which the lane shrank its share "
             "to leave the CPU to clients.", registry=r)
+        self.claimed = Counter(
+            "skyroute_jobs_claimed", "Jobs this instance claimed from the queue, by how "
+            "(claim: the lane asked for them; refill: the store call that ended a job took "
+            "the one for its slot, no round trip of its own).", ["how"], registry=r)
         self.try_seconds = Histogram(
             "skyroute_jobs_try_seconds", "Time one try of a job took.", ["kind"],
             buckets=LATENCY_BUCKETS, registry=r)

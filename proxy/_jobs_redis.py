@@ -10,8 +10,11 @@ them apart), kept in Redis so every instance naming ``jobs.redis`` shares one qu
 * Claiming takes new entries (``XREADGROUP``) and the entries of a dead consumer
   idle past ``jobs.visibility_timeout`` (``XAUTOCLAIM``), due retries first, and marks
   each job ``running`` by this worker: all in one script (``_CLAIM``), one round trip
-  per claim however many jobs it takes. A live instance resets its entries' idle time
-  every third of that (``XCLAIM ... JUSTID``).
+  per claim however many jobs it takes. The scripts that end a job (``_FINISH``,
+  ``_RETRY``) claim in the same step the jobs that refill the slot it frees (the
+  runner's ``Refill``), so a lane running a few jobs at a time beside clients makes one
+  round trip per job, not two. A live instance resets its entries' idle time every
+  third of that (``XCLAIM ... JUSTID``).
 * Every state change is a Lua script, so it is atomic: a result is written only
   while the job is ``running`` by the worker writing it (a worker that lost its claim
   writes nothing), and the stream entry is acknowledged in the same step. Output
@@ -56,6 +59,7 @@ from ._jobs_store import (
     RUNNING,
     IdempotencyConflict,
     Job,
+    Refill,
     body_digest,
     new_id,
 )
@@ -73,56 +77,65 @@ _FLOATS: Final = frozenset({"not_before", "created_at", "started_at", "finished_
 _BYTES: Final = frozenset({"body", "response"})
 _TERMINAL: Final = frozenset(s.value for s in BatchStatus if s.is_terminal)
 
-#: Claims up to ARGV[4] jobs for worker ARGV[2]: due retries back into the stream, then
-#: entries of dead consumers idle past ARGV[5] ms (``XAUTOCLAIM`` from ARGV[6]), then new
-#: ones; each job still queued (or running: a dead worker's) becomes running by this
-#: worker, an entry whose job ended (cancelled) is acknowledged and dropped.
-#: KEYS: stream, delayed. ARGV: group, worker, now, limit, min idle ms, autoclaim cursor,
-#: job key prefix, most due retries moved. Returns {cursor, entry, fields, entry, ...}.
-_CLAIM = """
-local stream, group, worker, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[8])
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('XADD', stream, '*', 'job', id)
-end
-local limit = tonumber(ARGV[4])
-local auto = redis.call('XAUTOCLAIM', stream, group, worker, ARGV[5], ARGV[6], 'COUNT', limit)
-local entries = {}
-for _, e in ipairs(auto[2]) do
-  if e[2] then entries[#entries + 1] = e end  -- Redis 6.2: a deleted entry has no fields
-end
-if #entries < limit then
-  local read = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', limit - #entries,
-                          'STREAMS', stream, '>')
-  if read then
-    for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end
+#: ``claim(...)`` takes up to ``limit`` (> 0) jobs for ``worker``: due retries back into
+#: the stream, then entries of dead consumers idle past ``min_idle`` ms (``XAUTOCLAIM``
+#: from ``cursor``), then new ones; each job still queued (or running: a dead worker's)
+#: becomes running by this worker, an entry whose job ended (cancelled) is acknowledged
+#: and dropped. Returns {cursor, entry, fields, entry, ...}. Shared by the scripts that
+#: claim: ``_CLAIM`` alone, and ``_FINISH``/``_RETRY``, which refill the slot they free.
+_CLAIM_FUNCTION = """
+local function claim(stream, delayed, group, worker, now, limit, min_idle, cursor, prefix,
+                     most_due)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, most_due)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', delayed, id)
+    redis.call('XADD', stream, '*', 'job', id)
   end
-end
-local out = {auto[1]}
-for _, e in ipairs(entries) do
-  local id
-  for i = 1, #e[2], 2 do
-    if e[2][i] == 'job' then id = e[2][i + 1] end
+  local auto = redis.call('XAUTOCLAIM', stream, group, worker, min_idle, cursor, 'COUNT', limit)
+  local entries = {}
+  for _, e in ipairs(auto[2]) do
+    if e[2] then entries[#entries + 1] = e end  -- Redis 6.2: a deleted entry has no fields
   end
-  local st = id and redis.call('HGET', ARGV[7] .. id, 'state')
-  if st == 'queued' or st == 'running' then
-    local key = ARGV[7] .. id
-    redis.call('HSET', key, 'state', 'running', 'worker', worker, 'started_at', now,
-               'entry', e[1])
-    out[#out + 1] = e[1]
-    out[#out + 1] = redis.call('HMGET', key, 'id', 'batch_id', 'owner', 'method', 'path',
-                               'body', 'tries')
-  else
-    redis.call('XACK', stream, group, e[1])
-    redis.call('XDEL', stream, e[1])
+  if #entries < limit then
+    local read = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', limit - #entries,
+                            'STREAMS', stream, '>')
+    if read then
+      for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end
+    end
   end
+  local out = {auto[1]}
+  for _, e in ipairs(entries) do
+    local id
+    for i = 1, #e[2], 2 do
+      if e[2][i] == 'job' then id = e[2][i + 1] end
+    end
+    local st = id and redis.call('HGET', prefix .. id, 'state')
+    if st == 'queued' or st == 'running' then
+      local key = prefix .. id
+      redis.call('HSET', key, 'state', 'running', 'worker', worker, 'started_at', now,
+                 'entry', e[1])
+      out[#out + 1] = e[1]
+      out[#out + 1] = redis.call('HMGET', key, 'id', 'batch_id', 'owner', 'method', 'path',
+                                 'body', 'tries')
+    else
+      redis.call('XACK', stream, group, e[1])
+      redis.call('XDEL', stream, e[1])
+    end
+  end
+  return out
 end
-return out
+"""
+#: Claims jobs (``claim``). KEYS: stream, delayed. ARGV: group, then the refill's six:
+#: worker, now, limit, min idle ms, autoclaim cursor, job key prefix; then most due
+#: retries moved.
+_CLAIM = _CLAIM_FUNCTION + """
+return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
+             ARGV[6], ARGV[7], ARGV[8])
 """
 #: Whether ``job`` is running by ``worker``; if so its stream entry is acknowledged and
-#: dropped: the job leaves the queue.
-_OWNED = """
+#: dropped: the job leaves the queue. And ``refill``: what a script that ends a job
+#: claims in the same step (``claim`` with ARGV[i..i+6], nothing when its limit is 0).
+_ENDING = _CLAIM_FUNCTION + """
 local function owned(job, stream, group, worker)
   if redis.call('HGET', job, 'state') ~= 'running' or
      redis.call('HGET', job, 'worker') ~= worker then return false end
@@ -133,32 +146,40 @@ local function owned(job, stream, group, worker)
   end
   return true
 end
+local function refill(stream, delayed, group, i)
+  local limit = tonumber(ARGV[i + 2])
+  if limit < 1 then return {} end
+  return claim(stream, delayed, group, ARGV[i], ARGV[i + 1], limit, ARGV[i + 3],
+               ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
+end
 """
-#: Ends each job with its result if its worker still runs it, each as it would alone.
-#: KEYS, 7 per job: job, stream, batch open, completed, failed, count done, webhooks.
-#: ARGV: group, retention seconds, then 6 per job: worker, status, response, error, now,
-#: '1' if it succeeded. Returns 1 per job ended, 0 per job its worker no longer held.
-_FINISH = _OWNED + """
+#: Ends each job with its result if its worker still runs it, each as it would alone,
+#: then claims the refill. KEYS: stream, delayed, webhooks, count done, then 4 per job:
+#: job, batch open, completed, failed. ARGV: group, retention seconds, the
+#: refill's seven (see ``_CLAIM``), then 6 per job: worker, status, response, error, now,
+#: '1' if it succeeded. Returns {1 per job ended or 0 per job its worker no longer held,
+#: the refill's claim}.
+_FINISH = _ENDING + """
 local ended = {}
-for j = 0, #KEYS / 7 - 1 do
-  local k, a = j * 7, 2 + j * 6
+for j = 0, (#KEYS - 4) / 4 - 1 do
+  local k, a = 4 + j * 4, 9 + j * 6
   local job = KEYS[k + 1]
-  if not owned(job, KEYS[k + 2], ARGV[1], ARGV[a + 1]) then
+  if not owned(job, KEYS[1], ARGV[1], ARGV[a + 1]) then
     ended[j + 1] = 0
   else
     local now = ARGV[a + 5]
     redis.call('HSET', job, 'state', 'done', 'status', ARGV[a + 2], 'response', ARGV[a + 3],
                'error', ARGV[a + 4], 'finished_at', now, 'worker', '', 'entry', '')
     redis.call('HINCRBY', job, 'tries', 1)
-    redis.call('INCR', KEYS[k + 6])
+    redis.call('INCR', KEYS[4])
     local batch_id = redis.call('HGET', job, 'batch_id')
     if batch_id ~= '' then
-      redis.call('DECR', KEYS[k + 3])
-      if ARGV[a + 6] == '1' then redis.call('INCR', KEYS[k + 4])
-      else redis.call('INCR', KEYS[k + 5]) end
+      redis.call('DECR', KEYS[k + 2])
+      if ARGV[a + 6] == '1' then redis.call('INCR', KEYS[k + 3])
+      else redis.call('INCR', KEYS[k + 4]) end
     end
     if redis.call('HGET', job, 'webhook_state') == 'pending' then
-      redis.call('ZADD', KEYS[k + 7], now, redis.call('HGET', job, 'id'))
+      redis.call('ZADD', KEYS[3], now, redis.call('HGET', job, 'id'))
     end
     if batch_id == '' then
       redis.call('EXPIRE', job, ARGV[2])  -- jobs.retention (a batch's lines: when it ends)
@@ -166,15 +187,22 @@ for j = 0, #KEYS / 7 - 1 do
     ended[j + 1] = 1
   end
 end
-return ended
+return {ended, refill(KEYS[1], KEYS[2], ARGV[1], 3)}
 """
-_RETRY = _OWNED + """
-if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'not_before', ARGV[3], 'error', ARGV[4],
-           'worker', '', 'entry', '')
-if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'tries', 1) end
-redis.call('ZADD', KEYS[3], ARGV[3], redis.call('HGET', KEYS[1], 'id'))
-return 1
+#: Puts the job back in the queue, due at ARGV[3] (a try counted if ARGV[5] is '1'), if
+#: its worker still runs it; then claims the refill. KEYS: job, stream, delayed. ARGV:
+#: group, worker, due, error, count a try, then the refill's seven (see ``_CLAIM``).
+#: Returns {1, or 0 if the worker no longer held it; the refill's claim}.
+_RETRY = _ENDING + """
+local ok = 0
+if owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'not_before', ARGV[3], 'error', ARGV[4],
+             'worker', '', 'entry', '')
+  if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'tries', 1) end
+  redis.call('ZADD', KEYS[3], ARGV[3], redis.call('HGET', KEYS[1], 'id'))
+  ok = 1
+end
+return {ok, refill(KEYS[2], KEYS[3], ARGV[1], 6)}
 """
 _CANCEL_JOB = """
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -305,8 +333,8 @@ class RedisJobStore:
         self._autoclaim_from = "0-0"  # XAUTOCLAIM walks the pending list a page per claim
         self._submits: _Grouped[tuple[str, dict[str, Any]], None] = _Grouped(
             self._send_submits)
-        self._finishes: _Grouped[tuple[Job, list[Any]], bool] = _Grouped(
-            self._send_finishes)
+        self._finishes: _Grouped[tuple[Job, list[Any], Refill | None],
+                                 tuple[bool, list[Job]]] = _Grouped(self._send_finishes)
         r = self._redis
         self._claim, self._finish, self._retry = (r.register_script(_CLAIM),
                                                   r.register_script(_FINISH),
@@ -387,10 +415,21 @@ class RedisJobStore:
     # -- the runner's side ------------------------------------------------------------------
 
     async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
-        cursor, *taken = await self._claim(
+        return self._claimed(await self._claim(
             keys=[self._stream, self._delayed],
-            args=[GROUP, worker, now, limit, int(lease_s * 1000), self._autoclaim_from,
-                  f"{self._p}job:", MOVE_DUE_AT_ONCE])
+            args=[GROUP, *self._refill_args(worker, Refill(limit, lease_s), now)]))
+
+    def _refill_args(self, worker: str, refill: Refill | None, now: float) -> list[Any]:
+        """The seven arguments of the scripts' ``claim`` (``_CLAIM``)."""
+        limit, lease_s = (refill.limit, refill.lease_s) if refill is not None else (0, 0.0)
+        return [worker, now, limit, int(lease_s * 1000), self._autoclaim_from,
+                f"{self._p}job:", MOVE_DUE_AT_ONCE]
+
+    def _claimed(self, out: list[Any]) -> list[Job]:
+        """The jobs a script's ``claim`` took (nothing if it claimed none)."""
+        if not out:
+            return []
+        cursor, *taken = out
         self._autoclaim_from = cursor.decode()
         jobs = []
         for entry, row in zip(taken[::2], taken[1::2], strict=True):
@@ -408,36 +447,53 @@ class RedisJobStore:
             await self._redis.xclaim(self._stream, GROUP, worker, 0, entries, justid=True)
 
     async def finish(self, job: Job, *, worker: str, status: int | None, response: bytes | None,
-                     error: str | None, now: float) -> bool:
+                     error: str | None, now: float, refill: Refill | None = None,
+                     ) -> tuple[bool, list[Job]]:
         self._entries.pop(job.id, None)
         ok = status is not None and 200 <= status < 300 and not error
         return await self._finishes.call((job, [
             worker, "" if status is None else status, response or b"", error or "", now,
-            "1" if ok else "0"]))
+            "1" if ok else "0"], refill))
 
-    async def _send_finishes(self, group: list[tuple[Job, list[Any]]]) -> list[bool]:
-        """The results waiting in one script call (``_FINISH``)."""
-        keys: list[str] = []
+    async def _send_finishes(self, group: list[tuple[Job, list[Any], Refill | None]],
+                             ) -> list[tuple[bool, list[Job]]]:
+        """The results waiting in one script call (``_FINISH``), with one claim for all
+        their refills, shared out in order."""
+        keys = [self._stream, self._delayed, self._webhooks, f"{self._p}count:done"]
         args: list[Any] = []
-        for job, values in group:
+        for job, values, _ in group:
             batch = job.batch_id or "-"
-            keys += [self._job(job.id), self._stream, self._batch(batch, "open"),
-                     self._batch(batch, "completed"), self._batch(batch, "failed"),
-                     f"{self._p}count:done", self._webhooks]
+            keys += [self._job(job.id), self._batch(batch, "open"),
+                     self._batch(batch, "completed"), self._batch(batch, "failed")]
             args += values
-        ended = await self._finish(keys=keys, args=[GROUP, int(self.retention_s), *args])
-        return [bool(e) for e in ended]
+        refills = [r for _, _, r in group if r is not None and r.limit > 0]
+        together = Refill(sum(r.limit for r in refills), max(r.lease_s for r in refills)) \
+            if refills else None
+        worker, now = group[0][1][0], max(values[4] for _, values, _ in group)
+        ended, out = await self._finish(keys=keys, args=[
+            GROUP, int(self.retention_s), *self._refill_args(worker, together, now), *args])
+        claimed = self._claimed(out)
+        results = []
+        for e, (_, _, refill) in zip(ended, group, strict=True):
+            take = refill.limit if refill is not None else 0
+            results.append((bool(e), claimed[:take]))
+            del claimed[:take]
+        return results
 
-    async def retry_later(self, job: Job, *, worker: str, at: float, error: str) -> bool:
+    async def retry_later(self, job: Job, *, worker: str, at: float, error: str, now: float,
+                          refill: Refill | None = None) -> tuple[bool, list[Job]]:
         self._entries.pop(job.id, None)
-        return bool(await self._retry(keys=[self._job(job.id), self._stream, self._delayed],
-                                      args=[GROUP, worker, at, error, "1"]))
+        ok, out = await self._retry(
+            keys=[self._job(job.id), self._stream, self._delayed],
+            args=[GROUP, worker, at, error, "1", *self._refill_args(worker, refill, now)])
+        return bool(ok), self._claimed(out)
 
     async def release(self, jobs: Iterable[Job], *, worker: str) -> None:
         for job in jobs:
             self._entries.pop(job.id, None)
             await self._retry(keys=[self._job(job.id), self._stream, self._delayed],
-                              args=[GROUP, worker, 0, "", "0"])
+                              args=[GROUP, worker, 0, "", "0",
+                                    *self._refill_args(worker, None, 0)])
 
     async def due_webhooks(self, *, limit: int, lease_s: float, now: float,
                            ) -> list[dict[str, Any]]:

@@ -15,11 +15,15 @@ process's CPU use and the event loop's lag, against ``jobs.lane`` (``count_clien
 counts client requests: every request under ``/v1/`` that is not a job's own call), so
 jobs take the CPU the clients leave idle, and none of it while clients need it all. A
 try's answer decides the job (``after_try``): done, retried later with backoff, or given up.
+The store call that records it also claims the jobs that will refill the slot it frees
+(``JobsService.refill``), kept in ``ready`` until the lane starts them: a lane running a
+few jobs at a time makes one store round trip per job instead of a claim and a finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -47,7 +51,7 @@ from ._forward import parse_retry_after
 from ._jobs_auth import JobRequest
 from ._jobs_call import call_in_process
 from ._jobs_metrics import JobMetrics
-from ._jobs_store import Job, JobStore
+from ._jobs_store import Job, JobStore, Refill
 from ._state import CLOCK, SERVING
 
 if TYPE_CHECKING:
@@ -91,6 +95,11 @@ class JobsService:
         self.job_ended = asyncio.Event()
         self.rng = random.Random()
         self.running: dict[asyncio.Task[None], Job] = {}
+        #: Jobs claimed with a finishing job's result (``refill``), started by the lane
+        #: as it has room; claimed by this worker (their leases renewed) until then.
+        self.ready: collections.deque[Job] = collections.deque()
+        #: Store calls ending a job now (``ended``), whose refill is not in ``ready`` yet.
+        self.ending: set[asyncio.Future[tuple[bool, list[Job]]]] = set()
         #: The lane's claim in progress (its jobs are not in ``running`` yet).
         self.claiming: asyncio.Future[list[Job]] | None = None
         self.loop_lag_s = 0.0
@@ -109,6 +118,33 @@ class JobsService:
         """Jobs that may start now: the AIMD window, or the share clients leave it."""
         return self.share.room(window=self.lane.size, running=len(self.running),
                                now=time.monotonic())
+
+    def refill(self, *, serving: bool) -> Refill | None:
+        """What a job ending now claims in the same store call: one job for the slot it
+        frees, if the lane still has room for it once the jobs already in ``ready``
+        start (none when the share was cut, and none while the instance is not serving:
+        starting, or draining on its way out). Room beyond that slot is the lane's to
+        claim: jobs ending together would each claim it."""
+        if serving and self.room() + 1 - len(self.ready) > 0:
+            return Refill(1, self.lease_s())
+        return None
+
+    async def ended(self, call: Awaitable[tuple[bool, list[Job]]]) -> bool:
+        """Await the store call that ends a job (``finish``, ``retry_later``); the jobs it
+        claimed go to ``ready`` even if the caller is cancelled meanwhile (a shutdown
+        then hands them back: ``jobs_lifecycle``). Returns whether the job was ended."""
+        ending = asyncio.ensure_future(call)
+        self.ending.add(ending)
+        ending.add_done_callback(self._refilled)
+        return (await asyncio.shield(ending))[0]
+
+    def _refilled(self, ending: asyncio.Future[tuple[bool, list[Job]]]) -> None:
+        self.ending.discard(ending)
+        if not ending.cancelled() and ending.exception() is None:
+            claimed = ending.result()[1]
+            self.ready.extend(claimed)
+            if claimed:
+                self.metrics.claimed.labels("refill").inc(len(claimed))
 
     def adopt(self, policy: JobsPolicy) -> None:
         """A reload changed the ``jobs`` section: retries, lane size and share, webhooks
@@ -134,7 +170,8 @@ class JobsService:
                 "targets": {alias: list(names) for alias, names in self.policy.targets.items()},
                 "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
-                "lane": {"running": len(self.running), "window": self.lane.size,
+                "lane": {"running": len(self.running), "ready": len(self.ready),
+                         "window": self.lane.size,
                          "limit": self.lane.limit,
                          "share": self.lane.size if self.share.share is None
                          else self.share.share,
@@ -194,9 +231,10 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
                 if service.claiming is not None:
                     with contextlib.suppress(Exception):
                         unstarted = await service.claiming
+                await asyncio.gather(*service.ending, return_exceptions=True)  # into ready
                 with contextlib.suppress(Exception):
-                    await service.store.release([*in_flight.values(), *unstarted],
-                                                worker=service.worker)
+                    await service.store.release(
+                        [*in_flight.values(), *unstarted, *service.ready], worker=service.worker)
                 await service.store.aclose()
         except TimeoutError:
             log.warning("jobs_close_timed_out", timeout_s=CLOSE_TIMEOUT_S,
@@ -247,13 +285,17 @@ async def _drain(app: web.Application, service: JobsService) -> None:
             await wake_within(slot_freed, POLL_INTERVAL_S)
             continue
         service.wake.clear()
-        # Shielded: a shutdown that cancels the lane while the store claims must still
-        # learn which jobs it claimed, to hand them back (``jobs_lifecycle``).
-        claim = asyncio.ensure_future(service.store.claim(
-            worker=service.worker, limit=free, lease_s=service.lease_s(), now=time.time()))
-        service.claiming = claim
-        jobs = await asyncio.shield(claim)
-        service.claiming = None
+        jobs = [service.ready.popleft() for _ in range(min(free, len(service.ready)))]
+        if not jobs:
+            # Shielded: a shutdown that cancels the lane while the store claims must still
+            # learn which jobs it claimed, to hand them back (``jobs_lifecycle``).
+            claim = asyncio.ensure_future(service.store.claim(
+                worker=service.worker, limit=free, lease_s=service.lease_s(), now=time.time()))
+            service.claiming = claim
+            jobs = await asyncio.shield(claim)
+            service.claiming = None
+            if jobs:
+                service.metrics.claimed.labels("claim").inc(len(jobs))
         for job in jobs:
             task = asyncio.create_task(_run_one(app, service, job))
             service.running[task] = job
@@ -346,22 +388,26 @@ async def _try_job(app: web.Application, service: JobsService, job: Job) -> None
                          max_retries=policy.max_retries, base_s=policy.backoff_base_s,
                          cap_s=policy.backoff_cap_s, rng=service.rng, retry_after_s=retry_after)
     now = time.time()
+    serving = app[SERVING]
+    refill = service.refill(serving=serving.url is not None and not serving.draining)
     if isinstance(decision, Finished | GaveUp):
         final_error = decision.error if isinstance(decision, GaveUp) else (error or None)
-        if await service.store.finish(job, worker=service.worker, status=status, response=body,
-                                      error=final_error, now=now):
+        if await service.ended(service.store.finish(
+                job, worker=service.worker, status=status, response=body, error=final_error,
+                now=now, refill=refill)):
             ok = status is not None and 200 <= status < 300 and isinstance(decision, Finished)
             metrics.finished.labels(kind, "completed" if ok else "failed").inc()
             log.info("job_finished", job_id=job.id, batch_id=job.batch_id, status=status,
                      tries=job.tries + 1, error=final_error)
             if job.batch_id is None:  # an async job may have a webhook; a batch line never
                 service.job_ended.set()
-        return
-    metrics.retries.labels(kind).inc()
-    log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
-             tries=job.tries + 1, delay_s=round(decision.delay_s, 3), error=decision.error)
-    await service.store.retry_later(job, worker=service.worker, at=now + decision.delay_s,
-                                    error=decision.error)
+    else:
+        metrics.retries.labels(kind).inc()
+        log.info("job_retry", job_id=job.id, batch_id=job.batch_id, status=status,
+                 tries=job.tries + 1, delay_s=round(decision.delay_s, 3), error=decision.error)
+        await service.ended(service.store.retry_later(
+            job, worker=service.worker, at=now + decision.delay_s, error=decision.error,
+            now=now, refill=refill))
 
 
 def _error_text(status: int, body: bytes | None) -> str:

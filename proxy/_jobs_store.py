@@ -63,9 +63,44 @@ class Job:
     tries: int
 
 
+@dataclass(frozen=True, slots=True)
+class Refill:
+    """Jobs to claim in the same step that ends one (``finish``, ``retry_later``): the
+    runner refills the slot the job frees without a claim of its own (one store round
+    trip per job instead of two while the lane runs a few at a time)."""
+
+    limit: int
+    lease_s: float
+
+
 _INSERT_JOB: Final = (
     "INSERT INTO jobs (id, owner, method, path, body, state, not_before, created_at, idem_key,"
     " body_hash, webhook, webhook_state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _claim(db: sqlite3.Connection, worker: str, refill: Refill | None, now: float,
+           ) -> list[Job]:
+    """Up to ``refill.limit`` jobs due now (or whose worker's lease ran out), claimed by
+    ``worker`` until ``now + refill.lease_s``."""
+    if refill is None or refill.limit < 1:
+        return []
+    limit = refill.limit
+    # Two index searches, not one OR: the queued side is read in not_before order
+    # off the index, so a claim costs the same with a million jobs waiting.
+    ids = [r[0] for r in db.execute(
+        "SELECT id FROM jobs WHERE state=? AND lease_until<? LIMIT ?", (RUNNING, now, limit))]
+    if len(ids) < limit:
+        ids += [r[0] for r in db.execute(
+            "SELECT id FROM jobs WHERE state=? AND not_before<=? ORDER BY not_before LIMIT ?",
+            (QUEUED, now, limit - len(ids)))]
+    if not ids:
+        return []
+    rows = db.execute(
+        "UPDATE jobs SET state=?, worker=?, lease_until=?, started_at=? WHERE id IN"
+        f" ({','.join('?' * len(ids))}) RETURNING id, batch_id, owner, method, path, body, tries",
+        (RUNNING, worker, now + refill.lease_s, now, *ids)).fetchall()
+    return [Job(id=r["id"], batch_id=r["batch_id"], owner=r["owner"], method=r["method"],
+                path=r["path"], body=r["body"], tries=r["tries"]) for r in rows]
 
 
 class IdempotencyConflict(Exception):
@@ -151,28 +186,7 @@ class JobStore:
 
     async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
         """Up to ``limit`` jobs due now (or whose worker's lease ran out), claimed by ``worker``."""
-        def op(db: sqlite3.Connection) -> list[Job]:
-            # Two index searches, not one OR: the queued side is read in not_before order
-            # off the index, so a claim costs the same with a million jobs waiting.
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM jobs WHERE state=? AND lease_until<? LIMIT ?",
-                (RUNNING, now, limit))]
-            if len(ids) < limit:
-                ids += [r[0] for r in db.execute(
-                    "SELECT id FROM jobs WHERE state=? AND not_before<=? ORDER BY not_before"
-                    " LIMIT ?", (QUEUED, now, limit - len(ids)))]
-            if not ids:
-                return []
-            rows = db.execute(
-                "UPDATE jobs SET state=?, worker=?, lease_until=?, started_at=? WHERE id IN"
-                f" ({','.join('?' * len(ids))})"
-                " RETURNING id, batch_id, owner, method, path, body, tries",
-                (RUNNING, worker, now + lease_s, now, *ids)).fetchall()
-            return [Job(id=r["id"], batch_id=r["batch_id"], owner=r["owner"],
-                        method=r["method"], path=r["path"], body=r["body"], tries=r["tries"])
-                    for r in rows]
-
-        return await self._db.run(op)
+        return await self._db.run(lambda db: _claim(db, worker, Refill(limit, lease_s), now))
 
     async def renew(self, *, worker: str, lease_s: float, now: float) -> None:
         await self._db.run(lambda db: db.execute(
@@ -180,24 +194,29 @@ class JobStore:
             (now + lease_s, worker, RUNNING)))
 
     async def finish(self, job: Job, *, worker: str, status: int | None, response: bytes | None,
-                     error: str | None, now: float) -> bool:
-        """End ``job`` with its answer; False if ``worker`` no longer holds it."""
-        def op(db: sqlite3.Connection) -> bool:
+                     error: str | None, now: float, refill: Refill | None = None,
+                     ) -> tuple[bool, list[Job]]:
+        """End ``job`` with its answer (False if ``worker`` no longer holds it), and claim
+        ``refill``'s jobs in the same step."""
+        def op(db: sqlite3.Connection) -> tuple[bool, list[Job]]:
             cursor = db.execute(
                 "UPDATE jobs SET state=?, status=?, response=?, error=?, finished_at=?,"
                 " tries=tries+1, worker=NULL WHERE id=? AND state=? AND worker=?",
                 (DONE, status, response, error, now, job.id, RUNNING, worker))
-            return cursor.rowcount == 1
+            return cursor.rowcount == 1, _claim(db, worker, refill, now)
 
         return await self._db.run(op)
 
-    async def retry_later(self, job: Job, *, worker: str, at: float, error: str) -> bool:
-        def op(db: sqlite3.Connection) -> bool:
+    async def retry_later(self, job: Job, *, worker: str, at: float, error: str, now: float,
+                          refill: Refill | None = None) -> tuple[bool, list[Job]]:
+        """Queue ``job`` again, due at ``at`` (False if ``worker`` no longer holds it),
+        and claim ``refill``'s jobs in the same step."""
+        def op(db: sqlite3.Connection) -> tuple[bool, list[Job]]:
             cursor = db.execute(
                 "UPDATE jobs SET state=?, not_before=?, error=?, tries=tries+1, worker=NULL"
                 " WHERE id=? AND state=? AND worker=?",
                 (QUEUED, at, error, job.id, RUNNING, worker))
-            return cursor.rowcount == 1
+            return cursor.rowcount == 1, _claim(db, worker, refill, now)
 
         return await self._db.run(op)
 

@@ -669,6 +669,12 @@ async def test_503_burst_makes_the_lane_back_off_then_the_batch_finishes(
             metrics = await resp.text()
     assert 'skyroute_jobs_lane_slowdowns_total{reason="busy"}' in metrics
     assert 'skyroute_jobs_finished_total{kind="line",result="completed"} 60.0' in metrics
+    # Every try was claimed, by the lane or as the refill of a try that ended: most of
+    # them the latter (a window of 1 runs one try after another).
+    claimed = {how: float(n) for how, n in re.findall(
+        r'^skyroute_jobs_claimed_total\{how="(\w+)"\} (\S+)$', metrics, re.MULTILINE)}
+    assert claimed.keys() == {"claim", "refill"}
+    assert sum(claimed.values()) >= 60
 
 
 async def test_lane_yields_to_clients_and_gets_its_window_back(standin, skyroute, tmp_path,
