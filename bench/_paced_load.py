@@ -84,9 +84,11 @@ def request_bytes(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 @dataclass
 class PacedResult:
-    """Latencies (s, from when each request was due) and the phase's wall time."""
+    """Latencies (s, from when each request was due), when each was due (s from the
+    phase's start, in the same order), and the phase's wall time."""
 
     latencies: list[float] = field(default_factory=list)
+    due: list[float] = field(default_factory=list)
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     seconds: float = 0.0
 
@@ -127,6 +129,7 @@ async def paced_posts(url: str, body: bytes, headers: dict[str, str], *, rate: f
                 await asyncio.sleep(delay)
             status = await conn.send(raw)
             result.latencies.append(time.perf_counter() - due)
+            result.due.append(due - began)
             result.statuses[status] += 1
 
     try:

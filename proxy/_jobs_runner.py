@@ -280,6 +280,10 @@ async def _drain(app: web.Application, service: JobsService) -> None:
         # instance is on its way out, and a job claimed now would hold its shutdown): the
         # queue keeps the work for later, or for the next instance.
         serving = app[SERVING]
+        if serving.draining and service.ready:  # refills not started go back to the queue
+            handed = list(service.ready)
+            service.ready.clear()
+            await service.store.release(handed, worker=service.worker)
         if free <= 0 or serving.url is None or serving.draining:
             slot_freed.clear()
             await wake_within(slot_freed, POLL_INTERVAL_S)
