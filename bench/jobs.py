@@ -34,7 +34,8 @@ where the Python time goes, then the top functions by own time.
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--rounds 3] [--redis URL|own]
                            [--phases sync drain batch interactive busy accept] [--nice N]
-                           [--lane '{cpu: 30%}'] [--profile]
+                           [--lane '{cpu: 30%}'] [--profile] [--upstream canned]
+                           [--jobs-instance NICE]
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ async def interactive_impact(args: argparse.Namespace, url: str,
     this many requests moves by itself. Printed per window: how long
     skyroute's event loop, the load generator and Redis waited for a core (the machine's
     other work) and Redis's CPU."""
-    chat = f"{url}/v1/chat/completions"
+    chat = f"{args.clients_url or url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
 
@@ -498,6 +499,29 @@ def spawn(argv: list[str], core: int | None, nice: int = 0,
                             if nice else None)
 
 
+def start_clients_instance(config: Path, tmp: Path, jobs_pid: int, args: argparse.Namespace,
+                           core: int | None, procs: list[subprocess.Popen[str]]) -> str:
+    """``--jobs-instance NICE``: the instance started first keeps ``jobs:`` and drops to
+    ``NICE``; a second one, the same file without ``jobs:``, serves the interactive
+    clients at the bench's priority on the same core. The kernel, not the event loop, then
+    puts the drain aside when a client's request is ready. Returns the second one's URL."""
+    os.setpriority(os.PRIO_PROCESS, jobs_pid, args.jobs_instance)
+    head, rest = config.read_text().split("jobs:\n", 1)
+    clients_config = tmp / "clients.yaml"
+    clients_config.write_text(head + rest[rest.index("upstreams:"):])
+    log = tmp / "clients.log"
+    clients = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
+                     "--config", str(clients_config), "--port", "0", "--workers", "1"],
+                    core, args.nice, log=log)
+    procs.append(clients)
+    deadline = time.monotonic() + 60
+    while not (match := re.search(r'"url": "(http://[^"]+)"', log.read_text())):
+        if clients.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the clients' skyroute did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return match.group(1)
+
+
 def own_redis(directory: str, core: int | None, nice: int,
               procs: list[subprocess.Popen[str]]) -> str:
     """Start a redis-server of this run's own (AOF, ``appendfsync everysec``) on a free
@@ -560,10 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="run skyroute under cProfile while the batch phase's lines run; "
                              "print the store's round trips per line and where time goes")
+    parser.add_argument("--upstream", choices=["standin", "canned"], default="standin",
+                        help="canned: the stand-in's answer replayed by a bare asyncio protocol "
+                             "(bench/_canned_upstream.py), a fraction of the CPU on the load "
+                             "generator's core; not with the busy phase")
+    parser.add_argument("--jobs-instance", type=int, default=None, metavar="NICE",
+                        help="interactive phase: serve the clients from a second skyroute "
+                             "without jobs, the lane's instance at this nice value (e.g. 5)")
     parser.add_argument("--lane", default=None, metavar="YAML",
                         help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
                              "(default: skyroute's)")
     args = parser.parse_args(argv)
+    if args.upstream == "canned" and "busy" in args.phases:
+        parser.error("--upstream canned cannot answer busy: leave out the busy phase")
     two_cores = len(os.sched_getaffinity(0)) >= 2
     if args.nice:  # before anything starts: the session's autogroup covers them all
         prioritise(args.nice)
@@ -578,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(up)
             assert up.stdout is not None
             upstream = json.loads(up.stdout.readline())["url"]
+            if args.upstream == "canned":
+                from overhead import record_answers
+
+                answers = Path(tmp) / "answers.json"
+                record_answers(upstream, answers)
+                canned = spawn([sys.executable, str(HERE / "_canned_upstream.py"),
+                                str(answers)], 0 if two_cores else None, args.nice)
+                procs.append(canned)
+                assert canned.stdout is not None
+                upstream = json.loads(canned.stdout.readline())["url"]
             if args.redis == "own":
                 args.redis = own_redis(tmp, 1 if two_cores else None, args.nice, procs)
             args.redis_pid = local_redis_pid(args.redis)
@@ -610,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
                 if sky.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"skyroute did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.05)
+            args.clients_url = None
+            if args.jobs_instance is not None:
+                args.clients_url = start_clients_instance(
+                    config, Path(tmp), sky.pid, args, 1 if two_cores else None, procs)
             if args.redis:
                 print(f"redis: {args.redis}, {redis_keys(args.redis)} keys in its db before "
                       f"this run; this run's prefix {prefix}")
