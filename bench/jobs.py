@@ -271,12 +271,12 @@ async def interactive_impact(args: argparse.Namespace, url: str,
     after a discarded warm-up window.
 
     A p99 at 200/s over a few seconds is the 8th-worst of 800 requests: two windows
-    alone differ by 10-40 % from run to run on this machine. So the verdict compares
+    alone differed by 1.1-2.9x on this machine. So the verdict compares
     the p99 of every alone window's requests pooled with that of every beside window's,
     and prints a 90 % interval of that ratio (``bootstrap_ratio``): how far the p99 of
     this many requests moves by itself. Printed per window: how long
-    skyroute's event loop, the load generator and Redis waited for a core (the machine's
-    other work) and Redis's CPU."""
+    skyroute's event loop (the lane's instance, with ``--jobs-instance``), the load
+    generator and Redis waited for a core (the machine's other work) and Redis's CPU."""
     chat = f"{args.clients_url or url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
