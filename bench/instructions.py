@@ -31,10 +31,8 @@ Usage: python bench/instructions.py [--requests 200] [--warmup 50] [--keep DIR] 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import http.client
-import json
 import os
 import pstats
 import re
@@ -61,6 +59,7 @@ from overhead import (  # noqa: E402 - the sibling benchmark's helpers
     free_port,
     read_url_line,
     routing_yaml,
+    wait_for_listening,
 )
 
 #: valgrind runs Python some 50x slower: starting skyroute takes a while.
@@ -72,20 +71,6 @@ _TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 def _valgrind(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
             "--collect-systime=no", "-q"]
-
-
-def _wait_for_log(proc: subprocess.Popen[bytes], log: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"skyroute exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        for line in log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == "server_started":
-                    return str(event["url"])
-        time.sleep(0.2)
-    raise RuntimeError("skyroute did not start in time:\n" + log.read_text()[-3000:])
 
 
 def _send(url: str, key: str, model: str, *, stream: bool, count: int) -> None:
@@ -215,7 +200,7 @@ def profile(procs: Procs, args: argparse.Namespace, config: Path) -> pstats.Stat
             sys.executable, "-c", PROFILED, str(started), str(stats), "--log-format", "json",
             "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
             "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
-    url = _wait_for_log(proc, log) + "/v1/chat/completions"
+    url = wait_for_listening(proc, log, None, timeout_s=START_TIMEOUT_S) + "/v1/chat/completions"
     for stream in (False, True):
         _send(url, CLIENT_KEY, "chat", stream=stream, count=args.warmup)
     proc.send_signal(signal.SIGUSR1)
@@ -248,7 +233,8 @@ def measure(args: argparse.Namespace, keep: Path | None) -> dict[str, dict[str, 
                 *_valgrind(sky_out), *shlex.split(args.skyroute_cmd), "--log-format", "json",
                 "--log-level", "info", "run", "-c", str(config), "--port", "0", "--grace", "1",
                 "--workers", "1"], core=None, stdout=subprocess.DEVNULL, stderr=log_file)
-        sky_url = _wait_for_log(sky, log) + "/v1/chat/completions"
+        sky_url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S) \
+            + "/v1/chat/completions"
         if args.profile:
             args.profile_stats = profile(procs, args, config)
         measured = [("bare", bare, bare_out, bare_url, UPSTREAM_KEY, "deepseek-chat"),

@@ -64,13 +64,16 @@ from typing import Any
 import aiohttp
 import openai
 import uvloop
-from _paced_load import paced_posts
+from _paced_load import PacedResult, paced_posts
 from instructions import PROFILED
+from overhead import free_port, read_url_line, record_answers, wait_for_listening
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
 UPSTREAM_KEY = "sk-bench-upstream"
 BODY = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).encode()
+#: How long a skyroute this bench starts may take to listen (cProfile'd included).
+START_TIMEOUT_S = 60.0
 #: Routed to an upstream that never answers: its jobs wait in the lane (16 at most) and
 #: use no CPU, so the accept phase measures accepting alone.
 PARKED = json.dumps({"model": "parked", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -354,7 +357,7 @@ BLOCK_S = 0.25
 RESAMPLES = 1000
 
 
-def blocks_of(result: Any) -> list[list[float]]:
+def blocks_of(result: PacedResult) -> list[list[float]]:
     """A paced run's latencies in ``BLOCK_S`` blocks of due time."""
     blocks: dict[int, list[float]] = {}
     for latency, due in zip(result.latencies, result.due, strict=True):
@@ -514,12 +517,7 @@ def start_clients_instance(config: Path, tmp: Path, jobs_pid: int, args: argpars
                      "--config", str(clients_config), "--port", "0", "--workers", "1"],
                     core, args.nice, log=log)
     procs.append(clients)
-    deadline = time.monotonic() + 60
-    while not (match := re.search(r'"url": "(http://[^"]+)"', log.read_text())):
-        if clients.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the clients' skyroute did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return match.group(1)
+    return wait_for_listening(clients, log, None, timeout_s=START_TIMEOUT_S)
 
 
 def own_redis(directory: str, core: int | None, nice: int,
@@ -532,9 +530,7 @@ def own_redis(directory: str, core: int | None, nice: int,
     if binary is None:
         raise SystemExit("--redis own: redis-server is not installed (apt-get install "
                          "redis-server)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     server = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "yes", "--appendfsync", "everysec", "--dir", directory],
                    core, nice)
@@ -609,18 +605,14 @@ def main(argv: list[str] | None = None) -> int:
             up = spawn([sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
                        0 if two_cores else None, args.nice)
             procs.append(up)
-            assert up.stdout is not None
-            upstream = json.loads(up.stdout.readline())["url"]
+            upstream = read_url_line(up, "the stand-in upstream")
             if args.upstream == "canned":
-                from overhead import record_answers
-
                 answers = Path(tmp) / "answers.json"
                 record_answers(upstream, answers)
                 canned = spawn([sys.executable, str(HERE / "_canned_upstream.py"),
                                 str(answers)], 0 if two_cores else None, args.nice)
                 procs.append(canned)
-                assert canned.stdout is not None
-                upstream = json.loads(canned.stdout.readline())["url"]
+                upstream = read_url_line(canned, "the canned upstream")
             if args.redis == "own":
                 args.redis = own_redis(tmp, 1 if two_cores else None, args.nice, procs)
             args.redis_pid = local_redis_pid(args.redis)
@@ -648,11 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
-            deadline = time.monotonic() + 60
-            while not (match := re.search(r'"url": "(http://[^"]+)"', log.read_text())):
-                if sky.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"skyroute did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.05)
+            url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S)
             args.clients_url = None
             if args.jobs_instance is not None:
                 args.clients_url = start_clients_instance(
@@ -668,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, {0})
             if args.nice:
                 prioritise(args.nice)
-            uvloop.run(run(args, match.group(1), sky.pid, control))
+            uvloop.run(run(args, url, sky.pid, control))
         finally:
             for proc in procs:
                 proc.terminate()

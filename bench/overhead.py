@@ -159,7 +159,7 @@ class Procs:
         self.lifelines.clear()
 
 
-def read_url_line(proc: subprocess.Popen[bytes], name: str) -> str:
+def read_url_line(proc: subprocess.Popen[Any], name: str) -> str:
     """The ``{"url": ...}`` line a helper prints on stdout once it listens."""
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the helpers print exactly one line, at once
@@ -174,12 +174,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_listening(proc: subprocess.Popen[bytes], log: Path, port: int | None,
-                       event_name: str = "server_started") -> str:
+def wait_for_listening(proc: subprocess.Popen[Any], log: Path, port: int | None,
+                       event_name: str = "server_started", *,
+                       timeout_s: float = START_TIMEOUT_S) -> str:
     """skyroute logs ``{"url": ..., "event": "server_started"}`` on stderr (a file here;
     ``workers_started`` from a supervisor); with ``port`` (log level above info: no such
-    line), wait until it accepts connections."""
-    deadline = time.monotonic() + START_TIMEOUT_S
+    line), wait until it accepts connections. Every benchmark waits for skyroute here."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"skyroute exited with status {proc.returncode}:\n"

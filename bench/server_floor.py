@@ -55,7 +55,7 @@ import httptools
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from instructions import GOAL, _counted, _send, _valgrind, _wait_for_log  # noqa: E402
+from instructions import GOAL, START_TIMEOUT_S, _counted, _send, _valgrind  # noqa: E402
 from overhead import (  # noqa: E402 - the sibling benchmarks' helpers
     CLIENT_KEY,
     UPSTREAM_KEY,
@@ -63,6 +63,7 @@ from overhead import (  # noqa: E402 - the sibling benchmarks' helpers
     body_for,
     read_url_line,
     routing_yaml,
+    wait_for_listening,
 )
 
 MODES = ("json", "stream")
@@ -200,7 +201,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict
             started.append((row, proc, out, log))
         targets = []
         for row, proc, out, log in started:
-            base = _wait_for_log(proc, log) if log else read_url_line(proc, f"({row.name})")
+            base = (wait_for_listening(proc, log, None, timeout_s=START_TIMEOUT_S) if log
+                    else read_url_line(proc, f"({row.name})"))
             key, model = (CLIENT_KEY, "chat") if log else (UPSTREAM_KEY, "deepseek-chat")
             targets.append((row, proc, out, base + "/v1/chat/completions", key, model))
         reference: list[Answer] = []
