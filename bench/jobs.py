@@ -1,7 +1,9 @@
 """Benchmark: how fast skyroute accepts durable jobs, ingests batch lines and drains them.
 
-One ``skyroute run --workers 1`` process pinned to core 1 (with taskset, when there are two)
-with ``jobs:`` on SQLite (or ``--redis``), in front of the 0 ms stand-in
+One ``skyroute run --workers 1`` pinned to core 1 (with taskset, when there are two) with
+``jobs:`` on SQLite (or ``--redis``): its serving worker and its jobs worker at idle CPU
+priority (``jobs.lane.process: separate``, the default; ``--lane '{process: inline}'``: one
+process whose lane yields by its CPU share), in front of the 0 ms stand-in
 (``bench/_upstream.py``) on core 0, where this process (the load generator) runs too. In
 one run (``--phases`` picks some):
 
@@ -19,8 +21,9 @@ one run (``--phases`` picks some):
   upstream that never answers), so the phase measures accepting alone: accepts/s and p99
   against the goal (3,200/s on one core, p99 < 10 ms), and per skyroute CPU second.
 
-Printed with each: skyroute's CPU seconds (``/proc/<pid>/stat``), so "per CPU second" does
-not depend on how busy the machine is, and how long skyroute's event loop and the load
+Printed with each: skyroute's CPU seconds (``/proc/<pid>/stat``, its workers together), so
+"per CPU second" does not depend on how busy the machine is, and how long skyroute's
+serving event loop and the load
 generator waited for their cores (``/proc/<pid>/task/<tid>/schedstat``): on a machine busy
 with other work, latency that is not skyroute's. ``--nice -10`` (as root) gives the three
 processes priority over that work.
@@ -34,8 +37,7 @@ where the Python time goes, then the top functions by own time.
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--rounds 3] [--redis URL|own]
                            [--phases sync drain batch interactive busy accept] [--nice N]
-                           [--lane '{cpu: 30%}'] [--profile] [--upstream canned]
-                           [--jobs-instance NICE]
+                           [--lane '{process: inline}'] [--profile] [--upstream canned]
 """
 
 from __future__ import annotations
@@ -58,15 +60,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import uvloop
+import yaml
 from _paced_load import PacedResult, paced_posts
 from instructions import PROFILED
-from overhead import free_port, read_url_line, record_answers, wait_for_listening
+from overhead import cpu_seconds, free_port, read_url_line, record_answers, wait_for_listening
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
@@ -79,9 +83,13 @@ START_TIMEOUT_S = 60.0
 PARKED = json.dumps({"model": "parked", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True, slots=True)
+class Processes:
+    """The skyroute run being measured: whose CPU counts, whose waits for a core matter."""
+
+    serving: int  # the process serving clients (its event loop's waits are theirs)
+    all: tuple[int, ...]  # every process running skyroute's work (their CPU summed)
+    jobs: int | None = None  # the jobs worker (at idle priority), if there is one
 
 
 def cpu_wait_seconds(pid: int) -> float:
@@ -136,19 +144,19 @@ def p99_ms(latencies: list[float]) -> float:
 PHASES = ("sync", "drain", "batch", "interactive", "busy", "accept")
 
 
-async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> None:
+async def run(args: argparse.Namespace, url: str, sky: Processes, control: str) -> None:
     phases = set(args.phases)
     sync_rate = None
     if "sync" in phases:
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_seconds(sky.all)
         sync = await load(f"{url}/v1/chat/completions", duration=args.duration,
                           concurrency=args.concurrency, expect=200)
-        sync_rate = summary("sync", sync, args.duration, cpu_seconds(pid) - cpu0)
+        sync_rate = summary("sync", sync, args.duration, cpu_seconds(sky.all) - cpu0)
     if "drain" in phases:
-        cpu1 = cpu_seconds(pid)
+        cpu1 = cpu_seconds(sky.all)
         accepted = await load(f"{url}/v1/async/chat/completions", duration=args.duration,
                               concurrency=args.concurrency, expect=202)
-        summary("async+drain", accepted, args.duration, cpu_seconds(pid) - cpu1)
+        summary("async+drain", accepted, args.duration, cpu_seconds(sky.all) - cpu1)
         started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while not await queue_empty(http, url):
@@ -158,30 +166,30 @@ async def run(args: argparse.Namespace, url: str, pid: int, control: str) -> Non
               "ended")
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0,
                                   timeout=60) as client:
-        ok_rate = await batch_ingest(args, client, pid) if "batch" in phases else None
+        ok_rate = await batch_ingest(args, client, sky) if "batch" in phases else None
         if "interactive" in phases:
-            await interactive_impact(args, url, client, pid)
+            await interactive_impact(args, url, client, sky)
         if "busy" in phases:
             await busy_half(args, client, control, ok_rate)
     if "accept" in phases:
         # Last: these jobs never finish (their upstream never answers), so nothing drains
         # and the phase measures accepting alone.
-        await accept_rate(args, url, pid, sync_rate)
+        await accept_rate(args, url, sky, sync_rate)
 
 
-async def accept_rate(args: argparse.Namespace, url: str, pid: int,
+async def accept_rate(args: argparse.Namespace, url: str, sky: Processes,
                       sync_rate: float | None) -> None:
     """Async submits paced at ``--rate`` (open loop, the cheap load generator on the other
     core): accepts per second, p99 against the goal, and per skyroute CPU second."""
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     await paced_posts(f"{url}/v1/async/chat/completions", PARKED, headers, rate=args.rate,
                       duration=min(1.0, args.duration))  # warm-up: connections, caches
-    cpu0, waited0, own0 = cpu_seconds(pid), cpu_wait_seconds(pid), time.process_time()
+    cpu0, waited0, own0 = cpu_seconds(sky.all), cpu_wait_seconds(sky.serving), time.process_time()
     own_waited0 = cpu_wait_seconds(os.getpid())
     result = await paced_posts(f"{url}/v1/async/chat/completions", PARKED, headers,
                                rate=args.rate, duration=args.duration,
                                connections=args.concurrency)
-    cpu, waited = cpu_seconds(pid) - cpu0, cpu_wait_seconds(pid) - waited0
+    cpu, waited = cpu_seconds(sky.all) - cpu0, cpu_wait_seconds(sky.serving) - waited0
     own, own_waited = time.process_time() - own0, cpu_wait_seconds(os.getpid()) - own_waited0
     if set(result.statuses) != {202}:
         raise RuntimeError(f"async submits answered {dict(result.statuses)}")
@@ -233,11 +241,12 @@ async def until_done(client: openai.AsyncOpenAI, batch_id: str) -> Any:
     return batch
 
 
-async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid: int) -> float:
+async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI,
+                       sky: Processes) -> float:
     """Lines per second validated and queued, and run to the end (all upstream answers ok),
     and skyroute's CPU per line (the upload, validation, run, status polls and results)."""
-    began, cpu0 = time.perf_counter(), cpu_seconds(pid)
-    redis_cpu0 = cpu_seconds(args.redis_pid) if args.redis_pid else 0.0
+    began, cpu0 = time.perf_counter(), cpu_seconds(sky.all)
+    redis_cpu0 = cpu_seconds((args.redis_pid,)) if args.redis_pid else 0.0
     batch_id = await start_batch(client, args.batch_lines)
     queued_at = None
     while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -246,15 +255,15 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
         if queued_at is None and batch.status != "validating":
             queued_at = time.perf_counter() - began
             if args.profile_dir:
-                await profile_signal(pid, signal.SIGUSR1, args.profile_dir / "started")
-                profiled_cpu0, commands0 = cpu_seconds(pid), redis_commands(args.redis)
-    total, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu0
-    redis_cpu = cpu_seconds(args.redis_pid) - redis_cpu0 if args.redis_pid else 0.0
+                await profile_signal(sky.serving, signal.SIGUSR1, args.profile_dir / "started")
+                profiled_cpu0, commands0 = cpu_seconds(sky.all), redis_commands(args.redis)
+    total, cpu = time.perf_counter() - began, cpu_seconds(sky.all) - cpu0
+    redis_cpu = cpu_seconds((args.redis_pid,)) - redis_cpu0 if args.redis_pid else 0.0
     if args.profile_dir:
-        profiled_cpu = cpu_seconds(pid) - profiled_cpu0
+        profiled_cpu = cpu_seconds(sky.all) - profiled_cpu0
         commands = {name: calls - commands0.get(name, 0)
                     for name, calls in redis_commands(args.redis).items()}
-        await profile_signal(pid, signal.SIGUSR2, args.profile_dir / "skyroute.done")
+        await profile_signal(sky.serving, signal.SIGUSR2, args.profile_dir / "skyroute.done")
         print_profile(args.profile_dir / "skyroute.prof", args.batch_lines, profiled_cpu,
                       commands)
     assert queued_at is not None and batch.status == "completed", batch
@@ -268,7 +277,7 @@ async def batch_ingest(args: argparse.Namespace, client: openai.AsyncOpenAI, pid
 
 
 async def interactive_impact(args: argparse.Namespace, url: str,
-                             client: openai.AsyncOpenAI, pid: int) -> None:
+                             client: openai.AsyncOpenAI, sky: Processes) -> None:
     """Paced interactive requests alone and while a batch drains, in ``--rounds`` rounds
     (alone, beside a new batch, then that batch run to its end) and one more alone window;
     after a discarded warm-up window.
@@ -277,16 +286,17 @@ async def interactive_impact(args: argparse.Namespace, url: str,
     alone differed by 1.1-2.9x on this machine. So the verdict compares
     the p99 of every alone window's requests pooled with that of every beside window's,
     and prints a 90 % interval of that ratio (``bootstrap_ratio``): how far the p99 of
-    this many requests moves by itself. Printed per window: how long
-    skyroute's event loop (the lane's instance, with ``--jobs-instance``), the load
-    generator and Redis waited for a core (the machine's other work) and Redis's CPU."""
-    chat = f"{args.clients_url or url}/v1/chat/completions"
+    this many requests moves by itself. Printed per window: how long skyroute's serving
+    event loop, the load generator and Redis waited for a core (the machine's other work,
+    and Redis's own) and Redis's CPU, and the jobs worker's CPU."""
+    chat = f"{url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    pids = [pid, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
+    pids = [sky.serving, os.getpid(), *([args.redis_pid] if args.redis_pid else [])]
 
     async def window(duration: float) -> tuple[list[list[float]], str]:
         waited0, redis_cpu0 = [cpu_wait_seconds(p) for p in pids], (
-            cpu_seconds(args.redis_pid) if args.redis_pid else 0.0)
+            cpu_seconds((args.redis_pid,)) if args.redis_pid else 0.0)
+        jobs_cpu0 = cpu_seconds((sky.jobs,)) if sky.jobs else 0.0
         yields0 = await lane_yields(url)
         # No collection in this process while it measures: a full one (after a batch file
         # of 4,000 lines was built, just before a window beside it) stops the load
@@ -304,8 +314,10 @@ async def interactive_impact(args: argparse.Namespace, url: str,
         yielded = await lane_yields(url) - yields0
         note = (f"p99 {p99_ms(result.latencies):.2f} ms, waited "
                 + " / ".join(f"{w * 1000:.0f}" for w in waited)
-                + (f" (redis CPU {cpu_seconds(args.redis_pid) - redis_cpu0:.2f} s)"
+                + (f" (redis CPU {cpu_seconds((args.redis_pid,)) - redis_cpu0:.2f} s)"
                    if args.redis_pid else "")
+                + (f", jobs worker CPU {cpu_seconds((sky.jobs,)) - jobs_cpu0:.2f} s"
+                   if sky.jobs else "")
                 + (f", share cut {yielded:.0f}x" if yielded else ""))
         return blocks_of(result), note
 
@@ -491,33 +503,42 @@ async def busy_half(args: argparse.Namespace, client: openai.AsyncOpenAI, contro
 
 
 def spawn(argv: list[str], core: int | None, nice: int = 0,
-          log: Path | None = None) -> subprocess.Popen[str]:
-    """Start ``argv`` on ``core`` at priority ``nice``; its stderr to ``log`` if given (a
-    reader thread in this process would take the load generator's CPU and GIL)."""
+          log: Path | None = None, *, idle: bool = False) -> subprocess.Popen[str]:
+    """Start ``argv`` on ``core`` at priority ``nice`` (``idle``: in the kernel's idle class);
+    its stderr to ``log`` if given (a reader thread in this process would take the load
+    generator's CPU and GIL)."""
     if core is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", str(core), *argv]
     stderr = log.open("w") if log is not None else subprocess.PIPE
+
+    def priority() -> None:
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        elif nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            preexec_fn=(lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
-                            if nice else None)
+                            preexec_fn=priority if idle or nice else None)
 
 
-def start_clients_instance(config: Path, tmp: Path, jobs_pid: int, args: argparse.Namespace,
-                           core: int | None, procs: list[subprocess.Popen[str]]) -> str:
-    """``--jobs-instance NICE``: the instance started first keeps ``jobs:`` and drops to
-    ``NICE``; a second one, the same file without ``jobs:``, serves the interactive
-    clients at the bench's priority on the same core. The kernel, not the event loop, then
-    puts the drain aside when a client's request is ready. Returns the second one's URL."""
-    os.setpriority(os.PRIO_PROCESS, jobs_pid, args.jobs_instance)
-    head, rest = config.read_text().split("jobs:\n", 1)
-    clients_config = tmp / "clients.yaml"
-    clients_config.write_text(head + rest[rest.index("upstreams:"):])
-    log = tmp / "clients.log"
-    clients = spawn([sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
-                     "--config", str(clients_config), "--port", "0", "--workers", "1"],
-                    core, args.nice, log=log)
-    procs.append(clients)
-    return wait_for_listening(clients, log, None, timeout_s=START_TIMEOUT_S)
+def start_upstream(args: argparse.Namespace, tmp: Path, core: int | None,
+                   procs: list[subprocess.Popen[str]], *, idle: bool = False,
+                   ) -> tuple[str, str]:
+    """The stand-in upstream (``--upstream canned``: its answer replayed) on ``core``; its
+    base URL and the stand-in's behaviour control URL (the busy phase)."""
+    up = spawn([sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY], core, args.nice,
+               idle=idle)
+    procs.append(up)
+    url = read_url_line(up, "the stand-in upstream")
+    control = url.removesuffix("/v1") + "/_standin/behaviour"
+    if args.upstream == "canned":
+        answers = tmp / f"answers-{up.pid}.json"
+        record_answers(url, answers)
+        canned = spawn([sys.executable, str(HERE / "_canned_upstream.py"), str(answers)],
+                       core, args.nice, idle=idle)
+        procs.append(canned)
+        url = read_url_line(canned, "the canned upstream")
+    return url, control
 
 
 def own_redis(directory: str, core: int | None, nice: int,
@@ -584,15 +605,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="canned: the stand-in's answer replayed by a bare asyncio protocol "
                              "(bench/_canned_upstream.py), a fraction of the CPU on the load "
                              "generator's core; not with the busy phase")
-    parser.add_argument("--jobs-instance", type=int, default=None, metavar="NICE",
-                        help="interactive phase: serve the clients from a second skyroute "
-                             "without jobs, the lane's instance at this nice value (e.g. 5)")
+    parser.add_argument("--jobs-upstream", choices=["shared", "own"], default="own",
+                        help="own (default): jobs go to a stand-in of their own (jobs.targets) "
+                             "in the idle class on the load generator's core, as a remote "
+                             "provider's work is not on skyroute's machine; shared: to the "
+                             "clients' stand-in, whose core the load generator shares")
     parser.add_argument("--lane", default=None, metavar="YAML",
-                        help="the jobs.lane setting, e.g. '{cpu: 30%%, loop_lag: 1ms}' "
-                             "(default: skyroute's)")
+                        help="the jobs.lane setting, e.g. '{process: inline, cpu: 30%%}' "
+                             "(default: skyroute's; --profile implies process: inline)")
     args = parser.parse_args(argv)
     if args.upstream == "canned" and "busy" in args.phases:
         parser.error("--upstream canned cannot answer busy: leave out the busy phase")
+    lane = yaml.safe_load(args.lane or "{}")
+    if not isinstance(lane, dict):
+        parser.error(f"--lane {args.lane!r} is not a mapping such as '{{process: inline}}'")
+    if args.profile:  # cProfile wraps the process it starts: the lane must run in it
+        lane["process"] = "inline"
     two_cores = len(os.sched_getaffinity(0)) >= 2
     if args.nice:  # before anything starts: the session's autogroup covers them all
         prioritise(args.nice)
@@ -602,17 +630,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"bench-{os.urandom(6).hex()}:"
     with tempfile.TemporaryDirectory(prefix="skyroute-bench-jobs-") as tmp:
         try:
-            up = spawn([sys.executable, str(HERE / "_upstream.py"), UPSTREAM_KEY],
-                       0 if two_cores else None, args.nice)
-            procs.append(up)
-            upstream = read_url_line(up, "the stand-in upstream")
-            if args.upstream == "canned":
-                answers = Path(tmp) / "answers.json"
-                record_answers(upstream, answers)
-                canned = spawn([sys.executable, str(HERE / "_canned_upstream.py"),
-                                str(answers)], 0 if two_cores else None, args.nice)
-                procs.append(canned)
-                upstream = read_url_line(canned, "the canned upstream")
+            core0 = 0 if two_cores else None
+            upstream, control = start_upstream(args, Path(tmp), core0, procs)
+            jobs_upstream = None
+            if args.jobs_upstream == "own":
+                jobs_upstream, control = start_upstream(args, Path(tmp), core0, procs,
+                                                        idle=True)
             if args.redis == "own":
                 args.redis = own_redis(tmp, 1 if two_cores else None, args.nice, procs)
             args.redis_pid = local_redis_pid(args.redis)
@@ -625,13 +648,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"jobs:\n  data_dir: {tmp}/data\n  concurrency: 16\n"
                 + (f"  redis: {{url: '{args.redis}', prefix: '{prefix}'}}\n"
                    if args.redis else "")
-                + (f"  lane: {args.lane}\n" if args.lane else "") +
+                + f"  lane: {json.dumps(lane)}\n"
+                + ("  targets: {chat: [jobs-up]}\n" if jobs_upstream else "") +
                 f"upstreams:\n  - name: up\n    url: {upstream}\n    api_key: {UPSTREAM_KEY}\n"
                 "    models: {chat: deepseek-chat}\n"
+                + (f"  - name: jobs-up\n    url: {jobs_upstream}\n    api_key: {UPSTREAM_KEY}\n"
+                   "    models: {chat: deepseek-chat}\n" if jobs_upstream else "") +
                 f"  - name: parked\n    url: http://127.0.0.1:{parked.getsockname()[1]}/v1\n"
                 "    models: {parked: parked}\n    first_token_timeout: 1h\n"
                 "    connect_timeout: 1h\nroutes:\n  - {model: parked, targets: [parked], "
-                "timeout: 1h}\n")
+                "timeout: 1h}\n  - {model: chat, targets: [up]}\n")
             log = Path(tmp) / "skyroute.log"
             args.profile_dir = Path(tmp) if args.profile else None
             main_of = (["-c", PROFILED, f"{tmp}/started", f"{tmp}/skyroute.prof"]
@@ -640,23 +666,22 @@ def main(argv: list[str] | None = None) -> int:
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
-            url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S)
-            args.clients_url = None
-            if args.jobs_instance is not None:
-                args.clients_url = start_clients_instance(
-                    config, Path(tmp), sky.pid, args, 1 if two_cores else None, procs)
+            separate = lane.get("process", "separate") == "separate"
+            url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S,
+                                     event_name="workers_started" if separate else
+                                     "server_started")
+            processes = workers_of(log) if separate else Processes(sky.pid, (sky.pid,))
             if args.redis:
                 print(f"redis: {args.redis}, {redis_keys(args.redis)} keys in its db before "
                       f"this run; this run's prefix {prefix}")
             print(f"queue: {'redis' if args.redis else 'sqlite'}; "
-                  f"skyroute pid {sky.pid}{' on core 1' if two_cores else ''}, "
+                  f"skyroute pids {processes}{' on core 1' if two_cores else ''}, "
                   f"{args.concurrency} clients, {args.duration:.0f} s per phase")
-            control = upstream.removesuffix("/v1") + "/_standin/behaviour"
             if two_cores:  # the load generator on the stand-in's core, not skyroute's
                 os.sched_setaffinity(0, {0})
             if args.nice:
                 prioritise(args.nice)
-            uvloop.run(run(args, url, sky.pid, control))
+            uvloop.run(run(args, url, processes, control))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -668,6 +693,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.redis and not own:  # the run's own Redis is gone with its data
                 delete_prefix(args.redis, prefix)
     return 0
+
+
+def workers_of(log: Path) -> Processes:
+    """The serving worker and the jobs worker of a supervised skyroute, from its log."""
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "workers_started":
+                jobs = event["jobs_pid"]
+                serving = next(p for p in event["pids"] if p != jobs)
+                return Processes(serving, tuple(event["pids"]), jobs)
+    raise RuntimeError("skyroute did not log workers_started")
 
 
 def local_redis_pid(url: str | None) -> int | None:

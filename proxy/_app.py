@@ -244,7 +244,7 @@ def build_app(config: Config, *, config_path: str | Path | None = None,
     app.router.add_get("/api/health", handle_health)
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
-    install_jobs(app, config)  # its routes before the catch-all of add_api_routes
+    install_jobs(app, config, worker)  # its routes before the catch-all of add_api_routes
     add_api_routes(app)
     add_admin_routes(app)
     if config.api_keys is None:

@@ -114,7 +114,7 @@ async def submit_async(request: web.Request) -> web.Response:
         raise error from None
     if created:
         service.metrics.accepted.labels("async").inc()
-        service.wake.set()
+        service.new_work()
     return web.json_response(job_view(record, base=_base(request)), status=202)
 
 

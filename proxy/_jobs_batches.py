@@ -96,7 +96,7 @@ async def _validate(service: JobsService, batch: dict[str, Any]) -> None:
         service.metrics.accepted.labels("line").inc(len(lines))
         log.info("batch_started", batch_id=batch["id"], lines=len(lines),
                  invalid_lines=len(problems))
-        service.wake.set()
+        service.new_work()
 
 
 def check_input(path: Path, endpoint: str,

@@ -7,6 +7,13 @@ degradation), with no routing code of its own. The call is a ``JobRequest``, whi
 only this code makes (no client can send one), naming the client key that submitted
 the job; the API authenticates it as that client (``job_caller``).
 
+Where the lane runs (``LaneHere``): with ``jobs.lane.process: separate`` ``skyroute
+run`` starts a jobs worker at idle CPU priority (``proxy._workers``) whose lane takes the
+whole window, the kernel putting it aside whenever a serving worker has work; the serving
+workers run no lane, only the API, and poke the jobs worker through a pipe when a submit
+queues work. Otherwise (``inline``, or a ``Server`` embedded in a program) the lane runs
+in the serving process itself, as follows.
+
 The lane: at most ``LaneWindow.size`` jobs run at once per instance; the window is
 halved when an answer says "busy" or the route's level is ``reduced`` or worse, and
 grows back as tries succeed (AIMD, ``routing._jobs``). While clients are served, the
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import os
 import random
 import secrets
@@ -72,11 +80,27 @@ CALL_MARGIN_S: Final = 30.0
 _RANK = {level: rank for rank, level in enumerate(LEVELS)}
 
 
+class LaneHere(enum.Enum):
+    """Whether this process runs the lane, and how it learns of new work."""
+
+    #: The lane runs here, beside this process's clients (yielding by ``LaneShare``).
+    INLINE = "inline"
+    #: This is the jobs worker: the lane runs here, alone; serving workers poke it.
+    SEPARATE = "separate"
+    #: A serving worker beside a jobs worker: no lane here; a submit pokes the jobs worker.
+    ELSEWHERE = "elsewhere"
+
+
 class JobsService:
     """One instance's queue, lane and runner (the ``JOBS`` app key)."""
 
-    def __init__(self, policy: JobsPolicy, *, metrics: JobMetrics) -> None:
+    def __init__(self, policy: JobsPolicy, *, metrics: JobMetrics,
+                 lane: LaneHere = LaneHere.INLINE, wake_fd: int | None = None) -> None:
+        """``wake_fd``: the jobs wake-up pipe's end (``WorkerSpec.wake_fd``): written to
+        by a serving worker (``ELSEWHERE``), read by the jobs worker (``SEPARATE``)."""
         self.policy = policy
+        self.lane_here = lane
+        self.wake_fd = wake_fd
         self.data_dir = Path(policy.data_dir)
         self.store: JobStore | RedisJobStore
         if policy.redis is None:
@@ -113,6 +137,14 @@ class JobsService:
         self.lane_room = asyncio.Event()
         #: The time batches' completion windows are checked against (a test moves it).
         self.wall: Callable[[], float] = time.time
+
+    def new_work(self) -> None:
+        """A submit, or a batch's lines, queued jobs: wake the lane, wherever it runs."""
+        self.wake.set()
+        if self.lane_here is LaneHere.ELSEWHERE and self.wake_fd is not None:
+            # Non-blocking: a full pipe means the jobs worker has wake-ups waiting already.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wake_fd, b"w")
 
     def room(self) -> int:
         """Jobs that may start now: the AIMD window, or the share clients leave it."""
@@ -165,12 +197,19 @@ class JobsService:
         """The queue and the lane, as /health shows them."""
         counts = await self.store.counts()
         oldest = await self.store.oldest_queued()
-        return {"queue": "redis" if self.policy.redis is not None else "sqlite",
-                "batches": self.policy.batches.value,
-                "targets": {alias: list(names) for alias, names in self.policy.targets.items()},
-                "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
-                "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0,
-                "lane": {"running": len(self.running), "ready": len(self.ready),
+        queue = {"queue": "redis" if self.policy.redis is not None else "sqlite",
+                 "batches": self.policy.batches.value,
+                 "targets": {alias: list(names) for alias, names in self.policy.targets.items()},
+                 "jobs": {state: counts.get(state, 0) for state in ("queued", "running")},
+                 "oldest_queued_s": round(time.time() - oldest, 3) if oldest else 0.0}
+        if self.lane_here is LaneHere.ELSEWHERE:
+            return {**queue, "lane": {
+                "process": "separate",
+                "see": "the jobs worker runs the lane: /metrics skyroute_jobs_lane_window, "
+                       "skyroute_jobs_claimed_total, skyroute_jobs_finished_total"}}
+        return {**queue,
+                "lane": {"process": self.lane_here.value,
+                         "running": len(self.running), "ready": len(self.ready),
                          "window": self.lane.size,
                          "limit": self.lane.limit,
                          "share": self.lane.size if self.share.share is None
@@ -200,6 +239,14 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
     service = app[JOBS]
     await asyncio.to_thread(service.data_dir.mkdir, parents=True, exist_ok=True)
     await service.store.start()
+    if service.lane_here is LaneHere.ELSEWHERE:  # the API only: the jobs worker runs the rest
+        try:
+            yield
+        finally:
+            await service.store.aclose()
+        return
+    if service.lane_here is LaneHere.SEPARATE and service.wake_fd is not None:
+        _watch_wake_pipe(service, service.wake_fd)
     from ._jobs_batches import batch_driver  # the batch side needs the runner's key
     from ._jobs_webhooks import webhook_sender
 
@@ -213,6 +260,8 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if service.lane_here is LaneHere.SEPARATE and service.wake_fd is not None:
+            asyncio.get_running_loop().remove_reader(service.wake_fd)
         for task in tasks:
             task.cancel()
         in_flight = dict(service.running)
@@ -247,6 +296,19 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
 CLOSE_TIMEOUT_S: Final = 10.0
 #: How long a loop waits after its store failed (Redis down, disk full) before going on.
 STORE_RETRY_S: Final = 1.0
+
+
+def _watch_wake_pipe(service: JobsService, fd: int) -> None:
+    """Wake the lane whenever a serving worker pokes the pipe (``JobsService.new_work``);
+    without it the lane still finds new work within ``POLL_INTERVAL_S``."""
+    os.set_blocking(fd, False)
+
+    def poked() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 4096)  # every poke so far: one wake-up is enough
+        service.wake.set()
+
+    asyncio.get_running_loop().add_reader(fd, poked)
 
 
 async def _resilient(name: str, loop: Callable[[], Awaitable[None]]) -> None:

@@ -3,6 +3,10 @@
 Two connections to one file, one durability rule: an operation's future resolves only
 once its commit is on disk (the WAL fsync'd: it survives kill -9 and a power cut, as
 ``synchronous=FULL`` would), so an accepted job is durable before the client hears 202.
+The lane's own records (``run(durable=False)``: claims, lease renewals, a batch line's
+result) are the exception: committed (so they survive kill -9) and fsync'd within
+``LAZY_SYNC_S``; a power cut can only undo them, which runs those jobs again (their lines
+are written once: the output file is made from the rows, by a durable step).
 Both connections commit with ``synchronous=NORMAL`` (to the page cache) and then fsync
 the WAL themselves, outside the write lock: a commit holds the lock for microseconds,
 not for a disk flush, so the two rarely wait for each other.
@@ -36,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import os
 import queue
 import sqlite3
@@ -48,6 +51,8 @@ from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
+#: An operation waiting for a store thread: its future, and whether it waits for the disk.
+Queued = tuple[Operation[Any], "asyncio.Future[Any]", bool]
 
 #: Operations committed together at most; bounds one transaction's latency.
 GROUP_COMMIT_MAX: Final = 512
@@ -57,6 +62,11 @@ BUSY_TIMEOUT_MS: Final = 10_000
 #: its own at once: bench/jobs.py measured the same p99 for 10-15 % more CPU per accept
 #: (twice the transactions, half the group), so rows wait for the next single fsync.
 FSYNCS_AT_ONCE: Final = 1
+#: Longest a commit nobody waits on (``run(durable=False)``) stays in the page cache before
+#: the store thread fsyncs the WAL. A draining lane fsync'd after each of its few hundred
+#: commits a second: the kernel's journal and block I/O work that set off (at normal
+#: priority, whatever the jobs worker's) raised clients' p99 by 20 % (bench/jobs.py).
+LAZY_SYNC_S: Final = 1.0
 #: How often the store thread checkpoints the WAL while the event loop appends to it.
 CHECKPOINT_INTERVAL_S: Final = 1.0
 
@@ -139,10 +149,10 @@ class SqliteRunner:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._ops: queue.SimpleQueue[
-            tuple[Operation[Any], asyncio.Future[Any]] | str | None] = queue.SimpleQueue()
+            tuple[Operation[Any], asyncio.Future[Any], bool] | str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._reads: queue.SimpleQueue[
-            tuple[Operation[Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+            tuple[Operation[Any], asyncio.Future[Any], bool] | None] = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The accept path (``insert``): the loop's connection, rows waiting for the
@@ -155,6 +165,8 @@ class SqliteRunner:
         self._flush_due = False
         self._syncing = 0  # fsyncs in flight
         self._checkpoint_asked = 0.0
+        #: When the store thread first committed a change not fsync'd since (its own).
+        self._unsynced_since: float | None = None
         #: Group commits made on the event loop, and how many rows they held.
         self.loop_commits = 0
         self.loop_rows = 0
@@ -164,8 +176,8 @@ class SqliteRunner:
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
-            target=self._serve, args=(ready, self._ops, self._connect_writer,
-                                      functools.partial(self._commit, sync=self._sync_wal)),
+            target=self._serve, args=(ready, self._ops, self._connect_writer, self._commit,
+                                      self._sync_late),
             name="skyroute-jobs-sqlite", daemon=True)
         self._thread.start()
         await ready
@@ -242,7 +254,7 @@ class SqliteRunner:
 
         assert self._loop is not None
         handed: asyncio.Future[None] = self._loop.create_future()
-        self._ops.put((op, handed))
+        self._ops.put((op, handed, True))
 
         def settle(f: asyncio.Future[None]) -> None:
             exc = f.exception()
@@ -275,8 +287,9 @@ class SqliteRunner:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    async def run(self, operation: Operation[T]) -> T:
-        """Run ``operation(connection)`` in the next group commit; its result once committed.
+    async def run(self, operation: Operation[T], *, durable: bool = True) -> T:
+        """Run ``operation(connection)`` in the next group commit; its result once committed
+        and (``durable``) on disk, else on disk within ``LAZY_SYNC_S``.
 
         Raises:
             whatever ``operation`` raised (its changes are rolled back), or
@@ -285,7 +298,7 @@ class SqliteRunner:
         if self._loop is None:
             raise RuntimeError("SqliteRunner.run() called before start()")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._ops.put((operation, future))
+        self._ops.put((operation, future, durable))
         return await future
 
     async def read(self, operation: Operation[T]) -> T:
@@ -298,7 +311,7 @@ class SqliteRunner:
         if self._loop is None:
             raise RuntimeError("SqliteRunner.read() called before start()")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._reads.put((operation, future))
+        self._reads.put((operation, future, False))
         return await future
 
     async def aclose(self) -> None:
@@ -358,13 +371,13 @@ class SqliteRunner:
 
     def _serve(self, ready: asyncio.Future[None], ops: queue.SimpleQueue[Any],
                connect: Callable[[], sqlite3.Connection],
-               run_group: Callable[[sqlite3.Connection,
-                                    list[tuple[Operation[Any], asyncio.Future[Any]]]],
+               run_group: Callable[[sqlite3.Connection, list[Queued]],
                                    list[tuple[asyncio.Future[Any], Any, BaseException | None]]],
-               ) -> None:
+               sync_late: Callable[[bool], None] | None = None) -> None:
         """A store thread: every operation waiting on ``ops`` (up to GROUP_COMMIT_MAX) run
         as one group on its own connection, until a None; the writer's queue also carries
-        checkpoints, run between groups."""
+        checkpoints, run between groups, and the writer fsyncs what it committed without
+        a sync (``sync_late``) once it is ``LAZY_SYNC_S`` old, and before it stops."""
         assert self._loop is not None
         loop = self._loop
         try:
@@ -375,8 +388,17 @@ class SqliteRunner:
         loop.call_soon_threadsafe(_settle, [(ready, None, None)])
         with contextlib.closing(connection):
             while True:
-                first = ops.get()
+                since = self._unsynced_since if sync_late is not None else None
+                try:
+                    first = ops.get(timeout=None if since is None else
+                                    max(0.0, since + LAZY_SYNC_S - time.monotonic()))
+                except queue.Empty:
+                    assert sync_late is not None
+                    sync_late(False)
+                    continue
                 if first is None:
+                    if sync_late is not None:
+                        sync_late(True)
                     return
                 if first == _CHECKPOINT:
                     # PASSIVE: copies what no reader needs, never blocks a writer.
@@ -401,16 +423,17 @@ class SqliteRunner:
                 with contextlib.suppress(RuntimeError):  # the loop closed under us
                     loop.call_soon_threadsafe(_settle, results)
                 if stop:
+                    if sync_late is not None:
+                        sync_late(True)
                     return
 
     @staticmethod
-    def _read_group(connection: sqlite3.Connection,
-                    group: list[tuple[Operation[Any], asyncio.Future[Any]]],
+    def _read_group(connection: sqlite3.Connection, group: list[Queued],
                     ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             connection.execute("BEGIN")  # deferred: a read snapshot, no lock taken
-            for operation, future in group:
+            for operation, future, _ in group:
                 try:
                     results.append((future, operation(connection), None))
                 except Exception as exc:
@@ -419,19 +442,27 @@ class SqliteRunner:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
-            return [(future, None, exc) for _, future in group]
+            return [(future, None, exc) for _, future, _ in group]
         return results
 
-    @staticmethod
-    def _commit(connection: sqlite3.Connection,
-                group: list[tuple[Operation[Any], asyncio.Future[Any]]],
-                sync: Callable[[], None],
+    def _sync_late(self, stopping: bool) -> None:
+        """The store thread's fsync of commits nobody waited on (``run(durable=False)``),
+        once the oldest is ``LAZY_SYNC_S`` old or the thread stops. A failure is tried
+        again at the next turn (and fails the next durable operation meanwhile)."""
+        if self._unsynced_since is None:
+            return
+        if stopping or time.monotonic() - self._unsynced_since >= LAZY_SYNC_S:
+            with contextlib.suppress(sqlite3.Error):
+                self._sync_wal()
+                self._unsynced_since = None
+
+    def _commit(self, connection: sqlite3.Connection, group: list[Queued],
                 ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         changes = connection.total_changes
         try:
             connection.execute("BEGIN IMMEDIATE")
-            for operation, future in group:
+            for operation, future, _ in group:
                 connection.execute("SAVEPOINT op")
                 try:
                     value = operation(connection)
@@ -446,12 +477,19 @@ class SqliteRunner:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
-            return [(future, None, exc) for _, future in group]
-        if connection.total_changes != changes:  # reads alone need no disk flush
+            return [(future, None, exc) for _, future, _ in group]
+        if connection.total_changes == changes:  # reads alone need no disk flush
+            return results
+        if any(durable for _, _, durable in group):
             try:
-                sync()
+                self._sync_wal()
             except sqlite3.Error as exc:
-                return [(future, None, exc) for _, future in group]
+                return [(future, None, exc) for _, future, _ in group]
+            self._unsynced_since = None
+        elif self._unsynced_since is None:
+            self._unsynced_since = time.monotonic()
+        else:
+            self._sync_late(False)
         return results
 
 

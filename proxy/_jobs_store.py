@@ -186,12 +186,13 @@ class JobStore:
 
     async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
         """Up to ``limit`` jobs due now (or whose worker's lease ran out), claimed by ``worker``."""
-        return await self._db.run(lambda db: _claim(db, worker, Refill(limit, lease_s), now))
+        return await self._db.run(lambda db: _claim(db, worker, Refill(limit, lease_s), now),
+                                  durable=False)  # lost in a power cut: claimed again
 
     async def renew(self, *, worker: str, lease_s: float, now: float) -> None:
         await self._db.run(lambda db: db.execute(
             "UPDATE jobs SET lease_until=? WHERE worker=? AND state=?",
-            (now + lease_s, worker, RUNNING)))
+            (now + lease_s, worker, RUNNING)), durable=False)
 
     async def finish(self, job: Job, *, worker: str, status: int | None, response: bytes | None,
                      error: str | None, now: float, refill: Refill | None = None,
@@ -205,7 +206,10 @@ class JobStore:
                 (DONE, status, response, error, now, job.id, RUNNING, worker))
             return cursor.rowcount == 1, _claim(db, worker, refill, now)
 
-        return await self._db.run(op)
+        # A batch line's result is seen only through the output file, which a durable step
+        # writes from the rows: undone by a power cut, the line just runs again. An async
+        # job's answer is read (and its webhook sent) as soon as this returns: on disk first.
+        return await self._db.run(op, durable=job.batch_id is None)
 
     async def retry_later(self, job: Job, *, worker: str, at: float, error: str, now: float,
                           refill: Refill | None = None) -> tuple[bool, list[Job]]:
@@ -218,7 +222,7 @@ class JobStore:
                 (QUEUED, at, error, job.id, RUNNING, worker))
             return cursor.rowcount == 1, _claim(db, worker, refill, now)
 
-        return await self._db.run(op)
+        return await self._db.run(op, durable=False)  # undone: the try runs again
 
     async def release(self, jobs: Iterable[Job], *, worker: str) -> None:
         """Give back claimed jobs not run (shutdown): due again at once, no try counted."""
@@ -229,7 +233,7 @@ class JobStore:
                            "worker=?", [(QUEUED, i, RUNNING, worker) for i in ids])
 
         if ids:
-            await self._db.run(op)
+            await self._db.run(op, durable=False)  # undone: claimed again after the lease
 
     async def due_webhooks(self, *, limit: int, lease_s: float, now: float,
                            ) -> list[dict[str, Any]]:

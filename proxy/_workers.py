@@ -22,6 +22,13 @@ Theory of operation:
   drain (each honours ``--grace``), then exits. Workers watch a pipe from the
   supervisor: if the supervisor is killed outright, they drain and exit too.
 
+- With ``jobs.lane.process: separate`` (the default when the file has ``jobs:``), one
+  more worker, the jobs worker, runs the jobs lane and nothing else at the kernel's idle
+  CPU priority (``SCHED_IDLE``): it listens only on its sync socket, so clients never reach
+  it, and it gets a core only while no serving worker (nor anything else) wants it. Serving
+  workers accept submits into the shared queue and poke it through a pipe. Even
+  ``--workers 1`` then runs under a supervisor: one serving worker and the jobs worker.
+
 What a worker needs from its supervisor travels in one environment variable,
 ``SKYROUTE_WORKER`` (a ``WorkerSpec`` as JSON), so the worker command line is a
 plain ``skyroute run``.
@@ -68,6 +75,10 @@ def auto_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
+#: ``WorkerSpec.role`` of the jobs worker.
+JOBS_ROLE = "jobs"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSpec:
     """What one worker process is told by its supervisor."""
@@ -78,6 +89,16 @@ class WorkerSpec:
     peer_ports: tuple[int, ...]  # the other workers' sync ports
     ready_fd: int  # written to once the worker listens
     lifeline_fd: int  # readable (EOF) once the supervisor is gone
+    #: ``serve``: listens on the public port; ``jobs``: runs the jobs lane, serves only its
+    #: sync port, at idle CPU priority (``jobs.lane.process: separate``).
+    role: str = "serve"
+    #: The jobs wake-up pipe: its write end in a serving worker (a submit pokes the lane),
+    #: its read end in the jobs worker; None without a jobs worker.
+    wake_fd: int | None = None
+
+    @property
+    def runs_jobs(self) -> bool:
+        return self.role == JOBS_ROLE
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -137,8 +158,9 @@ def _sync_socket() -> socket.socket:
 class _Slot:
     """One worker position: its sync socket and port outlive the processes that fill it."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, role: str = "serve") -> None:
         self.index = index
+        self.role = role
         self.sync = _sync_socket()
         self.port: int = self.sync.getsockname()[1]
         self.proc: asyncio.subprocess.Process | None = None
@@ -151,10 +173,12 @@ class _Slot:
 
 @final
 class Supervisor:
-    """Runs and watches ``workers`` skyroute processes serving one routing file."""
+    """Runs and watches ``workers`` skyroute processes serving one routing file, and with
+    ``jobs_worker`` one more that runs the jobs lane (``jobs.lane.process: separate``)."""
 
     def __init__(self, *, config: Config, config_path: str, workers: int, host: str,
-                 port: int, grace_s: float, log_options: list[str]) -> None:
+                 port: int, grace_s: float, log_options: list[str],
+                 jobs_worker: bool = False) -> None:
         self._config_path = config_path
         self._grace_s = grace_s
         self._log_options = log_options
@@ -163,6 +187,13 @@ class Supervisor:
         self.port: int = self._listen.getsockname()[1]
         self._token = config.sync.token if config.sync is not None else secrets.token_hex(16)
         self._slots = [_Slot(i) for i in range(workers)]
+        # The jobs worker is a slot like the others (a sync peer, restarted when it dies);
+        # serving workers poke it through one pipe whenever a submit queues work.
+        self._wake: tuple[int, int] | None = None
+        if jobs_worker:
+            self._slots.append(_Slot(workers, JOBS_ROLE))
+            self._wake = os.pipe()
+            os.set_blocking(self._wake[1], False)  # a full pipe already says "wake up"
         self._metrics_dir = tempfile.mkdtemp(prefix="skyroute-metrics-")
         self._stopping = False
 
@@ -181,14 +212,17 @@ class Supervisor:
         slot.ready = False
         ready_r, ready_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()
+        wake_fd = None if self._wake is None else self._wake[0 if slot.role == JOBS_ROLE else 1]
         spec = WorkerSpec(index=slot.index, token=self._token, sync_fd=slot.sync.fileno(),
                           peer_ports=tuple(s.port for s in self._slots if s is not slot),
-                          ready_fd=ready_w, lifeline_fd=lifeline_r)
+                          ready_fd=ready_w, lifeline_fd=lifeline_r, role=slot.role,
+                          wake_fd=wake_fd)
         env = {**os.environ, WORKER_ENV: spec.to_env(),
                "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+        fds = (slot.sync.fileno(), ready_w, lifeline_r, *(() if wake_fd is None else (wake_fd,)))
         try:
             slot.proc = await asyncio.create_subprocess_exec(
-                *self._command(), env=env, pass_fds=(slot.sync.fileno(), ready_w, lifeline_r))
+                *self._command(), env=env, pass_fds=fds)
         finally:
             os.close(ready_w)
             os.close(lifeline_r)
@@ -203,7 +237,7 @@ class Supervisor:
             os.close(ready_r)
         if ready:
             slot.ready = True
-            log.info("worker_started", worker=slot.index, pid=slot.proc.pid)
+            log.info("worker_started", worker=slot.index, pid=slot.proc.pid, role=slot.role)
         return bool(ready)
 
     async def run(self) -> int:
@@ -223,8 +257,11 @@ class Supervisor:
                 if not starting.result():
                     log.error("worker_start_failed", hint="see the worker's line above")
                     return 1
-                log.info("workers_started", url=self.url, workers=len(self._slots),
-                         pids=[s.proc.pid for s in self._slots if s.proc])
+                log.info("workers_started", url=self.url,
+                         workers=sum(s.role != JOBS_ROLE for s in self._slots),
+                         pids=[s.proc.pid for s in self._slots if s.proc],
+                         jobs_pid=next((s.proc.pid for s in self._slots
+                                        if s.role == JOBS_ROLE and s.proc), None))
                 watchers = [asyncio.create_task(self._watch(s)) for s in self._slots]
                 await stopped
             starting.cancel()
@@ -313,8 +350,30 @@ class Supervisor:
             if slot.lifeline_w is not None:
                 os.close(slot.lifeline_w)
                 slot.lifeline_w = None
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
         self._listen.close()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+
+def run_at_idle_priority() -> str:
+    """Put this process (the calling thread, and every thread it starts from now on) in
+    the kernel's idle scheduling class; returns what it got, for the log.
+
+    ``SCHED_IDLE`` (Linux): a runnable serving worker preempts this one at once, where
+    even nice 19 only weighs it down. Lowering one's own priority needs no privilege.
+    Elsewhere the lowest nice value is the nearest thing.
+    """
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError as exc:
+            log.warning("idle_priority_refused", error=repr(exc), fallback="nice 19")
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    return "nice 19"
 
 
 def worker_started(spec: WorkerSpec) -> None:

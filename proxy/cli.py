@@ -22,7 +22,7 @@ from importlib import metadata
 from typing import NoReturn
 
 import structlog
-from skyroute.routing import Config, ConfigError, ConfigProblem
+from skyroute.routing import Config, ConfigError, ConfigProblem, LaneProcess
 
 from ._config_file import load_config
 from ._logging import configure_logging
@@ -33,6 +33,7 @@ from ._workers import (
     auto_workers,
     check_workers,
     raise_if_unusable,
+    run_at_idle_priority,
     stop_when_supervisor_exits,
     worker_started,
 )
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_workers, default="auto", metavar="N",
                      help="worker processes sharing the port (SO_REUSEPORT) under one "
                           "supervisor, peered over state sync; auto (default): one per "
-                          "core this process may use; 1: no supervisor")
+                          "core this process may use; 1: no supervisor (unless jobs.lane "
+                          "runs in a jobs process of its own, the default with jobs:)")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
     commands.add_parser("schema", help="print the routing file's JSON Schema (for editors)")
@@ -228,9 +230,12 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     workers = args.workers if args.workers is not None else auto_workers()
-    if workers > 1 and args.worker is None:
+    if args.worker is None and (workers > 1 or _jobs_process(config)):
         return _supervise(args, config, workers)
     spec: WorkerSpec | None = args.worker
+    if spec is not None and spec.runs_jobs:  # before any thread starts: they inherit it
+        priority = run_at_idle_priority()
+        structlog.get_logger("skyroute.jobs").info("jobs_worker_priority", priority=priority)
 
     async def main() -> None:
         if spec is None:
@@ -240,8 +245,12 @@ def _run(args: argparse.Namespace) -> int:
             return
         worker_metrics.install()  # before build_app creates the metrics
         app = build_app(config, config_path=args.config, worker=spec)
-        server = Server(config, app=app, host=args.host, port=args.port, grace_s=args.grace,
-                        reuse_port=True, also_on=[socket.socket(fileno=spec.sync_fd)])
+        sync = socket.socket(fileno=spec.sync_fd)
+        if spec.runs_jobs:  # no public port: clients never reach the jobs worker
+            server = Server(config, app=app, sock=sync, grace_s=args.grace)
+        else:
+            server = Server(config, app=app, host=args.host, port=args.port,
+                            grace_s=args.grace, reuse_port=True, also_on=[sync])
         stop = asyncio.Event()
         stop_when_supervisor_exits(spec, stop, grace_s=args.grace)
         async with worker_metrics.written_on_a_tick():
@@ -262,7 +271,7 @@ def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
         config=config, config_path=args.config, workers=workers,
         host=args.host if args.host is not None else config.listen.host,
         port=args.port if args.port is not None else config.listen.port,
-        grace_s=args.grace, log_options=log_options)
+        grace_s=args.grace, log_options=log_options, jobs_worker=_jobs_process(config))
     status = 0
 
     async def main() -> None:
@@ -271,6 +280,11 @@ def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
 
     run_event_loop(main())
     return status
+
+
+def _jobs_process(config: Config) -> bool:
+    """Whether ``skyroute run`` starts a jobs worker (``jobs.lane.process: separate``)."""
+    return config.jobs is not None and config.jobs.lane.process is LaneProcess.SEPARATE
 
 
 def _demo(args: argparse.Namespace) -> int:

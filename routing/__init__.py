@@ -52,7 +52,7 @@ from ._jobs import (
     next_batch_status,
     read_batch_line,
 )
-from ._jobs_policy import BatchMode, JobsLane, JobsPolicy, JobsRedis
+from ._jobs_policy import BatchMode, JobsLane, JobsPolicy, JobsRedis, LaneProcess
 from ._limit_shares import (
     SHARE_LIVE_S,
     Gift,
@@ -161,6 +161,7 @@ __all__ = [
     "JobsLane",
     "JobsPolicy",
     "JobsRedis",
+    "LaneProcess",
     "LaneShare",
     "LaneWindow",
     "LatencyPolicy",

@@ -22,7 +22,7 @@ from pydantic.dataclasses import dataclass
 
 from ._values import SECTION, Count, Duration, Name, RedisUrl, Share, Text, invalid
 
-__all__ = ["BatchMode", "JobsLane", "JobsPolicy", "JobsRedis"]
+__all__ = ["BatchMode", "JobsLane", "JobsPolicy", "JobsRedis", "LaneProcess"]
 
 
 class BatchMode(enum.StrEnum):
@@ -32,6 +32,16 @@ class BatchMode(enum.StrEnum):
     LOCAL = "local"
     #: The upstream's own Batch API (its discount), as without a ``jobs`` section.
     PASSTHROUGH = "passthrough"
+
+
+class LaneProcess(enum.StrEnum):
+    """Where ``skyroute run`` runs the lane (``jobs.lane.process``)."""
+
+    #: A jobs process of its own beside the serving workers, at the kernel's idle CPU
+    #: priority (Linux ``SCHED_IDLE``): it runs only on CPU time they leave unused.
+    SEPARATE = "separate"
+    #: In every serving worker's event loop, yielding to clients by ``cpu``/``loop_lag``.
+    INLINE = "inline"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
@@ -47,28 +57,40 @@ class JobsRedis:
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=SECTION)
 class JobsLane:
-    """How the lane yields to clients while they are served (``routing.LaneShare``).
+    """Where the lane runs, and how it yields to clients while they are served.
 
-    Every 20 ms the lane's share of jobs is halved while this process uses more CPU than
+    ``process: separate`` (the default): ``skyroute run`` starts one jobs process beside
+    its serving workers, at the kernel's idle CPU priority; the kernel hands the core to a
+    serving worker the moment it has work, which no event loop can do for a job's
+    callback already running. ``process: inline`` runs the lane in each serving worker
+    (``routing.LaneShare``; one process, as a ``Server`` embedded in a program always does):
+    every 20 ms the lane's share of jobs is halved while this process uses more CPU than
     ``cpu`` or its event loop runs ``loop_lag`` late, and grows by one otherwise; with no
     client for 5 ticks in a row it gets its whole window back. bench/jobs.py (200 client
     requests/s beside a draining batch): 0.5 and 5 ms raised the clients' p99 1.2-3.2x;
     0.4 and 1 ms kept it within 10 % in most runs.
     """
 
+    process: LaneProcess = Field(
+        default=LaneProcess.SEPARATE,
+        description="separate: skyroute run starts a jobs process of its own at idle CPU "
+                    "priority (SCHED_IDLE), which runs only on CPU the serving workers leave; "
+                    "inline: the lane runs in every serving worker, yielding by cpu and "
+                    "loop_lag (one process less).")
     cpu: Share = Field(
         default=0.4,
-        description="While clients are served, the lane keeps this process's CPU use under "
-                    "this share of one core (20% or 0.2); higher drains faster beside them, "
-                    "at the clients' latency.")
+        description="process: inline only. While clients are served, the lane keeps its "
+                    "worker's CPU use under this share of one core (20% or 0.2); higher drains "
+                    "faster beside them, at the clients' latency.")
     loop_lag_s: Duration = Field(
         default=0.001, validation_alias="loop_lag", gt=0,
-        description="While clients are served, the lane halves its share when the event loop "
-                    "runs this late (averaged); a client's request waits about as long.")
+        description="process: inline only. While clients are served, the lane halves its "
+                    "share when the event loop runs this late (averaged); a client's request "
+                    "waits about as long.")
     trickle_s: Duration = Field(
         default=1.0, validation_alias="trickle", gt=0,
-        description="While the lane has yielded everything, one job still starts this often, "
-                    "so a queue under constant client traffic moves.")
+        description="process: inline only. While the lane has yielded everything, one job "
+                    "still starts this often, so a queue under constant client traffic moves.")
 
     @model_validator(mode="after")
     def _some_cpu(self) -> JobsLane:

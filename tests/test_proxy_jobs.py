@@ -722,9 +722,12 @@ async def test_lane_yields_to_clients_and_gets_its_window_back(standin, skyroute
         await eventually(gauge_whole, timeout=DONE_TIMEOUT_S)
 
 
-async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str,
-                                                                 asyncio.Task[bytes]]:
-    """``skyroute run`` as its own process (one worker: this pid serves); its URL from the log."""
+async def start_skyroute(config: Path, tmp_path: Path, *, started: list[dict[str, Any]] | None
+                         = None) -> tuple[asyncio.subprocess.Process, str, asyncio.Task[bytes]]:
+    """``skyroute run --workers 1`` in a session of its own: with ``jobs.lane.process:
+    separate`` (the default) a supervisor, one serving worker and the jobs worker, with
+    ``inline`` one process. Its URL once every worker listens; ``started`` gets the
+    ``workers_started`` event (the pids)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
         "--config", str(config), "--port", "0", "--workers", "1",
@@ -732,12 +735,24 @@ async def start_skyroute(config: Path, tmp_path: Path) -> tuple[asyncio.subproce
         # bound on a loaded machine (the default, 30 s, equals that bound).
         "--grace", str(GRACE_S),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TMPDIR": str(tmp_path)})
+        env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)
     assert proc.stderr is not None
+    separate = "process: inline" not in config.read_text()
     async with asyncio.timeout(CALL_TIMEOUT_S * 3):
-        while not (match := re.search(rb'"url": "(http://[^"]+)"', await proc.stderr.readline())):
-            pass
-    return proc, match.group(1).decode(), asyncio.create_task(proc.stderr.read())
+        while True:
+            line = await proc.stderr.readline()
+            assert line, "skyroute exited before it listened"
+            event = json.loads(line)
+            if event["event"] == ("workers_started" if separate else "server_started"):
+                break
+    if started is not None:
+        started.append(event)
+    return proc, event["url"], asyncio.create_task(proc.stderr.read())
+
+
+def kill_9(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL to skyroute and every process it started (as when its machine dies)."""
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def stop(proc: asyncio.subprocess.Process, drain: asyncio.Task[bytes]) -> None:
@@ -762,7 +777,7 @@ async def test_kill_9_mid_batch_then_restart_answers_every_custom_id_once(standi
                                       timeout=CALL_TIMEOUT_S) as client:
             batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
-        proc.kill()
+        kill_9(proc)
         await stop(proc, drain)
         assert proc.returncode == -signal.SIGKILL
         called_before = up.requests_total
@@ -806,7 +821,7 @@ async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, 
                         accepted.append((await resp.json())["id"])
 
             await asyncio.gather(*(submit(10) for _ in range(30)))
-        proc.kill()
+        kill_9(proc)
         await stop(proc, drain)
         assert proc.returncode == -signal.SIGKILL
         proc, url, drain = await start_skyroute(config, tmp_path)
@@ -818,6 +833,76 @@ async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, 
     finally:
         await stop(proc, drain)
     assert len(set(accepted)) == 300
+
+
+async def test_the_jobs_worker_runs_the_lane_at_idle_priority_and_is_restarted_if_killed(
+        standin, tmp_path):
+    """``skyroute run`` with ``jobs:`` (``lane.process: separate``, the default) runs the lane
+    in a worker of its own in the kernel's idle class, the serving worker at normal priority;
+    a batch submitted to the public port runs there, and when that worker is killed the
+    supervisor starts it again and the batch still completes, every custom_id once."""
+    up = await standin("a")
+    up.behaviour.ttft_s = 0.01
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", concurrency=8, visibility_timeout="1s")))
+    started: list[dict[str, Any]] = []
+    proc, url, drain = await start_skyroute(config, tmp_path, started=started)
+    try:
+        jobs_pid = started[0]["jobs_pid"]
+        (serving_pid,) = set(started[0]["pids"]) - {jobs_pid}
+        assert os.sched_getscheduler(jobs_pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(serving_pid) == os.SCHED_OTHER
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            batch = await start_batch(client, 300)
+            await up.wait_for(lambda u: u.requests_total >= 30, timeout=DONE_TIMEOUT_S)
+            os.kill(jobs_pid, signal.SIGKILL)
+            done = await wait_batch(client, batch.id, "completed", "failed")
+            assert done.status == "completed" and done.request_counts.completed == 300
+            lines = await read_lines(client, done.output_file_id)
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
+            async with http.get(f"{url}/health") as resp:
+                assert (await resp.json())["jobs"]["lane"]["process"] == "separate"
+            async with http.get(f"{url}/metrics") as resp:  # the jobs worker's counts too
+                text = await resp.text()
+        finished = re.search(r'^skyroute_jobs_finished_total\{kind="line",result="completed"\} '
+                             r"(\S+)$", text, re.MULTILINE)
+        assert finished is not None and float(finished.group(1)) >= 300 - 30
+    finally:
+        await stop(proc, drain)
+    ids = Counter(line["custom_id"] for line in lines)
+    assert set(ids) == {f"req-{i}" for i in range(300)} and set(ids.values()) == {1}
+    events = [json.loads(line) for line in (await drain).splitlines() if line.startswith(b"{")]
+    restarted = [e for e in events if e["event"] == "worker_started" and e["role"] == "jobs"]
+    assert len(restarted) == 1 and restarted[0]["pid"] != jobs_pid  # after the first
+    assert any(e["event"] == "worker_exited" and e["pid"] == jobs_pid for e in events)
+
+
+async def test_lane_process_inline_runs_one_process(standin, tmp_path):
+    """``jobs.lane.process: inline``: ``skyroute run --workers 1`` stays one process, whose
+    lane runs the jobs it accepts."""
+    up = await standin("a")
+    config = tmp_path / "routing.yaml"
+    config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
+        tmp_path / "data", lane="{process: inline}")))
+    started: list[dict[str, Any]] = []
+    proc, url, drain = await start_skyroute(config, tmp_path, started=started)
+    try:
+        assert "url" in started[0]  # this process listens: no supervisor, no worker
+        assert Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() == []
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
+                                      timeout=CALL_TIMEOUT_S) as client:
+            batch = await start_batch(client, 20)
+            done = await wait_batch(client, batch.id, "completed", "failed")
+        assert done.status == "completed" and done.request_counts.completed == 20
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http, \
+                http.get(f"{url}/health") as resp:
+            assert (await resp.json())["jobs"]["lane"]["process"] == "inline"
+    finally:
+        await stop(proc, drain)
 
 
 class OwnRedis:
@@ -890,7 +975,7 @@ async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, t
                                       timeout=CALL_TIMEOUT_S) as client:
             batch = await start_batch(client, 1000)
             await up.wait_for(lambda u: u.requests_total >= 100, timeout=DONE_TIMEOUT_S)
-        first.kill()
+        kill_9(first)
         await stop(first, first_drain)
         assert up.requests_total < 1000, "the batch finished before the kill; nothing was tested"
         async with openai.AsyncOpenAI(base_url=f"{second_url}/v1", api_key=CLIENT_KEY,
