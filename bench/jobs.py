@@ -1,9 +1,9 @@
 """Benchmark: how fast skyroute accepts durable jobs, ingests batch lines and drains them.
 
 One ``skyroute run --workers 1`` pinned to core 1 (with taskset, when there are two) with
-``jobs:`` on SQLite (or ``--redis``): its serving worker and its jobs worker at idle CPU
-priority (``jobs.lane.process: separate``, the default; ``--lane '{process: inline}'``: one
-process whose lane yields by its CPU share), in front of the 0 ms stand-in
+``jobs:`` on SQLite (or ``--redis``): one process whose lane yields by its CPU share, or
+(with Redis, or ``--lane '{process: separate}'``) a serving worker and a jobs worker at idle
+CPU priority (``jobs.lane.process``), in front of the 0 ms stand-in
 (``bench/_upstream.py``) on core 0, where this process (the load generator) runs too. In
 one run (``--phases`` picks some):
 
@@ -666,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
-            separate = lane.get("process", "separate") == "separate"
+            # skyroute's own rule (jobs.lane.process: auto is separate with Redis)
+            process = lane.get("process", "auto")
+            separate = process == "separate" or (process == "auto" and bool(args.redis))
             url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S,
                                      event_name="workers_started" if separate else
                                      "server_started")

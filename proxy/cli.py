@@ -283,8 +283,8 @@ def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
 
 
 def _jobs_process(config: Config) -> bool:
-    """Whether ``skyroute run`` starts a jobs worker (``jobs.lane.process: separate``)."""
-    return config.jobs is not None and config.jobs.lane.process is LaneProcess.SEPARATE
+    """Whether ``skyroute run`` starts a jobs worker (``jobs.lane.process``)."""
+    return config.jobs is not None and config.jobs.lane_process is LaneProcess.SEPARATE
 
 
 def _demo(args: argparse.Namespace) -> int:

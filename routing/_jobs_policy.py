@@ -37,6 +37,8 @@ class BatchMode(enum.StrEnum):
 class LaneProcess(enum.StrEnum):
     """Where ``skyroute run`` runs the lane (``jobs.lane.process``)."""
 
+    #: ``separate`` with a Redis queue, ``inline`` with SQLite (``JobsPolicy.lane_process``).
+    AUTO = "auto"
     #: A jobs process of its own beside the serving workers, at the kernel's idle CPU
     #: priority (Linux ``SCHED_IDLE``): it runs only on CPU time they leave unused.
     SEPARATE = "separate"
@@ -59,24 +61,28 @@ class JobsRedis:
 class JobsLane:
     """Where the lane runs, and how it yields to clients while they are served.
 
-    ``process: separate`` (the default): ``skyroute run`` starts one jobs process beside
-    its serving workers, at the kernel's idle CPU priority; the kernel hands the core to a
-    serving worker the moment it has work, which no event loop can do for a job's
-    callback already running. ``process: inline`` runs the lane in each serving worker
-    (``routing.LaneShare``; one process, as a ``Server`` embedded in a program always does):
-    every 20 ms the lane's share of jobs is halved while this process uses more CPU than
-    ``cpu`` or its event loop runs ``loop_lag`` late, and grows by one otherwise; with no
-    client for 5 ticks in a row it gets its whole window back. bench/jobs.py (200 client
-    requests/s beside a draining batch): 0.5 and 5 ms raised the clients' p99 1.2-3.2x;
-    0.4 and 1 ms kept it within 10 % in most runs.
+    ``process: separate``: ``skyroute run`` starts one jobs process beside its serving
+    workers, at the kernel's idle CPU priority; the kernel hands the core to a serving
+    worker the moment it has work, which no event loop can do for a job's callback already
+    running. ``process: inline`` runs the lane in each serving worker (``routing.LaneShare``;
+    one process, as a ``Server`` embedded in a program always does). ``auto`` (the
+    default) is ``separate`` with a Redis queue and ``inline`` with SQLite, whose write lock
+    is shared by every process: held by a jobs worker the kernel has set aside, it would
+    keep a serving worker's submit waiting for as long as the serving workers keep the
+    cores busy. Inline, every 20 ms the lane's share of jobs is halved while this process
+    uses more CPU than ``cpu`` or its event loop runs ``loop_lag`` late, and grows by one
+    otherwise; with no client for 5 ticks in a row it gets its whole window back.
+    bench/jobs.py (200 client requests/s beside a draining batch): 0.5 and 5 ms raised the
+    clients' p99 1.2-3.2x; 0.4 and 1 ms kept it within 10 % in most runs.
     """
 
     process: LaneProcess = Field(
-        default=LaneProcess.SEPARATE,
+        default=LaneProcess.AUTO,
         description="separate: skyroute run starts a jobs process of its own at idle CPU "
                     "priority (SCHED_IDLE), which runs only on CPU the serving workers leave; "
                     "inline: the lane runs in every serving worker, yielding by cpu and "
-                    "loop_lag (one process less).")
+                    "loop_lag; auto: separate with jobs.redis, inline with SQLite (whose write "
+                    "lock an idle-priority process must not hold while serving waits).")
     cpu: Share = Field(
         default=0.4,
         description="process: inline only. While clients are served, the lane keeps its "
@@ -172,6 +178,13 @@ class JobsPolicy:
                               "hooks.example.com or *.example.com) nor an IP address or CIDR "
                               "range (such as 10.1.0.0/16)")
         return self
+
+    @property
+    def lane_process(self) -> LaneProcess:
+        """Where ``skyroute run`` runs the lane, ``auto`` decided (``JobsLane``)."""
+        if self.lane.process is not LaneProcess.AUTO:
+            return self.lane.process
+        return LaneProcess.SEPARATE if self.redis is not None else LaneProcess.INLINE
 
     def webhook_host_allowed(self, host: str) -> bool:
         """Whether ``webhook_hosts`` lets a webhook URL name ``host`` (a name or an IP).

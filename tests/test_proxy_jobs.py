@@ -30,7 +30,7 @@ from aiohttp import web
 from skyroute.proxy import Server, load_config
 from skyroute.proxy._jobs_runner import JOBS, pause, wake_within
 from skyroute.proxy._jobs_webhooks import CheckedResolver, HostRefused, HostUnresolved, refusal
-from skyroute.routing import JobsPolicy
+from skyroute.routing import JobsPolicy, LaneProcess
 
 from .conftest import CALL_TIMEOUT_S, CLIENT_KEY, client_for, eventually, routing_yaml
 from .conftest import upstream_yaml as entry
@@ -724,10 +724,10 @@ async def test_lane_yields_to_clients_and_gets_its_window_back(standin, skyroute
 
 async def start_skyroute(config: Path, tmp_path: Path, *, started: list[dict[str, Any]] | None
                          = None) -> tuple[asyncio.subprocess.Process, str, asyncio.Task[bytes]]:
-    """``skyroute run --workers 1`` in a session of its own: with ``jobs.lane.process:
-    separate`` (the default) a supervisor, one serving worker and the jobs worker, with
-    ``inline`` one process. Its URL once every worker listens; ``started`` gets the
-    ``workers_started`` event (the pids)."""
+    """``skyroute run --workers 1`` in a session of its own: with ``jobs.lane.process``
+    ``separate`` (``auto`` with Redis) a supervisor, one serving worker and the jobs worker,
+    with ``inline`` (``auto`` with SQLite) one process. Its URL once every worker listens;
+    ``started`` gets the ``workers_started`` (or ``server_started``) event."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "skyroute.proxy.cli", "--log-format", "json", "run",
         "--config", str(config), "--port", "0", "--workers", "1",
@@ -737,7 +737,8 @@ async def start_skyroute(config: Path, tmp_path: Path, *, started: list[dict[str
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)
     assert proc.stderr is not None
-    separate = "process: inline" not in config.read_text()
+    policy = load_config(config).jobs
+    separate = policy is not None and policy.lane_process is LaneProcess.SEPARATE
     async with asyncio.timeout(CALL_TIMEOUT_S * 3):
         while True:
             line = await proc.stderr.readline()
@@ -837,15 +838,16 @@ async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, 
 
 async def test_the_jobs_worker_runs_the_lane_at_idle_priority_and_is_restarted_if_killed(
         standin, tmp_path):
-    """``skyroute run`` with ``jobs:`` (``lane.process: separate``, the default) runs the lane
-    in a worker of its own in the kernel's idle class, the serving worker at normal priority;
+    """``skyroute run`` with ``jobs.lane.process: separate`` (``auto`` with Redis) runs the
+    lane in a worker of its own in the kernel's idle class, the serving worker at normal priority;
     a batch submitted to the public port runs there, and when that worker is killed the
     supervisor starts it again and the batch still completes, every custom_id once."""
     up = await standin("a")
     up.behaviour.ttft_s = 0.01
     config = tmp_path / "routing.yaml"
     config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
-        tmp_path / "data", concurrency=8, visibility_timeout="1s")))
+        tmp_path / "data", concurrency=8, visibility_timeout="1s",
+        lane="{process: separate}")))
     started: list[dict[str, Any]] = []
     proc, url, drain = await start_skyroute(config, tmp_path, started=started)
     try:
@@ -968,7 +970,9 @@ async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, t
     config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=8,
         visibility_timeout="1s")))
-    first, url, first_drain = await start_skyroute(config, tmp_path)
+    started: list[dict[str, Any]] = []
+    first, url, first_drain = await start_skyroute(config, tmp_path, started=started)
+    assert started[0]["jobs_pid"]  # lane.process auto: a jobs worker with a Redis queue
     second, second_url, second_drain = await start_skyroute(config, tmp_path)
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,

@@ -12,7 +12,10 @@ from skyroute.routing import (
     Finished,
     GaveUp,
     GiveUp,
+    JobsLane,
     JobsPolicy,
+    JobsRedis,
+    LaneProcess,
     LaneShare,
     LaneWindow,
     LineProblem,
@@ -263,3 +266,14 @@ def test_router_jobs_fall_back_to_the_next_preferred_then_to_the_routes_targets(
     assert first.name in ("cloud", "backup")  # type: ignore[union-attr]
     back = router.plan(route, now=200.0, job=True).next_attempt(now=200.0)
     assert back.name == "gpu"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("lane", "redis", "process"), [
+    ({}, None, LaneProcess.INLINE),  # SQLite: its write lock is shared with serving workers
+    ({}, JobsRedis(url="redis://127.0.0.1:6379/0"), LaneProcess.SEPARATE),
+    ({"process": "separate"}, None, LaneProcess.SEPARATE),
+    ({"process": "inline"}, JobsRedis(url="redis://127.0.0.1:6379/0"), LaneProcess.INLINE),
+])
+def test_lane_process_auto_is_separate_with_redis_and_inline_with_sqlite(
+        lane: dict[str, str], redis: JobsRedis | None, process: LaneProcess) -> None:
+    assert JobsPolicy(lane=JobsLane(**lane), redis=redis).lane_process is process
