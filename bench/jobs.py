@@ -15,6 +15,9 @@ one run (``--phases`` picks some):
 * **interactive**: chat completions paced at ``--interactive-rate``, alone and while a
   batch drains, in ``--rounds`` rounds: the p99 of all requests beside a batch over that
   of all alone (goal <= 1.10x), with a 90 % interval of that ratio (a block bootstrap);
+* **saturated**: ``--concurrency`` clients keep skyroute's core busy while a batch drains,
+  and a trickle of async submits beside them is timed (where the lane runs matters: a jobs
+  worker the kernel sets aside can hold the SQLite write lock a submit needs);
 * **busy**: a batch drained while the upstream answers 503 every other half second;
 * **accept**: async submits paced at ``--rate`` (open loop, ``_paced_load``: a load
   generator cheap enough not to be the bottleneck) whose jobs never run (routed to an
@@ -36,7 +39,7 @@ where the Python time goes, then the top functions by own time.
 
 Usage: python bench/jobs.py [--duration 5] [--concurrency 64] [--batch-lines 10000]
                            [--rate 3200] [--interactive-rate 200] [--rounds 3] [--redis URL|own]
-                           [--phases sync drain batch interactive busy accept] [--nice N]
+                           [--phases sync drain batch interactive saturated busy accept] [--nice N]
                            [--lane '{process: inline}'] [--profile] [--upstream canned]
 """
 
@@ -141,7 +144,7 @@ def p99_ms(latencies: list[float]) -> float:
     return statistics.quantiles(latencies, n=100)[98] * 1000
 
 
-PHASES = ("sync", "drain", "batch", "interactive", "busy", "accept")
+PHASES = ("sync", "drain", "batch", "interactive", "saturated", "busy", "accept")
 
 
 async def run(args: argparse.Namespace, url: str, sky: Processes, control: str) -> None:
@@ -169,6 +172,8 @@ async def run(args: argparse.Namespace, url: str, sky: Processes, control: str) 
         ok_rate = await batch_ingest(args, client, sky) if "batch" in phases else None
         if "interactive" in phases:
             await interactive_impact(args, url, client, sky)
+        if "saturated" in phases:
+            await saturated_submits(args, url, client)
         if "busy" in phases:
             await busy_half(args, client, control, ok_rate)
     if "accept" in phases:
@@ -361,6 +366,34 @@ async def interactive_impact(args: argparse.Namespace, url: str,
     print("  per window (ms waited for a core by skyroute's loop / the load generator"
           + (" / redis-server" if args.redis_pid else "") + "): " + "; ".join(notes))
 
+
+async def saturated_submits(args: argparse.Namespace, url: str,
+                            client: openai.AsyncOpenAI) -> None:
+    """Async submits paced at ``SATURATED_SUBMITS``/s while ``--concurrency`` clients keep
+    skyroute's serving core busy with chat completions and a batch drains: how long a
+    submit waits when the lane runs in a process the kernel sets aside (a jobs worker
+    holding the SQLite write lock keeps it until the core is left to it)."""
+    batch_id = await start_batch(client, args.batch_lines)
+    while (await client.batches.retrieve(batch_id)).status == "validating":
+        await asyncio.sleep(0.02)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    clients = asyncio.ensure_future(load(f"{url}/v1/chat/completions", duration=args.duration,
+                                         concurrency=args.concurrency, expect=200))
+    submits = await paced_posts(f"{url}/v1/async/chat/completions", BODY, headers,
+                                rate=SATURATED_SUBMITS, duration=args.duration, connections=4)
+    served = await clients
+    if set(submits.statuses) != {202}:
+        raise RuntimeError(f"async submits answered {dict(submits.statuses)}")
+    q = statistics.quantiles(submits.latencies, n=100)
+    print(f"saturated      {len(served) / args.duration:.0f} chat completions/s (p99 "
+          f"{p99_ms(served):.1f} ms) while a batch drains; async submits paced at "
+          f"{SATURATED_SUBMITS}/s beside them: p50 {q[49] * 1000:.1f} ms, p99 "
+          f"{q[98] * 1000:.1f} ms, worst {max(submits.latencies) * 1000:.0f} ms")
+    await until_done(client, batch_id)
+
+
+#: The saturated phase's submits per second (a trickle beside the clients).
+SATURATED_SUBMITS = 20
 
 #: Requests are grouped by when they were due into blocks this long: a stall delays the
 #: requests of a few ms together, so requests are not independent samples; blocks are.

@@ -104,7 +104,7 @@ class JobsService:
         self.data_dir = Path(policy.data_dir)
         self.store: JobStore | RedisJobStore
         if policy.redis is None:
-            self.store = JobStore(self.data_dir)
+            self.store = JobStore(self.data_dir, defer_lane_syncs=lane is LaneHere.SEPARATE)
         else:  # imported here: redis-py is ~6 MiB of RSS that an instance without it skips
             from ._jobs_redis import RedisJobStore
 

@@ -110,10 +110,17 @@ class IdempotencyConflict(Exception):
 class JobStore:
     """Jobs, files and batches under ``data_dir`` (see the module docstring)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, defer_lane_syncs: bool = False) -> None:
+        """``defer_lane_syncs``: the lane's own records (claims, renewals, a batch line's
+        result or retry) resolve once committed and reach the disk within ``LAZY_SYNC_S``
+        (``SqliteRunner.run(durable=False)``): for a jobs worker at idle priority, whose
+        fsync after each commit set off the kernel's journal work at normal priority. A lane
+        inline keeps them synced: waiting on the disk paces it, and without that pacing its
+        CPU share drained more and raised clients' p99 more (bench/jobs.py)."""
         self.data_dir = data_dir
         self.files_dir = data_dir / "files"
         self._db = SqliteRunner(data_dir / "jobs.sqlite3")
+        self._lane_durable = not defer_lane_syncs
 
     async def start(self) -> None:
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -187,12 +194,12 @@ class JobStore:
     async def claim(self, *, worker: str, limit: int, lease_s: float, now: float) -> list[Job]:
         """Up to ``limit`` jobs due now (or whose worker's lease ran out), claimed by ``worker``."""
         return await self._db.run(lambda db: _claim(db, worker, Refill(limit, lease_s), now),
-                                  durable=False)  # lost in a power cut: claimed again
+                                  durable=self._lane_durable)  # undone: claimed again
 
     async def renew(self, *, worker: str, lease_s: float, now: float) -> None:
         await self._db.run(lambda db: db.execute(
             "UPDATE jobs SET lease_until=? WHERE worker=? AND state=?",
-            (now + lease_s, worker, RUNNING)), durable=False)
+            (now + lease_s, worker, RUNNING)), durable=self._lane_durable)
 
     async def finish(self, job: Job, *, worker: str, status: int | None, response: bytes | None,
                      error: str | None, now: float, refill: Refill | None = None,
@@ -209,7 +216,7 @@ class JobStore:
         # A batch line's result is seen only through the output file, which a durable step
         # writes from the rows: undone by a power cut, the line just runs again. An async
         # job's answer is read (and its webhook sent) as soon as this returns: on disk first.
-        return await self._db.run(op, durable=job.batch_id is None)
+        return await self._db.run(op, durable=self._lane_durable or job.batch_id is None)
 
     async def retry_later(self, job: Job, *, worker: str, at: float, error: str, now: float,
                           refill: Refill | None = None) -> tuple[bool, list[Job]]:
@@ -222,7 +229,7 @@ class JobStore:
                 (QUEUED, at, error, job.id, RUNNING, worker))
             return cursor.rowcount == 1, _claim(db, worker, refill, now)
 
-        return await self._db.run(op, durable=False)  # undone: the try runs again
+        return await self._db.run(op, durable=self._lane_durable)  # undone: tried again
 
     async def release(self, jobs: Iterable[Job], *, worker: str) -> None:
         """Give back claimed jobs not run (shutdown): due again at once, no try counted."""
@@ -233,7 +240,7 @@ class JobStore:
                            "worker=?", [(QUEUED, i, RUNNING, worker) for i in ids])
 
         if ids:
-            await self._db.run(op, durable=False)  # undone: claimed again after the lease
+            await self._db.run(op, durable=self._lane_durable)  # undone: claimed later
 
     async def due_webhooks(self, *, limit: int, lease_s: float, now: float,
                            ) -> list[dict[str, Any]]:

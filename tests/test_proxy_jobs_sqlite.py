@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+from skyroute.proxy._jobs_sqlite import LAZY_SYNC_S
 from skyroute.proxy._jobs_store import JobStore
+
+from .conftest import eventually
 
 
 async def submit(store: JobStore, i: int) -> str:
@@ -84,3 +89,59 @@ async def test_reads_answer_while_another_writer_holds_the_lock(tmp_path: Path):
     finally:
         other.close()
         await store.aclose()
+
+
+async def test_the_lanes_own_records_are_fsynced_later_and_what_a_client_is_told_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """In a jobs worker's store (``defer_lane_syncs``) a claim resolves without waiting for
+    the disk; its commit is fsync'd by the store thread within ``LAZY_SYNC_S``, by the next
+    durable write, or at close. A submit resolves only after an fsync."""
+    fsyncs = counted_fsyncs(monkeypatch)
+    store = JobStore(tmp_path, defer_lane_syncs=True)  # as a jobs worker's
+    await store.start()
+    fsyncs.clear()  # the directory's, at start
+    closed = False
+    try:
+        await submit(store, 1)
+        assert len(fsyncs) == 1  # the 202's promise
+        claimed = await store.claim(worker="w", limit=1, lease_s=30.0, now=time.time())
+        assert len(claimed) == 1 and len(fsyncs) == 1  # committed, not waited for
+        await eventually(lambda: len(fsyncs) == 2, timeout=LAZY_SYNC_S * 10)  # the timer
+        await store.renew(worker="w", lease_s=30.0, now=time.time())
+        assert len(fsyncs) == 2
+        await store.aclose()
+        closed = True
+        assert len(fsyncs) == 3  # the renewal's, before the store closed
+    finally:
+        if not closed:
+            await store.aclose()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT state FROM jobs").fetchone()[0] == "running"
+
+
+async def test_a_lane_inline_waits_for_the_disk_as_before(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """Without ``defer_lane_syncs`` (a lane inline) a claim resolves once fsync'd."""
+    fsyncs = counted_fsyncs(monkeypatch)
+    store = JobStore(tmp_path)
+    await store.start()
+    try:
+        await submit(store, 1)
+        fsyncs.clear()
+        assert len(await store.claim(worker="w", limit=1, lease_s=30.0, now=time.time())) == 1
+        assert len(fsyncs) == 1
+    finally:
+        await store.aclose()
+
+
+def counted_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``os.fsync`` still syncs, and each call's descriptor is appended to the list."""
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    return fsyncs
