@@ -255,8 +255,11 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
         ("skyroute-jobs-leases", lambda: _renew_leases(service)),
         ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
         ("skyroute-jobs-webhooks", lambda: webhook_sender(service)),
-        ("skyroute-jobs-gauges", lambda: _gauges(service)),
-        ("skyroute-jobs-lag", lambda: _probe_lag(service)))]
+        ("skyroute-jobs-gauges", lambda: _gauges(service)))]
+    if service.lane_here is LaneHere.INLINE:  # a jobs worker has no clients to yield to
+        tasks.append(asyncio.create_task(_resilient("skyroute-jobs-lag",
+                                                    lambda: _probe_lag(service)),
+                                         name="skyroute-jobs-lag"))
     try:
         yield
     finally:

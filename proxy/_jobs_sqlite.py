@@ -3,10 +3,11 @@
 Two connections to one file, one durability rule: an operation's future resolves only
 once its commit is on disk (the WAL fsync'd: it survives kill -9 and a power cut, as
 ``synchronous=FULL`` would), so an accepted job is durable before the client hears 202.
-The lane's own records (``run(durable=False)``: claims, lease renewals, a batch line's
-result) are the exception: committed (so they survive kill -9) and fsync'd within
-``LAZY_SYNC_S``; a power cut can only undo them, which runs those jobs again (their lines
-are written once: the output file is made from the rows, by a durable step).
+The exception is what a caller marks ``run(durable=False)`` (a jobs worker's store marks
+the lane's own records: claims, lease renewals, a batch line's result): committed (so it
+survives kill -9) and fsync'd within ``LAZY_SYNC_S``; a power cut can only undo it, which
+runs those jobs again (their lines are written once: the output file is made from the
+rows, by a durable step).
 Both connections commit with ``synchronous=NORMAL`` (to the page cache) and then fsync
 the WAL themselves, outside the write lock: a commit holds the lock for microseconds,
 not for a disk flush, so the two rarely wait for each other.
@@ -63,9 +64,9 @@ BUSY_TIMEOUT_MS: Final = 10_000
 #: (twice the transactions, half the group), so rows wait for the next single fsync.
 FSYNCS_AT_ONCE: Final = 1
 #: Longest a commit nobody waits on (``run(durable=False)``) stays in the page cache before
-#: the store thread fsyncs the WAL. A draining lane fsync'd after each of its few hundred
-#: commits a second: the kernel's journal and block I/O work that set off (at normal
-#: priority, whatever the jobs worker's) raised clients' p99 by 20 % (bench/jobs.py).
+#: the store thread fsyncs the WAL. A jobs worker fsync'ing after each of its few hundred
+#: commits a second set off the kernel's journal and block I/O work (at normal priority,
+#: whatever the worker's own), which raised clients' p99 by 12-24 % (bench/jobs.py).
 LAZY_SYNC_S: Final = 1.0
 #: How often the store thread checkpoints the WAL while the event loop appends to it.
 CHECKPOINT_INTERVAL_S: Final = 1.0
@@ -148,11 +149,9 @@ class SqliteRunner:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._ops: queue.SimpleQueue[
-            tuple[Operation[Any], asyncio.Future[Any], bool] | str | None] = queue.SimpleQueue()
+        self._ops: queue.SimpleQueue[Queued | str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._reads: queue.SimpleQueue[
-            tuple[Operation[Any], asyncio.Future[Any], bool] | None] = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The accept path (``insert``): the loop's connection, rows waiting for the

@@ -22,7 +22,7 @@ Theory of operation:
   drain (each honours ``--grace``), then exits. Workers watch a pipe from the
   supervisor: if the supervisor is killed outright, they drain and exit too.
 
-- With ``jobs.lane.process: separate`` (the default when the file has ``jobs:``), one
+- With ``jobs.lane.process: separate`` (``auto``, the default, with a Redis queue), one
   more worker, the jobs worker, runs the jobs lane and nothing else at the kernel's idle
   CPU priority (``SCHED_IDLE``): it listens only on its sync socket, so clients never reach
   it, and it gets a core only while no serving worker (nor anything else) wants it. Serving
@@ -359,16 +359,19 @@ class Supervisor:
 
 
 def run_at_idle_priority() -> str:
-    """Put this process (the calling thread, and every thread it starts from now on) in
-    the kernel's idle scheduling class; returns what it got, for the log.
+    """Put this process (every thread it has, and so every thread they start) in the
+    kernel's idle scheduling class; returns what it got, for the log.
 
     ``SCHED_IDLE`` (Linux): a runnable serving worker preempts this one at once, where
-    even nice 19 only weighs it down. Lowering one's own priority needs no privilege.
+    even nice 19 only weighs it down. Lowering one's own priority needs no privilege (and
+    cannot be undone without it), so the jobs worker calls this once it has started: its
+    start-up (imports, the app) runs at normal priority and does not wait for idle cores.
     Elsewhere the lowest nice value is the nearest thing.
     """
     if hasattr(os, "SCHED_IDLE"):
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            for thread in os.listdir("/proc/self/task"):
+                os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
         except OSError as exc:
             log.warning("idle_priority_refused", error=repr(exc), fallback="nice 19")

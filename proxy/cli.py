@@ -109,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_workers, default="auto", metavar="N",
                      help="worker processes sharing the port (SO_REUSEPORT) under one "
                           "supervisor, peered over state sync; auto (default): one per "
-                          "core this process may use; 1: no supervisor (unless jobs.lane "
-                          "runs in a jobs process of its own, the default with jobs:)")
+                          "core this process may use; 1: no supervisor (unless the jobs "
+                          "lane runs in a jobs worker: jobs.lane.process)")
     validate = commands.add_parser("validate", help="check a routing file and list problems")
     validate.add_argument("config", help="the routing YAML file")
     commands.add_parser("schema", help="print the routing file's JSON Schema (for editors)")
@@ -233,9 +233,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.worker is None and (workers > 1 or _jobs_process(config)):
         return _supervise(args, config, workers)
     spec: WorkerSpec | None = args.worker
-    if spec is not None and spec.runs_jobs:  # before any thread starts: they inherit it
-        priority = run_at_idle_priority()
-        structlog.get_logger("skyroute.jobs").info("jobs_worker_priority", priority=priority)
 
     async def main() -> None:
         if spec is None:
@@ -254,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         stop_when_supervisor_exits(spec, stop, grace_s=args.grace)
         async with worker_metrics.written_on_a_tick():
-            await serve_forever(server, stop=stop, on_started=lambda: worker_started(spec))
+            await serve_forever(server, stop=stop, on_started=lambda: _started(spec))
 
     run_event_loop(main())
     return 0
@@ -280,6 +277,15 @@ def _supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
 
     run_event_loop(main())
     return status
+
+
+def _started(spec: WorkerSpec) -> None:
+    """A worker listens: the jobs worker first drops to idle priority (its start-up ran at
+    normal priority, so a busy machine does not hold it), then each tells the supervisor."""
+    if spec.runs_jobs:
+        priority = run_at_idle_priority()
+        structlog.get_logger("skyroute.jobs").info("jobs_worker_priority", priority=priority)
+    worker_started(spec)
 
 
 def _jobs_process(config: Config) -> bool:

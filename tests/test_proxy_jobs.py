@@ -739,13 +739,19 @@ async def start_skyroute(config: Path, tmp_path: Path, *, started: list[dict[str
     assert proc.stderr is not None
     policy = load_config(config).jobs
     separate = policy is not None and policy.lane_process is LaneProcess.SEPARATE
-    async with asyncio.timeout(CALL_TIMEOUT_S * 3):
-        while True:
-            line = await proc.stderr.readline()
-            assert line, "skyroute exited before it listened"
-            event = json.loads(line)
-            if event["event"] == ("workers_started" if separate else "server_started"):
-                break
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S * 3):
+            while True:
+                line = await proc.stderr.readline()
+                assert line, "skyroute exited before it listened"
+                event = json.loads(line)
+                if event["event"] == ("workers_started" if separate else "server_started"):
+                    break
+    except BaseException:  # nothing it started outlives the test, nor its pipe
+        with contextlib.suppress(ProcessLookupError):
+            kill_9(proc)
+        await stop(proc, asyncio.ensure_future(proc.stderr.read()))
+        raise
     if started is not None:
         started.append(event)
     return proc, event["url"], asyncio.create_task(proc.stderr.read())
@@ -837,16 +843,18 @@ async def test_kill_9_right_after_the_202s_loses_no_accepted_async_job(standin, 
 
 
 async def test_the_jobs_worker_runs_the_lane_at_idle_priority_and_is_restarted_if_killed(
-        standin, tmp_path):
+        standin, tmp_path, queue):
     """``skyroute run`` with ``jobs.lane.process: separate`` (``auto`` with Redis) runs the
     lane in a worker of its own in the kernel's idle class, the serving worker at normal priority;
     a batch submitted to the public port runs there, and when that worker is killed the
-    supervisor starts it again and the batch still completes, every custom_id once."""
+    supervisor starts it again and the batch still completes, every custom_id once. Few
+    lines: in the idle class the jobs worker gets next to no CPU on a saturated machine
+    (a CI runner beside stress-ng), by design."""
     up = await standin("a")
-    up.behaviour.ttft_s = 0.01
+    up.behaviour.ttft_s = 0.05
     config = tmp_path / "routing.yaml"
     config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
-        tmp_path / "data", concurrency=8, visibility_timeout="1s",
+        tmp_path / "data", queue, concurrency=4, visibility_timeout="1s",
         lane="{process: separate}")))
     started: list[dict[str, Any]] = []
     proc, url, drain = await start_skyroute(config, tmp_path, started=started)
@@ -857,25 +865,30 @@ async def test_the_jobs_worker_runs_the_lane_at_idle_priority_and_is_restarted_i
         assert os.sched_getscheduler(serving_pid) == os.SCHED_OTHER
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
                                       timeout=CALL_TIMEOUT_S) as client:
-            batch = await start_batch(client, 300)
-            await up.wait_for(lambda u: u.requests_total >= 30, timeout=DONE_TIMEOUT_S)
+            batch = await start_batch(client, 40)
+            await up.wait_for(lambda u: u.requests_total >= 4, timeout=DONE_TIMEOUT_S)
             os.kill(jobs_pid, signal.SIGKILL)
+            called_before = up.requests_total
             done = await wait_batch(client, batch.id, "completed", "failed")
-            assert done.status == "completed" and done.request_counts.completed == 300
+            assert done.status == "completed" and done.request_counts.completed == 40
             lines = await read_lines(client, done.output_file_id)
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)) as http:
             async with http.get(f"{url}/health") as resp:
                 assert (await resp.json())["jobs"]["lane"]["process"] == "separate"
-            async with http.get(f"{url}/metrics") as resp:  # the jobs worker's counts too
-                text = await resp.text()
-        finished = re.search(r'^skyroute_jobs_finished_total\{kind="line",result="completed"\} '
-                             r"(\S+)$", text, re.MULTILINE)
-        assert finished is not None and float(finished.group(1)) >= 300 - 30
+
+            async def counted() -> bool:  # the restarted jobs worker's counts, from /metrics
+                async with http.get(f"{url}/metrics") as resp:
+                    text = await resp.text()
+                found = re.search(r'^skyroute_jobs_finished_total\{kind="line",'
+                                  r'result="completed"\} (\S+)$', text, re.MULTILINE)
+                return found is not None and float(found.group(1)) >= 40 - called_before
+
+            await eventually(counted, timeout=DONE_TIMEOUT_S)
     finally:
         await stop(proc, drain)
     ids = Counter(line["custom_id"] for line in lines)
-    assert set(ids) == {f"req-{i}" for i in range(300)} and set(ids.values()) == {1}
+    assert set(ids) == {f"req-{i}" for i in range(40)} and set(ids.values()) == {1}
     events = [json.loads(line) for line in (await drain).splitlines() if line.startswith(b"{")]
     restarted = [e for e in events if e["event"] == "worker_started" and e["role"] == "jobs"]
     assert len(restarted) == 1 and restarted[0]["pid"] != jobs_pid  # after the first
@@ -963,16 +976,16 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[OwnRedis]:
 async def test_kill_9_with_redis_a_second_instance_finishes_the_batch(standin, tmp_path,
                                                                       own_redis):
     """Two instances share a Redis queue; one is killed with SIGKILL mid-batch; the other claims
-    its lines after the visibility timeout and the output has every custom_id once."""
+    its lines after the visibility timeout and the output has every custom_id once. The lanes
+    run inline: 1,000 lines in the idle class of a jobs worker would wait for idle CPU that a
+    saturated CI machine does not have (the jobs worker test above covers that process)."""
     up = await standin("a")
     up.behaviour.ttft_s = 0.01
     config = tmp_path / "routing.yaml"
     config.write_text(routing_yaml([entry(up)], extra=jobs_yaml(
         tmp_path / "data", f"{{url: '{own_redis.url}'}}", concurrency=8,
-        visibility_timeout="1s")))
-    started: list[dict[str, Any]] = []
-    first, url, first_drain = await start_skyroute(config, tmp_path, started=started)
-    assert started[0]["jobs_pid"]  # lane.process auto: a jobs worker with a Redis queue
+        visibility_timeout="1s", lane="{process: inline}")))
+    first, url, first_drain = await start_skyroute(config, tmp_path)
     second, second_url, second_drain = await start_skyroute(config, tmp_path)
     try:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0,
