@@ -73,7 +73,16 @@ import uvloop
 import yaml
 from _paced_load import PacedResult, paced_posts
 from instructions import PROFILED
-from overhead import cpu_seconds, free_port, read_url_line, record_answers, wait_for_listening
+from overhead import (
+    cpu_seconds,
+    free_port,
+    logged_event,
+    read_url_line,
+    record_answers,
+    wait_for_listening,
+)
+from skyroute.proxy import load_config
+from skyroute.routing import LaneProcess
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-bench-client"
@@ -699,9 +708,8 @@ def main(argv: list[str] | None = None) -> int:
                          "run", "--config", str(config), "--port", "0", "--workers", "1"],
                         1 if two_cores else None, args.nice, log=log)
             procs.append(sky)
-            # skyroute's own rule (jobs.lane.process: auto is separate with Redis)
-            process = lane.get("process", "auto")
-            separate = process == "separate" or (process == "auto" and bool(args.redis))
+            policy = load_config(config).jobs
+            separate = policy is not None and policy.lane_process is LaneProcess.SEPARATE
             url = wait_for_listening(sky, log, None, timeout_s=START_TIMEOUT_S,
                                      event_name="workers_started" if separate else
                                      "server_started")
@@ -732,14 +740,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def workers_of(log: Path) -> Processes:
     """The serving worker and the jobs worker of a supervised skyroute, from its log."""
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "workers_started":
-                jobs = event["jobs_pid"]
-                serving = next(p for p in event["pids"] if p != jobs)
-                return Processes(serving, tuple(event["pids"]), jobs)
-    raise RuntimeError("skyroute did not log workers_started")
+    event = logged_event(log, "workers_started")
+    if event is None:
+        raise RuntimeError("skyroute did not log workers_started")
+    jobs = event["jobs_pid"]
+    serving = next(p for p in event["pids"] if p != jobs)
+    return Processes(serving, tuple(event["pids"]), jobs)
 
 
 def local_redis_pid(url: str | None) -> int | None:

@@ -188,14 +188,22 @@ def wait_for_listening(proc: subprocess.Popen[Any], log: Path, port: int | None,
         if port is not None:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 return f"http://127.0.0.1:{port}"
-        for line in log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == event_name:
-                    return str(event["url"])
+        event = logged_event(log, event_name)
+        if event is not None:
+            return str(event["url"])
         time.sleep(0.05)
     raise RuntimeError("skyroute did not log 'server_started' in time:\n"
                        + log.read_text()[-3000:])
+
+
+def logged_event(log: Path, event_name: str) -> dict[str, Any] | None:
+    """The first ``event_name`` line skyroute wrote to ``log`` (JSON logs), if any yet."""
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == event_name:
+                return event
+    return None
 
 
 def routing_yaml(upstream_url: str) -> str:

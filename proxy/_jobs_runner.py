@@ -250,16 +250,15 @@ async def jobs_lifecycle(app: web.Application) -> AsyncIterator[None]:
     from ._jobs_batches import batch_driver  # the batch side needs the runner's key
     from ._jobs_webhooks import webhook_sender
 
-    tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in (
+    loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("skyroute-jobs-lane", lambda: _drain(app, service)),
         ("skyroute-jobs-leases", lambda: _renew_leases(service)),
         ("skyroute-jobs-batches", lambda: batch_driver(app, service)),
         ("skyroute-jobs-webhooks", lambda: webhook_sender(service)),
-        ("skyroute-jobs-gauges", lambda: _gauges(service)))]
+        ("skyroute-jobs-gauges", lambda: _gauges(service))]
     if service.lane_here is LaneHere.INLINE:  # a jobs worker has no clients to yield to
-        tasks.append(asyncio.create_task(_resilient("skyroute-jobs-lag",
-                                                    lambda: _probe_lag(service)),
-                                         name="skyroute-jobs-lag"))
+        loops.append(("skyroute-jobs-lag", lambda: _probe_lag(service)))
+    tasks = [asyncio.create_task(_resilient(name, loop), name=name) for name, loop in loops]
     try:
         yield
     finally:
