@@ -371,7 +371,8 @@ def run_at_idle_priority() -> str:
     if hasattr(os, "SCHED_IDLE"):
         try:
             for thread in os.listdir("/proc/self/task"):
-                os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
         except OSError as exc:
             log.warning("idle_priority_refused", error=repr(exc), fallback="nice 19")
